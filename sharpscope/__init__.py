@@ -1,0 +1,42 @@
+"""sharpscope: how sharp is a trained PyTorch model, and is SAM fixing it?"""
+
+from sharpscope.curvature import (
+    DensityResult,
+    EigenResult,
+    HessianOperator,
+    LinearOperator,
+    MatrixOperator,
+    ParamSpace,
+    TraceResult,
+    hessian_eigs,
+    hessian_trace,
+    hutchinson,
+    hutchpp,
+    lanczos,
+    power_iteration,
+    select_params,
+    slq,
+    spectral_density,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DensityResult",
+    "EigenResult",
+    "HessianOperator",
+    "LinearOperator",
+    "MatrixOperator",
+    "ParamSpace",
+    "TraceResult",
+    "__version__",
+    "hessian_eigs",
+    "hessian_trace",
+    "hutchinson",
+    "hutchpp",
+    "lanczos",
+    "power_iteration",
+    "select_params",
+    "slq",
+    "spectral_density",
+]

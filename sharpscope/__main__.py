@@ -1,0 +1,6 @@
+"""``python -m sharpscope``."""
+
+from sharpscope.cli.app import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The ``sharpscope`` command: the Typer app and its global options."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sharpscope import __version__
+
+app = typer.Typer(
+    name="sharpscope",
+    help="How sharp is your PyTorch model? Hessian spectra, SAM alignment and Eigen-SAM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"sharpscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def root(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
+) -> None:
+    """How sharp is your PyTorch model? Hessian spectra, SAM alignment and Eigen-SAM."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

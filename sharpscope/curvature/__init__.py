@@ -1,0 +1,33 @@
+"""The math: Hessian-vector products and the estimators built on them."""
+
+from sharpscope.curvature.api import hessian_eigs, hessian_trace, spectral_density
+from sharpscope.curvature.density import slq
+from sharpscope.curvature.hvp import BACKENDS, HessianOperator, curvature_mode
+from sharpscope.curvature.lanczos import lanczos
+from sharpscope.curvature.linop import LinearOperator, MatrixOperator
+from sharpscope.curvature.params import ParamSpace, select_params
+from sharpscope.curvature.power import power_iteration
+from sharpscope.curvature.results import DensityResult, EigenResult, Progress, TraceResult
+from sharpscope.curvature.trace import hutchinson, hutchpp
+
+__all__ = [
+    "BACKENDS",
+    "DensityResult",
+    "EigenResult",
+    "HessianOperator",
+    "LinearOperator",
+    "MatrixOperator",
+    "ParamSpace",
+    "Progress",
+    "TraceResult",
+    "curvature_mode",
+    "hessian_eigs",
+    "hessian_trace",
+    "hutchinson",
+    "hutchpp",
+    "lanczos",
+    "power_iteration",
+    "select_params",
+    "slq",
+    "spectral_density",
+]

@@ -1,0 +1,79 @@
+"""One-call entry points: build a Hessian operator from a model and run an estimator on it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from torch import nn
+
+from sharpscope.curvature.density import slq
+from sharpscope.curvature.hvp import Backend, HessianOperator, LossFn
+from sharpscope.curvature.lanczos import Which, lanczos
+from sharpscope.curvature.power import power_iteration
+from sharpscope.curvature.results import DensityResult, EigenResult, TraceResult
+from sharpscope.curvature.trace import hutchinson, hutchpp
+
+Batches = Iterable[tuple[Any, Any]]
+
+
+def _operator(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batches,
+    params: Sequence[str] | str | None,
+    backend: Backend,
+    batch_stats: bool,
+) -> HessianOperator:
+    return HessianOperator(model, loss_fn, batches, params, backend=backend, batch_stats=batch_stats)
+
+
+def hessian_eigs(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batches,
+    k: int = 5,
+    which: Which = "largest",
+    method: Literal["lanczos", "power"] = "lanczos",
+    params: Sequence[str] | str | None = None,
+    backend: Backend = "double-backward",
+    batch_stats: bool = False,
+    **options: Any,
+) -> EigenResult:
+    """Top (or bottom, or largest-magnitude) ``k`` Hessian eigenpairs of the mean loss over
+    ``batches``; ``options`` go to :func:`lanczos` or :func:`power_iteration`."""
+    solver = {"lanczos": lanczos, "power": power_iteration}.get(method)
+    if solver is None:
+        raise ValueError(f"unknown method {method!r}; choose lanczos or power")
+    op = _operator(model, loss_fn, batches, params, backend, batch_stats)
+    return solver(op, k=k, which=which, **options)
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batches,
+    method: Literal["hutch++", "hutchinson"] = "hutch++",
+    params: Sequence[str] | str | None = None,
+    backend: Backend = "double-backward",
+    batch_stats: bool = False,
+    **options: Any,
+) -> TraceResult:
+    """Estimated Hessian trace with its standard error; ``options`` go to the estimator."""
+    estimator = {"hutch++": hutchpp, "hutchinson": hutchinson}.get(method)
+    if estimator is None:
+        raise ValueError(f"unknown method {method!r}; choose hutch++ or hutchinson")
+    return estimator(_operator(model, loss_fn, batches, params, backend, batch_stats), **options)
+
+
+def spectral_density(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batches,
+    params: Sequence[str] | str | None = None,
+    backend: Backend = "double-backward",
+    batch_stats: bool = False,
+    **options: Any,
+) -> DensityResult:
+    """Hessian spectral density by stochastic Lanczos quadrature; ``options`` go to :func:`slq`."""
+    return slq(_operator(model, loss_fn, batches, params, backend, batch_stats), **options)

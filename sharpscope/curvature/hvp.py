@@ -1,0 +1,219 @@
+"""Hessian-vector products of a model's loss, exact over all given batches."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from sharpscope.curvature.params import ParamSpace, select_params
+
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+Backend = Literal["double-backward", "forward-over-reverse"]
+BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse")
+
+
+def move_to(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move tensors (also inside tuples, lists and dicts) to ``device``; cast floating ones to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device=device, dtype=dtype if obj.is_floating_point() else None)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: move_to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def batch_size(batch: tuple[Any, Any]) -> int:
+    """Number of samples in an ``(inputs, targets)`` batch: the leading dimension of the targets."""
+    targets = batch[1]
+    if isinstance(targets, torch.Tensor) and targets.ndim > 0:
+        return int(targets.shape[0])
+    inputs = batch[0]
+    while isinstance(inputs, (tuple, list)) and inputs:
+        inputs = inputs[0]
+    if isinstance(inputs, torch.Tensor) and inputs.ndim > 0:
+        return int(inputs.shape[0])
+    raise ValueError("cannot tell the number of samples of a batch: expected (inputs, targets) tensors")
+
+
+@contextlib.contextmanager
+def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None]:
+    """Put ``model`` in eval mode (BatchNorm on batch statistics if asked); restore every module's mode.
+
+    With ``batch_stats`` the BatchNorm layers normalise with the statistics of the batch and leave
+    their running statistics untouched.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    tracking = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm)]
+    try:
+        model.eval()
+        if batch_stats:
+            for m, _ in tracking:
+                m.train()
+                m.track_running_stats = False
+        yield
+    finally:
+        for m, flag in tracking:
+            m.track_running_stats = flag
+        for m, flag in modes:
+            m.training = flag
+
+
+class HessianOperator:
+    """The Hessian of the sample-weighted mean loss over ``batches``, as a linear operator.
+
+    ``loss_fn(model(inputs), targets)`` must return the mean loss of a batch; the operator weights
+    each batch by its number of samples, so one batch of 256 and four of 64 give the same Hessian.
+    Vectors are flat, in the order of :class:`~sharpscope.curvature.params.ParamSpace`.
+
+    ``backend="double-backward"`` differentiates the gradient graph a second time; with
+    ``cache_graph`` (default) that graph is built once for all batches and reused by every
+    product, which costs the memory of all batches' activations. ``"forward-over-reverse"`` uses
+    ``torch.func.jvp`` of ``torch.func.grad`` and keeps nothing between products.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Iterable[tuple[Any, Any]],
+        params: Sequence[str] | str | None = None,
+        *,
+        backend: Backend = "double-backward",
+        batch_stats: bool = False,
+        cache_graph: bool = True,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.space: ParamSpace = select_params(model, params)
+        self.batches = list(batches)
+        sizes = [batch_size(b) for b in self.batches]
+        total = sum(sizes)
+        if total == 0:
+            raise ValueError("no data: the Hessian needs at least one sample")
+        self.num_samples = total
+        self.weights = [s / total for s in sizes]
+        self.backend = backend
+        self.batch_stats = batch_stats
+        self.cache_graph = cache_graph and backend == "double-backward"
+        self.n_products = 0
+        self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.space.size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.space.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.space.device
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.size, self.size)
+
+    def _batch_losses(self) -> Iterator[torch.Tensor]:
+        """The weighted loss of each batch, with autograd recording."""
+        for w, (inputs, targets) in zip(self.weights, self.batches, strict=True):
+            inputs = move_to(inputs, self.device, self.dtype)
+            targets = move_to(targets, self.device, self.dtype)
+            with curvature_mode(self.model, self.batch_stats):
+                loss = self.loss_fn(self.model(inputs), targets)
+            if loss.ndim != 0:
+                raise ValueError(f"the loss must be a scalar (mean over the batch), got {tuple(loss.shape)}")
+            yield loss * w
+
+    def _grad(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
+        grads = torch.autograd.grad(
+            loss, self.space.params, create_graph=create_graph, allow_unused=True
+        )
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.space.params)]
+
+    def _second(self, grads: list[torch.Tensor], vs: list[torch.Tensor], retain: bool) -> list[torch.Tensor]:
+        """Differentiate ``<grads, vs>`` once more; gradients that do not depend on the weights give 0."""
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        out = [torch.zeros_like(p) for p in self.space.params]
+        if not live:
+            return out
+        hv = torch.autograd.grad(
+            [grads[i] for i in live],
+            self.space.params,
+            grad_outputs=[vs[i] for i in live],
+            retain_graph=retain,
+            allow_unused=True,
+        )
+        return [o if h is None else h for o, h in zip(out, hv, strict=True)]
+
+    def _cached_graph(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self._graph is None:
+            total = sum(self._batch_losses())
+            self._graph = (total, self._grad(total, create_graph=True))
+        return self._graph
+
+    def release(self) -> None:
+        """Free the cached gradient graph (it is rebuilt on the next product)."""
+        self._graph = None
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Return ``H @ v`` for a flat vector ``v``."""
+        if v.shape != (self.size,):
+            raise ValueError(f"expected a flat vector of length {self.size}, got {tuple(v.shape)}")
+        v = v.to(device=self.device, dtype=self.dtype)
+        vs = self.space.split(v)
+        self.n_products += 1
+        if self.backend == "forward-over-reverse":
+            return self._matvec_functional(vs)
+        if self.cache_graph:
+            return torch.cat([h.reshape(-1) for h in self._second(self._cached_graph()[1], vs, True)])
+        total = torch.zeros_like(v)
+        for loss in self._batch_losses():
+            grads = self._grad(loss, create_graph=True)
+            total += torch.cat([h.reshape(-1) for h in self._second(grads, vs, False)])
+        return total
+
+    def _matvec_functional(self, vs: list[torch.Tensor]) -> torch.Tensor:
+        names = self.space.names
+        primals = {n: p.detach() for n, p in zip(names, self.space.params, strict=True)}
+        tangents = dict(zip(names, vs, strict=True))
+        total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        for w, (inputs, targets) in zip(self.weights, self.batches, strict=True):
+            inputs = move_to(inputs, self.device, self.dtype)
+            targets = move_to(targets, self.device, self.dtype)
+
+            def loss_of(p: dict[str, torch.Tensor], x: Any = inputs, y: Any = targets) -> torch.Tensor:
+                return self.loss_fn(functional_call(self.model, p, (x,)), y)
+
+            with torch.no_grad(), curvature_mode(self.model, self.batch_stats):
+                _, hv = jvp(grad(loss_of), (primals,), (tangents,))
+            total += w * self.space.flatten(hv)
+        return total
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v)
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient of the mean loss over all batches (no product is counted)."""
+        if self.cache_graph:
+            return torch.cat([g.detach().reshape(-1) for g in self._cached_graph()[1]])
+        total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        for loss in self._batch_losses():
+            total += torch.cat([g.reshape(-1) for g in self._grad(loss, create_graph=False)])
+        return total
+
+    def loss(self) -> float:
+        """The mean loss over all batches."""
+        if self.cache_graph:
+            return float(self._cached_graph()[0].detach())
+        with torch.no_grad():
+            return float(sum(loss.detach() for loss in self._batch_losses()))

@@ -1,0 +1,165 @@
+"""Lanczos with full reorthogonalisation: extreme eigenpairs of a symmetric operator."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+
+from sharpscope.curvature.linop import LinearOperator
+from sharpscope.curvature.results import EigenResult, Progress
+from sharpscope.curvature.vectors import orthogonalize, random_vectors
+
+Which = Literal["largest", "smallest", "magnitude"]
+WHICH: tuple[str, ...] = ("largest", "smallest", "magnitude")
+
+
+class LanczosProcess:
+    """The Lanczos relation H Q = Q T + β q eᵀ, grown one product at a time.
+
+    Every new vector is reorthogonalised against the whole basis. When the Krylov space becomes
+    invariant (β ≈ 0) the process continues from a fresh random vector orthogonal to the basis, so
+    that T becomes block diagonal and repeated eigenvalues can still be found.
+    """
+
+    def __init__(self, op: LinearOperator, start: torch.Tensor, generator: torch.Generator) -> None:
+        self.op = op
+        self.generator = generator
+        self.basis = torch.empty(0, op.size, dtype=op.dtype, device=op.device)
+        self.count = 0
+        self.alphas: list[float] = []
+        self.couplings: list[float] = []
+        self.beta = 0.0
+        self.scale = 0.0
+        self.exhausted = False
+        self._next = start / torch.linalg.vector_norm(start)
+
+    def _push(self, q: torch.Tensor) -> None:
+        if self.count == self.basis.shape[0]:
+            grown = torch.empty(max(8, 2 * self.count), self.op.size, dtype=q.dtype, device=q.device)
+            grown[: self.count] = self.basis[: self.count]
+            self.basis = grown
+        self.basis[self.count] = q
+        self.count += 1
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        return self.basis[: self.count]
+
+    def step(self) -> None:
+        """Extend the basis by one vector (one operator product)."""
+        q = self._next
+        self._push(q)
+        w = self.op.matvec(q)
+        alpha = float(torch.dot(w, q))
+        self.alphas.append(alpha)
+        w = orthogonalize(w, self.vectors)
+        beta = float(torch.linalg.vector_norm(w))
+        self.scale = max(self.scale, abs(alpha), beta)
+        tiny = 100 * torch.finfo(self.op.dtype).eps * max(self.scale, torch.finfo(torch.float64).tiny)
+        if self.count >= self.op.size:
+            self.exhausted = True
+            self.beta = 0.0
+            return
+        if beta > tiny:
+            self.beta = beta
+            self.couplings.append(beta)
+            self._next = w / beta
+            return
+        self.beta = 0.0
+        self.couplings.append(0.0)
+        fresh = random_vectors(1, self.op.size, q, self.generator)[0]
+        fresh = orthogonalize(fresh, self.vectors)
+        self._next = fresh / torch.linalg.vector_norm(fresh)
+
+    def tridiagonal(self) -> torch.Tensor:
+        """T (float64, CPU) of the current basis."""
+        m = self.count
+        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
+        if m > 1:
+            off = torch.tensor(self.couplings[: m - 1], dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        return t
+
+    def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ritz values (ascending), their coordinates in the basis, and residual norms ‖Hy − θy‖."""
+        theta, s = torch.linalg.eigh(self.tridiagonal())
+        return theta, s, (self.beta * s[-1, :]).abs()
+
+
+def select(theta: torch.Tensor, k: int, which: Which) -> torch.Tensor:
+    """Indices of the ``k`` wanted values of ``theta``, most extreme first."""
+    if which == "largest":
+        return torch.argsort(theta, descending=True)[:k]
+    if which == "smallest":
+        return torch.argsort(theta)[:k]
+    if which == "magnitude":
+        return torch.argsort(theta.abs(), descending=True)[:k]
+    raise ValueError(f"unknown which={which!r}; choose one of {', '.join(WHICH)}")
+
+
+def start_vector(op: LinearOperator, generator: torch.Generator, v0: torch.Tensor | None) -> torch.Tensor:
+    """``v0`` on the operator's device and dtype (warm start), or a seeded random vector."""
+    like = torch.empty(0, dtype=op.dtype, device=op.device)
+    if v0 is None:
+        return random_vectors(1, op.size, like, generator)[0]
+    if v0.shape != (op.size,):
+        raise ValueError(f"v0 must be a flat vector of length {op.size}, got {tuple(v0.shape)}")
+    if not torch.linalg.vector_norm(v0) > 0:
+        raise ValueError("v0 must be a non-zero vector")
+    return v0.to(dtype=op.dtype, device=op.device)
+
+
+def lanczos(
+    op: LinearOperator,
+    k: int = 5,
+    which: Which = "largest",
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    seed: int = 0,
+    v0: torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> EigenResult:
+    """The ``k`` largest, smallest or largest-magnitude eigenpairs of ``op`` by Lanczos.
+
+    Stops when every wanted Ritz pair has ‖Hy − θy‖ ≤ ``tol`` · max|θ| (the spectral scale seen so
+    far), after ``max_iter`` products, or when the space is exhausted. ``converged`` says, per pair,
+    whether its residual met the tolerance.
+    """
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    select(torch.zeros(1), 1, which)
+    start = time.perf_counter()
+    products = op.n_products
+    generator = torch.Generator().manual_seed(seed)
+    k = min(k, op.size)
+    max_iter = max(k, min(max_iter, op.size))
+    process = LanczosProcess(op, start_vector(op, generator, v0), generator)
+    history: list[list[float]] = []
+    while True:
+        process.step()
+        theta, s, residuals = process.ritz()
+        wanted = select(theta, k, which)
+        history.append(theta[wanted].tolist())
+        converged = residuals[wanted] <= tol * theta.abs().max()
+        if progress is not None:
+            progress("lanczos", process.count, max_iter)
+        done = len(wanted) == k and bool(converged.all())
+        if done or process.exhausted or process.count >= max_iter:
+            break
+    coords = s[:, wanted].to(dtype=op.dtype, device=op.device)
+    vectors = coords.T @ process.vectors
+    vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+    return EigenResult(
+        eigenvalues=theta[wanted],
+        eigenvectors=vectors,
+        residuals=residuals[wanted],
+        converged=converged,
+        n_products=op.n_products - products,
+        n_iterations=process.count,
+        seconds=time.perf_counter() - start,
+        method="lanczos",
+        which=which,
+        history=history,
+    )

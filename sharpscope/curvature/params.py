@@ -1,0 +1,94 @@
+"""Which parameters the Hessian is taken over, and how flat vectors map onto them.
+
+A flat vector concatenates the selected parameters in the order of ``model.named_parameters()``
+(module registration order, shared parameters listed once under their first name), each
+flattened in row-major order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """The selected parameters of a model: names, tensors and their place in a flat vector."""
+
+    names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+
+    @property
+    def shapes(self) -> tuple[torch.Size, ...]:
+        return tuple(p.shape for p in self.params)
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(p.numel() for p in self.params)
+
+    @property
+    def size(self) -> int:
+        """Length of a flat vector over these parameters."""
+        return sum(self.numels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat vector into ``{name: tensor}`` views shaped like the parameters."""
+        if vec.ndim != 1 or vec.numel() != self.size:
+            raise ValueError(f"expected a flat vector of length {self.size}, got {tuple(vec.shape)}")
+        chunks = torch.split(vec, self.numels)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
+
+    def split(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        """Split a flat vector into parameter-shaped views, in parameter order."""
+        return list(self.unflatten(vec).values())
+
+    def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate ``{name: tensor}`` (or a sequence in parameter order) into a flat vector."""
+        if isinstance(tensors, dict):
+            missing = [n for n in self.names if n not in tensors]
+            if missing:
+                raise KeyError(f"missing parameters: {', '.join(missing)}")
+            tensors = [tensors[n] for n in self.names]
+        if len(tensors) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} tensors, got {len(tensors)}")
+        for name, t, p in zip(self.names, tensors, self.params, strict=True):
+            if t.shape != p.shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(p.shape)}")
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def select_params(model: nn.Module, include: Sequence[str] | str | None = None) -> ParamSpace:
+    """Select the parameters that require grad, optionally only those whose name matches a glob.
+
+    ``include`` is one glob or a list of globs (``fnmatch``, e.g. ``"fc.*"``); a parameter is
+    selected when any glob matches its name.
+    """
+    if isinstance(include, str):
+        include = [include]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if include is not None:
+        named = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, g) for g in include)]
+    if not named:
+        what = f" matching {list(include)}" if include is not None else ""
+        raise ValueError(f"the model has no trainable parameters{what}")
+    dtypes = {p.dtype for _, p in named}
+    devices = {p.device for _, p in named}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(
+            f"selected parameters mix dtypes {sorted(map(str, dtypes))} or devices "
+            f"{sorted(map(str, devices))}; convert the model to one dtype and device first"
+        )
+    names, params = zip(*named, strict=True)
+    return ParamSpace(names=tuple(names), params=tuple(params))

@@ -1,0 +1,91 @@
+"""Power iteration with deflation (PyHessian's method), with residuals and convergence flags."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sharpscope.curvature.lanczos import Which, select, start_vector
+from sharpscope.curvature.linop import LinearOperator
+from sharpscope.curvature.results import EigenResult, Progress
+from sharpscope.curvature.vectors import orthogonalize, random_vectors
+
+
+def _wrong_side(value: float, which: Which) -> bool:
+    return (which == "largest" and value < 0) or (which == "smallest" and value > 0)
+
+
+def power_iteration(
+    op: LinearOperator,
+    k: int = 1,
+    which: Which = "largest",
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    seed: int = 0,
+    v0: torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> EigenResult:
+    """The ``k`` largest, smallest or largest-magnitude eigenpairs, one at a time.
+
+    Each pair is iterated in the complement of those found before it until ‖Hv − λv‖ ≤ ``tol`` ·
+    max|λ| seen, or for ``max_iter`` products. Plain power iteration finds the largest |λ|; when
+    that has the wrong sign for ``which``, the operator is shifted by it (H − λI) and the pair is
+    iterated again, so ``"largest"`` never returns a negative eigenvalue by mistake.
+    """
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    select(torch.zeros(1), 1, which)
+    start = time.perf_counter()
+    products = op.n_products
+    generator = torch.Generator().manual_seed(seed)
+    k = min(k, op.size)
+    like = torch.empty(0, dtype=op.dtype, device=op.device)
+    found = torch.empty(0, op.size, dtype=op.dtype, device=op.device)
+    values: list[float] = []
+    residuals: list[float] = []
+    flags: list[bool] = []
+    history: list[list[float]] = []
+    shift, scale, iterations = 0.0, 0.0, 0
+
+    def fresh(v: torch.Tensor) -> torch.Tensor:
+        v = orthogonalize(v, found)
+        return v / torch.linalg.vector_norm(v)
+
+    for i in range(k):
+        v = fresh(start_vector(op, generator, v0 if i == 0 else None))
+        steps = 0
+        while True:
+            w = op.matvec(v)
+            steps += 1
+            iterations += 1
+            value = float(torch.dot(v, w))
+            residual = float(torch.linalg.vector_norm(w - value * v))
+            scale = max(scale, abs(value))
+            history.append([*values, value])
+            if progress is not None:
+                progress("power", iterations, k * max_iter)
+            ok = residual <= tol * scale
+            if ok and which != "magnitude" and shift == 0.0 and _wrong_side(value, which):
+                shift, steps = value, 0
+                v = fresh(random_vectors(1, op.size, like, generator)[0])
+                continue
+            if ok or steps >= max_iter:
+                break
+            v = fresh(w - shift * v)
+        found = torch.cat([found, v[None]])
+        values.append(value)
+        residuals.append(residual)
+        flags.append(ok)
+    return EigenResult(
+        eigenvalues=torch.tensor(values, dtype=torch.float64),
+        eigenvectors=found,
+        residuals=torch.tensor(residuals, dtype=torch.float64),
+        converged=torch.tensor(flags),
+        n_products=op.n_products - products,
+        n_iterations=iterations,
+        seconds=time.perf_counter() - start,
+        method="power",
+        which=which,
+        history=history,
+    )
