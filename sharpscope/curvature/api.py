@@ -25,7 +25,9 @@ def _operator(
     backend: Backend,
     batch_stats: bool,
 ) -> HessianOperator:
-    return HessianOperator(model, loss_fn, batches, params, backend=backend, batch_stats=batch_stats)
+    return HessianOperator(
+        model, loss_fn, batches, params, backend=backend, batch_stats=batch_stats
+    )
 
 
 def hessian_eigs(

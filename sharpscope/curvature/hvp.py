@@ -19,7 +19,7 @@ BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse")
 
 
 def move_to(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Move tensors (also inside tuples, lists and dicts) to ``device``; cast floating ones to ``dtype``."""
+    """Move tensors (also nested in tuples, lists, dicts) to a device; cast floats to ``dtype``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device=device, dtype=dtype if obj.is_floating_point() else None)
     if isinstance(obj, (tuple, list)):
@@ -39,12 +39,14 @@ def batch_size(batch: tuple[Any, Any]) -> int:
         inputs = inputs[0]
     if isinstance(inputs, torch.Tensor) and inputs.ndim > 0:
         return int(inputs.shape[0])
-    raise ValueError("cannot tell the number of samples of a batch: expected (inputs, targets) tensors")
+    raise ValueError(
+        "cannot tell the number of samples of a batch: expected (inputs, targets) tensors"
+    )
 
 
 @contextlib.contextmanager
 def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None]:
-    """Put ``model`` in eval mode (BatchNorm on batch statistics if asked); restore every module's mode.
+    """Put ``model`` in eval mode (BatchNorm on batch statistics if asked), then restore all modes.
 
     With ``batch_stats`` the BatchNorm layers normalise with the statistics of the batch and leave
     their running statistics untouched.
@@ -131,17 +133,24 @@ class HessianOperator:
             with curvature_mode(self.model, self.batch_stats):
                 loss = self.loss_fn(self.model(inputs), targets)
             if loss.ndim != 0:
-                raise ValueError(f"the loss must be a scalar (mean over the batch), got {tuple(loss.shape)}")
+                raise ValueError(
+                    f"the loss must be a scalar (mean over the batch), got {tuple(loss.shape)}"
+                )
             yield loss * w
 
     def _grad(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
         grads = torch.autograd.grad(
             loss, self.space.params, create_graph=create_graph, allow_unused=True
         )
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.space.params)]
+        return [
+            torch.zeros_like(p) if g is None else g
+            for g, p in zip(grads, self.space.params, strict=True)
+        ]
 
-    def _second(self, grads: list[torch.Tensor], vs: list[torch.Tensor], retain: bool) -> list[torch.Tensor]:
-        """Differentiate ``<grads, vs>`` once more; gradients that do not depend on the weights give 0."""
+    def _second(
+        self, grads: list[torch.Tensor], vs: list[torch.Tensor], retain: bool
+    ) -> list[torch.Tensor]:
+        """Differentiate ``<grads, vs>`` once more; gradients constant in the weights give 0."""
         live = [i for i, g in enumerate(grads) if g.requires_grad]
         out = [torch.zeros_like(p) for p in self.space.params]
         if not live:
@@ -175,7 +184,9 @@ class HessianOperator:
         if self.backend == "forward-over-reverse":
             return self._matvec_functional(vs)
         if self.cache_graph:
-            return torch.cat([h.reshape(-1) for h in self._second(self._cached_graph()[1], vs, True)])
+            return torch.cat(
+                [h.reshape(-1) for h in self._second(self._cached_graph()[1], vs, True)]
+            )
         total = torch.zeros_like(v)
         for loss in self._batch_losses():
             grads = self._grad(loss, create_graph=True)
@@ -191,7 +202,9 @@ class HessianOperator:
             inputs = move_to(inputs, self.device, self.dtype)
             targets = move_to(targets, self.device, self.dtype)
 
-            def loss_of(p: dict[str, torch.Tensor], x: Any = inputs, y: Any = targets) -> torch.Tensor:
+            def loss_of(
+                p: dict[str, torch.Tensor], x: Any = inputs, y: Any = targets
+            ) -> torch.Tensor:
                 return self.loss_fn(functional_call(self.model, p, (x,)), y)
 
             with torch.no_grad(), curvature_mode(self.model, self.batch_stats):

@@ -37,7 +37,9 @@ class LanczosProcess:
 
     def _push(self, q: torch.Tensor) -> None:
         if self.count == self.basis.shape[0]:
-            grown = torch.empty(max(8, 2 * self.count), self.op.size, dtype=q.dtype, device=q.device)
+            grown = torch.empty(
+                max(8, 2 * self.count), self.op.size, dtype=q.dtype, device=q.device
+            )
             grown[: self.count] = self.basis[: self.count]
             self.basis = grown
         self.basis[self.count] = q
@@ -57,7 +59,9 @@ class LanczosProcess:
         w = orthogonalize(w, self.vectors)
         beta = float(torch.linalg.vector_norm(w))
         self.scale = max(self.scale, abs(alpha), beta)
-        tiny = 100 * torch.finfo(self.op.dtype).eps * max(self.scale, torch.finfo(torch.float64).tiny)
+        tiny = (
+            100 * torch.finfo(self.op.dtype).eps * max(self.scale, torch.finfo(torch.float64).tiny)
+        )
         if self.count >= self.op.size:
             self.exhausted = True
             self.beta = 0.0
@@ -99,7 +103,9 @@ def select(theta: torch.Tensor, k: int, which: Which) -> torch.Tensor:
     raise ValueError(f"unknown which={which!r}; choose one of {', '.join(WHICH)}")
 
 
-def start_vector(op: LinearOperator, generator: torch.Generator, v0: torch.Tensor | None) -> torch.Tensor:
+def start_vector(
+    op: LinearOperator, generator: torch.Generator, v0: torch.Tensor | None
+) -> torch.Tensor:
     """``v0`` on the operator's device and dtype (warm start), or a seeded random vector."""
     like = torch.empty(0, dtype=op.dtype, device=op.device)
     if v0 is None:

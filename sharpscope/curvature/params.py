@@ -46,7 +46,9 @@ class ParamSpace:
     def unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector into ``{name: tensor}`` views shaped like the parameters."""
         if vec.ndim != 1 or vec.numel() != self.size:
-            raise ValueError(f"expected a flat vector of length {self.size}, got {tuple(vec.shape)}")
+            raise ValueError(
+                f"expected a flat vector of length {self.size}, got {tuple(vec.shape)}"
+            )
         chunks = torch.split(vec, self.numels)
         return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
 

@@ -63,12 +63,14 @@ class DensityResult:
     @property
     def mean(self) -> float:
         """Mean of the estimated spectral density (an estimate of trace / n)."""
-        return sum(float((w * t).sum()) for t, w in zip(self.nodes, self.weights)) / len(self.nodes)
+        return sum(
+            float((w * t).sum()) for t, w in zip(self.nodes, self.weights, strict=True)
+        ) / len(self.nodes)
 
     def smoothed(
         self, grid: torch.Tensor | None = None, sigma: float | None = None, points: int = 1000
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A Gaussian-smoothed density on ``grid``: returns ``(grid, density)``, which integrates to ~1.
+        """A Gaussian-smoothed density on ``grid``: ``(grid, density)``, integrating to about 1.
 
         By default the grid spans the nodes with a margin and ``sigma`` is 1 % of that span.
         """
@@ -79,8 +81,12 @@ class DensityResult:
         if sigma is None:
             sigma = 0.01 * span
         if grid is None:
-            grid = torch.linspace(lo - 0.05 * span - 3 * sigma, hi + 0.05 * span + 3 * sigma, points)
+            grid = torch.linspace(
+                lo - 0.05 * span - 3 * sigma, hi + 0.05 * span + 3 * sigma, points
+            )
         grid = grid.double()
         z = (grid[:, None] - nodes[None, :]) / sigma
-        density = (weights[None, :] * torch.exp(-0.5 * z**2)).sum(1) / (sigma * math.sqrt(2 * math.pi))
+        density = (weights[None, :] * torch.exp(-0.5 * z**2)).sum(1) / (
+            sigma * math.sqrt(2 * math.pi)
+        )
         return grid, density

@@ -45,8 +45,13 @@ def _sample_until(
 
 
 def _result(
-    offset: float, samples: torch.Tensor, converged: bool, op: LinearOperator, products: int,
-    start: float, method: str,
+    offset: float,
+    samples: torch.Tensor,
+    converged: bool,
+    op: LinearOperator,
+    products: int,
+    start: float,
+    method: str,
 ) -> TraceResult:
     n = len(samples)
     error = float(samples.std()) / math.sqrt(n) if n > 1 else math.inf

@@ -1,0 +1,1 @@
+"""Loading and saving: checkpoints, model specs, data specs, losses."""

@@ -1,0 +1,129 @@
+"""Lanczos and power iteration against dense eigendecompositions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharpscope.curvature import HessianOperator, MatrixOperator, lanczos, power_iteration
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a @ b).abs() / (a.norm() * b.norm()))
+
+
+def _check_pairs(result, eigenvalues, eigenvectors, op_matrix, rel=1e-8):
+    """Values to ``rel`` relative, vectors to |cos| > 1 − ``rel``, residuals honest."""
+    for i, (value, vector) in enumerate(zip(eigenvalues, eigenvectors.T, strict=True)):
+        assert abs(float(result.eigenvalues[i]) - float(value)) <= rel * abs(float(value)), i
+        assert _cos(result.eigenvectors[i], vector) > 1 - rel, i
+        y = result.eigenvectors[i]
+        true_residual = float((op_matrix @ y - result.eigenvalues[i] * y).norm())
+        assert true_residual == pytest.approx(float(result.residuals[i]), abs=1e-12)
+    assert result.all_converged
+
+
+def test_lanczos_top5_and_bottom2_match_dense(problem):
+    evals, evecs = torch.linalg.eigh(problem.hessian)
+    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    top = lanczos(op, k=5, tol=1e-10)
+    _check_pairs(top, evals.flip(0)[:5], evecs.flip(1)[:, :5], problem.hessian)
+    assert top.n_products == op.n_products < op.size
+    bottom = lanczos(op, k=2, which="smallest", tol=1e-10)
+    _check_pairs(bottom, evals[:2], evecs[:, :2], problem.hessian)
+    assert bottom.eigenvalues[0] < 0
+
+
+def test_lanczos_largest_magnitude(cnn):
+    evals = torch.linalg.eigvalsh(cnn.hessian)
+    expected = evals[torch.argsort(evals.abs(), descending=True)[:3]]
+    result = lanczos(MatrixOperator(cnn.hessian), k=3, which="magnitude", tol=1e-10)
+    torch.testing.assert_close(result.eigenvalues, expected, rtol=1e-8, atol=0)
+    assert (result.eigenvalues < 0).any()
+
+
+def test_lanczos_is_deterministic_for_a_seed(mlp):
+    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
+    a, b = lanczos(op, k=3, seed=7), lanczos(op, k=3, seed=7)
+    assert torch.equal(a.eigenvalues, b.eigenvalues)
+    assert torch.equal(a.eigenvectors, b.eigenvectors)
+    assert a.history == b.history
+    assert len(a.history) == a.n_iterations == a.n_products
+
+
+def test_lanczos_reports_non_convergence(mlp):
+    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
+    result = lanczos(op, k=5, tol=1e-12, max_iter=6)
+    assert result.n_products == 6
+    assert not result.all_converged
+    assert (result.residuals > 1e-12 * result.eigenvalues.abs().max()).any()
+
+
+def test_lanczos_continues_past_an_invariant_subspace():
+    """With 3 distinct eigenvalues the Krylov space is exhausted after 3 products; Lanczos restarts
+    orthogonally and still returns k genuine, orthonormal eigenpairs (single-vector Lanczos cannot
+    promise to find every copy of a repeated eigenvalue: see docs/engine.md)."""
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=torch.float64))
+    values = torch.tensor([5.0, 5.0, 5.0, 2.0] + [1.0] * 26, dtype=torch.float64)
+    matrix = q @ torch.diag(values) @ q.T
+    result = lanczos(MatrixOperator(matrix), k=4, tol=1e-10)
+    assert result.n_products > 3
+    assert float(result.eigenvalues[0]) == pytest.approx(5.0, rel=1e-12)
+    for value, vector in zip(result.eigenvalues, result.eigenvectors, strict=True):
+        assert float((matrix @ vector - value * vector).norm()) < 1e-10
+        assert float(value) in (pytest.approx(5.0), pytest.approx(2.0), pytest.approx(1.0))
+    gram = result.eigenvectors @ result.eigenvectors.T
+    torch.testing.assert_close(gram, torch.eye(4, dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+def test_lanczos_warm_start_converges_at_once(mlp):
+    evals, evecs = torch.linalg.eigh(mlp.hessian)
+    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
+    result = lanczos(op, k=1, tol=1e-6, v0=evecs[:, -1])
+    assert result.n_products <= 2
+    assert float(result.eigenvalues[0]) == pytest.approx(float(evals[-1]), rel=1e-10)
+
+
+def test_power_iteration_matches_dense(problem):
+    evals, evecs = torch.linalg.eigh(problem.hessian)
+    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    result = power_iteration(op, k=2, tol=1e-9, max_iter=3000)
+    _check_pairs(result, evals.flip(0)[:2], evecs.flip(1)[:, :2], problem.hessian, rel=1e-8)
+
+
+def test_power_iteration_largest_is_never_a_negative_dominant_eigenvalue():
+    """The official Eigen-SAM code returns the largest-|λ| pair; ours shifts to find λ_max."""
+    values = torch.tensor([-4.0, 1.5, 1.0, 0.5, -0.2], dtype=torch.float64)
+    matrix = torch.diag(values)
+    largest = power_iteration(
+        MatrixOperator(matrix), k=1, which="largest", tol=1e-10, max_iter=2000
+    )
+    assert float(largest.eigenvalues[0]) == pytest.approx(1.5, rel=1e-9)
+    magnitude = power_iteration(
+        MatrixOperator(matrix), k=1, which="magnitude", tol=1e-10, max_iter=2000
+    )
+    assert float(magnitude.eigenvalues[0]) == pytest.approx(-4.0, rel=1e-9)
+    smallest = power_iteration(
+        MatrixOperator(-matrix), k=1, which="smallest", tol=1e-10, max_iter=2000
+    )
+    assert float(smallest.eigenvalues[0]) == pytest.approx(-1.5, rel=1e-9)
+
+
+def test_power_iteration_reports_non_convergence():
+    matrix = torch.diag(torch.tensor([1.0, 0.999, 0.5], dtype=torch.float64))
+    result = power_iteration(MatrixOperator(matrix), k=1, tol=1e-10, max_iter=20)
+    assert result.n_products == 20
+    assert not result.all_converged
+    assert float(result.residuals[0]) > 1e-10
+
+
+@pytest.mark.parametrize("solver", [lanczos, power_iteration])
+def test_bad_arguments(solver, mlp):
+    op = MatrixOperator(mlp.hessian)
+    with pytest.raises(ValueError, match="which"):
+        solver(op, which="middle")
+    with pytest.raises(ValueError, match="k must be"):
+        solver(op, k=0)
+    with pytest.raises(ValueError, match="v0"):
+        solver(op, v0=torch.zeros(3, dtype=torch.float64))

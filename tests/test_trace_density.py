@@ -1,0 +1,113 @@
+"""Trace estimators and stochastic Lanczos quadrature against the dense Hessian."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sharpscope.curvature import HessianOperator, MatrixOperator, hutchinson, hutchpp, slq
+from sharpscope.curvature.vectors import random_vectors
+
+
+@pytest.mark.parametrize("estimator", [hutchinson, hutchpp])
+def test_trace_within_three_standard_errors(problem, estimator):
+    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    result = estimator(op, tol=1e-3, max_samples=200, seed=3)
+    exact = float(problem.hessian.trace())
+    assert 0 < result.std_error < math.inf
+    assert abs(result.estimate - exact) <= 3 * result.std_error
+    assert result.n_products == op.n_products
+    assert result.samples.numel() == result.n_samples
+
+
+def test_hutchinson_standard_error_is_the_sample_standard_error(mlp):
+    result = hutchinson(MatrixOperator(mlp.hessian), tol=0.0, max_samples=50)
+    assert not result.converged
+    assert result.n_samples == 50
+    assert result.estimate == pytest.approx(float(result.samples.mean()), rel=1e-12)
+    assert result.std_error == pytest.approx(float(result.samples.std()) / math.sqrt(50), rel=1e-12)
+
+
+def test_trace_stops_once_the_standard_error_is_small(mlp):
+    op = MatrixOperator(mlp.hessian)
+    loose = hutchinson(op, tol=0.5, min_samples=10, max_samples=500)
+    assert loose.converged
+    assert loose.n_samples == 10
+    assert loose.std_error <= 0.5 * abs(loose.estimate)
+
+
+def test_hutchpp_is_exact_with_a_full_sketch(mlp):
+    op = MatrixOperator(mlp.hessian)
+    result = hutchpp(op, sketch=op.size, min_samples=2)
+    assert result.estimate == pytest.approx(float(mlp.hessian.trace()), rel=1e-10)
+    assert result.std_error == pytest.approx(0.0, abs=1e-10)
+
+
+def test_hutchpp_has_lower_error_than_hutchinson_on_a_spiked_spectrum():
+    """Hutch++ removes the outlier eigenvalues, which carry most of Hutchinson's variance."""
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(200, 200, generator=gen, dtype=torch.float64))
+    values = torch.cat(
+        [
+            torch.tensor([100.0, 60.0, 40.0]),
+            0.1 * torch.rand(197, generator=gen, dtype=torch.float64),
+        ]
+    )
+    op = MatrixOperator(q @ torch.diag(values) @ q.T)
+    plain = hutchinson(op, tol=0.0, max_samples=40)
+    sketched = hutchpp(op, sketch=10, tol=0.0, max_samples=20)
+    assert sketched.n_products == plain.n_products
+    assert sketched.std_error < plain.std_error / 10
+    assert abs(sketched.estimate - float(values.sum())) <= 3 * sketched.std_error
+
+
+def test_slq_moments_are_exact_quadrature(mlp):
+    """m Lanczos steps integrate polynomials of degree < 2m exactly: Σ w θʲ = qᵀHʲq."""
+    op = MatrixOperator(mlp.hessian)
+    density = slq(op, n_vectors=2, n_iter=10, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    like = torch.empty(0, dtype=torch.float64)
+    for nodes, weights in zip(density.nodes, density.weights, strict=True):
+        z = random_vectors(1, op.size, like, gen, "rademacher")[0]
+        q = z / z.norm()
+        assert float(weights.sum()) == pytest.approx(1.0, abs=1e-12)
+        power = q
+        for degree in range(1, 8):
+            power = mlp.hessian @ power
+            assert float((weights * nodes**degree).sum()) == pytest.approx(
+                float(q @ power), rel=1e-9, abs=1e-14
+            )
+
+
+def test_slq_mean_estimates_trace_over_n(problem):
+    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    density = slq(op, n_vectors=30, n_iter=20, seed=1)
+    per_vector = torch.tensor(
+        [
+            float((w * t).sum()) * op.size
+            for t, w in zip(density.nodes, density.weights, strict=True)
+        ],
+        dtype=torch.float64,
+    )
+    assert density.mean * op.size == pytest.approx(float(per_vector.mean()), rel=1e-12)
+    error = float(per_vector.std()) / math.sqrt(len(per_vector))
+    assert abs(density.mean * op.size - float(problem.hessian.trace())) <= 3 * error
+    assert density.n_products == 30 * 20
+
+
+def test_smoothed_density_integrates_to_one_and_covers_the_extremes(cnn):
+    evals = torch.linalg.eigvalsh(cnn.hessian)
+    density = slq(MatrixOperator(cnn.hessian), n_vectors=3, n_iter=40)
+    grid, values = density.smoothed(points=4000)
+    assert float(torch.trapezoid(values, grid)) == pytest.approx(1.0, abs=1e-3)
+    assert float(grid[0]) < float(evals[0]) and float(grid[-1]) > float(evals[-1])
+    assert (values >= 0).all()
+
+
+def test_slq_stops_at_an_invariant_subspace():
+    op = MatrixOperator(torch.diag(torch.tensor([3.0, 3.0, 1.0, 1.0], dtype=torch.float64)))
+    density = slq(op, n_vectors=1, n_iter=4)
+    assert density.n_products == 2
+    assert sorted(density.nodes[0].tolist()) == pytest.approx([1.0, 3.0])
