@@ -178,3 +178,21 @@ def test_float32_products_are_close(mlp):
         torch.testing.assert_close(hv.double(), mlp.hessian @ v, rtol=1e-4, atol=1e-5)
     finally:
         mlp.model.double()
+
+
+def test_loss_at_shifted_weights_restores_them_exactly(mlp):
+    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.split(20))
+    v = _random(op.size)
+    before = [p.detach().clone() for p in mlp.model.parameters()]
+    hv = op.matvec(v)
+    shifted = op.loss(0.01 * v)
+    with torch.no_grad():
+        for p, d in zip(mlp.model.parameters(), op.space.split(0.01 * v), strict=True):
+            p.add_(d)
+        expected = float(mlp.loss_fn(mlp.model(mlp.inputs), mlp.targets))
+        for p, b in zip(mlp.model.parameters(), before, strict=True):
+            p.copy_(b)
+    assert shifted == pytest.approx(expected, rel=1e-12)
+    for p, b in zip(mlp.model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+    torch.testing.assert_close(op.matvec(v), hv, rtol=0, atol=1e-12)

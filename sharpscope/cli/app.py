@@ -7,6 +7,8 @@ from typing import Annotated
 import typer
 
 from sharpscope import __version__
+from sharpscope.cli.analyze import analyze_command
+from sharpscope.cli.demo import demo_command
 
 app = typer.Typer(
     name="sharpscope",
@@ -36,6 +38,10 @@ def root(
     """How sharp is your PyTorch model? Hessian spectra, SAM alignment and Eigen-SAM."""
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
+
+
+app.command("analyze")(analyze_command)
+app.command("demo")(demo_command)
 
 
 def main() -> None:

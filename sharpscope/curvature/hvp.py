@@ -125,18 +125,36 @@ class HessianOperator:
     def shape(self) -> tuple[int, int]:
         return (self.size, self.size)
 
+    def _placed(self) -> Iterator[tuple[float, Any, Any]]:
+        """Each batch's weight, inputs and targets on the operator's device and dtype."""
+        for w, (inputs, targets) in zip(self.weights, self.batches, strict=True):
+            yield (
+                w,
+                move_to(inputs, self.device, self.dtype),
+                move_to(targets, self.device, self.dtype),
+            )
+
+    def _batch_loss(
+        self, inputs: Any, targets: Any, params: dict[str, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """The mean loss of one batch, at the model's weights or at ``params`` (by name)."""
+        with curvature_mode(self.model, self.batch_stats):
+            outputs = (
+                self.model(inputs)
+                if params is None
+                else functional_call(self.model, params, (inputs,))
+            )
+            loss = self.loss_fn(outputs, targets)
+        if loss.ndim != 0:
+            raise ValueError(
+                f"the loss must be a scalar (mean over the batch), got {tuple(loss.shape)}"
+            )
+        return loss
+
     def _batch_losses(self) -> Iterator[torch.Tensor]:
         """The weighted loss of each batch, with autograd recording."""
-        for w, (inputs, targets) in zip(self.weights, self.batches, strict=True):
-            inputs = move_to(inputs, self.device, self.dtype)
-            targets = move_to(targets, self.device, self.dtype)
-            with curvature_mode(self.model, self.batch_stats):
-                loss = self.loss_fn(self.model(inputs), targets)
-            if loss.ndim != 0:
-                raise ValueError(
-                    f"the loss must be a scalar (mean over the batch), got {tuple(loss.shape)}"
-                )
-            yield loss * w
+        for w, inputs, targets in self._placed():
+            yield w * self._batch_loss(inputs, targets, None)
 
     def _grad(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
         grads = torch.autograd.grad(
@@ -198,16 +216,14 @@ class HessianOperator:
         primals = {n: p.detach() for n, p in zip(names, self.space.params, strict=True)}
         tangents = dict(zip(names, vs, strict=True))
         total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        for w, (inputs, targets) in zip(self.weights, self.batches, strict=True):
-            inputs = move_to(inputs, self.device, self.dtype)
-            targets = move_to(targets, self.device, self.dtype)
+        for w, inputs, targets in self._placed():
 
             def loss_of(
                 p: dict[str, torch.Tensor], x: Any = inputs, y: Any = targets
             ) -> torch.Tensor:
-                return self.loss_fn(functional_call(self.model, p, (x,)), y)
+                return self._batch_loss(x, y, p)
 
-            with torch.no_grad(), curvature_mode(self.model, self.batch_stats):
+            with torch.no_grad():
                 _, hv = jvp(grad(loss_of), (primals,), (tangents,))
             total += w * self.space.flatten(hv)
         return total
@@ -224,9 +240,30 @@ class HessianOperator:
             total += torch.cat([g.reshape(-1) for g in self._grad(loss, create_graph=False)])
         return total
 
-    def loss(self) -> float:
-        """The mean loss over all batches."""
-        if self.cache_graph:
+    def loss(self, delta: torch.Tensor | None = None) -> float:
+        """The mean loss over all batches at the current weights, or at weights + ``delta``.
+
+        The shift is applied in place and the weights are restored bit for bit afterwards (this also
+        works for TorchScript modules, which ``torch.func`` cannot call); a cached gradient graph
+        is dropped, as autograd refuses a graph whose weights were modified in place.
+        """
+        if delta is None and self.cache_graph:
             return float(self._cached_graph()[0].detach())
-        with torch.no_grad():
-            return float(sum(loss.detach() for loss in self._batch_losses()))
+        with torch.no_grad(), self._shifted(delta):
+            return sum(w * float(self._batch_loss(x, y, None)) for w, x, y in self._placed())
+
+    @contextlib.contextmanager
+    def _shifted(self, delta: torch.Tensor | None) -> Iterator[None]:
+        if delta is None:
+            yield
+            return
+        saved = [p.detach().clone() for p in self.space.params]
+        self.release()
+        try:
+            parts = self.space.split(delta.to(device=self.device, dtype=self.dtype))
+            for p, d in zip(self.space.params, parts, strict=True):
+                p.add_(d)
+            yield
+        finally:
+            for p, s in zip(self.space.params, saved, strict=True):
+                p.copy_(s)

@@ -1,0 +1,1 @@
+"""Pipelines: analyze (eigenpairs, trace, density, SAM alignment) and the CI gate."""

@@ -1,0 +1,117 @@
+"""The paper's diagnostic: how well the SAM perturbation lines up with the top eigenvector."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from sharpscope.curvature import HessianOperator
+from sharpscope.optim.perturbations import eigen_sam_perturbation, sam_perturbation
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def abs_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|cos(a, b)|; 0 when either vector is zero."""
+    norms = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
+    return float(torch.dot(a, b).abs() / norms) if norms > 0 else 0.0
+
+
+def subspace_share(u: torch.Tensor, basis: torch.Tensor) -> float:
+    """‖P u‖/‖u‖: the share of ``u`` in the span of the orthonormal rows of ``basis``."""
+    norm = torch.linalg.vector_norm(u)
+    return float(torch.linalg.vector_norm(basis @ u) / norm) if norm > 0 else 0.0
+
+
+@dataclass
+class Distribution:
+    """Summary of a sample of values: count, mean, extremes and quantiles (5, 25, 50, 75, 95 %)."""
+
+    count: int
+    mean: float
+    min: float
+    max: float
+    quantiles: dict[str, float]
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Distribution:
+        t = torch.tensor(list(values), dtype=torch.float64)
+        qs = torch.quantile(t, torch.tensor(QUANTILES, dtype=torch.float64))
+        return cls(
+            count=len(t),
+            mean=float(t.mean()),
+            min=float(t.min()),
+            max=float(t.max()),
+            quantiles={
+                f"q{round(q * 100):02d}": float(v) for q, v in zip(QUANTILES, qs, strict=True)
+            },
+        )
+
+
+@dataclass
+class Alignment:
+    """SAM alignment figures at one point w (see paper.md, "The paper's finding")."""
+
+    rho: float
+    alpha: float
+    cos_full: float
+    """|cos(ĝ, v₁)| for the full-data gradient."""
+    cos_batches: Distribution | None
+    """|cos(ĝ_b, v₁)| over minibatch gradients (None with a single batch)."""
+    topk_share: float
+    """‖P_k ĝ‖: the share of ĝ in the span of the top-k eigenvectors."""
+    sam_sharpness: float
+    """L(w + ρĝ) − L(w), measured."""
+    sam_sharpness_quadratic: float
+    """½ρ² ĝᵀHĝ, its curvature term."""
+    sam_sharpness_taylor: float
+    """ρ‖g‖ + ½ρ² ĝᵀHĝ, its second-order Taylor prediction."""
+    eigen_sam_cos: float
+    """|cos(ε, v₁)| for Eigen-SAM's ε = ρ(ĝ + α s v⊥) at this ``rho`` and ``alpha``."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def batch_cosines(op: HessianOperator, v1: torch.Tensor) -> list[float]:
+    """|cos(ĝ_b, v₁)| for the gradient of each of ``op``'s batches on its own."""
+    values = []
+    for batch in op.batches:
+        single = HessianOperator(
+            op.model,
+            op.loss_fn,
+            [batch],
+            list(op.space.names),
+            batch_stats=op.batch_stats,
+            cache_graph=False,
+        )
+        values.append(abs_cosine(single.gradient(), v1))
+    return values
+
+
+def sam_alignment(
+    op: HessianOperator, eigenvectors: torch.Tensor, rho: float, alpha: float
+) -> Alignment:
+    """All alignment figures for the top eigenvectors (rows, λ₁ first); costs one product and
+    one gradient per batch."""
+    g = op.gradient()
+    v1 = eigenvectors[0]
+    g_hat = g / torch.linalg.vector_norm(g)
+    curvature = float(torch.dot(g_hat, op.matvec(g_hat)))
+    base = op.loss()
+    eps = sam_perturbation(g, rho)
+    eigen_eps = eigen_sam_perturbation(g, v1, rho, alpha)
+    cosines = batch_cosines(op, v1) if len(op.batches) > 1 else None
+    return Alignment(
+        rho=rho,
+        alpha=alpha,
+        cos_full=abs_cosine(g, v1),
+        cos_batches=Distribution.of(cosines) if cosines else None,
+        topk_share=subspace_share(g, eigenvectors),
+        sam_sharpness=op.loss(eps) - base,
+        sam_sharpness_quadratic=0.5 * rho**2 * curvature,
+        sam_sharpness_taylor=rho * float(torch.linalg.vector_norm(g)) + 0.5 * rho**2 * curvature,
+        eigen_sam_cos=abs_cosine(eigen_eps, v1),
+    )

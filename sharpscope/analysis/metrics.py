@@ -1,0 +1,31 @@
+"""Plain model metrics on a list of batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpscope.curvature.hvp import curvature_mode, move_to
+
+
+def accuracy(
+    model: nn.Module,
+    batches: list[tuple[Any, Any]],
+    dtype: torch.dtype,
+    device: torch.device,
+    batch_stats: bool = False,
+) -> float | None:
+    """Top-1 accuracy over all batches, or None when the targets are not class labels."""
+    correct = total = 0
+    with torch.no_grad(), curvature_mode(model, batch_stats):
+        for inputs, targets in batches:
+            if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
+                return None
+            outputs = model(move_to(inputs, device, dtype))
+            if outputs.ndim != 2 or outputs.shape[1] < 2:
+                return None
+            correct += int((outputs.argmax(1) == targets.to(device)).sum())
+            total += int(targets.numel())
+    return correct / total if total else None

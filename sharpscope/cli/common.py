@@ -1,0 +1,112 @@
+"""What every command shares: error handling, devices and dtypes, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sharpscope.errors import InputError
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def fail(message: str) -> typer.Exit:
+    """Print ``error: message`` as one line on stderr; return the exit to raise (code 2)."""
+    line = " ".join(str(message).split())
+    stderr.print(f"[bold red]error:[/bold red] {line}", markup=True, highlight=False)
+    return typer.Exit(2)
+
+
+@contextlib.contextmanager
+def errors_as_exit(debug: bool) -> Iterator[None]:
+    """Turn failures into one line on stderr and exit code 2; ``debug`` re-raises them instead."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        raise typer.Exit(130) from None
+    except InputError as exc:
+        if debug:
+            raise
+        raise fail(str(exc)) from None
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise fail(
+            f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)"
+        ) from None
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise InputError(f"unknown --device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec}: CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise InputError(f"--device {spec}: only {count} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise InputError(f"unsupported --device {spec!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``float32`` or ``float64``."""
+    if name not in DTYPES:
+        raise InputError(f"unknown --dtype {name!r}; use float32 or float64")
+    return DTYPES[name]
+
+
+class ProgressBars:
+    """Rich progress bars on stderr, one per estimator task, fed by the estimators' callbacks."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr is not None
+        self._progress = Progress(
+            TextColumn("{task.description:<12}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=stderr,
+            transient=False,
+            disable=not self.enabled,
+        )
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> ProgressBars:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        """The estimators' ``progress(task, done, total)``; a new task closes the earlier bars."""
+        if task not in self._tasks:
+            self.finish()
+            self._tasks[task] = self._progress.add_task(task, total=total)
+        self._progress.update(self._tasks[task], completed=done, total=total)
+
+    def finish(self) -> None:
+        """Mark every bar complete (estimators that converge early stop short of their budget)."""
+        for task_id in self._tasks.values():
+            task = self._progress.tasks[task_id]
+            self._progress.update(task_id, total=task.completed, completed=task.completed)

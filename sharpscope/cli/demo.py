@@ -1,0 +1,64 @@
+"""``sharpscope demo``: train a small model on the bundled digits data, then analyze it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from sharpscope.analysis.analyze import AnalyzeConfig
+from sharpscope.cli import options as opt
+from sharpscope.cli.analyze import run_analysis
+from sharpscope.cli.common import errors_as_exit, stderr, stdout
+from sharpscope.cli.loading import load_inputs
+from sharpscope.io.checkpoints import save_checkpoint
+from sharpscope.io.data import load_data
+from sharpscope.io.models import ModelSpec, build_model
+from sharpscope.report.outdir import check_out_dir, write_out_dir
+from sharpscope.report.table import print_report
+from sharpscope.training.fit import fit
+
+CHECKPOINT = "digits-mlp.safetensors"
+
+
+def demo_command(
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the checkpoint, report and plots.")
+    ] = Path("sharpscope-demo"),
+    steps: Annotated[int, typer.Option(help="Training steps (Adam, batch 128).")] = 300,
+    seed: opt.Seed = 0,
+    quiet: opt.Quiet = False,
+    debug: opt.Debug = False,
+) -> None:
+    """Train an MLP on scikit-learn's digits (offline, seconds), save it, and analyze it."""
+    with errors_as_exit(debug):
+        check_out_dir(out)
+        torch.manual_seed(seed)
+        spec = ModelSpec("mlp", {})
+        model = build_model(spec)
+        train = load_data("digits", split="train")
+        start = time.perf_counter()
+        losses = fit(model, train.inputs, train.targets, steps=steps, seed=seed)
+        stderr.print(
+            f"trained {spec.target} on digits: {steps} steps in "
+            f"{time.perf_counter() - start:.1f} s, final minibatch loss {losses[-1]:.4f}",
+            highlight=False,
+        )
+        checkpoint = out / CHECKPOINT
+        save_checkpoint(checkpoint, model, spec)
+        loaded = load_inputs(checkpoint, "digits", seed=seed, samples=None, device="cpu")
+        config = AnalyzeConfig(seed=seed, density=True, slices=True)
+        analysis, report = run_analysis(loaded, config, quiet)
+        print_report(report, stdout)
+        for path in write_out_dir(out, report, analysis, loaded.model):
+            stderr.print(f"wrote {path}", highlight=False)
+        stdout.print(
+            "\nThe same with your own files:\n"
+            f"  sharpscope analyze {checkpoint} --data digits --density --out {out}\n"
+            "  sharpscope analyze my_model.pt --model mypkg.models:make_net --data my_data.npz\n"
+            "See `sharpscope analyze --help`.",
+            highlight=False,
+        )

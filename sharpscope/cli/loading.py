@@ -1,0 +1,111 @@
+"""From command-line specs to a model on its device, batches of data and a loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpscope.cli.common import resolve_device, resolve_dtype
+from sharpscope.curvature.hvp import move_to
+from sharpscope.errors import InputError
+from sharpscope.io.checkpoints import Checkpoint, load_model
+from sharpscope.io.data import DataBundle, batches, check_targets, load_data
+from sharpscope.io.losses import resolve_loss
+from sharpscope.io.models import ModelSpec, parse_model_args
+from sharpscope.io.user_code import one_line
+
+
+@dataclass
+class Loaded:
+    """A model ready for analysis, its data as batches, the loss, and how they were specified."""
+
+    model: nn.Module
+    checkpoint: Checkpoint
+    data: DataBundle
+    batches: list[tuple[Any, Any]]
+    loss_fn: Any
+    device: torch.device
+    dtype: torch.dtype
+    description: dict[str, Any]
+    """The report's ``inputs`` section: checkpoint, model, data, loss, dtype, device."""
+
+
+def _probe(
+    model: nn.Module,
+    data: DataBundle,
+    first: tuple[Any, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Run the model on one batch so that a data/model mismatch fails here, with a clear message."""
+    inputs, _ = first
+    try:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            try:
+                outputs = model(move_to(inputs, device, dtype))
+            finally:
+                model.train(was_training)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise InputError(
+            f"the model cannot run on inputs shaped {shape} from --data {data.source}: "
+            f"{one_line(exc)}; check that --data matches the model"
+        ) from None
+    if not isinstance(outputs, torch.Tensor):
+        raise InputError(f"the model returned {type(outputs).__name__}, not a tensor of outputs")
+    check_targets(data, outputs)
+
+
+def load_inputs(
+    checkpoint: Path,
+    data: str,
+    *,
+    model: str | None = None,
+    model_args: list[str] | None = None,
+    trust_pickle: bool = False,
+    split: str = "train",
+    samples: int | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    loss: str = "cross-entropy",
+    device: str = "auto",
+    dtype: str = "float32",
+) -> Loaded:
+    """Load and check everything a command needs; every problem is an :class:`InputError`."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if samples is not None and samples < 1:
+        raise InputError(f"--samples must be at least 1, got {samples}")
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    spec = ModelSpec(model, parse_model_args(model_args or [])) if model else None
+    if spec is None and model_args:
+        raise InputError("--model-arg needs --model (the factory the arguments are for)")
+    net, ckpt = load_model(checkpoint, spec, trust_pickle=trust_pickle)
+    net = net.to(device=torch_device, dtype=torch_dtype)
+    bundle = load_data(data, split=split, samples=samples, seed=seed)
+    pieces = batches(bundle, batch_size)
+    _probe(net, bundle, pieces[0], torch_device, torch_dtype)
+    loss_fn = resolve_loss(loss, bundle.num_classes)
+    used_spec = spec or ckpt.model_spec
+    description = {
+        "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "format": ckpt.format},
+        "model": {"spec": None if used_spec is None else used_spec.to_json()},
+        "data": {
+            "spec": data,
+            "source": bundle.source,
+            "split": bundle.split,
+            "num_samples": len(bundle.targets),
+            "batch_size": batch_size,
+            "seed": seed,
+        },
+        "loss": loss,
+        "dtype": dtype,
+        "device": str(torch_device),
+    }
+    return Loaded(net, ckpt, bundle, pieces, loss_fn, torch_device, torch_dtype, description)

@@ -1,0 +1,83 @@
+"""Typer option declarations shared by the commands that load a model and data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+LOAD = "Model and data"
+RUN = "Run"
+
+Checkpoint = Annotated[
+    Path,
+    typer.Argument(
+        help="Model checkpoint: state dict (.pt/.pth/.bin), .safetensors, TorchScript, "
+        "torch.export .pt2, or a pickled module (with --trust-pickle).",
+        show_default=False,
+    ),
+]
+Data = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Data: 'digits', a tensor file (.pt/.safetensors/.npz), a CIFAR folder, an image "
+        "folder, or pkg.module:function. See docs/data.md.",
+        rich_help_panel=LOAD,
+        show_default=False,
+    ),
+]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="For weight-only checkpoints: a built-in name (mlp, cnn, resnet18), "
+        "pkg.module:factory or path/to/file.py:factory.",
+        rich_help_panel=LOAD,
+    ),
+]
+ModelArg = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-arg",
+        help="key=value keyword argument for the model factory (repeatable; Python literals).",
+        rich_help_panel=LOAD,
+    ),
+]
+TrustPickle = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Allow checkpoints that hold arbitrary pickled Python objects. Unpickling runs code: "
+        "only for files you trust.",
+        rich_help_panel=LOAD,
+    ),
+]
+Split = Annotated[str, typer.Option(help="Data split.", rich_help_panel=LOAD)]
+BatchSize = Annotated[int, typer.Option(help="Samples per batch.", rich_help_panel=LOAD)]
+Samples = Annotated[
+    int | None,
+    typer.Option(
+        help="Use this many samples (a fixed random subset for --seed); default: all.",
+        rich_help_panel=LOAD,
+    ),
+]
+Loss = Annotated[
+    str,
+    typer.Option(help="cross-entropy, mse, or pkg.module:function.", rich_help_panel=LOAD),
+]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN)]
+Dtype = Annotated[str, typer.Option(help="float32 or float64.", rich_help_panel=RUN)]
+Seed = Annotated[
+    int, typer.Option(help="Seed for data subsets and random vectors.", rich_help_panel=RUN)
+]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Hide progress bars.", rich_help_panel=RUN)
+]
+Debug = Annotated[
+    bool, typer.Option("--debug", help="Show tracebacks on errors.", rich_help_panel=RUN)
+]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print the report as JSON on stdout.", rich_help_panel=RUN)
+]
