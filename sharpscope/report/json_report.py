@@ -6,6 +6,7 @@ import datetime
 import json
 import platform
 from dataclasses import asdict
+from importlib import resources
 from typing import Any
 
 import torch
@@ -99,6 +100,11 @@ def build_report(analysis: Analysis, inputs: dict[str, Any]) -> dict[str, Any]:
             "n_products": analysis.n_products,
         },
     }
+
+
+def report_schema() -> dict[str, Any]:
+    """The JSON Schema of the report (``sharpscope/report/schema.json``; see docs/report.md)."""
+    return json.loads(resources.files("sharpscope.report").joinpath("schema.json").read_text())
 
 
 def dumps(report: dict[str, Any]) -> str:
