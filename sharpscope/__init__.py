@@ -18,12 +18,16 @@ from sharpscope.curvature import (
     slq,
     spectral_density,
 )
+from sharpscope.optim import ASAM, SAM, EigenSAM
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASAM",
+    "SAM",
     "DensityResult",
     "EigenResult",
+    "EigenSAM",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",

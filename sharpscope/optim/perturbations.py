@@ -1,8 +1,15 @@
-"""The weight perturbations of SAM and Eigen-SAM, as pure functions of flat vectors."""
+"""The weight perturbations of SAM, ASAM and Eigen-SAM, as pure functions of flat vectors.
+
+``rho``, ``alpha`` and ``eta`` are numbers, or flat tensors of per-element values (one value per
+parameter group, spread over that group's elements) which broadcast against the vectors.
+"""
 
 from __future__ import annotations
 
 import torch
+
+Hyper = float | torch.Tensor
+"""A hyperparameter: one number, or a flat tensor of per-element values."""
 
 
 def _unit(g: torch.Tensor) -> torch.Tensor:
@@ -12,13 +19,19 @@ def _unit(g: torch.Tensor) -> torch.Tensor:
     return g / norm
 
 
-def sam_perturbation(g: torch.Tensor, rho: float) -> torch.Tensor:
+def sam_perturbation(g: torch.Tensor, rho: Hyper) -> torch.Tensor:
     """SAM's ε = ρ g/‖g‖."""
     return rho * _unit(g)
 
 
+def asam_perturbation(g: torch.Tensor, w: torch.Tensor, rho: Hyper, eta: Hyper) -> torch.Tensor:
+    """ASAM's ε = ρ T²g/‖Tg‖ with T = diag(|w| + η), written ρ T (Tg/‖Tg‖)."""
+    t = w.abs() + eta
+    return rho * t * _unit(t * g)
+
+
 def eigen_sam_perturbation(
-    g: torch.Tensor, v: torch.Tensor, rho: float, alpha: float
+    g: torch.Tensor, v: torch.Tensor, rho: Hyper, alpha: Hyper
 ) -> torch.Tensor:
     """Eigen-SAM's ε = ρ(ĝ + α s v⊥): ĝ = g/‖g‖, s = sign⟨g, v⟩, v⊥ = v − ⟨ĝ, v⟩ĝ (not renormalised,
     as in the paper's code); ``v`` is the unit top eigenvector estimate."""

@@ -1,0 +1,190 @@
+"""Eigen-SAM (Luo et al., NeurIPS 2024): SAM's perturbation plus the top Hessian eigenvector's part
+orthogonal to the gradient, with the eigenvector refreshed by a few warm-started Lanczos steps."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from sharpscope.curvature import HessianOperator, ParamSpace, lanczos
+from sharpscope.curvature.hvp import LossFn
+from sharpscope.optim.perturbations import eigen_sam_perturbation
+from sharpscope.optim.sam import SAM, Active, Closure
+
+
+@dataclass(frozen=True)
+class EigenEstimate:
+    """The latest refresh of the top Hessian eigenpair, at global step ``step``."""
+
+    eigenvalue: float
+    residual: float
+    """‖Hv − λv‖ of the returned pair."""
+    converged: bool
+    step: int
+    n_products: int
+
+
+class EigenSAM(SAM):
+    """Eigen-SAM around ``base_optimizer``: ε = ρ(ĝ + α s v⊥), per group ``sam_rho``, ``sam_alpha``.
+
+    ``v`` is refreshed every ``eig_every`` global steps (at steps ``eig_every``, 2·``eig_every``, …;
+    plain SAM before the first) by ``eig_steps`` Lanczos products on the Hessian of
+    ``loss_fn(model(inputs), targets)`` on that step's batch, warm-started from the previous ``v``.
+    ``v`` is paired with parameters by name in ``model``.
+    """
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.05,
+        alpha: float = 0.2,
+        *,
+        model: nn.Module,
+        loss_fn: LossFn,
+        eig_every: int = 100,
+        eig_steps: int = 5,
+        batch_stats: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if eig_every < 1 or eig_steps < 1:
+            raise ValueError("eig_every and eig_steps must be at least 1")
+        self._wrap(base_optimizer, {"sam_rho": rho, "sam_alpha": alpha}, model)
+        self.model: nn.Module = model
+        self.loss_fn = loss_fn
+        self.eig_every = eig_every
+        self.eig_steps = eig_steps
+        self.batch_stats = batch_stats
+        self.seed = seed
+        self.eigenvector: dict[str, torch.Tensor] | None = None
+        self.estimate: EigenEstimate | None = None
+        self.alignment: float | None = None
+        self._names()
+
+    def _names(self) -> dict[torch.Tensor, str]:
+        """Each optimized parameter's name in the model."""
+        by_param = {p: n for n, p in self.model.named_parameters()}
+        params = [p for g in self.param_groups for p in g["params"]]
+        if any(p not in by_param for p in params):
+            raise ValueError(
+                "the optimizer has parameters that are not in the model: Eigen-SAM pairs its "
+                "eigenvector with parameters by their name in the model"
+            )
+        return {p: by_param[p] for p in params}
+
+    @property
+    def refresh_due(self) -> bool:
+        """Whether the coming step refreshes the eigenvector."""
+        return self.global_step > 0 and self.global_step % self.eig_every == 0
+
+    def first_step(self, zero_grad: bool = False, batch: tuple[Any, Any] | None = None) -> None:
+        """Refresh v on ``batch`` (inputs, targets) when due, then SAM's first step with
+        Eigen-SAM's ε; :attr:`alignment` becomes this step's |cos(ĝ, v)|."""
+        if self.refresh_due:
+            if batch is None:
+                raise ValueError(
+                    f"step {self.global_step} refreshes the eigenvector: "
+                    "pass batch=(inputs, targets)"
+                )
+            self.refresh_eigenvector(batch)
+        self.alignment = None
+        super().first_step(zero_grad)
+
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None, batch: tuple[Any, Any] | None = None
+    ) -> torch.Tensor:
+        """:meth:`SAM.step`, refreshing v on ``batch`` when due."""
+        return self._two_passes(closure, lambda: self.first_step(batch=batch))
+
+    def refresh_eigenvector(self, batch: tuple[Any, Any]) -> EigenEstimate:
+        """Re-estimate the top (largest, not largest-|λ|) eigenpair of the Hessian on ``batch`` at
+        the current weights, warm-started from v; the model's modes are restored afterwards."""
+        names = self._names()
+        trainable = [glob.escape(names[p]) for p in names if p.requires_grad]
+        with torch.enable_grad():
+            op = HessianOperator(
+                self.model, self.loss_fn, [batch], params=trainable, batch_stats=self.batch_stats
+            )
+            result = lanczos(
+                op,
+                k=1,
+                which="largest",
+                max_iter=self.eig_steps,
+                seed=self.seed + self.global_step,
+                v0=self._warm_start(op.space),
+            )
+        self.eigenvector = dict(op.space.unflatten(result.eigenvectors[0].detach()))
+        self.estimate = EigenEstimate(
+            eigenvalue=float(result.eigenvalues[0]),
+            residual=float(result.residuals[0]),
+            converged=bool(result.converged[0]),
+            step=self.global_step,
+            n_products=result.n_products,
+        )
+        return self.estimate
+
+    def _warm_start(self, space: ParamSpace) -> torch.Tensor | None:
+        """The previous v over ``space`` (zero where it has no entry), or None to start afresh."""
+        if self.eigenvector is None:
+            return None
+        old = self.eigenvector
+        pairs = zip(space.names, space.params, strict=True)
+        v = space.flatten([old.get(n, torch.zeros_like(p)) for n, p in pairs])
+        return v if bool(v.any()) else None
+
+    def set_eigenvector(self, vector: Mapping[str, torch.Tensor]) -> None:
+        """Use ``{parameter name: tensor}`` (e.g. an eigenvector saved by ``sharpscope analyze``) as
+        v, scaled to unit norm; parameters it leaves out get zero."""
+        placed = self._placed(vector)
+        norm = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in placed.values()]))
+        if not norm > 0:
+            raise ValueError("the eigenvector is zero")
+        self.eigenvector = {n: t / norm for n, t in placed.items()}
+
+    def _placed(self, vector: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``vector`` checked against the parameters' names and shapes, cast to their dtype and
+        device."""
+        params = {n: p for p, n in self._names().items()}
+        unknown = sorted(set(vector) - set(params))
+        if unknown:
+            raise KeyError(f"not parameters of this optimizer: {', '.join(unknown)}")
+        for name, t in vector.items():
+            if t.shape != params[name].shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(params[name].shape)}")
+        return {n: t.detach().to(params[n]) for n, t in vector.items()}
+
+    def _restricted(self, active: Active) -> torch.Tensor | None:
+        """v over the parameters with a gradient, renormalised; None before the first v or when
+        it is zero there."""
+        if self.eigenvector is None:
+            return None
+        names = self._names()
+        v = active.flat(self.eigenvector.get(names[p], torch.zeros_like(p)) for p in active.params)
+        norm = torch.linalg.vector_norm(v)
+        return v / norm if norm > 0 else None
+
+    def _perturbation(self, active: Active, g: torch.Tensor) -> torch.Tensor:
+        v = self._restricted(active)
+        if v is None:
+            return super()._perturbation(active, g)
+        self.alignment = abs(float(torch.dot(g, v) / torch.linalg.vector_norm(g)))
+        return eigen_sam_perturbation(g, v, active.hyper("sam_rho"), active.hyper("sam_alpha"))
+
+    def _own_state(self) -> dict[str, Any]:
+        return {
+            **super()._own_state(),
+            "eigenvector": self.eigenvector,
+            "estimate": None if self.estimate is None else asdict(self.estimate),
+        }
+
+    def _load_own_state(self, own: Mapping[str, Any]) -> None:
+        super()._load_own_state(own)
+        vector, estimate = own["eigenvector"], own["estimate"]
+        self.eigenvector = None if vector is None else self._placed(vector)
+        self.estimate = None if estimate is None else EigenEstimate(**estimate)
+        self.alignment = None

@@ -1,0 +1,197 @@
+"""SAM and ASAM: sharpness-aware wrappers around any ``torch.optim`` optimizer instance.
+
+The wrapper shares the base optimizer's ``param_groups`` (same list, same dicts) and ``state``, so
+learning-rate schedulers and per-group settings work on either object. Its own hyperparameters
+live in the groups under ``sam_``-prefixed keys (``sam_rho``, ``sam_eta``, ``sam_alpha``), which
+cannot collide with a base optimizer's own ``rho`` (Adadelta) or ``alpha`` (RMSprop, ASGD).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from sharpscope.optim.bn import freeze_batchnorm_stats
+from sharpscope.optim.perturbations import Hyper, asam_perturbation, sam_perturbation
+
+Closure = Callable[[], torch.Tensor]
+
+
+class Active:
+    """The parameters that have a gradient in this step, each with its param group, and flat
+    vectors over them (in param-group order)."""
+
+    def __init__(self, param_groups: Iterable[Mapping[str, Any]]) -> None:
+        pairs = [(p, g) for g in param_groups for p in g["params"] if p.grad is not None]
+        self.params = [p for p, _ in pairs]
+        self.groups = [g for _, g in pairs]
+
+    def flat(self, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Concatenate one tensor per active parameter into a flat vector."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient g over the active parameters."""
+        return self.flat(p.grad for p in self.params)
+
+    def weights(self) -> torch.Tensor:
+        """The flat weights w over the active parameters."""
+        return self.flat(self.params)
+
+    def hyper(self, key: str) -> Hyper:
+        """A group hyperparameter: one number when all groups agree, else per-element values."""
+        values = [float(g[key]) for g in self.groups]
+        if len(set(values)) == 1:
+            return values[0]
+        return self.flat(
+            torch.full_like(p, v, memory_format=torch.contiguous_format)
+            for p, v in zip(self.params, values, strict=True)
+        )
+
+    def split(self, vec: torch.Tensor) -> list[torch.Tensor]:
+        """Split a flat vector into views shaped like the active parameters."""
+        chunks = torch.split(vec, [p.numel() for p in self.params])
+        return [c.view_as(p) for c, p in zip(chunks, self.params, strict=True)]
+
+
+class SAM(Optimizer):
+    """Sharpness-aware minimisation around ``base_optimizer``: ε = ρ g/‖g‖, ρ = ``sam_rho``.
+
+    The norm is taken over all parameters that have a gradient; ρ is per param group. Give
+    ``model`` to keep BatchNorm running statistics out of the second forward pass.
+    """
+
+    def __init__(
+        self, base_optimizer: Optimizer, rho: float = 0.05, *, model: nn.Module | None = None
+    ) -> None:
+        self._wrap(base_optimizer, {"sam_rho": rho}, model)
+
+    def _wrap(self, base: Optimizer, hyper: dict[str, float], model: nn.Module | None) -> None:
+        """Share ``base``'s param groups and state, and add ``hyper`` to every group."""
+        if not isinstance(base, Optimizer) or isinstance(base, SAM):
+            raise TypeError(f"expected a torch.optim.Optimizer to wrap, got {type(base).__name__}")
+        for key, value in hyper.items():
+            if not value >= 0:
+                raise ValueError(f"{key.removeprefix('sam_')} must be non-negative, got {value}")
+        super().__init__(base.param_groups, {**base.defaults, **hyper})
+        self.base_optimizer = base
+        self._share_base()
+        self.model = model
+        self.global_step = 0
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._thaw: Callable[[], None] = _nothing
+
+    def _share_base(self) -> None:
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def _perturbation(self, active: Active, g: torch.Tensor) -> torch.Tensor:
+        """ε over the active parameters, given their flat gradient ``g`` (not zero)."""
+        return sam_perturbation(g, active.hyper("sam_rho"))
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Save w and move to w + ε from the current gradients; parameters without a gradient
+        stay put, and a zero gradient gives ε = 0. BatchNorm statistics freeze (with ``model``)."""
+        if self._saved is not None:
+            raise RuntimeError("first_step was called twice without a second_step between")
+        active = Active(self.param_groups)
+        self._saved = [(p, p.detach().clone()) for p in active.params]
+        g = active.gradient() if active.params else None
+        if g is not None and bool(g.any()):
+            eps = active.split(self._perturbation(active, g))
+            for p, e in zip(active.params, eps, strict=True):
+                p.add_(e)
+        if self.model is not None:
+            self._thaw = freeze_batchnorm_stats(self.model)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w exactly (saved copies) and step the base optimizer with the gradients at
+        w + ε; this counts one global step."""
+        if self._saved is None:
+            raise RuntimeError("second_step needs a first_step before it")
+        for p, w in self._saved:
+            p.copy_(w)
+        self._saved = None
+        self._thaw()
+        self._thaw = _nothing
+        self.base_optimizer.step()
+        self.global_step += 1
+        self._opt_called = True  # torch's LR schedulers check it: "optimizer.step() was called"
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One SAM step: ``closure()`` must compute the loss on the minibatch, call ``backward()``
+        and return the loss; it runs at w and at w + ε (gradients are zeroed before each run).
+        Returns the loss at w."""
+        return self._two_passes(closure, self.first_step)
+
+    def _two_passes(self, closure: Closure | None, first_step: Callable[[], None]) -> torch.Tensor:
+        if closure is None:
+            raise ValueError("SAM's step needs a closure that computes the loss and its gradient")
+        self.zero_grad()
+        with torch.enable_grad():
+            loss = closure()
+        first_step()
+        self.zero_grad()
+        with torch.enable_grad():
+            closure()
+        self.second_step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (its state, e.g. momentum, and the shared param groups
+        with ``sam_*`` hyperparameters) plus this wrapper's own state under ``"sam"``."""
+        state = self.base_optimizer.state_dict()
+        state["sam"] = self._own_state()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Restore what :meth:`state_dict` returned (not between the two steps of a SAM step)."""
+        if self._saved is not None:
+            raise RuntimeError("load_state_dict between first_step and second_step")
+        state_dict = dict(state_dict)
+        if "sam" not in state_dict:
+            raise ValueError("not a sharpscope SAM state dict: it has no 'sam' entry")
+        own = state_dict.pop("sam")
+        self.base_optimizer.load_state_dict(state_dict)
+        self._share_base()
+        self._load_own_state(own)
+
+    def _own_state(self) -> dict[str, Any]:
+        return {"global_step": self.global_step}
+
+    def _load_own_state(self, own: Mapping[str, Any]) -> None:
+        self.global_step = int(own["global_step"])
+
+
+class ASAM(SAM):
+    """Adaptive SAM: ε = ρ T²g/‖Tg‖ with T = diag(|w| + η), per element, over every parameter
+    (``sam_rho``, ``sam_eta`` per group); ρ is typically about 10× SAM's."""
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        rho: float = 0.5,
+        eta: float = 0.01,
+        *,
+        model: nn.Module | None = None,
+    ) -> None:
+        self._wrap(base_optimizer, {"sam_rho": rho, "sam_eta": eta}, model)
+
+    def _perturbation(self, active: Active, g: torch.Tensor) -> torch.Tensor:
+        return asam_perturbation(
+            g, active.weights(), active.hyper("sam_rho"), active.hyper("sam_eta")
+        )
+
+
+def _nothing() -> None:
+    """Nothing to undo."""
