@@ -16,6 +16,7 @@ from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.metrics import accuracy
 from sharpscope.analysis.pyhessian_bridge import pyhessian_eigs, pyhessian_trace
 from sharpscope.curvature import (
+    BACKENDS,
     DensityResult,
     EigenResult,
     HessianOperator,
@@ -167,6 +168,22 @@ def _per_layer(
     return layers
 
 
+def validate(config: AnalyzeConfig) -> None:
+    """Refuse settings no solver can run with, naming the command-line option."""
+    if config.method not in METHODS:
+        raise InputError(f"unknown --method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.backend not in BACKENDS:
+        raise InputError(
+            f"unknown --backend {config.backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
+    if config.k < 1 or config.max_iter < 1:
+        raise InputError("--top-k and --max-iter must be at least 1")
+    if not config.tol > 0:
+        raise InputError(f"--tol must be positive, got {config.tol}")
+    if config.rho <= 0 or config.alpha < 0:
+        raise InputError("--rho must be positive and --alpha not negative")
+
+
 def analyze(
     model: nn.Module,
     loss_fn: LossFn,
@@ -176,8 +193,7 @@ def analyze(
 ) -> Analysis:
     """Measure the sharpness of ``model`` on ``batches`` (the Hessian of their mean loss)."""
     config = config or AnalyzeConfig()
-    if config.method not in METHODS:
-        raise InputError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    validate(config)
     watch = _Stopwatch()
     notes: list[str] = []
     op = HessianOperator(

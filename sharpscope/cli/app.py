@@ -8,6 +8,7 @@ import typer
 
 from sharpscope import __version__
 from sharpscope.cli.analyze import analyze_command
+from sharpscope.cli.check import check_command
 from sharpscope.cli.demo import demo_command
 
 app = typer.Typer(
@@ -41,6 +42,7 @@ def root(
 
 
 app.command("analyze")(analyze_command)
+app.command("check")(check_command)
 app.command("demo")(demo_command)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sharpscope.errors import InputError
@@ -22,7 +23,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def fail(message: str) -> typer.Exit:
     """Print ``error: message`` as one line on stderr; return the exit to raise (code 2)."""
     line = " ".join(str(message).split())
-    stderr.print(f"[bold red]error:[/bold red] {line}", markup=True, highlight=False)
+    stderr.print(f"[bold red]error:[/bold red] {escape(line)}", markup=True, highlight=False)
     return typer.Exit(2)
 
 

@@ -7,8 +7,17 @@ from typing import Annotated
 
 import typer
 
+from sharpscope.analysis.analyze import METHODS
+from sharpscope.curvature import BACKENDS
+
 LOAD = "Model and data"
 RUN = "Run"
+HESSIAN = "Hessian"
+SAM = "SAM alignment"
+
+SPLIT, BATCH_SIZE, SAMPLES, LOSS = "train", 128, 1024, "cross-entropy"
+DTYPE, DEVICE = "float32", "auto"
+"""Defaults of the loading options, shared by every command."""
 
 Checkpoint = Annotated[
     Path,
@@ -57,9 +66,10 @@ TrustPickle = Annotated[
 Split = Annotated[str, typer.Option(help="Data split.", rich_help_panel=LOAD)]
 BatchSize = Annotated[int, typer.Option(help="Samples per batch.", rich_help_panel=LOAD)]
 Samples = Annotated[
-    int | None,
+    int,
     typer.Option(
-        help="Use this many samples (a fixed random subset for --seed); default: all.",
+        help="How many samples the Hessian averages over (a fixed random subset for --seed); "
+        "0 = all of the split.",
         rich_help_panel=LOAD,
     ),
 ]
@@ -81,3 +91,38 @@ Debug = Annotated[
 Json = Annotated[
     bool, typer.Option("--json", help="Print the report as JSON on stdout.", rich_help_panel=RUN)
 ]
+TopK = Annotated[
+    int, typer.Option("--top-k", "-k", help="How many top eigenpairs.", rich_help_panel=HESSIAN)
+]
+Method = Annotated[
+    str, typer.Option(help=f"Eigen-solver: {', '.join(METHODS)}.", rich_help_panel=HESSIAN)
+]
+Tol = Annotated[
+    float,
+    typer.Option(help="Stop when every residual ‖Hv − λv‖ ≤ tol·|λ_max|.", rich_help_panel=HESSIAN),
+]
+MaxIter = Annotated[
+    int, typer.Option(help="Most Hessian-vector products per solve.", rich_help_panel=HESSIAN)
+]
+Trace = Annotated[bool, typer.Option(help="Estimate the trace (Hutch++).", rich_help_panel=HESSIAN)]
+Params = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--params",
+        help="Only parameters whose name matches this glob (repeatable), e.g. 'fc.*'.",
+        rich_help_panel=HESSIAN,
+    ),
+]
+BatchStats = Annotated[
+    bool,
+    typer.Option(
+        "--batch-stats",
+        help="BatchNorm on batch statistics (train mode) instead of running statistics.",
+        rich_help_panel=HESSIAN,
+    ),
+]
+Backend = Annotated[
+    str, typer.Option(help=f"HVP backend: {', '.join(BACKENDS)}.", rich_help_panel=HESSIAN)
+]
+Rho = Annotated[float, typer.Option(help="SAM radius ρ.", rich_help_panel=SAM)]
+Alpha = Annotated[float, typer.Option(help="Eigen-SAM's α.", rich_help_panel=SAM)]

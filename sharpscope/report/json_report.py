@@ -7,14 +7,17 @@ import json
 import platform
 from dataclasses import asdict
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import torch
 
 from sharpscope import __version__
 from sharpscope.analysis.analyze import Analysis
 from sharpscope.analysis.verdict import verdict
 from sharpscope.curvature import EigenResult
+from sharpscope.errors import InputError
 
 SCHEMA_VERSION = 1
 
@@ -105,6 +108,43 @@ def build_report(analysis: Analysis, inputs: dict[str, Any]) -> dict[str, Any]:
 def report_schema() -> dict[str, Any]:
     """The JSON Schema of the report (``sharpscope/report/schema.json``; see docs/report.md)."""
     return json.loads(resources.files("sharpscope.report").joinpath("schema.json").read_text())
+
+
+def schema_problem(document: Any) -> str | None:
+    """Where ``document`` first breaks the report schema, in one line, or None if it is valid."""
+    validator = jsonschema.Draft202012Validator(report_schema())
+    error = next(iter(sorted(validator.iter_errors(document), key=lambda e: list(e.path))), None)
+    if error is None:
+        return None
+    where = ".".join(str(part) for part in error.path) or "the document"
+    message = " ".join(error.message.split())
+    return f"{where}: {message[:200]}"
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A report file, checked against the report schema; an :class:`InputError` naming the file
+    and the problem otherwise."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read the report {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not a JSON report (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
+    if not isinstance(document, dict) or "schema_version" not in document:
+        raise InputError(f"{path} is not a sharpscope report (it has no schema_version)")
+    if document["schema_version"] != SCHEMA_VERSION:
+        raise InputError(
+            f"{path} has schema_version {document['schema_version']!r}, and this sharpscope reads "
+            f"version {SCHEMA_VERSION}: re-create it with this version's `sharpscope analyze`"
+        )
+    problem = schema_problem(document)
+    if problem is not None:
+        raise InputError(f"{path} is not a valid sharpscope report: {problem}")
+    return document
 
 
 def dumps(report: dict[str, Any]) -> str:

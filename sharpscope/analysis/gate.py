@@ -1,0 +1,321 @@
+"""The CI gate: checks of an analysis report against thresholds and against a baseline report.
+
+Every figure is read with its uncertainty, and a check only flags the model when the figure is
+past its limit by more than that uncertainty:
+
+- ``max`` limit: flagged when ``value − uncertainty > limit``;
+- ``min`` limit: flagged when ``value + uncertainty < limit``;
+- ``max-increase`` by a fraction ``p`` over a baseline figure ``b ± u_b``: flagged when
+  ``value − uncertainty > B + p·|B|`` with ``B = b + u_b``. The two uncertainties add (a worst
+  case, not a quadrature sum): the lowest value the report allows must exceed the limit computed
+  from the highest value the baseline allows.
+
+The uncertainty of λ_max and λ_min is the residual ‖Hv − λv‖ of their eigenpair, a bound on the
+distance from the estimate to the nearest eigenvalue of H (used as it is). The trace's is
+``sigmas`` standard errors of its Hutch++ estimate. SAM sharpness and |cos(ĝ, v₁)| are computed
+at the analysed samples and come with no uncertainty estimate (0). An uncertainty the report holds
+as null (not finite) counts as 0. A check that passes only thanks to the uncertainty has status
+``noise``: its value is past the limit, but not by more than the uncertainty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from sharpscope.errors import InputError
+
+Kind = Literal["max", "min", "max-increase"]
+Status = Literal["pass", "noise", "fail"]
+Results = dict[str, Any]
+Reader = Callable[[Results], tuple[float | None, float | None]]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits to gate a report on; ``None`` leaves that check out."""
+
+    max_eigenvalue: float | None = None
+    min_eigenvalue: float | None = None
+    max_trace: float | None = None
+    max_sam_sharpness: float | None = None
+    min_alignment: float | None = None
+    max_increase: float | None = None
+    """Largest allowed increase over the baseline, as a fraction (0.1 = 10 %)."""
+    sigmas: float = 2.0
+    """How many standard errors make the uncertainty of a statistical estimate (the trace)."""
+
+    def __post_init__(self) -> None:
+        if not self.sigmas >= 0:
+            raise InputError(f"--sigmas must be at least 0, got {self.sigmas:g}")
+        if self.max_increase is not None and not self.max_increase >= 0:
+            raise InputError(f"--max-increase must be at least 0, got {self.max_increase:g}")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A figure of the report and its uncertainty (already scaled by ``sigmas``)."""
+
+    value: float
+    uncertainty: float
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How to read one gated figure from a report's results."""
+
+    key: str
+    label: str
+    read: Reader
+    """(value, uncertainty) from the results; value None when the report lacks the figure."""
+    statistical: bool
+    """The uncertainty is a standard error (scaled by ``sigmas``), not a bound."""
+    fix: str
+    """Why the figure can be missing and what to do, for the error message."""
+
+
+def _trace(results: Results) -> tuple[float | None, float | None]:
+    trace = results["trace"]
+    return (None, None) if trace is None else (trace["estimate"], trace["std_error"])
+
+
+def _alignment_figure(name: str) -> Reader:
+    return lambda r: (None if r["alignment"] is None else r["alignment"][name], 0.0)
+
+
+METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric(
+            "lambda_max",
+            "λ_max",
+            lambda r: (r["lambda_max"], r["eigenvalues"]["residuals"][0]),
+            False,
+            "re-create the report with `sharpscope analyze`",
+        ),
+        Metric(
+            "lambda_min",
+            "λ_min",
+            lambda r: (r["lambda_min"]["value"], r["lambda_min"]["residual"]),
+            False,
+            "re-create the report with `sharpscope analyze`",
+        ),
+        Metric(
+            "trace",
+            "trace",
+            _trace,
+            True,
+            "it was made with --no-trace: analyze again without --no-trace",
+        ),
+        Metric(
+            "sam_sharpness",
+            "SAM sharpness",
+            _alignment_figure("sam_sharpness"),
+            False,
+            "the gradient is exactly zero or the loss at w + ρĝ is not finite",
+        ),
+        Metric(
+            "cos_full",
+            "|cos(ĝ, v₁)|",
+            _alignment_figure("cos_full"),
+            False,
+            "the full-data gradient is exactly zero, so there is no SAM perturbation",
+        ),
+    )
+}
+
+ABSOLUTE: tuple[tuple[str, str, Kind], ...] = (
+    ("max_eigenvalue", "lambda_max", "max"),
+    ("min_eigenvalue", "lambda_min", "min"),
+    ("max_trace", "trace", "max"),
+    ("max_sam_sharpness", "sam_sharpness", "max"),
+    ("min_alignment", "cos_full", "min"),
+)
+"""(threshold field, metric, kind) of the absolute checks, in the order they are reported."""
+
+RELATIVE: tuple[str, ...] = ("lambda_max", "trace", "sam_sharpness")
+"""The metrics ``max_increase`` compares with the baseline (each one the baseline holds)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One gated figure: its value ± uncertainty, its limit, and whether it passed."""
+
+    metric: str
+    kind: Kind
+    value: float
+    uncertainty: float
+    limit: float
+    """The nominal limit (for ``max-increase``: baseline + p·|baseline|)."""
+    passed: bool
+    baseline: float | None = None
+    baseline_uncertainty: float | None = None
+    increase: float | None = None
+    """``max-increase``'s fraction p."""
+
+    @property
+    def label(self) -> str:
+        """The figure's display name, e.g. ``λ_max``."""
+        return METRICS[self.metric].label
+
+    @property
+    def name(self) -> str:
+        """What was checked, e.g. ``λ_max ≤ 40`` or ``trace ≤ baseline + 10%``."""
+        if self.kind == "max-increase":
+            return f"{self.label} ≤ baseline + {_percent(self.increase)}"
+        return f"{self.label} {'≥' if self.kind == 'min' else '≤'} {self.limit:g}"
+
+    @property
+    def crossed(self) -> bool:
+        """Whether the value itself, uncertainty aside, is past the nominal limit."""
+        return self.value < self.limit if self.kind == "min" else self.value > self.limit
+
+    @property
+    def status(self) -> Status:
+        """``fail``; ``noise`` (past the limit, but by less than the uncertainty); or ``pass``."""
+        if not self.passed:
+            return "fail"
+        return "noise" if self.crossed else "pass"
+
+    @property
+    def message(self) -> str:
+        """One sentence: the figure, its limit, and the outcome."""
+        side = "below" if self.kind == "min" else "above"
+        what = f"the limit {self.limit:g}"
+        if self.kind == "max-increase":
+            base = _pm(self.baseline, self.baseline_uncertainty)
+            what = f"the baseline {base} + {_percent(self.increase)} ({self.limit:.6g})"
+        outcome = {
+            "fail": f"is {side} {what} by more than the uncertainty",
+            "noise": f"is {side} {what}, but within the uncertainty: not flagged",
+            "pass": f"is within {what}",
+        }[self.status]
+        return f"{self.label} = {_pm(self.value, self.uncertainty)} {outcome}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields plus name, label, status and message (for JSON)."""
+        derived = {"name": self.name, "label": self.label, "status": self.status}
+        return {**derived, **asdict(self), "message": self.message}
+
+
+def measure(results: Results, metric: str, sigmas: float) -> Estimate | None:
+    """``metric``'s value and uncertainty in a report's results; None when the report lacks it."""
+    spec = METRICS[metric]
+    value, uncertainty = spec.read(results)
+    if value is None:
+        return None
+    scale = sigmas if spec.statistical else 1.0
+    return Estimate(value, scale * (uncertainty or 0.0))
+
+
+def figures(report: dict[str, Any], sigmas: float = 2.0) -> dict[str, Estimate]:
+    """Every gateable figure the report holds, by metric key."""
+    found = {key: measure(report["results"], key, sigmas) for key in METRICS}
+    return {key: estimate for key, estimate in found.items() if estimate is not None}
+
+
+def gate(
+    report: dict[str, Any], thresholds: Thresholds, baseline: dict[str, Any] | None = None
+) -> list[Check]:
+    """Check ``report`` against ``thresholds``, and against ``baseline`` for ``max_increase``."""
+    checks = [
+        _absolute(report, metric, kind, limit, thresholds.sigmas, _option(field))
+        for field, metric, kind in ABSOLUTE
+        if (limit := getattr(thresholds, field)) is not None
+    ]
+    if thresholds.max_increase is not None:
+        if baseline is None:
+            raise InputError("--max-increase needs --baseline (a report of the same architecture)")
+        checks += _relative(report, baseline, thresholds.max_increase, thresholds.sigmas)
+    return checks
+
+
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _required(report: dict[str, Any], metric: str, sigmas: float, option: str) -> Estimate:
+    estimate = measure(report["results"], metric, sigmas)
+    if estimate is None:
+        spec = METRICS[metric]
+        raise InputError(
+            f"{option} needs the {spec.label} ({metric}), which the report does not have: "
+            f"{spec.fix}; or drop {option}"
+        )
+    return estimate
+
+
+def _absolute(
+    report: dict[str, Any], metric: str, kind: Kind, limit: float, sigmas: float, option: str
+) -> Check:
+    est = _required(report, metric, sigmas, option)
+    if kind == "max":
+        passed = est.value - est.uncertainty <= limit
+    else:
+        passed = est.value + est.uncertainty >= limit
+    return Check(metric, kind, est.value, est.uncertainty, limit, passed)
+
+
+def _relative(
+    report: dict[str, Any], baseline: dict[str, Any], increase: float, sigmas: float
+) -> list[Check]:
+    _same_architecture(report, baseline)
+    checks = []
+    for metric in RELATIVE:
+        base = measure(baseline["results"], metric, sigmas)
+        if base is None:
+            continue
+        est = _required(report, metric, sigmas, "--max-increase")
+        highest = base.value + base.uncertainty
+        passed = est.value - est.uncertainty <= highest + increase * abs(highest)
+        limit = base.value + increase * abs(base.value)
+        checks.append(
+            Check(
+                metric,
+                "max-increase",
+                est.value,
+                est.uncertainty,
+                limit,
+                passed,
+                baseline=base.value,
+                baseline_uncertainty=base.uncertainty,
+                increase=increase,
+            )
+        )
+    return checks
+
+
+def _same_architecture(report: dict[str, Any], baseline: dict[str, Any]) -> None:
+    """Refuse a baseline of another schema version, model spec or parameter count."""
+    if baseline.get("schema_version") != report.get("schema_version"):
+        raise InputError(
+            f"the baseline has schema_version {baseline.get('schema_version')!r} and the report "
+            f"{report.get('schema_version')!r}: re-create the baseline with --update-baseline"
+        )
+    mine, theirs = _architecture(report), _architecture(baseline)
+    specs_differ = None not in (mine[0], theirs[0]) and mine[0] != theirs[0]
+    if specs_differ or mine[1] != theirs[1]:
+        raise InputError(
+            f"baseline is for a different architecture (baseline: {_describe(theirs)}; report: "
+            f"{_describe(mine)}): absolute sharpness is not comparable across architectures; "
+            "re-create the baseline with --update-baseline"
+        )
+
+
+def _architecture(report: dict[str, Any]) -> tuple[str | None, int]:
+    spec = (report["inputs"].get("model") or {}).get("spec")
+    return spec, report["results"]["num_params"]
+
+
+def _describe(architecture: tuple[str | None, int]) -> str:
+    spec, params = architecture
+    return f"model {spec or '(whole module)'}, {params:,} parameters"
+
+
+def _pm(value: float | None, uncertainty: float | None) -> str:
+    return f"{value:.6g} ± {uncertainty or 0.0:.2g}"
+
+
+def _percent(fraction: float | None) -> str:
+    return f"{100 * (fraction or 0.0):g}%"

@@ -1,0 +1,334 @@
+"""``sharpscope check``: a CI gate that flags sharp models (exit 1), from a checkpoint or a report.
+
+Options default to the ``[tool.sharpscope]`` settings (see :mod:`sharpscope.config`); the command
+line overrides them. Threshold semantics: :mod:`sharpscope.analysis.gate` and docs/ci.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sharpscope.analysis.analyze import AnalyzeConfig
+from sharpscope.analysis.gate import Check, Thresholds, figures, gate
+from sharpscope.cli import options as opt
+from sharpscope.cli.analyze import DEFAULTS, run_analysis
+from sharpscope.cli.common import errors_as_exit, fail, stderr, stdout
+from sharpscope.cli.loading import Loaded, load_inputs
+from sharpscope.config import load_config
+from sharpscope.errors import InputError
+from sharpscope.io.atomic import write_text_atomic
+from sharpscope.report.checks_table import print_checks
+from sharpscope.report.github import publish
+from sharpscope.report.json_report import dumps, read_report
+from sharpscope.report.junit import write_junit
+
+THRESHOLDS = "Thresholds"
+BASELINE = "Baseline"
+
+Data = Annotated[str | None, opt.Data.__metadata__[0]]
+"""``--data``, optional here: a saved report needs none."""
+
+_REPORT_HEAD = re.compile(rb'\s*\{\s*["}]')
+"""How a JSON report starts; no checkpoint format does (a safetensors header length can be 0x7b)."""
+
+
+def _limit(text: str) -> Any:
+    return Annotated[
+        float | None, typer.Option(help=text, rich_help_panel=THRESHOLDS, show_default=False)
+    ]
+
+
+MaxEigenvalue = _limit("Flag the model when λ_max exceeds this by more than its residual.")
+MinEigenvalue = _limit(
+    "Flag strong negative curvature: λ_min below this by more than its residual."
+)
+MaxTrace = _limit("Flag the model when the trace exceeds this by more than --sigmas SE.")
+MaxSamSharpness = _limit("Flag the model when the SAM sharpness L(w+ρĝ) − L(w) exceeds this.")
+MinAlignment = _limit("Flag the model when |cos(ĝ, v₁)| (full-data gradient) is below this.")
+
+
+def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """Eager ``--config`` callback: the config file's settings become the options' defaults."""
+    try:
+        config = load_config(value)
+    except InputError as exc:
+        raise fail(str(exc)) from None
+    ctx.default_map = {**(ctx.default_map or {}), **config.options}
+    return config.path
+
+
+def check_command(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A report.json from `sharpscope analyze` (gated as it is), or a model "
+            "checkpoint (analyzed first; needs --data).",
+            metavar="REPORT_OR_CHECKPOINT",
+            show_default=False,
+        ),
+    ],
+    max_eigenvalue: MaxEigenvalue = None,
+    min_eigenvalue: MinEigenvalue = None,
+    max_trace: MaxTrace = None,
+    max_sam_sharpness: MaxSamSharpness = None,
+    min_alignment: MinAlignment = None,
+    sigmas: Annotated[
+        float,
+        typer.Option(
+            help="Standard errors of the trace estimate that count as its uncertainty.",
+            rich_help_panel=THRESHOLDS,
+        ),
+    ] = 2.0,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="A report of the same architecture to compare with (--max-increase); the "
+            "recommended gate, since absolute sharpness is not comparable across architectures.",
+            rich_help_panel=BASELINE,
+            show_default=False,
+        ),
+    ] = None,
+    max_increase: Annotated[
+        str | None,
+        typer.Option(
+            help="Flag λ_max, trace or SAM sharpness rising more than this over the baseline: "
+            "10% or 0.1.",
+            rich_help_panel=BASELINE,
+            show_default=False,
+        ),
+    ] = None,
+    update_baseline: Annotated[
+        bool,
+        typer.Option(
+            "--update-baseline",
+            help="Write this report to the --baseline file (atomically) instead of comparing "
+            "with it; never overwrites a file that is not a sharpscope report.",
+            rich_help_panel=BASELINE,
+        ),
+    ] = False,
+    data: Data = None,
+    model: opt.Model = None,
+    model_arg: opt.ModelArg = None,
+    trust_pickle: opt.TrustPickle = False,
+    split: opt.Split = opt.SPLIT,
+    batch_size: opt.BatchSize = opt.BATCH_SIZE,
+    samples: opt.Samples = opt.SAMPLES,
+    loss: opt.Loss = opt.LOSS,
+    top_k: opt.TopK = DEFAULTS.k,
+    method: opt.Method = DEFAULTS.method,
+    tol: opt.Tol = DEFAULTS.tol,
+    max_iter: opt.MaxIter = DEFAULTS.max_iter,
+    trace: opt.Trace = DEFAULTS.trace,
+    batch_stats: opt.BatchStats = DEFAULTS.batch_stats,
+    params: opt.Params = None,
+    backend: opt.Backend = DEFAULTS.backend,
+    rho: opt.Rho = DEFAULTS.rho,
+    alpha: opt.Alpha = DEFAULTS.alpha,
+    seed: opt.Seed = DEFAULTS.seed,
+    dtype: opt.Dtype = opt.DTYPE,
+    device: opt.Device = opt.DEVICE,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the verdict, the checks and the report's figures as JSON on stdout.",
+            rich_help_panel=opt.RUN,
+        ),
+    ] = False,
+    junit: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the checks as JUnit XML (one testcase per check) to this file.",
+            rich_help_panel=opt.RUN,
+            show_default=False,
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Settings file (default: the nearest sharpscope.toml, or pyproject.toml with "
+            "\\[tool.sharpscope], from here up to the repository root).",
+            callback=_load_config,
+            is_eager=True,
+            rich_help_panel=opt.RUN,
+            show_default=False,
+        ),
+    ] = None,
+    quiet: opt.Quiet = False,
+    debug: opt.Debug = False,
+) -> None:
+    """Gate a model on its sharpness for CI: exit 0 when every check passes, 1 when one flags it.
+
+    A check is only failed when the figure is past its limit by more than its uncertainty.
+    """
+    start = time.perf_counter()
+    with errors_as_exit(debug):
+        thresholds = Thresholds(
+            max_eigenvalue=max_eigenvalue,
+            min_eigenvalue=min_eigenvalue,
+            max_trace=max_trace,
+            max_sam_sharpness=max_sam_sharpness,
+            min_alignment=min_alignment,
+            max_increase=None if max_increase is None else parse_fraction(max_increase),
+            sigmas=sigmas,
+        )
+        thresholds = _plan(thresholds, baseline, update_baseline)
+        analysis = AnalyzeConfig(
+            k=top_k,
+            method=method,  # type: ignore[arg-type]
+            tol=tol,
+            max_iter=max_iter,
+            seed=seed,
+            trace=trace,
+            rho=rho,
+            alpha=alpha,
+            backend=backend,  # type: ignore[arg-type]
+            batch_stats=batch_stats,
+            params=params,
+        )
+        load = partial(
+            load_inputs,
+            model=model,
+            model_args=model_arg,
+            trust_pickle=trust_pickle,
+            split=split,
+            samples=samples or None,
+            batch_size=batch_size,
+            seed=seed,
+            loss=loss,
+            device=device,
+            dtype=dtype,
+        )
+        relative = baseline is not None and thresholds.max_increase is not None
+        base = read_report(baseline) if relative else None
+        if update_baseline and baseline is not None:
+            check_baseline_target(baseline)  # before a long analysis, not after it
+        report = _report(source, data, load, analysis, quiet)
+        checks = gate(report, thresholds, base)
+        _output(checks, report, source, thresholds, json_out, baseline, config)
+        if junit is not None:
+            properties = {"source": str(source), "sigmas": f"{thresholds.sigmas:g}"}
+            write_junit(junit, checks, properties, time.perf_counter() - start)
+        console = stderr if json_out else stdout  # annotations keep stdout one JSON document
+        publish(checks, str(source), os.environ, lambda line: console.out(line, highlight=False))
+        if update_baseline and baseline is not None:
+            write_baseline(baseline, report)
+            stderr.print(f"wrote the baseline {baseline}", highlight=False)
+    if any(not c.passed for c in checks):
+        raise typer.Exit(1)
+
+
+def parse_fraction(text: str) -> float:
+    """``10%`` or ``0.1`` -> 0.1."""
+    stripped = text.strip()
+    try:
+        return float(stripped.removesuffix("%")) / (100 if stripped.endswith("%") else 1)
+    except ValueError:
+        raise InputError(
+            f"--max-increase takes a fraction (0.1) or a percentage (10%), got {text!r}"
+        ) from None
+
+
+def _plan(thresholds: Thresholds, baseline: Path | None, update: bool) -> Thresholds:
+    """Check that the options make a gate; with --update-baseline, leave the relative checks out
+    (this report becomes the baseline)."""
+    if update:
+        if baseline is None:
+            raise InputError("--update-baseline needs --baseline FILE (the file to write)")
+        if thresholds.max_increase is not None:
+            stderr.print("note: --update-baseline replaces the baseline: no relative checks")
+        return replace(thresholds, max_increase=None)
+    if thresholds.max_increase is not None and baseline is None:
+        raise InputError("--max-increase needs --baseline FILE (a report to compare with)")
+    if baseline is not None and thresholds.max_increase is None:
+        raise InputError("--baseline needs --max-increase (e.g. 10%), or --update-baseline")
+    if thresholds == Thresholds(sigmas=thresholds.sigmas):
+        raise InputError(
+            "nothing to check: give a threshold (--max-eigenvalue, --max-trace, ...) or "
+            "--baseline with --max-increase, on the command line or in the config file"
+        )
+    return thresholds
+
+
+def _report(
+    source: Path,
+    data: str | None,
+    load: Callable[[Path, str], Loaded],
+    config: AnalyzeConfig,
+    quiet: bool,
+) -> dict[str, Any]:
+    """``source`` read as a report, or the report of analyzing it as a checkpoint on ``data``."""
+    if not source.exists():
+        raise InputError(f"{source} does not exist: give a report.json or a checkpoint")
+    if is_report_file(source):
+        return read_report(source)
+    if data is None:
+        raise InputError(
+            f"{source} is not a JSON report, so it is analyzed as a checkpoint, which needs "
+            "--data (or data in the config file)"
+        )
+    _, report = run_analysis(load(source, data), config, quiet)
+    return json.loads(dumps(report))  # as a saved report reads: non-finite figures are null
+
+
+def is_report_file(path: Path) -> bool:
+    """Whether ``path`` is meant as a JSON report: a ``.json`` name, or JSON object content."""
+    if path.suffix.lower() == ".json":
+        return True
+    try:
+        with path.open("rb") as file:
+            return bool(_REPORT_HEAD.match(file.read(256)))
+    except OSError:
+        return False  # the checkpoint loader says what is wrong with it
+
+
+def check_baseline_target(path: Path) -> None:
+    """Refuse to make ``path`` the baseline when it holds something other than a report."""
+    if path.exists():
+        try:
+            read_report(path)
+        except InputError as exc:
+            raise InputError(f"refusing to overwrite {path} with the baseline: {exc}") from None
+
+
+def write_baseline(path: Path, report: dict[str, Any]) -> None:
+    """Write ``report`` to ``path`` atomically (see :func:`check_baseline_target`)."""
+    check_baseline_target(path)
+    write_text_atomic(path, dumps(report))
+
+
+def _output(
+    checks: list[Check],
+    report: dict[str, Any],
+    source: Path,
+    thresholds: Thresholds,
+    json_out: bool,
+    baseline: Path | None,
+    config: Path | None,
+) -> None:
+    """The table and verdict, or with ``json_out`` the machine-readable result, on stdout."""
+    if not json_out:
+        print_checks(checks, f"sharpscope check: {source}", stdout)
+        return
+    inputs = report["inputs"]
+    result = {
+        "verdict": "fail" if any(not c.passed for c in checks) else "pass",
+        "checks": [c.to_dict() for c in checks],
+        "figures": {k: asdict(e) for k, e in figures(report, thresholds.sigmas).items()},
+        "sigmas": thresholds.sigmas,
+        "source": str(source),
+        "baseline": None if baseline is None else str(baseline),
+        "config": None if config is None else str(config),
+        "report": {key: inputs.get(key) for key in ("checkpoint", "model", "data")},
+    }
+    stdout.out(dumps(result), end="", highlight=False)

@@ -1,0 +1,189 @@
+"""Settings from ``[tool.sharpscope]`` in pyproject.toml, or from a sharpscope.toml.
+
+The file is found from the current folder upwards, stopping at the folder that holds ``.git``
+(or at the filesystem root); in each folder a ``sharpscope.toml`` (top-level keys) comes before a
+``pyproject.toml`` with a ``[tool.sharpscope]`` table. Keys are the long option names of
+``sharpscope check`` without the dashes (``max-eigenvalue = 40``); the command line overrides them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sharpscope.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+FILE_NAMES = ("sharpscope.toml", "pyproject.toml")
+TABLE = "tool.sharpscope"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a config key accepts, and how a path in it is read."""
+
+    types: tuple[type, ...]
+    what: str
+    """What the value must be, for the error message."""
+    items: type | None = None
+    """For arrays: the type of every item."""
+    relative: Literal["no", "always", "if-present"] = "no"
+    """Whether a relative path is taken from the config file's folder (``if-present``: only when
+    something of that name exists there; otherwise the value is a name such as ``digits``)."""
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` (as TOML parsed it) has an accepted type."""
+        if isinstance(value, bool) and bool not in self.types:
+            return False
+        if not isinstance(value, self.types):
+            return False
+        return self.items is None or all(isinstance(item, self.items) for item in value)
+
+    def resolve(self, value: Any, folder: Path) -> Any:
+        """The value as the option takes it, relative paths taken from ``folder``."""
+        beside = folder / str(value)
+        if self.relative == "always" or (self.relative == "if-present" and beside.exists()):
+            return str(beside)
+        return value
+
+
+NUMBER = Setting((int, float), "a number")
+INTEGER = Setting((int,), "an integer")
+TEXT = Setting((str,), "a string")
+FLAG = Setting((bool,), "true or false")
+TEXTS = Setting((list,), "an array of strings", items=str)
+PATH = Setting((str,), "a path (relative to the config file's folder)", relative="always")
+DATA = Setting((str,), "a data spec (a name, a path or pkg.module:function)", relative="if-present")
+FRACTION = Setting((int, float, str), 'a fraction (0.1) or a percentage ("10%")')
+
+SETTINGS: dict[str, Setting] = {
+    # thresholds
+    "max-eigenvalue": NUMBER,
+    "min-eigenvalue": NUMBER,
+    "max-trace": NUMBER,
+    "max-sam-sharpness": NUMBER,
+    "min-alignment": NUMBER,
+    "sigmas": NUMBER,
+    "baseline": PATH,
+    "max-increase": FRACTION,
+    "junit": PATH,
+    # model and data
+    "data": DATA,
+    "model": TEXT,
+    "model-arg": TEXTS,
+    "split": TEXT,
+    "samples": INTEGER,
+    "batch-size": INTEGER,
+    "loss": TEXT,
+    # analysis
+    "top-k": INTEGER,
+    "method": TEXT,
+    "tol": NUMBER,
+    "max-iter": INTEGER,
+    "trace": FLAG,
+    "batch-stats": FLAG,
+    "params": TEXTS,
+    "backend": TEXT,
+    "rho": NUMBER,
+    "alpha": NUMBER,
+    "seed": INTEGER,
+    "dtype": TEXT,
+    "device": TEXT,
+}
+"""Config key -> what it accepts. Each key sets the option of the same name (``top-k`` sets
+``--top-k``, whose parameter is ``top_k``)."""
+
+_TOML_TYPES = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a float",
+    str: "a string",
+    list: "an array",
+    dict: "a table",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Option defaults from a config file: parameter name (``max_eigenvalue``) -> value."""
+
+    path: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def option_name(key: str) -> str:
+    """The command's parameter name for a config key (``max-eigenvalue`` -> ``max_eigenvalue``)."""
+    return key.replace("-", "_")
+
+
+def load_config(path: Path | None = None, start: Path | None = None) -> Config:
+    """The config at ``path``, else the one :func:`find_config` finds from ``start`` (default:
+    the current folder); an empty :class:`Config` when there is none."""
+    found = path if path is not None else find_config(start or Path.cwd())
+    return Config() if found is None else read_config(found)
+
+
+def find_config(start: Path) -> Path | None:
+    """The nearest config file in ``start`` or a folder above it (see the module docstring)."""
+    for folder in (start.resolve(), *start.resolve().parents):
+        for name in FILE_NAMES:
+            candidate = folder / name
+            if candidate.is_file() and (name != "pyproject.toml" or _sharpscope_table(candidate)):
+                return candidate
+        if (folder / ".git").exists():
+            return None
+    return None
+
+
+def read_config(path: Path) -> Config:
+    """The options a config file sets; every problem is an :class:`InputError` naming the file
+    and the key."""
+    table = _sharpscope_table(path) if path.name == "pyproject.toml" else _read_toml(path)
+    if table is None:
+        raise InputError(f"{path} has no {TABLE} table; add one, or pass a sharpscope.toml")
+    where = f"{path} ({TABLE})" if path.name == "pyproject.toml" else str(path)
+    options = {option_name(key): _value(where, path.parent, key, v) for key, v in table.items()}
+    return Config(path, options)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise InputError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _sharpscope_table(path: Path) -> dict[str, Any] | None:
+    """pyproject.toml's ``[tool.sharpscope]`` table, None when it has none."""
+    tool = _read_toml(path).get("tool")
+    table = tool.get("sharpscope") if isinstance(tool, dict) else None
+    if table is not None and not isinstance(table, dict):
+        raise InputError(f"{path}: {TABLE} must be a table, got {_toml_type(table)}")
+    return table
+
+
+def _value(where: str, folder: Path, key: str, value: Any) -> Any:
+    setting = SETTINGS.get(key)
+    if setting is None:
+        close = difflib.get_close_matches(key, SETTINGS, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(SETTINGS)}"
+        raise InputError(f"{where}: unknown key {key!r}; {hint}")
+    if not setting.accepts(value):
+        raise InputError(
+            f"{where}: {key!r} must be {setting.what}, got {_toml_type(value)} ({value!r})"
+        )
+    return setting.resolve(value, folder)
+
+
+def _toml_type(value: Any) -> str:
+    return _TOML_TYPES.get(type(value), type(value).__name__)

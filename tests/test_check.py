@@ -1,0 +1,344 @@
+"""``sharpscope check``, the CI gate, through the command line: mostly on saved, edited reports."""
+
+from __future__ import annotations
+
+import copy
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+from typer.testing import CliRunner, Result
+
+from sharpscope.cli.app import app
+from sharpscope.io.checkpoints import save_checkpoint
+from sharpscope.io.models import ModelSpec, build_model
+from sharpscope.report.json_report import report_schema, schema_problem
+
+FAST = ["--data", "digits", "--samples", "64", "--top-k", "2", "--quiet"]
+"""Analysis options that keep a run on the tiny model well under a second."""
+
+
+def make_checkpoint(folder: Path) -> Path:
+    """An untrained MLP with one hidden layer of 16, saved with its model spec."""
+    torch.manual_seed(0)
+    spec = ModelSpec("mlp", {"hidden": (16,)})
+    path = folder / "tiny.safetensors"
+    save_checkpoint(path, build_model(spec), spec)
+    return path
+
+
+def analyze_report(checkpoint: Path) -> dict[str, Any]:
+    """``sharpscope analyze --json`` of the checkpoint on a 64-sample digits subset."""
+    result = CliRunner().invoke(app, ["analyze", str(checkpoint), *FAST, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def check(*args: Any, env: dict[str, str] | None = None) -> Result:
+    """``sharpscope check ARGS`` in this process."""
+    return CliRunner().invoke(app, ["check", *map(str, args)], env=env)
+
+
+def write(path: Path, report: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(report), encoding="utf-8")
+    return path
+
+
+def verdict(result: Result) -> dict[str, Any]:
+    """The ``--json`` result of a run."""
+    assert result.exit_code in (0, 1), result.output
+    return json.loads(result.stdout)
+
+
+def one_error_line(result: Result, *words: str) -> None:
+    """Exit 2 with one ``error:`` line on stderr that says each of ``words``."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    folder = tmp_path_factory.mktemp("made")
+    checkpoint = make_checkpoint(folder)
+    return checkpoint, analyze_report(checkpoint)
+
+
+@pytest.fixture
+def report(made: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
+    """A fresh copy of the analysis report, to edit."""
+    return copy.deepcopy(made[1])
+
+
+@pytest.fixture
+def saved(report: dict[str, Any], tmp_path: Path) -> Path:
+    return write(tmp_path / "report.json", report)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in an empty repository folder (no config file) and outside GitHub Actions."""
+    (tmp_path / ".git").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
+def test_every_check_passes(report, saved):
+    results = report["results"]
+    result = check(
+        saved,
+        "--max-eigenvalue", 2 * results["lambda_max"],
+        "--min-eigenvalue", results["lambda_min"]["value"] - 1,
+        "--max-trace", 2 * results["trace"]["estimate"],
+        "--max-sam-sharpness", 1,
+        "--min-alignment", 0,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for label in ("λ_max", "λ_min", "trace", "SAM sharpness", "|cos(ĝ, v₁)|"):
+        assert label in result.stdout
+    assert "PASS: 5 of 5 checks passed" in result.stdout
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("option", "figure", "direction"),
+    [
+        ("--max-eigenvalue", lambda r: r["lambda_max"], "max"),
+        ("--min-eigenvalue", lambda r: r["lambda_min"]["value"], "min"),
+        ("--max-trace", lambda r: r["trace"]["estimate"], "max"),
+        ("--max-sam-sharpness", lambda r: r["alignment"]["sam_sharpness"], "max"),
+        ("--min-alignment", lambda r: r["alignment"]["cos_full"], "min"),
+    ],
+)
+def test_each_threshold_flags_the_model(report, saved, option, figure, direction):
+    value = figure(report["results"])
+    past = value - 1 if direction == "max" else value + 1
+    result = check(saved, option, past)
+    assert result.exit_code == 1, result.output
+    assert "FAIL: 1 of 1 checks flagged the model" in result.stdout
+    within = check(saved, option, value + 1 if direction == "max" else value - 1, "--json")
+    assert within.exit_code == 0
+    assert verdict(within)["checks"][0]["status"] == "pass"
+
+
+def test_fails_only_relative_to_the_baseline(report, saved, tmp_path):
+    baseline = copy.deepcopy(report)
+    baseline["results"]["lambda_max"] /= 2
+    baseline["results"]["eigenvalues"]["values"][0] /= 2
+    base = write(tmp_path / "base.json", baseline)
+    limit = 2 * report["results"]["lambda_max"]
+    absolute = check(saved, "--max-eigenvalue", limit)
+    assert absolute.exit_code == 0
+    for increase in ("10%", "0.1"):
+        result = check(
+            saved,
+            "--max-eigenvalue",
+            limit,
+            "--baseline",
+            base,
+            "--max-increase",
+            increase,
+            "--json",
+        )
+        assert result.exit_code == 1
+        statuses = {(c["metric"], c["kind"]): c["status"] for c in verdict(result)["checks"]}
+        assert statuses == {
+            ("lambda_max", "max"): "pass",
+            ("lambda_max", "max-increase"): "fail",
+            ("trace", "max-increase"): "pass",
+            ("sam_sharpness", "max-increase"): "pass",
+        }
+    doubled = check(saved, "--baseline", base, "--max-increase", "100%")
+    assert doubled.exit_code == 0, doubled.output
+    assert "λ_max vs baseline" in doubled.stdout
+
+
+def set_lambda_max(report: dict[str, Any], value: float, residual: float) -> None:
+    eig = report["results"]["eigenvalues"]
+    report["results"]["lambda_max"] = eig["values"][0] = value
+    eig["residuals"][0] = residual
+
+
+@pytest.mark.parametrize(("excess", "code", "status"), [(0.5, 0, "noise"), (2.0, 1, "fail")])
+def test_noise_margin_keeps_a_borderline_estimate_from_flapping(
+    report, tmp_path, excess, code, status
+):
+    residual = 1e-3
+    set_lambda_max(report, 1.0 + excess * residual, residual)
+    result = check(write(tmp_path / "r.json", report), "--max-eigenvalue", 1.0, "--json")
+    assert result.exit_code == code
+    (only,) = verdict(result)["checks"]
+    assert (only["status"], only["uncertainty"], only["limit"]) == (status, residual, 1.0)
+
+
+def test_the_trace_margin_is_sigmas_standard_errors(report, tmp_path):
+    report["results"]["trace"].update(estimate=10.0 + 1.5 * 0.1, std_error=0.1)
+    saved = write(tmp_path / "r.json", report)
+    assert check(saved, "--max-trace", 10).exit_code == 0  # 2 SE by default
+    assert check(saved, "--max-trace", 10, "--sigmas", 1).exit_code == 1
+
+
+def test_relative_margin_adds_both_uncertainties(report, tmp_path):
+    baseline = copy.deepcopy(report)
+    set_lambda_max(baseline, 1.0, 0.01)
+    set_lambda_max(report, 1.1 * 1.01 + 0.005, 0.01)  # past 1.1 × (1 + 0.01) by less than 0.01
+    base = write(tmp_path / "base.json", baseline)
+    result = check(
+        write(tmp_path / "r.json", report), "--baseline", base, "--max-increase", "10%", "--json"
+    )
+    first = verdict(result)["checks"][0]
+    assert (first["kind"], first["status"], first["baseline"]) == ("max-increase", "noise", 1.0)
+    assert first["limit"] == pytest.approx(1.1)
+
+
+def test_a_missing_metric_is_an_input_error(report, tmp_path):
+    report["results"]["trace"] = None
+    result = check(write(tmp_path / "r.json", report), "--max-trace", 10)
+    one_error_line(result, "--max-trace", "trace", "--no-trace")
+
+
+def test_a_baseline_of_another_architecture_is_refused(report, saved, tmp_path):
+    other = copy.deepcopy(report)
+    other["results"]["num_params"] += 1
+    base = write(tmp_path / "base.json", other)
+    result = check(saved, "--baseline", base, "--max-increase", "10%")
+    one_error_line(result, "baseline is for a different architecture")
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda d: "{not json", ["not valid JSON", "line 1"]),
+        (lambda d: json.dumps([1, 2]), ["not a sharpscope report"]),
+        (lambda d: json.dumps({**d, "schema_version": 99}), ["schema_version 99"]),
+        (lambda d: json.dumps({**d, "results": {**d["results"], "lambda_max": "big"}}),
+         ["results.lambda_max", "not of type 'number'"]),
+        (lambda d: json.dumps({**d, "inputs": {}}), ["inputs", "'versions' is a required property"]),
+    ],
+)  # fmt: skip
+def test_malformed_reports_are_one_line_errors(report, tmp_path, edit, words):
+    bad = tmp_path / "bad.json"
+    bad.write_text(edit(report), encoding="utf-8")
+    one_error_line(check(bad, "--max-eigenvalue", 1), str(bad), *words)
+    base = check(write(tmp_path / "ok.json", report), "--baseline", bad, "--max-increase", "1%")
+    one_error_line(base, str(bad), *words)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ([], ["nothing to check"]),
+        (["--max-increase", "10%"], ["--max-increase needs --baseline"]),
+        (["--baseline", "b.json"], ["--baseline needs --max-increase"]),
+        (["--update-baseline"], ["--update-baseline needs --baseline"]),
+        (["--baseline", "none.json", "--max-increase", "5%"], ["none.json"]),
+        (["--baseline", "b.json", "--max-increase", "lots"], ["--max-increase", "'lots'"]),
+        (["--max-eigenvalue", "1", "--sigmas", "-1"], ["--sigmas"]),
+        (["--baseline", "b.json", "--max-increase", "-5%"], ["--max-increase must be at least 0"]),
+    ],
+)
+def test_usage_errors(saved, args, words):
+    one_error_line(check(saved, *args), *words)
+
+
+def test_a_checkpoint_needs_data(made, tmp_path):
+    one_error_line(check(made[0], "--max-eigenvalue", 1), "--data")
+    one_error_line(check(tmp_path / "gone.pt", "--max-eigenvalue", 1), "gone.pt", "does not exist")
+
+
+def test_update_baseline_writes_the_report_and_protects_other_files(report, saved, tmp_path):
+    base = tmp_path / "ci" / "base.json"
+    result = check(saved, "--baseline", base, "--update-baseline")
+    assert result.exit_code == 0, result.output
+    assert json.loads(base.read_text()) == report
+    assert check(saved, "--baseline", base, "--max-increase", "0%").exit_code == 0
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    refused = check(saved, "--baseline", notes, "--update-baseline")
+    one_error_line(refused, "refusing to overwrite", str(notes))
+    assert notes.read_text() == '{"mine": true}'
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".notes")] == []
+
+
+def test_junit_has_one_testcase_per_check(report, saved, tmp_path):
+    lam = report["results"]["lambda_max"]
+    junit = tmp_path / "out" / "checks.xml"
+    result = check(saved, "--max-eigenvalue", lam / 2, "--max-trace", 1e6, "--junit", junit)
+    assert result.exit_code == 1
+    root = ET.parse(junit).getroot()
+    assert root.tag == "testsuites"
+    (suite,) = root.findall("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("2", "1", "0")
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == [f"λ_max ≤ {lam / 2:g}", "trace ≤ 1e+06"]
+    failure = cases[0].find("failure")
+    assert failure is not None and "λ_max" in failure.get("message")
+    assert cases[1].find("failure") is None and cases[1].find("system-out") is not None
+    sources = [p.get("value") for p in suite.iter("property") if p.get("name") == "source"]
+    assert sources == [str(saved)]
+
+
+def test_github_annotations_and_step_summary(report, tmp_path):
+    set_lambda_max(report, 1.0005, 1e-3)
+    saved = write(tmp_path / "r.json", report)
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    env = {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)}
+    limit = report["results"]["alignment"]["cos_full"] + 0.5
+    result = check(saved, "--max-eigenvalue", 1, "--min-alignment", limit, env=env)
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    warning = next(line for line in lines if line.startswith("::warning "))
+    error = next(line for line in lines if line.startswith("::error "))
+    assert warning.startswith(
+        "::warning title=sharpscope check%3A λ_max ≤ 1::λ_max = 1.0005 ± 0.001"
+    )
+    assert error.startswith(
+        f"::error title=sharpscope check%3A |cos(ĝ%2C v₁)| ≥ {limit:g}::|cos(ĝ, v₁)| = "
+    )
+    text = summary.read_text()
+    assert text.startswith("earlier step\n")
+    assert "### sharpscope check: FAIL: 1 of 2 checks flagged the model" in text
+    assert "| \\|cos(ĝ, v₁)\\| |" in text and "⚠️ pass (within noise)" in text
+    as_json = check(saved, "--max-eigenvalue", 1, "--json", env=env)
+    assert json.loads(as_json.stdout)["verdict"] == "pass"
+    assert as_json.stderr.startswith("::warning title=")
+
+
+def test_no_annotations_outside_github_actions(saved):
+    result = check(saved, "--max-eigenvalue", 0)
+    assert "::error" not in result.stdout
+
+
+def test_twice_on_the_same_checkpoint_gives_the_same_verdict_and_figures(made):
+    checkpoint, report = made
+    args = [checkpoint, *FAST, "--seed", 0, "--max-eigenvalue", 1, "--max-trace", 100, "--json"]
+    first, second = verdict(check(*args)), verdict(check(*args))
+    assert first["verdict"] == second["verdict"]
+    assert first["checks"] == second["checks"] and first["figures"] == second["figures"]
+    assert first["figures"]["lambda_max"]["value"] == report["results"]["lambda_max"]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d["results"].pop("trace"),
+        lambda d: d["results"]["eigenvalues"].update(values=[]),
+        lambda d: d["results"]["eigenvalues"].update(which="middle"),
+        lambda d: d["inputs"]["checkpoint"].update(sha256="XYZ"),
+        lambda d: d["results"]["alignment"].update(cos_full=2.0),
+        lambda d: d["timings"]["stages"].update(gradient="fast"),
+        lambda d: d["results"]["lambda_min"].update(residual=None),
+    ],
+)
+def test_schema_check_agrees_with_jsonschema(report, edit):
+    edit(report)
+    expected = jsonschema.Draft202012Validator(report_schema()).is_valid(report)
+    assert (schema_problem(report) is None) == expected

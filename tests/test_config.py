@@ -1,0 +1,157 @@
+"""Settings from [tool.sharpscope] or sharpscope.toml, and how the command line overrides them."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_check import analyze_report, check, make_checkpoint, one_error_line, write
+
+from sharpscope.cli.check import check_command
+from sharpscope.config import SETTINGS, find_config, load_config, option_name, read_config
+from sharpscope.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    folder = tmp_path_factory.mktemp("made")
+    checkpoint = make_checkpoint(folder)
+    return checkpoint, analyze_report(checkpoint)
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty repository folder, the current folder, outside GitHub Actions."""
+    (tmp_path / ".git").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def saved(made: tuple[Path, dict[str, Any]], repo: Path) -> Path:
+    return write(repo / "report.json", made[1])
+
+
+def pyproject(folder: Path, table: str) -> Path:
+    path = folder / "pyproject.toml"
+    path.write_text(f'[project]\nname = "x"\n\n[tool.sharpscope]\n{table}\n', encoding="utf-8")
+    return path
+
+
+def test_every_key_sets_an_option_of_check():
+    assert set(map(option_name, SETTINGS)) <= set(inspect.signature(check_command).parameters)
+
+
+def test_search_goes_up_to_the_repository_root(repo):
+    sub = repo / "a" / "b"
+    sub.mkdir(parents=True)
+    assert find_config(sub) is None
+    (repo / "a" / "pyproject.toml").write_text('[project]\nname = "x"\n')  # no table: skipped
+    found = pyproject(repo, "seed = 3")
+    assert find_config(sub) == found
+    (repo / "a" / "sharpscope.toml").write_text("seed = 4\n")
+    assert find_config(sub) == repo / "a" / "sharpscope.toml"
+    assert load_config(start=sub).options == {"seed": 4}
+
+
+def test_search_stops_at_the_git_folder(repo):
+    inner = repo / "inner"
+    (inner / ".git").mkdir(parents=True)
+    pyproject(repo, "seed = 3")
+    assert find_config(inner) is None
+    assert load_config(start=inner).path is None
+
+
+def test_sharpscope_toml_comes_before_pyproject(repo):
+    pyproject(repo, "seed = 3")
+    (repo / "sharpscope.toml").write_text("seed = 5\n")
+    assert load_config(start=repo).options == {"seed": 5}
+
+
+def test_values_types_and_paths(repo):
+    (repo / "ci").mkdir()
+    (repo / "ci" / "val.npz").touch()
+    path = repo / "ci" / "sharpscope.toml"
+    path.write_text(
+        'max-eigenvalue = 40\nmax-increase = "10%"\nmodel-arg = ["hidden=(16,)"]\ntrace = false\n'
+        'baseline = "base.json"\ndata = "val.npz"\n'
+    )
+    options = read_config(path).options
+    assert options["max_eigenvalue"] == 40 and options["max_increase"] == "10%"
+    assert options["model_arg"] == ["hidden=(16,)"] and options["trace"] is False
+    assert options["baseline"] == str(repo / "ci" / "base.json")
+    assert options["data"] == str(repo / "ci" / "val.npz")
+    path.write_text('data = "digits"\n')
+    assert read_config(path).options == {"data": "digits"}
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ("max-eigenvale = 1", ["unknown key 'max-eigenvale'", "did you mean 'max-eigenvalue'"]),
+        ('max-eigenvalue = "big"', ["'max-eigenvalue' must be a number", "a string"]),
+        ("samples = 1.5", ["'samples' must be an integer", "a float"]),
+        ("max-trace = true", ["'max-trace' must be a number", "a boolean"]),
+        ('model-arg = "hidden=3"', ["'model-arg' must be an array of strings"]),
+        ("trace = 1", ["'trace' must be true or false"]),
+        ("max-trace = ", ["not valid TOML"]),
+    ],
+)
+def test_config_errors_name_the_file_and_the_key(repo, table, words):
+    path = pyproject(repo, table)
+    with pytest.raises(InputError) as info:
+        read_config(path)
+    for word in [str(path), *words]:
+        assert word in str(info.value)
+
+
+def test_an_explicit_pyproject_needs_the_table(repo):
+    path = repo / "pyproject.toml"
+    path.write_text('[project]\nname = "x"\n')
+    with pytest.raises(InputError, match=r"no tool\.sharpscope table"):
+        read_config(path)
+
+
+def test_config_sets_defaults_and_the_command_line_wins(made, saved, repo):
+    lam = made[1]["results"]["lambda_max"]
+    pyproject(repo, f"max-eigenvalue = {lam / 2}")
+    assert check(saved).exit_code == 1
+    assert check(saved, "--max-eigenvalue", 2 * lam).exit_code == 0
+    other = repo / "lenient.toml"
+    other.write_text(f"max-eigenvalue = {2 * lam}\n")
+    result = check(saved, "--config", other, "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["config"] == str(other)
+
+
+def test_config_is_found_from_a_subfolder(made, saved, repo, monkeypatch):
+    pyproject(repo, f"max-eigenvalue = {made[1]['results']['lambda_max'] / 2}")
+    sub = repo / "src" / "pkg"
+    sub.mkdir(parents=True)
+    monkeypatch.chdir(sub)
+    assert check(saved).exit_code == 1
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_malformed_config_is_one_line_exit_2(saved, repo, explicit):
+    path = pyproject(repo, 'max-eigenvalue = "lots"')
+    result = check(saved, *(["--config", path] if explicit else []))
+    one_error_line(result, str(path), "'max-eigenvalue'")
+
+
+def test_a_missing_config_file_is_one_line_exit_2(saved, repo):
+    one_error_line(check(saved, "--config", repo / "nope.toml"), "nope.toml")
+
+
+def test_config_supplies_the_analysis_settings(made, repo):
+    checkpoint, report = made  # made with the settings of test_check.FAST
+    toml = 'data = "digits"\nsamples = 64\ntop-k = 2\nmax-eigenvalue = 100\n'
+    (repo / "sharpscope.toml").write_text(toml)
+    result = check(checkpoint, "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)["figures"]
+    assert figures["lambda_max"]["value"] == report["results"]["lambda_max"]
