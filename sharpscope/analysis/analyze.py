@@ -196,14 +196,17 @@ def analyze(
     validate(config)
     watch = _Stopwatch()
     notes: list[str] = []
-    op = HessianOperator(
-        model,
-        loss_fn,
-        batches,
-        config.params,
-        backend=config.backend,
-        batch_stats=config.batch_stats,
-    )
+    try:
+        op = HessianOperator(
+            model,
+            loss_fn,
+            batches,
+            config.params,
+            backend=config.backend,
+            batch_stats=config.batch_stats,
+        )
+    except ValueError as exc:
+        raise InputError(f"{exc}; check --params (parameter names: see docs/engine.md)") from None
     with watch.stage("gradient"):
         loss = op.loss()
         if not math.isfinite(loss):
@@ -215,7 +218,7 @@ def analyze(
         acc = accuracy(model, batches, op.dtype, op.device, config.batch_stats)
     with watch.stage("eigenvalues"):
         if config.method == "pyhessian":
-            top = pyhessian_eigs(op, config.k, config.tol, config.max_iter)
+            top = pyhessian_eigs(op, config.k, config.tol, config.max_iter, config.seed)
         else:
             top = _eigs(op, config, config.k, "largest", _staged(progress, "top-k"))
     with watch.stage("lambda_min"):
@@ -230,7 +233,7 @@ def analyze(
     if config.trace:
         with watch.stage("trace"):
             if config.method == "pyhessian":
-                trace = pyhessian_trace(op, config.trace_tol, config.trace_samples)
+                trace = pyhessian_trace(op, config.trace_tol, config.trace_samples, config.seed)
             else:
                 trace = hutchpp(
                     op,

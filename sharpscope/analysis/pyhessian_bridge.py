@@ -66,13 +66,24 @@ def _flat(vectors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([v.reshape(-1) for v in vectors])
 
 
-def pyhessian_eigs(op: HessianOperator, k: int, tol: float, max_iter: int) -> EigenResult:
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """PyHessian draws from torch's global generator: seed it, and leave the caller's untouched."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def pyhessian_eigs(
+    op: HessianOperator, k: int, tol: float, max_iter: int, seed: int = 0
+) -> EigenResult:
     """PyHessian's top-``k`` power iteration; residuals and flags measured with ``op``."""
     module = importlib.import_module("pyhessian.hessian")
     start = time.perf_counter()
     grads = [p.grad for p in op.model.parameters()]
     engine = _pyhessian(op)
-    with _counting(module) as count:
+    with _counting(module) as count, _seeded(seed, op.device):
         values, vectors = engine.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
     for p, g in zip(op.model.parameters(), grads, strict=True):
         p.grad = g
@@ -99,11 +110,14 @@ def pyhessian_eigs(op: HessianOperator, k: int, tol: float, max_iter: int) -> Ei
     )
 
 
-def pyhessian_trace(op: HessianOperator, tol: float, max_samples: int) -> TraceResult:
+def pyhessian_trace(
+    op: HessianOperator, tol: float, max_samples: int, seed: int = 0
+) -> TraceResult:
     """PyHessian's Hutchinson trace, with the standard error of its samples."""
     start = time.perf_counter()
     engine = _pyhessian(op)
-    samples = torch.tensor(engine.trace(maxIter=max_samples, tol=tol), dtype=torch.float64)
+    with _seeded(seed, op.device):
+        samples = torch.tensor(engine.trace(maxIter=max_samples, tol=tol), dtype=torch.float64)
     for p in op.model.parameters():
         p.grad = None
     n = len(samples)

@@ -9,7 +9,7 @@ import typer
 
 from sharpscope.analysis.analyze import Analysis, AnalyzeConfig, analyze, validate
 from sharpscope.cli import options as opt
-from sharpscope.cli.common import ProgressBars, errors_as_exit, stderr, stdout
+from sharpscope.cli.common import ProgressBars, errors_as_exit, info, print_json, stdout
 from sharpscope.cli.loading import Loaded, load_inputs
 from sharpscope.report.json_report import build_report, dumps
 from sharpscope.report.outdir import check_out_dir, write_out_dir
@@ -115,9 +115,9 @@ def analyze_command(
         )
         analysis, report = run_analysis(loaded, config, quiet)
         if json_out:
-            stdout.out(dumps(report), end="")
+            print_json(dumps(report))
         else:
             print_report(report, stdout)
         if out is not None:
             for path in write_out_dir(out, report, analysis, loaded.model):
-                stderr.print(f"wrote {path}", highlight=False)
+                info(f"wrote {path}")

@@ -22,7 +22,7 @@ from sharpscope.analysis.analyze import AnalyzeConfig
 from sharpscope.analysis.gate import Check, Thresholds, figures, gate
 from sharpscope.cli import options as opt
 from sharpscope.cli.analyze import DEFAULTS, run_analysis
-from sharpscope.cli.common import errors_as_exit, fail, stderr, stdout
+from sharpscope.cli.common import errors_as_exit, fail, info, print_json, stderr, stdout
 from sharpscope.cli.loading import Loaded, load_inputs
 from sharpscope.config import load_config
 from sharpscope.errors import InputError
@@ -223,7 +223,7 @@ def check_command(
         publish(checks, str(source), os.environ, lambda line: console.out(line, highlight=False))
         if update_baseline and baseline is not None:
             write_baseline(baseline, report)
-            stderr.print(f"wrote the baseline {baseline}", highlight=False)
+            info(f"wrote the baseline {baseline}")
     if any(not c.passed for c in checks):
         raise typer.Exit(1)
 
@@ -246,7 +246,7 @@ def _plan(thresholds: Thresholds, baseline: Path | None, update: bool) -> Thresh
         if baseline is None:
             raise InputError("--update-baseline needs --baseline FILE (the file to write)")
         if thresholds.max_increase is not None:
-            stderr.print("note: --update-baseline replaces the baseline: no relative checks")
+            info("note: --update-baseline replaces the baseline: no relative checks")
         return replace(thresholds, max_increase=None)
     if thresholds.max_increase is not None and baseline is None:
         raise InputError("--max-increase needs --baseline FILE (a report to compare with)")
@@ -331,4 +331,4 @@ def _output(
         "config": None if config is None else str(config),
         "report": {key: inputs.get(key) for key in ("checkpoint", "model", "data")},
     }
-    stdout.out(dumps(result), end="", highlight=False)
+    print_json(dumps(result))

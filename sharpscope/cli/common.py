@@ -20,6 +20,17 @@ stderr = Console(stderr=True, soft_wrap=True)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def info(message: str) -> None:
+    """A plain line on stderr (no markup, no highlighting: paths are shown verbatim)."""
+    stderr.print(message, markup=False, highlight=False)
+
+
+def print_json(text: str) -> None:
+    """Machine-readable text on stdout, untouched by rich (no colour even when forced)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def fail(message: str) -> typer.Exit:
     """Print ``error: message`` as one line on stderr; return the exit to raise (code 2)."""
     line = " ".join(str(message).split())

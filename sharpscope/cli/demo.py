@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Annotated
@@ -12,8 +13,9 @@ import typer
 from sharpscope.analysis.analyze import AnalyzeConfig
 from sharpscope.cli import options as opt
 from sharpscope.cli.analyze import run_analysis
-from sharpscope.cli.common import errors_as_exit, stderr, stdout
+from sharpscope.cli.common import errors_as_exit, info, stdout
 from sharpscope.cli.loading import load_inputs
+from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.data import load_data
 from sharpscope.io.models import ModelSpec, build_model
@@ -35,6 +37,8 @@ def demo_command(
 ) -> None:
     """Train an MLP on scikit-learn's digits (offline, seconds), save it, and analyze it."""
     with errors_as_exit(debug):
+        if steps < 1:
+            raise InputError(f"--steps must be at least 1, got {steps}")
         check_out_dir(out)
         torch.manual_seed(seed)
         spec = ModelSpec("mlp", {})
@@ -42,10 +46,9 @@ def demo_command(
         train = load_data("digits", split="train")
         start = time.perf_counter()
         losses = fit(model, train.inputs, train.targets, steps=steps, seed=seed)
-        stderr.print(
+        info(
             f"trained {spec.target} on digits: {steps} steps in "
-            f"{time.perf_counter() - start:.1f} s, final minibatch loss {losses[-1]:.4f}",
-            highlight=False,
+            f"{time.perf_counter() - start:.1f} s, final minibatch loss {losses[-1]:.4f}"
         )
         checkpoint = out / CHECKPOINT
         save_checkpoint(checkpoint, model, spec)
@@ -54,11 +57,14 @@ def demo_command(
         analysis, report = run_analysis(loaded, config, quiet)
         print_report(report, stdout)
         for path in write_out_dir(out, report, analysis, loaded.model):
-            stderr.print(f"wrote {path}", highlight=False)
+            info(f"wrote {path}")
+        again = ["sharpscope", "analyze", str(checkpoint), "--data", "digits", "--samples", "0"]
+        again += ["--density", "--out", str(out)] + (["--seed", str(seed)] if seed else [])
         stdout.print(
-            "\nThe same with your own files:\n"
-            f"  sharpscope analyze {checkpoint} --data digits --density --out {out}\n"
+            f"\nThe same analysis again:\n  {shlex.join(again)}\n"
+            "With your own files:\n"
             "  sharpscope analyze my_model.pt --model mypkg.models:make_net --data my_data.npz\n"
             "See `sharpscope analyze --help`.",
+            markup=False,
             highlight=False,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def load_inputs(
     used_spec = spec or ckpt.model_spec
     description = {
         "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "format": ckpt.format},
-        "model": {"spec": None if used_spec is None else used_spec.to_json()},
+        "model": {"spec": None if used_spec is None else json.loads(used_spec.to_json())},
         "data": {
             "spec": data,
             "source": bundle.source,

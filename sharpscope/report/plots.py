@@ -80,7 +80,8 @@ def plot_slices(results: dict[str, Any], path: Path) -> None:
 
 
 def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
-    """Write every plot the report has data for into ``folder``; return their paths."""
+    """Write every plot the report has data for into ``folder`` and remove stale ones of an
+    earlier run; return the paths written."""
     results = report["results"]
     written = []
     jobs = [
@@ -92,4 +93,6 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
         if wanted:
             draw(results, folder / name)
             written.append(folder / name)
+        else:
+            (folder / name).unlink(missing_ok=True)
     return written

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -19,8 +20,8 @@ def _summary(inputs: dict[str, Any], results: dict[str, Any]) -> Table:
     table.add_column()
     checkpoint = inputs.get("checkpoint", {})
     data = inputs.get("data", {})
-    table.add_row("checkpoint", str(checkpoint.get("path", "—")))
-    table.add_row("data", str(data.get("source", data.get("spec", "—"))))
+    table.add_row("checkpoint", escape(str(checkpoint.get("path", "—"))))
+    table.add_row("data", escape(str(data.get("source", data.get("spec", "—")))))
     table.add_row("parameters", f"{results['num_params']:,}")
     table.add_row("samples", f"{results['num_samples']:,}")
     table.add_row("loss", _num(results["loss"]))
