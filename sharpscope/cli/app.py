@@ -10,6 +10,7 @@ from sharpscope import __version__
 from sharpscope.cli.analyze import analyze_command
 from sharpscope.cli.check import check_command
 from sharpscope.cli.demo import demo_command
+from sharpscope.cli.finetune import finetune_command
 
 app = typer.Typer(
     name="sharpscope",
@@ -44,6 +45,7 @@ def root(
 app.command("analyze")(analyze_command)
 app.command("check")(check_command)
 app.command("demo")(demo_command)
+app.command("finetune")(finetune_command)
 
 
 def main() -> None:

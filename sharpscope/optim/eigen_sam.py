@@ -61,10 +61,28 @@ class EigenSAM(SAM):
         self.eig_steps = eig_steps
         self.batch_stats = batch_stats
         self.seed = seed
-        self.eigenvector: dict[str, torch.Tensor] | None = None
+        self._eigenvector: dict[str, torch.Tensor] | None = None
         self.estimate: EigenEstimate | None = None
         self.alignment: float | None = None
-        self._names()
+        self._name_of = self._names()
+        self._flat_v: tuple[tuple[int, ...], torch.Tensor | None] | None = None
+
+    @property
+    def eigenvector(self) -> dict[str, torch.Tensor] | None:
+        """The current v as ``{parameter name: tensor}`` (unit norm), or None before the first."""
+        return self._eigenvector
+
+    @eigenvector.setter
+    def eigenvector(self, vector: dict[str, torch.Tensor] | None) -> None:
+        self._eigenvector = vector
+        self._flat_v = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """:meth:`torch.optim.Optimizer.add_param_group`, keeping the name pairing current."""
+        super().add_param_group(param_group)
+        if hasattr(self, "_name_of"):
+            self._name_of = self._names()
+            self._flat_v = None
 
     def _names(self) -> dict[torch.Tensor, str]:
         """Each optimized parameter's name in the model."""
@@ -104,7 +122,7 @@ class EigenSAM(SAM):
     def refresh_eigenvector(self, batch: tuple[Any, Any]) -> EigenEstimate:
         """Re-estimate the top (largest, not largest-|λ|) eigenpair of the Hessian on ``batch`` at
         the current weights, warm-started from v; the model's modes are restored afterwards."""
-        names = self._names()
+        names = self._name_of
         trainable = [glob.escape(names[p]) for p in names if p.requires_grad]
         with torch.enable_grad():
             op = HessianOperator(
@@ -149,7 +167,7 @@ class EigenSAM(SAM):
     def _placed(self, vector: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``vector`` checked against the parameters' names and shapes, cast to their dtype and
         device."""
-        params = {n: p for p, n in self._names().items()}
+        params = {n: p for p, n in self._name_of.items()}
         unknown = sorted(set(vector) - set(params))
         if unknown:
             raise KeyError(f"not parameters of this optimizer: {', '.join(unknown)}")
@@ -160,13 +178,16 @@ class EigenSAM(SAM):
 
     def _restricted(self, active: Active) -> torch.Tensor | None:
         """v over the parameters with a gradient, renormalised; None before the first v or when
-        it is zero there."""
-        if self.eigenvector is None:
+        it is zero there. Cached until v or the set of parameters with a gradient changes."""
+        if self._eigenvector is None:
             return None
-        names = self._names()
-        v = active.flat(self.eigenvector.get(names[p], torch.zeros_like(p)) for p in active.params)
-        norm = torch.linalg.vector_norm(v)
-        return v / norm if norm > 0 else None
+        key = tuple(id(p) for p in active.params)
+        if self._flat_v is None or self._flat_v[0] != key:
+            vector, names = self._eigenvector, self._name_of
+            v = active.flat(vector.get(names[p], torch.zeros_like(p)) for p in active.params)
+            norm = torch.linalg.vector_norm(v)
+            self._flat_v = (key, v / norm if norm > 0 else None)
+        return self._flat_v[1]
 
     def _perturbation(self, active: Active, g: torch.Tensor) -> torch.Tensor:
         v = self._restricted(active)

@@ -17,7 +17,7 @@ PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     (
         "λ_max",
         "λ_max (probe batch)",
-        (("lambda_max", "Lanczos"), ("esam_eigenvalue", "Eigen-SAM's v")),
+        (("lambda_max", "Lanczos"), ("esam_eigenvalue", "Eigen-SAM's estimate (minibatch)")),
     ),
     (
         "alignment",
@@ -38,7 +38,7 @@ def _curve(ax: Axes, rows: Sequence[dict[str, Any]], key: str, label: str) -> No
 def plot_training(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     """Draw the rows of a run's metric log into a 2×2 PNG at ``path`` (atomically); the loss
     panel also shows the learning rate on a second axis."""
-    fig = Figure(figsize=(11, 7))
+    fig = Figure(figsize=(11, 7), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True).ravel()
     for ax, (name, ylabel, curves) in zip(axes, PANELS, strict=True):
         for key, label in curves:
@@ -57,4 +57,4 @@ def plot_training(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Non
         ax.set_xlabel("step")
     fig.suptitle(title)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=100)

@@ -1,0 +1,174 @@
+"""A whole fine-tuning run in its folder: start or resume, train, record, checkpoint.
+
+No printing: progress goes to the caller's callbacks, and the outcome comes back as data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from sharpscope.curvature.hvp import LossFn, move_to
+from sharpscope.errors import InputError
+from sharpscope.io.data import DataBundle, batches, subset_indices
+from sharpscope.io.models import ModelSpec
+from sharpscope.training.metrics import MetricsLog
+from sharpscope.training.optimizers import build_optimizer, build_scheduler
+from sharpscope.training.order import DataOrder
+from sharpscope.training.run_config import RunConfig
+from sharpscope.training.run_dir import TRAINER, RunDir
+from sharpscope.training.state import load_trainer_state, seed_everything
+from sharpscope.training.tracking import Tracker
+from sharpscope.training.trainer import FIELDS, Diverged, Hooks, Session, all_finite, run
+
+Status = Literal["finished", "stopped", "diverged"]
+
+
+@dataclass
+class Inputs:
+    """What a run trains: the model (on its device and dtype) and its spec, the loss, and the
+    training and validation data (in memory, on the CPU)."""
+
+    model: nn.Module
+    spec: ModelSpec
+    loss_fn: LossFn
+    train: DataBundle
+    val: DataBundle | None
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass
+class Watch:
+    """The caller's view of a run: ``started(step, total)`` once, ``progress(step, loss)`` after
+    every step, ``record(row)`` for every row, and ``should_stop()`` before every step."""
+
+    started: Callable[[int, int], None] = lambda step, total: None
+    progress: Callable[[int, float], None] = lambda step, loss: None
+    record: Callable[[dict[str, Any]], None] = lambda row: None
+    should_stop: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class Outcome:
+    """How a run ended: its status, the step reached, its last checkpoint and every row."""
+
+    status: Status
+    step: int
+    total_steps: int
+    checkpoint: Path
+    rows: list[dict[str, Any]]
+    problem: str | None = None
+    """What diverged, for status ``diverged``."""
+
+
+def finetune(
+    folder: RunDir, config: RunConfig, inputs: Inputs, resume_from: Path | None, watch: Watch
+) -> Outcome:
+    """Train ``inputs.model`` as ``config`` says, in ``folder``; ``resume_from`` is the checkpoint
+    folder whose weights the model holds (None: a new run from step 0)."""
+    order = DataOrder(len(inputs.train), config.batch_size, config.seed)
+    total = config.total_steps(order.steps_per_epoch)
+    optimizer = build_optimizer(inputs.model, inputs.loss_fn, config.optimizer_settings())
+    session = Session(
+        inputs.model,
+        inputs.loss_fn,
+        inputs.train,
+        optimizer,
+        build_scheduler(optimizer, config.schedule, total),
+        order,
+        inputs.device,
+        inputs.dtype,
+    )
+    if resume_from is not None:
+        session.load_state_dict(load_trainer_state(resume_from / TRAINER))
+        if total < session.step:
+            raise InputError(
+                f"the run is at step {session.step}, beyond the {total} steps asked; give "
+                "--steps or --epochs for at least as many steps"
+            )
+        folder.discard_after(session.step)
+    elif not all_finite(inputs.model):
+        raise InputError("the starting checkpoint holds NaN or infinite weights")
+    else:
+        seed_everything(config.seed)
+    folder.write_config(config)
+    saver = Saver(folder, session, inputs.spec, config.keep, resume_from)
+    track = tracker(config, inputs)
+    resume_step = None if resume_from is None else session.step
+    with MetricsLog(folder.path, FIELDS, resume_step) as log:
+
+        def record(row: dict[str, Any]) -> None:
+            log.append(row)
+            watch.record(row)
+
+        hooks = Hooks(
+            record=record,
+            save=saver,
+            progress=lambda loss: watch.progress(session.step, loss),
+            should_stop=watch.should_stop,
+        )
+        watch.started(session.step, total)
+        status: Status = "finished"
+        problem = None
+        try:
+            if resume_from is None:
+                saver()
+            if not log.rows:
+                record({**session.take_row(), **track(inputs.model)})
+            if not run(session, total, track, config.track_every, config.save_every, hooks):
+                status = "stopped"
+        except Diverged as exc:
+            status, problem = "diverged", str(exc)
+    assert saver.path is not None
+    return Outcome(status, session.step, total, saver.path, log.rows, problem)
+
+
+class Saver:
+    """Writes the session's checkpoint into the run folder, once per step, and only with finite
+    weights; ``path`` is the last checkpoint folder."""
+
+    def __init__(
+        self, folder: RunDir, session: Session, spec: ModelSpec, keep: int, path: Path | None
+    ) -> None:
+        self.folder = folder
+        self.session = session
+        self.spec = spec
+        self.keep = keep
+        self.path = path
+        self.step = session.step if path is not None else -1
+
+    def __call__(self) -> None:
+        """Checkpoint the current step (nothing when it is already saved)."""
+        step = self.session.step
+        if step == self.step:
+            return
+        if not all_finite(self.session.model):
+            raise Diverged(step, "the weights became non-finite")
+        state = self.session.state_dict()
+        self.path = self.folder.save(step, self.session.model, self.spec, state, self.keep)
+        self.step = step
+
+
+def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
+    """The tracker of a run: its probe batch is a fixed ``probe_size`` subset of the training
+    data, chosen by the seed; validation on all of ``inputs.val``."""
+    train = inputs.train
+    index = subset_indices(len(train), config.probe_size, config.seed)
+    probe = DataBundle(
+        train.inputs[index], train.targets[index], train.num_classes, train.source, train.split
+    )
+
+    def placed(bundle: DataBundle) -> list[tuple[Any, Any]]:
+        return [
+            (move_to(x, inputs.device, inputs.dtype), move_to(y, inputs.device, inputs.dtype))
+            for x, y in batches(bundle, config.batch_size)
+        ]
+
+    val = placed(inputs.val) if inputs.val is not None else None
+    return Tracker(inputs.loss_fn, placed(probe), val, config.seed, config.track_iters)

@@ -1,0 +1,138 @@
+"""A fine-tuning run's settings, stored in its folder, and what a resume may change."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from sharpscope.errors import InputError
+from sharpscope.training.optimizers import OPTIMIZERS, SCHEDULES, OptimizerSettings
+
+DEFAULT_EPOCHS = 10
+CHANGEABLE: tuple[str, ...] = ("steps", "epochs", "track_every", "save_every", "keep", "device")
+"""Settings a resumed run may change: how long it runs, how often it records and saves, where.
+Every other setting changes the trained weights or the tracked figures, so it is fixed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a fine-tuning run (``config.json`` in its folder)."""
+
+    checkpoint: str
+    checkpoint_sha256: str
+    model: str
+    """The model spec as JSON."""
+    data: str
+    split: str
+    val_data: str | None
+    loss: str
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    rho: float
+    alpha: float
+    eig_every: int
+    eig_steps: int
+    schedule: str
+    batch_size: int
+    seed: int
+    dtype: str
+    probe_size: int
+    track_iters: int
+    steps: int | None
+    """The total number of steps, or None when ``epochs`` gives it."""
+    epochs: int | None
+    track_every: int
+    save_every: int
+    keep: int
+    device: str
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(
+                f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise InputError(
+                f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
+            )
+        if (self.steps is None) == (self.epochs is None):
+            raise InputError("give either --steps or --epochs, not both")
+        positive = ("lr", "eig_every", "eig_steps", "batch_size", "probe_size", "track_iters")
+        positive += ("steps", "epochs", "track_every", "save_every", "keep")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise InputError(f"--{_option(name)} must be positive, got {value}")
+        for name in ("momentum", "weight_decay", "rho", "alpha"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"--{_option(name)} must be at least 0, got {getattr(self, name)}")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The step the run ends at."""
+        return self.steps if self.steps is not None else self.epochs * steps_per_epoch  # type: ignore[operator]
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        """The optimizer's part of the settings."""
+        return OptimizerSettings(
+            name=self.optimizer,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            rho=self.rho,
+            alpha=self.alpha,
+            eig_every=self.eig_every,
+            eig_steps=self.eig_steps,
+            seed=self.seed,
+        )
+
+    def to_json(self) -> str:
+        """The settings as an indented JSON object."""
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> RunConfig:
+        """Parse :meth:`to_json`'s output; ``where`` names the file in errors."""
+        try:
+            data = json.loads(text)
+            names = {f.name for f in fields(cls)}
+            if not isinstance(data, dict) or set(data) != names:
+                raise ValueError("its keys are not a run's settings")
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise InputError(
+                f"{where} is not a sharpscope fine-tuning config ({exc}); it was written by "
+                "another version or edited"
+            ) from None
+
+
+def resumed(stored: RunConfig, given: Mapping[str, Any], where: str) -> RunConfig:
+    """``stored`` with the settings given again on the command line: a changed fixed setting is
+    an :class:`InputError`; ``steps``/``epochs`` replace each other."""
+    for name, value in given.items():
+        if name not in CHANGEABLE and value != getattr(stored, name):
+            if name == "checkpoint_sha256":
+                change = "CHECKPOINT is not the file the run started from"
+            else:
+                change = f"--{_option(name)} {value} differs from the run's {getattr(stored, name)}"
+            raise InputError(
+                f"{change} ({where}); a resumed run keeps its settings (only {_changeable()} may "
+                "change): to change them, start a new run from the checkpoint's model.safetensors"
+            )
+    changes = {name: value for name, value in given.items() if name in CHANGEABLE}
+    if "steps" in changes and "epochs" not in changes:
+        changes["epochs"] = None
+    if "epochs" in changes and "steps" not in changes:
+        changes["steps"] = None
+    return replace(stored, **changes)
+
+
+def _option(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _changeable() -> str:
+    return ", ".join(f"--{_option(n)}" for n in CHANGEABLE)

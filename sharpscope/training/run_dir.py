@@ -1,0 +1,136 @@
+"""A fine-tuning run's folder: its settings, checkpoints and the ``latest`` pointer.
+
+```
+DIR/config.json                    the run's settings (RunConfig)
+DIR/step-000120/model.safetensors  weights, with the model spec in the metadata
+DIR/step-000120/trainer.pt         optimizer, scheduler, step, data order, RNG states
+DIR/latest                         {"step": 120, "dir": "step-000120"}
+DIR/metrics.jsonl, metrics.csv, training.png, tensorboard/
+```
+Each file is written to a temporary name and renamed; ``latest`` moves only after both files
+of a checkpoint are complete, so a process killed at any moment leaves ``latest`` on a whole
+checkpoint. The last ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from sharpscope.errors import InputError
+from sharpscope.io.atomic import write_text_atomic
+from sharpscope.io.checkpoints import save_checkpoint
+from sharpscope.io.models import ModelSpec
+from sharpscope.training.run_config import RunConfig
+from sharpscope.training.state import save_trainer_state
+
+CONFIG = "config.json"
+LATEST = "latest"
+MODEL = "model.safetensors"
+TRAINER = "trainer.pt"
+STEP_KEY = "sharpscope.step"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def step_dir_name(step: int) -> str:
+    """``step-000120``."""
+    return f"step-{step:06d}"
+
+
+class RunDir:
+    """The folder of one fine-tuning run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    # --- settings -------------------------------------------------------------------------------
+
+    def write_config(self, config: RunConfig) -> None:
+        """Store the run's settings."""
+        write_text_atomic(self.path / CONFIG, config.to_json())
+
+    def read_config(self) -> RunConfig:
+        """The stored settings; an :class:`InputError` when this is no run folder."""
+        file = self.path / CONFIG
+        if not file.is_file():
+            raise InputError(
+                f"--resume {self.path}: no {CONFIG} there, so it is not a sharpscope finetune "
+                "folder; pass the --out folder of the run"
+            )
+        return RunConfig.from_json(file.read_text(encoding="utf-8"), str(file))
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def latest(self) -> tuple[int, Path] | None:
+        """The step and folder of the last complete checkpoint, or None before the first."""
+        file = self.path / LATEST
+        if not file.is_file():
+            return None
+        try:
+            pointer = json.loads(file.read_text(encoding="utf-8"))
+            step, name = int(pointer["step"]), str(pointer["dir"])
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{file} is corrupt; it should name the last checkpoint") from None
+        return step, self.path / name
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        spec: ModelSpec,
+        trainer_state: Mapping[str, Any],
+        keep: int,
+    ) -> Path:
+        """Write the checkpoint of ``step``, point ``latest`` at it, keep the last ``keep``."""
+        folder = self.path / step_dir_name(step)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(folder / MODEL, model, spec, {STEP_KEY: str(step)})
+        save_trainer_state(folder / TRAINER, trainer_state)
+        pointer = {"step": step, "dir": folder.name}
+        write_text_atomic(self.path / LATEST, json.dumps(pointer) + "\n")
+        for _, old in self._step_dirs()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def discard_after(self, step: int) -> None:
+        """Delete checkpoint folders of later steps (left by a run killed while writing one)."""
+        for s, folder in self._step_dirs():
+            if s > step:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _step_dirs(self) -> list[tuple[int, Path]]:
+        found = []
+        for entry in self.path.iterdir() if self.path.is_dir() else ():
+            match = _STEP_DIR.fullmatch(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match[1]), entry))
+        return sorted(found)
+
+    # --- a new run ------------------------------------------------------------------------------
+
+    def prepare_new(self) -> None:
+        """Make the folder ready for a new run: it must be new, empty, or a run that never wrote
+        a checkpoint (its leftovers are removed); a run with checkpoints or other files is
+        refused, so nothing is overwritten."""
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"--out {self.path} is a file, not a folder; choose a folder path")
+        found = self.latest()
+        if found is not None:
+            raise InputError(
+                f"--out {self.path} already holds a run (checkpoint at step {found[0]}); "
+                f"continue it with --resume {self.path}, or choose a new --out folder"
+            )
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not (self.path / CONFIG).is_file():
+                raise InputError(
+                    f"--out {self.path} already holds files that are not a sharpscope finetune "
+                    "run; choose a new or empty folder"
+                )
+            self.discard_after(-1)
+        self.path.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,93 @@
+"""What a run records at its tracking steps: sharpness and alignment on a fixed probe batch, and
+loss and accuracy on the probe and validation data."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpscope.curvature import HessianOperator, curvature_mode, lanczos
+from sharpscope.curvature.hvp import LossFn
+
+Batch = tuple[Any, Any]
+TRACK_TOL = 1e-3
+"""Relative residual at which the tracked λ_max counts as converged."""
+
+
+def correct_count(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int] | None:
+    """How many class predictions (argmax over dimension 1) match the labels, and out of how
+    many; None for float (regression or soft) targets."""
+    if targets.is_floating_point() or outputs.ndim < 2:
+        return None
+    hits = outputs.argmax(dim=1) == targets
+    return int(hits.sum()), hits.numel()
+
+
+def evaluate(
+    model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch]
+) -> tuple[float, float | None]:
+    """Sample-weighted mean loss and accuracy (None for regression) over ``batches``, in eval
+    mode; the model's modes are restored."""
+    loss_sum, samples, correct, counted = 0.0, 0, 0, 0
+    with torch.no_grad(), curvature_mode(model):
+        for inputs, targets in batches:
+            outputs = model(inputs)
+            n = len(targets)
+            loss_sum += float(loss_fn(outputs, targets)) * n
+            samples += n
+            hits = correct_count(outputs, targets)
+            if hits is not None:
+                correct += hits[0]
+                counted += hits[1]
+    return loss_sum / samples, (correct / counted if counted else None)
+
+
+@dataclass
+class Tracker:
+    """Measures a model at a tracking step without touching the training's random streams.
+
+    λ_max is the top Hessian eigenvalue of the loss on the ``probe`` batches (the same samples at
+    every step, so curves are comparable across runs and optimizers), by Lanczos with at most
+    ``max_iter`` products from a vector seeded by ``seed``; ``alignment`` is |cos(ĝ, v₁)| with ĝ
+    the probe gradient. Both in eval mode, as ``sharpscope analyze`` measures them.
+    """
+
+    loss_fn: LossFn
+    probe: list[Batch]
+    val: list[Batch] | None
+    seed: int
+    max_iter: int
+
+    def __call__(self, model: nn.Module) -> dict[str, float | None]:
+        """The figures of ``model`` now: λ_max, its residual, alignment, probe and val metrics."""
+        start = time.perf_counter()
+        device = next(model.parameters()).device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            op = HessianOperator(model, self.loss_fn, self.probe)
+            top = lanczos(
+                op, k=1, which="largest", tol=TRACK_TOL, max_iter=self.max_iter, seed=self.seed
+            )
+            g = op.gradient()
+            norm = float(torch.linalg.vector_norm(g))  # v₁ is a unit vector
+            alignment = abs(float(torch.dot(g, top.eigenvectors[0]))) / norm if norm > 0 else 0.0
+            op.release()
+            probe_loss, probe_accuracy = evaluate(model, self.loss_fn, self.probe)
+            val_loss, val_accuracy = (
+                evaluate(model, self.loss_fn, self.val) if self.val else (None, None)
+            )
+        return {
+            "lambda_max": float(top.eigenvalues[0]),
+            "lambda_residual": float(top.residuals[0]),
+            "alignment": alignment,
+            "probe_loss": probe_loss,
+            "probe_accuracy": probe_accuracy,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "track_seconds": time.perf_counter() - start,
+        }

@@ -1,0 +1,221 @@
+"""The fine-tuning loop: one optimizer step at a time, with the state a checkpoint must capture.
+
+Pure logic: no printing and no files. The caller's hooks record rows, save checkpoints, show
+progress and say when to stop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from sharpscope.curvature.hvp import LossFn, move_to
+from sharpscope.io.data import DataBundle
+from sharpscope.optim import EigenSAM
+from sharpscope.training.order import DataOrder
+from sharpscope.training.state import capture_rng, restore_rng
+from sharpscope.training.tracking import correct_count
+
+FIELDS: tuple[str, ...] = (
+    "step",
+    "epoch",
+    "lr",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "probe_loss",
+    "probe_accuracy",
+    "lambda_max",
+    "lambda_residual",
+    "alignment",
+    "esam_eigenvalue",
+    "esam_residual",
+    "esam_alignment",
+    "step_seconds",
+    "track_seconds",
+)
+"""The columns of a run's metric rows (docs/finetune.md says what each means)."""
+
+
+class Diverged(RuntimeError):
+    """The loss or the weights stopped being finite at ``step``."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"{what} at step {step}")
+        self.step = step
+
+
+@dataclass
+class Window:
+    """Training figures summed over the steps since the last recorded row."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    counted: int = 0
+    seconds: float = 0.0
+    esam_alignment_sum: float = 0.0
+    esam_alignments: int = 0
+
+    def summary(self) -> dict[str, float | None]:
+        """Mean minibatch loss, accuracy, seconds per step and Eigen-SAM alignment."""
+
+        def mean(total: float, count: int) -> float | None:
+            return total / count if count else None
+
+        return {
+            "loss": mean(self.loss_sum, self.steps),
+            "accuracy": mean(self.correct, self.counted),
+            "step_seconds": mean(self.seconds, self.steps),
+            "esam_alignment": mean(self.esam_alignment_sum, self.esam_alignments),
+        }
+
+
+@dataclass
+class Session:
+    """A model in training with everything its next step depends on."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    data: DataBundle
+    optimizer: Optimizer
+    scheduler: LRScheduler
+    order: DataOrder
+    device: torch.device
+    dtype: torch.dtype
+    step: int = 0
+    window: Window = field(default_factory=Window)
+
+    def train_step(self) -> float:
+        """One optimizer step on the next minibatch; returns its loss (at w, before the step).
+        Raises :class:`Diverged`, before the weights move, when a loss is not finite."""
+        self.model.train()
+        index = self.order.next_batch()
+        inputs = move_to(self.data.inputs[index], self.device, self.dtype)
+        targets = move_to(self.data.targets[index], self.device, self.dtype)
+        first: list[torch.Tensor] = []
+
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            outputs = self.model(inputs)
+            loss = self.loss_fn(outputs, targets)
+            if not bool(torch.isfinite(loss)):
+                raise Diverged(self.step + 1, f"the loss became {float(loss.detach())}")
+            loss.backward()
+            if not first:
+                first.append(outputs.detach())
+            return loss
+
+        start = time.perf_counter()
+        if isinstance(self.optimizer, EigenSAM):
+            loss = self.optimizer.step(closure, batch=(inputs, targets))
+        else:
+            loss = self.optimizer.step(closure)
+        self.scheduler.step()
+        value = float(loss.detach())
+        self.step += 1
+        self._accumulate(value, first[0], targets, time.perf_counter() - start)
+        return value
+
+    def _accumulate(
+        self, loss: float, outputs: torch.Tensor, targets: torch.Tensor, seconds: float
+    ) -> None:
+        w = self.window
+        w.steps += 1
+        w.loss_sum += loss
+        w.seconds += seconds
+        hits = correct_count(outputs, targets)
+        if hits is not None:
+            w.correct += hits[0]
+            w.counted += hits[1]
+        alignment = getattr(self.optimizer, "alignment", None)
+        if isinstance(self.optimizer, EigenSAM) and alignment is not None:
+            w.esam_alignment_sum += alignment
+            w.esam_alignments += 1
+
+    def take_row(self) -> dict[str, Any]:
+        """This step's row without the tracked figures: step, epoch, the learning rate now, the
+        window's means and Eigen-SAM's latest estimate; starts a new window."""
+        estimate = getattr(self.optimizer, "estimate", None)
+        row = {
+            "step": self.step,
+            "epoch": self.step / self.order.steps_per_epoch,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            **self.window.summary(),
+            "esam_eigenvalue": None if estimate is None else estimate.eigenvalue,
+            "esam_residual": None if estimate is None else estimate.residual,
+        }
+        self.window = Window()
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights that the next steps depend on, RNG states included."""
+        return {
+            "step": self.step,
+            "epoch": self.order.epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "order": self.order.state_dict(),
+            "rng": capture_rng(),
+            "window": asdict(self.window),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (the weights are loaded separately)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.order.load_state_dict(state["order"])
+        restore_rng(state["rng"])
+        self.window = Window(**state["window"])
+        self.step = int(state["step"])
+
+
+@dataclass
+class Hooks:
+    """What the loop calls: ``record(row)`` at tracking steps, ``save()`` at checkpoint steps
+    (it may be called twice at one step), ``progress(loss)`` after each step, and
+    ``should_stop()`` before each step."""
+
+    record: Callable[[dict[str, Any]], None]
+    save: Callable[[], None]
+    progress: Callable[[float], None] = lambda loss: None
+    should_stop: Callable[[], bool] = lambda: False
+
+
+def run(
+    session: Session,
+    total_steps: int,
+    track: Callable[[nn.Module], dict[str, Any]],
+    track_every: int,
+    save_every: int,
+    hooks: Hooks,
+) -> bool:
+    """Train until ``total_steps``; record a row (the session's figures and ``track(model)``)
+    every ``track_every`` steps and checkpoint every ``save_every`` steps, both also at the
+    end. On a stop request, checkpoint and return False; return True when done."""
+    while session.step < total_steps:
+        if hooks.should_stop():
+            hooks.save()
+            return False
+        hooks.progress(session.train_step())
+        last = session.step == total_steps
+        if last or session.step % track_every == 0:
+            hooks.record({**session.take_row(), **track(session.model)})
+        if last or session.step % save_every == 0:
+            hooks.save()
+    return True
+
+
+def all_finite(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``model`` is finite."""
+    return all(
+        bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
+    )

@@ -1,0 +1,302 @@
+"""``sharpscope finetune`` end to end: exact resume, signals and kills, divergence, in real
+subprocesses (each takes a few seconds, mostly imports), and its checks in process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner, Result
+
+from sharpscope.cli.app import app
+from sharpscope.io.checkpoints import save_checkpoint
+from sharpscope.io.data import load_data
+from sharpscope.io.models import ModelSpec, build_model
+from sharpscope.training.metrics import read_rows
+
+N = 12
+"""Steps before the stop; 2N = 24 crosses an epoch (16 steps of 32 of the 512 samples)."""
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+OPTIMIZERS = {
+    "sgd": ["--optimizer", "sgd"],
+    "eigen-sam": ["--optimizer", "eigen-sam", "--eig-every", "5"],  # refreshes at 5, 10, 15, 20
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny MLP checkpoint (with its spec) and 512 + 200 digits in one tensor file with train
+    and test splits (no scikit-learn import in the subprocesses)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    torch.manual_seed(0)
+    spec = ModelSpec("mlp", {"hidden": (16,)})
+    save_checkpoint(folder / "start.safetensors", build_model(spec), spec)
+    train = load_data("digits", "train", samples=512)
+    test = load_data("digits", "test", samples=200)
+    data = {"train_x": train.inputs, "train_y": train.targets}
+    torch.save({**data, "test_x": test.inputs, "test_y": test.targets}, folder / "digits.pt")
+    return {"checkpoint": folder / "start.safetensors", "data": folder / "digits.pt"}
+
+
+def command(files: dict[str, Path], optimizer: str, *extra: object) -> list[str]:
+    """A finetune command line: small batches, frequent tracking and checkpoints."""
+    return [
+        *("finetune", str(files["checkpoint"]), "--data", str(files["data"])),
+        *OPTIMIZERS[optimizer],
+        *("--batch-size", "32", "--lr", "0.05", "--probe-size", "64", "--track-iters", "10"),
+        *("--track-every", "6", "--save-every", "5", "--device", "cpu", "--quiet"),
+        *map(str, extra),
+    ]
+
+
+def sharpscope(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``python -m sharpscope ARGS`` in a subprocess, one thread."""
+    return subprocess.run(
+        [sys.executable, "-m", "sharpscope", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+
+
+def started(args: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sharpscope", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def latest_step(run: Path) -> int | None:
+    pointer = run / "latest"
+    return json.loads(pointer.read_text())["step"] if pointer.exists() else None
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the run's last checkpoint."""
+    name = json.loads((run / "latest").read_text())["dir"]
+    return load_file(str(run / name / "model.safetensors"))
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def straight(
+    files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], tuple[Path, subprocess.CompletedProcess[str]]]:
+    """One uninterrupted run of 2N steps per optimizer (made once), with its process result."""
+    done: dict[str, tuple[Path, subprocess.CompletedProcess[str]]] = {}
+
+    def get(optimizer: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+        if optimizer not in done:
+            run = tmp_path_factory.mktemp("straight") / optimizer
+            result = ok(
+                sharpscope(command(files, optimizer, "--steps", 2 * N, "--out", run, "--json"))
+            )
+            done[optimizer] = (run, result)
+        return done[optimizer]
+
+    return get
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "eigen-sam"])
+def test_n_steps_stop_and_n_more_equal_2n_straight(
+    optimizer: str, files: dict[str, Path], straight: Callable, tmp_path: Path
+):
+    run = tmp_path / "run"
+    ok(sharpscope(command(files, optimizer, "--steps", N, "--out", run)))
+    assert latest_step(run) == N
+    resumed = ok(sharpscope(["finetune", "--resume", str(run), "--steps", str(2 * N), "--quiet"]))
+    assert f"resuming from step {N} of {2 * N}" in resumed.stderr
+    assert_same(weights(run), weights(straight(optimizer)[0]))
+    steps = [r["step"] for r in read_rows(run / "metrics.jsonl")]
+    assert steps == [0, 6, N, 18, 2 * N]  # the first part's end is recorded once
+    if optimizer == "eigen-sam":
+        state = torch.load(run / f"step-{2 * N:06d}" / "trainer.pt", weights_only=True)
+        assert state["optimizer"]["sam"]["estimate"]["step"] == 20  # refreshed after the resume
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_saves_a_checkpoint_and_the_run_resumes_exactly(
+    sig: signal.Signals, files: dict[str, Path], straight: Callable, tmp_path: Path
+):
+    run = tmp_path / "run"
+    # tracking every step slows the run down (and must not change the weights)
+    process = started(command(files, "sgd", "--steps", 2 * N, "--out", run, "--track-every", 1))
+    wait_for(
+        lambda: (run / "metrics.jsonl").exists() and bool(read_rows(run / "metrics.jsonl")), process
+    )
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig, err
+    stopped = latest_step(run)
+    assert stopped is not None and 0 <= stopped < 2 * N
+    assert f"stopped by {sig.name} at step {stopped}" in err
+    assert f"sharpscope finetune --resume {run}" in err
+    assert "Traceback" not in err
+    ok(sharpscope(["finetune", "--resume", str(run), "--quiet"]))
+    assert_same(weights(run), weights(straight("sgd")[0]))
+
+
+def test_after_a_kill_the_run_resumes_from_its_last_checkpoint(
+    files: dict[str, Path], straight: Callable, tmp_path: Path
+):
+    run = tmp_path / "run"
+    args = command(
+        files, "sgd", "--steps", 2 * N, "--out", run, "--track-every", 1, "--save-every", 4
+    )
+    process = started(args)
+    wait_for(lambda: (latest_step(run) or 0) >= 4, process)
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = latest_step(run)
+    assert killed_at is not None and 4 <= killed_at < 2 * N
+    ok(sharpscope(["finetune", "--resume", str(run), "--quiet"]))
+    assert_same(weights(run), weights(straight("sgd")[0]))
+    # every step recorded exactly once: nothing lost before the checkpoint, nothing duplicated
+    assert [r["step"] for r in read_rows(run / "metrics.jsonl")] == list(range(2 * N + 1))
+    csv_steps = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()]
+    assert csv_steps == ["step", *map(str, range(2 * N + 1))]
+
+
+def test_a_diverging_loss_stops_with_one_error_and_keeps_the_last_good_checkpoint(
+    files: dict[str, Path], tmp_path: Path
+):
+    run = tmp_path / "run"
+    args = command(files, "sgd", "--steps", 200, "--out", run, "--loss", "mse", "--save-every", 1)
+    result = sharpscope([*args, "--lr", "100"])
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the loss became" in errors[0], result.stderr
+    last = latest_step(run)
+    assert last is not None and last < 200
+    assert f"the last good checkpoint is {run / f'step-{last:06d}'}" in errors[0]
+    assert all(bool(torch.isfinite(t).all()) for t in weights(run).values())
+    assert "Traceback" not in result.stderr
+
+
+def test_a_run_folder_holds_metrics_plot_and_the_last_checkpoints(straight: Callable):
+    run, result = straight("sgd")
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "finished" and summary["step"] == 2 * N
+    assert (summary["before"]["step"], summary["after"]["step"]) == (0, 2 * N)
+    assert summary["after"]["val_accuracy"] > summary["before"]["val_accuracy"]
+    assert Path(summary["checkpoint"]) == run / f"step-{2 * N:06d}" / "model.safetensors"
+    rows = read_rows(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 6, 12, 18, 24]
+    assert len((run / "metrics.csv").read_text().splitlines()) == len(rows) + 1
+    assert sorted(p.name for p in run.glob("step-*")) == [
+        "step-000015",
+        "step-000020",
+        "step-000024",
+    ]  # --keep 3
+    assert (run / "training.png").read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == ModelSpec("mlp", {"hidden": (16,)}).to_json()
+
+
+def test_analyze_reads_a_finetune_checkpoint_without_model(straight: Callable):
+    run, _ = straight("sgd")
+    checkpoint = run / f"step-{2 * N:06d}" / "model.safetensors"
+    args = ["analyze", str(checkpoint), "--data", "digits", "--samples", "64", "-k", "1"]
+    result = CliRunner().invoke(app, [*args, "--no-trace", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+
+
+def one_error(result: Result, *words: str) -> None:
+    """Exit 2 with one ``error:`` line on stderr that says each of ``words``."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_a_resume_refuses_changed_settings(straight: Callable, tmp_path: Path):
+    run, _ = straight("sgd")
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    finetune = ["finetune", "--resume", str(copy)]
+    one_error(CliRunner().invoke(app, [*finetune, "--lr", "0.5"]), "--lr 0.5", "0.05", "--steps")
+    one_error(CliRunner().invoke(app, [*finetune, "--optimizer", "sam"]), "--optimizer sam")
+    one_error(CliRunner().invoke(app, [*finetune, "--out", str(run)]), "stays in its folder")
+    one_error(CliRunner().invoke(app, [*finetune, "--steps", "3"]), "beyond the 3 steps")
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(run))
+
+
+def test_a_resume_accepts_the_run_s_own_command_line(
+    files: dict[str, Path], straight: Callable, tmp_path: Path
+):
+    """A job script may append --resume DIR to its usual command; a finished run does nothing."""
+    run, _ = straight("sgd")
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    again = [*command(files, "sgd", "--steps", 2 * N, "--out", copy), "--resume", str(copy)]
+    result = CliRunner().invoke(app, [*again, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["step"] == 2 * N
+    assert read_rows(copy / "metrics.jsonl") == read_rows(run / "metrics.jsonl")
+    assert_same(weights(copy), weights(run))
+    other = [*again[:1], str(files["data"]), *again[2:]]  # another file as CHECKPOINT
+    one_error(CliRunner().invoke(app, other), "CHECKPOINT is not the file the run started from")
+
+
+def test_a_new_run_never_overwrites(files: dict[str, Path], straight: Callable, tmp_path: Path):
+    run, _ = straight("sgd")
+    one_error(CliRunner().invoke(app, [*command(files, "sgd", "--out", run)]), f"--resume {run}")
+    (tmp_path / "mine.txt").write_text("keep me")
+    one_error(
+        CliRunner().invoke(app, [*command(files, "sgd", "--out", tmp_path)]), "not a sharpscope"
+    )
+    missing = tmp_path / "nothing"
+    one_error(CliRunner().invoke(app, ["finetune", "--resume", str(missing)]), "config.json")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optimizer", "adam"], "unknown --optimizer 'adam'"),
+        (["--steps", "5", "--epochs", "1"], "either --steps or --epochs"),
+        (["--lr", "-1"], "--lr must be positive"),
+    ],
+)
+def test_bad_options_are_one_line_errors(files: dict[str, Path], tmp_path: Path, args, message):
+    one_error(
+        CliRunner().invoke(app, [*command(files, "sgd", "--out", tmp_path / "r"), *args]), message
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_checkpoint_or_data_is_a_usage_error():
+    one_error(CliRunner().invoke(app, ["finetune", "--data", "digits"]), "CHECKPOINT", "--resume")

@@ -1,0 +1,295 @@
+"""The fine-tuning library, in process: data order, trainer state, tracking, logs, run folders."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sharpscope.errors import InputError
+from sharpscope.io.checkpoints import load_model
+from sharpscope.io.data import DataBundle
+from sharpscope.io.models import ModelSpec, build_model
+from sharpscope.optim import EigenSAM
+from sharpscope.training.metrics import CSV, JSONL, MetricsLog, read_rows
+from sharpscope.training.optimizers import OptimizerSettings, build_optimizer, build_scheduler
+from sharpscope.training.order import DataOrder
+from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig, resumed
+from sharpscope.training.run_dir import LATEST, MODEL, TRAINER, RunDir
+from sharpscope.training.state import (
+    capture_rng,
+    load_trainer_state,
+    restore_rng,
+    save_trainer_state,
+    seed_everything,
+)
+from sharpscope.training.tracking import Tracker
+from sharpscope.training.trainer import FIELDS, Diverged, Hooks, Session, run
+
+CE = nn.functional.cross_entropy
+
+
+def blobs(n: int = 96, seed: int = 0) -> DataBundle:
+    """Three Gaussian classes in 6 dimensions."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.arange(n) % 3
+    inputs = torch.randn(n, 6, generator=gen) + 2.0 * nn.functional.one_hot(targets, 6).float()
+    return DataBundle(inputs, targets, 3, "blobs", "train")
+
+
+def dropout_net() -> nn.Module:
+    """A small MLP with dropout, so that training draws from torch's global generator."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.3), nn.Linear(12, 3))
+
+
+def session(model: nn.Module, name: str = "eigen-sam", total: int = 20) -> Session:
+    settings = OptimizerSettings(name, 0.1, 0.9, 1e-4, 0.05, 0.2, 4, 3, 0)
+    optimizer = build_optimizer(model, CE, settings)
+    scheduler = build_scheduler(optimizer, "cosine", total)
+    order = DataOrder(96, 16, seed=0)
+    cpu = torch.device("cpu")
+    return Session(model, CE, blobs(), optimizer, scheduler, order, cpu, torch.float32)
+
+
+def tracker(data: DataBundle) -> Tracker:
+    return Tracker(CE, [(data.inputs[:48], data.targets[:48])], None, seed=0, max_iter=10)
+
+
+def config(**changes: Any) -> RunConfig:
+    base = dict(
+        checkpoint="start.safetensors",
+        checkpoint_sha256="ab",
+        model='{"args": {}, "target": "mlp"}',
+        data="digits",
+        split="train",
+        val_data=None,
+        loss="cross-entropy",
+        optimizer="sam",
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.0,
+        rho=0.05,
+        alpha=0.2,
+        eig_every=100,
+        eig_steps=5,
+        schedule="constant",
+        batch_size=32,
+        seed=0,
+        dtype="float32",
+        probe_size=64,
+        track_iters=10,
+        steps=None,
+        epochs=DEFAULT_EPOCHS,
+        track_every=10,
+        save_every=10,
+        keep=2,
+        device="cpu",
+    )
+    return RunConfig(**{**base, **changes})
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch_and_restores_mid_epoch():
+    order = DataOrder(10, 3, seed=5)
+    assert order.steps_per_epoch == 3  # the incomplete last batch is dropped
+    first = torch.cat([order.next_batch() for _ in range(3)])
+    assert len(set(first.tolist())) == 9
+    state = order.state_dict()
+    ahead = [order.next_batch() for _ in range(4)]
+    again = DataOrder(10, 3, seed=5)
+    again.load_state_dict(state)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(ahead, [again.next_batch() for _ in range(4)], strict=True)
+    )
+    assert again.epoch == 2
+    assert not torch.equal(
+        DataOrder(10, 3, seed=6).next_batch(), DataOrder(10, 3, seed=5).next_batch()
+    )
+    with pytest.raises(ValueError, match="batches of"):
+        DataOrder(10, 2, seed=5).load_state_dict(state)
+
+
+def test_trainer_state_is_weights_only_and_restores_every_generator(tmp_path: Path):
+    seed_everything(3)
+    path = tmp_path / "trainer.pt"
+    save_trainer_state(path, {"rng": capture_rng(), "step": 7})
+    drawn = (torch.rand(3), np.random.rand(3), random.random())
+    state = load_trainer_state(path)  # weights_only=True inside
+    assert state["step"] == 7 and state["format"] == 1
+    restore_rng(state["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(drawn[0], again[0])
+    assert np.array_equal(drawn[1], again[1]) and drawn[2] == again[2]
+    assert [p.name for p in tmp_path.iterdir()] == ["trainer.pt"]  # no temporary file left
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot read the trainer state"):
+        load_trainer_state(path)
+
+
+def test_tracking_frequency_does_not_change_the_weights():
+    """Tracking draws nothing from the training's generators (dropout here) and leaves the
+    model's mode and gradients alone, so any --track-every trains the same weights."""
+    finals = []
+    for every in (1, 7, 50):
+        seed_everything(0)
+        s = session(dropout_net())
+        rows: list[dict[str, Any]] = []
+        assert run(s, 20, tracker(s.data), every, 100, Hooks(rows.append, lambda: None))
+        assert rows[-1]["step"] == 20 and len(rows) == len(range(every, 21, every)) + (
+            20 % every > 0
+        )
+        finals.append([p.detach().clone() for p in s.model.parameters()])
+    assert isinstance(s.optimizer, EigenSAM) and s.optimizer.estimate is not None
+    for other in finals[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(finals[0], other, strict=True))
+
+
+def test_session_state_round_trip_continues_bit_identically():
+    seed_everything(0)
+    straight = session(dropout_net())
+    noop = Hooks(lambda row: None, lambda: None)
+    run(straight, 20, tracker(straight.data), 5, 100, noop)
+
+    seed_everything(0)
+    first = session(dropout_net())
+    run(first, 10, tracker(first.data), 5, 100, noop)
+    weights = {k: v.clone() for k, v in first.model.state_dict().items()}
+    state = first.state_dict()
+    torch.manual_seed(123)  # whatever happens in between is undone by the restore
+    second = session(dropout_net())
+    second.model.load_state_dict(weights)
+    second.load_state_dict(state)
+    assert second.step == 10 and second.optimizer.global_step == 10
+    run(second, 20, tracker(second.data), 5, 100, noop)
+    for a, b in zip(straight.model.parameters(), second.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["sgd", "sam"])
+def test_a_non_finite_loss_stops_before_the_weights_move(name: str):
+    s = session(dropout_net(), name)
+    before = [p.detach().clone() for p in s.model.parameters()]
+    s.loss_fn = lambda out, y: CE(out, y) * float("nan")
+    with pytest.raises(Diverged, match="the loss became nan at step 1"):
+        s.train_step()
+    assert all(torch.equal(a, p) for a, p in zip(before, s.model.parameters(), strict=True))
+
+
+def test_rows_hold_every_field_and_eigen_sam_figures():
+    seed_everything(0)
+    s = session(dropout_net(), total=8)
+    rows: list[dict[str, Any]] = []
+    run(s, 8, tracker(s.data), 4, 100, Hooks(rows.append, lambda: None))
+    last = rows[-1]
+    assert set(last) == set(FIELDS)
+    assert last["esam_eigenvalue"] is not None and last["esam_alignment"] is not None
+    assert 0 <= last["alignment"] <= 1 and last["lambda_max"] > 0
+    assert last["lr"] == pytest.approx(0.0)  # cosine schedule at its end
+    assert last["epoch"] == pytest.approx(8 / 6)
+
+
+def test_metrics_log_resume_keeps_rows_up_to_the_checkpoint(tmp_path: Path):
+    fields = ("step", "loss")
+    with MetricsLog(tmp_path, fields, None) as log:
+        for step in range(0, 60, 10):
+            log.append({"step": step, "loss": float("nan") if step == 50 else step / 10})
+    assert read_rows(tmp_path / JSONL)[-1] == {"step": 50, "loss": None}
+    with (tmp_path / JSONL).open("a") as f:
+        f.write('{"step": 60, "lo')  # a row cut short by a kill
+    with MetricsLog(tmp_path, fields, 20) as log:
+        assert [r["step"] for r in log.rows] == [0, 10, 20]
+        log.append({"step": 30, "loss": 9.0})
+    assert [r["step"] for r in read_rows(tmp_path / JSONL)] == [0, 10, 20, 30]
+    csv_lines = (tmp_path / CSV).read_text().splitlines()
+    assert csv_lines == ["step,loss", "0,0.0", "10,1.0", "20,2.0", "30,9.0"]
+
+
+def test_tensorboard_is_written_when_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    made: list[Any] = []
+
+    class Writer:
+        def __init__(self, folder: str, purge_step: int | None) -> None:
+            self.purge_step, self.scalars = purge_step, []
+            made.append(self)
+
+        def add_scalar(self, name: str, value: float, step: int) -> None:
+            self.scalars.append((name, value, step))
+
+        def flush(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    with MetricsLog(tmp_path, ("step", "loss", "accuracy"), 40) as log:
+        log.append({"step": 50, "loss": 0.5})
+    assert made[0].purge_step == 41
+    assert made[0].scalars == [("loss", 0.5, 50)]
+
+
+def test_resume_keeps_fixed_settings_and_may_extend_the_run():
+    stored = config()
+    assert resumed(stored, {"lr": 0.1, "seed": 0}, "c.json") == stored
+    longer = resumed(stored, {"steps": 500, "track_every": 5}, "c.json")
+    assert (longer.steps, longer.epochs, longer.track_every) == (500, None, 5)
+    assert resumed(longer, {"epochs": 3}, "c.json").total_steps(11) == 33
+    with pytest.raises(InputError, match=r"--lr 0.5 differs from the run's 0.1 \(c.json\)"):
+        resumed(stored, {"lr": 0.5}, "c.json")
+    with pytest.raises(InputError, match="--optimizer"):
+        resumed(stored, {"optimizer": "eigen-sam"}, "c.json")
+    with pytest.raises(InputError, match="CHECKPOINT is not the file the run started from"):
+        resumed(stored, {"checkpoint_sha256": "cd"}, "c.json")
+    assert RunConfig.from_json(stored.to_json(), "c.json") == stored
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"optimizer": "adam"}, "unknown --optimizer 'adam'"),
+        ({"schedule": "step"}, "unknown --schedule"),
+        ({"steps": 10}, "either --steps or --epochs"),
+        ({"lr": 0.0}, "--lr must be positive"),
+        ({"keep": 0}, "--keep must be positive"),
+        ({"rho": -1.0}, "--rho must be at least 0"),
+    ],
+)
+def test_bad_settings_are_refused(changes: dict[str, Any], message: str):
+    with pytest.raises(InputError, match=message):
+        config(**changes)
+
+
+def test_run_dir_keeps_the_last_checkpoints_and_points_latest_at_whole_ones(tmp_path: Path):
+    spec = ModelSpec("mlp", {"hidden": (4,)})
+    model = build_model(spec)
+    folder = RunDir(tmp_path / "run")
+    folder.prepare_new()
+    assert folder.latest() is None
+    for step in (0, 10, 20, 30):
+        folder.save(step, model, spec, {"step": step}, keep=2)
+    step, last = folder.latest()  # type: ignore[misc]
+    assert (step, last.name) == (30, "step-000030")
+    assert sorted(p.name for p in folder.path.glob("step-*")) == ["step-000020", "step-000030"]
+    assert load_trainer_state(last / TRAINER)["step"] == 30
+    _, checkpoint = load_model(last / MODEL)  # no spec given: it is in the metadata
+    assert checkpoint.model_spec == spec and checkpoint.metadata["sharpscope.step"] == "30"
+    (folder.path / "step-000040").mkdir()  # a checkpoint a kill left half-written
+    (folder.path / "step-000040" / MODEL).write_bytes(b"partial")
+    folder.discard_after(30)
+    assert not (folder.path / "step-000040").exists()
+    json.loads((folder.path / LATEST).read_text())
+    with pytest.raises(InputError, match="already holds a run"):
+        folder.prepare_new()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a sharpscope finetune run"):
+        RunDir(tmp_path / "other").prepare_new()
