@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sharpscope import distributed
 from sharpscope.curvature import HessianOperator
 from sharpscope.optim.perturbations import eigen_sam_perturbation, sam_perturbation
 
@@ -76,7 +77,8 @@ class Alignment:
 
 
 def batch_cosines(op: HessianOperator, v1: torch.Tensor) -> list[float]:
-    """|cos(ĝ_b, v₁)| for the gradient of each of ``op``'s batches on its own."""
+    """|cos(ĝ_b, v₁)| for the gradient of each of ``op``'s batches on its own; when ``op`` is
+    distributed, those of all ranks' batches, in rank order, on every rank."""
     values = []
     for batch in op.batches:
         single = HessianOperator(
@@ -86,9 +88,12 @@ def batch_cosines(op: HessianOperator, v1: torch.Tensor) -> list[float]:
             list(op.space.names),
             batch_stats=op.batch_stats,
             cache_graph=False,
+            distributed=False,
         )
         values.append(abs_cosine(single.gradient(), v1))
-    return values
+    if not op.distributed:
+        return values
+    return [value for rank_values in distributed.all_gather(values) for value in rank_values]
 
 
 def sam_alignment(
@@ -103,7 +108,7 @@ def sam_alignment(
     base = op.loss()
     eps = sam_perturbation(g, rho)
     eigen_eps = eigen_sam_perturbation(g, v1, rho, alpha)
-    cosines = batch_cosines(op, v1) if len(op.batches) > 1 else None
+    cosines = batch_cosines(op, v1) if op.num_batches > 1 else None
     return Alignment(
         rho=rho,
         alpha=alpha,

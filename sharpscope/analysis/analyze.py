@@ -191,7 +191,8 @@ def analyze(
     config: AnalyzeConfig | None = None,
     progress: Progress | None = None,
 ) -> Analysis:
-    """Measure the sharpness of ``model`` on ``batches`` (the Hessian of their mean loss)."""
+    """Measure the sharpness of ``model`` on ``batches`` (the Hessian of their mean loss); under
+    torch.distributed, ``batches`` is this rank's share and every rank gets all ranks' results."""
     config = config or AnalyzeConfig()
     validate(config)
     watch = _Stopwatch()
@@ -207,6 +208,8 @@ def analyze(
         )
     except ValueError as exc:
         raise InputError(f"{exc}; check --params (parameter names: see docs/engine.md)") from None
+    if config.method == "pyhessian" and op.distributed:
+        raise InputError("--method pyhessian runs in one process only; use lanczos or power")
     with watch.stage("gradient"):
         loss = op.loss()
         if not math.isfinite(loss):
@@ -215,7 +218,7 @@ def analyze(
                 "the data scaling and the loss match (a NaN/inf loss has no Hessian)"
             )
         gradient = op.gradient()
-        acc = accuracy(model, batches, op.dtype, op.device, config.batch_stats)
+        acc = accuracy(model, batches, op.dtype, op.device, config.batch_stats, op.distributed)
     with watch.stage("eigenvalues"):
         if config.method == "pyhessian":
             top = pyhessian_eigs(op, config.k, config.tol, config.max_iter, config.seed)
@@ -288,7 +291,7 @@ def analyze(
         accuracy=acc,
         grad_norm=grad_norm,
         num_samples=op.num_samples,
-        num_batches=len(op.batches),
+        num_batches=op.num_batches,
         param_names=op.space.names,
         num_params=op.size,
         top=top,

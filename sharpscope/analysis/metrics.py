@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharpscope import distributed
 from sharpscope.curvature.hvp import curvature_mode, move_to
 
 
@@ -16,8 +17,10 @@ def accuracy(
     dtype: torch.dtype,
     device: torch.device,
     batch_stats: bool = False,
+    across_ranks: bool = False,
 ) -> float | None:
-    """Top-1 accuracy over all batches, or None when the targets are not class labels."""
+    """Top-1 accuracy over all batches, or None when the targets are not class labels; with
+    ``across_ranks``, over all ranks' batches (their counts are all-reduced)."""
     correct = total = 0
     with torch.no_grad(), curvature_mode(model, batch_stats):
         for inputs, targets in batches:
@@ -28,4 +31,7 @@ def accuracy(
                 return None
             correct += int((outputs.argmax(1) == targets.to(device)).sum())
             total += int(targets.numel())
+    if across_ranks:
+        counts = torch.tensor([correct, total], dtype=torch.int64, device=device)
+        correct, total = distributed.all_reduce_sum(counts).tolist()
     return correct / total if total else None

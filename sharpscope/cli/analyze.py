@@ -7,9 +7,17 @@ from typing import Annotated, Any
 
 import typer
 
+from sharpscope import distributed
 from sharpscope.analysis.analyze import Analysis, AnalyzeConfig, analyze, validate
 from sharpscope.cli import options as opt
-from sharpscope.cli.common import ProgressBars, errors_as_exit, info, print_json, stdout
+from sharpscope.cli.common import (
+    DistTimeout,
+    ProgressBars,
+    command_scope,
+    info,
+    print_json,
+    stdout,
+)
 from sharpscope.cli.loading import Loaded, load_inputs
 from sharpscope.report.json_report import build_report, dumps
 from sharpscope.report.outdir import check_out_dir, write_out_dir
@@ -21,8 +29,8 @@ DEFAULTS = AnalyzeConfig()
 def run_analysis(
     loaded: Loaded, config: AnalyzeConfig, quiet: bool
 ) -> tuple[Analysis, dict[str, Any]]:
-    """Run the pipeline with progress bars; return the analysis and its report document."""
-    with ProgressBars(not quiet) as bars:
+    """Run the pipeline with progress bars (rank 0's only); return the analysis and its report."""
+    with ProgressBars(not quiet and distributed.is_main()) as bars:
         analysis = analyze(loaded.model, loaded.loss_fn, loaded.batches, config, progress=bars)
         bars.finish()
     inputs = {**loaded.description, "config": dict(config.__dict__)}
@@ -75,11 +83,13 @@ def analyze_command(
             rich_help_panel=opt.RUN,
         ),
     ] = None,
+    dist_timeout: DistTimeout = distributed.DEFAULT_TIMEOUT_S,
     quiet: opt.Quiet = False,
     debug: opt.Debug = False,
 ) -> None:
-    """Top Hessian eigenvalues, trace, density and SAM alignment of a checkpoint on some data."""
-    with errors_as_exit(debug):
+    """Top Hessian eigenvalues, trace, density and SAM alignment of a checkpoint on some data.
+    Under torchrun every rank takes its share of the batches and rank 0 reports."""
+    with command_scope(debug, dist_timeout):
         config = AnalyzeConfig(
             k=k,
             method=method,  # type: ignore[arg-type]
@@ -112,12 +122,21 @@ def analyze_command(
             loss=loss,
             device=device,
             dtype=dtype,
+            shard=True,
         )
         analysis, report = run_analysis(loaded, config, quiet)
-        if json_out:
-            print_json(dumps(report))
-        else:
-            print_report(report, stdout)
-        if out is not None:
-            for path in write_out_dir(out, report, analysis, loaded.model):
-                info(f"wrote {path}")
+        if distributed.is_main():
+            _render(report, analysis, loaded, json_out, out)
+
+
+def _render(
+    report: dict[str, Any], analysis: Analysis, loaded: Loaded, json_out: bool, out: Path | None
+) -> None:
+    """Print the report (as JSON or tables) and write the --out folder."""
+    if json_out:
+        print_json(dumps(report))
+    else:
+        print_report(report, stdout)
+    if out is not None:
+        for path in write_out_dir(out, report, analysis, loaded.model):
+            info(f"wrote {path}")

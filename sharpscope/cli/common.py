@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from typing import Annotated
 
 import torch
 import typer
@@ -12,12 +13,24 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sharpscope import distributed
+from sharpscope.cli.options import RUN
 from sharpscope.errors import InputError
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+DistTimeout = Annotated[
+    float,
+    typer.Option(
+        "--dist-timeout",
+        help="Under torchrun: seconds a collective may wait for the other ranks before failing.",
+        rich_help_panel=RUN,
+        min=0.001,
+    ),
+]
 
 
 def info(message: str) -> None:
@@ -31,10 +44,19 @@ def print_json(text: str) -> None:
     sys.stdout.flush()
 
 
-def fail(message: str) -> typer.Exit:
-    """Print ``error: message`` as one line on stderr; return the exit to raise (code 2)."""
+def fail(message: str, everywhere: bool = True) -> typer.Exit:
+    """Print ``error: message`` as one line on stderr; return the exit to raise (code 2).
+
+    Under torch.distributed the line names the rank; with ``everywhere=False`` (an error every
+    rank raised together) only rank 0 prints it, and every rank waits until it has.
+    """
     line = " ".join(str(message).split())
-    stderr.print(f"[bold red]error:[/bold red] {escape(line)}", markup=True, highlight=False)
+    if distributed.is_distributed():
+        line = f"rank {distributed.rank()}: {line}"
+    if everywhere or distributed.is_main():
+        stderr.print(f"[bold red]error:[/bold red] {escape(line)}", markup=True, highlight=False)
+    if not everywhere:
+        distributed.barrier()  # the others wait for rank 0's line: torchrun stops all at one exit
     return typer.Exit(2)
 
 
@@ -51,7 +73,7 @@ def errors_as_exit(debug: bool) -> Iterator[None]:
     except InputError as exc:
         if debug:
             raise
-        raise fail(str(exc)) from None
+        raise fail(str(exc), not isinstance(exc, distributed.RankError)) from None
     except Exception as exc:
         if debug:
             raise
@@ -59,6 +81,23 @@ def errors_as_exit(debug: bool) -> Iterator[None]:
         raise fail(
             f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)"
         ) from None
+
+
+@contextlib.contextmanager
+def command_scope(debug: bool, dist_timeout: float) -> Iterator[None]:
+    """:func:`errors_as_exit` for a command that joins torchrun's process group when launched so
+    (destroyed at the end); errors are printed while the rank is still known."""
+    with errors_as_exit(debug), distributed.launched(dist_timeout), errors_as_exit(debug):
+        try:
+            yield
+        except RuntimeError as exc:
+            if not (distributed.is_distributed() and "timed out" in str(exc).lower()):
+                raise
+            raise InputError(
+                f"waited more than {dist_timeout:g} s for the other ranks ({str(exc).strip()}): "
+                "another rank stalled or failed (see its error), or one step takes longer than "
+                "--dist-timeout; raise it"
+            ) from exc
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharpscope import distributed
 from sharpscope.cli.common import resolve_device, resolve_dtype
 from sharpscope.curvature.hvp import move_to
 from sharpscope.errors import InputError
@@ -77,36 +78,57 @@ def load_inputs(
     loss: str = "cross-entropy",
     device: str = "auto",
     dtype: str = "float32",
+    shard: bool = False,
 ) -> Loaded:
-    """Load and check everything a command needs; every problem is an :class:`InputError`."""
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if samples is not None and samples < 1:
-        raise InputError(f"--samples must be at least 1, got {samples}")
-    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    spec = ModelSpec(model, parse_model_args(model_args or [])) if model else None
-    if spec is None and model_args:
-        raise InputError("--model-arg needs --model (the factory the arguments are for)")
-    net, ckpt = load_model(checkpoint, spec, trust_pickle=trust_pickle)
-    net = net.to(device=torch_device, dtype=torch_dtype)
-    bundle = load_data(data, split=split, samples=samples, seed=seed)
-    pieces = batches(bundle, batch_size)
-    _probe(net, bundle, pieces[0], torch_device, torch_dtype)
-    loss_fn = resolve_loss(loss, bundle.num_classes)
-    used_spec = spec or ckpt.model_spec
-    description = {
-        "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "format": ckpt.format},
-        "model": {"spec": None if used_spec is None else json.loads(used_spec.to_json())},
-        "data": {
-            "spec": data,
-            "source": bundle.source,
-            "split": bundle.split,
-            "num_samples": len(bundle.targets),
-            "batch_size": batch_size,
-            "seed": seed,
-        },
-        "loss": loss,
-        "dtype": dtype,
-        "device": str(torch_device),
-    }
-    return Loaded(net, ckpt, bundle, pieces, loss_fn, torch_device, torch_dtype, description)
+    """Load and check everything a command needs; every problem is an :class:`InputError`.
+
+    With ``shard``, under torch.distributed, every rank loads and checks the same model and data,
+    then keeps its contiguous block of the batches (:func:`sharpscope.distributed.shard`); a
+    failure or a disagreement on any rank raises on all of them.
+    """
+    with distributed.together("loading the model and data"):
+        if batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        if samples is not None and samples < 1:
+            raise InputError(f"--samples must be at least 1, got {samples}")
+        torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+        spec = ModelSpec(model, parse_model_args(model_args or [])) if model else None
+        if spec is None and model_args:
+            raise InputError("--model-arg needs --model (the factory the arguments are for)")
+        net, ckpt = load_model(checkpoint, spec, trust_pickle=trust_pickle)
+        net = net.to(device=torch_device, dtype=torch_dtype)
+        bundle = load_data(data, split=split, samples=samples, seed=seed)
+        pieces = batches(bundle, batch_size)
+        _probe(net, bundle, pieces[0], torch_device, torch_dtype)
+        loss_fn = resolve_loss(loss, bundle.num_classes)
+        used_spec = spec or ckpt.model_spec
+        description = {
+            "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "format": ckpt.format},
+            "model": {"spec": None if used_spec is None else json.loads(used_spec.to_json())},
+            "data": {
+                "spec": data,
+                "source": bundle.source,
+                "split": bundle.split,
+                "num_samples": len(bundle.targets),
+                "batch_size": batch_size,
+                "seed": seed,
+            },
+            "loss": loss,
+            "dtype": dtype,
+            "device": str(torch_device),
+        }
+        loaded = Loaded(net, ckpt, bundle, pieces, loss_fn, torch_device, torch_dtype, description)
+    if shard and distributed.is_distributed():
+        _check_world(loaded)
+        loaded.batches = [pieces[i] for i in distributed.shard(len(pieces))]
+    return loaded
+
+
+def _check_world(loaded: Loaded) -> None:
+    """Raise on every rank unless all ranks loaded the same weights and the same data."""
+    distributed.check_same(
+        "model (checkpoint and --model)", distributed.model_fingerprint(loaded.model)
+    )
+    bundle = loaded.data
+    data = distributed.fingerprint([("inputs", bundle.inputs), ("targets", bundle.targets)])
+    distributed.check_same("data (--data, --split, --samples, --seed)", data)

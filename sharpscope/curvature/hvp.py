@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from sharpscope import distributed as _distributed
 from sharpscope.curvature.params import ParamSpace, select_params
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -78,6 +79,11 @@ class HessianOperator:
     ``cache_graph`` (default) that graph is built once for all batches and reused by every
     product, which costs the memory of all batches' activations. ``"forward-over-reverse"`` uses
     ``torch.func.jvp`` of ``torch.func.grad`` and keeps nothing between products.
+
+    With ``distributed`` (default: when a torch.distributed process group is initialised) each
+    rank passes its own shard of the batches and the operator is that of all ranks' batches
+    together: weights use the global sample count, and ``matvec``, ``gradient`` and ``loss``
+    all-reduce their weighted local sums (one all-reduce each), so every rank gets the same result.
     """
 
     def __init__(
@@ -90,6 +96,7 @@ class HessianOperator:
         backend: Backend = "double-backward",
         batch_stats: bool = False,
         cache_graph: bool = True,
+        distributed: bool | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -97,8 +104,9 @@ class HessianOperator:
         self.loss_fn = loss_fn
         self.space: ParamSpace = select_params(model, params)
         self.batches = list(batches)
+        self.distributed = _distributed.is_distributed() if distributed is None else distributed
         sizes = [batch_size(b) for b in self.batches]
-        total = sum(sizes)
+        total, self.num_batches = self._global_counts(sum(sizes), len(self.batches))
         if total == 0:
             raise ValueError("no data: the Hessian needs at least one sample")
         self.num_samples = total
@@ -108,6 +116,25 @@ class HessianOperator:
         self.cache_graph = cache_graph and backend == "double-backward"
         self.n_products = 0
         self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+    def _global_counts(self, samples: int, batches: int) -> tuple[int, int]:
+        """The sample and batch counts of all ranks together (one all-reduce when distributed)."""
+        if not self.distributed:
+            return samples, batches
+        counts = torch.tensor([samples, batches], dtype=torch.int64, device=self.device)
+        total, n = _distributed.all_reduce_sum(counts).tolist()
+        return int(total), int(n)
+
+    def _reduced(self, local: torch.Tensor) -> torch.Tensor:
+        """The sum of ``local`` over all ranks when distributed (``local`` itself otherwise)."""
+        return _distributed.all_reduce_sum(local) if self.distributed else local
+
+    def _reduced_float(self, local: float | torch.Tensor) -> float:
+        """A scalar summed over all ranks when distributed, as a Python float."""
+        if not self.distributed:
+            return float(local)
+        total = torch.tensor(float(local), dtype=torch.float64, device=self.device)
+        return float(self._reduced(total))
 
     @property
     def size(self) -> int:
@@ -193,19 +220,23 @@ class HessianOperator:
         self._graph = None
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """Return ``H @ v`` for a flat vector ``v``."""
+        """Return ``H @ v`` for a flat vector ``v`` (summed over all ranks when distributed)."""
         if v.shape != (self.size,):
             raise ValueError(f"expected a flat vector of length {self.size}, got {tuple(v.shape)}")
         v = v.to(device=self.device, dtype=self.dtype)
         vs = self.space.split(v)
         self.n_products += 1
+        return self._reduced(self._local_matvec(vs))
+
+    def _local_matvec(self, vs: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's weighted sum of the batches' Hessian-vector products."""
         if self.backend == "forward-over-reverse":
             return self._matvec_functional(vs)
         if self.cache_graph:
             return torch.cat(
                 [h.reshape(-1) for h in self._second(self._cached_graph()[1], vs, True)]
             )
-        total = torch.zeros_like(v)
+        total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         for loss in self._batch_losses():
             grads = self._grad(loss, create_graph=True)
             total += torch.cat([h.reshape(-1) for h in self._second(grads, vs, False)])
@@ -234,11 +265,13 @@ class HessianOperator:
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the mean loss over all batches (no product is counted)."""
         if self.cache_graph:
-            return torch.cat([g.detach().reshape(-1) for g in self._cached_graph()[1]])
+            return self._reduced(
+                torch.cat([g.detach().reshape(-1) for g in self._cached_graph()[1]])
+            )
         total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         for loss in self._batch_losses():
             total += torch.cat([g.reshape(-1) for g in self._grad(loss, create_graph=False)])
-        return total
+        return self._reduced(total)
 
     def loss(self, delta: torch.Tensor | None = None) -> float:
         """The mean loss over all batches at the current weights, or at weights + ``delta``.
@@ -248,9 +281,10 @@ class HessianOperator:
         is dropped, as autograd refuses a graph whose weights were modified in place.
         """
         if delta is None and self.cache_graph:
-            return float(self._cached_graph()[0].detach())
+            return self._reduced_float(self._cached_graph()[0].detach())
         with torch.no_grad(), self._shifted(delta):
-            return sum(w * float(self._batch_loss(x, y, None)) for w, x, y in self._placed())
+            local = sum(w * float(self._batch_loss(x, y, None)) for w, x, y in self._placed())
+        return self._reduced_float(local)
 
     @contextlib.contextmanager
     def _shifted(self, delta: torch.Tensor | None) -> Iterator[None]:

@@ -1,0 +1,175 @@
+"""torch.distributed helpers for runs launched by ``torchrun``; all no-ops in one process.
+
+A command calls :func:`launched` once: when torchrun's environment variables are present it
+initialises the default process group (NCCL when CUDA is available, else Gloo) with a timeout on
+every collective, and destroys it at the end. Everything else asks :func:`is_distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sharpscope.errors import InputError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class RankError(InputError):
+    """An error that every rank raised together (so rank 0 alone needs to print it)."""
+
+
+def is_distributed() -> bool:
+    """True when a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank (0 in one process)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 in one process)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, the one that prints, draws progress and writes files."""
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun's environment variables (RANK, WORLD_SIZE, ...) are all set."""
+    return all(name in os.environ for name in TORCHRUN_VARS)
+
+
+def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Initialise the process group from torchrun's variables; True if this call did so.
+
+    The backend is NCCL when CUDA is available (each rank on ``cuda:LOCAL_RANK``), else Gloo;
+    a collective that waits longer than ``timeout_s`` raises instead of hanging.
+    """
+    if is_distributed() or not launched_by_torchrun():
+        return False
+    if not timeout_s > 0:
+        raise ValueError(f"the collective timeout must be positive, got {timeout_s}")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def teardown() -> None:
+    """Destroy the process group, if any."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def launched(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
+    """Run the body in the process group torchrun asked for (if any), destroyed afterwards.
+
+    After a body that succeeded, the ranks meet at a barrier first, so that none tears down its
+    connections while another still uses them.
+    """
+    started = init_from_env(timeout_s)
+    try:
+        yield
+        if started:
+            barrier()
+    finally:
+        if started:
+            teardown()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place, and return it (unchanged in one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` in one process."""
+    if not is_distributed():
+        return [value]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def shard(n_items: int) -> range:
+    """This rank's contiguous block of ``range(n_items)``: disjoint, deterministic, and in rank
+    order their union is ``range(n_items)``; block sizes differ by at most one."""
+    size, me = world_size(), rank()
+    if n_items < size:
+        raise RankError(
+            f"{n_items} batch(es) cannot be shared by {size} processes: every rank needs at "
+            "least one; use a smaller --batch-size, more --samples or fewer processes"
+        )
+    return range(n_items * me // size, n_items * (me + 1) // size)
+
+
+@contextlib.contextmanager
+def together(what: str) -> Iterator[None]:
+    """Run the body on every rank; if it failed on any rank, raise on all of them.
+
+    A rank that fails alone would leave the others waiting in their next collective; here every
+    rank learns of the failure (the first failing rank's message) and raises :class:`RankError`.
+    """
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:
+        if not is_distributed():
+            raise
+        error = exc
+    messages = all_gather(None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        first, message = failed[0]
+        raise RankError(f"{what} failed on rank {first} of {len(messages)}: {message}") from error
+
+
+def check_same(what: str, value: str) -> None:
+    """Raise :class:`RankError` on every rank unless all ranks hold the same ``value``."""
+    values = all_gather(value)
+    odd = [r for r, v in enumerate(values) if v != values[0]]
+    if odd:
+        ranks = ", ".join(map(str, odd))
+        raise RankError(
+            f"the ranks disagree on {what}: rank(s) {ranks} differ from rank 0 "
+            f"({values[odd[0]]} vs {values[0]}); every rank must load the same {what}"
+        )
+
+
+def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A short hash of named tensors: names, shapes, dtypes and values."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """:func:`fingerprint` of a model's parameters and buffers."""
+    return fingerprint((name, t) for name, t in [*model.named_parameters(), *model.named_buffers()])
