@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from sharpscope.curvature import HessianOperator, ParamSpace, lanczos
 from sharpscope.curvature.hvp import LossFn
-from sharpscope.optim.perturbations import eigen_sam_perturbation
+from sharpscope.optim.perturbations import eigen_sam_step
 from sharpscope.optim.sam import SAM, Active, Closure
 
 
@@ -193,8 +193,9 @@ class EigenSAM(SAM):
         v = self._restricted(active)
         if v is None:
             return super()._perturbation(active, g)
-        self.alignment = abs(float(torch.dot(g, v) / torch.linalg.vector_norm(g)))
-        return eigen_sam_perturbation(g, v, active.hyper("sam_rho"), active.hyper("sam_alpha"))
+        eps, along = eigen_sam_step(g, v, active.hyper("sam_rho"), active.hyper("sam_alpha"))
+        self.alignment = abs(float(along))
+        return eps
 
     def _own_state(self) -> dict[str, Any]:
         return {

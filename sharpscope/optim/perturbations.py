@@ -35,7 +35,17 @@ def eigen_sam_perturbation(
 ) -> torch.Tensor:
     """Eigen-SAM's ε = ρ(ĝ + α s v⊥): ĝ = g/‖g‖, s = sign⟨g, v⟩, v⊥ = v − ⟨ĝ, v⟩ĝ (not renormalised,
     as in the paper's code); ``v`` is the unit top eigenvector estimate."""
-    g_hat = _unit(g)
-    along = torch.dot(g_hat, v)
-    sign = 1.0 if float(along) >= 0 else -1.0
-    return rho * (g_hat + alpha * sign * (v - along * g_hat))
+    return eigen_sam_step(g, v, rho, alpha)[0]
+
+
+def eigen_sam_step(
+    g: torch.Tensor, v: torch.Tensor, rho: Hyper, alpha: Hyper
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-SAM's ε and ⟨ĝ, v⟩ (the signed alignment), in two reductions and one fused pass:
+    ε = ρ(1 − α s⟨ĝ, v⟩)/‖g‖ · g + ρ α s · v, with no host synchronisation for s."""
+    norm = torch.linalg.vector_norm(g)
+    if not norm > 0:
+        raise ValueError("the gradient is zero: the SAM direction is undefined")
+    along = torch.dot(g, v) / norm
+    along_v = rho * alpha * torch.where(along >= 0, 1.0, -1.0).to(g.dtype)
+    return (rho - along_v * along) / norm * g + along_v * v, along
