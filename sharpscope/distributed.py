@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -173,3 +173,32 @@ def fingerprint(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
 def model_fingerprint(model: nn.Module) -> str:
     """:func:`fingerprint` of a model's parameters and buffers."""
     return fingerprint((name, t) for name, t in [*model.named_parameters(), *model.named_buffers()])
+
+
+def _collective_device() -> torch.device:
+    """Where the backend wants tensors: this rank's CUDA device with NCCL, else the CPU."""
+    nccl = is_distributed() and dist.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
+def sum_floats(values: Sequence[float]) -> list[float]:
+    """Each of ``values`` summed over all ranks (float64, one all-reduce); unchanged in one
+    process."""
+    if not is_distributed():
+        return list(values)
+    local = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    return all_reduce_sum(local).tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (``flag`` in one process)."""
+    return sum_floats([float(flag)])[0] > 0
+
+
+def main_value(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` in one process."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -23,8 +23,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from sharpscope import distributed
 from sharpscope.cli import options as opt
-from sharpscope.cli.common import errors_as_exit, fail, info, print_json, stderr, stdout
+from sharpscope.cli.common import (
+    DistTimeout,
+    command_scope,
+    fail,
+    info,
+    print_json,
+    stderr,
+    stdout,
+)
 from sharpscope.cli.loading import load_inputs
 from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import file_sha256
@@ -93,6 +102,15 @@ def finetune_command(
         ),
     ] = None,
     alpha: _float("Eigen-SAM's α (weight of the eigenvector part).", OPTIMIZE) = 0.2,
+    per_rank_sam: Annotated[
+        bool,
+        typer.Option(
+            "--per-rank-sam",
+            help="Under torchrun: each rank perturbs with its own gradient (m-sharpness) instead "
+            "of the averaged one.",
+            rich_help_panel=OPTIMIZE,
+        ),
+    ] = False,
     eig_every: _int("Eigen-SAM: refresh the eigenvector every k steps.", OPTIMIZE) = 100,
     eig_steps: _int("Eigen-SAM: Hessian-vector products per refresh.", OPTIMIZE) = 5,
     schedule: Annotated[
@@ -145,20 +163,25 @@ def finetune_command(
             "--json", help="Print the summary as JSON on stdout.", rich_help_panel=opt.RUN
         ),
     ] = False,
+    dist_timeout: DistTimeout = distributed.DEFAULT_TIMEOUT_S,
     quiet: opt.Quiet = False,
     debug: opt.Debug = False,
 ) -> None:
     """Fine-tune a checkpoint with SGD, SAM, ASAM or Eigen-SAM, tracking λ_max and |cos(ĝ, v₁)|.
     Exit 0 when done, 2 on an error or a diverged loss, 130/143 when SIGINT/SIGTERM stopped it
-    (a checkpoint is saved first: continue with --resume DIR)."""
-    with errors_as_exit(debug):
-        if resume is not None:
-            folder, config, start = _resume_plan(resume, out, _given(ctx))
-            source, model_spec, model_args = start / MODEL, None, None
-        else:
-            folder, config = _new_plan(ctx.params)
-            folder.prepare_new()
-            source, model_spec, model_args, start = checkpoint, model, model_arg, None
+    (a checkpoint is saved first: continue with --resume DIR). Under torchrun the ranks train
+    with DistributedDataParallel on shares of each batch and rank 0 writes the run."""
+    with command_scope(debug, dist_timeout):
+        default_out = _default_out()
+        with distributed.together("preparing the run"):
+            if resume is not None:
+                folder, config, start = _resume_plan(resume, out, _given(ctx))
+                source, model_spec, model_args = start / MODEL, None, None
+            else:
+                folder, config = _new_plan(ctx.params, default_out)
+                if distributed.is_main():
+                    folder.prepare_new()
+                source, model_spec, model_args, start = checkpoint, model, model_arg, None
         assert source is not None
         loaded = load_inputs(
             source,
@@ -172,6 +195,7 @@ def finetune_command(
             loss=config.loss,
             device=config.device,
             dtype=config.dtype,
+            shard=True,
         )
         given_spec = (
             ModelSpec(model_spec, parse_model_args(model_args or [])) if model_spec else None
@@ -181,15 +205,33 @@ def finetune_command(
             config = replace(
                 config, checkpoint_sha256=loaded.checkpoint.sha256, model=spec.to_json()
             )
-        val = _validation(config, loaded.data)
+        with distributed.together("loading the validation data"):
+            val = _validation(config, loaded.data)
+        if val is not None:
+            values = distributed.fingerprint([("inputs", val.inputs), ("targets", val.targets)])
+            distributed.check_same("validation data (--val-data)", values)
         inputs = Inputs(
             loaded.model, spec, loaded.loss_fn, loaded.data, val, loaded.device, loaded.dtype
         )
-        with StopRequest() as stop, TrainingProgress(not quiet) as progress:
-            watch = Watch(progress.started, progress.step, progress.record, stop)
+        main = distributed.is_main()
+        with StopRequest() as stop, TrainingProgress(not quiet and main) as progress:
+            watch = (
+                Watch(progress.started, progress.step, progress.record, stop)
+                if main
+                else Watch(should_stop=stop)
+            )
             outcome = finetune(folder, config, inputs, start, watch)
-        plot_training(outcome.rows, folder.path / PLOT, f"{config.optimizer} on {config.data}")
+        if main:
+            plot = folder.path / PLOT
+            plot_training(outcome.rows, plot, f"{config.optimizer} on {config.data}")
+            info(f"wrote {plot}")
         _report(outcome, folder, config, stop, json_out)
+
+
+def _default_out() -> Path:
+    """``runs/finetune-<date>-<time>``, at rank 0's clock on every rank."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return distributed.main_value(Path("runs") / f"finetune-{stamp}")
 
 
 def _given(ctx: typer.Context) -> dict[str, Any]:
@@ -231,9 +273,9 @@ def _resume_plan(
     return folder, config, found[1]
 
 
-def _new_plan(params: dict[str, Any]) -> tuple[RunDir, RunConfig]:
-    """The folder and settings of a new run (the checkpoint's hash and model spec are filled in
-    once it is loaded)."""
+def _new_plan(params: dict[str, Any], default_out: Path) -> tuple[RunDir, RunConfig]:
+    """The folder (--out, else ``default_out``) and settings of a new run (the checkpoint's hash
+    and model spec are filled in once it is loaded)."""
     if params["checkpoint"] is None or params["data"] is None:
         raise InputError("give a CHECKPOINT and --data, or --resume DIR to continue a run")
     settings = {k: v for k, v in params.items() if k in _CONFIG_FIELDS}
@@ -243,9 +285,7 @@ def _new_plan(params: dict[str, Any]) -> tuple[RunDir, RunConfig]:
         settings["rho"] = DEFAULT_RHO.get(params["optimizer"], 0.0)
     settings.update(checkpoint=str(params["checkpoint"]), checkpoint_sha256="", model="")
     config = RunConfig(**settings)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = params["out"] or Path("runs") / f"finetune-{stamp}"
-    return RunDir(out), config
+    return RunDir(params["out"] or default_out), config
 
 
 def _model_spec(spec: ModelSpec | None, source: Path) -> ModelSpec:
@@ -268,10 +308,11 @@ def _validation(config: RunConfig, train: DataBundle) -> DataBundle | None:
         return load_data(config.val_data, split=split)
     split = held_out_split(train)
     if split is None:
-        info(
-            f"note: {train.source} has no held-out split, so nothing is validated; pass "
-            "--val-data to validate"
-        )
+        if distributed.is_main():
+            info(
+                f"note: {train.source} has no held-out split, so nothing is validated; pass "
+                "--val-data to validate"
+            )
         return None
     return load_data(config.data, split=split)
 
@@ -375,23 +416,32 @@ def _table(doc: dict[str, Any]) -> Table:
 def _report(
     outcome: Outcome, folder: RunDir, config: RunConfig, stop: StopRequest, json_out: bool
 ) -> None:
-    """Print the summary (or the reason the run ended early) and exit with its code."""
-    info(f"wrote {folder.path / PLOT}")
+    """Print the summary (rank 0) or the reason the run ended early, and exit with its code."""
     if outcome.status == "diverged":
         raise fail(
             f"{outcome.problem}: training stopped; the last good checkpoint is "
-            f"{outcome.checkpoint} (fine-tune again from its {MODEL} with a lower --lr)"
+            f"{outcome.checkpoint} (fine-tune again from its {MODEL} with a lower --lr)",
+            everywhere=False,
         )
+    if distributed.is_main():
+        _summarise(outcome, folder, config, stop, json_out)
+    if outcome.status == "stopped":
+        raise typer.Exit(128 + (stop.signum or 0))
+
+
+def _summarise(
+    outcome: Outcome, folder: RunDir, config: RunConfig, stop: StopRequest, json_out: bool
+) -> None:
+    """The summary table (or JSON), or where a stopped run can continue."""
     doc = summary(outcome, folder, config)
     if json_out:
         print_json(json.dumps(doc, indent=2) + "\n")
     if outcome.status == "stopped":
         info(
-            f"stopped by {stop.name} at step {outcome.step}: checkpoint {outcome.checkpoint}; "
-            f"continue with: sharpscope finetune --resume {folder.path}"
+            f"stopped by {stop.name or 'another rank'} at step {outcome.step}: checkpoint "
+            f"{outcome.checkpoint}; continue with: sharpscope finetune --resume {folder.path}"
         )
-        raise typer.Exit(128 + (stop.signum or 0))
-    if not json_out:
+    elif not json_out:
         stdout.print(_table(doc))
         per_step = doc["seconds_per_step"]
         timing = f", {1000 * per_step:.2f} ms per step" if per_step is not None else ""

@@ -5,14 +5,17 @@ No printing: progress goes to the caller's callbacks, and the outcome comes back
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from sharpscope import distributed
 from sharpscope.curvature.hvp import LossFn, move_to
 from sharpscope.errors import InputError
 from sharpscope.io.data import DataBundle, batches, subset_indices
@@ -21,7 +24,7 @@ from sharpscope.training.metrics import MetricsLog
 from sharpscope.training.optimizers import build_optimizer, build_scheduler
 from sharpscope.training.order import DataOrder
 from sharpscope.training.run_config import RunConfig
-from sharpscope.training.run_dir import TRAINER, RunDir
+from sharpscope.training.run_dir import TRAINER, RunDir, step_dir_name
 from sharpscope.training.state import load_trainer_state, seed_everything
 from sharpscope.training.tracking import Tracker
 from sharpscope.training.trainer import FIELDS, Diverged, Hooks, Session, all_finite, run
@@ -71,8 +74,13 @@ def finetune(
     folder: RunDir, config: RunConfig, inputs: Inputs, resume_from: Path | None, watch: Watch
 ) -> Outcome:
     """Train ``inputs.model`` as ``config`` says, in ``folder``; ``resume_from`` is the checkpoint
-    folder whose weights the model holds (None: a new run from step 0)."""
+    folder whose weights the model holds (None: a new run from step 0).
+
+    Under torch.distributed every rank calls this with the same inputs: the model trains in
+    DistributedDataParallel on equal shares of each batch, rank 0 alone writes the folder, and
+    the ranks agree on when to stop."""
     order = DataOrder(len(inputs.train), config.batch_size, config.seed)
+    check_shares(order.batch_size, min(config.probe_size, len(inputs.train)))
     total = config.total_steps(order.steps_per_epoch)
     optimizer = build_optimizer(inputs.model, inputs.loss_fn, config.optimizer_settings())
     session = Session(
@@ -84,34 +92,42 @@ def finetune(
         order,
         inputs.device,
         inputs.dtype,
+        wrapped=DistributedDataParallel(inputs.model) if distributed.is_distributed() else None,
+        per_rank_sam=config.per_rank_sam,
     )
-    if resume_from is not None:
-        session.load_state_dict(load_trainer_state(resume_from / TRAINER))
-        if total < session.step:
-            raise InputError(
-                f"the run is at step {session.step}, beyond the {total} steps asked; give "
-                "--steps or --epochs for at least as many steps"
-            )
-        folder.discard_after(session.step)
-    elif not all_finite(inputs.model):
-        raise InputError("the starting checkpoint holds NaN or infinite weights")
-    else:
-        seed_everything(config.seed)
-    folder.write_config(config)
+    main = distributed.is_main()
+    with distributed.together("starting the run"):
+        if resume_from is not None:
+            session.load_state_dict(load_trainer_state(resume_from / TRAINER))
+            if total < session.step:
+                raise InputError(
+                    f"the run is at step {session.step}, beyond the {total} steps asked; give "
+                    "--steps or --epochs for at least as many steps"
+                )
+            if main:
+                folder.discard_after(session.step)
+        elif not all_finite(inputs.model):
+            raise InputError("the starting checkpoint holds NaN or infinite weights")
+        else:
+            seed_everything(config.seed)
+    if main:
+        folder.write_config(config)
     saver = Saver(folder, session, inputs.spec, config.keep, resume_from)
     track = tracker(config, inputs)
     resume_step = None if resume_from is None else session.step
-    with MetricsLog(folder.path, FIELDS, resume_step) as log:
+    logs = MetricsLog(folder.path, FIELDS, resume_step) if main else contextlib.nullcontext()
+    with logs as log:
 
         def record(row: dict[str, Any]) -> None:
-            log.append(row)
+            if log is not None:
+                log.append(row)
             watch.record(row)
 
         hooks = Hooks(
             record=record,
             save=saver,
             progress=lambda loss: watch.progress(session.step, loss),
-            should_stop=watch.should_stop,
+            should_stop=lambda: distributed.any_rank(watch.should_stop()),
         )
         watch.started(session.step, total)
         status: Status = "finished"
@@ -119,19 +135,37 @@ def finetune(
         try:
             if resume_from is None:
                 saver()
-            if not log.rows:
+            if distributed.main_value(log is not None and not log.rows):
                 record({**session.take_row(), **track(inputs.model)})
             if not run(session, total, track, config.track_every, config.save_every, hooks):
                 status = "stopped"
         except Diverged as exc:
             status, problem = "diverged", str(exc)
     assert saver.path is not None
-    return Outcome(status, session.step, total, saver.path, log.rows, problem)
+    rows = log.rows if log is not None else []
+    return Outcome(status, session.step, total, saver.path, rows, problem)
+
+
+def check_shares(batch_size: int, probe_size: int) -> None:
+    """Under torch.distributed, refuse a batch that the ranks cannot share equally (the ranks'
+    gradients are averaged with equal weights) and a probe batch smaller than the world."""
+    size = distributed.world_size()
+    if batch_size % size:
+        raise distributed.RankError(
+            f"--batch-size {batch_size} is not a multiple of the {size} processes: each rank "
+            f"takes an equal share of every batch; use a multiple of {size}"
+        )
+    if probe_size < size:
+        raise distributed.RankError(
+            f"the probe batch of {probe_size} sample(s) cannot be shared by {size} processes; "
+            "use a larger --probe-size"
+        )
 
 
 class Saver:
     """Writes the session's checkpoint into the run folder, once per step, and only with finite
-    weights; ``path`` is the last checkpoint folder."""
+    weights; ``path`` is the last checkpoint folder. Under torch.distributed every rank calls it
+    and rank 0 writes (with every rank's RNG states); the others wait until it has."""
 
     def __init__(
         self, folder: RunDir, session: Session, spec: ModelSpec, keep: int, path: Path | None
@@ -151,24 +185,29 @@ class Saver:
         if not all_finite(self.session.model):
             raise Diverged(step, "the weights became non-finite")
         state = self.session.state_dict()
-        self.path = self.folder.save(step, self.session.model, self.spec, state, self.keep)
+        with distributed.together(f"writing the checkpoint of step {step}"):
+            if distributed.is_main():
+                self.folder.save(step, self.session.model, self.spec, state, self.keep)
+        self.path = self.folder.path / step_dir_name(step)
         self.step = step
 
 
 def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
     """The tracker of a run: its probe batch is a fixed ``probe_size`` subset of the training
-    data, chosen by the seed; validation on all of ``inputs.val``."""
-    train = inputs.train
-    index = subset_indices(len(train), config.probe_size, config.seed)
-    probe = DataBundle(
-        train.inputs[index], train.targets[index], train.num_classes, train.source, train.split
-    )
+    data, chosen by the seed; validation on all of ``inputs.val``. Under torch.distributed each
+    rank keeps its contiguous share of both, in batches of its share of ``batch_size``."""
+    size = config.batch_size // distributed.world_size()
 
-    def placed(bundle: DataBundle) -> list[tuple[Any, Any]]:
+    def placed(bundle: DataBundle, index: torch.Tensor) -> list[tuple[Any, Any]]:
+        mine = distributed.shard(len(index))
+        picked = index[mine.start : mine.stop]
+        part = replace(bundle, inputs=bundle.inputs[picked], targets=bundle.targets[picked])
         return [
             (move_to(x, inputs.device, inputs.dtype), move_to(y, inputs.device, inputs.dtype))
-            for x, y in batches(bundle, config.batch_size)
+            for x, y in batches(part, size)
         ]
 
-    val = placed(inputs.val) if inputs.val is not None else None
-    return Tracker(inputs.loss_fn, placed(probe), val, config.seed, config.track_iters)
+    train, val = inputs.train, inputs.val
+    probe = placed(train, subset_indices(len(train), config.probe_size, config.seed))
+    held_out = placed(val, torch.arange(len(val))) if val is not None else None
+    return Tracker(inputs.loss_fn, probe, held_out, config.seed, config.track_iters)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from sharpscope.errors import InputError
@@ -49,6 +49,9 @@ class RunConfig:
     save_every: int
     keep: int
     device: str
+    per_rank_sam: bool = False
+    """Under torch.distributed: each rank perturbs with its own gradient (m-sharpness); absent
+    from the configs of earlier versions."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -59,6 +62,8 @@ class RunConfig:
             raise InputError(
                 f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
             )
+        if self.per_rank_sam and self.optimizer == "sgd":
+            raise InputError("--per-rank-sam needs --optimizer sam, asam or eigen-sam")
         if (self.steps is None) == (self.epochs is None):
             raise InputError("give either --steps or --epochs, not both")
         positive = ("lr", "eig_every", "eig_steps", "batch_size", "probe_size", "track_iters")
@@ -99,7 +104,8 @@ class RunConfig:
         try:
             data = json.loads(text)
             names = {f.name for f in fields(cls)}
-            if not isinstance(data, dict) or set(data) != names:
+            required = {f.name for f in fields(cls) if f.default is MISSING}
+            if not isinstance(data, dict) or not required <= set(data) <= names:
                 raise ValueError("its keys are not a run's settings")
             return cls(**data)
         except (ValueError, TypeError) as exc:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sharpscope import distributed
 from sharpscope.curvature import HessianOperator, curvature_mode, lanczos
 from sharpscope.curvature.hvp import LossFn
 
@@ -32,7 +33,7 @@ def evaluate(
     model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch]
 ) -> tuple[float, float | None]:
     """Sample-weighted mean loss and accuracy (None for regression) over ``batches``, in eval
-    mode; the model's modes are restored."""
+    mode; the model's modes are restored. Under torch.distributed, over all ranks' batches."""
     loss_sum, samples, correct, counted = 0.0, 0, 0, 0
     with torch.no_grad(), curvature_mode(model):
         for inputs, targets in batches:
@@ -44,6 +45,9 @@ def evaluate(
             if hits is not None:
                 correct += hits[0]
                 counted += hits[1]
+    loss_sum, samples, correct, counted = distributed.sum_floats(
+        [loss_sum, samples, correct, counted]
+    )
     return loss_sum / samples, (correct / counted if counted else None)
 
 
@@ -54,7 +58,9 @@ class Tracker:
     λ_max is the top Hessian eigenvalue of the loss on the ``probe`` batches (the same samples at
     every step, so curves are comparable across runs and optimizers), by Lanczos with at most
     ``max_iter`` products from a vector seeded by ``seed``; ``alignment`` is |cos(ĝ, v₁)| with ĝ
-    the probe gradient. Both in eval mode, as ``sharpscope analyze`` measures them.
+    the probe gradient. Both in eval mode, as ``sharpscope analyze`` measures them. Under
+    torch.distributed each rank holds its share of ``probe`` and ``val``, and every figure is
+    that of all ranks' data together.
     """
 
     loss_fn: LossFn

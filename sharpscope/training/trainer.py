@@ -6,6 +6,8 @@ progress and say when to stop.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,9 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from sharpscope import distributed
 from sharpscope.curvature.hvp import LossFn, move_to
 from sharpscope.io.data import DataBundle
 from sharpscope.optim import EigenSAM
@@ -81,7 +85,13 @@ class Window:
 
 @dataclass
 class Session:
-    """A model in training with everything its next step depends on."""
+    """A model in training with everything its next step depends on.
+
+    Under torch.distributed, ``wrapped`` is the model in DistributedDataParallel (``model`` stays
+    the plain module): then every rank takes its contiguous equal share of each batch, and the
+    gradients, hence SAM's perturbation, are averaged over all ranks; with ``per_rank_sam`` the
+    perturbation uses each rank's own gradient (m-sharpness). Recorded figures are global.
+    """
 
     model: nn.Module
     loss_fn: LossFn
@@ -93,23 +103,28 @@ class Session:
     dtype: torch.dtype
     step: int = 0
     window: Window = field(default_factory=Window)
+    wrapped: DistributedDataParallel | None = None
+    per_rank_sam: bool = False
 
     def train_step(self) -> float:
-        """One optimizer step on the next minibatch; returns its loss (at w, before the step).
-        Raises :class:`Diverged`, before the weights move, when a loss is not finite."""
+        """One optimizer step on the next minibatch; returns this rank's loss (at w, before the
+        step). Raises :class:`Diverged`, before the weights move, when a loss is not finite."""
         self.model.train()
-        index = self.order.next_batch()
+        index = self._share(self.order.next_batch())
         inputs = move_to(self.data.inputs[index], self.device, self.dtype)
         targets = move_to(self.data.targets[index], self.device, self.dtype)
+        forward = self.model if self.wrapped is None else self.wrapped
         first: list[torch.Tensor] = []
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
-            outputs = self.model(inputs)
-            loss = self.loss_fn(outputs, targets)
-            if not bool(torch.isfinite(loss)):
-                raise Diverged(self.step + 1, f"the loss became {float(loss.detach())}")
-            loss.backward()
+            with self._synced(first_pass=not first):
+                outputs = forward(inputs)
+                loss = self.loss_fn(outputs, targets)
+                mean = distributed.sum_floats([float(loss.detach()) / distributed.world_size()])
+                if not math.isfinite(mean[0]):
+                    raise Diverged(self.step + 1, f"the loss became {mean[0]}")
+                loss.backward()
             if not first:
                 first.append(outputs.detach())
             return loss
@@ -125,20 +140,37 @@ class Session:
         self._accumulate(value, first[0], targets, time.perf_counter() - start)
         return value
 
+    def _share(self, index: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous block of the batch ``index`` when training in DDP, else all."""
+        if self.wrapped is None:
+            return index
+        mine = distributed.shard(len(index))
+        return index[mine.start : mine.stop]
+
+    def _synced(self, first_pass: bool) -> contextlib.AbstractContextManager[None]:
+        """No gradient averaging in SAM's first pass with ``per_rank_sam``, else as usual."""
+        if self.per_rank_sam and first_pass and self.wrapped is not None:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
     def _accumulate(
         self, loss: float, outputs: torch.Tensor, targets: torch.Tensor, seconds: float
     ) -> None:
+        """Add this step's figures, summed over the ranks (one all-reduce when distributed)."""
+        hits = correct_count(outputs, targets) or (0, 0)
+        alignment = getattr(self.optimizer, "alignment", None)
+        aligned = isinstance(self.optimizer, EigenSAM) and alignment is not None
+        size = distributed.world_size()
+        local = [loss / size, *hits, alignment / size if aligned else 0.0]
+        total = distributed.sum_floats(local)
         w = self.window
         w.steps += 1
-        w.loss_sum += loss
+        w.loss_sum += total[0]
         w.seconds += seconds
-        hits = correct_count(outputs, targets)
-        if hits is not None:
-            w.correct += hits[0]
-            w.counted += hits[1]
-        alignment = getattr(self.optimizer, "alignment", None)
-        if isinstance(self.optimizer, EigenSAM) and alignment is not None:
-            w.esam_alignment_sum += alignment
+        w.correct += int(total[1])
+        w.counted += int(total[2])
+        if aligned:
+            w.esam_alignment_sum += total[3]
             w.esam_alignments += 1
 
     def take_row(self) -> dict[str, Any]:
@@ -165,6 +197,7 @@ class Session:
             "scheduler": self.scheduler.state_dict(),
             "order": self.order.state_dict(),
             "rng": capture_rng(),
+            **({} if self.wrapped is None else {"rank_rng": distributed.all_gather(capture_rng())}),
             "window": asdict(self.window),
         }
 
@@ -173,7 +206,7 @@ class Session:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.order.load_state_dict(state["order"])
-        restore_rng(state["rng"])
+        restore_rng(_own_rng(state))
         self.window = Window(**state["window"])
         self.step = int(state["step"])
 
@@ -212,6 +245,14 @@ def run(
         if last or session.step % save_every == 0:
             hooks.save()
     return True
+
+
+def _own_rng(state: dict[str, Any]) -> Any:
+    """This rank's saved RNG states when the run was saved by as many ranks, else rank 0's."""
+    per_rank = state.get("rank_rng")
+    if per_rank is not None and len(per_rank) == distributed.world_size():
+        return per_rank[distributed.rank()]
+    return state["rng"]
 
 
 def all_finite(model: nn.Module) -> bool:
