@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,9 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 from sharpscope.curvature import curvature_mode, select_params
+from sharpscope.io.checkpoints import save_checkpoint
+from sharpscope.io.data import load_data
+from sharpscope.io.models import ModelSpec, build_model
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -136,3 +140,18 @@ def mlp() -> Problem:
 @pytest.fixture(scope="session")
 def cnn() -> Problem:
     return _make("cnn")
+
+
+@pytest.fixture(scope="session")
+def finetune_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny MLP checkpoint (with its spec) and 512 + 200 digits in one tensor file with train
+    and test splits (so that finetune subprocesses need no scikit-learn import)."""
+    folder = tmp_path_factory.mktemp("finetune-inputs")
+    torch.manual_seed(0)
+    spec = ModelSpec("mlp", {"hidden": (16,)})
+    save_checkpoint(folder / "start.safetensors", build_model(spec), spec)
+    train = load_data("digits", "train", samples=512)
+    test = load_data("digits", "test", samples=200)
+    data = {"train_x": train.inputs, "train_y": train.targets}
+    torch.save({**data, "test_x": test.inputs, "test_y": test.targets}, folder / "digits.pt")
+    return {"checkpoint": folder / "start.safetensors", "data": folder / "digits.pt"}

@@ -23,9 +23,6 @@ from test_distributed import TIMEOUT_S, env, sharpscope
 from test_trainer import config
 
 from sharpscope.errors import InputError
-from sharpscope.io.checkpoints import save_checkpoint
-from sharpscope.io.data import load_data
-from sharpscope.io.models import ModelSpec, build_model
 from sharpscope.training.metrics import read_rows
 from sharpscope.training.run_config import RunConfig
 
@@ -41,24 +38,10 @@ OPTIMIZERS = {
 FIGURES = ("loss", "accuracy", "val_loss", "val_accuracy", "probe_loss", "lambda_max")
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny MLP checkpoint (with its spec) and 512 + 200 digits in one tensor file."""
-    folder = tmp_path_factory.mktemp("inputs")
-    torch.manual_seed(0)
-    spec = ModelSpec("mlp", {"hidden": (16,)})
-    save_checkpoint(folder / "start.safetensors", build_model(spec), spec)
-    train = load_data("digits", "train", samples=512)
-    test = load_data("digits", "test", samples=200)
-    data = {"train_x": train.inputs, "train_y": train.targets}
-    torch.save({**data, "test_x": test.inputs, "test_y": test.targets}, folder / "digits.pt")
-    return {"checkpoint": folder / "start.safetensors", "data": folder / "digits.pt"}
-
-
-def command(files: dict[str, Path], optimizer: str, *extra: object) -> list[str]:
+def command(finetune_files: dict[str, Path], optimizer: str, *extra: object) -> list[str]:
     """A float64 finetune command line with tracking and checkpoints every 3 steps."""
     return [
-        *("finetune", str(files["checkpoint"]), "--data", str(files["data"])),
+        *("finetune", str(finetune_files["checkpoint"]), "--data", str(finetune_files["data"])),
         *OPTIMIZERS[optimizer],
         *("--dtype", "float64", "--batch-size", "32", "--lr", "0.05", "--probe-size", "64"),
         *("--track-iters", "10", "--track-every", "3", "--save-every", "3", "--device", "cpu"),
@@ -97,14 +80,14 @@ def assert_rows_close(one: list[dict[str, Any]], two: list[dict[str, Any]]) -> N
 
 
 @pytest.fixture(scope="module")
-def straight(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+def straight(finetune_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The run of ``STEPS`` steps in one go, per (optimizer, processes), made once."""
     done: dict[tuple[str, int], Path] = {}
 
     def get(optimizer: str, nproc: int) -> Path:
         if (optimizer, nproc) not in done:
             run = tmp_path_factory.mktemp("straight") / f"{optimizer}-{nproc}"
-            ok(command(files, optimizer, "--steps", STEPS, "--out", run), nproc)
+            ok(command(finetune_files, optimizer, "--steps", STEPS, "--out", run), nproc)
             done[optimizer, nproc] = run
         return done[optimizer, nproc]
 
@@ -120,9 +103,11 @@ def test_two_ranks_equal_one_process(optimizer: str, straight: Any):
     assert written == ["step-000000", "step-000003", "step-000006"]
 
 
-def test_two_ranks_stop_and_resume_exactly(files: dict[str, Path], straight: Any, tmp_path: Path):
+def test_two_ranks_stop_and_resume_exactly(
+    finetune_files: dict[str, Path], straight: Any, tmp_path: Path
+):
     run = tmp_path / "run"
-    ok(command(files, "eigen-sam", "--steps", STEPS // 2, "--out", run), 2)
+    ok(command(finetune_files, "eigen-sam", "--steps", STEPS // 2, "--out", run), 2)
     ok(["finetune", "--resume", str(run), "--steps", str(STEPS), "--quiet"], 2)
     assert_close(weights(run), weights(straight("eigen-sam", 2)), 0.0)  # bit for bit
     assert_close(weights(run), weights(straight("eigen-sam", 1)), REL)
@@ -135,17 +120,21 @@ def test_two_ranks_stop_and_resume_exactly(files: dict[str, Path], straight: Any
 
 
 def test_per_rank_perturbations_differ_from_the_averaged_one(
-    files: dict[str, Path], straight: Any, tmp_path: Path
+    finetune_files: dict[str, Path], straight: Any, tmp_path: Path
 ):
     run = tmp_path / "run"
-    ok(command(files, "sam", "--steps", STEPS, "--out", run, "--per-rank-sam"), 2)
+    ok(command(finetune_files, "sam", "--steps", STEPS, "--out", run, "--per-rank-sam"), 2)
     local, averaged = weights(run), weights(straight("sam", 2))
     assert all(torch.isfinite(t).all() for t in local.values())
     assert any(not torch.allclose(local[k], averaged[k], rtol=1e-6) for k in local)
 
 
-def test_a_batch_the_ranks_cannot_share_is_one_clear_error(files: dict[str, Path], tmp_path: Path):
-    args = command(files, "sgd", "--steps", 2, "--batch-size", 33, "--out", tmp_path / "run")
+def test_a_batch_the_ranks_cannot_share_is_one_clear_error(
+    finetune_files: dict[str, Path], tmp_path: Path
+):
+    args = command(
+        finetune_files, "sgd", "--steps", 2, "--batch-size", 33, "--out", tmp_path / "run"
+    )
     done = sharpscope(args, 2)
     assert done.returncode != 0 and done.stdout == ""
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
@@ -164,9 +153,16 @@ def test_a_batch_the_ranks_cannot_share_is_one_clear_error(files: dict[str, Path
     ],
 )
 def test_a_misconfigured_world_fails_on_every_rank(
-    files: dict[str, Path], world_data: str, odd: str, expected: str, tmp_path: Path
+    finetune_files: dict[str, Path], world_data: str, odd: str, expected: str, tmp_path: Path
 ):
-    args = ["finetune", str(files["checkpoint"]), "--data", world_data, "--batch-size", "8"]
+    args = [
+        "finetune",
+        str(finetune_files["checkpoint"]),
+        "--data",
+        world_data,
+        "--batch-size",
+        "8",
+    ]
     done = sharpscope(
         [*args, "--out", str(tmp_path / "run"), "--quiet"], 2, SHARPSCOPE_TEST_ODD=odd
     )
@@ -177,9 +173,16 @@ def test_a_misconfigured_world_fails_on_every_rank(
 
 
 def test_a_stalled_rank_times_out_instead_of_hanging(
-    files: dict[str, Path], world_data: str, tmp_path: Path
+    finetune_files: dict[str, Path], world_data: str, tmp_path: Path
 ):
-    args = ["finetune", str(files["checkpoint"]), "--data", world_data, "--dist-timeout", "3"]
+    args = [
+        "finetune",
+        str(finetune_files["checkpoint"]),
+        "--data",
+        world_data,
+        "--dist-timeout",
+        "3",
+    ]
     start = time.perf_counter()
     done = sharpscope([*args, "--out", str(tmp_path / "run")], 2, SHARPSCOPE_TEST_ODD="slow")
     assert time.perf_counter() - start < 40
@@ -189,14 +192,14 @@ def test_a_stalled_rank_times_out_instead_of_hanging(
 
 
 def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes(
-    files: dict[str, Path], tmp_path: Path
+    finetune_files: dict[str, Path], tmp_path: Path
 ):
     """torchrun passes SIGTERM to every rank; they stop together, rank 0 saves, and the resumed
     run equals one that was never stopped."""
     long = ["--steps", 300, "--track-every", 50, "--save-every", 1000]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     run = tmp_path / "run"
-    args = [*launcher, "-m", "sharpscope", *command(files, "sam", *long, "--out", run)]
+    args = [*launcher, "-m", "sharpscope", *command(finetune_files, "sam", *long, "--out", run)]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
     deadline = time.monotonic() + TIMEOUT_S
     while len(read_rows(run / "metrics.jsonl")) < 2:  # step 50 is recorded
@@ -209,7 +212,7 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes(
     assert 50 <= step < 300
     ok(["finetune", "--resume", str(run), "--quiet"], 2)
     straight = tmp_path / "straight"
-    ok(command(files, "sam", *long, "--out", straight), 2)
+    ok(command(finetune_files, "sam", *long, "--out", straight), 2)
     assert_close(weights(run), weights(straight), 0.0)  # bit for bit
 
 

@@ -19,9 +19,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner, Result
 
 from sharpscope.cli.app import app
-from sharpscope.io.checkpoints import save_checkpoint
-from sharpscope.io.data import load_data
-from sharpscope.io.models import ModelSpec, build_model
+from sharpscope.io.models import ModelSpec
 from sharpscope.training.metrics import read_rows
 
 N = 12
@@ -33,25 +31,10 @@ OPTIMIZERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny MLP checkpoint (with its spec) and 512 + 200 digits in one tensor file with train
-    and test splits (no scikit-learn import in the subprocesses)."""
-    folder = tmp_path_factory.mktemp("inputs")
-    torch.manual_seed(0)
-    spec = ModelSpec("mlp", {"hidden": (16,)})
-    save_checkpoint(folder / "start.safetensors", build_model(spec), spec)
-    train = load_data("digits", "train", samples=512)
-    test = load_data("digits", "test", samples=200)
-    data = {"train_x": train.inputs, "train_y": train.targets}
-    torch.save({**data, "test_x": test.inputs, "test_y": test.targets}, folder / "digits.pt")
-    return {"checkpoint": folder / "start.safetensors", "data": folder / "digits.pt"}
-
-
-def command(files: dict[str, Path], optimizer: str, *extra: object) -> list[str]:
+def command(finetune_files: dict[str, Path], optimizer: str, *extra: object) -> list[str]:
     """A finetune command line: small batches, frequent tracking and checkpoints."""
     return [
-        *("finetune", str(files["checkpoint"]), "--data", str(files["data"])),
+        *("finetune", str(finetune_files["checkpoint"]), "--data", str(finetune_files["data"])),
         *OPTIMIZERS[optimizer],
         *("--batch-size", "32", "--lr", "0.05", "--probe-size", "64", "--track-iters", "10"),
         *("--track-every", "6", "--save-every", "5", "--device", "cpu", "--quiet"),
@@ -112,7 +95,7 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
 
 @pytest.fixture(scope="module")
 def straight(
-    files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    finetune_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[str], tuple[Path, subprocess.CompletedProcess[str]]]:
     """One uninterrupted run of 2N steps per optimizer (made once), with its process result."""
     done: dict[str, tuple[Path, subprocess.CompletedProcess[str]]] = {}
@@ -121,7 +104,9 @@ def straight(
         if optimizer not in done:
             run = tmp_path_factory.mktemp("straight") / optimizer
             result = ok(
-                sharpscope(command(files, optimizer, "--steps", 2 * N, "--out", run, "--json"))
+                sharpscope(
+                    command(finetune_files, optimizer, "--steps", 2 * N, "--out", run, "--json")
+                )
             )
             done[optimizer] = (run, result)
         return done[optimizer]
@@ -131,10 +116,10 @@ def straight(
 
 @pytest.mark.parametrize("optimizer", ["sgd", "eigen-sam"])
 def test_n_steps_stop_and_n_more_equal_2n_straight(
-    optimizer: str, files: dict[str, Path], straight: Callable, tmp_path: Path
+    optimizer: str, finetune_files: dict[str, Path], straight: Callable, tmp_path: Path
 ):
     run = tmp_path / "run"
-    ok(sharpscope(command(files, optimizer, "--steps", N, "--out", run)))
+    ok(sharpscope(command(finetune_files, optimizer, "--steps", N, "--out", run)))
     assert latest_step(run) == N
     resumed = ok(sharpscope(["finetune", "--resume", str(run), "--steps", str(2 * N), "--quiet"]))
     assert f"resuming from step {N} of {2 * N}" in resumed.stderr
@@ -148,11 +133,13 @@ def test_n_steps_stop_and_n_more_equal_2n_straight(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_signal_saves_a_checkpoint_and_the_run_resumes_exactly(
-    sig: signal.Signals, files: dict[str, Path], straight: Callable, tmp_path: Path
+    sig: signal.Signals, finetune_files: dict[str, Path], straight: Callable, tmp_path: Path
 ):
     run = tmp_path / "run"
     # tracking every step slows the run down (and must not change the weights)
-    process = started(command(files, "sgd", "--steps", 2 * N, "--out", run, "--track-every", 1))
+    process = started(
+        command(finetune_files, "sgd", "--steps", 2 * N, "--out", run, "--track-every", 1)
+    )
     wait_for(
         lambda: (run / "metrics.jsonl").exists() and bool(read_rows(run / "metrics.jsonl")), process
     )
@@ -169,11 +156,11 @@ def test_a_signal_saves_a_checkpoint_and_the_run_resumes_exactly(
 
 
 def test_after_a_kill_the_run_resumes_from_its_last_checkpoint(
-    files: dict[str, Path], straight: Callable, tmp_path: Path
+    finetune_files: dict[str, Path], straight: Callable, tmp_path: Path
 ):
     run = tmp_path / "run"
     args = command(
-        files, "sgd", "--steps", 2 * N, "--out", run, "--track-every", 1, "--save-every", 4
+        finetune_files, "sgd", "--steps", 2 * N, "--out", run, "--track-every", 1, "--save-every", 4
     )
     process = started(args)
     wait_for(lambda: (latest_step(run) or 0) >= 4, process)
@@ -191,10 +178,12 @@ def test_after_a_kill_the_run_resumes_from_its_last_checkpoint(
 
 
 def test_a_diverging_loss_stops_with_one_error_and_keeps_the_last_good_checkpoint(
-    files: dict[str, Path], tmp_path: Path
+    finetune_files: dict[str, Path], tmp_path: Path
 ):
     run = tmp_path / "run"
-    args = command(files, "sgd", "--steps", 200, "--out", run, "--loss", "mse", "--save-every", 1)
+    args = command(
+        finetune_files, "sgd", "--steps", 200, "--out", run, "--loss", "mse", "--save-every", 1
+    )
     result = sharpscope([*args, "--lr", "100"])
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -256,28 +245,37 @@ def test_a_resume_refuses_changed_settings(straight: Callable, tmp_path: Path):
 
 
 def test_a_resume_accepts_the_run_s_own_command_line(
-    files: dict[str, Path], straight: Callable, tmp_path: Path
+    finetune_files: dict[str, Path], straight: Callable, tmp_path: Path
 ):
     """A job script may append --resume DIR to its usual command; a finished run does nothing."""
     run, _ = straight("sgd")
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    again = [*command(files, "sgd", "--steps", 2 * N, "--out", copy), "--resume", str(copy)]
+    again = [
+        *command(finetune_files, "sgd", "--steps", 2 * N, "--out", copy),
+        "--resume",
+        str(copy),
+    ]
     result = CliRunner().invoke(app, [*again, "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["step"] == 2 * N
     assert read_rows(copy / "metrics.jsonl") == read_rows(run / "metrics.jsonl")
     assert_same(weights(copy), weights(run))
-    other = [*again[:1], str(files["data"]), *again[2:]]  # another file as CHECKPOINT
+    other = [*again[:1], str(finetune_files["data"]), *again[2:]]  # another file as CHECKPOINT
     one_error(CliRunner().invoke(app, other), "CHECKPOINT is not the file the run started from")
 
 
-def test_a_new_run_never_overwrites(files: dict[str, Path], straight: Callable, tmp_path: Path):
+def test_a_new_run_never_overwrites(
+    finetune_files: dict[str, Path], straight: Callable, tmp_path: Path
+):
     run, _ = straight("sgd")
-    one_error(CliRunner().invoke(app, [*command(files, "sgd", "--out", run)]), f"--resume {run}")
+    one_error(
+        CliRunner().invoke(app, [*command(finetune_files, "sgd", "--out", run)]), f"--resume {run}"
+    )
     (tmp_path / "mine.txt").write_text("keep me")
     one_error(
-        CliRunner().invoke(app, [*command(files, "sgd", "--out", tmp_path)]), "not a sharpscope"
+        CliRunner().invoke(app, [*command(finetune_files, "sgd", "--out", tmp_path)]),
+        "not a sharpscope",
     )
     missing = tmp_path / "nothing"
     one_error(CliRunner().invoke(app, ["finetune", "--resume", str(missing)]), "config.json")
@@ -291,9 +289,12 @@ def test_a_new_run_never_overwrites(files: dict[str, Path], straight: Callable, 
         (["--lr", "-1"], "--lr must be positive"),
     ],
 )
-def test_bad_options_are_one_line_errors(files: dict[str, Path], tmp_path: Path, args, message):
+def test_bad_options_are_one_line_errors(
+    finetune_files: dict[str, Path], tmp_path: Path, args, message
+):
     one_error(
-        CliRunner().invoke(app, [*command(files, "sgd", "--out", tmp_path / "r"), *args]), message
+        CliRunner().invoke(app, [*command(finetune_files, "sgd", "--out", tmp_path / "r"), *args]),
+        message,
     )
     assert not (tmp_path / "r").exists()
 
