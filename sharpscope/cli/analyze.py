@@ -116,7 +116,7 @@ def analyze_command(
             model_args=model_arg,
             trust_pickle=trust_pickle,
             split=split,
-            samples=samples or None,
+            samples=samples,
             batch_size=batch_size,
             seed=seed,
             loss=loss,

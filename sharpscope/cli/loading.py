@@ -82,10 +82,13 @@ def load_inputs(
 ) -> Loaded:
     """Load and check everything a command needs; every problem is an :class:`InputError`.
 
+    ``samples`` of 0 or None means all of the split (``--samples 0``).
+
     With ``shard``, under torch.distributed, every rank loads and checks the same model and data,
     then keeps its contiguous block of the batches (:func:`sharpscope.distributed.shard`); a
     failure or a disagreement on any rank raises on all of them.
     """
+    samples = samples or None
     with distributed.together("loading the model and data"):
         if batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
