@@ -129,7 +129,7 @@ def main() -> None:
     args = parse()
     if args.worker:
         worker(args)
-        return
+        distributed.exit_now(0)  # finalising after Gloo collectives may abort
     rows = []
     for procs in args.procs:
         print(f"{procs} process(es)...", file=sys.stderr)

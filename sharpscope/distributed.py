@@ -7,12 +7,14 @@ every collective, and destroys it at the end. Everything else asks :func:`is_dis
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -91,6 +93,24 @@ def launched(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
     finally:
         if started:
             teardown()
+
+
+def exit_now(code: int | str | None) -> NoReturn:
+    """End a torchrun worker process: run the exit handlers, flush stdout and stderr, and exit
+    with ``code`` (as :class:`SystemExit` reads it) without the interpreter's finalisation.
+
+    Under torchrun, Gloo's worker threads free finished collectives some time after they
+    complete; a tensor they free whose Python object is still alive needs the GIL, and during
+    finalisation a thread that asks for the GIL is killed, which aborts the process (SIGABRT,
+    "terminate called without an active exception"). Call it once every file is closed.
+    """
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    status = 0 if code is None else code if isinstance(code, int) else 1
+    atexit._run_exitfuncs()  # what finalisation would run first, while the interpreter is whole
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def barrier() -> None:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from sharpscope import __version__
+from sharpscope import __version__, distributed
 from sharpscope.cli.analyze import analyze_command
 from sharpscope.cli.check import check_command
 from sharpscope.cli.demo import demo_command
@@ -49,5 +49,13 @@ app.command("finetune")(finetune_command)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point; under torchrun the process ends by
+    :func:`distributed.exit_now`."""
+    if not distributed.launched_by_torchrun():
+        app()
+        return
+    try:
+        app()
+    except SystemExit as done:
+        distributed.exit_now(done.code)
+    distributed.exit_now(0)
