@@ -194,7 +194,7 @@ class EigenSAM(SAM):
         if v is None:
             return super()._perturbation(active, g)
         eps, along = eigen_sam_step(g, v, active.hyper("sam_rho"), active.hyper("sam_alpha"))
-        self.alignment = abs(float(along))
+        self.alignment = abs(along)
         return eps
 
     def _own_state(self) -> dict[str, Any]:

@@ -40,12 +40,16 @@ def eigen_sam_perturbation(
 
 def eigen_sam_step(
     g: torch.Tensor, v: torch.Tensor, rho: Hyper, alpha: Hyper
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-SAM's ε and ⟨ĝ, v⟩ (the signed alignment), in two reductions and one fused pass:
-    ε = ρ(1 − α s⟨ĝ, v⟩)/‖g‖ · g + ρ α s · v, with no host synchronisation for s."""
-    norm = torch.linalg.vector_norm(g)
+) -> tuple[torch.Tensor, float]:
+    """Eigen-SAM's ε and ⟨ĝ, v⟩ (the signed alignment) from two reductions, one transfer of two
+    numbers to the host and one fused pass: ε = c_g·g + c_v·v with c_v = ρ α s and
+    c_g = (ρ − c_v⟨ĝ, v⟩)/‖g‖."""
+    norm, dot = torch.stack((torch.linalg.vector_norm(g), torch.dot(g, v))).tolist()
     if not norm > 0:
         raise ValueError("the gradient is zero: the SAM direction is undefined")
-    along = torch.dot(g, v) / norm
-    along_v = rho * alpha * torch.where(along >= 0, 1.0, -1.0).to(g.dtype)
-    return (rho - along_v * along) / norm * g + along_v * v, along
+    along = dot / norm
+    c_v = rho * alpha * (1.0 if along >= 0 else -1.0)
+    c_g = (rho - c_v * along) / norm
+    if isinstance(c_g, torch.Tensor) or isinstance(c_v, torch.Tensor):
+        return c_g * g + c_v * v, along  # per-element hyperparameters
+    return torch.add(g.mul(c_g), v, alpha=c_v), along
