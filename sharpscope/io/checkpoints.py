@@ -4,20 +4,16 @@ The format is told from the file's content, never its suffix: safetensors (an 8-
 length, then a JSON header), a ``torch.save`` zip or legacy pickle, a TorchScript archive, or a
 ``torch.export`` ``.pt2`` archive. Nothing is unpickled beyond tensors unless the caller trusts
 the file (``trust_pickle``). Every failure raises :class:`~sharpscope.errors.InputError` with a
-one-line message that names the file, the problem and the fix.
+one-line message that names the file, the problem and the fix. TorchScript and ``.pt2``
+archives are loaded by :mod:`sharpscope.io.compiled`; weights are fitted to a model by
+:mod:`sharpscope.io.state_dicts`.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
-import json
 import os
 import pickle
-import re
-import types
-import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -32,21 +28,26 @@ from torch import nn
 from sharpscope.errors import InputError
 from sharpscope.io.architectures import BUILTIN_MODELS
 from sharpscope.io.atomic import write_atomic
+from sharpscope.io.compiled import load_export, load_torchscript
+from sharpscope.io.load_errors import corrupt, few, first_line, pickle_refusal, refused_global
 from sharpscope.io.models import ModelSpec, build_model
+from sharpscope.io.state_dicts import (
+    WRAPPER_KEYS,
+    as_state_dict,
+    in_dtype_of,
+    load_weights,
+    restore_prefix,
+    savable_state,
+)
 
 FORMATS: tuple[str, ...] = ("state_dict", "safetensors", "torchscript", "export", "module")
 SPEC_KEY = "sharpscope.model_spec"
 VERSION_KEY = "sharpscope.version"
-WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model")
-KEY_PREFIXES: tuple[str, ...] = ("module.", "model.")
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pt2")
 
 # torch.save's legacy (non-zip) files start with this magic number, pickled as a long.
 _TORCH_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _MAX_SAFETENSORS_HEADER = 100_000_000
-_TRAINING_ARGS = frozenset({"training", "train"})
-_SHOWN = 5
-_UNKNOWN = object()
 
 
 @dataclass
@@ -89,29 +90,10 @@ def load_model(
             f"--model path/to/file.py:factory or a built-in name ({', '.join(BUILTIN_MODELS)})"
         )
     assert checkpoint.state_dict is not None
-    model = _in_dtype_of(build_model(chosen), checkpoint.state_dict)
-    state = _restore_prefix(model, checkpoint.state_dict, checkpoint.stripped_prefix)
+    model = in_dtype_of(build_model(chosen), checkpoint.state_dict)
+    state = restore_prefix(model, checkpoint.state_dict, checkpoint.stripped_prefix)
     load_weights(model, state, str(checkpoint.path), str(chosen))
     return model, checkpoint
-
-
-def load_weights(
-    model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    source: str = "the weights",
-    model_name: str = "",
-) -> None:
-    """``model.load_state_dict(state_dict, strict=True)``, after a check that names missing and
-    unexpected keys and mismatched shapes; tied weights may be stored once."""
-    state = _fill_tied(model, state_dict)
-    problems = _mismatches(model, state)
-    if problems:
-        raise InputError(
-            f"{source} does not fit the model {model_name or type(model).__name__}: "
-            f"{'; '.join(problems)}; check that "
-            "--model and --model-arg describe the architecture that wrote the checkpoint"
-        )
-    model.load_state_dict(state, strict=True)
 
 
 def save_checkpoint(
@@ -124,14 +106,14 @@ def save_checkpoint(
     metadata so that :func:`load_model` rebuilds the model without being told the spec."""
     from sharpscope import __version__
 
-    tensors = _savable(model)
+    tensors = savable_state(model)
     stored = {**(metadata or {}), SPEC_KEY: spec.to_json(), VERSION_KEY: __version__}
     try:
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=stored))
     except (KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
         raise InputError(
             f"cannot save the model to {path} as safetensors ({type(exc).__name__}: "
-            f"{_first_line(exc)}); its state holds tensors safetensors cannot store"
+            f"{first_line(exc)}); its state holds tensors safetensors cannot store"
         ) from exc
 
 
@@ -180,7 +162,7 @@ def _existing_file(path: str | os.PathLike[str]) -> Path:
         raise InputError(f"checkpoint {file} not found; check the path")
     if file.is_dir():
         inside = sorted(p.name for p in file.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
-        hint = f" (it holds {', '.join(inside[:_SHOWN])})" if inside else ""
+        hint = f" (it holds {few(inside)})" if inside else ""
         raise InputError(
             f"checkpoint {file} is a directory, not a file; pass a checkpoint file{hint}"
         )
@@ -214,18 +196,7 @@ def _zip_names(path: Path) -> list[str]:
         with zipfile.ZipFile(path) as archive:
             return archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise _corrupt(path, exc) from exc
-
-
-def _corrupt(path: Path, exc: BaseException) -> InputError:
-    return InputError(
-        f"{path} is truncated or corrupt ({_first_line(exc)}); save or download it again"
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise corrupt(path, exc) from exc
 
 
 # --- safetensors --------------------------------------------------------------------------------
@@ -238,8 +209,8 @@ def _read_safetensors(path: Path, trust_pickle: bool) -> Checkpoint:
             metadata = dict(f.metadata() or {})
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise _corrupt(path, exc) from exc
-    state, prefix = _as_state_dict(path, tensors)
+        raise corrupt(path, exc) from exc
+    state, prefix = as_state_dict(path, tensors)
     return Checkpoint(
         path,
         "safetensors",
@@ -283,7 +254,7 @@ def _read_torch_save(path: Path, trust_pickle: bool) -> Checkpoint:
     spec = _stored_spec(path, metadata)
     if isinstance(inner, nn.Module):
         return Checkpoint(path, "module", module=inner, model_spec=spec, metadata=metadata)
-    state, prefix = _as_state_dict(path, inner)
+    state, prefix = as_state_dict(path, inner)
     return Checkpoint(
         path, "state_dict", state, model_spec=spec, metadata=metadata, stripped_prefix=prefix
     )
@@ -295,18 +266,18 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         return _torch_load_file(path, weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
-            raise _pickle_refusal(path, _refused_global(exc)) from exc
+            raise pickle_refusal(path, refused_global(exc)) from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
-        raise _corrupt(path, exc) from exc
+        raise corrupt(path, exc) from exc
     try:
         return _torch_load_file(path, weights_only=False)
     except (AttributeError, ImportError) as exc:
         raise InputError(
-            f"{path} pickles a class that cannot be imported here ({_first_line(exc)}); make "
+            f"{path} pickles a class that cannot be imported here ({first_line(exc)}); make "
             "the module that defines the model importable (PYTHONPATH), or save its state_dict"
         ) from exc
     except Exception as exc:
-        raise _corrupt(path, exc) from exc
+        raise corrupt(path, exc) from exc
 
 
 def _torch_load_file(path: Path, weights_only: bool) -> Any:
@@ -315,230 +286,16 @@ def _torch_load_file(path: Path, weights_only: bool) -> Any:
         return torch.load(f, map_location="cpu", weights_only=weights_only)
 
 
-def _refused_global(exc: BaseException) -> str:
-    """The class the weights-only unpickler refused, from its message."""
-    found = re.search(r"GLOBAL (\S+)", str(exc))
-    return f"e.g. {found[1]}" if found else "beyond tensors and containers"
-
-
-def _pickle_refusal(path: Path, what: str) -> InputError:
-    return InputError(
-        f"{path} holds arbitrary Python objects ({what}), not only weights; unpickling them can "
-        "run any code, so sharpscope refuses by default: pass --trust-pickle (trust_pickle=True) "
-        "only for files you trust, or re-save with torch.save(model.state_dict(), ...)"
-    )
-
-
-def _as_state_dict(path: Path, mapping: Mapping[Any, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    """Check that ``mapping`` is ``{name: tensor}``; strip a key prefix all names share."""
-    if not mapping:
-        raise InputError(f"{path} holds an empty state dict; it has no weights to load")
-    for key, value in mapping.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise InputError(
-                f"{path} is not a state dict: entry {key!r} is a {type(value).__name__}, not a "
-                "tensor; expected {name: tensor}, possibly under one of "
-                f"{', '.join(WRAPPER_KEYS)}"
-            )
-    state = dict(mapping)
-    prefix = ""
-    while shared := _shared_prefix(state):
-        state = {key[len(shared) :]: value for key, value in state.items()}
-        prefix += shared
-    return state, prefix
-
-
-def _shared_prefix(state: Mapping[str, Any]) -> str:
-    for prefix in KEY_PREFIXES:
-        if all(key.startswith(prefix) and len(key) > len(prefix) for key in state):
-            return prefix
-    return ""
-
-
-# --- TorchScript and torch.export ---------------------------------------------------------------
+# --- TorchScript and torch.export (sharpscope.io.compiled) --------------------------------------
 
 
 def _read_torchscript(path: Path, trust_pickle: bool) -> Checkpoint:
     del trust_pickle  # TorchScript runs its own interpreter, not pickled Python
-    try:
-        with warnings.catch_warnings():  # TorchScript is deprecated, but it is what the file holds
-            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:
-        raise InputError(
-            f"{path} is a TorchScript archive that torch.jit.load cannot read "
-            f"({_first_line(exc)}); save it again with torch.jit.save"
-        ) from exc
-    _refuse_training_graph(path, _jit_training_ops(module), "torch.jit.trace")
-    return Checkpoint(path, "torchscript", module=module)
+    return Checkpoint(path, "torchscript", module=load_torchscript(path))
 
 
 def _read_export(path: Path, trust_pickle: bool) -> Checkpoint:
-    if not trust_pickle:
-        _refuse_pickled_payloads(path)
-    try:
-        program = torch.export.load(str(path))
-        module = program.module()
-    except Exception as exc:
-        raise InputError(
-            f"{path}: torch.export.load cannot read this .pt2 archive ({_first_line(exc)}); "
-            f"export and save it again with torch {torch.__version__} (torch.export.save)"
-        ) from exc
-    _refuse_training_graph(path, _fx_training_ops(module), "torch.export.export")
-    _allow_mode_switch(module)
-    module.register_forward_pre_hook(_shape_check(path, _input_shapes(program)), prepend=True)
-    return Checkpoint(path, "export", module=module)
-
-
-def _refuse_pickled_payloads(path: Path) -> None:
-    """torch.export.load unpickles some payloads (``use_pickle`` weights, custom objects, sample
-    inputs); refuse a file that needs it unless it is trusted."""
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            tail = name.split("/", 1)[-1]
-            if tail.startswith(("data/weights/", "data/constants/")) and tail.endswith(".json"):
-                _check_payload_config(path, tail, archive.read(name))
-            elif name.endswith(".pt"):
-                _check_weights_only(path, archive.read(name))
-
-
-def _check_payload_config(path: Path, name: str, raw: bytes) -> None:
-    try:
-        config = json.loads(raw).get("config", {})
-    except (ValueError, AttributeError) as exc:
-        raise _corrupt(path, exc) from exc
-    constants = name.startswith("data/constants/")
-    for key, payload in config.items():
-        if not isinstance(payload, dict):
-            raise _corrupt(path, ValueError(f"{name}: entry {key} is not an object"))
-        pickled = payload.get("use_pickle") or (
-            constants and not str(payload.get("path_name", "")).startswith("tensor_")
-        )
-        if pickled:
-            raise _pickle_refusal(path, f"pickled {key}")
-
-
-def _check_weights_only(path: Path, raw: bytes) -> None:
-    try:
-        torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise _pickle_refusal(path, _refused_global(exc)) from exc
-    except Exception as exc:
-        raise _corrupt(path, exc) from exc
-
-
-def _allow_mode_switch(module: nn.Module) -> None:
-    """``ExportedProgram.module()`` makes ``train()``/``eval()`` raise; make them set the flags
-    only, as the graph's behaviour was fixed at export (and checked to be eval-mode)."""
-    module.train = types.MethodType(nn.Module.train, module)  # type: ignore[method-assign]
-    module.eval = types.MethodType(nn.Module.eval, module)  # type: ignore[method-assign]
-
-
-def _input_shapes(program: torch.export.ExportedProgram) -> list[tuple[int | None, ...] | None]:
-    """The exported input shapes, ``None`` for a dynamic dimension (or a non-tensor input)."""
-    users = set(program.graph_signature.user_inputs)
-    shapes: list[tuple[int | None, ...] | None] = []
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in users:
-            value = node.meta.get("val")
-            shape = getattr(value, "shape", None)
-            shapes.append(None if shape is None else tuple(_static(d) for d in shape))
-    return shapes
-
-
-def _static(dim: Any) -> int | None:
-    return dim if isinstance(dim, int) else None
-
-
-def _shape_check(path: Path, shapes: list[tuple[int | None, ...] | None]) -> Callable[..., None]:
-    """A forward pre-hook that explains inputs the program's static shapes reject."""
-
-    def check(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if len(args) != len(shapes):
-            return
-        for got, want in zip(args, shapes, strict=True):
-            if isinstance(got, torch.Tensor) and want is not None and not _fits(got, want):
-                shown = ", ".join("*" if d is None else str(d) for d in want)
-                raise InputError(
-                    f"{path} was exported for inputs of shape [{shown}], got "
-                    f"{list(got.shape)}; export with dynamic_shapes (a torch.export.Dim for the "
-                    "batch dimension) or use batches of exactly that shape"
-                )
-
-    return check
-
-
-def _fits(tensor: torch.Tensor, shape: tuple[int | None, ...]) -> bool:
-    return tensor.dim() == len(shape) and all(
-        want is None or got == want for got, want in zip(tensor.shape, shape, strict=True)
-    )
-
-
-def _refuse_training_graph(path: Path, ops: list[str], how: str) -> None:
-    if ops:
-        raise InputError(
-            f"{path} was made by {how} in training mode ({', '.join(ops)} with training=True "
-            "fixed in the graph), so eval mode cannot be restored; call model.eval() before "
-            f"{how} and save it again"
-        )
-
-
-def _trains(schema: Any, value_at: Callable[[int, str], Any]) -> bool:
-    """Whether an operator call is fixed in training mode: dropout on, or BatchNorm on batch
-    statistics while it has running statistics (without them it uses the batch in any mode)."""
-    if "batch_norm_with_update" in schema.name:
-        return True
-    values = {arg.name: value_at(i, arg.name) for i, arg in enumerate(schema.arguments)}
-    if "running_mean" in values and values["running_mean"] is None:
-        return False
-    return any(values.get(name) is True for name in _TRAINING_ARGS)
-
-
-def _fx_training_ops(module: nn.Module) -> list[str]:
-    found: set[str] = set()
-    for sub in module.modules():
-        graph = getattr(sub, "graph", None)
-        if not isinstance(graph, torch.fx.Graph):
-            continue
-        for node in graph.nodes:
-            schema = getattr(node.target, "_schema", None)
-            if node.op != "call_function" or schema is None:
-                continue
-            if _trains(schema, functools.partial(_fx_value, node)):
-                found.add(schema.name)
-    return sorted(found)
-
-
-def _fx_value(node: torch.fx.Node, index: int, name: str) -> Any:
-    return node.args[index] if index < len(node.args) else node.kwargs.get(name, _UNKNOWN)
-
-
-def _jit_training_ops(module: torch.jit.ScriptModule) -> list[str]:
-    found: set[str] = set()
-    for node in _jit_nodes(module.inlined_graph):
-        text = node.schema()
-        if text == "(no schema)":
-            continue
-        schema = torch._C.parse_schema(text)
-        if _trains(schema, functools.partial(_jit_constant, node)):
-            found.add(schema.name)
-    return sorted(found)
-
-
-def _jit_nodes(block: Any) -> Any:
-    for node in block.nodes():
-        yield node
-        for sub in node.blocks():
-            yield from _jit_nodes(sub)
-
-
-def _jit_constant(node: Any, index: int, name: str) -> Any:
-    """The value of a constant argument, else ``_UNKNOWN``."""
-    del name  # JIT nodes pass every argument positionally
-    if index >= node.inputsSize():
-        return _UNKNOWN
-    value = node.inputsAt(index)
-    return value.toIValue() if value.node().kind() == "prim::Constant" else _UNKNOWN
+    return Checkpoint(path, "export", module=load_export(path, trust_pickle))
 
 
 _READERS: dict[str, Callable[[Path, bool], Checkpoint]] = {
@@ -547,83 +304,3 @@ _READERS: dict[str, Callable[[Path, bool], Checkpoint]] = {
     "torchscript": _read_torchscript,
     "export": _read_export,
 }
-
-
-# --- loading weights into a model and saving them -----------------------------------------------
-
-
-def _in_dtype_of(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Convert the model to the one floating dtype of the stored weights, so that loading them
-    loses no precision (a float64 checkpoint gives a float64 model)."""
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    return model.to(dtypes.pop()) if len(dtypes) == 1 else model
-
-
-def _restore_prefix(
-    model: nn.Module, state: dict[str, torch.Tensor], stripped: str
-) -> dict[str, torch.Tensor]:
-    """Put back the part of a stripped prefix that the model's own names start with (a model
-    whose weights all live under ``model.``, say)."""
-    names = list(model.state_dict())
-    for start in range(len(stripped)):
-        prefix = stripped[start:]
-        if (start == 0 or stripped[start - 1] == ".") and all(n.startswith(prefix) for n in names):
-            return {prefix + key: value for key, value in state.items()}
-    return state
-
-
-def _fill_tied(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy a tied (shared) tensor stored under one of its names to its other names."""
-    filled = dict(state)
-    groups: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), []).append(name)
-    for names in groups.values():
-        stored = next((n for n in names if n in filled), None)
-        for name in names if stored is not None else ():
-            filled.setdefault(name, filled[stored])
-    return filled
-
-
-def _mismatches(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} is {list(state[k].shape)} in the file but {list(v.shape)} in the model"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_few(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatch: {_few(shapes)}")
-    return problems
-
-
-def _few(items: list[str]) -> str:
-    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
-    return ", ".join(items[:_SHOWN]) + more
-
-
-def _savable(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state as dense, contiguous CPU tensors that share no memory."""
-    tensors: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
-    for name, value in model.state_dict().items():
-        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
-            kind = value.layout if isinstance(value, torch.Tensor) else type(value).__name__
-            raise InputError(
-                f"cannot save the model's {name!r}: it is a {kind}, and safetensors stores "
-                "dense tensors only"
-            )
-        tensor = value.detach().cpu().contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in storages and tensor.numel():
-            tensor = tensor.clone()
-        storages.add(tensor.untyped_storage().data_ptr())
-        tensors[name] = tensor
-    return tensors
