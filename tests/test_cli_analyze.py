@@ -471,6 +471,22 @@ def test_power_and_pyhessian_agree_with_lanczos(made):
     assert close(lambda_max(pyhessian), lanczos_value, 1e-3)
 
 
+def test_a_bounded_lanczos_basis_gives_the_same_eigenvalues(made):
+    """--max-basis 8 holds 8 vectors instead of all and restarts; same answers, more products."""
+    args = (made / "ours.safetensors", "--no-trace", "--dtype", "float64", "--max-iter", "2000")
+    full = report(*args)
+    bounded = report(*args, "--max-basis", "8")
+    assert bounded["inputs"]["config"]["max_basis"] == 8
+    assert full["inputs"]["config"]["max_basis"] is None
+    ours, reference = bounded["results"]["eigenvalues"], full["results"]["eigenvalues"]
+    assert all(ours["converged"]) and bounded["results"]["lambda_min"]["converged"]
+    for a, b in zip(ours["values"], reference["values"], strict=True):
+        assert close(a, b, 1e-6)
+    low, low_reference = bounded["results"]["lambda_min"], full["results"]["lambda_min"]
+    assert abs(low["value"] - low_reference["value"]) <= 1e-6 * reference["values"][0]
+    assert bounded["timings"]["n_products"] > full["timings"]["n_products"]
+
+
 def test_other_backend_and_float64_agree(made):
     forward = report(made / "ours.safetensors", "--no-trace", "--backend", "forward-over-reverse")
     assert close(lambda_max(forward), made.reference)
@@ -584,6 +600,7 @@ BAD = [
     ),
     ("@ours.safetensors", ["--device", "tpu"], ["unknown --device 'tpu'"]),
     ("@ours.safetensors", ["--top-k", "0"], ["--top-k"]),
+    ("@ours.safetensors", ["--max-basis", "3"], ["--max-basis must be at least --top-k + 2 = 4"]),
     ("@ours.safetensors", ["--model-arg", HIDDEN], ["--model-arg needs --model"]),
     (
         "@ours.safetensors",
@@ -601,7 +618,7 @@ BAD_IDS = [
     "unknown-format", "weights-without-model", "unknown-builtin-model", "shape-mismatch",
     "missing-keys", "unexpected-keys", "inputs-do-not-fit", "labels-out-of-range", "nan-loss",
     "empty-data", "missing-data-file", "unknown-data-spec", "unknown-method", "unknown-backend",
-    "unknown-dtype", "cuda-unavailable", "unknown-device", "top-k-zero",
+    "unknown-dtype", "cuda-unavailable", "unknown-device", "top-k-zero", "max-basis-too-small",
     "model-arg-without-model", "malformed-model-arg", "unknown-model-arg",
 ]  # fmt: skip
 

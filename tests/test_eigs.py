@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sharpscope.curvature import HessianOperator, MatrixOperator, lanczos, power_iteration
+from sharpscope.curvature.lanczos import LanczosProcess
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,6 +76,51 @@ def test_lanczos_continues_past_an_invariant_subspace():
         assert float(value) in (pytest.approx(5.0), pytest.approx(2.0), pytest.approx(1.0))
     gram = result.eigenvectors @ result.eigenvectors.T
     torch.testing.assert_close(gram, torch.eye(4, dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("max_basis", [7, 12])
+def test_thick_restarts_keep_the_dense_answer_in_a_bounded_basis(problem, max_basis):
+    """With at most ``max_basis`` vectors held (k + 2 and more), top-5 and bottom-2 still match
+    the dense eigendecomposition: values to 1e-8, vectors, honest residuals."""
+    evals, evecs = torch.linalg.eigh(problem.hessian)
+    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    top = lanczos(op, k=5, tol=1e-10, max_basis=max_basis, max_iter=2000)
+    _check_pairs(top, evals.flip(0)[:5], evecs.flip(1)[:, :5], problem.hessian)
+    bottom = lanczos(op, k=2, which="smallest", tol=1e-10, max_basis=max_basis, max_iter=2000)
+    _check_pairs(bottom, evals[:2], evecs[:, :2], problem.hessian)
+    full = lanczos(op, k=5, tol=1e-10)
+    assert top.n_products > full.n_products  # restarts cost products, never accuracy
+
+
+def test_a_restarted_process_keeps_the_lanczos_relation(mlp):
+    """After thick restarts, H Q = Q T + β q eᵀ holds with the dense H, Q stays orthonormal and
+    no more than ``capacity`` rows are ever allocated."""
+    hessian = mlp.hessian
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(hessian.shape[0], generator=gen, dtype=torch.float64)
+    process = LanczosProcess(MatrixOperator(hessian), start, gen, capacity=8)
+    restarts = 0
+    for _ in range(30):
+        process.step()
+        q, t = process.vectors, process.projected()
+        last = torch.zeros(process.count, dtype=torch.float64)
+        last[-1] = process.beta
+        relation = hessian @ q.T - q.T @ t - torch.outer(process._next, last)
+        assert float(relation.abs().max()) < 1e-10
+        eye = torch.eye(process.count, dtype=torch.float64)
+        torch.testing.assert_close(q @ q.T, eye, atol=1e-10, rtol=0)
+        assert process.basis.shape[0] <= 8
+        if process.count == 8:
+            theta, _, _ = process.ritz()
+            process.restart(torch.argsort(theta, descending=True)[:4])
+            restarts += 1
+    assert process.steps == 30 and restarts == 6
+
+
+def test_max_basis_below_k_plus_2_is_refused(mlp):
+    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
+    with pytest.raises(ValueError, match="max_basis must be at least k \\+ 2 = 5"):
+        lanczos(op, k=3, max_basis=4)
 
 
 def test_lanczos_warm_start_converges_at_once(mlp):

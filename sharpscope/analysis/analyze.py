@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -28,6 +28,7 @@ from sharpscope.curvature import (
     slq,
 )
 from sharpscope.curvature.hvp import Backend, LossFn
+from sharpscope.curvature.lanczos import Which
 from sharpscope.errors import InputError
 
 Method = Literal["lanczos", "power", "pyhessian"]
@@ -42,6 +43,8 @@ class AnalyzeConfig:
     method: Method = "lanczos"
     tol: float = 1e-4
     max_iter: int = 200
+    max_basis: int | None = None
+    """Lanczos: at most this many vectors in memory (thick restarts); None keeps them all."""
     seed: int = 0
     trace: bool = True
     trace_tol: float = 1e-2
@@ -114,12 +117,20 @@ class _Stopwatch:
 
 
 def _eigs(
-    op: HessianOperator, config: AnalyzeConfig, k: int, which: str, progress: Progress | None
+    op: HessianOperator, config: AnalyzeConfig, k: int, which: Which, progress: Progress | None
 ) -> EigenResult:
-    solver: Callable[..., EigenResult] = power_iteration if config.method == "power" else lanczos
-    max_iter = config.max_iter if config.method == "lanczos" else config.max_iter * max(k, 1)
-    return solver(
-        op, k=k, which=which, tol=config.tol, max_iter=max_iter, seed=config.seed, progress=progress
+    if config.method == "power":
+        max_iter = config.max_iter * max(k, 1)
+        return power_iteration(op, k, which, config.tol, max_iter, config.seed, progress=progress)
+    return lanczos(
+        op,
+        k,
+        which,
+        config.tol,
+        config.max_iter,
+        config.seed,
+        progress=progress,
+        max_basis=config.max_basis,
     )
 
 
@@ -180,6 +191,10 @@ def validate(config: AnalyzeConfig) -> None:
         raise InputError("--top-k and --max-iter must be at least 1")
     if not config.tol > 0:
         raise InputError(f"--tol must be positive, got {config.tol}")
+    if config.max_basis is not None and config.max_basis < config.k + 2:
+        raise InputError(
+            f"--max-basis must be at least --top-k + 2 = {config.k + 2}, got {config.max_basis}"
+        )
     if config.rho <= 0 or config.alpha < 0:
         raise InputError("--rho must be positive and --alpha not negative")
 

@@ -51,6 +51,7 @@ def analyze_command(
     method: opt.Method = DEFAULTS.method,
     tol: opt.Tol = DEFAULTS.tol,
     max_iter: opt.MaxIter = DEFAULTS.max_iter,
+    max_basis: opt.MaxBasis = DEFAULTS.max_basis,
     trace: opt.Trace = DEFAULTS.trace,
     density: Annotated[
         bool,
@@ -95,6 +96,7 @@ def analyze_command(
             method=method,  # type: ignore[arg-type]
             tol=tol,
             max_iter=max_iter,
+            max_basis=max_basis,
             seed=seed,
             trace=trace,
             density=density,

@@ -128,6 +128,7 @@ def check_command(
     method: opt.Method = DEFAULTS.method,
     tol: opt.Tol = DEFAULTS.tol,
     max_iter: opt.MaxIter = DEFAULTS.max_iter,
+    max_basis: opt.MaxBasis = DEFAULTS.max_basis,
     trace: opt.Trace = DEFAULTS.trace,
     batch_stats: opt.BatchStats = DEFAULTS.batch_stats,
     params: opt.Params = None,
@@ -188,6 +189,7 @@ def check_command(
             method=method,  # type: ignore[arg-type]
             tol=tol,
             max_iter=max_iter,
+            max_basis=max_basis,
             seed=seed,
             trace=trace,
             rho=rho,

@@ -70,6 +70,7 @@ def finetune_command(
             help="The checkpoint to start from (any format `analyze` reads); not needed with "
             "--resume.",
             show_default=False,
+            metavar="CHECKPOINT",
         ),
     ] = None,
     data: Annotated[str | None, opt.Data.__metadata__[0]] = None,

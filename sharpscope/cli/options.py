@@ -25,6 +25,7 @@ Checkpoint = Annotated[
         help="Model checkpoint: state dict (.pt/.pth/.bin), .safetensors, TorchScript, "
         "torch.export .pt2, or a pickled module (with --trust-pickle).",
         show_default=False,
+        metavar="CHECKPOINT",
     ),
 ]
 Data = Annotated[
@@ -103,6 +104,14 @@ Tol = Annotated[
 ]
 MaxIter = Annotated[
     int, typer.Option(help="Most Hessian-vector products per solve.", rich_help_panel=HESSIAN)
+]
+MaxBasis = Annotated[
+    int | None,
+    typer.Option(
+        help="Lanczos: keep at most this many vectors of the model's size in memory (thick "
+        "restarts; more products, raise --max-iter). Default: all.",
+        rich_help_panel=HESSIAN,
+    ),
 ]
 Trace = Annotated[bool, typer.Option(help="Estimate the trace (Hutch++).", rich_help_panel=HESSIAN)]
 Params = Annotated[

@@ -37,7 +37,7 @@ def slq(
         for _ in range(steps):
             process.step()
             if progress is not None:
-                progress("slq", i * steps + process.count, n_vectors * steps)
+                progress("slq", i * steps + process.steps, n_vectors * steps)
             if process.exhausted or process.beta == 0.0:
                 break
         theta, s, _ = process.ritz()

@@ -20,29 +20,52 @@ class LanczosProcess:
 
     Every new vector is reorthogonalised against the whole basis. When the Krylov space becomes
     invariant (β ≈ 0) the process continues from a fresh random vector orthogonal to the basis, so
-    that T becomes block diagonal and repeated eigenvalues can still be found.
+    that T becomes block diagonal and repeated eigenvalues can still be found. :meth:`restart`
+    shrinks the basis to chosen Ritz vectors (thick restart, Wu and Simon 2000): T then starts
+    as their Ritz values with an arrowhead of couplings to the next vector, and the relation
+    holds on. ``capacity`` caps the rows the basis ever allocates.
     """
 
-    def __init__(self, op: LinearOperator, start: torch.Tensor, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        op: LinearOperator,
+        start: torch.Tensor,
+        generator: torch.Generator,
+        capacity: int | None = None,
+    ) -> None:
         self.op = op
         self.generator = generator
+        self.capacity = capacity
         self.basis = torch.empty(0, op.size, dtype=op.dtype, device=op.device)
         self.count = 0
-        self.alphas: list[float] = []
-        self.couplings: list[float] = []
+        self.steps = 0
         self.beta = 0.0
         self.scale = 0.0
         self.exhausted = False
+        self._t = torch.zeros(0, 0, dtype=torch.float64)
+        self._arrow: torch.Tensor | None = None
         self._next = start / torch.linalg.vector_norm(start)
 
     def _push(self, q: torch.Tensor) -> None:
+        """Append ``q`` to the basis and its coupling to the previous vector(s) to T."""
         if self.count == self.basis.shape[0]:
-            grown = torch.empty(
-                max(8, 2 * self.count), self.op.size, dtype=q.dtype, device=q.device
-            )
+            rows = max(8, 2 * self.count)
+            if self.capacity is not None:
+                rows = max(self.count + 1, min(rows, self.capacity))
+            grown = torch.empty(rows, self.op.size, dtype=q.dtype, device=q.device)
             grown[: self.count] = self.basis[: self.count]
             self.basis = grown
-        self.basis[self.count] = q
+            t = torch.zeros(rows, rows, dtype=torch.float64)
+            t[: self.count, : self.count] = self._t[: self.count, : self.count]
+            self._t = t
+        j = self.count
+        if self._arrow is not None:
+            self._t[j, :j] = self._arrow
+            self._t[:j, j] = self._arrow
+            self._arrow = None
+        elif j > 0:
+            self._t[j, j - 1] = self._t[j - 1, j] = self.beta
+        self.basis[j] = q
         self.count += 1
 
     @property
@@ -54,8 +77,9 @@ class LanczosProcess:
         q = self._next
         self._push(q)
         w = self.op.matvec(q)
+        self.steps += 1
         alpha = float(torch.dot(w, q))
-        self.alphas.append(alpha)
+        self._t[self.count - 1, self.count - 1] = alpha
         w = orthogonalize(w, self.vectors)
         beta = float(torch.linalg.vector_norm(w))
         self.scale = max(self.scale, abs(alpha), beta)
@@ -68,28 +92,34 @@ class LanczosProcess:
             return
         if beta > tiny:
             self.beta = beta
-            self.couplings.append(beta)
             self._next = w / beta
             return
         self.beta = 0.0
-        self.couplings.append(0.0)
         fresh = random_vectors(1, self.op.size, q, self.generator)[0]
         fresh = orthogonalize(fresh, self.vectors)
         self._next = fresh / torch.linalg.vector_norm(fresh)
 
-    def tridiagonal(self) -> torch.Tensor:
-        """T (float64, CPU) of the current basis."""
-        m = self.count
-        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
-        if m > 1:
-            off = torch.tensor(self.couplings[: m - 1], dtype=torch.float64)
-            t += torch.diag(off, 1) + torch.diag(off, -1)
-        return t
+    def projected(self) -> torch.Tensor:
+        """T = QᵀHQ (float64, CPU) of the current basis: tridiagonal until a restart."""
+        return self._t[: self.count, : self.count].clone()
 
     def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ritz values (ascending), their coordinates in the basis, and residual norms ‖Hy − θy‖."""
-        theta, s = torch.linalg.eigh(self.tridiagonal())
+        theta, s = torch.linalg.eigh(self.projected())
         return theta, s, (self.beta * s[-1, :]).abs()
+
+    def restart(self, keep: torch.Tensor) -> None:
+        """Keep only the Ritz vectors ``keep`` (indices into :meth:`ritz`'s values) as the basis;
+        the next product continues from the current residual direction."""
+        theta, s, _ = self.ritz()
+        coords = s[:, keep]
+        kept = coords.T.to(dtype=self.op.dtype, device=self.op.device) @ self.vectors
+        n = len(keep)
+        self.basis[:n] = kept
+        self.count = n
+        self._t.zero_()
+        self._t[:n, :n] = torch.diag(theta[keep])
+        self._arrow = self.beta * coords[-1, :]
 
 
 def select(theta: torch.Tensor, k: int, which: Which) -> torch.Tensor:
@@ -126,12 +156,15 @@ def lanczos(
     seed: int = 0,
     v0: torch.Tensor | None = None,
     progress: Progress | None = None,
+    max_basis: int | None = None,
 ) -> EigenResult:
     """The ``k`` largest, smallest or largest-magnitude eigenpairs of ``op`` by Lanczos.
 
     Stops when every wanted Ritz pair has ‖Hy − θy‖ ≤ ``tol`` · max|θ| (the spectral scale seen so
     far), after ``max_iter`` products, or when the space is exhausted. ``converged`` says, per pair,
-    whether its residual met the tolerance.
+    whether its residual met the tolerance. ``max_basis`` (at least k + 2) bounds the vectors
+    held in memory: a full basis restarts thickly from its k + (max_basis − k) // 2 most wanted
+    Ritz vectors; None keeps every vector (fewest products).
     """
     if k < 1:
         raise ValueError("k must be at least 1")
@@ -140,8 +173,10 @@ def lanczos(
     products = op.n_products
     generator = torch.Generator().manual_seed(seed)
     k = min(k, op.size)
-    max_iter = max(k, min(max_iter, op.size))
-    process = LanczosProcess(op, start_vector(op, generator, v0), generator)
+    if max_basis is not None and max_basis < k + 2:
+        raise ValueError(f"max_basis must be at least k + 2 = {k + 2}, got {max_basis}")
+    max_iter = max(k, max_iter if max_basis is not None else min(max_iter, op.size))
+    process = LanczosProcess(op, start_vector(op, generator, v0), generator, max_basis)
     history: list[list[float]] = []
     while True:
         process.step()
@@ -150,10 +185,12 @@ def lanczos(
         history.append(theta[wanted].tolist())
         converged = residuals[wanted] <= tol * theta.abs().max()
         if progress is not None:
-            progress("lanczos", process.count, max_iter)
+            progress("lanczos", process.steps, max_iter)
         done = len(wanted) == k and bool(converged.all())
-        if done or process.exhausted or process.count >= max_iter:
+        if done or process.exhausted or process.steps >= max_iter:
             break
+        if max_basis is not None and process.count >= max_basis:
+            process.restart(select(theta, k + (max_basis - k) // 2, which))
     coords = s[:, wanted].to(dtype=op.dtype, device=op.device)
     vectors = coords.T @ process.vectors
     vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
@@ -163,7 +200,7 @@ def lanczos(
         residuals=residuals[wanted],
         converged=converged,
         n_products=op.n_products - products,
-        n_iterations=process.count,
+        n_iterations=process.steps,
         seconds=time.perf_counter() - start,
         method="lanczos",
         which=which,
