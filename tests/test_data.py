@@ -120,6 +120,23 @@ def test_torch_files(tmp_path, form):
     assert bundle.num_classes == 3
 
 
+def test_zip_torch_files_are_memory_mapped_and_the_bundle_owns_its_samples(tmp_path, monkeypatch):
+    """Only a zip-format file is mapped (legacy files cannot be); the samples taken are copies,
+    so rewriting the file afterwards changes nothing loaded."""
+    calls = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("mmap")) or load(*a, **k))
+    x, y = torch.randn(50, 3), torch.arange(50) % 4
+    for legacy in (False, True):
+        path = tmp_path / f"d{int(legacy)}.pt"
+        torch.save({"x": x, "y": y}, path, _use_new_zipfile_serialization=not legacy)
+        bundle = load_data(str(path), samples=7, seed=3)
+        torch.save({"x": torch.zeros(50, 3), "y": y}, path)
+        idx = subset_indices(50, 7, 3)
+        assert torch.equal(bundle.inputs, x[idx]) and torch.equal(bundle.targets, y[idx])
+    assert calls == [True, False]
+
+
 def test_safetensors_and_detection_by_content(tmp_path):
     x, y = torch.rand(4, 3, dtype=torch.float64), torch.tensor([1, 0, 1, 1])
     save_file({"features": x, "Y": y}, tmp_path / "d.safetensors")

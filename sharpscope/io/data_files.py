@@ -189,8 +189,11 @@ def _read_safetensors(path: Path, name: str) -> dict[str, Any]:
 
 
 def _read_torch(path: Path, name: str) -> Mapping[str, Any]:
+    """``torch.load`` with weights only; a zip-format file is memory-mapped, so that only the
+    samples a run takes are read (the legacy format cannot be)."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        mmap = zipfile.is_zipfile(path)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:  # torch's message is many lines: keep the gist
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if found is None:
