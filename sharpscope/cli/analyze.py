@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,12 +20,25 @@ from sharpscope.cli.common import (
     print_json,
     stdout,
 )
-from sharpscope.cli.loading import Loaded, load_inputs
+from sharpscope.cli.loading import Loaded, load_inputs, loading_options
 from sharpscope.report.json_report import build_report, dumps
 from sharpscope.report.outdir import check_out_dir, write_out_dir
 from sharpscope.report.table import print_report
 
 DEFAULTS = AnalyzeConfig()
+FIELD_OPTIONS = {"k": "top_k"}
+"""The :class:`AnalyzeConfig` fields whose option has another name (``--top-k``)."""
+
+
+def analysis_config(params: Mapping[str, Any], **extra: Any) -> AnalyzeConfig:
+    """The :class:`AnalyzeConfig` a command's options (``{parameter name: value}``) describe: each
+    field from the option of its name, the default where the command has no such option."""
+    values = {}
+    for field in fields(AnalyzeConfig):
+        option = FIELD_OPTIONS.get(field.name, field.name)
+        if option in params:
+            values[field.name] = params[option]
+    return AnalyzeConfig(**values, **extra)
 
 
 def run_analysis(
@@ -47,7 +62,7 @@ def analyze_command(
     batch_size: opt.BatchSize = opt.BATCH_SIZE,
     samples: opt.Samples = opt.SAMPLES,
     loss: opt.Loss = opt.LOSS,
-    k: opt.TopK = DEFAULTS.k,
+    top_k: opt.TopK = DEFAULTS.k,
     method: opt.Method = DEFAULTS.method,
     tol: opt.Tol = DEFAULTS.tol,
     max_iter: opt.MaxIter = DEFAULTS.max_iter,
@@ -90,42 +105,13 @@ def analyze_command(
 ) -> None:
     """Top Hessian eigenvalues, trace, density and SAM alignment of a checkpoint on some data.
     Under torchrun every rank takes its share of the batches and rank 0 reports."""
+    options = dict(locals())  # every option by its parameter name, as Typer passed it
     with command_scope(debug, dist_timeout):
-        config = AnalyzeConfig(
-            k=k,
-            method=method,  # type: ignore[arg-type]
-            tol=tol,
-            max_iter=max_iter,
-            max_basis=max_basis,
-            seed=seed,
-            trace=trace,
-            density=density,
-            per_layer=per_layer,
-            rho=rho,
-            alpha=alpha,
-            backend=backend,  # type: ignore[arg-type]
-            batch_stats=batch_stats,
-            params=params,
-            slices=out is not None,
-        )
+        config = analysis_config(options, slices=out is not None)
         validate(config)
         if out is not None:
             check_out_dir(out)
-        loaded = load_inputs(
-            checkpoint,
-            data,
-            model=model,
-            model_args=model_arg,
-            trust_pickle=trust_pickle,
-            split=split,
-            samples=samples,
-            batch_size=batch_size,
-            seed=seed,
-            loss=loss,
-            device=device,
-            dtype=dtype,
-            shard=True,
-        )
+        loaded = load_inputs(checkpoint, data, shard=True, **loading_options(options))
         analysis, report = run_analysis(loaded, config, quiet)
         if distributed.is_main():
             _render(report, analysis, loaded, json_out, out)

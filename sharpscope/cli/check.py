@@ -21,9 +21,9 @@ import typer
 from sharpscope.analysis.analyze import AnalyzeConfig
 from sharpscope.analysis.gate import Check, Thresholds, figures, gate
 from sharpscope.cli import options as opt
-from sharpscope.cli.analyze import DEFAULTS, run_analysis
+from sharpscope.cli.analyze import DEFAULTS, analysis_config, run_analysis
 from sharpscope.cli.common import errors_as_exit, fail, info, print_json, stderr, stdout
-from sharpscope.cli.loading import Loaded, load_inputs
+from sharpscope.cli.loading import Loaded, load_inputs, loading_options
 from sharpscope.config import load_config
 from sharpscope.errors import InputError
 from sharpscope.io.atomic import write_text_atomic
@@ -172,6 +172,7 @@ def check_command(
 
     A check is only failed when the figure is past its limit by more than its uncertainty.
     """
+    options = dict(locals())  # every option by its parameter name, as Typer passed it
     start = time.perf_counter()
     with errors_as_exit(debug):
         thresholds = Thresholds(
@@ -184,33 +185,8 @@ def check_command(
             sigmas=sigmas,
         )
         thresholds = _plan(thresholds, baseline, update_baseline)
-        analysis = AnalyzeConfig(
-            k=top_k,
-            method=method,  # type: ignore[arg-type]
-            tol=tol,
-            max_iter=max_iter,
-            max_basis=max_basis,
-            seed=seed,
-            trace=trace,
-            rho=rho,
-            alpha=alpha,
-            backend=backend,  # type: ignore[arg-type]
-            batch_stats=batch_stats,
-            params=params,
-        )
-        load = partial(
-            load_inputs,
-            model=model,
-            model_args=model_arg,
-            trust_pickle=trust_pickle,
-            split=split,
-            samples=samples,
-            batch_size=batch_size,
-            seed=seed,
-            loss=loss,
-            device=device,
-            dtype=dtype,
-        )
+        analysis = analysis_config(options)
+        load = partial(load_inputs, **loading_options(options))
         relative = baseline is not None and thresholds.max_increase is not None
         base = read_report(baseline) if relative else None
         if update_baseline and baseline is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,19 @@ def _probe(
     if not isinstance(outputs, torch.Tensor):
         raise InputError(f"the model returned {type(outputs).__name__}, not a tensor of outputs")
     check_targets(data, outputs)
+
+
+LOADING_OPTIONS: tuple[str, ...] = (
+    *("model", "trust_pickle", "split", "samples", "batch_size"),
+    *("seed", "loss", "device", "dtype"),
+)
+"""The options of a command that :func:`load_inputs` takes under the same names."""
+
+
+def loading_options(params: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`load_inputs`' keyword arguments from a command's options (``{parameter name:
+    value}``): each from the option of its name, ``model_args`` from ``--model-arg``."""
+    return {**{name: params[name] for name in LOADING_OPTIONS}, "model_args": params["model_arg"]}
 
 
 def load_inputs(
