@@ -23,7 +23,8 @@ class LanczosProcess:
     that T becomes block diagonal and repeated eigenvalues can still be found. :meth:`restart`
     shrinks the basis to chosen Ritz vectors (thick restart, Wu and Simon 2000): T then starts
     as their Ritz values with an arrowhead of couplings to the next vector, and the relation
-    holds on. ``capacity`` caps the rows the basis ever allocates.
+    holds on. With a ``capacity`` the basis is allocated once with that many rows (no copies
+    while it grows); without, it doubles as needed.
     """
 
     def __init__(
@@ -49,9 +50,8 @@ class LanczosProcess:
     def _push(self, q: torch.Tensor) -> None:
         """Append ``q`` to the basis and its coupling to the previous vector(s) to T."""
         if self.count == self.basis.shape[0]:
-            rows = max(8, 2 * self.count)
-            if self.capacity is not None:
-                rows = max(self.count + 1, min(rows, self.capacity))
+            rows = max(8, 2 * self.count) if self.capacity is None else self.capacity
+            rows = max(rows, self.count + 1)
             grown = torch.empty(rows, self.op.size, dtype=q.dtype, device=q.device)
             grown[: self.count] = self.basis[: self.count]
             self.basis = grown
