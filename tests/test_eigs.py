@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from sharpscope.curvature import HessianOperator, MatrixOperator, lanczos, power_iteration
 from sharpscope.curvature.lanczos import LanczosProcess
+
+lanczos_module = importlib.import_module("sharpscope.curvature.lanczos")  # not the function
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,9 +96,12 @@ def test_thick_restarts_keep_the_dense_answer_in_a_bounded_basis(problem, max_ba
     assert top.n_products > full.n_products  # restarts cost products, never accuracy
 
 
-def test_a_restarted_process_keeps_the_lanczos_relation(mlp):
+@pytest.mark.parametrize("slab", [1 << 20, 7])
+def test_a_restarted_process_keeps_the_lanczos_relation(mlp, monkeypatch, slab):
     """After thick restarts, H Q = Q T + β q eᵀ holds with the dense H, Q stays orthonormal and
-    no more than ``capacity`` rows are ever allocated."""
+    no more than ``capacity`` rows are ever allocated; also when the in-place rewrite of the
+    basis goes in many slabs of coordinates."""
+    monkeypatch.setattr(lanczos_module, "RESTART_COLUMNS", slab)
     hessian = mlp.hessian
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(hessian.shape[0], generator=gen, dtype=torch.float64)

@@ -13,6 +13,8 @@ from sharpscope.curvature.vectors import orthogonalize, random_vectors
 
 Which = Literal["largest", "smallest", "magnitude"]
 WHICH: tuple[str, ...] = ("largest", "smallest", "magnitude")
+RESTART_COLUMNS = 1 << 20
+"""A thick restart rewrites the basis in slabs of this many coordinates (bounded scratch)."""
 
 
 class LanczosProcess:
@@ -113,9 +115,11 @@ class LanczosProcess:
         the next product continues from the current residual direction."""
         theta, s, _ = self.ritz()
         coords = s[:, keep]
-        kept = coords.T.to(dtype=self.op.dtype, device=self.op.device) @ self.vectors
+        weights = coords.T.to(dtype=self.op.dtype, device=self.op.device)
         n = len(keep)
-        self.basis[:n] = kept
+        for start in range(0, self.op.size, RESTART_COLUMNS):  # in place, a slab at a time
+            cols = slice(start, start + RESTART_COLUMNS)
+            self.basis[:n, cols] = weights @ self.basis[: self.count, cols]
         self.count = n
         self._t.zero_()
         self._t[:n, :n] = torch.diag(theta[keep])
