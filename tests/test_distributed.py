@@ -271,13 +271,18 @@ main()
 
 @pytest.mark.parametrize(
     ("args", "code", "output"),
-    [(["--version"], 0, "sharpscope "), (["analyze", "--no-such-flag"], 2, "No such option")],
+    [
+        (["--version"], 0, "sharpscope "),
+        (["analyze", "--no-such-flag"], 2, "No such option"),
+        (["check", "absent.json", "--max-eigenvalue", "1", "--debug"], 1, "Traceback"),
+    ],
 )
 def test_under_torchrun_the_cli_skips_finalisation_but_keeps_exit_handlers_and_code(
     args, code, output
 ):
     """Under torchrun the entry point ends with os._exit (Gloo's threads abort a finalising
-    interpreter): exit handlers still run, the exit code and output are kept; not so alone."""
+    interpreter), also after a --debug traceback: exit handlers still run, the exit code and
+    output are kept; not so alone."""
     torchrun = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     for extra, finalised in [(torchrun, False), ({}, True)]:
         done = subprocess.run(

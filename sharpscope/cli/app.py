@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from typing import Annotated
 
 import typer
@@ -58,4 +59,7 @@ def main() -> None:
         app()
     except SystemExit as done:
         distributed.exit_now(done.code)
+    except BaseException:  # --debug lets errors through: show them, then end the same way
+        traceback.print_exc()
+        distributed.exit_now(1)
     distributed.exit_now(0)
