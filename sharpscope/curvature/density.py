@@ -33,7 +33,7 @@ def slq(
     nodes, weights = [], []
     for i in range(n_vectors):
         z = random_vectors(1, op.size, like, generator, "rademacher")[0]
-        process = LanczosProcess(op, z, generator)
+        process = LanczosProcess(op, z, generator, capacity=steps)
         for _ in range(steps):
             process.step()
             if progress is not None:
