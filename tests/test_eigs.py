@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sharpscope.curvature import HessianOperator, MatrixOperator, lanczos, power_iteration
-from sharpscope.curvature.lanczos import LanczosProcess
+from sharpscope.curvature.lanczos import LanczosProcess, lanczos_extremes
 
 lanczos_module = importlib.import_module("sharpscope.curvature.lanczos")  # not the function
 
@@ -122,6 +122,25 @@ def test_a_restarted_process_keeps_the_lanczos_relation(mlp, monkeypatch, slab):
             process.restart(torch.argsort(theta, descending=True)[:4])
             restarts += 1
     assert process.steps == 30 and restarts == 6
+
+
+@pytest.mark.parametrize("max_basis", [None, 9, 14])
+def test_both_ends_from_one_run_match_dense(problem, max_basis):
+    """lanczos_extremes: top-5 and bottom-2 to 1e-8 from one run (bounded or not), in fewer
+    products than two runs; both results report that run's products."""
+    evals, evecs = torch.linalg.eigh(problem.hessian)
+    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    top, bottom = lanczos_extremes(op, 5, 2, tol=1e-10, max_iter=2000, max_basis=max_basis)
+    _check_pairs(top, evals.flip(0)[:5], evecs.flip(1)[:, :5], problem.hessian)
+    _check_pairs(bottom, evals[:2], evecs[:, :2], problem.hessian)
+    assert top.n_products == bottom.n_products == op.n_products
+    assert (top.which, bottom.which) == ("largest", "smallest")
+    if max_basis is None:
+        apart = lanczos(op, k=5, tol=1e-10).n_products
+        apart += lanczos(op, k=2, which="smallest", tol=1e-10).n_products
+        assert top.n_products < apart
+    with pytest.raises(ValueError, match="max_basis must be at least 5 \\+ 2 \\+ 2 = 9"):
+        lanczos_extremes(op, 5, 2, max_basis=8)
 
 
 def test_max_basis_below_k_plus_2_is_refused(mlp):

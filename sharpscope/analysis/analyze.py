@@ -28,7 +28,7 @@ from sharpscope.curvature import (
     slq,
 )
 from sharpscope.curvature.hvp import Backend, LossFn
-from sharpscope.curvature.lanczos import Which
+from sharpscope.curvature.lanczos import Which, lanczos_extremes
 from sharpscope.errors import InputError
 
 Method = Literal["lanczos", "power", "pyhessian"]
@@ -191,9 +191,10 @@ def validate(config: AnalyzeConfig) -> None:
         raise InputError("--top-k and --max-iter must be at least 1")
     if not config.tol > 0:
         raise InputError(f"--tol must be positive, got {config.tol}")
-    if config.max_basis is not None and config.max_basis < config.k + 2:
+    if config.max_basis is not None and config.max_basis < config.k + 3:
         raise InputError(
-            f"--max-basis must be at least --top-k + 2 = {config.k + 2}, got {config.max_basis}"
+            f"--max-basis must be at least --top-k + 3 = {config.k + 3} (the top-k, λ_min and "
+            f"two more), got {config.max_basis}"
         )
     if config.rho <= 0 or config.alpha < 0:
         raise InputError("--rho must be positive and --alpha not negative")
@@ -234,19 +235,32 @@ def analyze(
             )
         gradient = op.gradient()
         acc = accuracy(model, batches, op.dtype, op.device, config.batch_stats, op.distributed)
-    with watch.stage("eigenvalues"):
-        if config.method == "pyhessian":
-            top = pyhessian_eigs(op, config.k, config.tol, config.max_iter, config.seed)
-        else:
-            top = _eigs(op, config, config.k, "largest", _staged(progress, "top-k"))
-    with watch.stage("lambda_min"):
-        bottom = _eigs(
-            op,
-            config if config.method != "pyhessian" else _lanczos_of(config),
-            1,
-            "smallest",
-            _staged(progress, "λ_min"),
-        )
+    if config.method == "lanczos":
+        with watch.stage("eigenvalues"):  # λ_min from the same run
+            top, bottom = lanczos_extremes(
+                op,
+                config.k,
+                1,
+                config.tol,
+                config.max_iter,
+                config.seed,
+                progress=_staged(progress, "top-k and λ_min"),
+                max_basis=config.max_basis,
+            )
+    else:
+        with watch.stage("eigenvalues"):
+            if config.method == "pyhessian":
+                top = pyhessian_eigs(op, config.k, config.tol, config.max_iter, config.seed)
+            else:
+                top = _eigs(op, config, config.k, "largest", _staged(progress, "top-k"))
+        with watch.stage("lambda_min"):
+            bottom = _eigs(
+                op,
+                config if config.method != "pyhessian" else _lanczos_of(config),
+                1,
+                "smallest",
+                _staged(progress, "λ_min"),
+            )
     trace = None
     if config.trace:
         with watch.stage("trace"):

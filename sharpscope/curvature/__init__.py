@@ -3,7 +3,7 @@
 from sharpscope.curvature.api import hessian_eigs, hessian_trace, spectral_density
 from sharpscope.curvature.density import slq
 from sharpscope.curvature.hvp import BACKENDS, HessianOperator, curvature_mode
-from sharpscope.curvature.lanczos import lanczos
+from sharpscope.curvature.lanczos import lanczos, lanczos_extremes
 from sharpscope.curvature.linop import LinearOperator, MatrixOperator
 from sharpscope.curvature.params import ParamSpace, select_params
 from sharpscope.curvature.power import power_iteration
@@ -26,6 +26,7 @@ __all__ = [
     "hutchinson",
     "hutchpp",
     "lanczos",
+    "lanczos_extremes",
     "power_iteration",
     "select_params",
     "slq",

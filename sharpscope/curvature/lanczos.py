@@ -170,43 +170,100 @@ def lanczos(
     held in memory: a full basis restarts thickly from its k + (max_basis − k) // 2 most wanted
     Ritz vectors; None keeps every vector (fewest products).
     """
-    if k < 1:
+    return _solve(op, [(k, which)], tol, max_iter, seed, v0, progress, max_basis)[0]
+
+
+def lanczos_extremes(
+    op: LinearOperator,
+    k: int = 5,
+    k_smallest: int = 1,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    seed: int = 0,
+    progress: Progress | None = None,
+    max_basis: int | None = None,
+) -> tuple[EigenResult, EigenResult]:
+    """The ``k`` largest and the ``k_smallest`` smallest eigenpairs from one Lanczos run, which
+    stops when both ends meet :func:`lanczos`' tolerance: fewer products than two runs, as both
+    ends converge in the same Krylov space. Both results report that run's products and time;
+    ``max_basis`` must be at least k + k_smallest + 2 and keeps Ritz vectors from both ends."""
+    return tuple(  # type: ignore[return-value]
+        _solve(
+            op,
+            [(k, "largest"), (k_smallest, "smallest")],
+            tol,
+            max_iter,
+            seed,
+            None,
+            progress,
+            max_basis,
+        )
+    )
+
+
+def _solve(
+    op: LinearOperator,
+    wants: list[tuple[int, Which]],
+    tol: float,
+    max_iter: int,
+    seed: int,
+    v0: torch.Tensor | None,
+    progress: Progress | None,
+    max_basis: int | None,
+) -> list[EigenResult]:
+    """One Lanczos run until every ``(k, which)`` of ``wants`` has converged; a result each."""
+    if any(k < 1 for k, _ in wants):
         raise ValueError("k must be at least 1")
-    select(torch.zeros(1), 1, which)
+    for _, which in wants:
+        select(torch.zeros(1), 1, which)
     start = time.perf_counter()
     products = op.n_products
     generator = torch.Generator().manual_seed(seed)
-    k = min(k, op.size)
-    if max_basis is not None and max_basis < k + 2:
-        raise ValueError(f"max_basis must be at least k + 2 = {k + 2}, got {max_basis}")
-    max_iter = max(k, max_iter if max_basis is not None else min(max_iter, op.size))
+    wants = [(min(k, op.size), which) for k, which in wants]
+    total = sum(k for k, _ in wants)
+    if max_basis is not None and max_basis < total + 2:
+        sizes = " + ".join(["k"] if len(wants) == 1 else [str(k) for k, _ in wants])
+        raise ValueError(f"max_basis must be at least {sizes} + 2 = {total + 2}, got {max_basis}")
+    max_iter = max(total, max_iter if max_basis is not None else min(max_iter, op.size))
     process = LanczosProcess(op, start_vector(op, generator, v0), generator, max_basis)
-    history: list[list[float]] = []
+    histories: list[list[list[float]]] = [[] for _ in wants]
     while True:
         process.step()
         theta, s, residuals = process.ritz()
-        wanted = select(theta, k, which)
-        history.append(theta[wanted].tolist())
-        converged = residuals[wanted] <= tol * theta.abs().max()
+        picks = [select(theta, k, which) for k, which in wants]
+        for history, wanted in zip(histories, picks, strict=True):
+            history.append(theta[wanted].tolist())
+        scale = theta.abs().max()
+        converged = [residuals[wanted] <= tol * scale for wanted in picks]
         if progress is not None:
             progress("lanczos", process.steps, max_iter)
-        done = len(wanted) == k and bool(converged.all())
+        done = all(
+            len(wanted) == k and bool(ok.all())
+            for (k, _), wanted, ok in zip(wants, picks, converged, strict=True)
+        )
         if done or process.exhausted or process.steps >= max_iter:
             break
         if max_basis is not None and process.count >= max_basis:
-            process.restart(select(theta, k + (max_basis - k) // 2, which))
-    coords = s[:, wanted].to(dtype=op.dtype, device=op.device)
-    vectors = coords.T @ process.vectors
-    vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
-    return EigenResult(
-        eigenvalues=theta[wanted],
-        eigenvectors=vectors,
-        residuals=residuals[wanted],
-        converged=converged,
-        n_products=op.n_products - products,
-        n_iterations=process.steps,
-        seconds=time.perf_counter() - start,
-        method="lanczos",
-        which=which,
-        history=history,
-    )
+            extra = (max_basis - total) // (2 * len(wants))
+            kept = [select(theta, k + extra, which) for k, which in wants]
+            process.restart(torch.unique(torch.cat(kept)))
+    results = []
+    for (_, which), wanted, ok, history in zip(wants, picks, converged, histories, strict=True):
+        coords = s[:, wanted].to(dtype=op.dtype, device=op.device)
+        vectors = coords.T @ process.vectors
+        vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+        results.append(
+            EigenResult(
+                eigenvalues=theta[wanted],
+                eigenvectors=vectors,
+                residuals=residuals[wanted],
+                converged=ok,
+                n_products=op.n_products - products,
+                n_iterations=process.steps,
+                seconds=time.perf_counter() - start,
+                method="lanczos",
+                which=which,
+                history=history,
+            )
+        )
+    return results
