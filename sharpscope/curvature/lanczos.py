@@ -187,18 +187,9 @@ def lanczos_extremes(
     stops when both ends meet :func:`lanczos`' tolerance: fewer products than two runs, as both
     ends converge in the same Krylov space. Both results report that run's products and time;
     ``max_basis`` must be at least k + k_smallest + 2 and keeps Ritz vectors from both ends."""
-    return tuple(  # type: ignore[return-value]
-        _solve(
-            op,
-            [(k, "largest"), (k_smallest, "smallest")],
-            tol,
-            max_iter,
-            seed,
-            None,
-            progress,
-            max_basis,
-        )
-    )
+    wants: list[tuple[int, Which]] = [(k, "largest"), (k_smallest, "smallest")]
+    top, bottom = _solve(op, wants, tol, max_iter, seed, None, progress, max_basis)
+    return top, bottom
 
 
 def _solve(
