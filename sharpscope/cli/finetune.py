@@ -198,10 +198,7 @@ def finetune_command(
             dtype=config.dtype,
             shard=True,
         )
-        given_spec = (
-            ModelSpec(model_spec, parse_model_args(model_args or [])) if model_spec else None
-        )
-        spec = _model_spec(given_spec or loaded.checkpoint.model_spec, source)
+        spec = _model_spec(loaded.spec, source)
         if start is None:
             config = replace(
                 config, checkpoint_sha256=loaded.checkpoint.sha256, model=spec.to_json()

@@ -35,6 +35,8 @@ class Loaded:
     dtype: torch.dtype
     description: dict[str, Any]
     """The report's ``inputs`` section: checkpoint, model, data, loss, dtype, device."""
+    spec: ModelSpec | None
+    """The model's spec: --model's, else the one the checkpoint stores (None if neither)."""
 
 
 def _probe(
@@ -134,7 +136,9 @@ def load_inputs(
             "dtype": dtype,
             "device": str(torch_device),
         }
-        loaded = Loaded(net, ckpt, bundle, pieces, loss_fn, torch_device, torch_dtype, description)
+        loaded = Loaded(
+            net, ckpt, bundle, pieces, loss_fn, torch_device, torch_dtype, description, used_spec
+        )
     if shard and distributed.is_distributed():
         _check_world(loaded)
         loaded.batches = [pieces[i] for i in distributed.shard(len(pieces))]
