@@ -44,7 +44,7 @@ pytestmark = [
 ]
 
 
-def _error(excinfo: pytest.ExceptionInfo[InputError], *parts: str) -> str:
+def error_message(excinfo: pytest.ExceptionInfo[InputError], *parts: str) -> str:
     """The message of an InputError: one line, mentioning every part."""
     message = str(excinfo.value)
     assert "\n" not in message
@@ -169,7 +169,9 @@ def test_foreign_safetensors_needs_a_spec(tmp_path, model, batch):
     save_file({"model." + k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     with pytest.raises(InputError) as excinfo:
         load_model(path)
-    _error(excinfo, "foreign.safetensors", "holds only weights", "--model", "mlp, cnn, resnet18")
+    error_message(
+        excinfo, "foreign.safetensors", "holds only weights", "--model", "mlp, cnn, resnet18"
+    )
     loaded, ckpt = load_model(path, SPEC)
     assert (ckpt.model_spec, ckpt.stripped_prefix) == (None, "model.")
     _same(loaded, model, batch[0])
@@ -279,7 +281,9 @@ def test_export_static_shape_is_explained(files, batch):
     loaded, _ = load_model(files["export"])
     with pytest.raises(InputError) as excinfo:
         _hvp(loaded, (batch[0][:4], batch[1][:4]))
-    _error(excinfo, "exported for inputs of shape [6, 1, 8, 8]", "[4, 1, 8, 8]", "dynamic_shapes")
+    error_message(
+        excinfo, "exported for inputs of shape [6, 1, 8, 8]", "[4, 1, 8, 8]", "dynamic_shapes"
+    )
 
 
 def test_export_with_dynamic_batch(tmp_path, model, batch):
@@ -304,7 +308,7 @@ def test_graphs_fixed_in_training_mode_are_refused(tmp_path, model, batch):
     for name, how in [("trace.pt", "torch.jit.trace"), ("train.pt2", "torch.export.export")]:
         with pytest.raises(InputError) as excinfo:
             read_checkpoint(tmp_path / name)
-        _error(excinfo, name, "training mode", "batch_norm", f"model.eval() before {how}")
+        error_message(excinfo, name, "training mode", "batch_norm", f"model.eval() before {how}")
     torch.jit.save(torch.jit.script(train), tmp_path / "script.pt")  # mode stays switchable
     assert read_checkpoint(tmp_path / "script.pt").format == "torchscript"
 
@@ -323,7 +327,7 @@ def test_pickled_module_needs_trust(tmp_path, model, batch):
     torch.save(model, path)
     with pytest.raises(InputError) as excinfo:
         load_model(path)
-    _error(excinfo, "whole.pt", "arbitrary Python objects", "Sequential", "--trust-pickle")
+    error_message(excinfo, "whole.pt", "arbitrary Python objects", "Sequential", "--trust-pickle")
     loaded, ckpt = load_model(path, trust_pickle=True)
     assert ckpt.format == "module"
     _same(loaded, model, batch[0])
@@ -347,7 +351,7 @@ def test_pickled_module_of_a_missing_class(tmp_path):
         sys.modules.pop("gone_net_for_test", None)
     with pytest.raises(InputError) as excinfo:
         read_checkpoint(tmp_path / "net.pt", trust_pickle=True)
-    _error(excinfo, "net.pt", "cannot be imported", "gone_net_for_test", "state_dict")
+    error_message(excinfo, "net.pt", "cannot be imported", "gone_net_for_test", "state_dict")
 
 
 def _rewrite_zip(src: Path, dst: Path, change: dict[str, bytes]) -> None:
@@ -375,7 +379,7 @@ def test_export_archive_with_pickled_payloads_needs_trust(tmp_path, files):
     for name, what in [("pickled.pt2", "pickled 1.weight"), ("inputs.pt2", "PosixPath")]:
         with pytest.raises(InputError) as excinfo:
             read_checkpoint(tmp_path / name)
-        _error(excinfo, name, what, "--trust-pickle")
+        error_message(excinfo, name, what, "--trust-pickle")
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -389,11 +393,11 @@ def _write_bytes(path: Path, data: bytes) -> Path:
 def test_missing_file_and_directory(tmp_path, model):
     with pytest.raises(InputError) as excinfo:
         read_checkpoint(tmp_path / "nope.pt")
-    _error(excinfo, "nope.pt", "not found")
+    error_message(excinfo, "nope.pt", "not found")
     save_checkpoint(tmp_path / "run" / "last.safetensors", model, SPEC)
     with pytest.raises(InputError) as excinfo:
         load_model(tmp_path / "run")
-    _error(excinfo, "run", "is a directory", "last.safetensors")
+    error_message(excinfo, "run", "is a directory", "last.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -409,7 +413,7 @@ def test_unreadable_content(tmp_path, content, parts):
     path = _write_bytes(tmp_path / "bad.pt", content)
     with pytest.raises(InputError) as excinfo:
         read_checkpoint(path)
-    _error(excinfo, "bad.pt", *parts)
+    error_message(excinfo, "bad.pt", *parts)
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "torch.save", "legacy", "torchscript", "export"])
@@ -419,7 +423,7 @@ def test_truncated_files(tmp_path, files, kind, keep):
     path = _write_bytes(tmp_path / f"cut{files[kind].suffix}", data[: int(len(data) * keep)])
     with pytest.raises(InputError) as excinfo:
         read_checkpoint(path)
-    _error(excinfo, path.name)
+    error_message(excinfo, path.name)
 
 
 def test_zip_that_is_not_a_checkpoint(tmp_path):
@@ -427,7 +431,7 @@ def test_zip_that_is_not_a_checkpoint(tmp_path):
         archive.writestr("inputs.npy", b"123")
     with pytest.raises(InputError) as excinfo:
         read_checkpoint(tmp_path / "data.pt")
-    _error(excinfo, "data.pt", "zip archive", "data.pkl")
+    error_message(excinfo, "data.pt", "zip archive", "data.pkl")
 
 
 @pytest.mark.parametrize(
@@ -442,14 +446,14 @@ def test_not_a_state_dict(tmp_path, obj, parts):
     torch.save(obj, tmp_path / "odd.pt")
     with pytest.raises(InputError) as excinfo:
         read_checkpoint(tmp_path / "odd.pt")
-    _error(excinfo, "odd.pt", *parts)
+    error_message(excinfo, "odd.pt", *parts)
 
 
 def test_malformed_stored_spec(tmp_path):
     save_file({"w": torch.zeros(1)}, str(tmp_path / "m.safetensors"), metadata={SPEC_KEY: "{x"})
     with pytest.raises(InputError) as excinfo:
         read_checkpoint(tmp_path / "m.safetensors")
-    _error(excinfo, "m.safetensors", SPEC_KEY)
+    error_message(excinfo, "m.safetensors", SPEC_KEY)
 
 
 def test_key_and_shape_mismatches_are_named(tmp_path, model):
@@ -460,7 +464,7 @@ def test_key_and_shape_mismatches_are_named(tmp_path, model):
     torch.save(state, tmp_path / "off.pt")
     with pytest.raises(InputError) as excinfo:
         load_model(tmp_path / "off.pt", SPEC)
-    _error(
+    error_message(
         excinfo,
         "does not fit the model cnn(width=2)",
         "missing keys 12.bias",
@@ -490,7 +494,7 @@ def test_failed_save_keeps_the_old_file(tmp_path, model, monkeypatch):
     sparse.register_buffer("mask", torch.eye(3).to_sparse())
     with pytest.raises(InputError) as excinfo:
         save_checkpoint(path, sparse, SPEC)
-    _error(excinfo, "'mask'", "dense tensors only")
+    error_message(excinfo, "'mask'", "dense tensors only")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 

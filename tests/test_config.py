@@ -8,18 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_check import analyze_report, check, make_checkpoint, one_error_line, write
+import test_check
+from test_check import check, one_error_line, write
 
 from sharpscope.cli.check import check_command
 from sharpscope.config import SETTINGS, find_config, load_config, option_name, read_config
 from sharpscope.errors import InputError
 
-
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    folder = tmp_path_factory.mktemp("made")
-    checkpoint = make_checkpoint(folder)
-    return checkpoint, analyze_report(checkpoint)
+made = test_check.made  # a fixture: a checkpoint and its analysis report
 
 
 @pytest.fixture

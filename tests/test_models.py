@@ -7,21 +7,12 @@ import textwrap
 
 import pytest
 import torch
+from test_checkpoints import error_message
 from torch import nn
 
 from sharpscope.errors import InputError
 from sharpscope.io.architectures import BUILTIN_MODELS, ToImage, cnn, mlp, resnet18
 from sharpscope.io.models import ModelSpec, build_model, parse_model_args
-
-
-def _error(excinfo: pytest.ExceptionInfo[InputError], *parts: str) -> str:
-    """The message of an InputError: one line, mentioning every part."""
-    message = str(excinfo.value)
-    assert "\n" not in message
-    for part in parts:
-        assert part in message, (part, message)
-    return message
-
 
 # --- built-in architectures ---------------------------------------------------------------------
 
@@ -100,16 +91,16 @@ def test_spec_json_round_trip():
 def test_spec_from_bad_json(text):
     with pytest.raises(InputError) as excinfo:
         ModelSpec.from_json(text)
-    _error(excinfo, "model spec")
+    error_message(excinfo, "model spec")
 
 
 def test_spec_rejects_what_json_cannot_hold():
     with pytest.raises(InputError) as excinfo:
         ModelSpec("mlp", {"hidden": {1, 2}})
-    _error(excinfo, "JSON", "hidden")
+    error_message(excinfo, "JSON", "hidden")
     with pytest.raises(InputError) as excinfo:
         ModelSpec("", {})
-    _error(excinfo, "non-empty")
+    error_message(excinfo, "non-empty")
 
 
 def test_parse_model_args():
@@ -135,7 +126,7 @@ def test_parse_model_args():
 def test_parse_model_args_errors(items, part):
     with pytest.raises(InputError) as excinfo:
         parse_model_args(items)
-    _error(excinfo, part)
+    error_message(excinfo, part)
 
 
 # --- building models ----------------------------------------------------------------------------
@@ -170,7 +161,7 @@ def test_build_from_module_path():
 def test_build_errors(spec, parts):
     with pytest.raises(InputError) as excinfo:
         build_model(spec)
-    _error(excinfo, *parts)
+    error_message(excinfo, *parts)
 
 
 def _write(path, source: str) -> None:
@@ -226,4 +217,4 @@ def test_build_from_file_errors(tmp_path, name, source, target, parts):
         path.write_text(source, encoding="utf-8")
     with pytest.raises(InputError) as excinfo:
         build_model(ModelSpec(f"{path}:{target}"))
-    _error(excinfo, *parts)
+    error_message(excinfo, *parts)
