@@ -2,5 +2,10 @@
 
 
 class InputError(Exception):
-    """Bad input from the user (a file, a spec, an option): the CLI prints the message as one
-    line on stderr and exits with code 2. The message names the problem and the fix."""
+    """Bad input from the user (a file, a spec, a setting): the CLI prints the message as one
+    line on stderr and exits with code 2. The message names the problem and the fix.
+
+    Library code names a setting by its Python parameter name in backticks (`` `k` must be at
+    least 1, got 0``); the CLI shows each such name as the command-line option that sets it
+    (``--top-k``, see :mod:`sharpscope.cli.flags`), so the library never speaks in flags.
+    """

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sharpscope import distributed
+from sharpscope.cli.flags import as_flags
 from sharpscope.cli.options import RUN
 from sharpscope.errors import InputError
 
@@ -73,7 +74,7 @@ def errors_as_exit(debug: bool) -> Iterator[None]:
     except InputError as exc:
         if debug:
             raise
-        raise fail(str(exc), not isinstance(exc, distributed.RankError)) from None
+        raise fail(as_flags(str(exc)), not isinstance(exc, distributed.RankError)) from None
     except Exception as exc:
         if debug:
             raise

@@ -1,0 +1,58 @@
+"""Library parameter names -> the command-line options that set them, for error messages.
+
+Library errors name parameters in backticks (:class:`sharpscope.errors.InputError`); the CLI
+boundary shows them as options with :func:`as_flags`.
+"""
+
+from __future__ import annotations
+
+import re
+
+FLAGS: dict[str, str] = {
+    # loading (sharpscope.cli.loading.load_inputs and the io layer)
+    "checkpoint": "CHECKPOINT",
+    "model": "--model",
+    "model_args": "--model-arg",
+    "trust_pickle": "--trust-pickle",
+    "data": "--data",
+    "split": "--split",
+    "samples": "--samples",
+    "batch_size": "--batch-size",
+    "seed": "--seed",
+    "loss": "--loss",
+    "device": "--device",
+    "dtype": "--dtype",
+    # analysis (sharpscope.analysis.analyze.AnalyzeConfig)
+    "k": "--top-k",
+    "method": "--method",
+    "tol": "--tol",
+    "max_iter": "--max-iter",
+    "max_basis": "--max-basis",
+    "trace": "--trace",
+    "density": "--density",
+    "per_layer": "--per-layer",
+    "params": "--params",
+    "batch_stats": "--batch-stats",
+    "backend": "--backend",
+    "rho": "--rho",
+    "alpha": "--alpha",
+    # the gate (sharpscope.analysis.gate.Thresholds) and its baseline
+    "max_eigenvalue": "--max-eigenvalue",
+    "min_eigenvalue": "--min-eigenvalue",
+    "max_trace": "--max-trace",
+    "max_sam_sharpness": "--max-sam-sharpness",
+    "min_alignment": "--min-alignment",
+    "max_increase": "--max-increase",
+    "sigmas": "--sigmas",
+    "baseline": "--baseline",
+    "update_baseline": "--update-baseline",
+}
+"""Parameter name (as the library spells it) -> option (as the user types it)."""
+
+_NAME = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+
+
+def as_flags(message: str) -> str:
+    """``message`` with each backticked parameter name shown as its option (a name without an
+    option keeps its backticks)."""
+    return _NAME.sub(lambda m: FLAGS.get(m[1], m[0]), message)
