@@ -1,31 +1,21 @@
-"""sharpscope: how sharp is a trained PyTorch model, and is SAM fixing it?"""
+"""sharpscope: how sharp is a trained PyTorch model, and is SAM fixing it?
 
-from sharpscope.curvature import (
-    DensityResult,
-    EigenResult,
-    HessianOperator,
-    LinearOperator,
-    MatrixOperator,
-    ParamSpace,
-    TraceResult,
-    hessian_eigs,
-    hessian_trace,
-    hutchinson,
-    hutchpp,
-    lanczos,
-    lanczos_extremes,
-    power_iteration,
-    select_params,
-    slq,
-    spectral_density,
-)
-from sharpscope.optim import ASAM, SAM, EigenSAM
+The names below load on first use (``import sharpscope`` alone imports no torch), so that the
+command line starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
     "SAM",
+    "Alignment",
+    "AnalyzeConfig",
     "DensityResult",
     "EigenResult",
     "EigenSAM",
@@ -35,6 +25,7 @@ __all__ = [
     "ParamSpace",
     "TraceResult",
     "__version__",
+    "analyze",
     "hessian_eigs",
     "hessian_trace",
     "hutchinson",
@@ -42,7 +33,53 @@ __all__ = [
     "lanczos",
     "lanczos_extremes",
     "power_iteration",
+    "sam_alignment",
     "select_params",
     "slq",
     "spectral_density",
 ]
+
+_HOMES = {
+    **dict.fromkeys(("ASAM", "SAM", "EigenSAM"), "sharpscope.optim"),
+    **dict.fromkeys(("Alignment", "sam_alignment"), "sharpscope.analysis.alignment"),
+    **dict.fromkeys(("AnalyzeConfig", "analyze"), "sharpscope.analysis.analyze"),
+}
+"""Public name -> the module that defines it, where that is not sharpscope.curvature."""
+
+if TYPE_CHECKING:
+    from sharpscope.analysis.alignment import Alignment, sam_alignment
+    from sharpscope.analysis.analyze import AnalyzeConfig, analyze
+    from sharpscope.curvature import (
+        DensityResult,
+        EigenResult,
+        HessianOperator,
+        LinearOperator,
+        MatrixOperator,
+        ParamSpace,
+        TraceResult,
+        hessian_eigs,
+        hessian_trace,
+        hutchinson,
+        hutchpp,
+        lanczos,
+        lanczos_extremes,
+        power_iteration,
+        select_params,
+        slq,
+        spectral_density,
+    )
+    from sharpscope.optim import ASAM, SAM, EigenSAM
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module when the name is first used."""
+    if name not in __all__:
+        raise AttributeError(f"module 'sharpscope' has no attribute {name!r}")
+    home = _HOMES.get(name, "sharpscope.curvature")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from sharpscope.errors import InputError
+from sharpscope.launch import launched_by_torchrun
 
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT_S = 600.0
 
 
@@ -48,11 +48,6 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on rank 0, the one that prints, draws progress and writes files."""
     return rank() == 0
-
-
-def launched_by_torchrun() -> bool:
-    """True when torchrun's environment variables (RANK, WORLD_SIZE, ...) are all set."""
-    return all(name in os.environ for name in TORCHRUN_VARS)
 
 
 def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:

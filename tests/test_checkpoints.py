@@ -170,7 +170,7 @@ def test_foreign_safetensors_needs_a_spec(tmp_path, model, batch):
     with pytest.raises(InputError) as excinfo:
         load_model(path)
     error_message(
-        excinfo, "foreign.safetensors", "holds only weights", "--model", "mlp, cnn, resnet18"
+        excinfo, "foreign.safetensors", "holds only weights", "`model`", "mlp, cnn, resnet18"
     )
     loaded, ckpt = load_model(path, SPEC)
     assert (ckpt.model_spec, ckpt.stripped_prefix) == (None, "model.")
@@ -327,7 +327,7 @@ def test_pickled_module_needs_trust(tmp_path, model, batch):
     torch.save(model, path)
     with pytest.raises(InputError) as excinfo:
         load_model(path)
-    error_message(excinfo, "whole.pt", "arbitrary Python objects", "Sequential", "--trust-pickle")
+    error_message(excinfo, "whole.pt", "arbitrary Python objects", "Sequential", "`trust_pickle`")
     loaded, ckpt = load_model(path, trust_pickle=True)
     assert ckpt.format == "module"
     _same(loaded, model, batch[0])
@@ -379,7 +379,7 @@ def test_export_archive_with_pickled_payloads_needs_trust(tmp_path, files):
     for name, what in [("pickled.pt2", "pickled 1.weight"), ("inputs.pt2", "PosixPath")]:
         with pytest.raises(InputError) as excinfo:
             read_checkpoint(tmp_path / name)
-        error_message(excinfo, name, what, "--trust-pickle")
+        error_message(excinfo, name, what, "`trust_pickle`")
 
 
 # --- errors -------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 import os
 import pickle
@@ -21,7 +20,7 @@ import stat
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,7 @@ from torch import nn
 from typer.testing import CliRunner, Result
 
 import sharpscope
-from sharpscope.analysis.analyze import AnalyzeConfig
-from sharpscope.cli.analyze import FIELD_OPTIONS, analysis_config, analyze_command
 from sharpscope.cli.app import app
-from sharpscope.cli.check import check_command
-from sharpscope.cli.loading import LOADING_OPTIONS
 from sharpscope.errors import InputError
 from sharpscope.io.architectures import mlp
 from sharpscope.io.checkpoints import save_checkpoint
@@ -848,22 +843,3 @@ def test_out_files_follow_the_umask(made, tmp_path):
     os.umask(umask)
     for name in ("report.json", "convergence.png", "loss_slices.png"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
-
-
-def test_analyze_and_check_options_reach_the_config_by_name():
-    """Each AnalyzeConfig field is set from the option of its name (or the command says which
-    fields it leaves at their defaults), so a renamed option cannot silently stop reaching it."""
-    unexposed = {"trace_tol", "trace_samples", "density_vectors", "density_iter", "slices"}
-    check_only_defaults = {"density", "per_layer"}
-    for command, left in [
-        (analyze_command, unexposed),
-        (check_command, unexposed | check_only_defaults),
-    ]:
-        names = set(inspect.signature(command).parameters)
-        covered = {
-            f.name for f in fields(AnalyzeConfig) if FIELD_OPTIONS.get(f.name, f.name) in names
-        }
-        assert covered == {f.name for f in fields(AnalyzeConfig)} - left, command.__name__
-        assert set(LOADING_OPTIONS) | {"model_arg"} <= names, command.__name__
-    config = analysis_config({"top_k": 3, "tol": 1e-6, "unrelated": 1}, slices=True)
-    assert (config.k, config.tol, config.slices, config.method) == (3, 1e-6, True, "lanczos")

@@ -76,9 +76,9 @@ def test_samples_beyond_the_data_take_all_and_say_so():
 
 
 def test_bad_samples_seed_and_split():
-    assert "samples must be at least 1, got 0" in error("digits", samples=0)
-    assert "seed must be in" in error("digits", samples=3, seed=-1)
-    assert "digits has no 'val' split: pass --split train, test or all" in error("digits", "val")
+    assert "`samples` must be at least 1, got 0" in error("digits", samples=0)
+    assert "`seed` must be in" in error("digits", samples=3, seed=-1)
+    assert "digits has no 'val' split: pass `split` train, test or all" in error("digits", "val")
 
 
 def test_held_out_split():
@@ -166,7 +166,7 @@ def test_per_split_keys(tmp_path):
     assert train.source == f"{spec} (train split, 6 samples)" and train.splits == ("train", "test")
     assert held_out_split(train) == "test"
     assert torch.equal(whole.inputs[6:], torch.from_numpy(arrays["test_x"]).float())
-    assert "has no 'val' split: pass --split train, test or all" in error(spec, "val")
+    assert "has no 'val' split: pass `split` train, test or all" in error(spec, "val")
 
 
 def test_plain_keys_beside_split_keys_are_the_train_split(tmp_path):
@@ -343,7 +343,7 @@ def test_bad_cifar_files(tmp_path):
     write_pickle(root / "test_batch", {b"data": np.ones((2, 100), np.uint8), b"labels": [0, 1]})
     assert "is not a CIFAR batch: expected 'data' (N x 3072 uint8)" in error(str(root), "test")
     (root / "test_batch").unlink()
-    assert "has no 'test' split: pass --split train or all" in error(str(root), "test")
+    assert "has no 'test' split: pass `split` train or all" in error(str(root), "test")
 
 
 # --- image folders -------------------------------------------------------------------------------
@@ -561,7 +561,7 @@ def test_batches_in_order_with_a_smaller_last_one():
     assert [len(x) for x, _ in parts] == [4, 4, 2]
     assert torch.equal(torch.cat([x for x, _ in parts]), bundle.inputs)
     assert torch.equal(torch.cat([y for _, y in parts]), bundle.targets)
-    with pytest.raises(InputError, match="batch size must be at least 1, got 0"):
+    with pytest.raises(InputError, match="`batch_size` must be at least 1, got 0"):
         batches(bundle, 0)
 
 

@@ -21,6 +21,7 @@ import torch
 from sharpscope import distributed
 from sharpscope.errors import InputError
 from sharpscope.io.architectures import mlp
+from sharpscope.launch import TORCHRUN_VARS
 
 REL = 1e-8
 TIMEOUT_S = 120
@@ -100,7 +101,7 @@ distributed.exit_now(0)  # finalising after Gloo collectives may abort: see its 
 
 def env(**extra: str) -> dict[str, str]:
     """The environment of a run: one thread per process, no colour, no torchrun variables."""
-    base = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARS}
+    base = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
     return {**base, "OMP_NUM_THREADS": "1", "NO_COLOR": "1", "COLUMNS": "200", **extra}
 
 

@@ -43,7 +43,7 @@ def test_cross_entropy_is_the_default_and_takes_probabilities():
 def test_cross_entropy_refuses_regression_targets():
     message = loss_error("ce", LOGITS, torch.tensor([0.3, 0.7]))
     assert "cross-entropy needs class labels, but the targets are floats of shape (2,)" in message
-    assert "pass --loss mse" in message
+    assert "pass `loss` mse" in message
 
 
 def test_mse_by_hand():

@@ -150,7 +150,7 @@ def test_build_from_module_path():
         (ModelSpec(":make"), ["pkg.module:factory"]),
         (ModelSpec("my models:make"), ["pkg.module:factory"]),
         (ModelSpec("no_such_pkg_for_sharpscope.models:make"), ["no_such_pkg_for_sharpscope"]),
-        (ModelSpec("torch.nn:Linearr"), ["--model", "'Linearr'"]),
+        (ModelSpec("torch.nn:Linearr"), ["`model`", "'Linearr'"]),
         (ModelSpec("math:pi"), ["float", "not a callable"]),
         (ModelSpec("builtins:dict"), ["returned a dict", "nn.Module"]),
         (ModelSpec("mlp", {"depth": 3}), ["depth", "in_features=64"]),

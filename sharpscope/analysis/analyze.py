@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -14,7 +14,6 @@ from torch import nn
 
 from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.metrics import accuracy
-from sharpscope.analysis.pyhessian_bridge import pyhessian_eigs, pyhessian_trace
 from sharpscope.curvature import (
     BACKENDS,
     DensityResult,
@@ -22,22 +21,19 @@ from sharpscope.curvature import (
     HessianOperator,
     Progress,
     TraceResult,
-    hutchpp,
-    lanczos,
-    power_iteration,
     slq,
 )
 from sharpscope.curvature.hvp import Backend, LossFn
-from sharpscope.curvature.lanczos import Which, lanczos_extremes
+from sharpscope.curvature.solvers import SOLVERS, Solver, SolveSettings, solver
 from sharpscope.errors import InputError
 
 Method = Literal["lanczos", "power", "pyhessian"]
-METHODS: tuple[str, ...] = ("lanczos", "power", "pyhessian")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AnalyzeConfig:
-    """What to compute, and how precisely."""
+    """What to compute, and how precisely; checked when made (an :class:`InputError` naming the
+    parameter)."""
 
     k: int = 5
     method: Method = "lanczos"
@@ -57,9 +53,34 @@ class AnalyzeConfig:
     alpha: float = 0.2
     backend: Backend = "double-backward"
     batch_stats: bool = False
-    params: list[str] | None = None
+    params: Sequence[str] | None = None
+    """Globs of the parameters to analyze; None: all trainable ones."""
     slices: bool = False
     """Also measure the loss along v₁ and along ĝ, at 21 points in ±2ρ (for plots)."""
+
+    def __post_init__(self) -> None:
+        solver(self.method)
+        if self.backend not in BACKENDS:
+            raise InputError(
+                f"unknown `backend` {self.backend!r}; choose one of {', '.join(BACKENDS)}"
+            )
+        for name in ("k", "max_iter", "trace_samples", "density_vectors", "density_iter"):
+            if getattr(self, name) < 1:
+                raise InputError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        for name in ("tol", "trace_tol", "rho"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"`{name}` must be positive, got {getattr(self, name)}")
+        if not self.alpha >= 0:
+            raise InputError(f"`alpha` must not be negative, got {self.alpha}")
+        if self.max_basis is not None and self.max_basis < self.k + 3:
+            raise InputError(
+                f"`max_basis` must be at least `k` + 3 = {self.k + 3} (the top-k, λ_min and "
+                f"two more), got {self.max_basis}"
+            )
+
+    def settings(self) -> SolveSettings:
+        """The eigen-solver's part of the config."""
+        return SolveSettings(self.tol, self.max_iter, self.seed, self.max_basis)
 
 
 @dataclass
@@ -116,24 +137,6 @@ class _Stopwatch:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def _eigs(
-    op: HessianOperator, config: AnalyzeConfig, k: int, which: Which, progress: Progress | None
-) -> EigenResult:
-    if config.method == "power":
-        max_iter = config.max_iter * max(k, 1)
-        return power_iteration(op, k, which, config.tol, max_iter, config.seed, progress=progress)
-    return lanczos(
-        op,
-        k,
-        which,
-        config.tol,
-        config.max_iter,
-        config.seed,
-        progress=progress,
-        max_basis=config.max_basis,
-    )
-
-
 def _staged(progress: Progress | None, stage: str) -> Progress | None:
     """Forward an estimator's progress under the name of the pipeline stage."""
     if progress is None:
@@ -150,8 +153,9 @@ def _module_blocks(names: tuple[str, ...]) -> dict[str, list[str]]:
 
 
 def _per_layer(
-    op: HessianOperator, config: AnalyzeConfig, progress: Progress | None
+    op: HessianOperator, config: AnalyzeConfig, method: Solver, progress: Progress | None
 ) -> list[LayerEigen]:
+    """The top eigenpair of each module's diagonal block of the Hessian."""
     layers = []
     blocks = _module_blocks(op.space.names)
     for module, names in blocks.items():
@@ -163,7 +167,7 @@ def _per_layer(
             backend=config.backend,
             batch_stats=config.batch_stats,
         )
-        result = _eigs(block, config, 1, "largest", None)
+        result = method.eigs(block, 1, "largest", config.settings(), None)
         layers.append(
             LayerEigen(
                 name=module,
@@ -179,25 +183,61 @@ def _per_layer(
     return layers
 
 
-def validate(config: AnalyzeConfig) -> None:
-    """Refuse settings no solver can run with, naming the command-line option."""
-    if config.method not in METHODS:
-        raise InputError(f"unknown --method {config.method!r}; choose one of {', '.join(METHODS)}")
-    if config.backend not in BACKENDS:
-        raise InputError(
-            f"unknown --backend {config.backend!r}; choose one of {', '.join(BACKENDS)}"
+def _operator(
+    model: nn.Module, loss_fn: LossFn, batches: list[tuple[Any, Any]], config: AnalyzeConfig
+) -> HessianOperator:
+    """The Hessian of the mean loss over ``batches`` for the chosen parameters."""
+    try:
+        return HessianOperator(
+            model,
+            loss_fn,
+            batches,
+            config.params,
+            backend=config.backend,
+            batch_stats=config.batch_stats,
         )
-    if config.k < 1 or config.max_iter < 1:
-        raise InputError("--top-k and --max-iter must be at least 1")
-    if not config.tol > 0:
-        raise InputError(f"--tol must be positive, got {config.tol}")
-    if config.max_basis is not None and config.max_basis < config.k + 3:
+    except ValueError as exc:
+        raise InputError(f"{exc}; check `params` (parameter names: see docs/engine.md)") from None
+
+
+def _finite_loss(op: HessianOperator) -> float:
+    """The loss at the current weights; an :class:`InputError` when it is not finite."""
+    loss = op.loss()
+    if not math.isfinite(loss):
         raise InputError(
-            f"--max-basis must be at least --top-k + 3 = {config.k + 3} (the top-k, λ_min and "
-            f"two more), got {config.max_basis}"
+            f"the loss is {loss} at these weights on this data: check that the checkpoint, "
+            "the data scaling and the loss match (a NaN/inf loss has no Hessian)"
         )
-    if config.rho <= 0 or config.alpha < 0:
-        raise InputError("--rho must be positive and --alpha not negative")
+    return loss
+
+
+def _alignment(
+    op: HessianOperator, top: EigenResult, grad_norm: float, config: AnalyzeConfig
+) -> tuple[Alignment | None, list[str]]:
+    """The SAM alignment figures, or a note saying why there are none."""
+    if grad_norm > 0:
+        return sam_alignment(op, top.eigenvectors, config.rho, config.alpha), []
+    return None, ["the gradient is exactly zero: the SAM direction and its alignment are undefined"]
+
+
+def _slices(
+    op: HessianOperator, top: EigenResult, gradient: torch.Tensor, grad_norm: float, rho: float
+) -> dict[str, tuple[list[float], list[float]]]:
+    """The loss along v₁ and along ĝ (when the gradient is not zero), within ±2ρ."""
+    directions = {"v1": top.eigenvectors[0]}
+    if grad_norm > 0:
+        directions["gradient"] = gradient / grad_norm
+    return {name: loss_slice(op, d, 2 * rho) for name, d in directions.items()}
+
+
+def _convergence_notes(top: EigenResult, bottom: EigenResult, tol: float) -> list[str]:
+    """One note per eigen-solve that left pairs short of the tolerance."""
+    return [
+        f"{name}: {int((~result.converged).sum())} eigenpair(s) did not reach "
+        f"tol={tol} in {result.n_iterations} iterations; raise `max_iter` or `tol`"
+        for name, result in (("top", top), ("lambda_min", bottom))
+        if not result.all_converged
+    ]
 
 
 def analyze(
@@ -210,78 +250,34 @@ def analyze(
     """Measure the sharpness of ``model`` on ``batches`` (the Hessian of their mean loss); under
     torch.distributed, ``batches`` is this rank's share and every rank gets all ranks' results."""
     config = config or AnalyzeConfig()
-    validate(config)
+    method = solver(config.method)
     watch = _Stopwatch()
     notes: list[str] = []
-    try:
-        op = HessianOperator(
-            model,
-            loss_fn,
-            batches,
-            config.params,
-            backend=config.backend,
-            batch_stats=config.batch_stats,
+    op = _operator(model, loss_fn, batches, config)
+    if method.single_process and op.distributed:
+        raise InputError(
+            f"`method` {method.name} runs in one process only; use "
+            + " or ".join(name for name, s in SOLVERS.items() if not s.single_process)
         )
-    except ValueError as exc:
-        raise InputError(f"{exc}; check --params (parameter names: see docs/engine.md)") from None
-    if config.method == "pyhessian" and op.distributed:
-        raise InputError("--method pyhessian runs in one process only; use lanczos or power")
     with watch.stage("gradient"):
-        loss = op.loss()
-        if not math.isfinite(loss):
-            raise InputError(
-                f"the loss is {loss} at these weights on this data: check that the checkpoint, "
-                "the data scaling and the loss match (a NaN/inf loss has no Hessian)"
-            )
+        loss = _finite_loss(op)
         gradient = op.gradient()
         acc = accuracy(model, batches, op.dtype, op.device, config.batch_stats, op.distributed)
-    if config.method == "lanczos":
-        with watch.stage("eigenvalues"):  # λ_min from the same run
-            top, bottom = lanczos_extremes(
-                op,
-                config.k,
-                1,
-                config.tol,
-                config.max_iter,
-                config.seed,
-                progress=_staged(progress, "top-k and λ_min"),
-                max_basis=config.max_basis,
-            )
-    else:
-        with watch.stage("eigenvalues"):
-            if config.method == "pyhessian":
-                top = pyhessian_eigs(op, config.k, config.tol, config.max_iter, config.seed)
-            else:
-                top = _eigs(op, config, config.k, "largest", _staged(progress, "top-k"))
-        with watch.stage("lambda_min"):
-            bottom = _eigs(
-                op,
-                config if config.method != "pyhessian" else _lanczos_of(config),
-                1,
-                "smallest",
-                _staged(progress, "λ_min"),
-            )
+    with watch.stage("eigenvalues"):
+        top, bottom = method.extremes(
+            op, config.k, 1, config.settings(), _staged(progress, "top-k and λ_min")
+        )
     trace = None
     if config.trace:
         with watch.stage("trace"):
-            if config.method == "pyhessian":
-                trace = pyhessian_trace(op, config.trace_tol, config.trace_samples, config.seed)
-            else:
-                trace = hutchpp(
-                    op,
-                    tol=config.trace_tol,
-                    max_samples=config.trace_samples,
-                    seed=config.seed,
-                    progress=_staged(progress, "trace"),
-                )
+            trace = method.trace(
+                op, config.trace_tol, config.trace_samples, config.seed, _staged(progress, "trace")
+            )
     density = None
     if config.density:
         with watch.stage("density"):
-            if config.method == "pyhessian":
-                notes.append(
-                    "PyHessian 0.1's density calls torch.eig, which torch 2 removed; "
-                    "the density shown is sharpscope's SLQ"
-                )
+            if method.density_note is not None:
+                notes.append(method.density_note)
             density = slq(
                 op,
                 config.density_vectors,
@@ -289,32 +285,19 @@ def analyze(
                 config.seed,
                 _staged(progress, "density"),
             )
-    alignment = None
     grad_norm = float(torch.linalg.vector_norm(gradient))
     with watch.stage("alignment"):
-        if grad_norm > 0:
-            alignment = sam_alignment(op, top.eigenvectors, config.rho, config.alpha)
-        else:
-            notes.append(
-                "the gradient is exactly zero: the SAM direction and its alignment are undefined"
-            )
+        alignment, why = _alignment(op, top, grad_norm, config)
+        notes += why
     slices: dict[str, tuple[list[float], list[float]]] = {}
     if config.slices:
         with watch.stage("slices"):
-            directions = {"v1": top.eigenvectors[0]}
-            if grad_norm > 0:
-                directions["gradient"] = gradient / grad_norm
-            slices = {name: loss_slice(op, d, 2 * config.rho) for name, d in directions.items()}
+            slices = _slices(op, top, gradient, grad_norm, config.rho)
     per_layer: list[LayerEigen] = []
     if config.per_layer:
         with watch.stage("per_layer"):
-            per_layer = _per_layer(op, config, progress)
-    for name, result in (("top", top), ("lambda_min", bottom)):
-        if not result.all_converged:
-            notes.append(
-                f"{name}: {int((~result.converged).sum())} eigenpair(s) did not reach "
-                f"tol={config.tol} in {result.n_iterations} iterations; raise --max-iter or --tol"
-            )
+            per_layer = _per_layer(op, config, method, progress)
+    notes += _convergence_notes(top, bottom, config.tol)
     return Analysis(
         loss=loss,
         accuracy=acc,
@@ -342,8 +325,3 @@ def loss_slice(
     """The loss at w + t·direction for ``points`` values of t evenly spaced in [−radius, radius]."""
     steps = torch.linspace(-radius, radius, points, dtype=torch.float64).tolist()
     return steps, [op.loss(t * direction) for t in steps]
-
-
-def _lanczos_of(config: AnalyzeConfig) -> AnalyzeConfig:
-    """The same settings with sharpscope's Lanczos (PyHessian has no smallest-eigenvalue solver)."""
-    return AnalyzeConfig(**{**config.__dict__, "method": "lanczos"})

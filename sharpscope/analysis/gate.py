@@ -48,9 +48,9 @@ class Thresholds:
 
     def __post_init__(self) -> None:
         if not self.sigmas >= 0:
-            raise InputError(f"--sigmas must be at least 0, got {self.sigmas:g}")
+            raise InputError(f"`sigmas` must be at least 0, got {self.sigmas:g}")
         if self.max_increase is not None and not self.max_increase >= 0:
-            raise InputError(f"--max-increase must be at least 0, got {self.max_increase:g}")
+            raise InputError(f"`max_increase` must be at least 0, got {self.max_increase:g}")
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ METRICS: dict[str, Metric] = {
             "trace",
             _trace,
             True,
-            "it was made with --no-trace: analyze again without --no-trace",
+            "it was made with the trace off (`trace`): analyze again with it on",
         ),
         Metric(
             "sam_sharpness",
@@ -226,13 +226,13 @@ def gate(
     ]
     if thresholds.max_increase is not None:
         if baseline is None:
-            raise InputError("--max-increase needs --baseline (a report of the same architecture)")
+            raise InputError("`max_increase` needs `baseline` (a report of the same architecture)")
         checks += _relative(report, baseline, thresholds.max_increase, thresholds.sigmas)
     return checks
 
 
 def _option(field: str) -> str:
-    return "--" + field.replace("_", "-")
+    return f"`{field}`"
 
 
 def _required(report: dict[str, Any], metric: str, sigmas: float, option: str) -> Estimate:
@@ -266,7 +266,7 @@ def _relative(
         base = measure(baseline["results"], metric, sigmas)
         if base is None:
             continue
-        est = _required(report, metric, sigmas, "--max-increase")
+        est = _required(report, metric, sigmas, "`max_increase`")
         highest = base.value + base.uncertainty
         passed = est.value - est.uncertainty <= highest + increase * abs(highest)
         limit = base.value + increase * abs(base.value)
@@ -291,7 +291,7 @@ def _same_architecture(report: dict[str, Any], baseline: dict[str, Any]) -> None
     if baseline.get("schema_version") != report.get("schema_version"):
         raise InputError(
             f"the baseline has schema_version {baseline.get('schema_version')!r} and the report "
-            f"{report.get('schema_version')!r}: re-create the baseline with --update-baseline"
+            f"{report.get('schema_version')!r}: re-create the baseline with `update_baseline`"
         )
     mine, theirs = _architecture(report), _architecture(baseline)
     specs_differ = None not in (mine[0], theirs[0]) and mine[0] != theirs[0]
@@ -299,7 +299,7 @@ def _same_architecture(report: dict[str, Any], baseline: dict[str, Any]) -> None
         raise InputError(
             f"baseline is for a different architecture (baseline: {_describe(theirs)}; report: "
             f"{_describe(mine)}): absolute sharpness is not comparable across architectures; "
-            "re-create the baseline with --update-baseline"
+            "re-create the baseline with `update_baseline`"
         )
 
 

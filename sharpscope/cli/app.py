@@ -1,24 +1,108 @@
-"""The ``sharpscope`` command: the Typer app and its global options."""
+"""The ``sharpscope`` command: the Typer app, its global options, and its subcommands, each
+imported only when it runs or shows its own help (so ``sharpscope --help`` and ``--version`` start
+without importing torch)."""
 
 from __future__ import annotations
 
+import importlib
 import traceback
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
-from sharpscope import __version__, distributed
-from sharpscope.cli.analyze import analyze_command
-from sharpscope.cli.check import check_command
-from sharpscope.cli.demo import demo_command
-from sharpscope.cli.finetune import finetune_command
+from sharpscope import __version__
+from sharpscope.cli.help_format import PlainCommand, PlainGroup
+from sharpscope.launch import launched_by_torchrun
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """Where a subcommand's function lives, and its one-line summary for the command list."""
+
+    module: str
+    function: str
+    summary: str
+
+    def load(self, name: str) -> Any:
+        """The Click command Typer builds from the function."""
+        app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        app.command(name, cls=PlainCommand)(
+            getattr(importlib.import_module(self.module), self.function)
+        )
+        command = typer.main.get_command(app)
+        command.name = name
+        return command
+
+
+COMMANDS: dict[str, Subcommand] = {
+    "analyze": Subcommand(
+        "sharpscope.cli.analyze",
+        "analyze_command",
+        "Hessian eigenvalues, trace, density and SAM alignment of a model.",
+    ),
+    "check": Subcommand(
+        "sharpscope.cli.check",
+        "check_command",
+        "Gate a model on its sharpness in CI (exit 1 when flagged).",
+    ),
+    "finetune": Subcommand(
+        "sharpscope.cli.finetune",
+        "finetune_command",
+        "Fine-tune with SGD, SAM, ASAM or Eigen-SAM, tracking λ_max.",
+    ),
+    "demo": Subcommand(
+        "sharpscope.cli.demo",
+        "demo_command",
+        "Train an MLP on the bundled digits and analyze it (seconds).",
+    ),
+}
+"""Name -> subcommand, in the order ``--help`` lists them."""
+
+
+class LazyCommands(PlainGroup):
+    """A group whose subcommands are imported when resolved; its command list uses summaries."""
+
+    _listing = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.commands.update({name: self._summary(name) for name in COMMANDS})
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in COMMANDS:
+            return None
+        if self._listing:
+            return self._summary(cmd_name)
+        return COMMANDS[cmd_name].load(cmd_name)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+    @staticmethod
+    def _summary(name: str) -> TyperCommand:
+        """A stand-in that only names the command and says what it does."""
+        return TyperCommand(name, help=COMMANDS[name].summary)
+
 
 app = typer.Typer(
     name="sharpscope",
     help="How sharp is your PyTorch model? Hessian spectra, SAM alignment and Eigen-SAM.",
+    cls=LazyCommands,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    epilog="Exit codes: 0 done; 1 check flagged the model; 2 bad input or an error (one line on "
+    "stderr, --debug for the traceback); 130 interrupted (Ctrl-C); 143 finetune stopped by "
+    "SIGTERM. Start with: sharpscope demo",
 )
 
 
@@ -43,18 +127,14 @@ def root(
         typer.echo(ctx.get_help())
 
 
-app.command("analyze")(analyze_command)
-app.command("check")(check_command)
-app.command("demo")(demo_command)
-app.command("finetune")(finetune_command)
-
-
 def main() -> None:
     """Console-script entry point; under torchrun the process ends by
-    :func:`distributed.exit_now`."""
-    if not distributed.launched_by_torchrun():
+    :func:`sharpscope.distributed.exit_now`."""
+    if not launched_by_torchrun():
         app()
         return
+    from sharpscope import distributed  # torch: only where torchrun started the process
+
     try:
         app()
     except SystemExit as done:

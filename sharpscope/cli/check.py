@@ -23,8 +23,8 @@ from sharpscope.analysis.gate import Check, Thresholds, figures, gate
 from sharpscope.cli import options as opt
 from sharpscope.cli.analyze import DEFAULTS, analysis_config, run_analysis
 from sharpscope.cli.common import errors_as_exit, fail, info, print_json, stderr, stdout
-from sharpscope.cli.loading import Loaded, load_inputs, loading_options
-from sharpscope.config import load_config
+from sharpscope.cli.config_file import load_config, settings_of
+from sharpscope.cli.loading import Loaded, load_inputs
 from sharpscope.errors import InputError
 from sharpscope.io.atomic import write_text_atomic
 from sharpscope.report.checks_table import print_checks
@@ -60,7 +60,7 @@ MinAlignment = _limit("Flag the model when |cos(ĝ, v₁)| (full-data gradient) 
 def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:
     """Eager ``--config`` callback: the config file's settings become the options' defaults."""
     try:
-        config = load_config(value)
+        config = load_config(settings_of(ctx.command, check_command), value)
     except InputError as exc:
         raise fail(str(exc)) from None
     ctx.default_map = {**(ctx.default_map or {}), **config.options}
@@ -170,9 +170,22 @@ def check_command(
 ) -> None:
     """Gate a model on its sharpness for CI: exit 0 when every check passes, 1 when one flags it.
 
-    A check is only failed when the figure is past its limit by more than its uncertainty.
+    A check only fails when the figure is past its limit by more than its uncertainty.
+
+    Exit code 2 on bad input (one line on stderr), 130 on Ctrl-C.
+
+    Settings may come from \\[tool.sharpscope] in pyproject.toml or from sharpscope.toml.
+
+    Examples:
+
+        sharpscope check report.json --max-eigenvalue 40 --min-alignment 0.05
+
+        sharpscope check model.pt --data val.npz --baseline base.json \\
+            --update-baseline
+
+        sharpscope check model.pt --data val.npz --baseline base.json \\
+            --max-increase 10%
     """
-    options = dict(locals())  # every option by its parameter name, as Typer passed it
     start = time.perf_counter()
     with errors_as_exit(debug):
         thresholds = Thresholds(
@@ -185,8 +198,33 @@ def check_command(
             sigmas=sigmas,
         )
         thresholds = _plan(thresholds, baseline, update_baseline)
-        analysis = analysis_config(options)
-        load = partial(load_inputs, **loading_options(options))
+        analysis = analysis_config(
+            top_k=top_k,
+            method=method,
+            tol=tol,
+            max_iter=max_iter,
+            max_basis=max_basis,
+            trace=trace,
+            params=params,
+            batch_stats=batch_stats,
+            backend=backend,
+            rho=rho,
+            alpha=alpha,
+            seed=seed,
+        )
+        load = partial(
+            load_inputs,
+            model=model,
+            model_args=model_arg,
+            trust_pickle=trust_pickle,
+            split=split,
+            samples=samples,
+            batch_size=batch_size,
+            seed=seed,
+            loss=loss,
+            device=device,
+            dtype=dtype,
+        )
         relative = baseline is not None and thresholds.max_increase is not None
         base = read_report(baseline) if relative else None
         if update_baseline and baseline is not None:

@@ -35,7 +35,16 @@ def demo_command(
     quiet: opt.Quiet = False,
     debug: opt.Debug = False,
 ) -> None:
-    """Train an MLP on scikit-learn's digits (offline, seconds), save it, and analyze it."""
+    """Train an MLP on scikit-learn's digits (offline, seconds), save it, and analyze it.
+
+    Writes the checkpoint, report.json, eigenvectors and plots to the --out folder.
+
+    Examples:
+
+        sharpscope demo
+
+        sharpscope demo --out /tmp/demo --steps 600 --seed 1
+    """
     with errors_as_exit(debug):
         if steps < 1:
             raise InputError(f"--steps must be at least 1, got {steps}")

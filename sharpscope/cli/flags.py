@@ -28,7 +28,7 @@ FLAGS: dict[str, str] = {
     "tol": "--tol",
     "max_iter": "--max-iter",
     "max_basis": "--max-basis",
-    "trace": "--trace",
+    "trace": "--trace/--no-trace",
     "density": "--density",
     "per_layer": "--per-layer",
     "params": "--params",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,19 +66,6 @@ def _probe(
     check_targets(data, outputs)
 
 
-LOADING_OPTIONS: tuple[str, ...] = (
-    *("model", "trust_pickle", "split", "samples", "batch_size"),
-    *("seed", "loss", "device", "dtype"),
-)
-"""The options of a command that :func:`load_inputs` takes under the same names."""
-
-
-def loading_options(params: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`load_inputs`' keyword arguments from a command's options (``{parameter name:
-    value}``): each from the option of its name, ``model_args`` from ``--model-arg``."""
-    return {**{name: params[name] for name in LOADING_OPTIONS}, "model_args": params["model_arg"]}
-
-
 def load_inputs(
     checkpoint: Path,
     data: str,
@@ -106,10 +92,6 @@ def load_inputs(
     """
     samples = samples or None
     with distributed.together("loading the model and data"):
-        if batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-        if samples is not None and samples < 1:
-            raise InputError(f"--samples must be at least 1, got {samples}")
         torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
         spec = ModelSpec(model, parse_model_args(model_args or [])) if model else None
         if spec is None and model_args:

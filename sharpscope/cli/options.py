@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from sharpscope.analysis.analyze import METHODS
 from sharpscope.curvature import BACKENDS
+from sharpscope.curvature.solvers import SOLVERS
 
 LOAD = "Model and data"
 RUN = "Run"
@@ -96,7 +96,7 @@ TopK = Annotated[
     int, typer.Option("--top-k", "-k", help="How many top eigenpairs.", rich_help_panel=HESSIAN)
 ]
 Method = Annotated[
-    str, typer.Option(help=f"Eigen-solver: {', '.join(METHODS)}.", rich_help_panel=HESSIAN)
+    str, typer.Option(help=f"Eigen-solver: {', '.join(SOLVERS)}.", rich_help_panel=HESSIAN)
 ]
 Tol = Annotated[
     float,

@@ -1,4 +1,4 @@
-"""Built-in models: factories with keyword arguments and sane defaults, for ``--model NAME``.
+"""Built-in models: factories with keyword arguments and sane defaults, named by a model spec.
 
 Every model starts by reshaping its input so that it accepts image batches ``(N, C, H, W)``; the
 convolutional ones also take ``(N, H, W)`` (one channel) and flattened square images

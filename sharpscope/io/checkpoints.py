@@ -86,8 +86,8 @@ def load_model(
     chosen = spec or checkpoint.model_spec
     if chosen is None:
         raise InputError(
-            f"{checkpoint.path} holds only weights; pass --model pkg.module:factory, "
-            f"--model path/to/file.py:factory or a built-in name ({', '.join(BUILTIN_MODELS)})"
+            f"{checkpoint.path} holds only weights; pass `model` pkg.module:factory, "
+            f"`model` path/to/file.py:factory or a built-in name ({', '.join(BUILTIN_MODELS)})"
         )
     assert checkpoint.state_dict is not None
     model = in_dtype_of(build_model(chosen), checkpoint.state_dict)

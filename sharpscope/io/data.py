@@ -53,9 +53,9 @@ def load_data(
     spec: str, split: str = "train", samples: int | None = None, seed: int = 0
 ) -> DataBundle:
     """Load ``split`` of the data ``spec`` names; ``samples`` keeps a random subset, fixed by
-    ``seed``."""
+    ``seed`` (None: all of the split)."""
     if samples is not None and samples < 1:
-        raise InputError(f"samples must be at least 1, got {samples}; leave it out to use all data")
+        raise InputError(f"`samples` must be at least 1, got {samples}")
     source = open_source(spec)
     table = source.open(split)
     loaded = split if source.splits else ALL
@@ -92,7 +92,7 @@ def _unknown(spec: str, path: Path) -> InputError:
     if spec.lower().startswith("cifar"):
         return InputError(
             f"data spec {spec!r}: sharpscope never downloads data; pass the folder of the "
-            "extracted CIFAR python files, e.g. --data ./cifar-10-batches-py"
+            "extracted CIFAR python files, e.g. `data` ./cifar-10-batches-py"
         )
     return InputError(f"unknown data spec {spec!r}; pass {SPEC_FORMS}")
 
@@ -105,7 +105,7 @@ def subset_indices(size: int, samples: int | None, seed: int = 0) -> Tensor:
     if samples is None or samples >= size:
         return torch.arange(size)
     if not 0 <= seed < 2**32:
-        raise InputError(f"seed must be in 0 .. 2**32 - 1, got {seed}; pass another --seed")
+        raise InputError(f"`seed` must be in 0 .. 2**32 - 1, got {seed}; pass another `seed`")
     picks = np.random.RandomState(seed).permutation(size)[:samples]
     return torch.from_numpy(np.sort(picks)).long()
 
@@ -163,7 +163,7 @@ def _check_finite(values: Tensor, idx: Tensor, what: str) -> None:
 def batches(bundle: DataBundle, batch_size: int) -> list[tuple[Tensor, Tensor]]:
     """The bundle as ``(inputs, targets)`` batches in order; the last one may be smaller."""
     if batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {batch_size}; pass a positive size")
+        raise InputError(f"`batch_size` must be at least 1, got {batch_size}")
     pairs = zip(bundle.inputs.split(batch_size), bundle.targets.split(batch_size), strict=True)
     return list(pairs)
 

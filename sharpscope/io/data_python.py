@@ -21,10 +21,10 @@ CHUNK = 256
 
 def python_source(spec: str) -> Source:
     """The function ``spec`` names; called with ``split=`` when it has a ``split`` parameter."""
-    function = import_object(spec, "--data")
+    function = import_object(spec, "`data`")
     if not callable(function):
         raise InputError(
-            f"--data {spec} is a {type(function).__name__}, not a function; name a function "
+            f"`data` {spec} is a {type(function).__name__}, not a function; name a function "
             "returning a Dataset, a DataLoader or (inputs, targets)"
         )
     if _takes_split(function):
@@ -49,7 +49,7 @@ def _call(spec: str, function: Callable[..., Any], **kwargs: Any) -> Table:
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"--data {spec} raised {one_line(exc)}; fix the function") from exc
+        raise InputError(f"`data` {spec} raised {one_line(exc)}; fix the function") from exc
     return result_table(result, spec)
 
 
@@ -70,7 +70,7 @@ def result_table(result: Any, where: str) -> Table:
     ):
         return _dataset_table(result, where)
     raise InputError(
-        f"--data {where} returned a {type(result).__name__}; return a Dataset, a DataLoader "
+        f"`data` {where} returned a {type(result).__name__}; return a Dataset, a DataLoader "
         "or an (inputs, targets) pair"
     )
 
@@ -99,7 +99,7 @@ def _loader_table(loader: DataLoader, where: str) -> Table:
             raise
         except Exception as exc:
             raise InputError(
-                f"reading --data {where} failed ({one_line(exc)}); fix the data"
+                f"reading `data` {where} failed ({one_line(exc)}); fix the data"
             ) from exc
     if not pairs:
         return tensor_table(torch.empty(0), torch.empty(0), where, ("inputs", "targets"))
@@ -116,7 +116,7 @@ def _item(dataset: Any, index: int, where: str) -> Any:
         return dataset[index]
     except Exception as exc:
         raise InputError(
-            f"--data {where}: item {index} raised {one_line(exc)}; fix the dataset"
+            f"`data` {where}: item {index} raised {one_line(exc)}; fix the dataset"
         ) from exc
 
 
@@ -129,7 +129,7 @@ def _collate(items: list[Any], where: str) -> Any:
 
 def _unstackable(where: str, exc: Exception) -> InputError:
     return InputError(
-        f"cannot stack the samples of --data {where} ({one_line(exc)}); items must be "
+        f"cannot stack the samples of `data` {where} ({one_line(exc)}); items must be "
         "(input, label) pairs of tensors, arrays or numbers of one shape (PIL images need "
         "transforms.ToTensor())"
     )
@@ -143,7 +143,7 @@ def _pair(batch: Any, where: str) -> tuple[Tensor, Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return to_tensor(batch[0], f"{where}: inputs"), to_tensor(batch[1], f"{where}: targets")
     raise InputError(
-        f"--data {where} yields {type(batch).__name__} items; each must be an (input, label) "
+        f"`data` {where} yields {type(batch).__name__} items; each must be an (input, label) "
         "pair or a dict with input and label keys"
     )
 

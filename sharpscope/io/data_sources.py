@@ -47,7 +47,7 @@ def single_split(name: str, table: Callable[[], Table], hint: str) -> Source:
             return table()
         raise InputError(
             f"{name} holds a single split, so it has no {split!r} split: "
-            f"leave --split at train (or all){hint}"
+            f"leave `split` at train (or all){hint}"
         )
 
     return Source(name, (), open_split)
@@ -62,7 +62,7 @@ def named_splits(name: str, tables: dict[str, Callable[[], Table]]) -> Source:
             return concat_tables(name, [tables[s]() for s in names])
         if split not in tables:
             raise InputError(
-                f"{name} has no {split!r} split: pass --split {', '.join(names)} or {ALL}"
+                f"{name} has no {split!r} split: pass `split` {', '.join(names)} or {ALL}"
             )
         return tables[split]()
 
@@ -90,7 +90,7 @@ def concat_tables(name: str, tables: Sequence[Table]) -> Table:
         except RuntimeError as exc:
             raise InputError(
                 f"{name}: its splits hold samples of different shapes, so they cannot be "
-                "joined as split 'all'; pick one split with --split"
+                "joined as split 'all'; pick one split with `split`"
             ) from exc
 
     counts = [t.num_classes for t in tables]

@@ -34,7 +34,7 @@ def pickle_refusal(path: Path, what: str) -> InputError:
     """The refusal to unpickle ``what`` from ``path`` without ``trust_pickle``."""
     return InputError(
         f"{path} holds arbitrary Python objects ({what}), not only weights; unpickling them can "
-        "run any code, so sharpscope refuses by default: pass --trust-pickle (trust_pickle=True) "
+        "run any code, so sharpscope refuses by default: pass `trust_pickle` "
         "only for files you trust, or re-save with torch.save(model.state_dict(), ...)"
     )
 

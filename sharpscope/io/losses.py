@@ -25,7 +25,7 @@ def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
         raise InputError(
             f"cross-entropy needs class labels, but the targets are floats of shape "
             f"{tuple(targets.shape)} against outputs {tuple(outputs.shape)}; for regression "
-            "pass --loss mse"
+            "pass `loss` mse"
         )
     return F.cross_entropy(outputs, targets)
 
@@ -79,18 +79,18 @@ def _class_checked(loss: LossFn, num_classes: int, outputs: Tensor, targets: Ten
 def _user_loss(spec: str) -> LossFn:
     """A user's loss function, or a loss class (e.g. ``torch.nn:SmoothL1Loss``) made with no
     arguments; its result is checked to be a scalar."""
-    loss: Any = import_object(spec, "--loss")
+    loss: Any = import_object(spec, "`loss`")
     if isinstance(loss, type):
         try:
             loss = loss()
         except Exception as exc:
             raise InputError(
-                f"--loss {spec}: making {loss.__name__}() failed ({one_line(exc)}); name a "
+                f"`loss` {spec}: making {loss.__name__}() failed ({one_line(exc)}); name a "
                 "function or a class that needs no arguments"
             ) from exc
     if not callable(loss):
         raise InputError(
-            f"--loss {spec} is a {type(loss).__name__}, not a function; name a function "
+            f"`loss` {spec} is a {type(loss).__name__}, not a function; name a function "
             "(outputs, targets) -> mean loss"
         )
 
@@ -100,11 +100,11 @@ def _user_loss(spec: str) -> LossFn:
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(f"--loss {spec} raised {one_line(exc)}; fix the function") from exc
+            raise InputError(f"`loss` {spec} raised {one_line(exc)}; fix the function") from exc
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise InputError(
-                f"--loss {spec} returned {shape}, not a scalar tensor; it must return the mean "
+                f"`loss` {spec} returned {shape}, not a scalar tensor; it must return the mean "
                 "loss of the batch (reduction='mean')"
             )
         return value.reshape(())

@@ -86,11 +86,11 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key.isidentifier():
             raise InputError(
-                f"--model-arg {item!r} is not key=value with a Python name as key; "
-                "write e.g. --model-arg hidden=(64,64)"
+                f"`model_args` {item!r} is not key=value with a Python name as key; "
+                "write e.g. `model_args` hidden=(64,64)"
             )
         if key in args:
-            raise InputError(f"--model-arg {key} is given twice; give each argument once")
+            raise InputError(f"`model_args` {key} is given twice; give each argument once")
         args[key] = _literal(text.strip())
     return args
 
@@ -110,7 +110,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         model = factory(**spec.args)
     except Exception as exc:
         raise InputError(
-            f"model factory {spec} failed ({one_line(exc)}); check the --model-arg values"
+            f"model factory {spec} failed ({one_line(exc)}); check the `model_args` values"
         ) from exc
     if not isinstance(model, nn.Module):
         raise InputError(
@@ -126,13 +126,13 @@ def resolve_factory(target: str) -> Callable[..., Any]:
         return _builtin(target)
     if not is_object_spec(target):
         raise InputError(
-            f"--model {target!r} must be a built-in name, pkg.module:factory or "
+            f"`model` {target!r} must be a built-in name, pkg.module:factory or "
             "path/to/file.py:factory"
         )
-    factory = import_object(target, "--model")
+    factory = import_object(target, "`model`")
     if not callable(factory):
         raise InputError(
-            f"--model {target}: {target.rpartition(':')[2]} is a {type(factory).__name__}, "
+            f"`model` {target}: {target.rpartition(':')[2]} is a {type(factory).__name__}, "
             "not a callable that returns a model"
         )
     return factory

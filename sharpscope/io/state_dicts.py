@@ -59,7 +59,7 @@ def load_weights(
         raise InputError(
             f"{source} does not fit the model {model_name or type(model).__name__}: "
             f"{'; '.join(problems)}; check that "
-            "--model and --model-arg describe the architecture that wrote the checkpoint"
+            "`model` and `model_args` describe the architecture that wrote the checkpoint"
         )
     model.load_state_dict(state, strict=True)
 

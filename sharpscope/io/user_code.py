@@ -30,7 +30,8 @@ def is_object_spec(spec: str) -> bool:
 
 
 def import_object(spec: str, option: str) -> Any:
-    """The object ``spec`` names; ``option`` (e.g. ``"--data"``) is named in error messages."""
+    """The object ``spec`` names; ``option`` (the parameter, e.g. ``"`data`"``) names it in
+    error messages."""
     target, _, attr = spec.rpartition(":")
     module = _load_file(target, option) if target.endswith(".py") else _import(target, option)
     obj: Any = module

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from sharpscope.curvature import EigenResult, HessianOperator, TraceResult
+from sharpscope.curvature.hvp import HessianOperator
+from sharpscope.curvature.results import EigenResult, TraceResult
 from sharpscope.errors import InputError
 
 
@@ -40,15 +41,15 @@ def _pyhessian(op: HessianOperator) -> Any:
     try:
         from pyhessian import hessian
     except ImportError as exc:
-        raise InputError("--method pyhessian needs PyHessian: pip install pyhessian==0.1") from exc
+        raise InputError("`method` pyhessian needs PyHessian: pip install pyhessian==0.1") from exc
     if op.dtype != torch.float32:
         raise InputError(
-            "--method pyhessian needs --dtype float32 (PyHessian draws float32 vectors)"
+            "`method` pyhessian needs `dtype` float32 (PyHessian draws float32 vectors)"
         )
     if list(op.space.names) != [n for n, p in op.model.named_parameters() if p.requires_grad]:
-        raise InputError("--method pyhessian works on all trainable parameters; drop --params")
+        raise InputError("`method` pyhessian works on all trainable parameters; drop `params`")
     if op.batch_stats:
-        raise InputError("--method pyhessian always uses eval mode; drop --batch-stats")
+        raise InputError("`method` pyhessian always uses eval mode; drop `batch_stats`")
     data = op.batches[0] if len(op.batches) == 1 else None
     loader = None if data is not None else op.batches
     model = op.model

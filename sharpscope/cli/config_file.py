@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import difflib
 import sys
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sharpscope.errors import InputError
 
@@ -37,6 +40,8 @@ class Setting:
     relative: Literal["no", "always", "if-present"] = "no"
     """Whether a relative path is taken from the config file's folder (``if-present``: only when
     something of that name exists there; otherwise the value is a name such as ``digits``)."""
+    param: str = ""
+    """The command's parameter the key sets (``max_eigenvalue`` for ``max-eigenvalue``)."""
 
     def accepts(self, value: Any) -> bool:
         """Whether ``value`` (as TOML parsed it) has an accepted type."""
@@ -63,42 +68,55 @@ PATH = Setting((str,), "a path (relative to the config file's folder)", relative
 DATA = Setting((str,), "a data spec (a name, a path or pkg.module:function)", relative="if-present")
 FRACTION = Setting((int, float, str), 'a fraction (0.1) or a percentage ("10%")')
 
-SETTINGS: dict[str, Setting] = {
-    # thresholds
-    "max-eigenvalue": NUMBER,
-    "min-eigenvalue": NUMBER,
-    "max-trace": NUMBER,
-    "max-sam-sharpness": NUMBER,
-    "min-alignment": NUMBER,
-    "sigmas": NUMBER,
-    "baseline": PATH,
-    "max-increase": FRACTION,
-    "junit": PATH,
-    # model and data
-    "data": DATA,
-    "model": TEXT,
-    "model-arg": TEXTS,
-    "split": TEXT,
-    "samples": INTEGER,
-    "batch-size": INTEGER,
-    "loss": TEXT,
-    # analysis
-    "top-k": INTEGER,
-    "method": TEXT,
-    "tol": NUMBER,
-    "max-iter": INTEGER,
-    "trace": FLAG,
-    "batch-stats": FLAG,
-    "params": TEXTS,
-    "backend": TEXT,
-    "rho": NUMBER,
-    "alpha": NUMBER,
-    "seed": INTEGER,
-    "dtype": TEXT,
-    "device": TEXT,
+NOT_SETTINGS = frozenset(
+    {"config", "json_out", "quiet", "debug", "update_baseline", "trust_pickle"}
+)
+"""Options of ``check`` that a config file cannot set: the config file itself, how the result is
+shown, writing the baseline, and trusting pickles (an explicit choice every time)."""
+
+_BY_TYPE: dict[Any, Setting] = {
+    int: INTEGER,
+    float: NUMBER,
+    str: TEXT,
+    bool: FLAG,
+    Path: PATH,
+    list[str]: TEXTS,
 }
-"""Config key -> what it accepts. Each key sets the option of the same name (``top-k`` sets
-``--top-k``, whose parameter is ``top_k``)."""
+_SPECIAL = {"data": DATA, "max_increase": FRACTION}
+"""Options whose text is more than a string: a data spec, a fraction or a percentage."""
+
+
+class Command(Protocol):
+    """A Click command, as Typer builds it (``ctx.command``)."""
+
+    params: list[Any]
+
+
+def settings_of(command: Command, function: Callable[..., Any]) -> dict[str, Setting]:
+    """Config key (the long option name without dashes) -> setting, for every option of
+    ``command`` (built by Typer from ``function``) but :data:`NOT_SETTINGS`."""
+    hints = typing.get_type_hints(function, include_extras=True)
+    settings = {}
+    for param in command.params:
+        if param.param_type_name != "option" or param.name in NOT_SETTINGS:
+            continue
+        long = next(opt for opt in param.opts if opt.startswith("--"))
+        kind = _plain(hints[param.name])
+        settings[long.removeprefix("--")] = replace(
+            _SPECIAL.get(param.name) or _BY_TYPE[kind], param=param.name
+        )
+    return settings
+
+
+def _plain(hint: Any) -> Any:
+    """The type under ``Annotated[...]`` and ``... | None``."""
+    if typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return hint
+
 
 _TOML_TYPES = {
     bool: "a boolean",
@@ -118,16 +136,15 @@ class Config:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def option_name(key: str) -> str:
-    """The command's parameter name for a config key (``max-eigenvalue`` -> ``max_eigenvalue``)."""
-    return key.replace("-", "_")
+Settings = Mapping[str, Setting]
+"""Config key -> what it accepts and the parameter it sets (:func:`settings_of`)."""
 
 
-def load_config(path: Path | None = None, start: Path | None = None) -> Config:
+def load_config(settings: Settings, path: Path | None = None, start: Path | None = None) -> Config:
     """The config at ``path``, else the one :func:`find_config` finds from ``start`` (default:
     the current folder); an empty :class:`Config` when there is none."""
     found = path if path is not None else find_config(start or Path.cwd())
-    return Config() if found is None else read_config(found)
+    return Config() if found is None else read_config(found, settings)
 
 
 def find_config(start: Path) -> Path | None:
@@ -142,14 +159,17 @@ def find_config(start: Path) -> Path | None:
     return None
 
 
-def read_config(path: Path) -> Config:
+def read_config(path: Path, settings: Settings) -> Config:
     """The options a config file sets; every problem is an :class:`InputError` naming the file
     and the key."""
     table = _sharpscope_table(path) if path.name == "pyproject.toml" else _read_toml(path)
     if table is None:
         raise InputError(f"{path} has no {TABLE} table; add one, or pass a sharpscope.toml")
     where = f"{path} ({TABLE})" if path.name == "pyproject.toml" else str(path)
-    options = {option_name(key): _value(where, path.parent, key, v) for key, v in table.items()}
+    options = {}
+    for key, value in table.items():
+        setting = _setting(where, settings, key)
+        options[setting.param] = _value(where, path.parent, key, setting, value)
     return Config(path, options)
 
 
@@ -172,12 +192,16 @@ def _sharpscope_table(path: Path) -> dict[str, Any] | None:
     return table
 
 
-def _value(where: str, folder: Path, key: str, value: Any) -> Any:
-    setting = SETTINGS.get(key)
+def _setting(where: str, settings: Settings, key: str) -> Setting:
+    setting = settings.get(key)
     if setting is None:
-        close = difflib.get_close_matches(key, SETTINGS, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(SETTINGS)}"
+        close = difflib.get_close_matches(key, settings, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(settings)}"
         raise InputError(f"{where}: unknown key {key!r}; {hint}")
+    return setting
+
+
+def _value(where: str, folder: Path, key: str, setting: Setting, value: Any) -> Any:
     if not setting.accepts(value):
         raise InputError(
             f"{where}: {key!r} must be {setting.what}, got {_toml_type(value)} ({value!r})"

@@ -1,0 +1,132 @@
+"""The eigen-solvers a user chooses by name (``lanczos``, ``power``, ``pyhessian``): one registry,
+used by the analyze pipeline and by :func:`sharpscope.hessian_eigs`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sharpscope.curvature.lanczos import Which, lanczos, lanczos_extremes
+from sharpscope.curvature.linop import LinearOperator
+from sharpscope.curvature.power import power_iteration
+from sharpscope.curvature.pyhessian_bridge import pyhessian_eigs, pyhessian_trace
+from sharpscope.curvature.results import EigenResult, Progress, TraceResult
+from sharpscope.curvature.trace import hutchpp
+from sharpscope.errors import InputError
+
+
+@dataclass(frozen=True)
+class SolveSettings:
+    """How precisely to solve: the residual tolerance (relative to |λ_max|), the most products
+    per solve, the seed of the random start, and Lanczos' memory bound (None: unbounded)."""
+
+    tol: float = 1e-4
+    max_iter: int = 200
+    seed: int = 0
+    max_basis: int | None = None
+
+
+Eigs = Callable[[LinearOperator, int, Which, SolveSettings, Progress | None], EigenResult]
+Extremes = Callable[
+    [LinearOperator, int, int, SolveSettings, Progress | None], tuple[EigenResult, EigenResult]
+]
+Trace = Callable[[LinearOperator, float, int, int, Progress | None], TraceResult]
+
+
+@dataclass(frozen=True)
+class Solver:
+    """One way of finding eigenpairs and the trace of a curvature operator."""
+
+    name: str
+    eigs: Eigs
+    """``eigs(op, k, which, settings, progress)``: ``k`` eigenpairs at the ``which`` end."""
+    extremes: Extremes
+    """``extremes(op, k, k_smallest, settings, progress)``: the top ``k`` and the bottom
+    ``k_smallest`` pairs, as cheaply as the solver can."""
+    trace: Trace
+    """``trace(op, tol, max_samples, seed, progress)``: the trace with its standard error."""
+    single_process: bool = False
+    """It cannot run under torch.distributed."""
+    density_note: str | None = None
+    """Why the spectral density, when asked for, is not the solver's own."""
+
+
+def _lanczos_eigs(
+    op: LinearOperator, k: int, which: Which, s: SolveSettings, progress: Progress | None
+) -> EigenResult:
+    return lanczos(
+        op, k, which, s.tol, s.max_iter, s.seed, progress=progress, max_basis=s.max_basis
+    )
+
+
+def _lanczos_extremes(
+    op: LinearOperator, k: int, k_smallest: int, s: SolveSettings, progress: Progress | None
+) -> tuple[EigenResult, EigenResult]:
+    return lanczos_extremes(
+        op, k, k_smallest, s.tol, s.max_iter, s.seed, progress=progress, max_basis=s.max_basis
+    )
+
+
+def _power_eigs(
+    op: LinearOperator, k: int, which: Which, s: SolveSettings, progress: Progress | None
+) -> EigenResult:
+    """Power iteration with ``max_iter`` products per pair."""
+    return power_iteration(op, k, which, s.tol, s.max_iter * k, s.seed, progress=progress)
+
+
+def _pyhessian_eigs(
+    op: LinearOperator, k: int, which: Which, s: SolveSettings, progress: Progress | None
+) -> EigenResult:
+    """PyHessian's top-k; it has no smallest-eigenvalue solver, so the other ends are Lanczos'."""
+    if which != "largest":
+        return _lanczos_eigs(op, k, which, s, progress)
+    return pyhessian_eigs(op, k, s.tol, s.max_iter, s.seed)  # type: ignore[arg-type]
+
+
+def _hutchpp(
+    op: LinearOperator, tol: float, max_samples: int, seed: int, progress: Progress | None
+) -> TraceResult:
+    return hutchpp(op, tol=tol, max_samples=max_samples, seed=seed, progress=progress)
+
+
+def _pyhessian_trace(
+    op: LinearOperator, tol: float, max_samples: int, seed: int, progress: Progress | None
+) -> TraceResult:
+    return pyhessian_trace(op, tol, max_samples, seed)  # type: ignore[arg-type]
+
+
+def _one_end_at_a_time(eigs: Eigs) -> Extremes:
+    """Both ends by two solves: the top ``k``, then the bottom ``k_smallest``."""
+
+    def extremes(
+        op: LinearOperator, k: int, k_smallest: int, s: SolveSettings, progress: Progress | None
+    ) -> tuple[EigenResult, EigenResult]:
+        return eigs(op, k, "largest", s, progress), eigs(op, k_smallest, "smallest", s, progress)
+
+    return extremes
+
+
+SOLVERS: dict[str, Solver] = {
+    solver.name: solver
+    for solver in (
+        Solver("lanczos", _lanczos_eigs, _lanczos_extremes, _hutchpp),
+        Solver("power", _power_eigs, _one_end_at_a_time(_power_eigs), _hutchpp),
+        Solver(
+            "pyhessian",
+            _pyhessian_eigs,
+            _one_end_at_a_time(_pyhessian_eigs),
+            _pyhessian_trace,
+            single_process=True,
+            density_note="PyHessian 0.1's density calls torch.eig, which torch 2 removed; "
+            "the density shown is sharpscope's SLQ",
+        ),
+    )
+}
+"""Solver name -> solver."""
+
+
+def solver(name: str) -> Solver:
+    """The solver called ``name``; an :class:`InputError` naming the choices otherwise."""
+    if name not in SOLVERS:
+        raise InputError(f"unknown `method` {name!r}; choose one of {', '.join(SOLVERS)}")
+    return SOLVERS[name]
