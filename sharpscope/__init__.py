@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ASAM",
     "SAM",
+    "SOLVERS",
     "Alignment",
     "AnalyzeConfig",
     "DensityResult",
@@ -23,6 +24,7 @@ __all__ = [
     "LinearOperator",
     "MatrixOperator",
     "ParamSpace",
+    "SolveSettings",
     "TraceResult",
     "__version__",
     "analyze",
@@ -50,12 +52,14 @@ if TYPE_CHECKING:
     from sharpscope.analysis.alignment import Alignment, sam_alignment
     from sharpscope.analysis.analyze import AnalyzeConfig, analyze
     from sharpscope.curvature import (
+        SOLVERS,
         DensityResult,
         EigenResult,
         HessianOperator,
         LinearOperator,
         MatrixOperator,
         ParamSpace,
+        SolveSettings,
         TraceResult,
         hessian_eigs,
         hessian_trace,

@@ -8,10 +8,12 @@ from sharpscope.curvature.linop import LinearOperator, MatrixOperator
 from sharpscope.curvature.params import ParamSpace, select_params
 from sharpscope.curvature.power import power_iteration
 from sharpscope.curvature.results import DensityResult, EigenResult, Progress, TraceResult
+from sharpscope.curvature.solvers import SOLVERS, SolveSettings
 from sharpscope.curvature.trace import hutchinson, hutchpp
 
 __all__ = [
     "BACKENDS",
+    "SOLVERS",
     "DensityResult",
     "EigenResult",
     "HessianOperator",
@@ -19,6 +21,7 @@ __all__ = [
     "MatrixOperator",
     "ParamSpace",
     "Progress",
+    "SolveSettings",
     "TraceResult",
     "curvature_mode",
     "hessian_eigs",

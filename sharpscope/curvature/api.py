@@ -1,4 +1,5 @@
-"""One-call entry points: build a Hessian operator from a model and run an estimator on it."""
+"""One-call entry points: build a Hessian operator from a model and run an estimator on it (the
+eigen-solvers are :data:`~sharpscope.curvature.solvers.SOLVERS`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from torch import nn
 
 from sharpscope.curvature.density import slq
 from sharpscope.curvature.hvp import Backend, HessianOperator, LossFn
-from sharpscope.curvature.lanczos import Which, lanczos
-from sharpscope.curvature.power import power_iteration
-from sharpscope.curvature.results import DensityResult, EigenResult, TraceResult
+from sharpscope.curvature.lanczos import Which
+from sharpscope.curvature.results import DensityResult, EigenResult, Progress, TraceResult
+from sharpscope.curvature.solvers import SolveSettings, solver
 from sharpscope.curvature.trace import hutchinson, hutchpp
 
 Batches = Iterable[tuple[Any, Any]]
@@ -36,19 +37,17 @@ def hessian_eigs(
     batches: Batches,
     k: int = 5,
     which: Which = "largest",
-    method: Literal["lanczos", "power"] = "lanczos",
+    method: str = "lanczos",
     params: Sequence[str] | str | None = None,
     backend: Backend = "double-backward",
     batch_stats: bool = False,
-    **options: Any,
+    settings: SolveSettings | None = None,
+    progress: Progress | None = None,
 ) -> EigenResult:
     """Top (or bottom, or largest-magnitude) ``k`` Hessian eigenpairs of the mean loss over
-    ``batches``; ``options`` go to :func:`lanczos` or :func:`power_iteration`."""
-    solver = {"lanczos": lanczos, "power": power_iteration}.get(method)
-    if solver is None:
-        raise ValueError(f"unknown method {method!r}; choose lanczos or power")
+    ``batches``, by the solver ``method`` names (see :data:`SOLVERS`) with its ``settings``."""
     op = _operator(model, loss_fn, batches, params, backend, batch_stats)
-    return solver(op, k=k, which=which, **options)
+    return solver(method).eigs(op, k, which, settings or SolveSettings(), progress)
 
 
 def hessian_trace(
