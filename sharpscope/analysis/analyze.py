@@ -187,6 +187,11 @@ def _operator(
     model: nn.Module, loss_fn: LossFn, batches: list[tuple[Any, Any]], config: AnalyzeConfig
 ) -> HessianOperator:
     """The Hessian of the mean loss over ``batches`` for the chosen parameters."""
+    if config.backend == "forward-over-reverse" and isinstance(model, torch.jit.ScriptModule):
+        raise InputError(
+            "`backend` forward-over-reverse cannot differentiate a TorchScript model (torch.func "
+            "does not run scripted modules); use `backend` double-backward"
+        )
     try:
         return HessianOperator(
             model,

@@ -26,7 +26,7 @@ from sharpscope.cli.common import errors_as_exit, fail, info, print_json, stderr
 from sharpscope.cli.config_file import load_config, settings_of
 from sharpscope.cli.loading import Loaded, load_inputs
 from sharpscope.errors import InputError
-from sharpscope.io.atomic import write_text_atomic
+from sharpscope.io.atomic import check_can_create, write_text_atomic
 from sharpscope.report.checks_table import print_checks
 from sharpscope.report.github import publish
 from sharpscope.report.json_report import dumps, read_report
@@ -227,8 +227,10 @@ def check_command(
         )
         relative = baseline is not None and thresholds.max_increase is not None
         base = read_report(baseline) if relative else None
-        if update_baseline and baseline is not None:
-            check_baseline_target(baseline)  # before a long analysis, not after it
+        if update_baseline and baseline is not None:  # outputs: before a long analysis
+            check_baseline_target(baseline)
+        if junit is not None:
+            check_can_create(junit, "`junit`")
         report = _report(source, data, load, analysis, quiet)
         checks = gate(report, thresholds, base)
         _output(checks, report, source, thresholds, json_out, baseline, config)

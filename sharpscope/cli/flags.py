@@ -46,6 +46,9 @@ FLAGS: dict[str, str] = {
     "sigmas": "--sigmas",
     "baseline": "--baseline",
     "update_baseline": "--update-baseline",
+    # outputs
+    "out": "--out",
+    "junit": "--junit",
 }
 """Parameter name (as the library spells it) -> option (as the user types it)."""
 

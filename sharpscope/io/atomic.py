@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from sharpscope.errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -45,3 +47,21 @@ def write_atomic(path: str | os.PathLike[str], writer: Callable[[Path], None]) -
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def check_can_create(path: str | os.PathLike[str], what: str, folder: bool = False) -> None:
+    """Raise an :class:`InputError` naming ``what`` (e.g. ``"`junit`"``) unless ``path`` can be
+    written: a file path that is not a folder (with ``folder``, a folder path that is not a
+    file), under a nearest existing parent that is a writable folder. Meant for before long work."""
+    target = Path(path)
+    if folder and target.is_file():
+        raise InputError(f"{what} {target} is a file, not a folder; choose a folder path")
+    if not folder and target.is_dir():
+        raise InputError(f"{what} {target} is a folder; give a file path")
+    parent = target if folder and target.exists() else target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {target}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {target}: the folder {parent} is not writable")

@@ -1,4 +1,4 @@
-"""The ``--out DIR`` folder: report.json, eigenvectors.safetensors and the plots."""
+"""The analysis output folder: report.json, eigenvectors.safetensors and the plots."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from sharpscope.analysis.analyze import Analysis
 from sharpscope.curvature import select_params
 from sharpscope.errors import InputError
-from sharpscope.io.atomic import write_text_atomic
+from sharpscope.io.atomic import check_can_create, write_text_atomic
 from sharpscope.io.eigenvectors import save_eigenvectors
 from sharpscope.report.json_report import dumps
 from sharpscope.report.plots import write_plots
@@ -22,8 +22,7 @@ REPORT = "report.json"
 def check_out_dir(folder: Path) -> None:
     """Refuse a folder that holds files but is not a previous sharpscope output folder, so a
     user's files are never overwritten."""
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"--out {folder} is a file, not a folder; choose a folder path")
+    check_can_create(folder, "`out`", folder=True)
     if not folder.exists() or not any(folder.iterdir()):
         return
     try:
@@ -33,7 +32,7 @@ def check_out_dir(folder: Path) -> None:
         ours = False
     if not ours:
         raise InputError(
-            f"--out {folder} already holds files that sharpscope did not write; "
+            f"`out` {folder} already holds files that sharpscope did not write; "
             "choose a new or empty folder"
         )
 
