@@ -97,14 +97,18 @@ def batch_cosines(op: HessianOperator, v1: torch.Tensor) -> list[float]:
 
 
 def sam_alignment(
-    op: HessianOperator, eigenvectors: torch.Tensor, rho: float, alpha: float
+    op: HessianOperator,
+    eigenvectors: torch.Tensor,
+    rho: float,
+    alpha: float,
+    h_g_hat: torch.Tensor | None = None,
 ) -> Alignment:
-    """All alignment figures for the top eigenvectors (rows, λ₁ first); costs one product and
-    one gradient per batch."""
+    """All alignment figures for the top eigenvectors (rows, λ₁ first); costs one product (none
+    when ``h_g_hat``, the product H·ĝ, is given) and one gradient per batch."""
     g = op.gradient()
     v1 = eigenvectors[0]
     g_hat = g / torch.linalg.vector_norm(g)
-    curvature = float(torch.dot(g_hat, op.matvec(g_hat)))
+    curvature = float(torch.dot(g_hat, op.matvec(g_hat) if h_g_hat is None else h_g_hat))
     base = op.loss()
     eps = sam_perturbation(g, rho)
     eigen_eps = eigen_sam_perturbation(g, v1, rho, alpha)

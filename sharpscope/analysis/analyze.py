@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from sharpscope import distributed
 from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.metrics import accuracy
+from sharpscope.analysis.plan import Plan, available_memory, fitting_basis
 from sharpscope.curvature import (
     BACKENDS,
     DensityResult,
@@ -153,7 +155,11 @@ def _module_blocks(names: tuple[str, ...]) -> dict[str, list[str]]:
 
 
 def _per_layer(
-    op: HessianOperator, config: AnalyzeConfig, method: Solver, progress: Progress | None
+    op: HessianOperator,
+    config: AnalyzeConfig,
+    method: Solver,
+    settings: SolveSettings,
+    progress: Progress | None,
 ) -> list[LayerEigen]:
     """The top eigenpair of each module's diagonal block of the Hessian."""
     layers = []
@@ -167,7 +173,7 @@ def _per_layer(
             backend=config.backend,
             batch_stats=config.batch_stats,
         )
-        result = method.eigs(block, 1, "largest", config.settings(), None)
+        result = method.eigs(block, 1, "largest", settings, None)
         layers.append(
             LayerEigen(
                 name=module,
@@ -217,11 +223,15 @@ def _finite_loss(op: HessianOperator) -> float:
 
 
 def _alignment(
-    op: HessianOperator, top: EigenResult, grad_norm: float, config: AnalyzeConfig
+    op: HessianOperator,
+    top: EigenResult,
+    grad_norm: float,
+    config: AnalyzeConfig,
+    h_g_hat: torch.Tensor | None,
 ) -> tuple[Alignment | None, list[str]]:
     """The SAM alignment figures, or a note saying why there are none."""
     if grad_norm > 0:
-        return sam_alignment(op, top.eigenvectors, config.rho, config.alpha), []
+        return sam_alignment(op, top.eigenvectors, config.rho, config.alpha, h_g_hat), []
     return None, ["the gradient is exactly zero: the SAM direction and its alignment are undefined"]
 
 
@@ -233,6 +243,56 @@ def _slices(
     if grad_norm > 0:
         directions["gradient"] = gradient / grad_norm
     return {name: loss_slice(op, d, 2 * rho) for name, d in directions.items()}
+
+
+def _planned(
+    op: HessianOperator,
+    config: AnalyzeConfig,
+    method: Solver,
+    gradient: torch.Tensor,
+    grad_norm: float,
+) -> tuple[Plan, SolveSettings, torch.Tensor | None]:
+    """The run's cost, the solver settings (with a Lanczos bound when the whole basis would not
+    fit in memory), and H·ĝ, which the alignment reuses (None when ĝ is undefined). Costs two
+    products: the first also builds what later ones reuse, so the second is the one timed."""
+    if grad_norm > 0:
+        direction = gradient / grad_norm
+    else:
+        direction = torch.ones_like(gradient) / op.size**0.5
+    image = op.matvec(direction)  # the first product also builds what later ones reuse
+    start = time.perf_counter()
+    op.matvec(direction)
+    seconds = time.perf_counter() - start
+    settings = config.settings()
+    vector_bytes = op.size * op.dtype.itemsize
+    available = distributed.main_value(available_memory(op.device))
+    wanted = method.cost(config.k, 1, settings).vectors
+    fitting = fitting_basis(vector_bytes, available, wanted)
+    chosen = None
+    if fitting is not None and settings.max_basis is None:
+        bounded = replace(settings, max_basis=max(fitting, config.k + 3))
+        if method.cost(config.k, 1, bounded).vectors < wanted:  # the solver keeps the bound
+            settings, chosen = bounded, bounded.max_basis
+    products = {"eigenpairs": method.cost(config.k, 1, settings).products}
+    if config.trace:
+        products["trace"] = method.trace_products(config.trace_samples)
+    if config.density:
+        products["density"] = config.density_vectors * config.density_iter
+    if config.per_layer:
+        blocks = len(_module_blocks(op.space.names))
+        products["per-layer"] = blocks * method.cost(1, 0, settings).products
+    plan = Plan(
+        num_params=op.size,
+        num_samples=op.num_samples,
+        num_batches=op.num_batches,
+        products=products,
+        seconds_per_product=seconds,
+        vector_bytes=vector_bytes,
+        vectors=method.cost(config.k, 1, settings).vectors,
+        available_bytes=available,
+        chosen_max_basis=chosen,
+    )
+    return plan, settings, image if grad_norm > 0 else None
 
 
 def _convergence_notes(top: EigenResult, bottom: EigenResult, tol: float) -> list[str]:
@@ -251,9 +311,13 @@ def analyze(
     batches: list[tuple[Any, Any]],
     config: AnalyzeConfig | None = None,
     progress: Progress | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
 ) -> Analysis:
     """Measure the sharpness of ``model`` on ``batches`` (the Hessian of their mean loss); under
-    torch.distributed, ``batches`` is this rank's share and every rank gets all ranks' results."""
+    torch.distributed, ``batches`` is this rank's share and every rank gets all ranks' results.
+
+    ``on_plan`` receives the run's cost once one product has been timed, before the eigen stage.
+    """
     config = config or AnalyzeConfig()
     method = solver(config.method)
     watch = _Stopwatch()
@@ -268,9 +332,19 @@ def analyze(
         loss = _finite_loss(op)
         gradient = op.gradient()
         acc = accuracy(model, batches, op.dtype, op.device, config.batch_stats, op.distributed)
+    grad_norm = float(torch.linalg.vector_norm(gradient))
+    with watch.stage("plan"):
+        plan, settings, h_g_hat = _planned(op, config, method, gradient, grad_norm)
+    if plan.chosen_max_basis is not None:
+        notes.append(
+            f"the whole Lanczos basis would not fit in memory: `max_basis` {settings.max_basis} "
+            "was chosen (thick restarts)"
+        )
+    if on_plan is not None:
+        on_plan(plan)
     with watch.stage("eigenvalues"):
         top, bottom = method.extremes(
-            op, config.k, 1, config.settings(), _staged(progress, "top-k and λ_min")
+            op, config.k, 1, settings, _staged(progress, "top-k and λ_min")
         )
     trace = None
     if config.trace:
@@ -290,9 +364,8 @@ def analyze(
                 config.seed,
                 _staged(progress, "density"),
             )
-    grad_norm = float(torch.linalg.vector_norm(gradient))
     with watch.stage("alignment"):
-        alignment, why = _alignment(op, top, grad_norm, config)
+        alignment, why = _alignment(op, top, grad_norm, config, h_g_hat)
         notes += why
     slices: dict[str, tuple[list[float], list[float]]] = {}
     if config.slices:
@@ -301,7 +374,7 @@ def analyze(
     per_layer: list[LayerEigen] = []
     if config.per_layer:
         with watch.stage("per_layer"):
-            per_layer = _per_layer(op, config, method, progress)
+            per_layer = _per_layer(op, config, method, settings, progress)
     notes += _convergence_notes(top, bottom, config.tol)
     return Analysis(
         loss=loss,

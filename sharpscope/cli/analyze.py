@@ -9,6 +9,7 @@ import typer
 
 from sharpscope import distributed
 from sharpscope.analysis.analyze import Analysis, AnalyzeConfig, analyze
+from sharpscope.analysis.plan import Plan
 from sharpscope.cli import options as opt
 from sharpscope.cli.common import (
     DistTimeout,
@@ -18,9 +19,11 @@ from sharpscope.cli.common import (
     print_json,
     stdout,
 )
+from sharpscope.cli.flags import as_flags
 from sharpscope.cli.loading import Loaded, load_inputs
 from sharpscope.report.json_report import build_report, dumps
 from sharpscope.report.outdir import check_out_dir, write_out_dir
+from sharpscope.report.plan_line import plan_line
 from sharpscope.report.table import print_report
 
 DEFAULTS = AnalyzeConfig()
@@ -69,8 +72,16 @@ def run_analysis(
     loaded: Loaded, config: AnalyzeConfig, quiet: bool
 ) -> tuple[Analysis, dict[str, Any]]:
     """Run the pipeline with progress bars (rank 0's only); return the analysis and its report."""
-    with ProgressBars(not quiet and distributed.is_main()) as bars:
-        analysis = analyze(loaded.model, loaded.loss_fn, loaded.batches, config, progress=bars)
+    shown = not quiet and distributed.is_main()
+    with ProgressBars(shown) as bars:
+
+        def show_plan(plan: Plan) -> None:
+            if shown:
+                info(as_flags(plan_line(plan)))
+
+        analysis = analyze(
+            loaded.model, loaded.loss_fn, loaded.batches, config, progress=bars, on_plan=show_plan
+        )
         bars.finish()
     inputs = {**loaded.description, "config": dict(config.__dict__)}
     return analysis, build_report(analysis, inputs)

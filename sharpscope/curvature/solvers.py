@@ -14,6 +14,9 @@ from sharpscope.curvature.results import EigenResult, Progress, TraceResult
 from sharpscope.curvature.trace import hutchpp
 from sharpscope.errors import InputError
 
+HUTCHPP_SKETCH = 10
+"""Hutch++'s sketch size: 2 × 10 products for the exactly traced part."""
+
 
 @dataclass(frozen=True)
 class SolveSettings:
@@ -34,6 +37,15 @@ Trace = Callable[[LinearOperator, float, int, int, Progress | None], TraceResult
 
 
 @dataclass(frozen=True)
+class Cost:
+    """The most an extremes solve may take: operator products, and vectors of the operator's
+    size held at once."""
+
+    products: int
+    vectors: int
+
+
+@dataclass(frozen=True)
 class Solver:
     """One way of finding eigenpairs and the trace of a curvature operator."""
 
@@ -45,6 +57,10 @@ class Solver:
     ``k_smallest`` pairs, as cheaply as the solver can."""
     trace: Trace
     """``trace(op, tol, max_samples, seed, progress)``: the trace with its standard error."""
+    cost: Callable[[int, int, SolveSettings], Cost]
+    """``cost(k, k_smallest, settings)``: the most an ``extremes`` solve may take."""
+    trace_products: Callable[[int], int]
+    """``trace_products(max_samples)``: the most products ``trace`` may take."""
     single_process: bool = False
     """It cannot run under torch.distributed."""
     density_note: str | None = None
@@ -86,13 +102,34 @@ def _pyhessian_eigs(
 def _hutchpp(
     op: LinearOperator, tol: float, max_samples: int, seed: int, progress: Progress | None
 ) -> TraceResult:
-    return hutchpp(op, tol=tol, max_samples=max_samples, seed=seed, progress=progress)
+    return hutchpp(
+        op, HUTCHPP_SKETCH, tol=tol, max_samples=max_samples, seed=seed, progress=progress
+    )
 
 
 def _pyhessian_trace(
     op: LinearOperator, tol: float, max_samples: int, seed: int, progress: Progress | None
 ) -> TraceResult:
     return pyhessian_trace(op, tol, max_samples, seed)  # type: ignore[arg-type]
+
+
+def _lanczos_cost(k: int, k_smallest: int, s: SolveSettings) -> Cost:
+    """One Krylov run for both ends: its basis, bounded by ``max_basis``."""
+    return Cost(s.max_iter, s.max_basis or s.max_iter + 1)
+
+
+def _power_cost(k: int, k_smallest: int, s: SolveSettings) -> Cost:
+    """``max_iter`` products per pair, holding the pairs found and two iterates."""
+    return Cost(s.max_iter * (k + k_smallest), k + 2)
+
+
+def _pyhessian_cost(k: int, k_smallest: int, s: SolveSettings) -> Cost:
+    """PyHessian's power iteration for the top, then Lanczos for the bottom."""
+    return Cost(s.max_iter * k + s.max_iter, s.max_basis or s.max_iter + 1)
+
+
+def _hutchpp_products(max_samples: int) -> int:
+    return 2 * HUTCHPP_SKETCH + max_samples
 
 
 def _one_end_at_a_time(eigs: Eigs) -> Extremes:
@@ -109,13 +146,24 @@ def _one_end_at_a_time(eigs: Eigs) -> Extremes:
 SOLVERS: dict[str, Solver] = {
     solver.name: solver
     for solver in (
-        Solver("lanczos", _lanczos_eigs, _lanczos_extremes, _hutchpp),
-        Solver("power", _power_eigs, _one_end_at_a_time(_power_eigs), _hutchpp),
+        Solver(
+            "lanczos", _lanczos_eigs, _lanczos_extremes, _hutchpp, _lanczos_cost, _hutchpp_products
+        ),
+        Solver(
+            "power",
+            _power_eigs,
+            _one_end_at_a_time(_power_eigs),
+            _hutchpp,
+            _power_cost,
+            _hutchpp_products,
+        ),
         Solver(
             "pyhessian",
             _pyhessian_eigs,
             _one_end_at_a_time(_pyhessian_eigs),
             _pyhessian_trace,
+            _pyhessian_cost,
+            lambda max_samples: max_samples,
             single_process=True,
             density_note="PyHessian 0.1's density calls torch.eig, which torch 2 removed; "
             "the density shown is sharpscope's SLQ",

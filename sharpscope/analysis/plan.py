@@ -1,0 +1,66 @@
+"""What an analysis will cost, known before its long stages: sizes, the most products each stage
+may take, the measured time of one product, and the memory of the eigen-solver's vectors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MEMINFO = Path("/proc/meminfo")
+BASIS_SHARE = 0.5
+"""The share of the free memory the eigen-solver's vectors may take before the basis is bounded."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The cost of an analysis, as far as it is known before its long stages."""
+
+    num_params: int
+    num_samples: int
+    num_batches: int
+    products: dict[str, int]
+    """Stage -> the most products it may take (solvers that converge stop sooner)."""
+    seconds_per_product: float
+    """One product, timed on the operator before the eigen stage."""
+    vector_bytes: int
+    """Bytes of one vector of the operator's size."""
+    vectors: int
+    """The most such vectors the eigen-solver holds at once."""
+    available_bytes: int | None
+    """Free memory on the operator's device; None where it cannot be read."""
+    chosen_max_basis: int | None = None
+    """The Lanczos bound chosen because the whole basis would not fit (None: none chosen)."""
+
+    @property
+    def most_products(self) -> int:
+        """All stages' most products together."""
+        return sum(self.products.values())
+
+    @property
+    def basis_bytes(self) -> int:
+        """The memory of the eigen-solver's vectors."""
+        return self.vectors * self.vector_bytes
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free memory in bytes: CUDA's free device memory, or Linux's MemAvailable for the CPU; None
+    where neither can be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in MEMINFO.read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def fitting_basis(vector_bytes: int, available: int | None, wanted: int) -> int | None:
+    """The most vectors that fit in :data:`BASIS_SHARE` of ``available``, when ``wanted`` do
+    not (None when they do, or when the free memory is unknown)."""
+    if available is None or wanted * vector_bytes <= BASIS_SHARE * available:
+        return None
+    return int(BASIS_SHARE * available // vector_bytes)

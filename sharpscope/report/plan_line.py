@@ -1,0 +1,48 @@
+"""The one line that says, before the long stages, what an analysis will cost."""
+
+from __future__ import annotations
+
+from sharpscope.analysis.plan import Plan
+
+
+def sizes(count: float) -> str:
+    """Bytes as B, kB, MB, GB or TB (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} TB"
+
+
+def duration(seconds: float) -> str:
+    """Seconds as ms, s, min or h, to two significant figures."""
+    for unit, size in (("h", 3600.0), ("min", 60.0), ("s", 1.0)):
+        if seconds >= 2 * size or (unit == "s" and seconds >= 1):
+            return f"{_figures(seconds / size)} {unit}"
+    return f"{_figures(1000 * seconds)} ms"
+
+
+def _figures(value: float) -> str:
+    """``value`` to two significant figures, without an exponent."""
+    return f"{float(f'{value:.2g}'):g}"
+
+
+def plan_line(plan: Plan) -> str:
+    """E.g. ``plan: 77,850 parameters, 1,024 samples in 8 batches; at most 320 products
+    (eigenpairs 200, trace 120), ≈ 12 ms each: ≤ 3.8 s; Lanczos vectors ≤ 62 MB of 20 GB free``.
+    Parameter names are in backticks (the CLI shows them as options)."""
+    stages = ", ".join(f"{name} {count:,}" for name, count in plan.products.items())
+    memory = f"solver vectors ≤ {sizes(plan.basis_bytes)}"
+    if plan.available_bytes is not None:
+        memory += f" of {sizes(plan.available_bytes)} free"
+    if plan.chosen_max_basis is not None:
+        memory += (
+            f"; the whole basis would not fit, so `max_basis` {plan.chosen_max_basis} is used "
+            "(thick restarts: more products; set `max_basis` to choose)"
+        )
+    return (
+        f"plan: {plan.num_params:,} parameters, {plan.num_samples:,} samples in "
+        f"{plan.num_batches:,} batch(es); at most {plan.most_products:,} products ({stages}), "
+        f"≈ {duration(plan.seconds_per_product)} each: ≤ "
+        f"{duration(plan.most_products * plan.seconds_per_product)}; {memory}"
+    )
