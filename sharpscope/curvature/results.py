@@ -11,8 +11,32 @@ import torch
 Progress = Callable[[str, int, int], None]
 """``progress(task, done, total)``: called after each product-costing step of an estimator."""
 
+SHOWN_EIGENVALUES = 6
+"""How many eigenvalues an :class:`EigenResult`'s summary lists before eliding the rest."""
 
-@dataclass
+
+def _figure(value: float, digits: int = 6) -> str:
+    """``value`` to ``digits`` significant digits; a small figure is never rounded to a bare 0."""
+    return "0.0" if value == 0 else f"{value:.{digits}g}"
+
+
+def _seconds(value: float) -> str:
+    return f"{_figure(value, 2)} s"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _with_error(value: float, error: float) -> str:
+    """``value ± error``, the value given to the error's second significant digit."""
+    if value == 0:
+        return f"0.0 ± {_figure(error, 2)}"
+    digits = math.floor(math.log10(abs(value))) - math.floor(math.log10(error)) + 2
+    return f"{_figure(value, min(max(digits, 1), 12))} ± {_figure(error, 2)}"
+
+
+@dataclass(repr=False)
 class EigenResult:
     """Eigenpairs of an operator, with how far each is from converged.
 
@@ -35,8 +59,23 @@ class EigenResult:
     def all_converged(self) -> bool:
         return bool(self.converged.all())
 
+    def __repr__(self) -> str:
+        """A summary: the eigenvalues, the largest residual, convergence and cost."""
+        k = len(self.eigenvalues)
+        values = [_figure(float(v)) for v in self.eigenvalues[:SHOWN_EIGENVALUES]]
+        if k > SHOWN_EIGENVALUES:
+            values.append(f"… {k - SHOWN_EIGENVALUES} more")
+        residual = _figure(float(self.residuals.max()), 2)
+        done = int(self.converged.sum())
+        state = "all converged" if done == k else f"{done} of {k} converged"
+        return (
+            f"EigenResult(k={k} {self.which}, eigenvalues=[{', '.join(values)}], "
+            f"max residual {residual}, {state}, {self.method}: {self.n_iterations} iterations, "
+            f"{_count(self.n_products, 'product')}, {_seconds(self.seconds)})"
+        )
 
-@dataclass
+
+@dataclass(repr=False)
 class TraceResult:
     """A stochastic trace estimate and its standard error."""
 
@@ -49,8 +88,24 @@ class TraceResult:
     converged: bool
     samples: torch.Tensor
 
+    def __repr__(self) -> str:
+        """A summary: the estimate ± its standard error, the cost and whether it converged."""
+        if not math.isfinite(self.std_error):
+            estimate = f"{_figure(self.estimate)} (no standard error from "
+            estimate += f"{_count(self.n_samples, 'sample')})"
+        elif self.std_error == 0:
+            estimate = f"{_figure(self.estimate)} (all {self.n_samples} samples equal)"
+        else:
+            estimate = f"{_with_error(self.estimate, self.std_error)} (SE)"
+        state = "converged" if self.converged else "not converged"
+        return (
+            f"TraceResult(estimate={estimate}, {self.method}: "
+            f"{_count(self.n_samples, 'sample')}, {_count(self.n_products, 'product')}, "
+            f"{_seconds(self.seconds)}, {state})"
+        )
 
-@dataclass
+
+@dataclass(repr=False)
 class DensityResult:
     """Stochastic Lanczos quadrature: per starting vector, Ritz values (nodes) and their weights."""
 
@@ -66,6 +121,16 @@ class DensityResult:
         return sum(
             float((w * t).sum()) for t, w in zip(self.nodes, self.weights, strict=True)
         ) / len(self.nodes)
+
+    def __repr__(self) -> str:
+        """A summary: how many vectors and nodes, the span of the nodes, the mean and the cost."""
+        nodes = torch.cat(self.nodes)
+        span = f"[{_figure(float(nodes.min()))}, {_figure(float(nodes.max()))}]"
+        return (
+            f"DensityResult(size={self.size}, {_count(len(self.nodes), 'vector')}, "
+            f"{_count(len(nodes), 'node')} in {span}, mean {_figure(self.mean)}, "
+            f"{_count(self.n_products, 'product')}, {_seconds(self.seconds)})"
+        )
 
     def smoothed(
         self, grid: torch.Tensor | None = None, sigma: float | None = None, points: int = 1000
