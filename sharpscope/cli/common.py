@@ -11,7 +11,15 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Column
 
 from sharpscope import distributed
 from sharpscope.cli.flags import as_flags
@@ -128,16 +136,23 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 class ProgressBars:
-    """Rich progress bars on stderr, one per estimator task, fed by the estimators' callbacks."""
+    """Rich progress bars on stderr, one per estimator task, fed by the estimators' callbacks.
 
-    def __init__(self, enabled: bool) -> None:
+    A line is the task, a fixed-width bar, products done/budget, time elapsed and time left:
+    it fits in 80 columns for task names up to 15 characters and budgets up to 7 digits.
+    """
+
+    def __init__(self, enabled: bool, console: Console | None = None) -> None:
+        """Bars on ``console`` (stderr by default); ``enabled=False`` shows nothing."""
         self.enabled = enabled and sys.stderr is not None
         self._progress = Progress(
-            TextColumn("{task.description:<12}"),
-            BarColumn(),
+            TextColumn("{task.description}", table_column=Column(width=15, no_wrap=True)),
+            BarColumn(bar_width=25),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            console=stderr,
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console or stderr,
             transient=False,
             disable=not self.enabled,
         )
