@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import platform
+import re
 import shlex
 import stat
 import subprocess
@@ -754,6 +755,18 @@ def test_demo_writes_checkpoint_report_and_plots(demo):
     assert demo.report["schema_version"] and demo.report["results"]["density"] is not None
     assert "Top Hessian eigenvalues" in result.stdout
     assert "sharpscope analyze --help" in result.stdout
+
+
+def test_demo_states_how_long_each_stage_took(demo):
+    lines = [s for s in demo.result.stderr.splitlines() if s.startswith("timings: ")]
+    assert len(lines) == 1, demo.result.stderr
+    shown = dict(re.findall(r"([\w-]+) ([\d.e+-]+) s", lines[0]))
+    analysis = demo.report["timings"]["stages"]  # what the demo's own report.json recorded
+    assert {"gradient", "eigenvalues", "trace", "density"} <= set(analysis)
+    assert list(shown) == ["train", "save", "load", "analyze", *analysis, "write"], lines[0]
+    for name, seconds in analysis.items():
+        assert float(shown[name]) == pytest.approx(seconds, rel=0.05, abs=1e-9), name
+    assert float(shown["analyze"]) >= 0.95 * sum(analysis.values())
 
 
 def test_demo_prints_a_follow_up_command_that_works(demo):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +26,32 @@ from sharpscope.report.table import print_report
 from sharpscope.training.fit import fit
 
 CHECKPOINT = "digits-mlp.safetensors"
+
+
+@contextlib.contextmanager
+def _stage(stages: dict[str, float], name: str) -> Iterator[None]:
+    """Record in ``stages[name]`` the seconds the block took."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = time.perf_counter() - start
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.2g} s" if value < 10 else f"{value:.0f} s"
+
+
+def _timings_line(stages: dict[str, float], analysis: dict[str, float]) -> str:
+    """``timings: train 1.1 s, ..., analyze 2.3 s (gradient 0.01 s, ...), write 0.4 s``: the demo's
+    stages in order, the analysis's own stages (named as in report.json) after its total."""
+    parts = []
+    for name, seconds in stages.items():
+        part = f"{name} {_seconds(seconds)}"
+        if name == "analyze":
+            part += f" ({', '.join(f'{k} {_seconds(v)}' for k, v in analysis.items())})"
+        parts.append(part)
+    return "timings: " + ", ".join(parts)
 
 
 def demo_command(
@@ -53,20 +81,26 @@ def demo_command(
         spec = ModelSpec("mlp", {})
         model = build_model(spec)
         train = load_data("digits", split="train")
-        start = time.perf_counter()
-        losses = fit(model, train.inputs, train.targets, steps=steps, seed=seed)
+        stages: dict[str, float] = {}
+        with _stage(stages, "train"):
+            losses = fit(model, train.inputs, train.targets, steps=steps, seed=seed)
         info(
             f"trained {spec.target} on digits: {steps} steps in "
-            f"{time.perf_counter() - start:.1f} s, final minibatch loss {losses[-1]:.4f}"
+            f"{stages['train']:.1f} s, final minibatch loss {losses[-1]:.4f}"
         )
         checkpoint = out / CHECKPOINT
-        save_checkpoint(checkpoint, model, spec)
-        loaded = load_inputs(checkpoint, "digits", seed=seed, samples=None, device="cpu")
+        with _stage(stages, "save"):
+            save_checkpoint(checkpoint, model, spec)
+        with _stage(stages, "load"):
+            loaded = load_inputs(checkpoint, "digits", seed=seed, samples=None, device="cpu")
         config = AnalyzeConfig(seed=seed, density=True, slices=True)
-        analysis, report = run_analysis(loaded, config, quiet)
+        with _stage(stages, "analyze"):
+            analysis, report = run_analysis(loaded, config, quiet)
         print_report(report, stdout)
-        for path in write_out_dir(out, report, analysis, loaded.model):
-            info(f"wrote {path}")
+        with _stage(stages, "write"):
+            for path in write_out_dir(out, report, analysis, loaded.model):
+                info(f"wrote {path}")
+        info(_timings_line(stages, analysis.timings))
         again = ["sharpscope", "analyze", str(checkpoint), "--data", "digits", "--samples", "0"]
         again += ["--density", "--out", str(out)] + (["--seed", str(seed)] if seed else [])
         stdout.print(
