@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from sharpscope import distributed
-from sharpscope.curvature.hvp import curvature_mode, move_to
+from sharpscope.batches import move_to
+from sharpscope.curvature import curvature_mode
 
 
 def accuracy(

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from sharpscope import distributed
+from sharpscope.batches import move_to
 from sharpscope.cli.common import resolve_device, resolve_dtype
-from sharpscope.curvature.hvp import move_to
 from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import Checkpoint, load_model
 from sharpscope.io.data import DataBundle, batches, check_targets, load_data

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -12,37 +12,11 @@ from torch.func import functional_call, grad, jvp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from sharpscope import distributed as _distributed
+from sharpscope.batches import LossFn, batch_size, move_to
 from sharpscope.curvature.params import ParamSpace, select_params
 
-LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 Backend = Literal["double-backward", "forward-over-reverse"]
 BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse")
-
-
-def move_to(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Move tensors (also nested in tuples, lists, dicts) to a device; cast floats to ``dtype``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device=device, dtype=dtype if obj.is_floating_point() else None)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(move_to(o, device, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: move_to(v, device, dtype) for k, v in obj.items()}
-    return obj
-
-
-def batch_size(batch: tuple[Any, Any]) -> int:
-    """Number of samples in an ``(inputs, targets)`` batch: the leading dimension of the targets."""
-    targets = batch[1]
-    if isinstance(targets, torch.Tensor) and targets.ndim > 0:
-        return int(targets.shape[0])
-    inputs = batch[0]
-    while isinstance(inputs, (tuple, list)) and inputs:
-        inputs = inputs[0]
-    if isinstance(inputs, torch.Tensor) and inputs.ndim > 0:
-        return int(inputs.shape[0])
-    raise ValueError(
-        "cannot tell the number of samples of a batch: expected (inputs, targets) tensors"
-    )
 
 
 @contextlib.contextmanager

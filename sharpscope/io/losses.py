@@ -5,17 +5,15 @@ Every loss returns the mean over the batch, as the curvature engine requires.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from sharpscope.batches import LossFn
 from sharpscope.errors import InputError
 from sharpscope.io.user_code import import_object, is_object_spec, one_line
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:

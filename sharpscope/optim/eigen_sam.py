@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from sharpscope.batches import LossFn
 from sharpscope.curvature import HessianOperator, ParamSpace, lanczos
-from sharpscope.curvature.hvp import LossFn
 from sharpscope.optim.perturbations import eigen_sam_step
 from sharpscope.optim.sam import SAM, Active, Closure
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from sharpscope.curvature.hvp import LossFn
+from sharpscope.batches import LossFn
 from sharpscope.optim import ASAM, SAM, EigenSAM
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "asam", "eigen-sam")

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sharpscope import distributed
-from sharpscope.curvature.hvp import LossFn, move_to
+from sharpscope.batches import LossFn, move_to
 from sharpscope.errors import InputError
 from sharpscope.io.data import DataBundle, batches, subset_indices
 from sharpscope.io.models import ModelSpec

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from sharpscope import distributed
+from sharpscope.batches import LossFn
 from sharpscope.curvature import HessianOperator, curvature_mode, lanczos
-from sharpscope.curvature.hvp import LossFn
 
 Batch = tuple[Any, Any]
 TRACK_TOL = 1e-3

@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from sharpscope import distributed
-from sharpscope.curvature.hvp import LossFn, move_to
+from sharpscope.batches import LossFn, move_to
 from sharpscope.io.data import DataBundle
 from sharpscope.optim import EigenSAM
 from sharpscope.training.order import DataOrder
