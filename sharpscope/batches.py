@@ -36,3 +36,18 @@ def batch_size(batch: tuple[Any, Any]) -> int:
     raise ValueError(
         "cannot tell the number of samples of a batch: expected (inputs, targets) tensors"
     )
+
+
+def correct_count(outputs: Any, targets: Any) -> tuple[int, int] | None:
+    """How many class predictions (argmax over dimension 1) match the labels, and out of how
+    many; None unless the targets are integer labels and the outputs score at least two classes
+    along dimension 1, shaped like the targets otherwise (regression, soft targets)."""
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
+        return None
+    if not isinstance(outputs, torch.Tensor) or outputs.ndim < 2 or outputs.shape[1] < 2:
+        return None
+    predicted = outputs.argmax(dim=1)
+    if predicted.shape != targets.shape:
+        return None
+    hits = predicted == targets.to(predicted.device)
+    return int(hits.sum()), hits.numel()

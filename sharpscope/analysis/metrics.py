@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sharpscope import distributed
-from sharpscope.batches import move_to
+from sharpscope.batches import correct_count, move_to
 from sharpscope.curvature import curvature_mode
 
 
@@ -20,18 +20,17 @@ def accuracy(
     batch_stats: bool = False,
     across_ranks: bool = False,
 ) -> float | None:
-    """Top-1 accuracy over all batches, or None when the targets are not class labels; with
-    ``across_ranks``, over all ranks' batches (their counts are all-reduced)."""
+    """Top-1 accuracy over all batches, or None when the targets are not class labels (see
+    :func:`~sharpscope.batches.correct_count`); with ``across_ranks``, over all ranks' batches
+    (their counts are all-reduced)."""
     correct = total = 0
     with torch.no_grad(), curvature_mode(model, batch_stats):
         for inputs, targets in batches:
-            if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
+            hits = correct_count(model(move_to(inputs, device, dtype)), targets)
+            if hits is None:
                 return None
-            outputs = model(move_to(inputs, device, dtype))
-            if outputs.ndim != 2 or outputs.shape[1] < 2:
-                return None
-            correct += int((outputs.argmax(1) == targets.to(device)).sum())
-            total += int(targets.numel())
+            correct += hits[0]
+            total += hits[1]
     if across_ranks:
         counts = torch.tensor([correct, total], dtype=torch.int64, device=device)
         correct, total = distributed.all_reduce_sum(counts).tolist()

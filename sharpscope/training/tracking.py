@@ -12,21 +12,12 @@ import torch
 from torch import nn
 
 from sharpscope import distributed
-from sharpscope.batches import LossFn
+from sharpscope.batches import LossFn, correct_count
 from sharpscope.curvature import HessianOperator, curvature_mode, lanczos
 
 Batch = tuple[Any, Any]
 TRACK_TOL = 1e-3
 """Relative residual at which the tracked λ_max counts as converged."""
-
-
-def correct_count(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, int] | None:
-    """How many class predictions (argmax over dimension 1) match the labels, and out of how
-    many; None for float (regression or soft) targets."""
-    if targets.is_floating_point() or outputs.ndim < 2:
-        return None
-    hits = outputs.argmax(dim=1) == targets
-    return int(hits.sum()), hits.numel()
 
 
 def evaluate(

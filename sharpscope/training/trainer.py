@@ -20,12 +20,11 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from sharpscope import distributed
-from sharpscope.batches import LossFn, move_to
+from sharpscope.batches import LossFn, correct_count, move_to
 from sharpscope.io.data import DataBundle
 from sharpscope.optim import EigenSAM
 from sharpscope.training.order import DataOrder
 from sharpscope.training.state import capture_rng, restore_rng
-from sharpscope.training.tracking import correct_count
 
 FIELDS: tuple[str, ...] = (
     "step",
