@@ -9,15 +9,10 @@ import torch
 
 from sharpscope import distributed
 from sharpscope.curvature import HessianOperator
+from sharpscope.curvature.vectors import abs_cosine
 from sharpscope.optim.perturbations import eigen_sam_perturbation, sam_perturbation
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-
-def abs_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|cos(a, b)|; 0 when either vector is zero."""
-    norms = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
-    return float(torch.dot(a, b).abs() / norms) if norms > 0 else 0.0
 
 
 def subspace_share(u: torch.Tensor, basis: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Seeded random vectors and orthogonalisation shared by the estimators."""
+"""Seeded random vectors, orthogonalisation and |cos| shared by the estimators and their users."""
 
 from __future__ import annotations
 
@@ -31,3 +31,9 @@ def orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     for _ in range(2):
         w = w - basis.T @ (basis @ w)
     return w
+
+
+def abs_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|cos(a, b)|; 0 when either vector is zero."""
+    norms = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
+    return float(torch.dot(a, b).abs() / norms) if norms > 0 else 0.0

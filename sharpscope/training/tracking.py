@@ -14,6 +14,7 @@ from torch import nn
 from sharpscope import distributed
 from sharpscope.batches import LossFn, correct_count
 from sharpscope.curvature import HessianOperator, curvature_mode, lanczos
+from sharpscope.curvature.vectors import abs_cosine
 
 Batch = tuple[Any, Any]
 TRACK_TOL = 1e-3
@@ -70,9 +71,7 @@ class Tracker:
             top = lanczos(
                 op, k=1, which="largest", tol=TRACK_TOL, max_iter=self.max_iter, seed=self.seed
             )
-            g = op.gradient()
-            norm = float(torch.linalg.vector_norm(g))  # v₁ is a unit vector
-            alignment = abs(float(torch.dot(g, top.eigenvectors[0]))) / norm if norm > 0 else 0.0
+            alignment = abs_cosine(op.gradient(), top.eigenvectors[0])
             op.release()
             probe_loss, probe_accuracy = evaluate(model, self.loss_fn, self.probe)
             val_loss, val_accuracy = (
