@@ -10,12 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from sharpscope.io.atomic import write_text_atomic
+from sharpscope.io.json_values import json_safe
 
 JSONL = "metrics.jsonl"
 CSV = "metrics.csv"
@@ -35,11 +35,6 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
     return rows
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: they become null."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class MetricsLog:
@@ -64,7 +59,7 @@ class MetricsLog:
 
     def append(self, row: Mapping[str, Any]) -> None:
         """Write one row (missing fields are empty) to every log and flush it."""
-        clean = {f: _finite(row.get(f)) for f in self.fields}
+        clean = {f: json_safe(row.get(f)) for f in self.fields}
         self.rows.append(clean)
         self._jsonl.write(self._json_line(clean))
         self._jsonl.flush()
