@@ -9,10 +9,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from sharpscope import distributed as _distributed
 from sharpscope.batches import LossFn, batch_size, move_to
+from sharpscope.curvature.batchnorm import batchnorm_layers, freeze_batchnorm_stats
 from sharpscope.curvature.params import ParamSpace, select_params
 
 Backend = Literal["double-backward", "forward-over-reverse"]
@@ -27,19 +27,17 @@ def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None
     their running statistics untouched.
     """
     modes = [(m, m.training) for m in model.modules()]
-    tracking = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm)]
-    try:
-        model.eval()
-        if batch_stats:
-            for m, _ in tracking:
-                m.train()
-                m.track_running_stats = False
-        yield
-    finally:
-        for m, flag in tracking:
-            m.track_running_stats = flag
-        for m, flag in modes:
-            m.training = flag
+    with contextlib.ExitStack() as undo:
+        try:
+            model.eval()
+            if batch_stats:
+                undo.callback(freeze_batchnorm_stats(model))
+                for m in batchnorm_layers(model):
+                    m.train()
+            yield
+        finally:
+            for m, flag in modes:
+                m.training = flag
 
 
 class HessianOperator:

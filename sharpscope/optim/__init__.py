@@ -1,6 +1,6 @@
 """SAM-family optimizers and the perturbations they apply."""
 
-from sharpscope.optim.bn import freeze_batchnorm_stats, frozen_batchnorm_stats
+from sharpscope.curvature.batchnorm import freeze_batchnorm_stats, frozen_batchnorm_stats
 from sharpscope.optim.eigen_sam import EigenEstimate, EigenSAM
 from sharpscope.optim.perturbations import (
     asam_perturbation,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from sharpscope.optim.bn import freeze_batchnorm_stats
+from sharpscope.curvature.batchnorm import freeze_batchnorm_stats
 from sharpscope.optim.perturbations import Hyper, asam_perturbation, sam_perturbation
 
 Closure = Callable[[], torch.Tensor]

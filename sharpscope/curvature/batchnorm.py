@@ -1,4 +1,5 @@
-"""Keeping BatchNorm running statistics out of SAM's second forward pass."""
+"""Keeping BatchNorm running statistics unchanged by a forward pass: SAM's second pass, and the
+Hessian on batch statistics."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """Every BatchNorm layer of ``model`` (1d, 2d, 3d, lazy and synced ones)."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
 def freeze_batchnorm_stats(model: nn.Module) -> Callable[[], None]:
     """Stop every BatchNorm layer of ``model`` from updating its running statistics (and
     ``num_batches_tracked``); return the function that undoes it.
@@ -17,7 +23,7 @@ def freeze_batchnorm_stats(model: nn.Module) -> Callable[[], None]:
     with the batch's statistics, in eval mode with its running ones, so outputs are unchanged.
     No buffer is copied or written, so autograd graphs holding them stay valid.
     """
-    layers = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, _BatchNorm)]
+    layers = [(m, m.track_running_stats) for m in batchnorm_layers(model)]
     for m, _ in layers:
         m.track_running_stats = False
 
