@@ -195,9 +195,8 @@ def run(opt: SAM, model: nn.Module, loss_fn: Callable, data: list, steps: int) -
     for t in range(steps):
         batch = data[t % len(data)]
         if isinstance(opt, EigenSAM):
-            opt.step(closure_for(model, loss_fn, batch), batch=batch)
-        else:
-            opt.step(closure_for(model, loss_fn, batch))
+            opt.refresh(*batch)
+        opt.step(closure_for(model, loss_fn, batch))
         trajectory.append(flat(model.parameters()))
     return trajectory
 
@@ -215,10 +214,12 @@ def test_plain_sam_until_the_first_eigenvector():
     )
     plain = run(sam, sam_model, mean, [QUAD_BATCH], 4)
     for t in range(3):
-        eigen.step(closure_for(eigen_model, mean, QUAD_BATCH), batch=QUAD_BATCH)
+        eigen.refresh(*QUAD_BATCH)
+        eigen.step(closure_for(eigen_model, mean, QUAD_BATCH))
         assert torch.equal(flat(eigen_model.parameters()), plain[t])
         assert eigen.estimate is None and eigen.alignment is None and eigen.eigenvector is None
-    eigen.step(closure_for(eigen_model, mean, QUAD_BATCH), batch=QUAD_BATCH)
+    eigen.refresh(*QUAD_BATCH)
+    eigen.step(closure_for(eigen_model, mean, QUAD_BATCH))
     assert eigen.estimate is not None and eigen.estimate.step == 3
     assert eigen.alignment is not None
     assert not torch.allclose(flat(eigen_model.parameters()), plain[3])
@@ -244,7 +245,8 @@ def test_refresh_cadence_on_global_steps_and_warm_start(monkeypatch: pytest.Monk
     )
     vectors = {}
     for _ in range(10):
-        opt.step(closure_for(model, mean, QUAD_BATCH), batch=QUAD_BATCH)
+        opt.refresh(*QUAD_BATCH)
+        opt.step(closure_for(model, mean, QUAD_BATCH))
         if opt.estimate is not None:
             vectors[opt.estimate.step] = opt.eigenvector["w"].clone()
     assert [step for step, _ in calls] == [3, 6, 9]
@@ -265,15 +267,16 @@ def test_refresh_finds_the_largest_eigenvalue_not_the_largest_magnitude():
     assert abs(float(opt.eigenvector["w"] @ q[:, 1])) == pytest.approx(1.0, rel=1e-10)
 
 
-def test_a_due_refresh_needs_the_batch():
+def test_a_due_refresh_must_be_made_before_the_step():
     model, _ = quadratic([3.0, 1.0])
     opt = EigenSAM(
         torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=mean, eig_every=1
     )
     opt.step(closure_for(model, mean, QUAD_BATCH))  # step 0 never refreshes
     assert opt.refresh_due
-    with pytest.raises(ValueError, match="pass batch"):
+    with pytest.raises(ValueError, match=r"call refresh\(inputs, targets\)"):
         opt.step(closure_for(model, mean, QUAD_BATCH))
+    assert opt.refresh(*QUAD_BATCH) is not None and not opt.refresh_due
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -388,7 +391,8 @@ def make_eigen(seed: int) -> tuple[nn.Module, EigenSAM, torch.optim.lr_scheduler
 
 def train(model: nn.Module, opt: EigenSAM, scheduler, steps: range, data: list) -> None:
     for t in steps:
-        opt.step(closure_for(model, CE, data[t % len(data)]), batch=data[t % len(data)])
+        opt.refresh(*data[t % len(data)])
+        opt.step(closure_for(model, CE, data[t % len(data)]))
         scheduler.step()
 
 

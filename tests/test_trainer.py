@@ -53,11 +53,11 @@ def dropout_net() -> nn.Module:
 
 def session(model: nn.Module, name: str = "eigen-sam", total: int = 20) -> Session:
     settings = OptimizerSettings(name, 0.1, 0.9, 1e-4, 0.05, 0.2, 4, 3, 0)
-    optimizer = build_optimizer(model, CE, settings)
+    optimizer, hook = build_optimizer(model, CE, settings)
     scheduler = build_scheduler(optimizer, "cosine", total)
     order = DataOrder(96, 16, seed=0)
     cpu = torch.device("cpu")
-    return Session(model, CE, blobs(), optimizer, scheduler, order, cpu, torch.float32)
+    return Session(model, CE, blobs(), optimizer, scheduler, order, cpu, torch.float32, hook=hook)
 
 
 def tracker(data: DataBundle) -> Tracker:

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from sharpscope.batches import LossFn
 from sharpscope.curvature import HessianOperator, ParamSpace, lanczos
 from sharpscope.optim.perturbations import eigen_sam_step
-from sharpscope.optim.sam import SAM, Active, Closure
+from sharpscope.optim.sam import SAM, Active
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,9 @@ class EigenSAM(SAM):
 
     ``v`` is refreshed every ``eig_every`` global steps (at steps ``eig_every``, 2·``eig_every``, …;
     plain SAM before the first) by ``eig_steps`` Lanczos products on the Hessian of
-    ``loss_fn(model(inputs), targets)`` on that step's batch, warm-started from the previous ``v``.
-    ``v`` is paired with parameters by name in ``model``.
+    ``loss_fn(model(inputs), targets)`` on that step's batch (given by :meth:`refresh` before the
+    step), warm-started from the previous ``v``. ``v`` is paired with parameters by name in
+    ``model``.
     """
 
     def __init__(
@@ -97,27 +98,27 @@ class EigenSAM(SAM):
 
     @property
     def refresh_due(self) -> bool:
-        """Whether the coming step refreshes the eigenvector."""
-        return self.global_step > 0 and self.global_step % self.eig_every == 0
+        """Whether the coming step is a refresh step whose refresh is not made yet: then
+        :meth:`refresh` must come before it."""
+        done = self.estimate is not None and self.estimate.step == self.global_step
+        return self.global_step > 0 and self.global_step % self.eig_every == 0 and not done
 
-    def first_step(self, zero_grad: bool = False, batch: tuple[Any, Any] | None = None) -> None:
-        """Refresh v on ``batch`` (inputs, targets) when due, then SAM's first step with
-        Eigen-SAM's ε; :attr:`alignment` becomes this step's |cos(ĝ, v)|."""
+    def refresh(self, inputs: Any, targets: Any) -> EigenEstimate | None:
+        """Before each step: when it is a refresh step (:attr:`refresh_due`), re-estimate v on its
+        batch, as ``loss_fn(model(inputs), targets)`` sees it, and return the estimate; else
+        nothing."""
+        return self.refresh_eigenvector((inputs, targets)) if self.refresh_due else None
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        """SAM's first step with Eigen-SAM's ε; :attr:`alignment` becomes this step's |cos(ĝ, v)|.
+        A due refresh not made (:meth:`refresh`) is a ``ValueError``, not skipped silently."""
         if self.refresh_due:
-            if batch is None:
-                raise ValueError(
-                    f"step {self.global_step} refreshes the eigenvector: "
-                    "pass batch=(inputs, targets)"
-                )
-            self.refresh_eigenvector(batch)
+            raise ValueError(
+                f"step {self.global_step} refreshes the eigenvector: call "
+                "refresh(inputs, targets) with its batch before the step"
+            )
         self.alignment = None
         super().first_step(zero_grad)
-
-    def step(  # type: ignore[override]
-        self, closure: Closure | None = None, batch: tuple[Any, Any] | None = None
-    ) -> torch.Tensor:
-        """:meth:`SAM.step`, refreshing v on ``batch`` when due."""
-        return self._two_passes(closure, lambda: self.first_step(batch=batch))
 
     def refresh_eigenvector(self, batch: tuple[Any, Any]) -> EigenEstimate:
         """Re-estimate the top (largest, not largest-|λ|) eigenpair of the Hessian on ``batch`` at

@@ -132,15 +132,12 @@ class SAM(Optimizer):
         """One SAM step: ``closure()`` must compute the loss on the minibatch, call ``backward()``
         and return the loss; it runs at w and at w + ε (gradients are zeroed before each run).
         Returns the loss at w."""
-        return self._two_passes(closure, self.first_step)
-
-    def _two_passes(self, closure: Closure | None, first_step: Callable[[], None]) -> torch.Tensor:
         if closure is None:
             raise ValueError("SAM's step needs a closure that computes the loss and its gradient")
         self.zero_grad()
         with torch.enable_grad():
             loss = closure()
-        first_step()
+        self.first_step()
         self.zero_grad()
         with torch.enable_grad():
             closure()

@@ -4,18 +4,46 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from torch import nn
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from sharpscope.batches import LossFn
-from sharpscope.optim import ASAM, SAM, EigenSAM
+from sharpscope.optim import ASAM, SAM, EigenEstimate, EigenSAM
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "asam", "eigen-sam")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 DEFAULT_RHO: dict[str, float] = {"sgd": 0.0, "sam": 0.05, "asam": 0.5, "eigen-sam": 0.05}
 """ρ when none is given: SAM's and Eigen-SAM's usual 0.05, ASAM's 0.5 (about 10× larger)."""
+
+
+class StepHook(Protocol):
+    """What the training loop does and reads besides ``optimizer.step``: ``refresh(inputs,
+    targets)`` once per step, after the pass at w and before the perturbation, and the figures
+    of the last step. Eigen-SAM is its own hook; the other optimizers have :class:`NoHook`."""
+
+    @property
+    def alignment(self) -> float | None:
+        """|cos(ĝ, v)| of the last step, None without an eigenvector."""
+
+    @property
+    def estimate(self) -> EigenEstimate | None:
+        """The latest eigenvector refresh, None before the first."""
+
+    def refresh(self, inputs: Any, targets: Any) -> object:
+        """Re-estimate the eigenvector on this step's batch when due."""
+
+
+class NoHook:
+    """The hook of an optimizer without an eigenvector: nothing to refresh or report."""
+
+    alignment: float | None = None
+    estimate: EigenEstimate | None = None
+
+    def refresh(self, inputs: Any, targets: Any) -> None:
+        """Nothing to refresh."""
 
 
 @dataclass(frozen=True)
@@ -33,18 +61,20 @@ class OptimizerSettings:
     seed: int
 
 
-def build_optimizer(model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Optimizer:
-    """The optimizer ``s`` describes, over the model's trainable parameters."""
+def build_optimizer(
+    model: nn.Module, loss_fn: LossFn, s: OptimizerSettings
+) -> tuple[Optimizer, StepHook]:
+    """The optimizer ``s`` describes, over the model's trainable parameters, and its hook."""
     params = [p for p in model.parameters() if p.requires_grad]
     base = SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     if s.name == "sgd":
-        return base
+        return base, NoHook()
     if s.name == "sam":
-        return SAM(base, s.rho, model=model)
+        return SAM(base, s.rho, model=model), NoHook()
     if s.name == "asam":
-        return ASAM(base, s.rho, model=model)
+        return ASAM(base, s.rho, model=model), NoHook()
     if s.name == "eigen-sam":
-        return EigenSAM(
+        eigen = EigenSAM(
             base,
             s.rho,
             s.alpha,
@@ -54,6 +84,7 @@ def build_optimizer(model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> 
             eig_steps=s.eig_steps,
             seed=s.seed,
         )
+        return eigen, eigen
     raise ValueError(f"unknown optimizer {s.name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 

@@ -82,7 +82,7 @@ def finetune(
     order = DataOrder(len(inputs.train), config.batch_size, config.seed)
     check_shares(order.batch_size, min(config.probe_size, len(inputs.train)))
     total = config.total_steps(order.steps_per_epoch)
-    optimizer = build_optimizer(inputs.model, inputs.loss_fn, config.optimizer_settings())
+    optimizer, hook = build_optimizer(inputs.model, inputs.loss_fn, config.optimizer_settings())
     session = Session(
         inputs.model,
         inputs.loss_fn,
@@ -94,6 +94,7 @@ def finetune(
         inputs.dtype,
         wrapped=DistributedDataParallel(inputs.model) if distributed.is_distributed() else None,
         per_rank_sam=config.per_rank_sam,
+        hook=hook,
     )
     main = distributed.is_main()
     with distributed.together("starting the run"):

@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from sharpscope import distributed
 from sharpscope.batches import LossFn, correct_count, move_to
 from sharpscope.io.data import DataBundle
-from sharpscope.optim import EigenSAM
+from sharpscope.training.optimizers import NoHook, StepHook
 from sharpscope.training.order import DataOrder
 from sharpscope.training.state import capture_rng, restore_rng
 
@@ -104,6 +104,8 @@ class Session:
     window: Window = field(default_factory=Window)
     wrapped: DistributedDataParallel | None = None
     per_rank_sam: bool = False
+    hook: StepHook = field(default_factory=NoHook)
+    """The optimizer's hook (:func:`~sharpscope.training.optimizers.build_optimizer` returns it)."""
 
     def train_step(self) -> float:
         """One optimizer step on the next minibatch; returns this rank's loss (at w, before the
@@ -126,13 +128,12 @@ class Session:
                 loss.backward()
             if not first:
                 first.append(outputs.detach())
+                # after the pass at w: a refresh sees the BatchNorm statistics that pass updated
+                self.hook.refresh(inputs, targets)
             return loss
 
         start = time.perf_counter()
-        if isinstance(self.optimizer, EigenSAM):
-            loss = self.optimizer.step(closure, batch=(inputs, targets))
-        else:
-            loss = self.optimizer.step(closure)
+        loss = self.optimizer.step(closure)
         self.scheduler.step()
         value = float(loss.detach())
         self.step += 1
@@ -157,10 +158,9 @@ class Session:
     ) -> None:
         """Add this step's figures, summed over the ranks (one all-reduce when distributed)."""
         hits = correct_count(outputs, targets) or (0, 0)
-        alignment = getattr(self.optimizer, "alignment", None)
-        aligned = isinstance(self.optimizer, EigenSAM) and alignment is not None
+        alignment = self.hook.alignment
         size = distributed.world_size()
-        local = [loss / size, *hits, alignment / size if aligned else 0.0]
+        local = [loss / size, *hits, alignment / size if alignment is not None else 0.0]
         total = distributed.sum_floats(local)
         w = self.window
         w.steps += 1
@@ -168,14 +168,14 @@ class Session:
         w.seconds += seconds
         w.correct += int(total[1])
         w.counted += int(total[2])
-        if aligned:
+        if alignment is not None:
             w.esam_alignment_sum += total[3]
             w.esam_alignments += 1
 
     def take_row(self) -> dict[str, Any]:
         """This step's row without the tracked figures: step, epoch, the learning rate now, the
         window's means and Eigen-SAM's latest estimate; starts a new window."""
-        estimate = getattr(self.optimizer, "estimate", None)
+        estimate = self.hook.estimate
         row = {
             "step": self.step,
             "epoch": self.step / self.order.steps_per_epoch,
