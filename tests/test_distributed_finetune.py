@@ -221,5 +221,7 @@ def test_per_rank_sam_is_a_run_setting_that_older_configs_lack():
     assert RunConfig.from_json(json.dumps(stored), "c.json").per_rank_sam
     del stored["per_rank_sam"]
     assert not RunConfig.from_json(json.dumps(stored), "c.json").per_rank_sam
-    with pytest.raises(InputError, match="--per-rank-sam needs --optimizer sam, asam or eigen"):
+    with pytest.raises(
+        InputError, match=r"`per_rank_sam` needs a SAM-style optimizer \(sam, asam or eigen-sam\)"
+    ):
         config(optimizer="sgd", per_rank_sam=True)

@@ -243,11 +243,11 @@ def test_resume_keeps_fixed_settings_and_may_extend_the_run():
     longer = resumed(stored, {"steps": 500, "track_every": 5}, "c.json")
     assert (longer.steps, longer.epochs, longer.track_every) == (500, None, 5)
     assert resumed(longer, {"epochs": 3}, "c.json").total_steps(11) == 33
-    with pytest.raises(InputError, match=r"--lr 0.5 differs from the run's 0.1 \(c.json\)"):
+    with pytest.raises(InputError, match=r"`lr` 0.5 differs from the run's 0.1 \(c.json\)"):
         resumed(stored, {"lr": 0.5}, "c.json")
-    with pytest.raises(InputError, match="--optimizer"):
+    with pytest.raises(InputError, match="`optimizer`"):
         resumed(stored, {"optimizer": "eigen-sam"}, "c.json")
-    with pytest.raises(InputError, match="CHECKPOINT is not the file the run started from"):
+    with pytest.raises(InputError, match="`checkpoint` is not the file the run started from"):
         resumed(stored, {"checkpoint_sha256": "cd"}, "c.json")
     assert RunConfig.from_json(stored.to_json(), "c.json") == stored
 
@@ -255,12 +255,13 @@ def test_resume_keeps_fixed_settings_and_may_extend_the_run():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"optimizer": "adam"}, "unknown --optimizer 'adam'"),
-        ({"schedule": "step"}, "unknown --schedule"),
-        ({"steps": 10}, "either --steps or --epochs"),
-        ({"lr": 0.0}, "--lr must be positive"),
-        ({"keep": 0}, "--keep must be positive"),
-        ({"rho": -1.0}, "--rho must be at least 0"),
+        ({"optimizer": "adam"}, "unknown `optimizer` 'adam'"),
+        ({"schedule": "step"}, "unknown `schedule`"),
+        ({"steps": 10}, "either `steps` or `epochs`, not both"),
+        ({"epochs": None}, "either `steps` or `epochs`$"),
+        ({"lr": 0.0}, "^`lr` must be positive"),
+        ({"keep": 0}, "^`keep` must be positive"),
+        ({"rho": -1.0}, "^`rho` must be at least 0"),
     ],
 )
 def test_bad_settings_are_refused(changes: dict[str, Any], message: str):

@@ -49,6 +49,24 @@ FLAGS: dict[str, str] = {
     # outputs
     "out": "--out",
     "junit": "--junit",
+    # finetune (sharpscope.training: RunConfig, RunOptions, the run planner and the run folder)
+    "val_data": "--val-data",
+    "optimizer": "--optimizer",
+    "lr": "--lr",
+    "momentum": "--momentum",
+    "weight_decay": "--weight-decay",
+    "per_rank_sam": "--per-rank-sam",
+    "eig_every": "--eig-every",
+    "eig_steps": "--eig-steps",
+    "schedule": "--schedule",
+    "epochs": "--epochs",
+    "steps": "--steps",
+    "track_every": "--track-every",
+    "probe_size": "--probe-size",
+    "track_iters": "--track-iters",
+    "save_every": "--save-every",
+    "keep": "--keep",
+    "resume": "--resume",
 }
 """Parameter name (as the library spells it) -> option (as the user types it)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -13,8 +14,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from sharpscope.batches import LossFn
 from sharpscope.optim import ASAM, SAM, EigenEstimate, EigenSAM
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "asam", "eigen-sam")
-SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 DEFAULT_RHO: dict[str, float] = {"sgd": 0.0, "sam": 0.05, "asam": 0.5, "eigen-sam": 0.05}
 """ρ when none is given: SAM's and Eigen-SAM's usual 0.05, ASAM's 0.5 (about 10× larger)."""
 
@@ -46,6 +45,10 @@ class NoHook:
         """Nothing to refresh."""
 
 
+Built = tuple[Optimizer, StepHook]
+"""An optimizer and its hook for the training loop."""
+
+
 @dataclass(frozen=True)
 class OptimizerSettings:
     """SGD with momentum and weight decay, optionally wrapped by SAM, ASAM or Eigen-SAM."""
@@ -61,43 +64,65 @@ class OptimizerSettings:
     seed: int
 
 
-def build_optimizer(
-    model: nn.Module, loss_fn: LossFn, s: OptimizerSettings
-) -> tuple[Optimizer, StepHook]:
+def _sgd(base: SGD, model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
+    return base, NoHook()
+
+
+def _sam(base: SGD, model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
+    return SAM(base, s.rho, model=model), NoHook()
+
+
+def _asam(base: SGD, model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
+    return ASAM(base, s.rho, model=model), NoHook()
+
+
+def _eigen_sam(base: SGD, model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
+    eigen = EigenSAM(
+        base,
+        s.rho,
+        s.alpha,
+        model=model,
+        loss_fn=loss_fn,
+        eig_every=s.eig_every,
+        eig_steps=s.eig_steps,
+        seed=s.seed,
+    )
+    return eigen, eigen
+
+
+_WRAPPED: dict[str, Callable[[SGD, nn.Module, LossFn, OptimizerSettings], Built]] = {
+    "sgd": _sgd,
+    "sam": _sam,
+    "asam": _asam,
+    "eigen-sam": _eigen_sam,
+}
+OPTIMIZERS: tuple[str, ...] = tuple(_WRAPPED)
+"""The optimizer names (:class:`~sharpscope.training.run_config.RunConfig` checks them)."""
+
+
+def build_optimizer(model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
     """The optimizer ``s`` describes, over the model's trainable parameters, and its hook."""
     params = [p for p in model.parameters() if p.requires_grad]
     base = SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    if s.name == "sgd":
-        return base, NoHook()
-    if s.name == "sam":
-        return SAM(base, s.rho, model=model), NoHook()
-    if s.name == "asam":
-        return ASAM(base, s.rho, model=model), NoHook()
-    if s.name == "eigen-sam":
-        eigen = EigenSAM(
-            base,
-            s.rho,
-            s.alpha,
-            model=model,
-            loss_fn=loss_fn,
-            eig_every=s.eig_every,
-            eig_steps=s.eig_steps,
-            seed=s.seed,
-        )
-        return eigen, eigen
-    raise ValueError(f"unknown optimizer {s.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return _WRAPPED[s.name](base, model, loss_fn, s)
+
+
+def _constant(step: int, total_steps: int) -> float:
+    return 1.0
+
+
+def _cosine(step: int, total_steps: int) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+_CURVES: dict[str, Callable[[int, int], float]] = {"constant": _constant, "cosine": _cosine}
+SCHEDULES: tuple[str, ...] = tuple(_CURVES)
+"""The schedule names (:class:`~sharpscope.training.run_config.RunConfig` checks them)."""
 
 
 def build_scheduler(optimizer: Optimizer, schedule: str, total_steps: int) -> LambdaLR:
     """A per-step schedule: ``constant``, or ``cosine`` from the base rate to 0 at
     ``total_steps``. Its state (the step count) is a torch scheduler's; the curve is rebuilt
     from ``schedule`` and ``total_steps``, so a resumed run may extend ``total_steps``."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-
-    def factor(step: int) -> float:
-        if schedule == "constant":
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-    return LambdaLR(optimizer, factor)
+    curve = _CURVES[schedule]
+    return LambdaLR(optimizer, lambda step: curve(step, total_steps))

@@ -103,7 +103,7 @@ def finetune(
             if total < session.step:
                 raise InputError(
                     f"the run is at step {session.step}, beyond the {total} steps asked; give "
-                    "--steps or --epochs for at least as many steps"
+                    "`steps` or `epochs` for at least as many steps"
                 )
             if main:
                 folder.discard_after(session.step)
@@ -153,13 +153,13 @@ def check_shares(batch_size: int, probe_size: int) -> None:
     size = distributed.world_size()
     if batch_size % size:
         raise distributed.RankError(
-            f"--batch-size {batch_size} is not a multiple of the {size} processes: each rank "
+            f"`batch_size` {batch_size} is not a multiple of the {size} processes: each rank "
             f"takes an equal share of every batch; use a multiple of {size}"
         )
     if probe_size < size:
         raise distributed.RankError(
             f"the probe batch of {probe_size} sample(s) cannot be shared by {size} processes; "
-            "use a larger --probe-size"
+            "use a larger `probe_size`"
         )
 
 

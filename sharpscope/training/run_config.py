@@ -54,27 +54,22 @@ class RunConfig:
     from the configs of earlier versions."""
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(
-                f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise InputError(
-                f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
-            )
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
         if self.per_rank_sam and self.optimizer == "sgd":
-            raise InputError("--per-rank-sam needs --optimizer sam, asam or eigen-sam")
+            raise InputError("`per_rank_sam` needs a SAM-style optimizer (sam, asam or eigen-sam)")
         if (self.steps is None) == (self.epochs is None):
-            raise InputError("give either --steps or --epochs, not both")
+            both = ", not both" if self.steps is not None else ""
+            raise InputError(f"give either `steps` or `epochs`{both}")
         positive = ("lr", "eig_every", "eig_steps", "batch_size", "probe_size", "track_iters")
         positive += ("steps", "epochs", "track_every", "save_every", "keep")
         for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise InputError(f"--{_option(name)} must be positive, got {value}")
+                raise InputError(f"`{name}` must be positive, got {value}")
         for name in ("momentum", "weight_decay", "rho", "alpha"):
             if not getattr(self, name) >= 0:
-                raise InputError(f"--{_option(name)} must be at least 0, got {getattr(self, name)}")
+                raise InputError(f"`{name}` must be at least 0, got {getattr(self, name)}")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """The step the run ends at."""
@@ -121,11 +116,12 @@ def resumed(stored: RunConfig, given: Mapping[str, Any], where: str) -> RunConfi
     for name, value in given.items():
         if name not in CHANGEABLE and value != getattr(stored, name):
             if name == "checkpoint_sha256":
-                change = "CHECKPOINT is not the file the run started from"
+                change = "`checkpoint` is not the file the run started from"
             else:
-                change = f"--{_option(name)} {value} differs from the run's {getattr(stored, name)}"
+                change = f"`{name}` {value} differs from the run's {getattr(stored, name)}"
+            changeable = ", ".join(f"`{n}`" for n in CHANGEABLE)
             raise InputError(
-                f"{change} ({where}); a resumed run keeps its settings (only {_changeable()} may "
+                f"{change} ({where}); a resumed run keeps its settings (only {changeable} may "
                 "change): to change them, start a new run from the checkpoint's model.safetensors"
             )
     changes = {name: value for name, value in given.items() if name in CHANGEABLE}
@@ -136,9 +132,6 @@ def resumed(stored: RunConfig, given: Mapping[str, Any], where: str) -> RunConfi
     return replace(stored, **changes)
 
 
-def _option(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _changeable() -> str:
-    return ", ".join(f"--{_option(n)}" for n in CHANGEABLE)
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"unknown `{name}` {value!r}; choose one of {', '.join(choices)}")

@@ -60,8 +60,8 @@ class RunDir:
         file = self.path / CONFIG
         if not file.is_file():
             raise InputError(
-                f"--resume {self.path}: no {CONFIG} there, so it is not a sharpscope finetune "
-                "folder; pass the --out folder of the run"
+                f"{self.path} holds no {CONFIG}, so it is not the folder of a sharpscope "
+                "finetune run"
             )
         return RunConfig.from_json(file.read_text(encoding="utf-8"), str(file))
 
@@ -119,17 +119,17 @@ class RunDir:
         a checkpoint (its leftovers are removed); a run with checkpoints or other files is
         refused, so nothing is overwritten."""
         if self.path.exists() and not self.path.is_dir():
-            raise InputError(f"--out {self.path} is a file, not a folder; choose a folder path")
+            raise InputError(f"`out` {self.path} is a file, not a folder; choose a folder path")
         found = self.latest()
         if found is not None:
             raise InputError(
-                f"--out {self.path} already holds a run (checkpoint at step {found[0]}); "
-                f"continue it with --resume {self.path}, or choose a new --out folder"
+                f"`out` {self.path} already holds a run (checkpoint at step {found[0]}); "
+                f"continue it with `resume` {self.path}, or choose a new folder"
             )
         if self.path.is_dir() and any(self.path.iterdir()):
             if not (self.path / CONFIG).is_file():
                 raise InputError(
-                    f"--out {self.path} already holds files that are not a sharpscope finetune "
+                    f"`out` {self.path} already holds files that are not a sharpscope finetune "
                     "run; choose a new or empty folder"
                 )
             self.discard_after(-1)
