@@ -6,6 +6,7 @@ import json
 import random
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from sharpscope.optim import EigenSAM
 from sharpscope.training.metrics import CSV, JSONL, MetricsLog, read_rows
 from sharpscope.training.optimizers import OptimizerSettings, build_optimizer, build_scheduler
 from sharpscope.training.order import DataOrder
+from sharpscope.training.plan import DEFAULTS, RunOptions, new_run, resume_run
 from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig, resumed
 from sharpscope.training.run_dir import LATEST, MODEL, TRAINER, RunDir
 from sharpscope.training.state import (
@@ -294,3 +296,31 @@ def test_run_dir_keeps_the_last_checkpoints_and_points_latest_at_whole_ones(tmp_
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not a sharpscope finetune run"):
         RunDir(tmp_path / "other").prepare_new()
+
+
+def test_a_new_run_takes_the_defaults_and_a_resumed_one_its_own_settings(tmp_path: Path):
+    start = tmp_path / "start.safetensors"
+    spec = ModelSpec("mlp", {"hidden": (4,)})
+    model = build_model(spec)
+    plan = new_run(start, RunOptions(data="digits", optimizer="asam", lr=0.5), tmp_path / "run")
+    assert plan.folder.path.is_dir() and plan.resume_from is None and plan.weights == start
+    assert (plan.config.optimizer, plan.config.lr, plan.config.rho) == ("asam", 0.5, 0.5)
+    assert (plan.config.steps, plan.config.epochs) == (None, DEFAULT_EPOCHS)
+    assert plan.config.momentum == DEFAULTS.momentum and plan.config.val_data is None
+    config, _ = plan.loaded("ab", spec)
+    assert (config.checkpoint_sha256, config.model) == ("ab", spec.to_json())
+    plan.folder.write_config(config)
+    plan.folder.save(0, model, spec, {"step": 0}, keep=2)
+
+    again = resume_run(plan.folder.path, RunOptions(lr=0.5, steps=40, keep=1))
+    assert again.config == replace(config, steps=40, epochs=None, keep=1)
+    assert again.resume_from == plan.folder.path / "step-000000"
+    assert again.loaded("cd", spec) == (again.config, spec)  # a resume keeps the run's start
+    with pytest.raises(InputError, match=r"^`lr` 0.1 differs from the run's 0.5"):
+        resume_run(plan.folder.path, RunOptions(lr=0.1))
+    with pytest.raises(InputError, match=r"^`out` .* is not the run's folder"):
+        resume_run(plan.folder.path, RunOptions(), out=tmp_path / "elsewhere")
+    with pytest.raises(InputError, match=r"^`resume` .* does not exist$"):
+        resume_run(tmp_path / "missing", RunOptions())
+    with pytest.raises(InputError, match=r"^give a `checkpoint` and `data`"):
+        new_run(start, RunOptions(), tmp_path / "other")

@@ -1,0 +1,177 @@
+"""Planning a fine-tuning run: the settings a caller gives, the defaults of a new run, the rules
+of a resume, and the data a run validates on. Nothing is loaded or trained here."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from sharpscope import distributed
+from sharpscope.errors import InputError
+from sharpscope.io.checkpoints import file_sha256
+from sharpscope.io.data import HELD_OUT, DataBundle, held_out_split, load_data, open_source
+from sharpscope.io.models import ModelSpec
+from sharpscope.training.optimizers import DEFAULT_RHO
+from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig, resumed
+from sharpscope.training.run_dir import CONFIG, MODEL, RunDir
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The settings a caller gives a run, each under its :class:`RunConfig` name; None is "not
+    given": a new run takes :data:`DEFAULTS` (see :func:`new_run`), a resumed run its own."""
+
+    data: str | None = None
+    split: str | None = None
+    val_data: str | None = None
+    """None: the held-out split of ``data``, if it has one."""
+    loss: str | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    rho: float | None = None
+    alpha: float | None = None
+    per_rank_sam: bool | None = None
+    eig_every: int | None = None
+    eig_steps: int | None = None
+    schedule: str | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    steps: int | None = None
+    track_every: int | None = None
+    probe_size: int | None = None
+    track_iters: int | None = None
+    save_every: int | None = None
+    keep: int | None = None
+    seed: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The settings given (not None), by name."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+DEFAULTS = RunOptions(
+    split="train",
+    loss="cross-entropy",
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=0.0,
+    alpha=0.2,
+    per_rank_sam=False,
+    eig_every=100,
+    eig_steps=5,
+    schedule="constant",
+    batch_size=128,
+    track_every=50,
+    probe_size=256,
+    track_iters=20,
+    save_every=100,
+    keep=3,
+    seed=0,
+    device="auto",
+    dtype="float32",
+)
+"""A new run's settings where none is given. ``data`` has none; ``val_data`` None validates on
+the held-out split of ``data``; ``rho`` is :data:`DEFAULT_RHO` of the optimizer; without
+``steps`` or ``epochs`` a run lasts :data:`DEFAULT_EPOCHS` epochs."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run ready to load: its folder, its settings, the weights to load, and the checkpoint
+    folder a resumed run continues from (None for a new run)."""
+
+    folder: RunDir
+    config: RunConfig
+    weights: Path
+    resume_from: Path | None
+
+    def loaded(self, sha256: str, spec: ModelSpec | None) -> tuple[RunConfig, ModelSpec]:
+        """The settings and model spec once :attr:`weights` are loaded (their ``sha256``, and
+        the spec given or read with them): a new run records both in its settings."""
+        if spec is None:
+            raise InputError(
+                f"{self.weights} holds a whole model without a model spec, and finetune writes "
+                "safetensors checkpoints that carry one: pass `model` (the factory that builds "
+                "this architecture)"
+            )
+        if self.resume_from is not None:
+            return self.config, spec
+        return replace(self.config, checkpoint_sha256=sha256, model=spec.to_json()), spec
+
+
+def default_out() -> Path:
+    """``runs/finetune-<date>-<time>``, at rank 0's clock on every rank (a collective)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return distributed.main_value(Path("runs") / f"finetune-{stamp}")
+
+
+def new_run(checkpoint: Path | None, options: RunOptions, out: Path) -> Plan:
+    """A new run from ``checkpoint`` with ``options`` (:data:`DEFAULTS` where not given), in the
+    folder ``out``, which rank 0 prepares: it must be new, empty, or a run that never wrote a
+    checkpoint (nothing is overwritten)."""
+    if checkpoint is None or options.data is None:
+        raise InputError(
+            "give a `checkpoint` and `data` for a new run, or `resume` to continue one"
+        )
+    settings = {**asdict(DEFAULTS), **options.given()}
+    if options.steps is None and options.epochs is None:
+        settings["epochs"] = DEFAULT_EPOCHS
+    if options.rho is None:
+        settings["rho"] = DEFAULT_RHO.get(settings["optimizer"], 0.0)
+    config = RunConfig(checkpoint=str(checkpoint), checkpoint_sha256="", model="", **settings)
+    folder = RunDir(out)
+    if distributed.is_main():
+        folder.prepare_new()
+    return Plan(folder, config, checkpoint, None)
+
+
+def resume_run(
+    resume: Path,
+    options: RunOptions,
+    *,
+    out: Path | None = None,
+    checkpoint: Path | None = None,
+    model: ModelSpec | None = None,
+) -> Plan:
+    """Continue the run in the folder ``resume`` from its last checkpoint. The settings given
+    (``options``, ``checkpoint`` by its hash, ``model``) must be the run's own, except those a
+    resume may change (:data:`~sharpscope.training.run_config.CHANGEABLE`)."""
+    if not resume.exists():
+        raise InputError(f"`resume` {resume} does not exist")
+    if out is not None and out.resolve() != resume.resolve():
+        raise InputError(
+            f"`out` {out} is not the run's folder {resume}: a resumed run stays in its folder"
+        )
+    given = options.given()
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise InputError(f"`checkpoint` {checkpoint} not found; check the path")
+        given["checkpoint_sha256"] = file_sha256(checkpoint)
+    if model is not None:
+        given["model"] = model.to_json()
+    folder = RunDir(resume)
+    config = resumed(folder.read_config(), given, str(resume / CONFIG))
+    found = folder.latest()
+    if found is None:
+        raise InputError(
+            f"`resume` {resume}: the run wrote no checkpoint yet; start it again without `resume`"
+        )
+    return Plan(folder, config, found[1] / MODEL, found[1])
+
+
+def validation_data(config: RunConfig, train: DataBundle) -> DataBundle | None:
+    """The data a run validates on: ``val_data`` (its held-out split, else all of it), else the
+    held-out split of the training data ``train``, else None."""
+    if config.val_data is not None:
+        splits = open_source(config.val_data).splits
+        split = next((s for s in HELD_OUT if s in splits), "train")
+        return load_data(config.val_data, split=split)
+    split = held_out_split(train)
+    return None if split is None else load_data(config.data, split=split)
