@@ -3,24 +3,35 @@ subprocesses (each takes a few seconds, mostly imports), and its checks in proce
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner, Result
 
+from sharpscope.cli import finetune as finetune_cli
 from sharpscope.cli.app import app
+from sharpscope.cli.flags import FLAGS
+from sharpscope.errors import InputError
+from sharpscope.io.checkpoints import file_sha256
 from sharpscope.io.models import ModelSpec
+from sharpscope.report.training_progress import TrainingProgress
 from sharpscope.training.metrics import read_rows
+from sharpscope.training.plan import RunOptions
+from sharpscope.training.run_config import RunConfig
 
 N = 12
 """Steps before the stop; 2N = 24 crosses an epoch (16 steps of 32 of the 512 samples)."""
@@ -277,8 +288,15 @@ def test_a_new_run_never_overwrites(
         CliRunner().invoke(app, [*command(finetune_files, "sgd", "--out", tmp_path)]),
         "not a sharpscope",
     )
-    missing = tmp_path / "nothing"
-    one_error(CliRunner().invoke(app, ["finetune", "--resume", str(missing)]), "config.json")
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    one_error(CliRunner().invoke(app, ["finetune", "--resume", str(empty)]), "config.json")
+
+
+def test_resuming_a_missing_folder_says_it_does_not_exist(tmp_path: Path):
+    missing = tmp_path / "runs" / "x"
+    result = CliRunner().invoke(app, ["finetune", "--resume", str(missing)])
+    one_error(result, f"--resume {missing} does not exist")
 
 
 @pytest.mark.parametrize(
@@ -301,3 +319,65 @@ def test_bad_options_are_one_line_errors(
 
 def test_no_checkpoint_or_data_is_a_usage_error():
     one_error(CliRunner().invoke(app, ["finetune", "--data", "digits"]), "CHECKPOINT", "--resume")
+
+
+DERIVED = {"checkpoint", "checkpoint_sha256", "model"}
+"""The settings no option sets directly: CHECKPOINT's path and hash, and the model spec (--model
+and --model-arg, else the one the checkpoint stores)."""
+
+
+@pytest.mark.parametrize("length", [{"steps": 9, "epochs": None}, {"steps": None, "epochs": 2}])
+def test_every_run_setting_comes_from_its_own_option(
+    length: dict[str, int | None],
+    finetune_files: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    assert {f.name for f in fields(RunOptions)} == {f.name for f in fields(RunConfig)} - DERIVED
+    data = str(finetune_files["data"])
+    values = {
+        **dict(data=data, split="train", val_data=data, loss="mse", optimizer="eigen-sam"),
+        **dict(lr=0.02, momentum=0.5, weight_decay=0.001, rho=0.07, alpha=0.3, per_rank_sam=True),
+        **dict(eig_every=7, eig_steps=3, schedule="cosine", batch_size=16, track_every=4),
+        **dict(probe_size=32, track_iters=5, save_every=6, keep=2, seed=3, device="cpu"),
+        **dict(dtype="float64"),
+        **length,
+    }
+    assert set(values) == {f.name for f in fields(RunOptions)}
+    args: list[str] = []
+    for name, value in values.items():
+        if value is not None:
+            args += [FLAGS[name]] if value is True else [FLAGS[name], str(value)]
+    ran: list[RunConfig] = []
+
+    def run_instead(folder, config, inputs, resume_from, watch):
+        ran.append(config)
+        raise InputError("not trained")
+
+    monkeypatch.setattr(finetune_cli, "finetune", run_instead)
+    checkpoint = finetune_files["checkpoint"]
+    command_line = ["finetune", str(checkpoint), *args, "--out", str(tmp_path / "run"), "-q"]
+    one_error(CliRunner().invoke(app, command_line), "not trained")
+    assert asdict(ran[0]) == {
+        **values,
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "model": ModelSpec("mlp", {"hidden": (16,)}).to_json(),
+    }
+
+
+def test_the_progress_bar_fits_80_columns_and_shows_the_time_remaining():
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=80, force_terminal=True, color_system=None)
+    with TrainingProgress(console, enabled=True) as progress:
+        progress.started(12_000, 100_000)
+        progress.step(12_100, 0.2)
+        time.sleep(0.2)  # two steps apart in time: the remaining time can be estimated
+        progress.step(12_345, 0.123456)
+        row = {"step": 12_345, "lambda_max": 12345.678, "alignment": 0.1234, "val_accuracy": 0.9876}
+        progress.record(row)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue())  # cursor movements
+    lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[0] == "resuming from step 12000 of 100000"
+    assert all(len(line) <= 80 for line in lines), lines
+    assert re.search(r"12345/100000 eta \d+:\d\d:\d\d loss 0.1235 λ 1.235e\+04", lines[-1]), lines

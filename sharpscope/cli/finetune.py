@@ -3,25 +3,13 @@ and the SAM alignment, with checkpoints that resume exactly (docs/finetune.md)."
 
 from __future__ import annotations
 
-import datetime
-import itertools
+import copy
 import json
 import sys
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
 from sharpscope import distributed
 from sharpscope.cli import options as opt
@@ -35,35 +23,48 @@ from sharpscope.cli.common import (
     stdout,
 )
 from sharpscope.cli.loading import load_inputs
-from sharpscope.errors import InputError
-from sharpscope.io.checkpoints import file_sha256
-from sharpscope.io.data import HELD_OUT, DataBundle, held_out_split, load_data, open_source
 from sharpscope.io.models import ModelSpec, parse_model_args
+from sharpscope.report.finetune_summary import summary, summary_table
 from sharpscope.report.training_plot import plot_training
+from sharpscope.report.training_progress import TrainingProgress
 from sharpscope.training.optimizers import DEFAULT_RHO, OPTIMIZERS, SCHEDULES
+from sharpscope.training.plan import (
+    DEFAULTS,
+    RunOptions,
+    default_out,
+    new_run,
+    resume_run,
+    validation_data,
+)
 from sharpscope.training.run import Inputs, Outcome, Watch, finetune
-from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig, resumed
-from sharpscope.training.run_dir import CONFIG, MODEL, RunDir
+from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig
+from sharpscope.training.run_dir import MODEL, RunDir
 from sharpscope.training.signals import StopRequest
 
 OPTIMIZE = "Optimizer"
 TRACK = "Tracking"
 SAVE = "Checkpoints"
 PLOT = "training.png"
-_CONFIG_FIELDS = frozenset(f.name for f in fields(RunConfig))
-_DEFAULTED = ("DEFAULT", "DEFAULT_MAP")
 
 
-def _int(help_text: str, panel: str) -> Any:
-    return Annotated[int, typer.Option(help=help_text, rich_help_panel=panel)]
+def _setting(kind: type, help_text: str, panel: str, default: object) -> Any:
+    """An option for a run setting: None when not given (a resumed run keeps its own), with a
+    new run's ``default`` in its help."""
+    option = typer.Option(
+        help=f"{help_text} (default {default}).", rich_help_panel=panel, show_default=False
+    )
+    return Annotated[kind | None, option]
 
 
-def _float(help_text: str, panel: str) -> Any:
-    return Annotated[float, typer.Option(help=help_text, rich_help_panel=panel)]
+def _shared(option: Any, default: object) -> Any:
+    """A loading option of :mod:`sharpscope.cli.options` as a run setting (see :func:`_setting`)."""
+    info = copy.copy(option.__metadata__[0])
+    info.help = f"{info.help.removesuffix('.')} (default {default})."
+    info.show_default = False
+    return Annotated[option.__origin__ | None, info]
 
 
 def finetune_command(
-    ctx: typer.Context,
     checkpoint: Annotated[
         Path | None,
         typer.Argument(
@@ -83,44 +84,49 @@ def finetune_command(
             show_default=False,
         ),
     ] = None,
-    split: opt.Split = "train",
+    split: _shared(opt.Split, DEFAULTS.split) = None,
     model: opt.Model = None,
     model_arg: opt.ModelArg = None,
     trust_pickle: opt.TrustPickle = False,
-    loss: opt.Loss = "cross-entropy",
-    optimizer: Annotated[
-        str, typer.Option(help=f"{', '.join(OPTIMIZERS)}.", rich_help_panel=OPTIMIZE)
-    ] = "sgd",
-    lr: _float("Base learning rate.", OPTIMIZE) = 0.01,
-    momentum: _float("SGD momentum (also the base of SAM, ASAM, Eigen-SAM).", OPTIMIZE) = 0.9,
-    weight_decay: _float("SGD weight decay.", OPTIMIZE) = 0.0,
+    loss: _shared(opt.Loss, DEFAULTS.loss) = None,
+    optimizer: _setting(str, ", ".join(OPTIMIZERS), OPTIMIZE, DEFAULTS.optimizer) = None,
+    lr: _setting(float, "Base learning rate", OPTIMIZE, DEFAULTS.lr) = None,
+    momentum: _setting(
+        float, "SGD momentum, also under SAM, ASAM and Eigen-SAM", OPTIMIZE, DEFAULTS.momentum
+    ) = None,
+    weight_decay: _setting(float, "SGD weight decay", OPTIMIZE, DEFAULTS.weight_decay) = None,
     rho: Annotated[
         float | None,
         typer.Option(
-            help="Perturbation radius ρ; default 0.05 (sam, eigen-sam), 0.5 (asam).",
+            help=f"Perturbation radius ρ; default {DEFAULT_RHO['sam']} (sam, eigen-sam), "
+            f"{DEFAULT_RHO['asam']} (asam).",
             rich_help_panel=OPTIMIZE,
             show_default=False,
         ),
     ] = None,
-    alpha: _float("Eigen-SAM's α (weight of the eigenvector part).", OPTIMIZE) = 0.2,
+    alpha: _setting(
+        float, "Eigen-SAM's α, the weight of the eigenvector part", OPTIMIZE, DEFAULTS.alpha
+    ) = None,
     per_rank_sam: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--per-rank-sam",
             help="Under torchrun: each rank perturbs with its own gradient (m-sharpness) instead "
             "of the averaged one.",
             rich_help_panel=OPTIMIZE,
+            show_default=False,
         ),
-    ] = False,
-    eig_every: _int("Eigen-SAM: refresh the eigenvector every k steps.", OPTIMIZE) = 100,
-    eig_steps: _int("Eigen-SAM: Hessian-vector products per refresh.", OPTIMIZE) = 5,
-    schedule: Annotated[
-        str,
-        typer.Option(
-            help=f"Learning-rate schedule: {', '.join(SCHEDULES)}.", rich_help_panel=OPTIMIZE
-        ),
-    ] = "constant",
-    batch_size: opt.BatchSize = 128,
+    ] = None,
+    eig_every: _setting(
+        int, "Eigen-SAM: refresh the eigenvector every k steps", OPTIMIZE, DEFAULTS.eig_every
+    ) = None,
+    eig_steps: _setting(
+        int, "Eigen-SAM: Hessian-vector products per refresh", OPTIMIZE, DEFAULTS.eig_steps
+    ) = None,
+    schedule: _setting(
+        str, f"Learning-rate schedule: {', '.join(SCHEDULES)}", OPTIMIZE, DEFAULTS.schedule
+    ) = None,
+    batch_size: _shared(opt.BatchSize, DEFAULTS.batch_size) = None,
     epochs: Annotated[
         int | None,
         typer.Option(
@@ -133,9 +139,15 @@ def finetune_command(
         int | None,
         typer.Option(help="Total optimizer steps.", rich_help_panel=OPTIMIZE, show_default=False),
     ] = None,
-    track_every: _int("Record λ_max, alignment, loss and accuracy every N steps.", TRACK) = 50,
-    probe_size: _int("Samples in the fixed probe batch λ_max is measured on.", TRACK) = 256,
-    track_iters: _int("Most Lanczos products per λ_max measurement.", TRACK) = 20,
+    track_every: _setting(
+        int, "Record λ_max, alignment, loss and accuracy every N steps", TRACK, DEFAULTS.track_every
+    ) = None,
+    probe_size: _setting(
+        int, "Samples in the fixed probe batch λ_max is measured on", TRACK, DEFAULTS.probe_size
+    ) = None,
+    track_iters: _setting(
+        int, "Most Lanczos products per λ_max measurement", TRACK, DEFAULTS.track_iters
+    ) = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -144,8 +156,13 @@ def finetune_command(
             show_default=False,
         ),
     ] = None,
-    save_every: _int("Write a checkpoint every N steps (and at the end or on a stop).", SAVE) = 100,
-    keep: _int("Keep the last N checkpoints.", SAVE) = 3,
+    save_every: _setting(
+        int,
+        "Write a checkpoint every N steps (and at the end or on a stop)",
+        SAVE,
+        DEFAULTS.save_every,
+    ) = None,
+    keep: _setting(int, "Keep the last N checkpoints", SAVE, DEFAULTS.keep) = None,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -155,9 +172,9 @@ def finetune_command(
             show_default=False,
         ),
     ] = None,
-    seed: opt.Seed = 0,
-    device: opt.Device = "auto",
-    dtype: opt.Dtype = "float32",
+    seed: _shared(opt.Seed, DEFAULTS.seed) = None,
+    device: _shared(opt.Device, DEFAULTS.device) = None,
+    dtype: _shared(opt.Dtype, DEFAULTS.dtype) = None,
     json_out: Annotated[
         bool,
         typer.Option(
@@ -169,42 +186,85 @@ def finetune_command(
     debug: opt.Debug = False,
 ) -> None:
     """Fine-tune a checkpoint with SGD, SAM, ASAM or Eigen-SAM, tracking λ_max and |cos(ĝ, v₁)|.
-    Exit 0 when done, 2 on an error or a diverged loss, 130/143 when SIGINT/SIGTERM stopped it
-    (a checkpoint is saved first: continue with --resume DIR). Under torchrun the ranks train
-    with DistributedDataParallel on shares of each batch and rank 0 writes the run."""
+    Checkpoints, metrics and training.png go to the --out folder; --resume continues a run from
+    its last checkpoint, bit-identically on the CPU. Under torchrun the ranks train with
+    DistributedDataParallel on shares of each batch and rank 0 writes the run.
+
+    \b
+    Examples (the checkpoint is the one `sharpscope demo` writes):
+      sharpscope finetune sharpscope-demo/digits-mlp.safetensors --data digits \\
+          --optimizer eigen-sam --lr 0.05 --epochs 5 --out runs/esam
+      sharpscope finetune --resume runs/esam --epochs 10
+      torchrun --nproc-per-node 2 -m sharpscope finetune \\
+          sharpscope-demo/digits-mlp.safetensors --data digits --optimizer sam
+
+    \b
+    Exit codes:
+      0    the run finished
+      2    bad options or inputs, or a diverged loss (the last good checkpoint
+           is kept)
+      130  stopped by SIGINT (Ctrl-C): a checkpoint is saved first; continue
+           with --resume DIR
+      143  stopped by SIGTERM, the same way
+    """
     with command_scope(debug, dist_timeout):
-        default_out = _default_out()
+        options = RunOptions(
+            data=data,
+            split=split,
+            val_data=val_data,
+            loss=loss,
+            optimizer=optimizer,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            rho=rho,
+            alpha=alpha,
+            per_rank_sam=per_rank_sam,
+            eig_every=eig_every,
+            eig_steps=eig_steps,
+            schedule=schedule,
+            batch_size=batch_size,
+            epochs=epochs,
+            steps=steps,
+            track_every=track_every,
+            probe_size=probe_size,
+            track_iters=track_iters,
+            save_every=save_every,
+            keep=keep,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
+        fresh = default_out()  # a collective: on every rank, before anything can fail
         with distributed.together("preparing the run"):
-            if resume is not None:
-                folder, config, start = _resume_plan(resume, out, _given(ctx))
-                source, model_spec, model_args = start / MODEL, None, None
+            if resume is None:
+                plan = new_run(checkpoint, options, out or fresh)
             else:
-                folder, config = _new_plan(ctx.params, default_out)
-                if distributed.is_main():
-                    folder.prepare_new()
-                source, model_spec, model_args, start = checkpoint, model, model_arg, None
-        assert source is not None
+                given = ModelSpec(model, parse_model_args(model_arg or [])) if model else None
+                plan = resume_run(resume, options, out=out, checkpoint=checkpoint, model=given)
+        new = plan.resume_from is None
         loaded = load_inputs(
-            source,
-            config.data,
-            model=model_spec,
-            model_args=model_args,
+            plan.weights,
+            plan.config.data,
+            model=model if new else None,
+            model_args=model_arg if new else None,
             trust_pickle=trust_pickle,
-            split=config.split,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            loss=config.loss,
-            device=config.device,
-            dtype=config.dtype,
+            split=plan.config.split,
+            batch_size=plan.config.batch_size,
+            seed=plan.config.seed,
+            loss=plan.config.loss,
+            device=plan.config.device,
+            dtype=plan.config.dtype,
             shard=True,
         )
-        spec = _model_spec(loaded.spec, source)
-        if start is None:
-            config = replace(
-                config, checkpoint_sha256=loaded.checkpoint.sha256, model=spec.to_json()
-            )
+        config, spec = plan.loaded(loaded.checkpoint.sha256, loaded.spec)
         with distributed.together("loading the validation data"):
-            val = _validation(config, loaded.data)
+            val = validation_data(config, loaded.data)
+        if val is None and distributed.is_main():
+            info(
+                f"note: {loaded.data.source} has no held-out split, so nothing is validated; pass "
+                "--val-data to validate"
+            )
         if val is not None:
             values = distributed.fingerprint([("inputs", val.inputs), ("targets", val.targets)])
             distributed.check_same("validation data (--val-data)", values)
@@ -212,203 +272,19 @@ def finetune_command(
             loaded.model, spec, loaded.loss_fn, loaded.data, val, loaded.device, loaded.dtype
         )
         main = distributed.is_main()
-        with StopRequest() as stop, TrainingProgress(not quiet and main) as progress:
+        shown = not quiet and main and sys.stderr is not None
+        with StopRequest() as stop, TrainingProgress(stderr, shown) as progress:
             watch = (
                 Watch(progress.started, progress.step, progress.record, stop)
                 if main
                 else Watch(should_stop=stop)
             )
-            outcome = finetune(folder, config, inputs, start, watch)
+            outcome = finetune(plan.folder, config, inputs, plan.resume_from, watch)
         if main:
-            plot = folder.path / PLOT
+            plot = plan.folder.path / PLOT
             plot_training(outcome.rows, plot, f"{config.optimizer} on {config.data}")
             info(f"wrote {plot}")
-        _report(outcome, folder, config, stop, json_out)
-
-
-def _default_out() -> Path:
-    """``runs/finetune-<date>-<time>``, at rank 0's clock on every rank."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return distributed.main_value(Path("runs") / f"finetune-{stamp}")
-
-
-def _given(ctx: typer.Context) -> dict[str, Any]:
-    """The run settings given on the command line (not defaulted), by RunConfig field; a given
-    checkpoint counts by its hash, a given model by its spec."""
-    given = {
-        name: value
-        for name, value in ctx.params.items()
-        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in _DEFAULTED
-    }
-    settings = {k: v for k, v in given.items() if k in _CONFIG_FIELDS - {"checkpoint", "model"}}
-    if "checkpoint" in given:
-        settings["checkpoint_sha256"] = file_sha256(_existing(given["checkpoint"]))
-    if "model" in given:
-        args = parse_model_args(ctx.params.get("model_arg") or [])
-        settings["model"] = ModelSpec(given["model"], args).to_json()
-    return settings
-
-
-def _existing(path: Path) -> Path:
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} not found; check the path")
-    return path
-
-
-def _resume_plan(
-    resume: Path, out: Path | None, given: dict[str, Any]
-) -> tuple[RunDir, RunConfig, Path]:
-    """The run folder, its settings with the given changes, and its last checkpoint folder."""
-    if out is not None and out.resolve() != resume.resolve():
-        raise InputError(f"--out {out} is not --resume {resume}: a resumed run stays in its folder")
-    folder = RunDir(resume)
-    config = resumed(folder.read_config(), given, str(resume / CONFIG))
-    found = folder.latest()
-    if found is None:
-        raise InputError(
-            f"--resume {resume}: the run wrote no checkpoint yet; start it again without --resume"
-        )
-    return folder, config, found[1]
-
-
-def _new_plan(params: dict[str, Any], default_out: Path) -> tuple[RunDir, RunConfig]:
-    """The folder (--out, else ``default_out``) and settings of a new run (the checkpoint's hash
-    and model spec are filled in once it is loaded)."""
-    if params["checkpoint"] is None or params["data"] is None:
-        raise InputError("give a CHECKPOINT and --data, or --resume DIR to continue a run")
-    settings = {k: v for k, v in params.items() if k in _CONFIG_FIELDS}
-    if params["steps"] is None and params["epochs"] is None:
-        settings["epochs"] = DEFAULT_EPOCHS
-    if params["rho"] is None:
-        settings["rho"] = DEFAULT_RHO.get(params["optimizer"], 0.0)
-    settings.update(checkpoint=str(params["checkpoint"]), checkpoint_sha256="", model="")
-    config = RunConfig(**settings)
-    return RunDir(params["out"] or default_out), config
-
-
-def _model_spec(spec: ModelSpec | None, source: Path) -> ModelSpec:
-    """The spec the run's checkpoints carry: --model's, else the starting checkpoint's."""
-    if spec is None:
-        raise InputError(
-            f"{source} holds a whole model without a model spec, and finetune writes "
-            "safetensors checkpoints that carry one: pass --model (the factory that builds "
-            "this architecture)"
-        )
-    return spec
-
-
-def _validation(config: RunConfig, train: DataBundle) -> DataBundle | None:
-    """The validation data: --val-data (its held-out split, else all of it), else the held-out
-    split of --data, else none (with a note)."""
-    if config.val_data is not None:
-        splits = open_source(config.val_data).splits
-        split = next((s for s in HELD_OUT if s in splits), "train")
-        return load_data(config.val_data, split=split)
-    split = held_out_split(train)
-    if split is None:
-        if distributed.is_main():
-            info(
-                f"note: {train.source} has no held-out split, so nothing is validated; pass "
-                "--val-data to validate"
-            )
-        return None
-    return load_data(config.data, split=split)
-
-
-class TrainingProgress:
-    """A progress bar on stderr with the latest minibatch loss and tracked figures."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._progress = Progress(
-            TextColumn("finetune"),
-            BarColumn(bar_width=20),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[figures]}"),
-            console=stderr,
-            disable=not enabled or sys.stderr is None,
-        )
-        self._task: TaskID | None = None
-        self._loss = self._tracked = ""
-
-    def __enter__(self) -> TrainingProgress:
-        self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.__exit__(*exc)
-
-    def started(self, step: int, total: int) -> None:
-        if step:
-            info(f"resuming from step {step} of {total}")
-        self._task = self._progress.add_task("finetune", total=total, completed=step, figures="")
-
-    def step(self, step: int, loss: float) -> None:
-        self._loss = f"loss {loss:.4g}"
-        self._show(step)
-
-    def record(self, row: dict[str, Any]) -> None:
-        shown = [("λ", row["lambda_max"], "{:.4g}"), ("cos", row["alignment"], "{:.2f}")]
-        shown.append(("val", row["val_accuracy"], "{:.1%}"))
-        self._tracked = "".join(f" {k} {f.format(v)}" for k, v, f in shown if v is not None)
-        self._show(row["step"])
-
-    def _show(self, step: int) -> None:
-        assert self._task is not None
-        figures = f"{self._loss}{self._tracked}".strip()
-        self._progress.update(self._task, completed=step, figures=figures)
-
-
-FIGURES: tuple[tuple[str, str, str], ...] = (
-    ("λ_max (probe batch)", "lambda_max", "{:.5g}"),
-    ("|cos(ĝ, v₁)| (probe batch)", "alignment", "{:.4f}"),
-    ("probe loss", "probe_loss", "{:.4f}"),
-    ("validation loss", "val_loss", "{:.4f}"),
-    ("validation accuracy", "val_accuracy", "{:.2%}"),
-)
-"""The summary table's rows: label, metric field, format."""
-
-
-def seconds_per_step(rows: list[dict[str, Any]]) -> float | None:
-    """Mean wall time of a training step (tracking excluded) over the recorded rows."""
-    total = steps = 0.0
-    for before, row in itertools.pairwise(rows):
-        if row["step_seconds"] is not None:
-            total += row["step_seconds"] * (row["step"] - before["step"])
-            steps += row["step"] - before["step"]
-    return total / steps if steps else None
-
-
-def summary(outcome: Outcome, folder: RunDir, config: RunConfig) -> dict[str, Any]:
-    """The run's outcome as a JSON-ready document: status, where, and the first and last rows."""
-    return {
-        "status": outcome.status,
-        "run": str(folder.path),
-        "checkpoint": str(outcome.checkpoint / MODEL),
-        "step": outcome.step,
-        "total_steps": outcome.total_steps,
-        "optimizer": config.optimizer,
-        "seconds_per_step": seconds_per_step(outcome.rows),
-        "before": outcome.rows[0] if outcome.rows else None,
-        "after": outcome.rows[-1] if outcome.rows else None,
-    }
-
-
-def _table(doc: dict[str, Any]) -> Table:
-    before, after = doc["before"], doc["after"]
-    table = Table(
-        title=f"sharpscope finetune: {doc['optimizer']}, {doc['step']} steps",
-        title_justify="left",
-    )
-    table.add_column("figure", style="bold")
-    table.add_column(f"before (step {before['step']})", justify="right")
-    table.add_column(f"after (step {after['step']})", justify="right")
-    for label, key, form in FIGURES:
-        if before[key] is not None or after[key] is not None:
-            cells = ["—" if r[key] is None else form.format(r[key]) for r in (before, after)]
-            table.add_row(label, *cells)
-    return table
+        _report(outcome, plan.folder, config, stop, json_out)
 
 
 def _report(
@@ -440,7 +316,7 @@ def _summarise(
             f"{outcome.checkpoint}; continue with: sharpscope finetune --resume {folder.path}"
         )
     elif not json_out:
-        stdout.print(_table(doc))
+        stdout.print(summary_table(doc))
         per_step = doc["seconds_per_step"]
         timing = f", {1000 * per_step:.2f} ms per step" if per_step is not None else ""
         stdout.print(f"weights: {doc['checkpoint']}{timing}", markup=False, highlight=False)
