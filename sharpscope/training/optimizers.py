@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,19 +63,23 @@ class OptimizerSettings:
     seed: int
 
 
-def _sgd(base: SGD, model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
-    return base, NoHook()
+OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "asam", "eigen-sam")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+"""The optimizer and schedule names; :class:`~sharpscope.training.run_config.RunConfig` checks
+a run's, so the builders below take them as valid."""
 
 
-def _sam(base: SGD, model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
-    return SAM(base, s.rho, model=model), NoHook()
-
-
-def _asam(base: SGD, model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
-    return ASAM(base, s.rho, model=model), NoHook()
-
-
-def _eigen_sam(base: SGD, model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
+def build_optimizer(model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
+    """The optimizer ``s`` describes, over the model's trainable parameters, and its hook."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    base = SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.name == "sgd":
+        return base, NoHook()
+    if s.name == "sam":
+        return SAM(base, s.rho, model=model), NoHook()
+    if s.name == "asam":
+        return ASAM(base, s.rho, model=model), NoHook()
+    assert s.name == "eigen-sam", f"not one of OPTIMIZERS: {s.name!r}"
     eigen = EigenSAM(
         base,
         s.rho,
@@ -90,39 +93,15 @@ def _eigen_sam(base: SGD, model: nn.Module, loss_fn: LossFn, s: OptimizerSetting
     return eigen, eigen
 
 
-_WRAPPED: dict[str, Callable[[SGD, nn.Module, LossFn, OptimizerSettings], Built]] = {
-    "sgd": _sgd,
-    "sam": _sam,
-    "asam": _asam,
-    "eigen-sam": _eigen_sam,
-}
-OPTIMIZERS: tuple[str, ...] = tuple(_WRAPPED)
-"""The optimizer names (:class:`~sharpscope.training.run_config.RunConfig` checks them)."""
-
-
-def build_optimizer(model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
-    """The optimizer ``s`` describes, over the model's trainable parameters, and its hook."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    base = SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    return _WRAPPED[s.name](base, model, loss_fn, s)
-
-
-def _constant(step: int, total_steps: int) -> float:
-    return 1.0
-
-
-def _cosine(step: int, total_steps: int) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-
-_CURVES: dict[str, Callable[[int, int], float]] = {"constant": _constant, "cosine": _cosine}
-SCHEDULES: tuple[str, ...] = tuple(_CURVES)
-"""The schedule names (:class:`~sharpscope.training.run_config.RunConfig` checks them)."""
-
-
 def build_scheduler(optimizer: Optimizer, schedule: str, total_steps: int) -> LambdaLR:
     """A per-step schedule: ``constant``, or ``cosine`` from the base rate to 0 at
     ``total_steps``. Its state (the step count) is a torch scheduler's; the curve is rebuilt
     from ``schedule`` and ``total_steps``, so a resumed run may extend ``total_steps``."""
-    curve = _CURVES[schedule]
-    return LambdaLR(optimizer, lambda step: curve(step, total_steps))
+    assert schedule in SCHEDULES, f"not one of SCHEDULES: {schedule!r}"
+
+    def factor(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+    return LambdaLR(optimizer, factor)
