@@ -16,6 +16,7 @@ from sharpscope import distributed
 from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.metrics import accuracy
 from sharpscope.analysis.plan import Plan, available_memory, fitting_basis
+from sharpscope.batches import LossFn
 from sharpscope.curvature import (
     BACKENDS,
     DensityResult,
@@ -25,7 +26,7 @@ from sharpscope.curvature import (
     TraceResult,
     slq,
 )
-from sharpscope.curvature.hvp import Backend, LossFn
+from sharpscope.curvature.hvp import Backend
 from sharpscope.curvature.solvers import SOLVERS, Solver, SolveSettings, solver
 from sharpscope.errors import InputError
 

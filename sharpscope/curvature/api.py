@@ -8,8 +8,9 @@ from typing import Any, Literal
 
 from torch import nn
 
+from sharpscope.batches import LossFn
 from sharpscope.curvature.density import slq
-from sharpscope.curvature.hvp import Backend, HessianOperator, LossFn
+from sharpscope.curvature.hvp import Backend, HessianOperator
 from sharpscope.curvature.lanczos import Which
 from sharpscope.curvature.results import DensityResult, EigenResult, Progress, TraceResult
 from sharpscope.curvature.solvers import SolveSettings, solver
