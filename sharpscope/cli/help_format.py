@@ -24,12 +24,18 @@ def _placeholder(param: Any) -> str | None:
     return _PLACEHOLDERS.get(annotation, "TEXT")
 
 
+def _usage_name(argument: Any) -> str:
+    """``NAME`` for a required argument, ``[NAME]`` for an optional one."""
+    name = argument.display_name_raw.upper()
+    return name if argument.required else f"[{name}]"
+
+
 def _plain(params: list[Any]) -> list[Any]:
     """``params`` shown plainly (the display hooks of Typer's own parameter classes)."""
     for param in params:
         param.display_type_rich = lambda ctx, param=param: _placeholder(param)
         if param.param_type_name == "argument":
-            param._usage_display_name = lambda param=param: param.display_name_raw.upper()
+            param._usage_display_name = lambda param=param: _usage_name(param)
     return params
 
 
