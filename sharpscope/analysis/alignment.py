@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -9,7 +10,7 @@ import torch
 
 from sharpscope import distributed
 from sharpscope.curvature import HessianOperator
-from sharpscope.curvature.vectors import abs_cosine
+from sharpscope.curvature.vectors import abs_cosine, dot, norm
 from sharpscope.optim.perturbations import eigen_sam_perturbation, sam_perturbation
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -17,8 +18,9 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 def subspace_share(u: torch.Tensor, basis: torch.Tensor) -> float:
     """‖P u‖/‖u‖: the share of ``u`` in the span of the orthonormal rows of ``basis``."""
-    norm = torch.linalg.vector_norm(u)
-    return float(torch.linalg.vector_norm(basis @ u) / norm) if norm > 0 else 0.0
+    size = norm(u)
+    shares = [dot(row, u) for row in basis]
+    return math.sqrt(sum(c * c for c in shares)) / size if size > 0 else 0.0
 
 
 @dataclass
@@ -102,8 +104,8 @@ def sam_alignment(
     when ``h_g_hat``, the product H·ĝ, is given) and one gradient per batch."""
     g = op.gradient()
     v1 = eigenvectors[0]
-    g_hat = g / torch.linalg.vector_norm(g)
-    curvature = float(torch.dot(g_hat, op.matvec(g_hat) if h_g_hat is None else h_g_hat))
+    g_hat = g / norm(g)
+    curvature = dot(g_hat, op.matvec(g_hat) if h_g_hat is None else h_g_hat)
     base = op.loss()
     eps = sam_perturbation(g, rho)
     eigen_eps = eigen_sam_perturbation(g, v1, rho, alpha)
@@ -116,6 +118,6 @@ def sam_alignment(
         topk_share=subspace_share(g, eigenvectors),
         sam_sharpness=op.loss(eps) - base,
         sam_sharpness_quadratic=0.5 * rho**2 * curvature,
-        sam_sharpness_taylor=rho * float(torch.linalg.vector_norm(g)) + 0.5 * rho**2 * curvature,
+        sam_sharpness_taylor=rho * norm(g) + 0.5 * rho**2 * curvature,
         eigen_sam_cos=abs_cosine(eigen_eps, v1),
     )

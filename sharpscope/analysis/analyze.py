@@ -28,6 +28,7 @@ from sharpscope.curvature import (
 )
 from sharpscope.curvature.hvp import Backend
 from sharpscope.curvature.solvers import SOLVERS, Solver, SolveSettings, solver
+from sharpscope.curvature.vectors import norm
 from sharpscope.errors import InputError
 
 Method = Literal["lanczos", "power", "pyhessian"]
@@ -333,7 +334,7 @@ def analyze(
         loss = _finite_loss(op)
         gradient = op.gradient()
         acc = accuracy(model, batches, op.dtype, op.device, config.batch_stats, op.distributed)
-    grad_norm = float(torch.linalg.vector_norm(gradient))
+    grad_norm = norm(gradient)
     with watch.stage("plan"):
         plan, settings, h_g_hat = _planned(op, config, method, gradient, grad_norm)
     if plan.chosen_max_basis is not None:

@@ -103,7 +103,12 @@ Tol = Annotated[
     typer.Option(help="Stop when every residual ‖Hv − λv‖ ≤ tol·|λ_max|.", rich_help_panel=HESSIAN),
 ]
 MaxIter = Annotated[
-    int, typer.Option(help="Most Hessian-vector products per solve.", rich_help_panel=HESSIAN)
+    int,
+    typer.Option(
+        help="Most Hessian-vector products per solve (Lanczos: then one more per returned pair, "
+        "which measures its true residual).",
+        rich_help_panel=HESSIAN,
+    ),
 ]
 MaxBasis = Annotated[
     int | None,

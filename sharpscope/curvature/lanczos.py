@@ -9,7 +9,7 @@ import torch
 
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, Progress
-from sharpscope.curvature.vectors import orthogonalize, random_vectors
+from sharpscope.curvature.vectors import dot, norm, orthogonalize, random_vectors
 
 Which = Literal["largest", "smallest", "magnitude"]
 WHICH: tuple[str, ...] = ("largest", "smallest", "magnitude")
@@ -47,7 +47,7 @@ class LanczosProcess:
         self.exhausted = False
         self._t = torch.zeros(0, 0, dtype=torch.float64)
         self._arrow: torch.Tensor | None = None
-        self._next = start / torch.linalg.vector_norm(start)
+        self._next = start / norm(start)
 
     def _push(self, q: torch.Tensor) -> None:
         """Append ``q`` to the basis and its coupling to the previous vector(s) to T."""
@@ -80,10 +80,10 @@ class LanczosProcess:
         self._push(q)
         w = self.op.matvec(q)
         self.steps += 1
-        alpha = float(torch.dot(w, q))
+        alpha = dot(w, q)
         self._t[self.count - 1, self.count - 1] = alpha
         w = orthogonalize(w, self.vectors)
-        beta = float(torch.linalg.vector_norm(w))
+        beta = norm(w)
         self.scale = max(self.scale, abs(alpha), beta)
         tiny = (
             100 * torch.finfo(self.op.dtype).eps * max(self.scale, torch.finfo(torch.float64).tiny)
@@ -99,7 +99,7 @@ class LanczosProcess:
         self.beta = 0.0
         fresh = random_vectors(1, self.op.size, q, self.generator)[0]
         fresh = orthogonalize(fresh, self.vectors)
-        self._next = fresh / torch.linalg.vector_norm(fresh)
+        self._next = fresh / norm(fresh)
 
     def projected(self) -> torch.Tensor:
         """T = QᵀHQ (float64, CPU) of the current basis: tridiagonal until a restart."""
@@ -161,6 +161,7 @@ def lanczos(
     v0: torch.Tensor | None = None,
     progress: Progress | None = None,
     max_basis: int | None = None,
+    verify: bool = True,
 ) -> EigenResult:
     """The ``k`` largest, smallest or largest-magnitude eigenpairs of ``op`` by Lanczos.
 
@@ -168,9 +169,11 @@ def lanczos(
     far), after ``max_iter`` products, or when the space is exhausted. ``converged`` says, per pair,
     whether its residual met the tolerance. ``max_basis`` (at least k + 2) bounds the vectors
     held in memory: a full basis restarts thickly from its k + (max_basis − k) // 2 most wanted
-    Ritz vectors; None keeps every vector (fewest products).
+    Ritz vectors; None keeps every vector (fewest products). With ``verify`` (one more product per
+    pair) each returned unit vector's eigenvalue is its Rayleigh quotient and its residual the
+    true ‖Hv − λv‖, so both hold in float32 too; without, they are the Ritz estimates.
     """
-    return _solve(op, [(k, which)], tol, max_iter, seed, v0, progress, max_basis)[0]
+    return _solve(op, [(k, which)], tol, max_iter, seed, v0, progress, max_basis, verify)[0]
 
 
 def lanczos_extremes(
@@ -182,13 +185,15 @@ def lanczos_extremes(
     seed: int = 0,
     progress: Progress | None = None,
     max_basis: int | None = None,
+    verify: bool = True,
 ) -> tuple[EigenResult, EigenResult]:
     """The ``k`` largest and the ``k_smallest`` smallest eigenpairs from one Lanczos run, which
     stops when both ends meet :func:`lanczos`' tolerance: fewer products than two runs, as both
     ends converge in the same Krylov space. Both results report that run's products and time;
-    ``max_basis`` must be at least k + k_smallest + 2 and keeps Ritz vectors from both ends."""
+    ``max_basis`` must be at least k + k_smallest + 2 and keeps Ritz vectors from both ends;
+    ``verify`` as in :func:`lanczos`."""
     wants: list[tuple[int, Which]] = [(k, "largest"), (k_smallest, "smallest")]
-    top, bottom = _solve(op, wants, tol, max_iter, seed, None, progress, max_basis)
+    top, bottom = _solve(op, wants, tol, max_iter, seed, None, progress, max_basis, verify)
     return top, bottom
 
 
@@ -201,6 +206,7 @@ def _solve(
     v0: torch.Tensor | None,
     progress: Progress | None,
     max_basis: int | None,
+    verify: bool,
 ) -> list[EigenResult]:
     """One Lanczos run until every ``(k, which)`` of ``wants`` has converged; a result each."""
     if any(k < 1 for k, _ in wants):
@@ -238,23 +244,44 @@ def _solve(
             extra = (max_basis - total) // (2 * len(wants))
             kept = [select(theta, k + extra, which) for k, which in wants]
             process.restart(torch.unique(torch.cat(kept)))
-    results = []
-    for (_, which), wanted, ok, history in zip(wants, picks, converged, histories, strict=True):
+    found = []
+    for wanted, ok in zip(picks, converged, strict=True):
         coords = s[:, wanted].to(dtype=op.dtype, device=op.device)
         vectors = coords.T @ process.vectors
-        vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
-        results.append(
-            EigenResult(
-                eigenvalues=theta[wanted],
-                eigenvectors=vectors,
-                residuals=residuals[wanted],
-                converged=ok,
-                n_products=op.n_products - products,
-                n_iterations=process.steps,
-                seconds=time.perf_counter() - start,
-                method="lanczos",
-                which=which,
-                history=history,
-            )
+        vectors /= torch.tensor([norm(v) for v in vectors], dtype=op.dtype, device=op.device)[
+            :, None
+        ]
+        values, errors = theta[wanted], residuals[wanted]
+        if verify:
+            values, errors = _verified(op, vectors)
+            ok = errors <= tol * scale
+        found.append((vectors, values, errors, ok))
+    return [
+        EigenResult(
+            eigenvalues=values,
+            eigenvectors=vectors,
+            residuals=errors,
+            converged=ok,
+            n_products=op.n_products - products,
+            n_iterations=process.steps,
+            seconds=time.perf_counter() - start,
+            method="lanczos",
+            which=which,
+            history=history,
         )
-    return results
+        for (_, which), (vectors, values, errors, ok), history in zip(
+            wants, found, histories, strict=True
+        )
+    ]
+
+
+def _verified(op: LinearOperator, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each unit vector's Rayleigh quotient vᵀHv and true residual ‖Hv − (vᵀHv)v‖ (float64),
+    from one product each."""
+    values, errors = [], []
+    for v in vectors:
+        image = op.matvec(v)
+        value = dot(v, image)
+        values.append(value)
+        errors.append(norm(image - value * v))
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(errors, dtype=torch.float64)

@@ -9,7 +9,7 @@ import torch
 from sharpscope.curvature.lanczos import Which, select, start_vector
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, Progress
-from sharpscope.curvature.vectors import orthogonalize, random_vectors
+from sharpscope.curvature.vectors import dot, norm, orthogonalize, random_vectors
 
 
 def _wrong_side(value: float, which: Which) -> bool:
@@ -50,7 +50,7 @@ def power_iteration(
 
     def fresh(v: torch.Tensor) -> torch.Tensor:
         v = orthogonalize(v, found)
-        return v / torch.linalg.vector_norm(v)
+        return v / norm(v)
 
     for i in range(k):
         v = fresh(start_vector(op, generator, v0 if i == 0 else None))
@@ -59,8 +59,8 @@ def power_iteration(
             w = op.matvec(v)
             steps += 1
             iterations += 1
-            value = float(torch.dot(v, w))
-            residual = float(torch.linalg.vector_norm(w - value * v))
+            value = dot(v, w)
+            residual = norm(w - value * v)
             scale = max(scale, abs(value))
             history.append([*values, value])
             if progress is not None:

@@ -114,8 +114,9 @@ def _pyhessian_trace(
 
 
 def _lanczos_cost(k: int, k_smallest: int, s: SolveSettings) -> Cost:
-    """One Krylov run for both ends: its basis, bounded by ``max_basis``."""
-    return Cost(s.max_iter, s.max_basis or s.max_iter + 1)
+    """One Krylov run for both ends (its basis bounded by ``max_basis``), then one product to
+    check each returned pair."""
+    return Cost(s.max_iter + k + k_smallest, s.max_basis or s.max_iter + 1)
 
 
 def _power_cost(k: int, k_smallest: int, s: SolveSettings) -> Cost:
@@ -124,8 +125,8 @@ def _power_cost(k: int, k_smallest: int, s: SolveSettings) -> Cost:
 
 
 def _pyhessian_cost(k: int, k_smallest: int, s: SolveSettings) -> Cost:
-    """PyHessian's power iteration for the top, then Lanczos for the bottom."""
-    return Cost(s.max_iter * k + s.max_iter, s.max_basis or s.max_iter + 1)
+    """PyHessian's power iteration for the top, then Lanczos for the bottom (and its checks)."""
+    return Cost(s.max_iter * k + s.max_iter + k_smallest, s.max_basis or s.max_iter + 1)
 
 
 def _hutchpp_products(max_samples: int) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import Progress, TraceResult
-from sharpscope.curvature.vectors import random_vectors
+from sharpscope.curvature.vectors import dot, random_vectors
 
 
 def _sample_until(
@@ -32,7 +32,7 @@ def _sample_until(
         z = random_vectors(1, op.size, like, generator, "rademacher")[0]
         if project is not None:
             z = z - project.T @ (project @ z)
-        samples.append(float(torch.dot(z, op.matvec(z))))
+        samples.append(dot(z, op.matvec(z)))
         if progress is not None:
             progress(task, len(samples), max_samples)
         if len(samples) >= max(min_samples, 2):
@@ -107,7 +107,7 @@ def hutchpp(
     probes = random_vectors(sketch, op.size, like, generator, "rademacher")
     images = torch.stack([op.matvec(z) for z in probes])
     basis = torch.linalg.qr(images.T).Q.T
-    exact = sum(float(torch.dot(q, op.matvec(q))) for q in basis)
+    exact = sum(dot(q, op.matvec(q)) for q in basis)
     if progress is not None:
         progress("hutch++", 0, max_samples)
     samples, converged = _sample_until(

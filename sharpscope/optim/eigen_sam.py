@@ -136,6 +136,7 @@ class EigenSAM(SAM):
                 max_iter=self.eig_steps,
                 seed=self.seed + self.global_step,
                 v0=self._warm_start(op.space),
+                verify=False,  # the refresh's budget is eig_steps products: Ritz estimates
             )
         self.eigenvector = dict(op.space.unflatten(result.eigenvectors[0].detach()))
         self.estimate = EigenEstimate(
