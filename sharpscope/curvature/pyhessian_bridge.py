@@ -13,6 +13,7 @@ import torch
 
 from sharpscope.curvature.hvp import HessianOperator
 from sharpscope.curvature.results import EigenResult, TraceResult
+from sharpscope.curvature.vectors import norm
 from sharpscope.errors import InputError
 
 
@@ -89,13 +90,10 @@ def pyhessian_eigs(
     for p, g in zip(op.model.parameters(), grads, strict=True):
         p.grad = g
     flat = torch.stack([_flat(v).to(op.dtype) for v in vectors])
-    flat /= torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+    flat /= torch.tensor([norm(v) for v in flat], dtype=flat.dtype, device=flat.device)[:, None]
     eig = torch.tensor(values, dtype=torch.float64)
     residuals = torch.tensor(
-        [
-            float(torch.linalg.vector_norm(op.matvec(v) - float(e) * v))
-            for v, e in zip(flat, eig, strict=True)
-        ],
+        [norm(op.matvec(v) - float(e) * v) for v, e in zip(flat, eig, strict=True)],
         dtype=torch.float64,
     )
     return EigenResult(
