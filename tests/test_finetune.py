@@ -29,9 +29,11 @@ from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import file_sha256
 from sharpscope.io.models import ModelSpec
 from sharpscope.report.training_progress import TrainingProgress
+from sharpscope.training.divergence import DivergenceRule
 from sharpscope.training.metrics import read_rows
 from sharpscope.training.plan import RunOptions
 from sharpscope.training.run_config import RunConfig
+from sharpscope.training.trainer import Diverged
 
 N = 12
 """Steps before the stop; 2N = 24 crosses an epoch (16 steps of 32 of the 512 samples)."""
@@ -194,8 +196,8 @@ def test_a_diverging_loss_stops_with_one_error_and_keeps_the_last_good_checkpoin
     run = tmp_path / "run"
     args = command(
         finetune_files, "sgd", "--steps", 200, "--out", run, "--loss", "mse", "--save-every", 1
-    )
-    result = sharpscope([*args, "--lr", "100"])
+    )  # tracking only at the end: the loss turns non-finite before the exploding-loss rule looks
+    result = sharpscope([*args, "--lr", "100", "--track-every", "1000"])
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "the loss became" in errors[0], result.stderr
@@ -204,6 +206,35 @@ def test_a_diverging_loss_stops_with_one_error_and_keeps_the_last_good_checkpoin
     assert f"the last good checkpoint is {run / f'step-{last:06d}'}" in errors[0]
     assert all(bool(torch.isfinite(t).all()) for t in weights(run).values())
     assert "Traceback" not in result.stderr
+
+
+def test_an_exploding_loss_stops_at_the_tracking_step_that_sees_it(
+    finetune_files: dict[str, Path], tmp_path: Path
+):
+    """--lr 1000 keeps every loss finite but explodes it: the rule of training/divergence.py
+    stops the run at the first tracking step past 100 × max(start, 1), exit 2."""
+    run = tmp_path / "run"
+    args = command(finetune_files, "sgd", "--steps", 60, "--out", run, "--save-every", 100)
+    result = sharpscope([*args, "--lr", "1000"])
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "loss rose to" in errors[0] and "at step 6" in errors[0]
+    assert f"the last good checkpoint is {run / 'step-000000'}" in errors[0]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 6]  # the row that diverged is kept for the record
+
+
+def test_the_divergence_rule():
+    rule = DivergenceRule()
+    rule.check({"step": 0, "probe_loss": 0.002, "loss": None})
+    assert rule.start == 0.002
+    rule.check({"step": 5, "probe_loss": 99.0, "loss": 99.0})  # below 100 × max(0.002, 1)
+    with pytest.raises(Diverged, match=r"training loss rose to 101.*at step 6"):
+        rule.check({"step": 6, "probe_loss": 1.0, "loss": 101.0})
+    resumed = DivergenceRule(start=500.0)
+    resumed.check({"step": 9, "probe_loss": 49_000.0, "loss": 10.0})
+    with pytest.raises(Diverged, match=r"probe loss rose to 5\.1e\+04"):
+        resumed.check({"step": 10, "probe_loss": 51_000.0, "loss": 10.0})
 
 
 def test_a_run_folder_holds_metrics_plot_and_the_last_checkpoints(straight: Callable):

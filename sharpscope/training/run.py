@@ -20,6 +20,7 @@ from sharpscope.batches import LossFn, move_to
 from sharpscope.errors import InputError
 from sharpscope.io.data import DataBundle, batches, subset_indices
 from sharpscope.io.models import ModelSpec
+from sharpscope.training.divergence import DivergenceRule
 from sharpscope.training.metrics import MetricsLog
 from sharpscope.training.optimizers import build_optimizer, build_scheduler
 from sharpscope.training.order import DataOrder
@@ -118,11 +119,14 @@ def finetune(
     resume_step = None if resume_from is None else session.step
     logs = MetricsLog(folder.path, FIELDS, resume_step) if main else contextlib.nullcontext()
     with logs as log:
+        first = log.rows[0]["probe_loss"] if log is not None and log.rows else None
+        rule = DivergenceRule(distributed.main_value(first))
 
         def record(row: dict[str, Any]) -> None:
             if log is not None:
                 log.append(row)
             watch.record(row)
+            rule.check(row)  # every rank: the row's figures are all ranks' together
 
         hooks = Hooks(
             record=record,
