@@ -16,7 +16,7 @@ from typer.testing import CliRunner, Result
 from sharpscope.cli.app import app
 from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.models import ModelSpec, build_model
-from sharpscope.report.json_report import report_schema, schema_problem
+from sharpscope.report.schema import report_schema, schema_problem
 
 FAST = ["--data", "digits", "--samples", "64", "--top-k", "2", "--quiet"]
 """Analysis options that keep a run on the tiny model well under a second."""

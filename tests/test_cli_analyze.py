@@ -43,7 +43,7 @@ from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.data import load_data
 from sharpscope.io.eigenvectors import load_eigenvectors
 from sharpscope.io.models import ModelSpec
-from sharpscope.report.json_report import report_schema
+from sharpscope.report.schema import report_schema
 
 RUNNER = CliRunner()  # this typer's runner keeps stdout and stderr apart (result.stdout/.stderr)
 HIDDEN = "hidden=(16,)"

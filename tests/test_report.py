@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
+from typing import Any
 
 import jsonschema
 import pytest
@@ -11,9 +13,12 @@ import torch
 from rich.console import Console
 
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
+from sharpscope.analysis.gate import METRICS, Reading
 from sharpscope.io.eigenvectors import load_eigenvectors
-from sharpscope.report.json_report import SCHEMA_VERSION, build_report, dumps, report_schema
+from sharpscope.report.document import Inputs, Report, read_report
+from sharpscope.report.json_report import dumps
 from sharpscope.report.outdir import write_out_dir
+from sharpscope.report.schema import SCHEMA_VERSION, report_schema
 from sharpscope.report.table import render
 
 INPUTS = {
@@ -37,12 +42,13 @@ INPUTS = {
 def analysed(cnn):
     config = AnalyzeConfig(k=3, density=True, per_layer=True, slices=True, density_iter=20)
     result = analyze(cnn.model, cnn.loss_fn, cnn.split(16), config)
-    return result, build_report(result, {**INPUTS, "config": dict(config.__dict__)})
+    inputs = Inputs.from_json({**INPUTS, "config": dict(config.__dict__)})
+    return result, Report.from_analysis(result, inputs)
 
 
 def test_report_validates_against_its_schema(analysed):
     _, report = analysed
-    document = json.loads(dumps(report))
+    document = json.loads(report.dumps())
     jsonschema.validate(document, report_schema())
     assert document["schema_version"] == SCHEMA_VERSION
     results = document["results"]
@@ -57,10 +63,69 @@ def test_report_validates_against_its_schema(analysed):
 
 def test_schema_rejects_a_broken_report(analysed):
     _, report = analysed
-    broken = json.loads(dumps(report))
+    broken = json.loads(report.dumps())
     del broken["results"]["eigenvalues"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, report_schema())
+
+
+def assert_schema_order(value: Any, schema: dict[str, Any], where: str = "report") -> None:
+    """Each object holds only keys its schema describes, in the order the schema lists them."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            assert_schema_order(item, schema.get("items", {}), f"{where}[{i}]")
+    if not isinstance(value, dict):
+        return
+    listed = schema.get("properties", {})
+    if listed:
+        assert list(value) == [key for key in listed if key in value], where
+    for key, item in value.items():
+        assert_schema_order(item, listed.get(key, schema.get("additionalProperties", {})), key)
+
+
+def test_the_layout_is_the_schemas(analysed):
+    _, report = analysed
+    document = json.loads(report.dumps())
+    assert_schema_order(document, report_schema())
+    assert list(document["inputs"]) == [*INPUTS, "config", "versions"]
+
+
+def test_a_report_reads_back_as_it_was_written(analysed, tmp_path):
+    _, report = analysed
+    path = tmp_path / "report.json"
+    path.write_text(report.dumps(), encoding="utf-8")
+    again = read_report(path)
+    assert again == report
+    assert again.dumps() == path.read_text(encoding="utf-8")
+
+
+def test_the_gate_reads_each_of_its_figures(analysed):
+    _, report = analysed
+    gated, results = report.gate_input(), report.results
+    assert set(gated.readings) == set(METRICS)
+    assert gated.readings["lambda_max"] == Reading(
+        results.lambda_max, results.eigenvalues.residuals[0]
+    )
+    assert gated.readings["trace"] == Reading(results.trace.estimate, results.trace.std_error)
+    assert gated.readings["cos_full"] == Reading(results.alignment.cos_full, 0.0)
+    assert (gated.num_params, gated.model_spec) == (results.num_params, None)
+
+
+def test_the_gate_reads_non_finite_figures_as_a_saved_report_holds_them(analysed):
+    _, report = analysed
+    results = report.results
+    odd = replace(
+        report,
+        results=replace(
+            results,
+            lambda_min=replace(results.lambda_min, residual=math.nan),
+            alignment=replace(results.alignment, sam_sharpness=math.inf),
+        ),
+    )
+    saved = Report.from_json(json.loads(odd.dumps()))
+    assert odd.gate_input() == saved.gate_input()
+    assert "sam_sharpness" not in saved.gate_input().readings
+    assert saved.gate_input().readings["lambda_min"].uncertainty is None
 
 
 def test_non_finite_numbers_are_written_as_null():
@@ -74,7 +139,7 @@ def test_table_shows_figures_and_verdict(analysed):
     console.print(render(report))
     text = console.export_text()
     assert f"{result.lambda_max:.6g}" in text
-    assert report["results"]["verdict"] in text.replace("\n", " ")
+    assert report.results.verdict in text.replace("\n", " ")
     assert "Per-layer" in text and "SAM alignment" in text
 
 
@@ -91,7 +156,7 @@ def test_out_dir_files(analysed, cnn, tmp_path):
     }
     for png in tmp_path.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(dumps(report))
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(report.dumps())
     values, vectors = load_eigenvectors(tmp_path / "eigenvectors.safetensors")
     assert values == pytest.approx(result.top.eigenvalues.tolist())
     flat = torch.cat([t.reshape(-1) for t in vectors[0].values()])

@@ -20,7 +20,7 @@ as null (not finite) counts as 0. A check that passes only thanks to the uncerta
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -28,8 +28,6 @@ from sharpscope.errors import InputError
 
 Kind = Literal["max", "min", "max-increase"]
 Status = Literal["pass", "noise", "fail"]
-Results = dict[str, Any]
-Reader = Callable[[Results], tuple[float | None, float | None]]
 
 
 @dataclass(frozen=True)
@@ -62,63 +60,58 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class Reading:
+    """A figure as the report holds it: its value and its uncertainty as stated there (a residual
+    or a standard error; None when the report holds none, or none that is finite)."""
+
+    value: float
+    uncertainty: float | None
+
+
+@dataclass(frozen=True)
+class GateInput:
+    """What the gate reads from one report: its figures and what its architecture is."""
+
+    readings: Mapping[str, Reading]
+    """The finite figures the report holds, by metric key (see :data:`METRICS`)."""
+    schema_version: int
+    model_spec: dict[str, Any] | None
+    """The model spec as the report holds it (None for a whole-module checkpoint)."""
+    num_params: int
+
+
+@dataclass(frozen=True)
 class Metric:
-    """How to read one gated figure from a report's results."""
+    """One gated figure: how it is shown, and how its uncertainty is read."""
 
     key: str
     label: str
-    read: Reader
-    """(value, uncertainty) from the results; value None when the report lacks the figure."""
     statistical: bool
     """The uncertainty is a standard error (scaled by ``sigmas``), not a bound."""
     fix: str
     """Why the figure can be missing and what to do, for the error message."""
 
 
-def _trace(results: Results) -> tuple[float | None, float | None]:
-    trace = results["trace"]
-    return (None, None) if trace is None else (trace["estimate"], trace["std_error"])
-
-
-def _alignment_figure(name: str) -> Reader:
-    return lambda r: (None if r["alignment"] is None else r["alignment"][name], 0.0)
-
-
 METRICS: dict[str, Metric] = {
     m.key: m
     for m in (
-        Metric(
-            "lambda_max",
-            "λ_max",
-            lambda r: (r["lambda_max"], r["eigenvalues"]["residuals"][0]),
-            False,
-            "re-create the report with `sharpscope analyze`",
-        ),
-        Metric(
-            "lambda_min",
-            "λ_min",
-            lambda r: (r["lambda_min"]["value"], r["lambda_min"]["residual"]),
-            False,
-            "re-create the report with `sharpscope analyze`",
-        ),
+        Metric("lambda_max", "λ_max", False, "re-create the report with `sharpscope analyze`"),
+        Metric("lambda_min", "λ_min", False, "re-create the report with `sharpscope analyze`"),
         Metric(
             "trace",
             "trace",
-            _trace,
             True,
             "it was made with the trace off (`trace`): analyze again with it on",
         ),
         Metric(
             "sam_sharpness",
             "SAM sharpness",
-            _alignment_figure("sam_sharpness"),
             False,
             "the gradient is exactly zero or the loss at w + ρĝ is not finite",
         ),
         Metric(
             "cos_full",
             "|cos(ĝ, v₁)|",
-            _alignment_figure("cos_full"),
             False,
             "the full-data gradient is exactly zero, so there is no SAM perturbation",
         ),
@@ -199,24 +192,23 @@ class Check:
         return {**derived, **asdict(self), "message": self.message}
 
 
-def measure(results: Results, metric: str, sigmas: float) -> Estimate | None:
-    """``metric``'s value and uncertainty in a report's results; None when the report lacks it."""
-    spec = METRICS[metric]
-    value, uncertainty = spec.read(results)
-    if value is None:
+def measure(report: GateInput, metric: str, sigmas: float) -> Estimate | None:
+    """``metric``'s value and uncertainty in a report; None when the report lacks it."""
+    reading = report.readings.get(metric)
+    if reading is None:
         return None
-    scale = sigmas if spec.statistical else 1.0
-    return Estimate(value, scale * (uncertainty or 0.0))
+    scale = sigmas if METRICS[metric].statistical else 1.0
+    return Estimate(reading.value, scale * (reading.uncertainty or 0.0))
 
 
-def figures(report: dict[str, Any], sigmas: float = 2.0) -> dict[str, Estimate]:
+def figures(report: GateInput, sigmas: float = 2.0) -> dict[str, Estimate]:
     """Every gateable figure the report holds, by metric key."""
-    found = {key: measure(report["results"], key, sigmas) for key in METRICS}
+    found = {key: measure(report, key, sigmas) for key in METRICS}
     return {key: estimate for key, estimate in found.items() if estimate is not None}
 
 
 def gate(
-    report: dict[str, Any], thresholds: Thresholds, baseline: dict[str, Any] | None = None
+    report: GateInput, thresholds: Thresholds, baseline: GateInput | None = None
 ) -> list[Check]:
     """Check ``report`` against ``thresholds``, and against ``baseline`` for ``max_increase``."""
     checks = [
@@ -235,8 +227,8 @@ def _option(field: str) -> str:
     return f"`{field}`"
 
 
-def _required(report: dict[str, Any], metric: str, sigmas: float, option: str) -> Estimate:
-    estimate = measure(report["results"], metric, sigmas)
+def _required(report: GateInput, metric: str, sigmas: float, option: str) -> Estimate:
+    estimate = measure(report, metric, sigmas)
     if estimate is None:
         spec = METRICS[metric]
         raise InputError(
@@ -247,7 +239,7 @@ def _required(report: dict[str, Any], metric: str, sigmas: float, option: str) -
 
 
 def _absolute(
-    report: dict[str, Any], metric: str, kind: Kind, limit: float, sigmas: float, option: str
+    report: GateInput, metric: str, kind: Kind, limit: float, sigmas: float, option: str
 ) -> Check:
     est = _required(report, metric, sigmas, option)
     if kind == "max":
@@ -258,12 +250,12 @@ def _absolute(
 
 
 def _relative(
-    report: dict[str, Any], baseline: dict[str, Any], increase: float, sigmas: float
+    report: GateInput, baseline: GateInput, increase: float, sigmas: float
 ) -> list[Check]:
     _same_architecture(report, baseline)
     checks = []
     for metric in RELATIVE:
-        base = measure(baseline["results"], metric, sigmas)
+        base = measure(baseline, metric, sigmas)
         if base is None:
             continue
         est = _required(report, metric, sigmas, "`max_increase`")
@@ -286,12 +278,12 @@ def _relative(
     return checks
 
 
-def _same_architecture(report: dict[str, Any], baseline: dict[str, Any]) -> None:
+def _same_architecture(report: GateInput, baseline: GateInput) -> None:
     """Refuse a baseline of another schema version, model spec or parameter count."""
-    if baseline.get("schema_version") != report.get("schema_version"):
+    if baseline.schema_version != report.schema_version:
         raise InputError(
-            f"the baseline has schema_version {baseline.get('schema_version')!r} and the report "
-            f"{report.get('schema_version')!r}: re-create the baseline with `update_baseline`"
+            f"the baseline has schema_version {baseline.schema_version!r} and the report "
+            f"{report.schema_version!r}: re-create the baseline with `update_baseline`"
         )
     mine, theirs = _architecture(report), _architecture(baseline)
     specs_differ = None not in (mine[0], theirs[0]) and mine[0] != theirs[0]
@@ -303,12 +295,11 @@ def _same_architecture(report: dict[str, Any], baseline: dict[str, Any]) -> None
         )
 
 
-def _architecture(report: dict[str, Any]) -> tuple[str | None, int]:
-    spec = (report["inputs"].get("model") or {}).get("spec")
-    return spec, report["results"]["num_params"]
+def _architecture(report: GateInput) -> tuple[dict[str, Any] | None, int]:
+    return report.model_spec, report.num_params
 
 
-def _describe(architecture: tuple[str | None, int]) -> str:
+def _describe(architecture: tuple[dict[str, Any] | None, int]) -> str:
     spec, params = architecture
     return f"model {spec or '(whole module)'}, {params:,} parameters"
 

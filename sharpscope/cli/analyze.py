@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -21,7 +22,7 @@ from sharpscope.cli.common import (
 )
 from sharpscope.cli.flags import as_flags
 from sharpscope.cli.loading import Loaded, load_inputs
-from sharpscope.report.json_report import build_report, dumps
+from sharpscope.report.document import Report
 from sharpscope.report.outdir import check_out_dir, write_out_dir
 from sharpscope.report.plan_line import plan_line
 from sharpscope.report.table import print_report
@@ -68,9 +69,7 @@ def analysis_config(
     )
 
 
-def run_analysis(
-    loaded: Loaded, config: AnalyzeConfig, quiet: bool
-) -> tuple[Analysis, dict[str, Any]]:
+def run_analysis(loaded: Loaded, config: AnalyzeConfig, quiet: bool) -> tuple[Analysis, Report]:
     """Run the pipeline with progress bars (rank 0's only); return the analysis and its report."""
     shown = not quiet and distributed.is_main()
     with ProgressBars(shown) as bars:
@@ -83,8 +82,8 @@ def run_analysis(
             loaded.model, loaded.loss_fn, loaded.batches, config, progress=bars, on_plan=show_plan
         )
         bars.finish()
-    inputs = {**loaded.description, "config": dict(config.__dict__)}
-    return analysis, build_report(analysis, inputs)
+    inputs = replace(loaded.description, config=dict(config.__dict__))
+    return analysis, Report.from_analysis(analysis, inputs)
 
 
 def analyze_command(
@@ -196,11 +195,11 @@ def analyze_command(
 
 
 def _render(
-    report: dict[str, Any], analysis: Analysis, loaded: Loaded, json_out: bool, out: Path | None
+    report: Report, analysis: Analysis, loaded: Loaded, json_out: bool, out: Path | None
 ) -> None:
     """Print the report (as JSON or tables) and write the --out folder."""
     if json_out:
-        print_json(dumps(report))
+        print_json(report.dumps())
     else:
         print_report(report, stdout)
     if out is not None:

@@ -6,7 +6,6 @@ line overrides them. Threshold semantics: :mod:`sharpscope.analysis.gate` and do
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -28,8 +27,9 @@ from sharpscope.cli.loading import Loaded, load_inputs
 from sharpscope.errors import InputError
 from sharpscope.io.atomic import check_can_create, write_text_atomic
 from sharpscope.report.checks_table import print_checks
+from sharpscope.report.document import Report, read_report
 from sharpscope.report.github import publish
-from sharpscope.report.json_report import dumps, read_report
+from sharpscope.report.json_report import dumps
 from sharpscope.report.junit import write_junit
 
 THRESHOLDS = "Thresholds"
@@ -226,13 +226,13 @@ def check_command(
             dtype=dtype,
         )
         relative = baseline is not None and thresholds.max_increase is not None
-        base = read_report(baseline) if relative else None
+        base = read_report(baseline).gate_input() if relative else None
         if update_baseline and baseline is not None:  # outputs: before a long analysis
             check_baseline_target(baseline)
         if junit is not None:
             check_can_create(junit, "`junit`")
         report = _report(source, data, load, analysis, quiet)
-        checks = gate(report, thresholds, base)
+        checks = gate(report.gate_input(), thresholds, base)
         _output(checks, report, source, thresholds, json_out, baseline, config)
         if junit is not None:
             properties = {"source": str(source), "sigmas": f"{thresholds.sigmas:g}"}
@@ -284,7 +284,7 @@ def _report(
     load: Callable[[Path, str], Loaded],
     config: AnalyzeConfig,
     quiet: bool,
-) -> dict[str, Any]:
+) -> Report:
     """``source`` read as a report, or the report of analyzing it as a checkpoint on ``data``."""
     if not source.exists():
         raise InputError(f"{source} does not exist: give a report.json or a checkpoint")
@@ -296,7 +296,7 @@ def _report(
             "--data (or data in the config file)"
         )
     _, report = run_analysis(load(source, data), config, quiet)
-    return json.loads(dumps(report))  # as a saved report reads: non-finite figures are null
+    return report
 
 
 def is_report_file(path: Path) -> bool:
@@ -319,15 +319,15 @@ def check_baseline_target(path: Path) -> None:
             raise InputError(f"refusing to overwrite {path} with the baseline: {exc}") from None
 
 
-def write_baseline(path: Path, report: dict[str, Any]) -> None:
+def write_baseline(path: Path, report: Report) -> None:
     """Write ``report`` to ``path`` atomically (see :func:`check_baseline_target`)."""
     check_baseline_target(path)
-    write_text_atomic(path, dumps(report))
+    write_text_atomic(path, report.dumps())
 
 
 def _output(
     checks: list[Check],
-    report: dict[str, Any],
+    report: Report,
     source: Path,
     thresholds: Thresholds,
     json_out: bool,
@@ -338,15 +338,18 @@ def _output(
     if not json_out:
         print_checks(checks, f"sharpscope check: {source}", stdout)
         return
-    inputs = report["inputs"]
+    inputs = report.inputs
+    sections = {"checkpoint": inputs.checkpoint, "model": inputs.model, "data": inputs.data}
     result = {
         "verdict": "fail" if any(not c.passed for c in checks) else "pass",
         "checks": [c.to_dict() for c in checks],
-        "figures": {k: asdict(e) for k, e in figures(report, thresholds.sigmas).items()},
+        "figures": {
+            k: asdict(e) for k, e in figures(report.gate_input(), thresholds.sigmas).items()
+        },
         "sigmas": thresholds.sigmas,
         "source": str(source),
         "baseline": None if baseline is None else str(baseline),
         "config": None if config is None else str(config),
-        "report": {key: inputs.get(key) for key in ("checkpoint", "model", "data")},
+        "report": {k: None if s is None else s.to_json() for k, s in sections.items()},
     }
     print_json(dumps(result))

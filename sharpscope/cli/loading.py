@@ -19,6 +19,7 @@ from sharpscope.io.data import DataBundle, batches, check_targets, load_data
 from sharpscope.io.losses import resolve_loss
 from sharpscope.io.models import ModelSpec, parse_model_args
 from sharpscope.io.user_code import one_line
+from sharpscope.report.document import CheckpointInput, DataInput, Inputs, ModelInput
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Loaded:
     loss_fn: Any
     device: torch.device
     dtype: torch.dtype
-    description: dict[str, Any]
+    description: Inputs
     """The report's ``inputs`` section: checkpoint, model, data, loss, dtype, device."""
     spec: ModelSpec | None
     """The model's spec: --model's, else the one the checkpoint stores (None if neither)."""
@@ -103,21 +104,21 @@ def load_inputs(
         _probe(net, bundle, pieces[0], torch_device, torch_dtype)
         loss_fn = resolve_loss(loss, bundle.num_classes)
         used_spec = spec or ckpt.model_spec
-        description = {
-            "checkpoint": {"path": str(checkpoint), "sha256": ckpt.sha256, "format": ckpt.format},
-            "model": {"spec": None if used_spec is None else json.loads(used_spec.to_json())},
-            "data": {
-                "spec": data,
-                "source": bundle.source,
-                "split": bundle.split,
-                "num_samples": len(bundle.targets),
-                "batch_size": batch_size,
-                "seed": seed,
-            },
-            "loss": loss,
-            "dtype": dtype,
-            "device": str(torch_device),
-        }
+        description = Inputs(
+            checkpoint=CheckpointInput(str(checkpoint), ckpt.sha256, ckpt.format),
+            model=ModelInput(None if used_spec is None else json.loads(used_spec.to_json())),
+            data=DataInput(
+                spec=data,
+                source=bundle.source,
+                split=bundle.split,
+                num_samples=len(bundle.targets),
+                batch_size=batch_size,
+                seed=seed,
+            ),
+            loss=loss,
+            dtype=dtype,
+            device=str(torch_device),
+        )
         loaded = Loaded(
             net, ckpt, bundle, pieces, loss_fn, torch_device, torch_dtype, description, used_spec
         )

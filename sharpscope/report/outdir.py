@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
@@ -13,7 +12,7 @@ from sharpscope.curvature import select_params
 from sharpscope.errors import InputError
 from sharpscope.io.atomic import check_can_create, write_text_atomic
 from sharpscope.io.eigenvectors import save_eigenvectors
-from sharpscope.report.json_report import dumps
+from sharpscope.report.document import Report
 from sharpscope.report.plots import write_plots
 
 REPORT = "report.json"
@@ -37,14 +36,12 @@ def check_out_dir(folder: Path) -> None:
         )
 
 
-def write_out_dir(
-    folder: Path, report: dict[str, Any], analysis: Analysis, model: nn.Module
-) -> list[Path]:
+def write_out_dir(folder: Path, report: Report, analysis: Analysis, model: nn.Module) -> list[Path]:
     """Write the report, the top eigenvectors and the plots; return the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     vectors = folder / "eigenvectors.safetensors"
     space = select_params(model, list(analysis.param_names))
     save_eigenvectors(vectors, analysis.top.eigenvalues, analysis.top.eigenvectors, space)
     plots = write_plots(report, folder)
-    write_text_atomic(folder / REPORT, dumps(report))
+    write_text_atomic(folder / REPORT, report.dumps())
     return [folder / REPORT, vectors, *plots]

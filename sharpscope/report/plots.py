@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 
 from sharpscope.curvature import DensityResult
 from sharpscope.io.atomic import atomic_path
+from sharpscope.report.document import Report, Results
 
 
 def _figure() -> tuple[Figure, Any]:
@@ -23,13 +24,14 @@ def _save(fig: Figure, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def plot_density(results: dict[str, Any], path: Path) -> None:
-    """Smoothed spectral density (log scale) with the top eigenvalues marked."""
-    density = results["density"]
+def plot_density(results: Results, path: Path) -> None:
+    """Smoothed spectral density (log scale) with the top eigenvalues marked (the results must
+    hold a density)."""
+    density = results.density
     slq = DensityResult(
-        nodes=[torch.tensor(n, dtype=torch.float64) for n in density["nodes"]],
-        weights=[torch.tensor(w, dtype=torch.float64) for w in density["weights"]],
-        size=results["num_params"],
+        nodes=[torch.tensor(n, dtype=torch.float64) for n in density.nodes],
+        weights=[torch.tensor(w, dtype=torch.float64) for w in density.weights],
+        size=results.num_params,
         n_products=0,
         seconds=0.0,
     )
@@ -38,7 +40,7 @@ def plot_density(results: dict[str, Any], path: Path) -> None:
     floor = 1e-6 * float(values.max())
     ax.semilogy(grid.numpy(), values.clamp_min(floor).numpy(), color="tab:blue")
     ax.set_ylim(bottom=floor)
-    for i, value in enumerate(results["eigenvalues"]["values"]):
+    for i, value in enumerate(results.eigenvalues.values):
         ax.axvline(
             value, color="tab:red", lw=0.8, ls="--", label="top eigenvalues" if i == 0 else None
         )
@@ -49,10 +51,10 @@ def plot_density(results: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_convergence(results: dict[str, Any], path: Path) -> None:
+def plot_convergence(results: Results, path: Path) -> None:
     """Distance of each eigenvalue estimate from its final value, per Lanczos iteration."""
-    history = results["eigenvalues"]["history"]
-    final = results["eigenvalues"]["values"]
+    history = results.eigenvalues.history
+    final = results.eigenvalues.values
     fig, ax = _figure()
     for i, value in enumerate(final):
         points = [(it + 1, abs(row[i] - value)) for it, row in enumerate(history) if len(row) > i]
@@ -61,17 +63,17 @@ def plot_convergence(results: dict[str, Any], path: Path) -> None:
             ax.semilogy(*zip(*points, strict=True), label=f"λ{i + 1}")
     ax.set_xlabel("iteration (Hessian-vector products)")
     ax.set_ylabel("|estimate − final|")
-    ax.set_title(f"Convergence ({results['eigenvalues']['method']})")
+    ax.set_title(f"Convergence ({results.eigenvalues.method})")
     ax.legend()
     _save(fig, path)
 
 
-def plot_slices(results: dict[str, Any], path: Path) -> None:
+def plot_slices(results: Results, path: Path) -> None:
     """The loss along the top eigenvector and along the normalised gradient."""
     labels = {"v1": "along v₁ (top eigenvector)", "gradient": "along ĝ (SAM direction)"}
     fig, ax = _figure()
-    for name, curve in results["slices"].items():
-        ax.plot(curve["steps"], curve["loss"], marker=".", label=labels.get(name, name))
+    for name, curve in results.slices.items():
+        ax.plot(curve.steps, curve.loss, marker=".", label=labels.get(name, name))
     ax.set_xlabel("step t (w + t·direction)")
     ax.set_ylabel("loss")
     ax.set_title("1-D loss slices")
@@ -79,15 +81,15 @@ def plot_slices(results: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
+def write_plots(report: Report, folder: Path) -> list[Path]:
     """Write every plot the report has data for into ``folder`` and remove stale ones of an
     earlier run; return the paths written."""
-    results = report["results"]
+    results = report.results
     written = []
     jobs = [
-        ("density.png", plot_density, results.get("density") is not None),
-        ("convergence.png", plot_convergence, bool(results["eigenvalues"]["history"])),
-        ("loss_slices.png", plot_slices, bool(results.get("slices"))),
+        ("density.png", plot_density, results.density is not None),
+        ("convergence.png", plot_convergence, bool(results.eigenvalues.history)),
+        ("loss_slices.png", plot_slices, bool(results.slices)),
     ]
     for name, draw, wanted in jobs:
         if wanted:

@@ -9,120 +9,118 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from sharpscope.report.document import Inputs, Report, Results
+
 
 def _num(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
 
 
-def _summary(inputs: dict[str, Any], results: dict[str, Any]) -> Table:
+def _summary(inputs: Inputs, results: Results) -> Table:
     table = Table(title="Model and data", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    checkpoint = inputs.get("checkpoint", {})
-    data = inputs.get("data", {})
-    table.add_row("checkpoint", escape(str(checkpoint.get("path", "—"))))
-    table.add_row("data", escape(str(data.get("source", data.get("spec", "—")))))
-    table.add_row("parameters", f"{results['num_params']:,}")
-    table.add_row("samples", f"{results['num_samples']:,}")
-    table.add_row("loss", _num(results["loss"]))
-    if results.get("accuracy") is not None:
-        table.add_row("accuracy", f"{100 * results['accuracy']:.2f} %")
-    table.add_row("‖∇L‖", _num(results["grad_norm"]))
+    checkpoint, data = inputs.checkpoint, inputs.data
+    table.add_row("checkpoint", escape("—" if checkpoint is None else checkpoint.path))
+    table.add_row("data", escape("—" if data is None else data.source))
+    table.add_row("parameters", f"{results.num_params:,}")
+    table.add_row("samples", f"{results.num_samples:,}")
+    table.add_row("loss", _num(results.loss))
+    if results.accuracy is not None:
+        table.add_row("accuracy", f"{100 * results.accuracy:.2f} %")
+    table.add_row("‖∇L‖", _num(results.grad_norm))
     return table
 
 
-def _eigenvalues(results: dict[str, Any]) -> Table:
-    eig = results["eigenvalues"]
-    table = Table(title=f"Top Hessian eigenvalues ({eig['method']})", title_justify="left")
+def _eigenvalues(results: Results) -> Table:
+    eig = results.eigenvalues
+    table = Table(title=f"Top Hessian eigenvalues ({eig.method})", title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("λ", justify="right")
     table.add_column("‖Hv − λv‖", justify="right")
     table.add_column("converged")
-    rows = zip(eig["values"], eig["residuals"], eig["converged"], strict=True)
+    rows = zip(eig.values, eig.residuals, eig.converged, strict=True)
     for i, (value, residual, ok) in enumerate(rows, 1):
         table.add_row(str(i), _num(value, 6), _num(residual, 2), "yes" if ok else "[red]no[/red]")
-    low = results["lambda_min"]
-    flag = "yes" if low["converged"] else "[red]no[/red]"
-    table.add_row("min", _num(low["value"], 6), _num(low["residual"], 2), flag)
+    low = results.lambda_min
+    flag = "yes" if low.converged else "[red]no[/red]"
+    table.add_row("min", _num(low.value, 6), _num(low.residual, 2), flag)
     return table
 
 
-def _curvature(results: dict[str, Any]) -> Table:
+def _curvature(results: Results) -> Table:
     table = Table(title="Curvature", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    table.add_row("λ_max", _num(results["lambda_max"], 6))
-    table.add_row("λ_min", _num(results["lambda_min"]["value"], 6))
-    trace = results.get("trace")
+    table.add_row("λ_max", _num(results.lambda_max, 6))
+    table.add_row("λ_min", _num(results.lambda_min.value, 6))
+    trace = results.trace
     if trace is not None:
-        table.add_row("trace", f"{_num(trace['estimate'], 6)} ± {_num(trace['std_error'], 2)}")
-        table.add_row("λ_max / trace", _num(results.get("lambda_max_over_trace")))
-    if results.get("density") is not None:
-        table.add_row("density mean (trace/n)", _num(results["density"]["mean"]))
+        table.add_row("trace", f"{_num(trace.estimate, 6)} ± {_num(trace.std_error, 2)}")
+        table.add_row("λ_max / trace", _num(results.lambda_max_over_trace))
+    if results.density is not None:
+        table.add_row("density mean (trace/n)", _num(results.density.mean))
     return table
 
 
-def _alignment(results: dict[str, Any]) -> Table | None:
-    a = results.get("alignment")
+def _alignment(results: Results) -> Table | None:
+    a = results.alignment
     if a is None:
         return None
-    table = Table(
-        title=f"SAM alignment (ρ = {a['rho']:g})", show_header=False, title_justify="left"
-    )
+    table = Table(title=f"SAM alignment (ρ = {a.rho:g})", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    table.add_row("|cos(ĝ, v₁)|, full-data gradient", _num(a["cos_full"], 3))
-    batches = a.get("cos_batches")
+    table.add_row("|cos(ĝ, v₁)|, full-data gradient", _num(a.cos_full, 3))
+    batches = a.cos_batches
     if batches is not None:
-        q = batches["quantiles"]
+        q = batches.quantiles
         table.add_row(
-            f"|cos(ĝ_b, v₁)|, {batches['count']} minibatches: mean [5–95 %]",
-            f"{_num(batches['mean'], 3)} [{_num(q['q05'], 2)}–{_num(q['q95'], 2)}]",
+            f"|cos(ĝ_b, v₁)|, {batches.count} minibatches: mean [5–95 %]",
+            f"{_num(batches.mean, 3)} [{_num(q['q05'], 2)}–{_num(q['q95'], 2)}]",
         )
-    table.add_row("‖P_k ĝ‖, ĝ's share in the top-k eigenspace", _num(a["topk_share"], 3))
-    table.add_row("SAM sharpness L(w+ρĝ) − L(w)", _num(a["sam_sharpness"]))
-    table.add_row("  predicted ρ‖g‖ + ½ρ²ĝᵀHĝ", _num(a["sam_sharpness_taylor"]))
-    table.add_row("  of which curvature ½ρ²ĝᵀHĝ", _num(a["sam_sharpness_quadratic"]))
-    table.add_row(f"|cos(ε, v₁)|, Eigen-SAM α = {a['alpha']:g}", _num(a["eigen_sam_cos"], 3))
+    table.add_row("‖P_k ĝ‖, ĝ's share in the top-k eigenspace", _num(a.topk_share, 3))
+    table.add_row("SAM sharpness L(w+ρĝ) − L(w)", _num(a.sam_sharpness))
+    table.add_row("  predicted ρ‖g‖ + ½ρ²ĝᵀHĝ", _num(a.sam_sharpness_taylor))
+    table.add_row("  of which curvature ½ρ²ĝᵀHĝ", _num(a.sam_sharpness_quadratic))
+    table.add_row(f"|cos(ε, v₁)|, Eigen-SAM α = {a.alpha:g}", _num(a.eigen_sam_cos, 3))
     return table
 
 
-def _per_layer(results: dict[str, Any]) -> Table | None:
-    layers = results.get("per_layer") or []
-    if not layers:
+def _per_layer(results: Results) -> Table | None:
+    if not results.per_layer:
         return None
     table = Table(title="Per-layer top eigenvalue", title_justify="left")
     table.add_column("module")
     table.add_column("parameters", justify="right")
     table.add_column("λ_max", justify="right")
     table.add_column("converged")
-    for layer in sorted(layers, key=lambda x: -x["eigenvalue"]):
-        ok = "yes" if layer["converged"] else "[red]no[/red]"
-        table.add_row(layer["name"], f"{layer['size']:,}", _num(layer["eigenvalue"], 5), ok)
+    for layer in sorted(results.per_layer, key=lambda x: -x.eigenvalue):
+        ok = "yes" if layer.converged else "[red]no[/red]"
+        table.add_row(layer.name, f"{layer.size:,}", _num(layer.eigenvalue, 5), ok)
     return table
 
 
-def render(report: dict[str, Any]) -> Group:
+def render(report: Report) -> Group:
     """All tables of an analysis report, then its verdict and notes."""
-    results = report["results"]
+    results = report.results
     parts: list[Any] = [
-        _summary(report["inputs"], results),
+        _summary(report.inputs, results),
         _eigenvalues(results),
         _curvature(results),
     ]
     parts += [t for t in (_alignment(results), _per_layer(results)) if t is not None]
-    timings = report["timings"]
+    timings = report.timings
     parts.append(
         Text(
-            f"{timings['n_products']} Hessian-vector products, {timings['total_seconds']:.1f} s",
+            f"{timings.n_products} Hessian-vector products, {timings.total_seconds:.1f} s",
             style="dim",
         )
     )
-    parts.append(Text(results["verdict"], style="bold"))
-    parts += [Text(f"note: {n}", style="yellow") for n in results.get("notes", [])]
+    parts.append(Text(results.verdict, style="bold"))
+    parts += [Text(f"note: {n}", style="yellow") for n in results.notes]
     return Group(*parts)
 
 
-def print_report(report: dict[str, Any], console: Console) -> None:
+def print_report(report: Report, console: Console) -> None:
     """Print :func:`render`'s tables to ``console``."""
     console.print(render(report))

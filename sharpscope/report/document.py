@@ -1,0 +1,434 @@
+"""The analysis report as typed sections: made from an :class:`Analysis`, written as JSON and read
+back from it (checked against the report schema). The one place that knows the report's layout:
+each field below is a key of the JSON document (docs/report.md), in the order it is written."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import types
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import torch
+
+from sharpscope import __version__
+from sharpscope.analysis.alignment import Alignment
+from sharpscope.analysis.analyze import Analysis, LayerEigen
+from sharpscope.analysis.gate import GateInput, Reading
+from sharpscope.analysis.verdict import verdict
+from sharpscope.curvature import DensityResult, EigenResult, TraceResult
+from sharpscope.errors import InputError
+from sharpscope.report.json_report import dumps
+from sharpscope.report.schema import SCHEMA_VERSION, check_report
+
+S = TypeVar("S", bound="Section")
+
+_OPTIONAL = {"optional": True}
+"""Field metadata: a key that reports may lack; the field is None then, and left out of the JSON."""
+
+
+class Section:
+    """A part of the report whose dataclass fields are its JSON keys."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The section as JSON values: sections as objects, tuples as arrays."""
+        return {
+            f.name: _dump(getattr(self, f.name))
+            for f in fields(self)  # type: ignore[arg-type]
+            if not (f.metadata.get("optional") and getattr(self, f.name) is None)
+        }
+
+    @classmethod
+    def from_json(cls: type[S], data: dict[str, Any]) -> S:
+        """The section from JSON values the schema accepts (keys it does not know are ignored)."""
+        hints = get_type_hints(cls)
+        known = [f.name for f in fields(cls) if f.name in data]  # type: ignore[arg-type]
+        return cls(**{name: _load(hints[name], data[name]) for name in known})
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, Section):
+        return value.to_json()
+    if isinstance(value, (list, tuple)):
+        return [_dump(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _dump(v) for k, v in value.items()}
+    return value
+
+
+def _load(hint: Any, value: Any) -> Any:
+    """The JSON ``value`` as the type ``hint`` says: objects as sections, arrays as tuples."""
+    if value is None:
+        return None
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return _load(next(a for a in args if a is not type(None)), value)
+    if origin is tuple:
+        return tuple(_load(args[0], v) for v in value)
+    if origin is dict:
+        return {k: _load(args[1], v) for k, v in value.items()}
+    if isinstance(hint, type) and issubclass(hint, Section):
+        return hint.from_json(value)
+    return value
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointInput(Section):
+    """The checkpoint file analysed."""
+
+    path: str
+    sha256: str
+    format: str
+
+
+@dataclass(frozen=True)
+class ModelInput(Section):
+    """How the model was built."""
+
+    spec: dict[str, Any] | None
+    """``{"target": ..., "args": {...}}``; None for a checkpoint that holds the whole module."""
+
+
+@dataclass(frozen=True)
+class DataInput(Section):
+    """The data analysed: as specified, as found, and how it was sampled and batched."""
+
+    spec: str
+    source: str
+    split: str
+    num_samples: int
+    batch_size: int
+    seed: int
+
+
+def current_versions() -> dict[str, str]:
+    """The versions of sharpscope, torch and Python running now."""
+    return {
+        "sharpscope": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass(frozen=True)
+class Inputs(Section):
+    """What was analysed, with which settings, by which versions (only the versions required)."""
+
+    checkpoint: CheckpointInput | None = field(default=None, metadata=_OPTIONAL)
+    model: ModelInput | None = field(default=None, metadata=_OPTIONAL)
+    data: DataInput | None = field(default=None, metadata=_OPTIONAL)
+    loss: str | None = field(default=None, metadata=_OPTIONAL)
+    dtype: str | None = field(default=None, metadata=_OPTIONAL)
+    device: str | None = field(default=None, metadata=_OPTIONAL)
+    config: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)
+    """The :class:`~sharpscope.analysis.analyze.AnalyzeConfig` fields."""
+    versions: dict[str, str] = field(default_factory=current_versions)
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Eigenvalues(Section):
+    """The top eigenpairs' values, residuals ‖Hv − λv‖ and convergence, and their cost."""
+
+    method: str
+    which: str
+    values: tuple[float, ...]
+    residuals: tuple[float | None, ...]
+    converged: tuple[bool, ...]
+    n_products: int
+    n_iterations: int
+    seconds: float
+    history: tuple[tuple[float, ...], ...]
+    """The estimates after each iteration (for the convergence plot)."""
+
+    @classmethod
+    def of(cls, result: EigenResult) -> Eigenvalues:
+        """The section of an eigen-solve."""
+        return cls(
+            method=result.method,
+            which=result.which,
+            values=tuple(result.eigenvalues.tolist()),
+            residuals=tuple(result.residuals.tolist()),
+            converged=tuple(result.converged.tolist()),
+            n_products=result.n_products,
+            n_iterations=result.n_iterations,
+            seconds=result.seconds,
+            history=tuple(tuple(row) for row in result.history),
+        )
+
+
+@dataclass(frozen=True)
+class LambdaMin(Section):
+    """The smallest eigenvalue, its residual and convergence."""
+
+    value: float
+    residual: float | None
+    converged: bool
+    n_products: int
+
+    @classmethod
+    def of(cls, result: EigenResult) -> LambdaMin:
+        """The first pair of the bottom eigen-solve."""
+        return cls(
+            value=float(result.eigenvalues[0]),
+            residual=float(result.residuals[0]),
+            converged=bool(result.converged[0]),
+            n_products=result.n_products,
+        )
+
+
+@dataclass(frozen=True)
+class Trace(Section):
+    """The trace estimate and its standard error."""
+
+    estimate: float
+    std_error: float | None
+    n_samples: int
+    n_products: int
+    method: str
+    converged: bool
+
+    @classmethod
+    def of(cls, result: TraceResult) -> Trace:
+        """The section of a trace estimate."""
+        return cls(
+            estimate=result.estimate,
+            std_error=result.std_error,
+            n_samples=result.n_samples,
+            n_products=result.n_products,
+            method=result.method,
+            converged=result.converged,
+        )
+
+
+@dataclass(frozen=True)
+class Density(Section):
+    """Stochastic Lanczos quadrature: nodes and weights per starting vector, and the mean."""
+
+    nodes: tuple[tuple[float, ...], ...]
+    weights: tuple[tuple[float, ...], ...]
+    mean: float
+
+    @classmethod
+    def of(cls, result: DensityResult) -> Density:
+        """The section of a density estimate."""
+        return cls(
+            nodes=tuple(tuple(t.tolist()) for t in result.nodes),
+            weights=tuple(tuple(w.tolist()) for w in result.weights),
+            mean=result.mean,
+        )
+
+
+@dataclass(frozen=True)
+class BatchCosines(Section):
+    """|cos(ĝ_b, v₁)| over the minibatch gradients: count, mean, extremes and quantiles."""
+
+    count: int
+    mean: float
+    min: float
+    max: float
+    quantiles: dict[str, float]
+    """``q05``, ``q25``, ``q50``, ``q75``, ``q95``."""
+
+
+@dataclass(frozen=True)
+class AlignmentFigures(Section):
+    """The SAM alignment figures (see :class:`~sharpscope.analysis.alignment.Alignment`)."""
+
+    rho: float
+    alpha: float
+    cos_full: float
+    cos_batches: BatchCosines | None
+    topk_share: float
+    sam_sharpness: float | None
+    sam_sharpness_quadratic: float | None
+    sam_sharpness_taylor: float | None
+    eigen_sam_cos: float
+
+    @classmethod
+    def of(cls, a: Alignment) -> AlignmentFigures:
+        """The section of an alignment measurement."""
+        batches = a.cos_batches
+        return cls(
+            rho=a.rho,
+            alpha=a.alpha,
+            cos_full=a.cos_full,
+            cos_batches=None if batches is None else BatchCosines(**asdict(batches)),
+            topk_share=a.topk_share,
+            sam_sharpness=a.sam_sharpness,
+            sam_sharpness_quadratic=a.sam_sharpness_quadratic,
+            sam_sharpness_taylor=a.sam_sharpness_taylor,
+            eigen_sam_cos=a.eigen_sam_cos,
+        )
+
+
+@dataclass(frozen=True)
+class Layer(Section):
+    """The top eigenvalue of one module's block of the Hessian."""
+
+    name: str
+    size: int
+    eigenvalue: float
+    residual: float | None
+    converged: bool
+
+    @classmethod
+    def of(cls, layer: LayerEigen) -> Layer:
+        """The entry of one module's block."""
+        return cls(layer.name, layer.size, layer.eigenvalue, layer.residual, layer.converged)
+
+
+@dataclass(frozen=True)
+class Slice(Section):
+    """The loss at w + t·direction for each step t."""
+
+    steps: tuple[float, ...]
+    loss: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class Results(Section):
+    """Everything measured, and the verdict."""
+
+    loss: float
+    accuracy: float | None
+    grad_norm: float
+    num_samples: int
+    num_params: int
+    eigenvalues: Eigenvalues
+    lambda_max: float
+    lambda_min: LambdaMin
+    trace: Trace | None
+    lambda_max_over_trace: float | None
+    density: Density | None
+    alignment: AlignmentFigures | None
+    per_layer: tuple[Layer, ...]
+    slices: dict[str, Slice]
+    """Direction name (``v1``, ``gradient``) -> the loss along it."""
+    verdict: str
+    notes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, analysis: Analysis) -> Results:
+        """The results of an analysis."""
+        trace, lam_max, alignment = analysis.trace, analysis.lambda_max, analysis.alignment
+        return cls(
+            loss=analysis.loss,
+            accuracy=analysis.accuracy,
+            grad_norm=analysis.grad_norm,
+            num_samples=analysis.num_samples,
+            num_params=analysis.num_params,
+            eigenvalues=Eigenvalues.of(analysis.top),
+            lambda_max=lam_max,
+            lambda_min=LambdaMin.of(analysis.bottom),
+            trace=None if trace is None else Trace.of(trace),
+            lambda_max_over_trace=lam_max / trace.estimate if trace and trace.estimate else None,
+            density=None if analysis.density is None else Density.of(analysis.density),
+            alignment=None if alignment is None else AlignmentFigures.of(alignment),
+            per_layer=tuple(Layer.of(layer) for layer in analysis.per_layer),
+            slices={
+                name: Slice(tuple(steps), tuple(losses))
+                for name, (steps, losses) in analysis.slices.items()
+            },
+            verdict=verdict(analysis),
+            notes=tuple(analysis.notes),
+        )
+
+
+@dataclass(frozen=True)
+class Timings(Section):
+    """Seconds per pipeline stage, their total, and the Hessian-vector products."""
+
+    total_seconds: float
+    stages: dict[str, float]
+    n_products: int
+
+
+# --- the document --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report(Section):
+    """The versioned analysis report that tables, plots and the CI gate all read."""
+
+    schema_version: int
+    created: str
+    """UTC time, ISO 8601."""
+    inputs: Inputs
+    results: Results
+    timings: Timings
+
+    @classmethod
+    def from_analysis(cls, analysis: Analysis, inputs: Inputs) -> Report:
+        """The report of ``analysis`` of ``inputs``, created now."""
+        return cls(
+            schema_version=SCHEMA_VERSION,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            inputs=inputs,
+            results=Results.of(analysis),
+            timings=Timings(
+                sum(analysis.timings.values()), dict(analysis.timings), analysis.n_products
+            ),
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "the report") -> Report:
+        """The report in the JSON value ``data``; an :class:`InputError` naming ``source`` and
+        the problem unless it is a report of this schema version that the schema accepts."""
+        check_report(data, source)
+        return super().from_json(data)
+
+    def dumps(self) -> str:
+        """The report as indented JSON (NaN and infinity written as null)."""
+        return dumps(self.to_json())
+
+    def gate_input(self) -> GateInput:
+        """The figures and the architecture that the CI gate reads (finite figures only)."""
+        r, a = self.results, self.results.alignment
+        found = {
+            "lambda_max": _reading(r.lambda_max, r.eigenvalues.residuals[0]),
+            "lambda_min": _reading(r.lambda_min.value, r.lambda_min.residual),
+            "trace": None if r.trace is None else _reading(r.trace.estimate, r.trace.std_error),
+            "sam_sharpness": None if a is None else _reading(a.sam_sharpness, 0.0),
+            "cos_full": None if a is None else _reading(a.cos_full, 0.0),
+        }
+        return GateInput(
+            readings={key: reading for key, reading in found.items() if reading is not None},
+            schema_version=self.schema_version,
+            model_spec=None if self.inputs.model is None else self.inputs.model.spec,
+            num_params=r.num_params,
+        )
+
+
+def _reading(value: float | None, uncertainty: float | None) -> Reading | None:
+    """A figure as the gate reads it: none when the value is null or not finite, and no
+    uncertainty when it is not finite (the report would write it as null)."""
+    if value is None or not math.isfinite(value):
+        return None
+    finite = uncertainty is not None and math.isfinite(uncertainty)
+    return Reading(value, uncertainty if finite else None)
+
+
+def read_report(path: Path) -> Report:
+    """A report file, checked against the report schema; an :class:`InputError` naming the file
+    and the problem otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read the report {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not a JSON report (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
+    return Report.from_json(data, str(path))
