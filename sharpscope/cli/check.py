@@ -7,10 +7,9 @@ line overrides them. Threshold semantics: :mod:`sharpscope.analysis.gate` and do
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,14 +17,16 @@ from typing import Annotated, Any
 import typer
 
 from sharpscope.analysis.analyze import AnalyzeConfig
-from sharpscope.analysis.gate import Check, Thresholds, figures, gate
+from sharpscope.analysis.gate import Thresholds, gate
 from sharpscope.cli import options as opt
 from sharpscope.cli.analyze import DEFAULTS, analysis_config, run_analysis
 from sharpscope.cli.common import errors_as_exit, fail, info, print_json, stderr, stdout
 from sharpscope.cli.config_file import load_config, settings_of
 from sharpscope.cli.loading import Loaded, load_inputs
 from sharpscope.errors import InputError
-from sharpscope.io.atomic import check_can_create, write_text_atomic
+from sharpscope.io.atomic import check_can_create
+from sharpscope.report.baseline import check_baseline_target, is_report_file, write_baseline
+from sharpscope.report.check_result import check_result
 from sharpscope.report.checks_table import print_checks
 from sharpscope.report.document import Report, read_report
 from sharpscope.report.github import publish
@@ -37,9 +38,6 @@ BASELINE = "Baseline"
 
 Data = Annotated[str | None, opt.Data.__metadata__[0]]
 """``--data``, optional here: a saved report needs none."""
-
-_REPORT_HEAD = re.compile(rb'\s*\{\s*["}]')
-"""How a JSON report starts; no checkpoint format does (a safetensors header length can be 0x7b)."""
 
 
 def _limit(text: str) -> Any:
@@ -233,7 +231,11 @@ def check_command(
             check_can_create(junit, "`junit`")
         report = _report(source, data, load, analysis, quiet)
         checks = gate(report.gate_input(), thresholds, base)
-        _output(checks, report, source, thresholds, json_out, baseline, config)
+        if json_out:
+            result = check_result(checks, report, thresholds.sigmas, source, baseline, config)
+            print_json(dumps(result))
+        else:
+            print_checks(checks, f"sharpscope check: {source}", stdout)
         if junit is not None:
             properties = {"source": str(source), "sigmas": f"{thresholds.sigmas:g}"}
             write_junit(junit, checks, properties, time.perf_counter() - start)
@@ -297,59 +299,3 @@ def _report(
         )
     _, report = run_analysis(load(source, data), config, quiet)
     return report
-
-
-def is_report_file(path: Path) -> bool:
-    """Whether ``path`` is meant as a JSON report: a ``.json`` name, or JSON object content."""
-    if path.suffix.lower() == ".json":
-        return True
-    try:
-        with path.open("rb") as file:
-            return bool(_REPORT_HEAD.match(file.read(256)))
-    except OSError:
-        return False  # the checkpoint loader says what is wrong with it
-
-
-def check_baseline_target(path: Path) -> None:
-    """Refuse to make ``path`` the baseline when it holds something other than a report."""
-    if path.exists():
-        try:
-            read_report(path)
-        except InputError as exc:
-            raise InputError(f"refusing to overwrite {path} with the baseline: {exc}") from None
-
-
-def write_baseline(path: Path, report: Report) -> None:
-    """Write ``report`` to ``path`` atomically (see :func:`check_baseline_target`)."""
-    check_baseline_target(path)
-    write_text_atomic(path, report.dumps())
-
-
-def _output(
-    checks: list[Check],
-    report: Report,
-    source: Path,
-    thresholds: Thresholds,
-    json_out: bool,
-    baseline: Path | None,
-    config: Path | None,
-) -> None:
-    """The table and verdict, or with ``json_out`` the machine-readable result, on stdout."""
-    if not json_out:
-        print_checks(checks, f"sharpscope check: {source}", stdout)
-        return
-    inputs = report.inputs
-    sections = {"checkpoint": inputs.checkpoint, "model": inputs.model, "data": inputs.data}
-    result = {
-        "verdict": "fail" if any(not c.passed for c in checks) else "pass",
-        "checks": [c.to_dict() for c in checks],
-        "figures": {
-            k: asdict(e) for k, e in figures(report.gate_input(), thresholds.sigmas).items()
-        },
-        "sigmas": thresholds.sigmas,
-        "source": str(source),
-        "baseline": None if baseline is None else str(baseline),
-        "config": None if config is None else str(config),
-        "report": {k: None if s is None else s.to_json() for k, s in sections.items()},
-    }
-    print_json(dumps(result))
