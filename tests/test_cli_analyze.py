@@ -524,6 +524,18 @@ def test_per_layer_gives_one_entry_per_module(made):
         assert layer["converged"]
 
 
+@pytest.mark.parametrize("name", ["ours.safetensors", "scripted.pt"])
+def test_per_layer_names_each_modules_type(made, name):
+    results = report(made / name, "--no-trace", "--per-layer")["results"]
+    assert {layer["name"]: layer["module_type"] for layer in results["per_layer"]} == {
+        "1": "Linear",
+        "3": "Linear",
+    }
+    table = succeed(analyze(made / name, "--no-trace", "--per-layer")).stdout
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.splitlines()]
+    assert ["1", "Linear", "1,040"] in [row[:3] for row in cells]
+
+
 def test_params_globs_restrict_the_parameters(made):
     last = report(made / "ours.safetensors", "--no-trace", "--params", "3.*")["results"]
     assert last["num_params"] == 10 * 16 + 10

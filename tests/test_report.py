@@ -99,6 +99,28 @@ def test_a_report_reads_back_as_it_was_written(analysed, tmp_path):
     assert again.dumps() == path.read_text(encoding="utf-8")
 
 
+def test_per_layer_entries_name_the_modules_type(analysed):
+    _, report = analysed
+    types = {layer.name: layer.module_type for layer in report.results.per_layer}
+    assert types == {"conv": "Conv2d", "bn": "BatchNorm2d", "fc": "Linear"}
+    console = Console(record=True, width=100)
+    console.print(render(report))
+    rows = [line for line in console.export_text().splitlines() if "BatchNorm2d" in line]
+    assert len(rows) == 1 and " bn " in rows[0] and " 6 " in rows[0]  # weight and bias of 3
+
+
+def test_a_report_written_before_module_type_still_reads(analysed, tmp_path):
+    _, report = analysed
+    document = json.loads(report.dumps())
+    for layer in document["results"]["per_layer"]:
+        del layer["module_type"]
+    old = tmp_path / "old.json"
+    old.write_text(dumps(document), encoding="utf-8")
+    read = read_report(old)
+    assert [layer.module_type for layer in read.results.per_layer] == [None] * 3
+    assert read.dumps() == old.read_text(encoding="utf-8")
+
+
 def test_the_gate_reads_each_of_its_figures(analysed):
     _, report = analysed
     gated, results = report.gate_input(), report.results

@@ -96,6 +96,9 @@ class LayerEigen:
     eigenvalue: float
     residual: float
     converged: bool
+    module_type: str
+    """The class name of the module that owns the parameters (``Linear``, ``Conv2d``; a scripted
+    module's original one)."""
 
 
 @dataclass
@@ -166,7 +169,10 @@ def _per_layer(
     """The top eigenpair of each module's diagonal block of the Hessian."""
     layers = []
     blocks = _module_blocks(op.space.names)
+    modules = dict(op.model.named_modules())  # get_submodule refuses TorchScript models
     for module, names in blocks.items():
+        owner = modules[names[0].rpartition(".")[0]]
+        scripted = isinstance(owner, torch.jit.ScriptModule)
         block = HessianOperator(
             op.model,
             op.loss_fn,
@@ -183,6 +189,7 @@ def _per_layer(
                 eigenvalue=float(result.eigenvalues[0]),
                 residual=float(result.residuals[0]),
                 converged=bool(result.converged[0]),
+                module_type=owner.original_name if scripted else type(owner).__name__,
             )
         )
         op.n_products += block.n_products

@@ -280,11 +280,20 @@ class Layer(Section):
     eigenvalue: float
     residual: float | None
     converged: bool
+    module_type: str | None = field(default=None, metadata=_OPTIONAL)
+    """The module's class name (``Linear``, ``Conv2d``); reports written before it lack it."""
 
     @classmethod
     def of(cls, layer: LayerEigen) -> Layer:
         """The entry of one module's block."""
-        return cls(layer.name, layer.size, layer.eigenvalue, layer.residual, layer.converged)
+        return cls(
+            name=layer.name,
+            size=layer.size,
+            eigenvalue=layer.eigenvalue,
+            residual=layer.residual,
+            converged=layer.converged,
+            module_type=layer.module_type,
+        )
 
 
 @dataclass(frozen=True)

@@ -91,12 +91,14 @@ def _per_layer(results: Results) -> Table | None:
         return None
     table = Table(title="Per-layer top eigenvalue", title_justify="left")
     table.add_column("module")
+    table.add_column("type")
     table.add_column("parameters", justify="right")
     table.add_column("λ_max", justify="right")
     table.add_column("converged")
     for layer in sorted(results.per_layer, key=lambda x: -x.eigenvalue):
         ok = "yes" if layer.converged else "[red]no[/red]"
-        table.add_row(layer.name, f"{layer.size:,}", _num(layer.eigenvalue, 5), ok)
+        kind = escape(layer.module_type or "—")
+        table.add_row(escape(layer.name), kind, f"{layer.size:,}", _num(layer.eigenvalue, 5), ok)
     return table
 
 
