@@ -19,7 +19,7 @@ from sharpscope.report.document import Inputs, Report, read_report
 from sharpscope.report.json_report import dumps
 from sharpscope.report.outdir import write_out_dir
 from sharpscope.report.schema import SCHEMA_VERSION, report_schema
-from sharpscope.report.table import render
+from sharpscope.report.table import HELP, render
 
 INPUTS = {
     "checkpoint": {"path": "model.pt", "sha256": "0" * 64, "format": "state_dict"},
@@ -97,6 +97,18 @@ def test_a_report_reads_back_as_it_was_written(analysed, tmp_path):
     again = read_report(path)
     assert again == report
     assert again.dumps() == path.read_text(encoding="utf-8")
+
+
+def test_each_table_has_its_help_line_under_it(analysed):
+    _, report = analysed
+    console = Console(record=True, width=100)
+    console.print(render(report))
+    lines = console.export_text().splitlines()
+    titles = ["Model and data", "Top Hessian", "Curvature", "SAM alignment", "Per-layer"]
+    for title, help_line in zip(titles, HELP.values(), strict=True):
+        start = next(i for i, line in enumerate(lines) if line.startswith(title))
+        bottom = next(i for i in range(start, len(lines)) if lines[i].startswith("└"))
+        assert lines[bottom + 1] == help_line and len(help_line) <= 100, title
 
 
 def test_per_layer_entries_name_the_modules_type(analysed):

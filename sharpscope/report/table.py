@@ -9,7 +9,22 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from sharpscope.analysis.verdict import GOOD, POOR
 from sharpscope.report.document import Inputs, Report, Results
+
+HELP = {
+    "summary": "loss: the mean over the analysed samples; ‖∇L‖: the norm of its gradient "
+    "(0 at a critical point)",
+    "eigenvalues": "λ: Hessian eigenvalues, each within ‖Hv − λv‖ of a true one; converged: "
+    "‖Hv − λv‖ ≤ tol·|λ_max|",
+    "curvature": "λ_max: curvature of the sharpest direction; trace = Σλ, an estimate ± its "
+    "standard error",
+    "alignment": f"|cos(ĝ, v₁)| < {POOR:g}: SAM's perturbation is poorly aligned with v₁, "
+    f"{POOR:g}–{GOOD:g} partly, ≥ {GOOD:g} well",
+    "per_layer": "λ_max: top eigenvalue of each module's own block of the Hessian (its "
+    "parameters alone)",
+}
+"""The dim line under each table: what its figures mean, and the cut-offs (docs/report.md)."""
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -103,14 +118,20 @@ def _per_layer(results: Results) -> Table | None:
 
 
 def render(report: Report) -> Group:
-    """All tables of an analysis report, then its verdict and notes."""
+    """All tables of an analysis report, each with its line of :data:`HELP`, then the work
+    done, the verdict and the notes."""
     results = report.results
-    parts: list[Any] = [
-        _summary(report.inputs, results),
-        _eigenvalues(results),
-        _curvature(results),
-    ]
-    parts += [t for t in (_alignment(results), _per_layer(results)) if t is not None]
+    tables = {
+        "summary": _summary(report.inputs, results),
+        "eigenvalues": _eigenvalues(results),
+        "curvature": _curvature(results),
+        "alignment": _alignment(results),
+        "per_layer": _per_layer(results),
+    }
+    parts: list[Any] = []
+    for name, table in tables.items():
+        if table is not None:
+            parts += [table, Text(HELP[name], style="dim")]
     timings = report.timings
     parts.append(
         Text(
