@@ -12,6 +12,7 @@ from torch.func import functional_call, grad, jvp
 
 from sharpscope import distributed as _distributed
 from sharpscope.batches import LossFn, batch_size, move_to
+from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.curvature.batchnorm import batchnorm_layers, freeze_batchnorm_stats
 from sharpscope.curvature.params import ParamSpace, select_params
 
@@ -51,6 +52,9 @@ class HessianOperator:
     ``cache_graph`` (default) that graph is built once for all batches and reused by every
     product, which costs the memory of all batches' activations. ``"forward-over-reverse"`` uses
     ``torch.func.jvp`` of ``torch.func.grad`` and keeps nothing between products.
+
+    Every forward runs under :func:`~sharpscope.curvature.attention.twice_differentiable`
+    (attention on torch's math kernel, which has second derivatives).
 
     With ``distributed`` (default: when a torch.distributed process group is initialised) each
     rank passes its own shard of the batches and the operator is that of all ranks' batches
@@ -137,7 +141,7 @@ class HessianOperator:
         self, inputs: Any, targets: Any, params: dict[str, torch.Tensor] | None
     ) -> torch.Tensor:
         """The mean loss of one batch, at the model's weights or at ``params`` (by name)."""
-        with curvature_mode(self.model, self.batch_stats):
+        with curvature_mode(self.model, self.batch_stats), twice_differentiable():
             outputs = (
                 self.model(inputs)
                 if params is None
