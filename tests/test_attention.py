@@ -1,5 +1,5 @@
 """Hessians through attention: both backends against dense float64 Hessians on tiny transformer
-models, and eager against SDPA attention.
+models, eager against SDPA attention, and one line for a kernel without a second derivative.
 
 The truth is ``torch.autograd.functional.hessian`` (autograd double backward, row by row) under
 torch's math attention kernel: ``torch.func.hessian`` is wrong through LayerNorm on torch 2.13
@@ -18,6 +18,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sharpscope.curvature import BACKENDS, HessianOperator, lanczos_extremes, select_params
+from sharpscope.errors import InputError
 from sharpscope.optim import EigenSAM
 from sharpscope.training.tracking import Tracker
 
@@ -190,6 +191,97 @@ def test_the_shifted_loss_is_the_differentiated_loss():
     model, batch = Encoder(masked=True, layers=2).double().eval(), _data()
     op = HessianOperator(model, F.cross_entropy, [batch])
     assert op.loss(torch.zeros(op.size, dtype=F64)) == pytest.approx(op.loss(), rel=1e-12)
+
+
+class FlashAttention(nn.Module):
+    """Self-attention by torch's CPU flash kernel, called directly: no second derivative and no
+    forward-mode derivative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unsqueeze(1) for t in self.qkv(x).split(WIDTH, -1))
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        return self.head(out.squeeze(1).mean(1))
+
+
+@torch.library.custom_op("sharpscope_test::square_backward", mutates_args=())
+def _square_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return 2 * x * grad
+
+
+@torch.library.custom_op("sharpscope_test::square", mutates_args=())
+def _square(x: torch.Tensor) -> torch.Tensor:
+    return x * x
+
+
+def _save_input(ctx, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _square_grad(ctx, grad: torch.Tensor) -> torch.Tensor:
+    return _square_backward(ctx.saved_tensors[0], grad)
+
+
+_square.register_autograd(_square_grad, setup_context=_save_input)
+
+
+class CustomKernel(nn.Module):
+    """A custom op whose backward is another custom op without autograd, like a fused kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_square(self.inner(x)).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("model", "backend", "message"),
+    [
+        (
+            FlashAttention(),
+            "double-backward",
+            "the model's `aten::_scaled_dot_product_flash_attention_for_cpu_backward` has no "
+            "second derivative in torch; use an attention implementation built on torch's "
+            "scaled_dot_product_attention, or eager attention",
+        ),
+        (
+            FlashAttention(),
+            "forward-over-reverse",
+            "the model's `_scaled_dot_product_flash_attention_for_cpu` has no forward-mode "
+            "derivative in torch; `backend` forward-over-reverse needs one; use `backend` "
+            "double-backward",
+        ),
+        (
+            CustomKernel(),
+            "double-backward",
+            "the model's `sharpscope_test.square_backward.default` has no second derivative in "
+            "torch; write that layer in differentiable torch operations",
+        ),
+    ],
+    ids=["flash-double-backward", "flash-forward-over-reverse", "custom-op"],
+)
+def test_a_kernel_without_the_derivative_is_one_input_error(model, backend, message):
+    op = HessianOperator(model.double(), F.cross_entropy, [_data()], backend=backend)
+    with pytest.raises(InputError) as caught:
+        op.matvec(_random(op.size, 0))
+    assert str(caught.value) == message
+
+
+def test_custom_function_under_forward_over_reverse_is_one_input_error():
+    op = HessianOperator(
+        CustomKernel().double(), F.cross_entropy, [_data()], backend="forward-over-reverse"
+    )
+    with pytest.raises(InputError, match=r"^torch\.func cannot differentiate a custom") as caught:
+        op.matvec(_random(op.size, 0))
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).endswith("use `backend` double-backward")
 
 
 def test_eigen_sam_refresh_on_an_encoder_layer():

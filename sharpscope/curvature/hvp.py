@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, jvp
 
 from sharpscope import distributed as _distributed
 from sharpscope.batches import LossFn, batch_size, move_to
-from sharpscope.curvature.attention import twice_differentiable
+from sharpscope.curvature.attention import derivatives_explained, twice_differentiable
 from sharpscope.curvature.batchnorm import batchnorm_layers, freeze_batchnorm_stats
 from sharpscope.curvature.params import ParamSpace, select_params
 
@@ -54,7 +54,8 @@ class HessianOperator:
     ``torch.func.jvp`` of ``torch.func.grad`` and keeps nothing between products.
 
     Every forward runs under :func:`~sharpscope.curvature.attention.twice_differentiable`
-    (attention on torch's math kernel, which has second derivatives).
+    (attention on torch's math kernel, which has second derivatives); a product through an
+    operation without the derivative its backend needs raises a one-line ``InputError``.
 
     With ``distributed`` (default: when a torch.distributed process group is initialised) each
     rank passes its own shard of the batches and the operator is that of all ranks' batches
@@ -176,13 +177,14 @@ class HessianOperator:
         out = [torch.zeros_like(p) for p in self.space.params]
         if not live:
             return out
-        hv = torch.autograd.grad(
-            [grads[i] for i in live],
-            self.space.params,
-            grad_outputs=[vs[i] for i in live],
-            retain_graph=retain,
-            allow_unused=True,
-        )
+        with derivatives_explained():
+            hv = torch.autograd.grad(
+                [grads[i] for i in live],
+                self.space.params,
+                grad_outputs=[vs[i] for i in live],
+                retain_graph=retain,
+                allow_unused=True,
+            )
         return [o if h is None else h for o, h in zip(out, hv, strict=True)]
 
     def _cached_graph(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -230,7 +232,7 @@ class HessianOperator:
             ) -> torch.Tensor:
                 return self._batch_loss(x, y, p)
 
-            with torch.no_grad():
+            with torch.no_grad(), derivatives_explained():
                 _, hv = jvp(grad(loss_of), (primals,), (tangents,))
             total += w * self.space.flatten(hv)
         return total
