@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sharpscope.curvature import BACKENDS, HessianOperator, lanczos_extremes, select_params
 from sharpscope.errors import InputError
 from sharpscope.optim import EigenSAM
-from sharpscope.training.tracking import Tracker
+from sharpscope.training.tracking import Tracker, evaluate
 
 F64 = torch.float64
 WIDTH, CLASSES = 8, 3
@@ -191,6 +191,18 @@ def test_the_shifted_loss_is_the_differentiated_loss():
     model, batch = Encoder(masked=True, layers=2).double().eval(), _data()
     op = HessianOperator(model, F.cross_entropy, [batch])
     assert op.loss(torch.zeros(op.size, dtype=F64)) == pytest.approx(op.loss(), rel=1e-12)
+
+
+def test_probe_metrics_see_the_differentiated_loss():
+    """finetune's probe/validation metrics (and analyze's accuracy, in the same mode) run no-grad
+    forwards: they too must not take the padded fast path, or they describe another function."""
+    model, batch = Encoder(masked=True, layers=2).double().eval(), _data()
+    op = HessianOperator(model, F.cross_entropy, [batch])
+    loss, _ = evaluate(model, F.cross_entropy, [batch])
+    assert loss == pytest.approx(op.loss(), rel=1e-12)
+    with torch.no_grad():
+        fast = F.cross_entropy(model(batch[0]), batch[1]).item()  # a plain forward: fast path
+    assert fast != pytest.approx(op.loss(), rel=1e-6)
 
 
 class FlashAttention(nn.Module):

@@ -22,14 +22,19 @@ BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse")
 
 @contextlib.contextmanager
 def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None]:
-    """Put ``model`` in eval mode (BatchNorm on batch statistics if asked), then restore all modes.
+    """Put ``model`` in eval mode (BatchNorm on batch statistics if asked) with attention that can
+    be differentiated twice (:func:`~sharpscope.curvature.attention.twice_differentiable`), then
+    restore all modes and settings.
 
     With ``batch_stats`` the BatchNorm layers normalise with the statistics of the batch and leave
-    their running statistics untouched.
+    their running statistics untouched. Every forward whose loss a curvature figure describes
+    (products, gradients, losses, accuracy, probe and validation metrics) runs in this mode, so
+    they all see one function.
     """
     modes = [(m, m.training) for m in model.modules()]
     with contextlib.ExitStack() as undo:
         try:
+            undo.enter_context(twice_differentiable())
             model.eval()
             if batch_stats:
                 undo.callback(freeze_batchnorm_stats(model))
@@ -142,7 +147,7 @@ class HessianOperator:
         self, inputs: Any, targets: Any, params: dict[str, torch.Tensor] | None
     ) -> torch.Tensor:
         """The mean loss of one batch, at the model's weights or at ``params`` (by name)."""
-        with curvature_mode(self.model, self.batch_stats), twice_differentiable():
+        with curvature_mode(self.model, self.batch_stats):
             outputs = (
                 self.model(inputs)
                 if params is None

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.curvature.hvp import HessianOperator
 from sharpscope.curvature.results import EigenResult, TraceResult
 from sharpscope.curvature.vectors import norm
@@ -57,9 +58,10 @@ def _pyhessian(op: HessianOperator) -> Any:
     mode = model.training
     try:
         # PyHessian puts the model in eval mode and fills .grad; undo both afterwards.
-        return hessian(
-            model, op.loss_fn, data=data, dataloader=loader, cuda=op.device.type == "cuda"
-        )
+        with twice_differentiable():
+            return hessian(
+                model, op.loss_fn, data=data, dataloader=loader, cuda=op.device.type == "cuda"
+            )
     finally:
         model.train(mode)
 
@@ -85,7 +87,7 @@ def pyhessian_eigs(
     start = time.perf_counter()
     grads = [p.grad for p in op.model.parameters()]
     engine = _pyhessian(op)
-    with _counting(module) as count, _seeded(seed, op.device):
+    with _counting(module) as count, _seeded(seed, op.device), twice_differentiable():
         values, vectors = engine.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
     for p, g in zip(op.model.parameters(), grads, strict=True):
         p.grad = g
@@ -115,7 +117,7 @@ def pyhessian_trace(
     """PyHessian's Hutchinson trace, with the standard error of its samples."""
     start = time.perf_counter()
     engine = _pyhessian(op)
-    with _seeded(seed, op.device):
+    with _seeded(seed, op.device), twice_differentiable():
         samples = torch.tensor(engine.trace(maxIter=max_samples, tol=tol), dtype=torch.float64)
     for p in op.model.parameters():
         p.grad = None
