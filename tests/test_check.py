@@ -242,6 +242,7 @@ def test_malformed_reports_are_one_line_errors(report, tmp_path, edit, words):
         (["--baseline", "b.json", "--max-increase", "lots"], ["--max-increase", "'lots'"]),
         (["--max-eigenvalue", "1", "--sigmas", "-1"], ["--sigmas"]),
         (["--baseline", "b.json", "--max-increase", "-5%"], ["--max-increase must be at least 0"]),
+        (["--baseline", "b.json", "--max-increase", "10"], ["+1000%", "write 10% for 10 percent"]),
     ],
 )
 def test_usage_errors(saved, args, words):

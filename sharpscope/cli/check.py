@@ -249,14 +249,22 @@ def check_command(
 
 
 def parse_fraction(text: str) -> float:
-    """``10%`` or ``0.1`` -> 0.1."""
+    """``10%`` or ``0.1`` -> 0.1. A bare number above 1 is refused: ``10`` would mean +1000 %, and
+    is almost always a percentage without its sign (write ``1000%`` to mean it)."""
     stripped = text.strip()
+    percent = stripped.endswith("%")
     try:
-        return float(stripped.removesuffix("%")) / (100 if stripped.endswith("%") else 1)
+        value = float(stripped.removesuffix("%"))
     except ValueError:
         raise InputError(
             f"--max-increase takes a fraction (0.1) or a percentage (10%), got {text!r}"
         ) from None
+    if not percent and value > 1:
+        raise InputError(
+            f"--max-increase {text} would allow +{100 * value:g}% over the baseline: write "
+            f"{value:g}% for {value:g} percent (or {100 * value:g}% if you mean it)"
+        )
+    return value / 100 if percent else value
 
 
 def _plan(thresholds: Thresholds, baseline: Path | None, update: bool) -> Thresholds:
