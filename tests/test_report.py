@@ -177,6 +177,20 @@ def test_table_shows_figures_and_verdict(analysed):
     assert "Per-layer" in text and "SAM alignment" in text
 
 
+def test_residuals_show_as_bounds_never_as_a_bare_zero(analysed):
+    _, report = analysed
+    document = json.loads(report.dumps())
+    document["results"]["eigenvalues"]["residuals"][0] = 0.0
+    console = Console(record=True, width=120)
+    console.print(render(Report.from_json(document, "test")))
+    rows = [line for line in console.export_text().splitlines() if line.startswith("│   1 │")]
+    (row,) = rows
+    cells = [cell.strip() for cell in row.split("│")]
+    lam = abs(report.results.eigenvalues.values[0])
+    floor = 2.0**-52 * max(lam, abs(report.results.lambda_min.value))  # float64 analysis
+    assert cells[3] == f"≤ {floor:.2g}" and cells[3] != "0"
+
+
 def test_out_dir_files(analysed, cnn, tmp_path):
     result, report = analysed
     written = write_out_dir(tmp_path, report, result, cnn.model)

@@ -47,8 +47,21 @@ def _summary(inputs: Inputs, results: Results) -> Table:
     return table
 
 
-def _eigenvalues(results: Results) -> Table:
+EPS = {"float32": 2.0**-23, "float64": 2.0**-52}
+"""Machine epsilon of each analysis dtype: the floor under a residual computed in it."""
+
+
+def _bound(residual: float | None, floor: float) -> str:
+    """A residual shown as the bound it is, never below the dtype's precision: ``≤ 4.1e-07``."""
+    return "—" if residual is None else f"≤ {max(residual, floor):.2g}"
+
+
+def _eigenvalues(results: Results, dtype: str | None) -> Table:
     eig = results.eigenvalues
+    scale = max(
+        (abs(v) for v in (*eig.values, results.lambda_min.value) if v is not None), default=0
+    )
+    floor = EPS.get(dtype or "float64", EPS["float64"]) * scale
     table = Table(title=f"Top Hessian eigenvalues ({eig.method})", title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("λ", justify="right")
@@ -56,10 +69,12 @@ def _eigenvalues(results: Results) -> Table:
     table.add_column("converged")
     rows = zip(eig.values, eig.residuals, eig.converged, strict=True)
     for i, (value, residual, ok) in enumerate(rows, 1):
-        table.add_row(str(i), _num(value, 6), _num(residual, 2), "yes" if ok else "[red]no[/red]")
+        table.add_row(
+            str(i), _num(value, 6), _bound(residual, floor), "yes" if ok else "[red]no[/red]"
+        )
     low = results.lambda_min
     flag = "yes" if low.converged else "[red]no[/red]"
-    table.add_row("min", _num(low.value, 6), _num(low.residual, 2), flag)
+    table.add_row("min", _num(low.value, 6), _bound(low.residual, floor), flag)
     return table
 
 
@@ -123,7 +138,7 @@ def render(report: Report) -> Group:
     results = report.results
     tables = {
         "summary": _summary(report.inputs, results),
-        "eigenvalues": _eigenvalues(results),
+        "eigenvalues": _eigenvalues(results, report.inputs.dtype),
         "curvature": _curvature(results),
         "alignment": _alignment(results),
         "per_layer": _per_layer(results),
