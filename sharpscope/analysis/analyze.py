@@ -275,14 +275,15 @@ def _planned(
     settings = config.settings()
     vector_bytes = op.size * op.dtype.itemsize
     available = distributed.main_value(available_memory(op.device))
-    wanted = method.cost(config.k, 1, settings).vectors
-    fitting = fitting_basis(vector_bytes, available, wanted)
+    cost = method.cost(config.k, 1, settings)
+    fitting = fitting_basis(vector_bytes, available, cost.vectors)
     chosen = None
     if fitting is not None and settings.max_basis is None:
         bounded = replace(settings, max_basis=max(fitting, config.k + 3))
-        if method.cost(config.k, 1, bounded).vectors < wanted:  # the solver keeps the bound
-            settings, chosen = bounded, bounded.max_basis
-    products = {"eigenpairs": method.cost(config.k, 1, settings).products}
+        bounded_cost = method.cost(config.k, 1, bounded)
+        if bounded_cost.vectors < cost.vectors:  # the solver keeps the bound
+            settings, cost, chosen = bounded, bounded_cost, bounded.max_basis
+    products = {"eigenpairs": cost.products}
     if config.trace:
         products["trace"] = method.trace_products(config.trace_samples)
     if config.density:
@@ -297,7 +298,7 @@ def _planned(
         products=products,
         seconds_per_product=seconds,
         vector_bytes=vector_bytes,
-        vectors=method.cost(config.k, 1, settings).vectors,
+        vectors=cost.vectors,
         available_bytes=available,
         chosen_max_basis=chosen,
     )
