@@ -9,7 +9,7 @@ import torch
 
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, Progress
-from sharpscope.curvature.vectors import dot, norm, orthogonalize, random_vectors
+from sharpscope.curvature.vectors import dot, norm, orthogonalize, random_vectors, unit_rows
 
 Which = Literal["largest", "smallest", "magnitude"]
 WHICH: tuple[str, ...] = ("largest", "smallest", "magnitude")
@@ -247,10 +247,7 @@ def _solve(
     found = []
     for wanted, ok in zip(picks, converged, strict=True):
         coords = s[:, wanted].to(dtype=op.dtype, device=op.device)
-        vectors = coords.T @ process.vectors
-        vectors /= torch.tensor([norm(v) for v in vectors], dtype=op.dtype, device=op.device)[
-            :, None
-        ]
+        vectors = unit_rows(coords.T @ process.vectors)
         values, errors = theta[wanted], residuals[wanted]
         if verify:
             values, errors = _verified(op, vectors)

@@ -14,7 +14,7 @@ import torch
 from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.curvature.hvp import HessianOperator
 from sharpscope.curvature.results import EigenResult, TraceResult
-from sharpscope.curvature.vectors import norm
+from sharpscope.curvature.vectors import norm, unit_rows
 from sharpscope.errors import InputError
 
 
@@ -91,8 +91,7 @@ def pyhessian_eigs(
         values, vectors = engine.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
     for p, g in zip(op.model.parameters(), grads, strict=True):
         p.grad = g
-    flat = torch.stack([_flat(v).to(op.dtype) for v in vectors])
-    flat /= torch.tensor([norm(v) for v in flat], dtype=flat.dtype, device=flat.device)[:, None]
+    flat = unit_rows(torch.stack([_flat(v).to(op.dtype) for v in vectors]))
     eig = torch.tensor(values, dtype=torch.float64)
     residuals = torch.tensor(
         [norm(op.matvec(v) - float(e) * v) for v, e in zip(flat, eig, strict=True)],

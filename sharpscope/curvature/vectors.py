@@ -49,6 +49,12 @@ def norm(a: torch.Tensor) -> float:
     return math.sqrt(max(dot(a, a), 0.0))
 
 
+def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """``vectors`` (rows) each divided by its :func:`norm`."""
+    norms = [norm(v) for v in vectors]
+    return vectors / torch.tensor(norms, dtype=vectors.dtype, device=vectors.device)[:, None]
+
+
 def orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """Remove from ``w`` its components along the orthonormal rows of ``basis`` (twice, for
     numerical safety: "twice is enough"). The coefficients are plain products in the vectors'
