@@ -1,4 +1,6 @@
-"""The one exception type for bad user input."""
+"""The one exception type for bad user input, and the check of a choice by name."""
+
+from collections.abc import Iterable
 
 
 class InputError(Exception):
@@ -9,3 +11,11 @@ class InputError(Exception):
     least 1, got 0``); the CLI shows each such name as the command-line option that sets it
     (``--top-k``, see :mod:`sharpscope.cli.flags`), so the library never speaks in flags.
     """
+
+
+def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
+    """Raise an :class:`InputError` naming the parameter ``name`` unless ``value`` is one of
+    ``choices``."""
+    options = list(choices)
+    if value not in options:
+        raise InputError(f"unknown `{name}` {value!r}; choose one of {', '.join(options)}")

@@ -29,7 +29,7 @@ from sharpscope.curvature import (
 from sharpscope.curvature.hvp import Backend
 from sharpscope.curvature.solvers import SOLVERS, Solver, SolveSettings, solver
 from sharpscope.curvature.vectors import norm
-from sharpscope.errors import InputError
+from sharpscope.errors import InputError, check_choice
 
 Method = Literal["lanczos", "power", "pyhessian"]
 
@@ -64,10 +64,7 @@ class AnalyzeConfig:
 
     def __post_init__(self) -> None:
         solver(self.method)
-        if self.backend not in BACKENDS:
-            raise InputError(
-                f"unknown `backend` {self.backend!r}; choose one of {', '.join(BACKENDS)}"
-            )
+        check_choice("backend", self.backend, BACKENDS)
         for name in ("k", "max_iter", "trace_samples", "density_vectors", "density_iter"):
             if getattr(self, name) < 1:
                 raise InputError(f"`{name}` must be at least 1, got {getattr(self, name)}")

@@ -12,7 +12,7 @@ from sharpscope.curvature.power import power_iteration
 from sharpscope.curvature.pyhessian_bridge import pyhessian_eigs, pyhessian_trace
 from sharpscope.curvature.results import EigenResult, Progress, TraceResult
 from sharpscope.curvature.trace import hutchpp
-from sharpscope.errors import InputError
+from sharpscope.errors import check_choice
 
 HUTCHPP_SKETCH = 10
 """Hutch++'s sketch size: 2 × 10 products for the exactly traced part."""
@@ -176,6 +176,5 @@ SOLVERS: dict[str, Solver] = {
 
 def solver(name: str) -> Solver:
     """The solver called ``name``; an :class:`InputError` naming the choices otherwise."""
-    if name not in SOLVERS:
-        raise InputError(f"unknown `method` {name!r}; choose one of {', '.join(SOLVERS)}")
+    check_choice("method", name, SOLVERS)
     return SOLVERS[name]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
-from sharpscope.errors import InputError
+from sharpscope.errors import InputError, check_choice
 from sharpscope.training.optimizers import OPTIMIZERS, SCHEDULES, OptimizerSettings
 
 DEFAULT_EPOCHS = 10
@@ -54,8 +54,8 @@ class RunConfig:
     from the configs of earlier versions."""
 
     def __post_init__(self) -> None:
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
         if self.per_rank_sam and self.optimizer == "sgd":
             raise InputError("`per_rank_sam` needs a SAM-style optimizer (sam, asam or eigen-sam)")
         if (self.steps is None) == (self.epochs is None):
@@ -130,8 +130,3 @@ def resumed(stored: RunConfig, given: Mapping[str, Any], where: str) -> RunConfi
     if "epochs" in changes and "steps" not in changes:
         changes["steps"] = None
     return replace(stored, **changes)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(f"unknown `{name}` {value!r}; choose one of {', '.join(choices)}")
