@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -30,6 +29,7 @@ from sharpscope.curvature.hvp import Backend
 from sharpscope.curvature.solvers import SOLVERS, Solver, SolveSettings, solver
 from sharpscope.curvature.vectors import norm
 from sharpscope.errors import InputError, check_choice
+from sharpscope.stopwatch import Stopwatch
 
 Method = Literal["lanczos", "power", "pyhessian"]
 
@@ -124,21 +124,6 @@ class Analysis:
     @property
     def lambda_max(self) -> float:
         return float(self.top.eigenvalues[0])
-
-
-class _Stopwatch:
-    """Seconds spent per named stage."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _staged(progress: Progress | None, stage: str) -> Progress | None:
@@ -327,7 +312,7 @@ def analyze(
     """
     config = config or AnalyzeConfig()
     method = solver(config.method)
-    watch = _Stopwatch()
+    watch = Stopwatch()
     notes: list[str] = []
     op = _operator(model, loss_fn, batches, config)
     if method.single_process and op.distributed:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import shlex
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -23,19 +20,10 @@ from sharpscope.io.data import load_data
 from sharpscope.io.models import ModelSpec, build_model
 from sharpscope.report.outdir import check_out_dir, write_out_dir
 from sharpscope.report.table import print_report
+from sharpscope.stopwatch import Stopwatch
 from sharpscope.training.fit import fit
 
 CHECKPOINT = "digits-mlp.safetensors"
-
-
-@contextlib.contextmanager
-def _stage(stages: dict[str, float], name: str) -> Iterator[None]:
-    """Record in ``stages[name]`` the seconds the block took."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        stages[name] = time.perf_counter() - start
 
 
 def _seconds(value: float) -> str:
@@ -81,26 +69,26 @@ def demo_command(
         spec = ModelSpec("mlp", {})
         model = build_model(spec)
         train = load_data("digits", split="train")
-        stages: dict[str, float] = {}
-        with _stage(stages, "train"):
+        watch = Stopwatch()
+        with watch.stage("train"):
             losses = fit(model, train.inputs, train.targets, steps=steps, seed=seed)
         info(
             f"trained {spec.target} on digits: {steps} steps in "
-            f"{stages['train']:.1f} s, final minibatch loss {losses[-1]:.4f}"
+            f"{watch.timings['train']:.1f} s, final minibatch loss {losses[-1]:.4f}"
         )
         checkpoint = out / CHECKPOINT
-        with _stage(stages, "save"):
+        with watch.stage("save"):
             save_checkpoint(checkpoint, model, spec)
-        with _stage(stages, "load"):
+        with watch.stage("load"):
             loaded = load_inputs(checkpoint, "digits", seed=seed, samples=None, device="cpu")
         config = AnalyzeConfig(seed=seed, density=True, slices=True)
-        with _stage(stages, "analyze"):
+        with watch.stage("analyze"):
             analysis, report = run_analysis(loaded, config, quiet)
         print_report(report, stdout)
-        with _stage(stages, "write"):
+        with watch.stage("write"):
             for path in write_out_dir(out, report, analysis, loaded.model):
                 info(f"wrote {path}")
-        info(_timings_line(stages, analysis.timings))
+        info(_timings_line(watch.timings, analysis.timings))
         again = ["sharpscope", "analyze", str(checkpoint), "--data", "digits", "--samples", "0"]
         again += ["--density", "--out", str(out)] + (["--seed", str(seed)] if seed else [])
         stdout.print(
