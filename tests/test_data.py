@@ -198,7 +198,7 @@ def test_file_errors(tmp_path):
     assert "'y' holds non-numeric data (<U3)" in error(npz("s.npz", x=np.ones(2), y=["cat", "dog"]))
     assert "several inputs arrays (x, data)" in error(npz("a.npz", x=np.ones(2), data=np.ones(2),
                                                           y=np.ones(2, int)))  # fmt: skip
-    assert "class labels must be 0, 1, 2, ...; found -1" in error(
+    assert "class labels must be 0, 1, 2, ... (or -100 for no label); found -1" in error(
         npz("n.npz", x=np.ones(2), y=np.array([-1, 0]))
     )
     single = npz("one.npz", x=np.ones(2), y=np.ones(2, int))
@@ -579,7 +579,10 @@ def test_check_targets_classification():
     message = check_error(bundle, torch.zeros(4, 5))
     assert "labels in test data (4 samples) go up to 9 but the model has 5 outputs" in message
     assert "model has 1 output;" in check_error(bundle, torch.zeros(4))
-    assert "returns a tuple, not a tensor" in check_error(bundle, (torch.zeros(4, 10),))
+    check_targets(bundle, (torch.zeros(4, 10),))  # a tuple's first entry is the logits
+    check_targets(bundle, {"logits": torch.zeros(4, 10), "hidden": torch.zeros(4, 3)})
+    assert "the model returns a dict without logits" in check_error(bundle, {"h": torch.zeros(4)})
+    assert "5 outputs" in check_error(bundle, ({"logits": torch.zeros(4, 5)},))
     pixels = bundle_of(torch.zeros(4, 2), torch.zeros(4, 6, 6, dtype=torch.int64), 3)
     check_targets(pixels, torch.zeros(4, 3, 6, 6))
     assert "must match after the class dimension" in check_error(pixels, torch.zeros(4, 3, 5, 5))

@@ -134,6 +134,6 @@ def test_user_loss_errors(module):
 def test_unknown_loss_lists_the_choices():
     message = loss_error("hinge")
     assert message == (
-        "unknown loss 'hinge'; pass cross-entropy (or ce), mse, or pkg.module:function / "
-        "path/to/file.py:function"
+        "unknown loss 'hinge'; pass auto, cross-entropy (or ce), mse, causal-lm, masked-lm, "
+        "or pkg.module:function / path/to/file.py:function"
     )

@@ -10,6 +10,7 @@ from torch import nn
 from sharpscope import distributed
 from sharpscope.batches import correct_count, move_to
 from sharpscope.curvature import curvature_mode
+from sharpscope.structures import call_model
 
 
 def accuracy(
@@ -26,7 +27,7 @@ def accuracy(
     correct = total = 0
     with torch.no_grad(), curvature_mode(model, batch_stats):
         for inputs, targets in batches:
-            hits = correct_count(model(move_to(inputs, device, dtype)), targets)
+            hits = correct_count(call_model(model, move_to(inputs, device, dtype)), targets)
             if hits is None:
                 return None
             correct += hits[0]

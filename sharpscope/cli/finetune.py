@@ -27,6 +27,7 @@ from sharpscope.io.models import ModelSpec, parse_model_args
 from sharpscope.report.finetune_summary import summary, summary_table
 from sharpscope.report.training_plot import plot_training
 from sharpscope.report.training_progress import TrainingProgress
+from sharpscope.structures import leaves
 from sharpscope.training.optimizers import DEFAULT_RHO, OPTIMIZERS, SCHEDULES
 from sharpscope.training.plan import (
     DEFAULTS,
@@ -266,7 +267,7 @@ def finetune_command(
                 "--val-data to validate"
             )
         if val is not None:
-            values = distributed.fingerprint([("inputs", val.inputs), ("targets", val.targets)])
+            values = distributed.fingerprint([*leaves(val.inputs), ("targets", val.targets)])
             distributed.check_same("validation data (--val-data)", values)
         inputs = Inputs(
             loaded.model, spec, loaded.loss_fn, loaded.data, val, loaded.device, loaded.dtype

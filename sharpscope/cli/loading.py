@@ -11,15 +11,16 @@ import torch
 from torch import nn
 
 from sharpscope import distributed
-from sharpscope.batches import move_to
+from sharpscope.batches import LossFn, move_to
 from sharpscope.cli.common import resolve_device, resolve_dtype
 from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import Checkpoint, load_model
 from sharpscope.io.data import DataBundle, batches, check_targets, load_data
-from sharpscope.io.losses import resolve_loss
+from sharpscope.io.losses import BuiltinLoss, loss_name, resolve_loss
 from sharpscope.io.models import ModelSpec, parse_model_args
 from sharpscope.io.user_code import one_line
 from sharpscope.report.document import CheckpointInput, DataInput, Inputs, ModelInput
+from sharpscope.structures import call_model, leaves
 
 
 @dataclass
@@ -43,28 +44,47 @@ def _probe(
     model: nn.Module,
     data: DataBundle,
     first: tuple[Any, Any],
+    loss_fn: LossFn,
     device: torch.device,
     dtype: torch.dtype,
 ) -> None:
-    """Run the model on one batch so that a data/model mismatch fails here, with a clear message."""
-    inputs, _ = first
+    """Run the model and the loss on one batch so that a data/model mismatch fails here, with a
+    clear message."""
+    inputs, targets = first
+    if isinstance(inputs, torch.Tensor):
+        shape = f"inputs shaped {tuple(inputs.shape)}"
+    else:
+        shape = "input fields " + ", ".join(f"{k} {tuple(t.shape)}" for k, t in leaves(inputs))
+    _check_positions(model, inputs, data.source)
     try:
         with torch.no_grad():
             was_training = model.training
             model.eval()
             try:
-                outputs = model(move_to(inputs, device, dtype))
+                outputs = call_model(model, move_to(inputs, device, dtype))
             finally:
                 model.train(was_training)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise InputError(
-            f"the model cannot run on inputs shaped {shape} from --data {data.source}: "
+            f"the model cannot run on {shape} from --data {data.source}: "
             f"{one_line(exc)}; check that --data matches the model"
         ) from None
-    if not isinstance(outputs, torch.Tensor):
-        raise InputError(f"the model returned {type(outputs).__name__}, not a tensor of outputs")
-    check_targets(data, outputs)
+    if isinstance(loss_fn, BuiltinLoss) and loss_fn.per_sample:
+        check_targets(data, outputs)
+    with torch.no_grad():
+        loss_fn(outputs, move_to(targets, device, dtype))
+
+
+def _check_positions(model: nn.Module, inputs: Any, source: str) -> None:
+    """Refuse token sequences longer than a Hugging Face model's position embeddings."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    if isinstance(limit, int) and limit > 0 and ids is not None and ids.shape[-1] > limit:
+        raise InputError(
+            f"--data {source} has sequences of {ids.shape[-1]} tokens but the model has "
+            f"{limit} positions; truncate the sequences to at most {limit} tokens"
+        )
 
 
 def load_inputs(
@@ -78,7 +98,7 @@ def load_inputs(
     samples: int | None = None,
     batch_size: int = 128,
     seed: int = 0,
-    loss: str = "cross-entropy",
+    loss: str = "auto",
     device: str = "auto",
     dtype: str = "float32",
     shard: bool = False,
@@ -101,8 +121,9 @@ def load_inputs(
         net = net.to(device=torch_device, dtype=torch_dtype)
         bundle = load_data(data, split=split, samples=samples, seed=seed)
         pieces = batches(bundle, batch_size)
-        _probe(net, bundle, pieces[0], torch_device, torch_dtype)
+        loss = loss_name(loss, net)
         loss_fn = resolve_loss(loss, bundle.num_classes)
+        _probe(net, bundle, pieces[0], loss_fn, torch_device, torch_dtype)
         used_spec = spec or ckpt.model_spec
         description = Inputs(
             checkpoint=CheckpointInput(str(checkpoint), ckpt.sha256, ckpt.format),
@@ -134,5 +155,5 @@ def _check_world(loaded: Loaded) -> None:
         "model (checkpoint and --model)", distributed.model_fingerprint(loaded.model)
     )
     bundle = loaded.data
-    data = distributed.fingerprint([("inputs", bundle.inputs), ("targets", bundle.targets)])
+    data = distributed.fingerprint([*leaves(bundle.inputs), ("targets", bundle.targets)])
     distributed.check_same("data (--data, --split, --samples, --seed)", data)

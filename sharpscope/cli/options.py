@@ -15,7 +15,7 @@ RUN = "Run"
 HESSIAN = "Hessian"
 SAM = "SAM alignment"
 
-SPLIT, BATCH_SIZE, SAMPLES, LOSS = "train", 128, 1024, "cross-entropy"
+SPLIT, BATCH_SIZE, SAMPLES, LOSS = "train", 128, 1024, "auto"
 DTYPE, DEVICE = "float32", "auto"
 """Defaults of the loading options, shared by every command."""
 
@@ -76,7 +76,11 @@ Samples = Annotated[
 ]
 Loss = Annotated[
     str,
-    typer.Option(help="cross-entropy, mse, or pkg.module:function.", rich_help_panel=LOAD),
+    typer.Option(
+        help="auto (by model type), cross-entropy, mse, causal-lm, masked-lm, or "
+        "pkg.module:function.",
+        rich_help_panel=LOAD,
+    ),
 ]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN)]
 Dtype = Annotated[str, typer.Option(help="float32 or float64.", rich_help_panel=RUN)]

@@ -8,14 +8,20 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
 
 from sharpscope import distributed as _distributed
-from sharpscope.batches import LossFn, batch_size, move_to
+from sharpscope.batches import LossFn, batch_size, loss_weight, move_to
 from sharpscope.curvature.attention import derivatives_explained, twice_differentiable
 from sharpscope.curvature.batchnorm import batchnorm_layers, freeze_batchnorm_stats
 from sharpscope.curvature.params import ParamSpace, select_params
+from sharpscope.curvature.vectors import norm
+from sharpscope.errors import InputError
+from sharpscope.structures import call_model
 
+FUNC_CHECK_ULPS = 200
+"""How far (in units of the dtype's epsilon, relative) forward-over-reverse's first product may
+be from double backward's before it is refused; rounding gives 1-3 units on the test models."""
 Backend = Literal["double-backward", "forward-over-reverse"]
 BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse")
 
@@ -47,11 +53,15 @@ def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None
 
 
 class HessianOperator:
-    """The Hessian of the sample-weighted mean loss over ``batches``, as a linear operator.
+    """The Hessian of the mean loss over all of ``batches``, as a linear operator.
 
-    ``loss_fn(model(inputs), targets)`` must return the mean loss of a batch; the operator weights
-    each batch by its number of samples, so one batch of 256 and four of 64 give the same Hessian.
-    Vectors are flat, in the order of :class:`~sharpscope.curvature.params.ParamSpace`.
+    ``loss_fn(model(inputs), targets)`` must return the mean loss of a batch; the model is called
+    as :func:`~sharpscope.structures.call_model` does (``model(**inputs)`` for a dict). The
+    operator weights each batch by the number of terms its mean is over
+    (:func:`~sharpscope.batches.loss_weight`: samples, or predicted tokens for a token loss), so
+    one batch of 256 and four of 64 give the same Hessian, and so do batches with different
+    numbers of tokens. Vectors are flat, in the order of
+    :class:`~sharpscope.curvature.params.ParamSpace`.
 
     ``backend="double-backward"`` differentiates the gradient graph a second time; with
     ``cache_graph`` (default) that graph is built once for all batches and reused by every
@@ -64,7 +74,7 @@ class HessianOperator:
 
     With ``distributed`` (default: when a torch.distributed process group is initialised) each
     rank passes its own shard of the batches and the operator is that of all ranks' batches
-    together: weights use the global sample count, and ``matvec``, ``gradient`` and ``loss``
+    together: weights use the global count, and ``matvec``, ``gradient`` and ``loss``
     all-reduce their weighted local sums (one all-reduce each), so every rank gets the same result.
     """
 
@@ -87,25 +97,26 @@ class HessianOperator:
         self.space: ParamSpace = select_params(model, params)
         self.batches = list(batches)
         self.distributed = _distributed.is_distributed() if distributed is None else distributed
-        sizes = [batch_size(b) for b in self.batches]
-        total, self.num_batches = self._global_counts(sum(sizes), len(self.batches))
-        if total == 0:
-            raise ValueError("no data: the Hessian needs at least one sample")
-        self.num_samples = total
-        self.weights = [s / total for s in sizes]
+        units = [loss_weight(loss_fn, b) for b in self.batches]
+        samples = sum(batch_size(b) for b in self.batches)
+        counts = self._global_counts([samples, sum(units), len(self.batches)])
+        self.num_samples, total, self.num_batches = counts
+        if self.num_samples == 0 or total == 0:
+            raise ValueError("no data: the Hessian needs at least one sample (and one label)")
+        self.weights = [u / total for u in units]
         self.backend = backend
         self.batch_stats = batch_stats
         self.cache_graph = cache_graph and backend == "double-backward"
         self.n_products = 0
+        self._functional_checked = False
         self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
-    def _global_counts(self, samples: int, batches: int) -> tuple[int, int]:
-        """The sample and batch counts of all ranks together (one all-reduce when distributed)."""
+    def _global_counts(self, counts: list[int]) -> list[int]:
+        """Counts summed over all ranks (one all-reduce when distributed)."""
         if not self.distributed:
-            return samples, batches
-        counts = torch.tensor([samples, batches], dtype=torch.int64, device=self.device)
-        total, n = _distributed.all_reduce_sum(counts).tolist()
-        return int(total), int(n)
+            return counts
+        local = torch.tensor(counts, dtype=torch.int64, device=self.device)
+        return [int(c) for c in _distributed.all_reduce_sum(local).tolist()]
 
     def _reduced(self, local: torch.Tensor) -> torch.Tensor:
         """The sum of ``local`` over all ranks when distributed (``local`` itself otherwise)."""
@@ -148,11 +159,7 @@ class HessianOperator:
     ) -> torch.Tensor:
         """The mean loss of one batch, at the model's weights or at ``params`` (by name)."""
         with curvature_mode(self.model, self.batch_stats):
-            outputs = (
-                self.model(inputs)
-                if params is None
-                else functional_call(self.model, params, (inputs,))
-            )
+            outputs = call_model(self.model, inputs, params)
             loss = self.loss_fn(outputs, targets)
         if loss.ndim != 0:
             raise ValueError(
@@ -214,7 +221,30 @@ class HessianOperator:
     def _local_matvec(self, vs: list[torch.Tensor]) -> torch.Tensor:
         """This rank's weighted sum of the batches' Hessian-vector products."""
         if self.backend == "forward-over-reverse":
-            return self._matvec_functional(vs)
+            product = self._matvec_functional(vs)
+            if not self._functional_checked:
+                self._check_functional(product, self._matvec_autograd(vs))
+            return product
+        return self._matvec_autograd(vs)
+
+    def _check_functional(self, product: torch.Tensor, reference: torch.Tensor) -> None:
+        """Refuse forward-over-reverse when its first product differs from double backward's on
+        the same vector beyond rounding: ``torch.func`` second derivatives are wrong through some
+        models' layers (BERT's among them on torch 2.13, docs/engine.md). Compared after the
+        all-reduce, so every rank decides alike."""
+        difference = norm(self._reduced(product - reference))
+        scale = norm(self._reduced(reference))
+        tol = FUNC_CHECK_ULPS * torch.finfo(self.dtype).eps
+        if difference > tol * max(scale, torch.finfo(self.dtype).tiny):
+            raise InputError(
+                "`backend` forward-over-reverse gives wrong Hessian-vector products on this "
+                f"model ({difference / scale:.1e} relative to double backward, a torch.func error "
+                "through its layers); use `backend` double-backward"
+            )
+        self._functional_checked = True
+
+    def _matvec_autograd(self, vs: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's product by double backward (through the cached graph if kept)."""
         if self.cache_graph:
             return torch.cat(
                 [h.reshape(-1) for h in self._second(self._cached_graph()[1], vs, True)]

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sharpscope.batches import logits_of
 from sharpscope.errors import InputError
 from sharpscope.io.data_files import file_source
 from sharpscope.io.data_folders import folder_source
 from sharpscope.io.data_python import python_source
 from sharpscope.io.data_sources import ALL, Source, digits_source
+from sharpscope.io.losses import IGNORE_INDEX
 from sharpscope.io.user_code import is_object_spec
+from sharpscope.structures import leaves, map_tensors, split
 
 BUILTINS = {"digits": digits_source}
 HELD_OUT = ("val", "valid", "validation", "test")
@@ -31,11 +35,15 @@ SPEC_FORMS = (
 
 @dataclass
 class DataBundle:
-    """A split of a data set in memory: float32 inputs (N x ...) and their targets."""
+    """A split of a data set in memory: its inputs and their targets, N samples each."""
 
-    inputs: Tensor
+    inputs: Any
+    """A tensor (N x ...), or a tuple or dict of them (:mod:`sharpscope.structures`); floating
+    and uint8 (pixel) inputs are float32, other integer and bool ones (token ids, masks) keep
+    their dtype."""
     targets: Tensor
-    """int64 class labels (classification) or float32 values (regression)."""
+    """int64 class labels (classification; -100 marks no label) or float32 values
+    (regression)."""
     num_classes: int | None
     """The class count for class labels; None for regression."""
     source: str
@@ -46,7 +54,7 @@ class DataBundle:
     """The named splits the source offers (empty for a single-split source)."""
 
     def __len__(self) -> int:
-        return int(self.inputs.shape[0])
+        return int(self.targets.shape[0])
 
 
 def load_data(
@@ -122,10 +130,21 @@ def _describe(source: Source, split: str, count: int, size: int, samples: int | 
     return f"{source.name} ({part}{amount})"
 
 
-def _checked_inputs(inputs: Tensor, idx: Tensor, name: str) -> Tensor:
-    inputs = inputs.to(torch.float32)
-    _check_finite(inputs, idx, f"{name}: inputs")
+def _checked_inputs(inputs: Any, idx: Tensor, name: str) -> Any:
+    """Floating and uint8 inputs (pixel values) as float32, and finite; other integer and bool
+    inputs (token ids, masks) as they are."""
+    inputs = map_tensors(_as_model_input, inputs)
+    for field, tensor in leaves(inputs):
+        if tensor.is_floating_point():
+            what = f"{name}: inputs" if field == "inputs" else f"{name}: input {field}"
+            _check_finite(tensor, idx, what)
     return inputs
+
+
+def _as_model_input(tensor: Tensor) -> Tensor:
+    if tensor.is_floating_point() or tensor.dtype == torch.uint8:
+        return tensor.to(torch.float32)
+    return tensor
 
 
 def _checked_targets(
@@ -137,11 +156,14 @@ def _checked_targets(
         _check_finite(targets, idx, f"{name}: targets")
         return targets, None
     targets = targets.to(torch.int64)
-    lowest, highest = int(targets.min()), int(targets.max())
+    labelled = targets[targets != IGNORE_INDEX]
+    if not labelled.numel():
+        raise InputError(f"{name}: every label is {IGNORE_INDEX} (no label); give labelled data")
+    lowest, highest = int(labelled.min()), int(labelled.max())
     if lowest < 0:
         raise InputError(
-            f"{name}: class labels must be 0, 1, 2, ...; found {lowest}; renumber the classes "
-            "from 0"
+            f"{name}: class labels must be 0, 1, 2, ... (or {IGNORE_INDEX} for no label); "
+            f"found {lowest}; renumber the classes from 0"
         )
     if declared is not None and highest >= declared:
         raise InputError(
@@ -164,7 +186,7 @@ def batches(bundle: DataBundle, batch_size: int) -> list[tuple[Tensor, Tensor]]:
     """The bundle as ``(inputs, targets)`` batches in order; the last one may be smaller."""
     if batch_size < 1:
         raise InputError(f"`batch_size` must be at least 1, got {batch_size}")
-    pairs = zip(bundle.inputs.split(batch_size), bundle.targets.split(batch_size), strict=True)
+    pairs = zip(split(bundle.inputs, batch_size), bundle.targets.split(batch_size), strict=True)
     return list(pairs)
 
 
@@ -176,18 +198,20 @@ def held_out_split(bundle: DataBundle) -> str | None:
     return next((s for s in HELD_OUT if s in bundle.splits and s != bundle.split), None)
 
 
-def check_targets(bundle: DataBundle, outputs: Tensor) -> None:
-    """Raise InputError when a model's ``outputs`` on a batch cannot be scored against the
-    bundle's targets (labels beyond the outputs, or a different number of values per sample)."""
-    if not isinstance(outputs, Tensor):
+def check_targets(bundle: DataBundle, outputs: Any) -> None:
+    """Raise InputError when the logits of a model's ``outputs`` on a batch cannot be scored
+    per sample against the bundle's targets (labels beyond the outputs, or a different number of
+    values per sample)."""
+    logits = logits_of(outputs)
+    if not isinstance(logits, Tensor):
         raise InputError(
-            f"the model returns a {type(outputs).__name__}, not a tensor; wrap it so that "
-            "forward returns the output tensor"
+            f"the model returns a {type(outputs).__name__} without logits; wrap it so that "
+            "forward returns the output tensor, or pass `loss` a function of its outputs"
         )
     if bundle.num_classes is None:
-        _check_regression(bundle, outputs)
+        _check_regression(bundle, logits)
     else:
-        _check_classes(bundle, bundle.num_classes, outputs)
+        _check_classes(bundle, bundle.num_classes, logits)
 
 
 def _check_classes(bundle: DataBundle, num_classes: int, outputs: Tensor) -> None:

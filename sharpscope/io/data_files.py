@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch import Tensor
 
 from sharpscope.errors import InputError
 from sharpscope.io.data_sources import (
@@ -24,14 +25,19 @@ from sharpscope.io.data_sources import (
     tensor_table,
     to_tensor,
 )
+from sharpscope.io.losses import IGNORE_INDEX
 from sharpscope.io.user_code import one_line
 
 INPUT_KEYS = ("inputs", "x", "X", "data", "images", "features")
 TARGET_KEYS = ("targets", "y", "Y", "labels", "label", "target")
+MODEL_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
+"""Hugging Face model inputs, passed to the model by name."""
+LABEL_FIELDS = ("labels", "label")
 SUFFIX_KINDS = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors", ".npz": "npz"}
 KEY_HINT = (
     f"name the arrays {'/'.join(INPUT_KEYS)} and {'/'.join(TARGET_KEYS)}, "
-    "or per split like train_x/test_x or x_train/x_test"
+    "or per split like train_x/test_x or x_train/x_test, or use Hugging Face field names "
+    "(input_ids, attention_mask, labels, ...)"
 )
 
 
@@ -52,7 +58,12 @@ def file_source(path: Path, name: str) -> Source:
 
 
 def mapping_source(mapping: Mapping[str, Any], name: str) -> Source:
-    """A source over a mapping of named arrays: one split, or several by per-split key names."""
+    """A source over a mapping of named arrays: one split, or several by per-split key names;
+    Hugging Face field names (``input_ids``, ``pixel_values``, ...) make one split of model
+    inputs by name (:func:`fields_table`)."""
+    if any(key in MODEL_FIELDS for key in mapping):
+        hint = ", or pass the other split as its own file"
+        return single_split(name, _const(fields_table(mapping, name)), hint)
     pairs = find_pairs(list(mapping), name)
     data = {
         split: [to_tensor(_value(mapping, key, name), f"{name}: {key!r}") for key in keys]
@@ -78,6 +89,40 @@ def mapping_table(mapping: Mapping[str, Any], where: str) -> Table:
             "inputs and targets"
         )
     return source.open(ALL)
+
+
+def fields_table(mapping: Mapping[str, Any], name: str) -> Table:
+    """A table of Hugging Face fields: the inputs are the model fields present, passed by name
+    (``model(input_ids=..., attention_mask=...)``); the targets are ``labels`` (or ``label``),
+    or without them the language-modelling labels: the input ids, padding (attention mask 0) as
+    -100."""
+    inputs = {
+        key: to_tensor(_value(mapping, key, name), f"{name}: {key!r}")
+        for key in MODEL_FIELDS
+        if key in mapping
+    }
+    label_key = next((key for key in LABEL_FIELDS if key in mapping), None)
+    if label_key is not None:
+        targets = to_tensor(_value(mapping, label_key, name), f"{name}: {label_key!r}")
+    elif "input_ids" in inputs:
+        targets = language_model_labels(inputs)
+    else:
+        raise InputError(
+            f"{name} has {', '.join(inputs)} but no labels; add a {LABEL_FIELDS[0]!r} field"
+        )
+    fields = f"input fields {', '.join(inputs)}"
+    targets_name = f"labels {label_key!r}" if label_key else "labels (the input_ids)"
+    return tensor_table(inputs, targets, name, (fields, targets_name), class_count([targets]))
+
+
+def language_model_labels(inputs: Mapping[str, Tensor]) -> Tensor:
+    """The labels a language model learns from its own inputs: the input ids, with the padded
+    positions (attention mask 0) as -100, ignored."""
+    labels = inputs["input_ids"].to(torch.int64)
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.shape != labels.shape:
+        return labels.clone()
+    return labels.masked_fill(mask == 0, IGNORE_INDEX)
 
 
 def _roles_named(keys: tuple[str, str]) -> tuple[str, str]:

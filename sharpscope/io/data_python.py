@@ -12,8 +12,16 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from sharpscope.errors import InputError
 from sharpscope.io.data_files import mapping_table
-from sharpscope.io.data_sources import Source, Table, single_split, tensor_table, to_tensor
+from sharpscope.io.data_sources import (
+    Source,
+    Table,
+    single_split,
+    tensor_table,
+    to_inputs,
+    to_tensor,
+)
 from sharpscope.io.user_code import import_object, one_line
+from sharpscope.structures import concat
 
 ASSUMED_SPLITS = ("train", "test")
 CHUNK = 256
@@ -78,12 +86,12 @@ def result_table(result: Any, where: str) -> Table:
 def _dataset_table(dataset: Any, where: str) -> Table:
     """A map-style dataset: only the samples asked for are read."""
 
-    def take(idx: Tensor) -> tuple[Tensor, Tensor]:
+    def take(idx: Tensor) -> tuple[Any, Tensor]:
         items = [_item(dataset, i, where) for i in idx.tolist()]
         pairs = [
             _pair(_collate(items[i : i + CHUNK], where), where) for i in range(0, len(items), CHUNK)
         ]
-        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        return _joined(pairs, where)
 
     return Table(len(dataset), take, _declared_classes(dataset))
 
@@ -103,12 +111,17 @@ def _loader_table(loader: DataLoader, where: str) -> Table:
             ) from exc
     if not pairs:
         return tensor_table(torch.empty(0), torch.empty(0), where, ("inputs", "targets"))
-    try:
-        inputs, targets = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-    except RuntimeError as exc:
-        raise _unstackable(where, exc) from exc
+    inputs, targets = _joined(pairs, where)
     names = ("inputs", "targets")
     return tensor_table(inputs, targets, where, names, _declared_classes(loader.dataset))
+
+
+def _joined(pairs: list[tuple[Any, Tensor]], where: str) -> tuple[Any, Tensor]:
+    """Batches of (inputs, targets) joined sample-wise."""
+    try:
+        return concat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    except (RuntimeError, KeyError, IndexError) as exc:
+        raise _unstackable(where, exc) from exc
 
 
 def _item(dataset: Any, index: int, where: str) -> Any:
@@ -130,22 +143,32 @@ def _collate(items: list[Any], where: str) -> Any:
 def _unstackable(where: str, exc: Exception) -> InputError:
     return InputError(
         f"cannot stack the samples of `data` {where} ({one_line(exc)}); items must be "
-        "(input, label) pairs of tensors, arrays or numbers of one shape (PIL images need "
-        "transforms.ToTensor())"
+        "(input, label) pairs or dicts of fields, of tensors, arrays or numbers of one shape "
+        "(pad sequences to one length; PIL images need transforms.ToTensor())"
     )
 
 
-def _pair(batch: Any, where: str) -> tuple[Tensor, Tensor]:
-    """(inputs, targets) tensors of a collated batch: a pair, or a mapping with known keys."""
+def _pair(batch: Any, where: str) -> tuple[Any, Tensor]:
+    """(inputs, targets) of a collated batch: a pair (whose inputs may be a tuple or dict of
+    tensors), or a mapping with known keys (Hugging Face fields among them)."""
     if isinstance(batch, Mapping):
-        table = mapping_table(batch, where)
+        table = mapping_table(_numeric_fields(batch), where)
         return table.take(torch.arange(table.size))
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return to_tensor(batch[0], f"{where}: inputs"), to_tensor(batch[1], f"{where}: targets")
+        return to_inputs(batch[0], f"{where}: inputs"), to_tensor(batch[1], f"{where}: targets")
     raise InputError(
         f"`data` {where} yields {type(batch).__name__} items; each must be an (input, label) "
         "pair or a dict with input and label keys"
     )
+
+
+def _numeric_fields(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A collated dict without its text fields (lists of strings, e.g. a dataset's ``text``)."""
+    return {
+        key: value
+        for key, value in batch.items()
+        if not (isinstance(value, (list, tuple)) and value and isinstance(value[0], str))
+    }
 
 
 def _declared_classes(dataset: Any) -> int | None:

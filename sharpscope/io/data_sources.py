@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from sharpscope.errors import InputError
+from sharpscope.structures import concat, sample_count, take
 
 ALL = "all"
 """The split name for all of a source's data: the whole of a single-split source, or every split."""
@@ -24,8 +25,9 @@ class Table:
     """One split of a source, not read yet: its size and a reader for any subset of its samples."""
 
     size: int
-    take: Callable[[Tensor], tuple[Tensor, Tensor]]
-    """Sorted int64 sample indices -> (inputs, targets) of those samples."""
+    take: Callable[[Tensor], tuple[Any, Tensor]]
+    """Sorted int64 sample indices -> (inputs, targets) of those samples; the inputs are a
+    tensor, a tuple/list or a dict of tensors (:mod:`sharpscope.structures`)."""
     num_classes: int | None = None
     """The class count when the source declares one; else it is read off the labels."""
 
@@ -79,15 +81,15 @@ def concat_tables(name: str, tables: Sequence[Table]) -> Table:
     """The tables one after another, as one table."""
     starts = np.cumsum([0, *(t.size for t in tables)]).tolist()
 
-    def take(idx: Tensor) -> tuple[Tensor, Tensor]:
+    def take(idx: Tensor) -> tuple[Any, Tensor]:
         parts = []
         for table, lo in zip(tables, starts, strict=False):
             mine = idx[(idx >= lo) & (idx < lo + table.size)] - lo
             if len(mine):
                 parts.append(table.take(mine))
         try:
-            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        except RuntimeError as exc:
+            return concat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        except (RuntimeError, KeyError, IndexError) as exc:
             raise InputError(
                 f"{name}: its splits hold samples of different shapes, so they cannot be "
                 "joined as split 'all'; pick one split with `split`"
@@ -122,25 +124,43 @@ def _not_numeric(what: str, kind: str) -> InputError:
     )
 
 
+def to_inputs(value: Any, what: str) -> Any:
+    """Model inputs from arrays: a dict of named arrays or a tuple/list of arrays keeps its
+    structure (each entry one input field), anything else becomes one tensor."""
+    if isinstance(value, Mapping):
+        return {str(k): to_inputs(v, f"{what}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (tuple, list)) and _is_structure(value):
+        return type(value)(to_inputs(v, f"{what}[{i}]") for i, v in enumerate(value))
+    return to_tensor(value, what)
+
+
+def _is_structure(value: Any) -> bool:
+    """Whether ``value`` is arrays, or dicts or non-empty tuples/lists of them (not numbers)."""
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_is_structure(v) for v in value)
+    return isinstance(value, (Tensor, np.ndarray, Mapping))
+
+
 def tensor_table(
     inputs: Any, targets: Any, where: str, names: tuple[str, str], num_classes: int | None = None
 ) -> Table:
-    """A table over in-memory inputs and targets, one entry per sample each."""
-    x = to_tensor(inputs, f"{where}: {names[0]}")
+    """A table over in-memory inputs (a tensor, or a dict or tuple of tensors, one entry per
+    sample in each field) and targets, one entry per sample."""
+    x = to_inputs(inputs, f"{where}: {names[0]}")
     y = to_tensor(targets, f"{where}: {names[1]}")
-    for tensor, name in ((x, names[0]), (y, names[1])):
-        if tensor.ndim == 0:
-            raise InputError(f"{where}: {name} is a single number; it needs one entry per sample")
-    if len(x) != len(y):
+    if y.ndim == 0:
+        raise InputError(f"{where}: {names[1]} is a single number; it needs one entry per sample")
+    count = sample_count(x, f"{where}: {names[0]}")
+    if count != len(y):
         raise InputError(
-            f"{where}: {names[0]} have {len(x)} samples but {names[1]} have {len(y)}; "
+            f"{where}: {names[0]} have {count} samples but {names[1]} have {len(y)}; "
             "both need one entry per sample"
         )
-    return Table(len(x), partial(_index_pair, x, y), num_classes)
+    return Table(count, partial(_index_pair, x, y), num_classes)
 
 
-def _index_pair(x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    return x[idx], y[idx]
+def _index_pair(x: Any, y: Tensor, idx: Tensor) -> tuple[Any, Tensor]:
+    return take(x, idx), y[idx]
 
 
 def class_count(targets: Sequence[Tensor]) -> int | None:

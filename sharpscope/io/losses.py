@@ -1,31 +1,47 @@
-"""Loss specs: ``cross-entropy`` (``ce``), ``mse``, ``pkg.module:function`` or ``file.py:function``.
+"""Loss specs: ``auto``, ``cross-entropy`` (``ce``), ``mse``, ``causal-lm``, ``masked-lm``,
+``pkg.module:function`` or ``file.py:function``.
 
-Every loss returns the mean over the batch, as the curvature engine requires.
+Every loss returns the mean over the batch, as the curvature engine requires: over its samples,
+or over its labelled tokens for the built-in token losses (whose ``count`` says how many, so that
+batches are weighted by it: :func:`sharpscope.batches.loss_weight`).
 """
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from sharpscope.batches import LossFn
+from sharpscope.batches import LossFn, logits_of
 from sharpscope.errors import InputError
 from sharpscope.io.user_code import import_object, is_object_spec, one_line
 
+IGNORE_INDEX = -100
+"""The label that marks a position without a target (Hugging Face's and torch's convention)."""
+
 
 def cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of logits (N, C, ...) against class indices, or against class
-    probabilities shaped like the logits."""
+    """Mean cross-entropy of logits (N, C, ...) against class indices (``-100``: no label), or
+    against class probabilities shaped like the logits."""
     if targets.is_floating_point() and targets.shape != outputs.shape:
         raise InputError(
             f"cross-entropy needs class labels, but the targets are floats of shape "
             f"{tuple(targets.shape)} against outputs {tuple(outputs.shape)}; for regression "
             "pass `loss` mse"
         )
-    return F.cross_entropy(outputs, targets)
+    total = F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / max(_labelled(targets), 1)
+
+
+def _labelled(targets: Tensor) -> int:
+    """The terms cross-entropy averages: labelled positions, or samples x positions for
+    probabilities (N, C, ...)."""
+    if targets.is_floating_point():
+        return targets.numel() // int(targets.shape[1]) if targets.ndim > 1 else 1
+    return int((targets != IGNORE_INDEX).sum())
 
 
 def mse(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -43,35 +59,149 @@ def mse(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.mse_loss(outputs, targets)
 
 
-BUILTIN_LOSSES: dict[str, LossFn] = {
+@dataclass(frozen=True)
+class TokenCrossEntropy:
+    """Cross-entropy over the tokens of sequences: logits (N, L, V) against labels (N, L), mean
+    over the labelled tokens (not ``-100``). With ``shift`` each position predicts the next one's
+    label (a causal LM, as ``model(input_ids=x, labels=x).loss``); else its own (a masked LM)."""
+
+    shift: bool
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        logits, labels = self._aligned(outputs, targets)
+        total = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return total / max(int((labels != IGNORE_INDEX).sum()), 1)
+
+    def count(self, targets: Tensor) -> int:
+        """The predicted tokens of a batch: its labelled positions (after the shift)."""
+        labels = targets[:, 1:] if self.shift else targets
+        return int((labels != IGNORE_INDEX).sum())
+
+    def _aligned(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        name = "causal-lm" if self.shift else "masked-lm"
+        if logits.ndim != 3 or targets.is_floating_point() or targets.shape != logits.shape[:2]:
+            raise InputError(
+                f"{name} needs logits (batch, tokens, vocabulary) and integer labels (batch, "
+                f"tokens); got logits {tuple(logits.shape)} and labels {tuple(targets.shape)} "
+                f"({targets.dtype}); pass `loss` cross-entropy for one label per sample"
+            )
+        highest = int(targets.max()) if targets.numel() else -1
+        if highest >= logits.shape[-1]:
+            raise InputError(
+                f"{name}: a label is token {highest} but the model scores "
+                f"{logits.shape[-1]} tokens; use labels from the model's tokenizer"
+            )
+        if self.shift:
+            return logits[:, :-1], targets[:, 1:]
+        return logits, targets
+
+
+@dataclass(frozen=True)
+class BuiltinLoss:
+    """A built-in loss on the logits of a model's outputs (a tensor, a ``ModelOutput``, dict or
+    tuple), refusing logits narrower than the data's ``num_classes`` with a clear error (torch's
+    own is an index error, a device-side assert on CUDA)."""
+
+    name: str
+    fn: Callable[[Tensor, Tensor], Tensor]
+    num_classes: int | None = None
+
+    def __call__(self, outputs: Any, targets: Tensor) -> Tensor:
+        logits = logits_of(outputs)
+        if logits is None:
+            raise InputError(
+                f"the model returns a {type(outputs).__name__} without logits, which the "
+                f"{self.name} loss needs; pass `loss` a function of the raw outputs"
+            )
+        if self.num_classes is not None and self.per_sample:
+            _check_width(logits, self.num_classes)
+        return self.fn(logits, targets)
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether the outputs score each sample as a whole (not token by token)."""
+        return not isinstance(self.fn, TokenCrossEntropy)
+
+    def count(self, targets: Tensor) -> int:
+        """The terms this loss's batch mean is over (samples for mse)."""
+        if isinstance(self.fn, TokenCrossEntropy):
+            return self.fn.count(targets)
+        if self.fn is cross_entropy:
+            return _labelled(targets)
+        return int(targets.shape[0])
+
+
+BUILTIN_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "cross-entropy": cross_entropy,
-    "ce": cross_entropy,
     "mse": mse,
+    "causal-lm": TokenCrossEntropy(shift=True),
+    "masked-lm": TokenCrossEntropy(shift=False),
 }
-LOSS_CHOICES = "cross-entropy (or ce), mse, or pkg.module:function / path/to/file.py:function"
+ALIASES = {"ce": "cross-entropy"}
+AUTO = "auto"
+LOSS_CHOICES = (
+    "auto, cross-entropy (or ce), mse, causal-lm, masked-lm, or pkg.module:function / "
+    "path/to/file.py:function"
+)
+
+
+def loss_name(spec: str, model: Any = None) -> str:
+    """The canonical name of a built-in loss spec (``auto``: the loss the model's type calls for,
+    see :func:`default_loss`); other specs unchanged."""
+    key = _canonical(spec)
+    if key == AUTO:
+        return default_loss(model)
+    return key if key in BUILTIN_LOSSES else spec
+
+
+def _canonical(spec: str) -> str:
+    key = spec.strip().lower().replace("_", "-")
+    return ALIASES.get(key, key)
+
+
+def default_loss(model: Any) -> str:
+    """The loss a Hugging Face model's task implies: next-token cross-entropy for a causal LM,
+    masked-token cross-entropy for a masked LM, mse for a one-label (regression) sequence
+    classifier; cross-entropy otherwise."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
+    if name.endswith("ForMaskedLM"):
+        return "masked-lm"
+    config = getattr(model, "config", None)
+    regression = getattr(config, "problem_type", None) == "regression" or (
+        name.endswith("ForSequenceClassification") and getattr(config, "num_labels", 0) == 1
+    )
+    return "mse" if regression else "cross-entropy"
 
 
 def resolve_loss(spec: str = "cross-entropy", num_classes: int | None = None) -> LossFn:
-    """The mean-reduced loss ``(outputs, targets) -> scalar`` a loss spec names. With the data's
-    ``num_classes``, a built-in loss refuses outputs narrower than the classes with a clear error
-    (torch's own is an index error, a device-side assert on CUDA)."""
-    key = spec.strip().lower().replace("_", "-")
+    """The mean-reduced loss ``(outputs, targets) -> scalar`` a loss spec names (``auto`` must be
+    resolved by :func:`loss_name` first). With the data's ``num_classes``, a built-in loss
+    refuses outputs narrower than the classes. Built-in losses read the logits of the outputs;
+    a user's loss receives them raw."""
+    key = _canonical(spec)
     if key in BUILTIN_LOSSES:
-        loss = BUILTIN_LOSSES[key]
-        return loss if num_classes is None else partial(_class_checked, loss, num_classes)
+        return BuiltinLoss(key, BUILTIN_LOSSES[key], num_classes)
+    if key == AUTO:
+        raise ValueError("`loss` auto depends on the model: resolve it with loss_name first")
     if is_object_spec(spec):
         return _user_loss(spec)
     raise InputError(f"unknown loss {spec!r}; pass {LOSS_CHOICES}")
 
 
-def _class_checked(loss: LossFn, num_classes: int, outputs: Tensor, targets: Tensor) -> Tensor:
-    width = int(outputs.shape[1]) if outputs.ndim >= 2 else 1
+def _check_width(logits: Tensor, num_classes: int) -> None:
+    width = int(logits.shape[1]) if logits.ndim >= 2 else 1
     if width < num_classes:
         raise InputError(
             f"the labels go up to {num_classes - 1} but the model has {width} output"
             f"{'s' if width != 1 else ''}; use a model with {num_classes} outputs"
         )
-    return loss(outputs, targets)
 
 
 def _user_loss(spec: str) -> LossFn:

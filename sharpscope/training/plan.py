@@ -57,7 +57,7 @@ class RunOptions:
 
 DEFAULTS = RunOptions(
     split="train",
-    loss="cross-entropy",
+    loss="auto",
     optimizer="sgd",
     lr=0.01,
     momentum=0.9,

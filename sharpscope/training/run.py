@@ -20,6 +20,7 @@ from sharpscope.batches import LossFn, move_to
 from sharpscope.errors import InputError
 from sharpscope.io.data import DataBundle, batches, subset_indices
 from sharpscope.io.models import ModelSpec
+from sharpscope.structures import take
 from sharpscope.training.divergence import DivergenceRule
 from sharpscope.training.metrics import MetricsLog
 from sharpscope.training.optimizers import build_optimizer, build_scheduler
@@ -206,7 +207,7 @@ def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
     def placed(bundle: DataBundle, index: torch.Tensor) -> list[tuple[Any, Any]]:
         mine = distributed.shard(len(index))
         picked = index[mine.start : mine.stop]
-        part = replace(bundle, inputs=bundle.inputs[picked], targets=bundle.targets[picked])
+        part = replace(bundle, inputs=take(bundle.inputs, picked), targets=bundle.targets[picked])
         return [
             (move_to(x, inputs.device, inputs.dtype), move_to(y, inputs.device, inputs.dtype))
             for x, y in batches(part, size)

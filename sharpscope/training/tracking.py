@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from sharpscope import distributed
-from sharpscope.batches import LossFn, correct_count
+from sharpscope.batches import LossFn, correct_count, loss_weight
 from sharpscope.curvature import HessianOperator, curvature_mode, lanczos
 from sharpscope.curvature.vectors import abs_cosine
+from sharpscope.structures import call_model
 
 Batch = tuple[Any, Any]
 TRACK_TOL = 1e-3
@@ -24,13 +25,14 @@ TRACK_TOL = 1e-3
 def evaluate(
     model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch]
 ) -> tuple[float, float | None]:
-    """Sample-weighted mean loss and accuracy (None for regression) over ``batches``, in eval
-    mode; the model's modes are restored. Under torch.distributed, over all ranks' batches."""
+    """Mean loss (batches weighted by :func:`~sharpscope.batches.loss_weight`) and accuracy
+    (None for regression) over ``batches``, in eval mode; the model's modes are restored. Under
+    torch.distributed, over all ranks' batches."""
     loss_sum, samples, correct, counted = 0.0, 0, 0, 0
     with torch.no_grad(), curvature_mode(model):
         for inputs, targets in batches:
-            outputs = model(inputs)
-            n = len(targets)
+            outputs = call_model(model, inputs)
+            n = loss_weight(loss_fn, (inputs, targets))
             loss_sum += float(loss_fn(outputs, targets)) * n
             samples += n
             hits = correct_count(outputs, targets)

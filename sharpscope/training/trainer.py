@@ -20,8 +20,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from sharpscope import distributed
-from sharpscope.batches import LossFn, correct_count, move_to
+from sharpscope.batches import LossFn, correct_count, logits_of, move_to
 from sharpscope.io.data import DataBundle
+from sharpscope.structures import call_model, take
 from sharpscope.training.optimizers import NoHook, StepHook
 from sharpscope.training.order import DataOrder
 from sharpscope.training.state import capture_rng, restore_rng
@@ -112,22 +113,23 @@ class Session:
         step). Raises :class:`Diverged`, before the weights move, when a loss is not finite."""
         self.model.train()
         index = self._share(self.order.next_batch())
-        inputs = move_to(self.data.inputs[index], self.device, self.dtype)
+        inputs = move_to(take(self.data.inputs, index), self.device, self.dtype)
         targets = move_to(self.data.targets[index], self.device, self.dtype)
         forward = self.model if self.wrapped is None else self.wrapped
-        first: list[torch.Tensor] = []
+        first: list[torch.Tensor | None] = []
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
             with self._synced(first_pass=not first):
-                outputs = forward(inputs)
+                outputs = call_model(forward, inputs)
                 loss = self.loss_fn(outputs, targets)
                 mean = distributed.sum_floats([float(loss.detach()) / distributed.world_size()])
                 if not math.isfinite(mean[0]):
                     raise Diverged(self.step + 1, f"the loss became {mean[0]}")
                 loss.backward()
             if not first:
-                first.append(outputs.detach())
+                logits = logits_of(outputs)
+                first.append(logits.detach() if logits is not None else None)
                 # after the pass at w: a refresh sees the BatchNorm statistics that pass updated
                 self.hook.refresh(inputs, targets)
             return loss
@@ -154,7 +156,7 @@ class Session:
         return contextlib.nullcontext()
 
     def _accumulate(
-        self, loss: float, outputs: torch.Tensor, targets: torch.Tensor, seconds: float
+        self, loss: float, outputs: torch.Tensor | None, targets: torch.Tensor, seconds: float
     ) -> None:
         """Add this step's figures, summed over the ranks (one all-reduce when distributed)."""
         hits = correct_count(outputs, targets) or (0, 0)
