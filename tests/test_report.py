@@ -31,6 +31,7 @@ INPUTS = {
         "num_samples": 48,
         "batch_size": 16,
         "seed": 0,
+        "fingerprint": "0123456789abcdef",
     },
     "loss": "cross-entropy",
     "dtype": "float64",
@@ -142,7 +143,16 @@ def test_the_gate_reads_each_of_its_figures(analysed):
     )
     assert gated.readings["trace"] == Reading(results.trace.estimate, results.trace.std_error)
     assert gated.readings["cos_full"] == Reading(results.alignment.cos_full, 0.0)
-    assert (gated.num_params, gated.model_spec) == (results.num_params, None)
+    assert gated.num_params == results.num_params == sum(math.prod(s) for _, s in gated.parameters)
+    assert [name for name, _ in gated.parameters] == list(analysed[0].param_names)
+    assert gated.data == {
+        "data": "0123456789abcdef",
+        "samples": 48,
+        "seed": 0,
+        "rho": AnalyzeConfig().rho,
+        "dtype": "float64",
+        "loss": "cross-entropy",
+    }
 
 
 def test_the_gate_reads_non_finite_figures_as_a_saved_report_holds_them(analysed):

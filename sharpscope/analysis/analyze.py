@@ -108,6 +108,8 @@ class Analysis:
     num_samples: int
     num_batches: int
     param_names: tuple[str, ...]
+    param_shapes: tuple[tuple[int, ...], ...]
+    """The shape of each analysed parameter, in the order of ``param_names``."""
     num_params: int
     top: EigenResult
     bottom: EigenResult
@@ -375,6 +377,7 @@ def analyze(
         num_samples=op.num_samples,
         num_batches=op.num_batches,
         param_names=op.space.names,
+        param_shapes=tuple(tuple(shape) for shape in op.space.shapes),
         num_params=op.size,
         top=top,
         bottom=bottom,

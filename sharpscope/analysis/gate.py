@@ -68,16 +68,34 @@ class Reading:
     uncertainty: float | None
 
 
+Tensors = tuple[tuple[str, tuple[int, ...]], ...]
+"""Analysed parameter tensors: (name, shape) pairs."""
+
+
 @dataclass(frozen=True)
 class GateInput:
-    """What the gate reads from one report: its figures and what its architecture is."""
+    """What the gate reads from one report: its figures, what was analysed and on what data."""
 
     readings: Mapping[str, Reading]
     """The finite figures the report holds, by metric key (see :data:`METRICS`)."""
     schema_version: int
-    model_spec: dict[str, Any] | None
-    """The model spec as the report holds it (None for a whole-module checkpoint)."""
     num_params: int
+    parameters: Tensors
+    data: Mapping[str, Any]
+    """What the figures were measured on, by parameter name (:data:`DATA_SETTINGS`); a setting
+    the report does not hold is left out."""
+
+
+DATA_SETTINGS = {
+    "samples": "`samples`",
+    "seed": "`seed`",
+    "rho": "`rho`",
+    "dtype": "`dtype`",
+    "loss": "`loss`",
+    "data": "the `data` fingerprint",
+}
+"""What makes two reports measured on the same data, and how a difference names it: ``data`` is
+the fingerprint of the loaded inputs and targets, ``samples`` the number of samples analysed."""
 
 
 @dataclass(frozen=True)
@@ -208,9 +226,13 @@ def figures(report: GateInput, sigmas: float = 2.0) -> dict[str, Estimate]:
 
 
 def gate(
-    report: GateInput, thresholds: Thresholds, baseline: GateInput | None = None
+    report: GateInput,
+    thresholds: Thresholds,
+    baseline: GateInput | None = None,
+    allow_different_data: bool = False,
 ) -> list[Check]:
-    """Check ``report`` against ``thresholds``, and against ``baseline`` for ``max_increase``."""
+    """Check ``report`` against ``thresholds``, and against ``baseline`` for ``max_increase``
+    (refused unless it analysed the same parameters, and the same data unless allowed)."""
     checks = [
         _absolute(report, metric, kind, limit, thresholds.sigmas, _option(field))
         for field, metric, kind in ABSOLUTE
@@ -219,6 +241,7 @@ def gate(
     if thresholds.max_increase is not None:
         if baseline is None:
             raise InputError("`max_increase` needs `baseline` (a report of the same architecture)")
+        _comparable(report, baseline, allow_different_data)
         checks += _relative(report, baseline, thresholds.max_increase, thresholds.sigmas)
     return checks
 
@@ -252,7 +275,6 @@ def _absolute(
 def _relative(
     report: GateInput, baseline: GateInput, increase: float, sigmas: float
 ) -> list[Check]:
-    _same_architecture(report, baseline)
     checks = []
     for metric in RELATIVE:
         base = measure(baseline, metric, sigmas)
@@ -278,30 +300,52 @@ def _relative(
     return checks
 
 
-def _same_architecture(report: GateInput, baseline: GateInput) -> None:
-    """Refuse a baseline of another schema version, model spec or parameter count."""
+def data_differences(report: GateInput, baseline: GateInput) -> list[str]:
+    """How the data ``baseline`` was measured on differs from ``report``'s, one phrase per
+    setting (``samples`` 64 vs 128); settings either report lacks are not compared."""
+    both = [key for key in DATA_SETTINGS if key in report.data and key in baseline.data]
+    return [
+        f"{DATA_SETTINGS[key]} {baseline.data[key]} vs {report.data[key]}"
+        for key in both
+        if baseline.data[key] != report.data[key]
+    ]
+
+
+def _comparable(report: GateInput, baseline: GateInput, allow_different_data: bool) -> None:
+    """Refuse a baseline of another schema version, of other parameters, or (unless allowed) of
+    other data."""
     if baseline.schema_version != report.schema_version:
         raise InputError(
             f"the baseline has schema_version {baseline.schema_version!r} and the report "
             f"{report.schema_version!r}: re-create the baseline with `update_baseline`"
         )
-    mine, theirs = _architecture(report), _architecture(baseline)
-    specs_differ = None not in (mine[0], theirs[0]) and mine[0] != theirs[0]
-    if specs_differ or mine[1] != theirs[1]:
+    difference = _parameter_difference(baseline.parameters, report.parameters)
+    if difference is not None:
         raise InputError(
-            f"baseline is for a different architecture (baseline: {_describe(theirs)}; report: "
-            f"{_describe(mine)}): absolute sharpness is not comparable across architectures; "
-            "re-create the baseline with `update_baseline`"
+            f"the baseline analysed {baseline.num_params:,} parameters in "
+            f"{len(baseline.parameters)} tensors and this report {report.num_params:,} in "
+            f"{len(report.parameters)}, first difference: {difference}; sharpness is only "
+            "comparable over the same parameters: re-create the baseline with `update_baseline`"
+        )
+    differences = data_differences(report, baseline)
+    if differences and not allow_different_data:
+        raise InputError(
+            f"the baseline was measured on other data ({', '.join(differences)}; baseline vs "
+            "this report): make both with the same settings, re-create the baseline with "
+            "`update_baseline`, or compare anyway with `allow_different_data`"
         )
 
 
-def _architecture(report: GateInput) -> tuple[dict[str, Any] | None, int]:
-    return report.model_spec, report.num_params
-
-
-def _describe(architecture: tuple[dict[str, Any] | None, int]) -> str:
-    spec, params = architecture
-    return f"model {spec or '(whole module)'}, {params:,} parameters"
+def _parameter_difference(baseline: Tensors, report: Tensors) -> str | None:
+    """The first tensor, in the baseline's order, whose shape differs or that only one side has."""
+    theirs, mine = dict(baseline), dict(report)
+    for name, shape in baseline:
+        if name not in mine:
+            return f"{name} {shape} is not in this report"
+        if mine[name] != shape:
+            return f"{name} {shape} vs {mine[name]}"
+    extra = next((name for name, _ in report if name not in theirs), None)
+    return None if extra is None else f"{extra} {mine[extra]} is not in the baseline"
 
 
 def _pm(value: float | None, uncertainty: float | None) -> str:

@@ -17,15 +17,21 @@ from typing import Annotated, Any
 import typer
 
 from sharpscope.analysis.analyze import AnalyzeConfig
-from sharpscope.analysis.gate import Thresholds, gate
+from sharpscope.analysis.gate import Thresholds, data_differences, gate
 from sharpscope.cli import options as opt
 from sharpscope.cli.analyze import DEFAULTS, analysis_config, run_analysis
 from sharpscope.cli.common import errors_as_exit, fail, info, print_json, stderr, stdout
 from sharpscope.cli.config_file import load_config, settings_of
+from sharpscope.cli.flags import as_flags
 from sharpscope.cli.loading import Loaded, load_inputs
 from sharpscope.errors import InputError
 from sharpscope.io.atomic import check_can_create
-from sharpscope.report.baseline import check_baseline_target, is_report_file, write_baseline
+from sharpscope.report.baseline import (
+    check_baseline_target,
+    is_report_file,
+    read_baseline,
+    write_baseline,
+)
 from sharpscope.report.check_result import check_result
 from sharpscope.report.checks_table import print_checks
 from sharpscope.report.document import Report, read_report
@@ -111,6 +117,15 @@ def check_command(
             "--update-baseline",
             help="Write this report to the --baseline file (atomically) instead of comparing "
             "with it; never overwrites a file that is not a sharpscope report.",
+            rich_help_panel=BASELINE,
+        ),
+    ] = False,
+    allow_different_data: Annotated[
+        bool,
+        typer.Option(
+            "--allow-different-data",
+            help="Compare with a baseline measured on other data (its fingerprint, --samples, "
+            "--seed, --rho, --dtype or --loss differ) instead of refusing it.",
             rich_help_panel=BASELINE,
         ),
     ] = False,
@@ -224,13 +239,17 @@ def check_command(
             dtype=dtype,
         )
         relative = baseline is not None and thresholds.max_increase is not None
-        base = read_report(baseline).gate_input() if relative else None
+        base = read_baseline(baseline).gate_input() if relative else None
         if update_baseline and baseline is not None:  # outputs: before a long analysis
             check_baseline_target(baseline)
         if junit is not None:
             check_can_create(junit, "`junit`")
         report = _report(source, data, load, analysis, quiet)
-        checks = gate(report.gate_input(), thresholds, base)
+        gated = report.gate_input()
+        checks = gate(gated, thresholds, base, allow_different_data)
+        differences = ", ".join(data_differences(gated, base)) if base is not None else ""
+        if differences:  # allowed, or the gate would have refused the baseline
+            info(as_flags(f"note: comparing with a baseline of other data: {differences}"))
         if json_out:
             result = check_result(checks, report, thresholds.sigmas, source, baseline, config)
             print_json(dumps(result))

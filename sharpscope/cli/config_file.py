@@ -69,10 +69,19 @@ DATA = Setting((str,), "a data spec (a name, a path or pkg.module:function)", re
 FRACTION = Setting((int, float, str), 'a fraction (0.1) or a percentage ("10%")')
 
 NOT_SETTINGS = frozenset(
-    {"config", "json_out", "quiet", "debug", "update_baseline", "trust_pickle"}
+    {
+        "config",
+        "json_out",
+        "quiet",
+        "debug",
+        "update_baseline",
+        "trust_pickle",
+        "allow_different_data",
+    }
 )
 """Options of ``check`` that a config file cannot set: the config file itself, how the result is
-shown, writing the baseline, and trusting pickles (an explicit choice every time)."""
+shown, writing the baseline, trusting pickles and comparing with a baseline of other data
+(explicit choices every time)."""
 
 _BY_TYPE: dict[Any, Setting] = {
     int: INTEGER,

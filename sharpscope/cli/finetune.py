@@ -22,12 +22,11 @@ from sharpscope.cli.common import (
     stderr,
     stdout,
 )
-from sharpscope.cli.loading import load_inputs
+from sharpscope.cli.loading import data_fingerprint, load_inputs
 from sharpscope.io.models import ModelSpec, parse_model_args
 from sharpscope.report.finetune_summary import summary, summary_table
 from sharpscope.report.training_plot import plot_training
 from sharpscope.report.training_progress import TrainingProgress
-from sharpscope.structures import leaves
 from sharpscope.training.optimizers import DEFAULT_RHO, OPTIMIZERS, SCHEDULES
 from sharpscope.training.plan import (
     DEFAULTS,
@@ -267,8 +266,7 @@ def finetune_command(
                 "--val-data to validate"
             )
         if val is not None:
-            values = distributed.fingerprint([*leaves(val.inputs), ("targets", val.targets)])
-            distributed.check_same("validation data (--val-data)", values)
+            distributed.check_same("validation data (--val-data)", data_fingerprint(val))
         inputs = Inputs(
             loaded.model, spec, loaded.loss_fn, loaded.data, val, loaded.device, loaded.dtype
         )

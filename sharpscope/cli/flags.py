@@ -46,6 +46,7 @@ FLAGS: dict[str, str] = {
     "sigmas": "--sigmas",
     "baseline": "--baseline",
     "update_baseline": "--update-baseline",
+    "allow_different_data": "--allow-different-data",
     # outputs
     "out": "--out",
     "junit": "--junit",

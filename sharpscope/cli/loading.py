@@ -125,6 +125,7 @@ def load_inputs(
         loss_fn = resolve_loss(loss, bundle.num_classes)
         _probe(net, bundle, pieces[0], loss_fn, torch_device, torch_dtype)
         used_spec = spec or ckpt.model_spec
+        fingerprint = data_fingerprint(bundle)
         description = Inputs(
             checkpoint=CheckpointInput(str(checkpoint), ckpt.sha256, ckpt.format),
             model=ModelInput(None if used_spec is None else json.loads(used_spec.to_json())),
@@ -135,6 +136,7 @@ def load_inputs(
                 num_samples=len(bundle.targets),
                 batch_size=batch_size,
                 seed=seed,
+                fingerprint=fingerprint,
             ),
             loss=loss,
             dtype=dtype,
@@ -144,16 +146,21 @@ def load_inputs(
             net, ckpt, bundle, pieces, loss_fn, torch_device, torch_dtype, description, used_spec
         )
     if shard and distributed.is_distributed():
-        _check_world(loaded)
+        _check_world(loaded, fingerprint)
         loaded.batches = [pieces[i] for i in distributed.shard(len(pieces))]
     return loaded
 
 
-def _check_world(loaded: Loaded) -> None:
-    """Raise on every rank unless all ranks loaded the same weights and the same data."""
+def data_fingerprint(bundle: DataBundle) -> str:
+    """A short hash of the loaded inputs and targets (names, shapes, dtypes and values): the same
+    data on every rank, and the same data as a baseline's."""
+    return distributed.fingerprint([*leaves(bundle.inputs), ("targets", bundle.targets)])
+
+
+def _check_world(loaded: Loaded, data: str) -> None:
+    """Raise on every rank unless all ranks loaded the same weights and the same data (``data``:
+    this rank's :func:`data_fingerprint`)."""
     distributed.check_same(
         "model (checkpoint and --model)", distributed.model_fingerprint(loaded.model)
     )
-    bundle = loaded.data
-    data = distributed.fingerprint([*leaves(bundle.inputs), ("targets", bundle.targets)])
     distributed.check_same("data (--data, --split, --samples, --seed)", data)

@@ -21,9 +21,8 @@ from sharpscope.analysis.analyze import Analysis, LayerEigen
 from sharpscope.analysis.gate import GateInput, Reading
 from sharpscope.analysis.verdict import verdict
 from sharpscope.curvature import DensityResult, EigenResult, TraceResult
-from sharpscope.errors import InputError
 from sharpscope.report.json_report import dumps
-from sharpscope.report.schema import SCHEMA_VERSION, check_report
+from sharpscope.report.schema import REANALYZE, SCHEMA_VERSION, NotAReport, check_report
 
 S = TypeVar("S", bound="Section")
 
@@ -106,6 +105,9 @@ class DataInput(Section):
     num_samples: int
     batch_size: int
     seed: int
+    fingerprint: str
+    """A hash of the loaded inputs and targets (:func:`sharpscope.cli.loading.data_fingerprint`):
+    the CI gate compares it with its baseline's."""
 
 
 def current_versions() -> dict[str, str]:
@@ -130,6 +132,20 @@ class Inputs(Section):
     config: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)
     """The :class:`~sharpscope.analysis.analyze.AnalyzeConfig` fields."""
     versions: dict[str, str] = field(default_factory=current_versions)
+
+    def measured_on(self) -> dict[str, Any]:
+        """The settings that make the data a report was measured on, by parameter name (see
+        :data:`~sharpscope.analysis.gate.DATA_SETTINGS`); those these inputs lack are left out."""
+        data, config = self.data, self.config or {}
+        found = {
+            "data": None if data is None else data.fingerprint,
+            "samples": None if data is None else data.num_samples,
+            "seed": None if data is None else data.seed,
+            "rho": config.get("rho"),
+            "dtype": self.dtype,
+            "loss": self.loss,
+        }
+        return {key: value for key, value in found.items() if value is not None}
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -297,6 +313,14 @@ class Layer(Section):
 
 
 @dataclass(frozen=True)
+class ParameterTensor(Section):
+    """One analysed parameter tensor: its name and shape."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Slice(Section):
     """The loss at w + t·direction for each step t."""
 
@@ -313,6 +337,8 @@ class Results(Section):
     grad_norm: float
     num_samples: int
     num_params: int
+    parameters: tuple[ParameterTensor, ...]
+    """The analysed tensors (``params``), in the order of the flat vector."""
     eigenvalues: Eigenvalues
     lambda_max: float
     lambda_min: LambdaMin
@@ -336,6 +362,10 @@ class Results(Section):
             grad_norm=analysis.grad_norm,
             num_samples=analysis.num_samples,
             num_params=analysis.num_params,
+            parameters=tuple(
+                ParameterTensor(name, shape)
+                for name, shape in zip(analysis.param_names, analysis.param_shapes, strict=True)
+            ),
             eigenvalues=Eigenvalues.of(analysis.top),
             lambda_max=lam_max,
             lambda_min=LambdaMin.of(analysis.bottom),
@@ -390,10 +420,13 @@ class Report(Section):
         )
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: str = "the report") -> Report:
+    def from_json(
+        cls, data: dict[str, Any], source: str = "the report", remake: str = REANALYZE
+    ) -> Report:
         """The report in the JSON value ``data``; an :class:`InputError` naming ``source`` and
-        the problem unless it is a report of this schema version that the schema accepts."""
-        check_report(data, source)
+        the problem unless it is a report of this schema version that the schema accepts
+        (``remake``: how to replace one that is not)."""
+        check_report(data, source, remake)
         return super().from_json(data)
 
     def dumps(self) -> str:
@@ -401,7 +434,8 @@ class Report(Section):
         return dumps(self.to_json())
 
     def gate_input(self) -> GateInput:
-        """The figures and the architecture that the CI gate reads (finite figures only)."""
+        """The figures, the analysed parameters and the data settings that the CI gate reads
+        (finite figures only)."""
         r, a = self.results, self.results.alignment
         found = {
             "lambda_max": _reading(r.lambda_max, r.eigenvalues.residuals[0]),
@@ -413,8 +447,9 @@ class Report(Section):
         return GateInput(
             readings={key: reading for key, reading in found.items() if reading is not None},
             schema_version=self.schema_version,
-            model_spec=None if self.inputs.model is None else self.inputs.model.spec,
             num_params=r.num_params,
+            parameters=tuple((p.name, p.shape) for p in r.parameters),
+            data=self.inputs.measured_on(),
         )
 
 
@@ -427,17 +462,18 @@ def _reading(value: float | None, uncertainty: float | None) -> Reading | None:
     return Reading(value, uncertainty if finite else None)
 
 
-def read_report(path: Path) -> Report:
+def read_report(path: Path, remake: str = REANALYZE) -> Report:
     """A report file, checked against the report schema; an :class:`InputError` naming the file
-    and the problem otherwise."""
+    and the problem otherwise (:class:`NotAReport` when it holds no report at all; ``remake``:
+    how to replace a report of another version or one the schema refuses)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise InputError(f"cannot read the report {path}: {exc.strerror or exc}") from None
+        raise NotAReport(f"cannot read the report {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise InputError(f"{path} is not a JSON report (not UTF-8 text)") from None
+        raise NotAReport(f"{path} is not a JSON report (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
-        raise InputError(
+        raise NotAReport(
             f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
         ) from None
-    return Report.from_json(data, str(path))
+    return Report.from_json(data, str(path), remake)

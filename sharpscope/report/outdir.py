@@ -14,6 +14,7 @@ from sharpscope.io.atomic import check_can_create, write_text_atomic
 from sharpscope.io.eigenvectors import save_eigenvectors
 from sharpscope.report.document import Report
 from sharpscope.report.plots import write_plots
+from sharpscope.report.schema import is_report
 
 REPORT = "report.json"
 
@@ -26,7 +27,7 @@ def check_out_dir(folder: Path) -> None:
         return
     try:
         previous = json.loads((folder / REPORT).read_text(encoding="utf-8"))
-        ours = isinstance(previous, dict) and "schema_version" in previous
+        ours = is_report(previous)
     except (OSError, ValueError):
         ours = False
     if not ours:
