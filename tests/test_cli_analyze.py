@@ -544,6 +544,11 @@ def test_params_globs_restrict_the_parameters(made):
         made / "ours.safetensors", "--no-trace", "--params", "1.*", "--params", "3.bias"
     )["results"]
     assert mixed["num_params"] == 16 * 64 + 16 + 10
+    assert [(p["name"], p["shape"]) for p in mixed["parameters"]] == [
+        ("1.weight", [16, 64]),
+        ("1.bias", [16]),
+        ("3.bias", [10]),
+    ]
 
 
 # --- bad input: exit 2, one "error:" line, no traceback ------------------------------------------
