@@ -397,7 +397,7 @@ def test_missing_file_and_directory(tmp_path, model):
     save_checkpoint(tmp_path / "run" / "last.safetensors", model, SPEC)
     with pytest.raises(InputError) as excinfo:
         load_model(tmp_path / "run")
-    error_message(excinfo, "run", "is a directory", "last.safetensors")
+    error_message(excinfo, "run", "no config.json", "last.safetensors: pass that file")
 
 
 @pytest.mark.parametrize(

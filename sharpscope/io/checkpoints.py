@@ -2,11 +2,13 @@
 
 The format is told from the file's content, never its suffix: safetensors (an 8-byte header
 length, then a JSON header), a ``torch.save`` zip or legacy pickle, a TorchScript archive, or a
-``torch.export`` ``.pt2`` archive. Nothing is unpickled beyond tensors unless the caller trusts
+``torch.export`` ``.pt2`` archive; a folder is a Hugging Face ``save_pretrained`` folder
+(:mod:`sharpscope.io.pretrained`). Nothing is unpickled beyond tensors unless the caller trusts
 the file (``trust_pickle``). Every failure raises :class:`~sharpscope.errors.InputError` with a
 one-line message that names the file, the problem and the fix. TorchScript and ``.pt2``
 archives are loaded by :mod:`sharpscope.io.compiled`; weights are fitted to a model by
-:mod:`sharpscope.io.state_dicts`.
+:mod:`sharpscope.io.state_dicts`, or given to transformers by
+:mod:`sharpscope.io.transformers_models` (imported only then: transformers is optional).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import hashlib
 import os
 import pickle
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from sharpscope.io.atomic import write_atomic
 from sharpscope.io.compiled import load_export, load_torchscript
 from sharpscope.io.load_errors import corrupt, few, first_line, pickle_refusal, refused_global
 from sharpscope.io.models import ModelSpec, build_model
+from sharpscope.io.pretrained import weight_files
 from sharpscope.io.state_dicts import (
     WRAPPER_KEYS,
     as_state_dict,
@@ -40,7 +43,14 @@ from sharpscope.io.state_dicts import (
     savable_state,
 )
 
-FORMATS: tuple[str, ...] = ("state_dict", "safetensors", "torchscript", "export", "module")
+FORMATS: tuple[str, ...] = (
+    "state_dict",
+    "safetensors",
+    "torchscript",
+    "export",
+    "module",
+    "pretrained",
+)
 SPEC_KEY = "sharpscope.model_spec"
 VERSION_KEY = "sharpscope.version"
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".pt2")
@@ -53,7 +63,8 @@ _MAX_SAFETENSORS_HEADER = 100_000_000
 @dataclass
 class Checkpoint:
     """A checkpoint as read: its weights (``state_dict``) or whole model (``module``), the model
-    spec sharpscope stored in it, its other metadata (strings) and the sha256 of its bytes."""
+    spec sharpscope stored in it, its other metadata (strings) and the sha256 of its bytes (of a
+    ``pretrained`` folder's weight files; ``path`` is then the folder)."""
 
     path: Path
     format: str
@@ -69,20 +80,29 @@ class Checkpoint:
 def read_checkpoint(path: str | os.PathLike[str], trust_pickle: bool = False) -> Checkpoint:
     """Read a checkpoint of any supported format; ``trust_pickle`` allows unpickling arbitrary
     Python objects such as a whole pickled model (it can run code: only for trusted files)."""
-    file = _existing_file(path)
-    checkpoint = _READERS[detect_format(file)](file, trust_pickle)
-    return replace(checkpoint, sha256=file_sha256(file))
+    source = _existing(path)
+    if source.is_dir():
+        return _read_folder(source, trust_pickle)
+    checkpoint = _READERS[detect_format(source)](source, trust_pickle)
+    return replace(checkpoint, sha256=file_sha256(source))
 
 
 def load_model(
     path: str | os.PathLike[str], spec: ModelSpec | None = None, trust_pickle: bool = False
 ) -> tuple[nn.Module, Checkpoint]:
     """The model a checkpoint holds: its own module (``spec`` is then ignored), or the model built
-    from ``spec`` (else the file's stored spec) with the file's weights loaded strictly, in
-    their floating-point dtype."""
+    from ``spec`` (else the file's stored spec, else a ``pretrained`` folder's config) with the
+    file's weights loaded strictly, in their floating-point dtype (float32 at least for a
+    folder)."""
     checkpoint = read_checkpoint(path, trust_pickle)
     if checkpoint.module is not None:
         return checkpoint.module, checkpoint
+    if spec is None and checkpoint.format == "pretrained":
+        from sharpscope.io.transformers_models import build_pretrained
+
+        assert checkpoint.state_dict is not None
+        stored = {checkpoint.stripped_prefix + k: v for k, v in checkpoint.state_dict.items()}
+        return build_pretrained(checkpoint.path, stored), checkpoint
     chosen = spec or checkpoint.model_spec
     if chosen is None:
         raise InputError(
@@ -119,17 +139,27 @@ def save_checkpoint(
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    return files_sha256([path])
+
+
+def files_sha256(paths: Iterable[str | os.PathLike[str]]) -> str:
+    """The hex sha256 of the files' bytes one after the other (of one file, its sha256)."""
     digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for path in paths:
+        with Path(path).open("rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
     """The container a file holds, from its bytes: ``"safetensors"``, ``"torch.save"`` (zip or
-    legacy pickle), ``"torchscript"`` or ``"export"`` (a ``torch.export`` ``.pt2`` archive)."""
-    file = _existing_file(path)
+    legacy pickle), ``"torchscript"`` or ``"export"`` (a ``torch.export`` ``.pt2`` archive); of
+    a folder, ``"pretrained"`` (a save_pretrained folder)."""
+    file = _existing(path)
+    if file.is_dir():
+        _folder_files(file)
+        return "pretrained"
     try:
         with file.open("rb") as f:
             head = f.read(64)
@@ -156,16 +186,10 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 # --- files and formats ------------------------------------------------------------------------
 
 
-def _existing_file(path: str | os.PathLike[str]) -> Path:
+def _existing(path: str | os.PathLike[str]) -> Path:
     file = Path(path).expanduser()
     if not file.exists():
         raise InputError(f"checkpoint {file} not found; check the path")
-    if file.is_dir():
-        inside = sorted(p.name for p in file.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
-        hint = f" (it holds {few(inside)})" if inside else ""
-        raise InputError(
-            f"checkpoint {file} is a directory, not a file; pass a checkpoint file{hint}"
-        )
     return file
 
 
@@ -199,17 +223,48 @@ def _zip_names(path: Path) -> list[str]:
         raise corrupt(path, exc) from exc
 
 
+# --- save_pretrained folders (sharpscope.io.pretrained) ----------------------------------------
+
+
+def _read_folder(folder: Path, trust_pickle: bool) -> Checkpoint:
+    """All the weights of a save_pretrained folder, as one state dict."""
+    files = _folder_files(folder)
+    tensors: dict[str, Any] = {}
+    for file in files:
+        tensors.update(_weights_in(file, trust_pickle))
+    state, prefix = as_state_dict(folder, tensors)
+    return Checkpoint(
+        folder, "pretrained", state, sha256=files_sha256(files), stripped_prefix=prefix
+    )
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The weight files of a save_pretrained folder; else an error naming the checkpoint files
+    it holds, if any."""
+    inside = sorted(p.name for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+    return weight_files(folder, f" (it holds {few(inside)}: pass that file)" if inside else "")
+
+
+def _weights_in(file: Path, trust_pickle: bool) -> Mapping[Any, Any]:
+    """The ``{name: tensor}`` of one weight file of a folder, safetensors or ``torch.save``."""
+    kind = detect_format(file)
+    if kind == "safetensors":
+        return _safetensors_content(file)[1]
+    obj = _torch_load(file, trust_pickle) if kind == "torch.save" else None
+    if not isinstance(obj, Mapping):
+        raise InputError(
+            f"{file} holds a {type(obj).__name__}, not the state dict save_pretrained writes; "
+            "write the model again with save_pretrained"
+        )
+    return obj
+
+
 # --- safetensors --------------------------------------------------------------------------------
 
 
 def _read_safetensors(path: Path, trust_pickle: bool) -> Checkpoint:
     del trust_pickle  # safetensors holds tensors only
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise corrupt(path, exc) from exc
+    metadata, tensors = _safetensors_content(path)
     state, prefix = as_state_dict(path, tensors)
     return Checkpoint(
         path,
@@ -219,6 +274,17 @@ def _read_safetensors(path: Path, trust_pickle: bool) -> Checkpoint:
         metadata=metadata,
         stripped_prefix=prefix,
     )
+
+
+def _safetensors_content(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's metadata and tensors."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise corrupt(path, exc) from exc
+    return metadata, tensors
 
 
 def _stored_spec(path: Path, metadata: Mapping[str, str]) -> ModelSpec | None:

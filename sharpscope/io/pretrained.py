@@ -1,0 +1,65 @@
+"""Hugging Face ``save_pretrained`` folders: ``config.json`` and the weight files beside it.
+
+The weights are ``model.safetensors``, a sharded ``model.safetensors.index.json`` with its shards,
+``pytorch_model.bin`` or a sharded ``pytorch_model.bin.index.json``, looked for in that order (as
+transformers does). :mod:`sharpscope.io.checkpoints` reads them;
+:mod:`sharpscope.io.transformers_models` builds the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sharpscope.errors import InputError
+from sharpscope.io.load_errors import corrupt, few
+
+CONFIG = "config.json"
+WEIGHTS: tuple[str, ...] = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+"""The weight files of a folder, single or an index of shards, in the order they are preferred."""
+INDEX_SUFFIX = ".index.json"
+CONTENTS = (
+    "a checkpoint folder is a Hugging Face save_pretrained folder: config.json with "
+    "model.safetensors, model.safetensors.index.json and its shards, or pytorch_model.bin"
+)
+
+
+def weight_files(folder: Path, hint: str = "") -> list[Path]:
+    """The weight files of the save_pretrained folder ``folder`` (the shards of an index, in
+    name order); an :class:`InputError` ending in ``hint`` for a folder that is not one."""
+    if not (folder / CONFIG).is_file():
+        raise InputError(f"checkpoint folder {folder} has no {CONFIG}; {CONTENTS}{hint}")
+    for name in WEIGHTS:
+        if (folder / name).is_file():
+            return _shards(folder / name) if name.endswith(INDEX_SUFFIX) else [folder / name]
+    raise InputError(
+        f"checkpoint folder {folder} has {CONFIG} but no weights ({', '.join(WEIGHTS)}); "
+        "write them with model.save_pretrained(folder)"
+    )
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files an index's ``weight_map`` names, checked to be plain names present."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise corrupt(index, exc) from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    if not names or not all(isinstance(n, str) and Path(n).name == n for n in names):
+        raise InputError(
+            f"{index} has no weight_map from tensor names to shard files in its folder; "
+            "write the model again with save_pretrained"
+        )
+    missing = sorted(n for n in names if not (index.parent / n).is_file())
+    if missing:
+        raise InputError(
+            f"{index} names shards that are not in the folder: {few(missing)}; copy the whole "
+            "folder"
+        )
+    return [index.parent / name for name in sorted(names)]
