@@ -23,7 +23,8 @@ Checkpoint = Annotated[
     Path,
     typer.Argument(
         help="Model checkpoint: state dict (.pt/.pth/.bin), .safetensors, TorchScript, "
-        "torch.export .pt2, or a pickled module (with --trust-pickle).",
+        "torch.export .pt2, a pickled module (with --trust-pickle), or a Hugging Face "
+        "save_pretrained folder (needs sharpscope[hf]).",
         show_default=False,
         metavar="CHECKPOINT",
     ),
