@@ -578,7 +578,7 @@ def bad(made: Made, tmp_path_factory: pytest.TempPathFactory) -> Path:
 CUDA_ABSENT = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 BAD = [
     ("nope.pt", MLP16, ["checkpoint", "nope.pt not found"]),
-    ("folder", MLP16, ["is a directory, not a file", "inside.pt"]),
+    ("folder", MLP16, ["has no config.json", "(it holds inside.pt: pass that file)"]),
     ("empty.pt", MLP16, ["empty.pt is empty (0 bytes)"]),
     ("truncated.pt", MLP16, ["truncated.pt is truncated or corrupt"]),
     ("truncated.safetensors", MLP16, ["truncated.safetensors is truncated or corrupt"]),

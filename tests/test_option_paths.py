@@ -29,6 +29,7 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--max-iter": ("17",),
     "--max-basis": ("9",),
     "--no-trace": (),
+    "--shards": ("5",),
     "--params": ("a.*",),
     "--batch-stats": (),
     "--backend": ("forward-over-reverse",),
@@ -47,7 +48,7 @@ SHARED: dict[str, tuple[str, ...]] = {
 }
 """A non-default value for every option analyze and check share."""
 CONFIG = {
-    **dict(k=3, method="power", tol=1e-5, max_iter=17, max_basis=9, trace=False),
+    **dict(k=3, method="power", tol=1e-5, max_iter=17, max_basis=9, trace=False, shards=5),
     **dict(params=["a.*"], batch_stats=True, backend="forward-over-reverse"),
     **dict(rho=0.07, alpha=0.3, seed=4),
 }

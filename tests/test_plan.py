@@ -34,7 +34,12 @@ def test_the_plan_comes_first_and_bounds_the_run(mlp):
     config = AnalyzeConfig(k=3, tol=1e-8, density=True, density_iter=10)
     result, plan = _run(mlp, config)
     assert plan.num_params == mlp.hessian.shape[0] == result.num_params
-    assert plan.products == {"eigenpairs": 200 + 3 + 1, "trace": 120, "density": 40}
+    assert plan.products == {
+        "eigenpairs": 200 + 3 + 1,
+        "trace": 120,
+        "density": 40,
+        "sampling": 3 + 1,  # one per eigenvector, over the shards
+    }
     assert result.n_products <= plan.most_products + 2 + 1  # + the plan's two, the SAM one
     assert plan.seconds_per_product > 0
     assert plan.vector_bytes == plan.num_params * 8 and plan.vectors == 201
@@ -71,6 +76,6 @@ def test_durations(seconds, text):
 def test_the_line_says_sizes_products_and_time(mlp):
     _, plan = _run(mlp, AnalyzeConfig(k=2))
     line = plan_line(plan)
-    for part in [f"{plan.num_params:,} parameters", "64 samples", "at most 323 products"]:
+    for part in [f"{plan.num_params:,} parameters", "64 samples", "at most 326 products"]:
         assert part in line
     assert f"solver vectors ≤ {sizes(plan.basis_bytes)}" in line

@@ -106,7 +106,8 @@ def test_each_table_has_its_help_line_under_it(analysed):
     console.print(render(report))
     lines = console.export_text().splitlines()
     titles = ["Model and data", "Top Hessian", "Curvature", "SAM alignment", "Per-layer"]
-    for title, help_line in zip(titles, HELP.values(), strict=True):
+    keys = ["summary", "eigenvalues", "curvature", "alignment", "per_layer"]
+    for title, help_line in zip(titles, (HELP[k] for k in keys), strict=True):
         start = next(i for i, line in enumerate(lines) if line.startswith(title))
         bottom = next(i for i in range(start, len(lines)) if lines[i].startswith("└"))
         assert lines[bottom + 1] == help_line and len(help_line) <= 100, title
@@ -138,11 +139,15 @@ def test_the_gate_reads_each_of_its_figures(analysed):
     _, report = analysed
     gated, results = report.gate_input(), report.results
     assert set(gated.readings) == set(METRICS)
+    sampling = results.sampling
     assert gated.readings["lambda_max"] == Reading(
-        results.lambda_max, results.eigenvalues.residuals[0]
+        results.lambda_max, results.eigenvalues.residuals[0], sampling.eigenvalues[0]
     )
     assert gated.readings["trace"] == Reading(results.trace.estimate, results.trace.std_error)
-    assert gated.readings["cos_full"] == Reading(results.alignment.cos_full, 0.0)
+    assert gated.readings["cos_full"] == Reading(
+        results.alignment.cos_full, None, sampling.cos_full
+    )
+    assert sampling.cos_full > 0 and sampling.shards >= 2
     assert gated.num_params == results.num_params == sum(math.prod(s) for _, s in gated.parameters)
     assert [name for name, _ in gated.parameters] == list(analysed[0].param_names)
     assert gated.data == {

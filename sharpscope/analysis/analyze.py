@@ -15,6 +15,7 @@ from sharpscope import distributed
 from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.metrics import accuracy
 from sharpscope.analysis.plan import Plan, available_memory, fitting_basis
+from sharpscope.analysis.sampling import SamplingErrors, sampling_errors
 from sharpscope.batches import LossFn
 from sharpscope.curvature import (
     BACKENDS,
@@ -29,6 +30,7 @@ from sharpscope.curvature.hvp import Backend
 from sharpscope.curvature.solvers import SOLVERS, Solver, SolveSettings, solver
 from sharpscope.curvature.vectors import norm
 from sharpscope.errors import InputError, check_choice
+from sharpscope.optim.perturbations import sam_perturbation
 from sharpscope.stopwatch import Stopwatch
 
 Method = Literal["lanczos", "power", "pyhessian"]
@@ -61,6 +63,8 @@ class AnalyzeConfig:
     """Globs of the parameters to analyze; None: all trainable ones."""
     slices: bool = False
     """Also measure the loss along v₁ and along ĝ, at 21 points in ±2ρ (for plots)."""
+    shards: int = 8
+    """Disjoint shards of the samples for the data uncertainty (a jackknife); 0 leaves it out."""
 
     def __post_init__(self) -> None:
         solver(self.method)
@@ -71,6 +75,8 @@ class AnalyzeConfig:
         for name in ("tol", "trace_tol", "rho"):
             if not getattr(self, name) > 0:
                 raise InputError(f"`{name}` must be positive, got {getattr(self, name)}")
+        if self.shards == 1 or self.shards < 0:
+            raise InputError(f"`shards` must be 0 (off) or at least 2, got {self.shards}")
         if not self.alpha >= 0:
             raise InputError(f"`alpha` must not be negative, got {self.alpha}")
         if self.max_basis is not None and self.max_basis < self.k + 3:
@@ -116,6 +122,8 @@ class Analysis:
     trace: TraceResult | None
     density: DensityResult | None
     alignment: Alignment | None
+    sampling: SamplingErrors | None
+    """The figures' data uncertainty (None: not estimated, `shards` 0)."""
     per_layer: list[LayerEigen]
     timings: dict[str, float]
     n_products: int
@@ -272,6 +280,8 @@ def _planned(
         products["trace"] = method.trace_products(config.trace_samples)
     if config.density:
         products["density"] = config.density_vectors * config.density_iter
+    if config.shards:
+        products["sampling"] = config.k + 1  # one per eigenvector, spread over the shards
     if config.per_layer:
         blocks = len(_module_blocks(op.space.names))
         products["per-layer"] = blocks * method.cost(1, 0, settings).products
@@ -361,6 +371,13 @@ def analyze(
     with watch.stage("alignment"):
         alignment, why = _alignment(op, top, grad_norm, config, h_g_hat)
         notes += why
+    sampling = None
+    if config.shards:
+        with watch.stage("sampling"):
+            epsilon = sam_perturbation(gradient, config.rho) if grad_norm > 0 else None
+            sampling = sampling_errors(
+                op, config.shards, top.eigenvectors, bottom.eigenvectors[0], gradient, epsilon
+            )
     slices: dict[str, tuple[list[float], list[float]]] = {}
     if config.slices:
         with watch.stage("slices"):
@@ -384,9 +401,10 @@ def analyze(
         trace=trace,
         density=density,
         alignment=alignment,
+        sampling=sampling,
         per_layer=per_layer,
         timings=watch.timings,
-        n_products=op.n_products,
+        n_products=op.n_products + (len(top.eigenvalues) + 1 if sampling else 0),
         notes=notes,
         slices=slices,
     )

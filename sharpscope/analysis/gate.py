@@ -10,12 +10,18 @@ past its limit by more than that uncertainty:
   case, not a quadrature sum): the lowest value the report allows must exceed the limit computed
   from the highest value the baseline allows.
 
-The uncertainty of λ_max and λ_min is the residual ‖Hv − λv‖ of their eigenpair, a bound on the
-distance from the estimate to the nearest eigenvalue of H (used as it is). The trace's is
-``sigmas`` standard errors of its Hutch++ estimate. SAM sharpness and |cos(ĝ, v₁)| are computed
-at the analysed samples and come with no uncertainty estimate (0). An uncertainty the report holds
-as null (not finite) counts as 0. A check that passes only thanks to the uncertainty has status
-``noise``: its value is past the limit, but not by more than the uncertainty.
+A figure's uncertainty adds (worst case) the solver's and the data's:
+
+- the solver's: for λ_max and λ_min the residual ‖Hv − λv‖ of their eigenpair, a bound on the
+  distance from the estimate to the nearest eigenvalue of H (used as it is); for the trace
+  ``sigmas`` standard errors of its Hutch++ estimate;
+- the data's: ``sigmas`` jackknife standard errors of how the figure moves with another sample of
+  the same size (:mod:`sharpscope.analysis.sampling`), for λ_max, λ_min, |cos(ĝ, v₁)| and the SAM
+  sharpness, when the report holds them.
+
+A figure with neither (a report made with `shards` 0) has no uncertainty: it is gated as it is,
+and shown as not estimated, never as ± 0. A check that passes only thanks to the uncertainty has
+status ``noise``: its value is past the limit, but not by more than the uncertainty.
 """
 
 from __future__ import annotations
@@ -53,19 +59,27 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A figure of the report and its uncertainty (already scaled by ``sigmas``)."""
+    """A figure of the report and its uncertainty (already scaled by ``sigmas``; None: not
+    estimated)."""
 
     value: float
-    uncertainty: float
+    uncertainty: float | None
+
+    @property
+    def margin(self) -> float:
+        """The uncertainty as the gate applies it (0 when not estimated)."""
+        return self.uncertainty or 0.0
 
 
 @dataclass(frozen=True)
 class Reading:
-    """A figure as the report holds it: its value and its uncertainty as stated there (a residual
-    or a standard error; None when the report holds none, or none that is finite)."""
+    """A figure as the report holds it: its value, the solver's uncertainty as stated there (a
+    residual or a standard error) and the data's standard error (``sampling``); None when the
+    report holds none, or none that is finite."""
 
     value: float
     uncertainty: float | None
+    sampling: float | None = None
 
 
 Tensors = tuple[tuple[str, tuple[int, ...]], ...]
@@ -156,7 +170,7 @@ class Check:
     metric: str
     kind: Kind
     value: float
-    uncertainty: float
+    uncertainty: float | None
     limit: float
     """The nominal limit (for ``max-increase``: baseline + p·|baseline|)."""
     passed: bool
@@ -195,14 +209,14 @@ class Check:
         side = "below" if self.kind == "min" else "above"
         what = f"the limit {self.limit:g}"
         if self.kind == "max-increase":
-            base = _pm(self.baseline, self.baseline_uncertainty)
+            base = plus_minus(self.baseline, self.baseline_uncertainty)
             what = f"the baseline {base} + {_percent(self.increase)} ({self.limit:.6g})"
         outcome = {
             "fail": f"is {side} {what} by more than the uncertainty",
             "noise": f"is {side} {what}, but within the uncertainty: not flagged",
             "pass": f"is within {what}",
         }[self.status]
-        return f"{self.label} = {_pm(self.value, self.uncertainty)} {outcome}"
+        return f"{self.label} = {plus_minus(self.value, self.uncertainty)} {outcome}"
 
     def to_dict(self) -> dict[str, Any]:
         """The fields plus name, label, status and message (for JSON)."""
@@ -216,7 +230,12 @@ def measure(report: GateInput, metric: str, sigmas: float) -> Estimate | None:
     if reading is None:
         return None
     scale = sigmas if METRICS[metric].statistical else 1.0
-    return Estimate(reading.value, scale * (reading.uncertainty or 0.0))
+    parts = [
+        factor * u
+        for factor, u in ((scale, reading.uncertainty), (sigmas, reading.sampling))
+        if u is not None
+    ]
+    return Estimate(reading.value, sum(parts) if parts else None)
 
 
 def figures(report: GateInput, sigmas: float = 2.0) -> dict[str, Estimate]:
@@ -265,10 +284,8 @@ def _absolute(
     report: GateInput, metric: str, kind: Kind, limit: float, sigmas: float, option: str
 ) -> Check:
     est = _required(report, metric, sigmas, option)
-    if kind == "max":
-        passed = est.value - est.uncertainty <= limit
-    else:
-        passed = est.value + est.uncertainty >= limit
+    lowest, highest = est.value - est.margin, est.value + est.margin
+    passed = lowest <= limit if kind == "max" else highest >= limit
     return Check(metric, kind, est.value, est.uncertainty, limit, passed)
 
 
@@ -281,8 +298,8 @@ def _relative(
         if base is None:
             continue
         est = _required(report, metric, sigmas, "`max_increase`")
-        highest = base.value + base.uncertainty
-        passed = est.value - est.uncertainty <= highest + increase * abs(highest)
+        highest = base.value + base.margin
+        passed = est.value - est.margin <= highest + increase * abs(highest)
         limit = base.value + increase * abs(base.value)
         checks.append(
             Check(
@@ -348,8 +365,11 @@ def _parameter_difference(baseline: Tensors, report: Tensors) -> str | None:
     return None if extra is None else f"{extra} {mine[extra]} is not in the baseline"
 
 
-def _pm(value: float | None, uncertainty: float | None) -> str:
-    return f"{value:.6g} ± {uncertainty or 0.0:.2g}"
+def plus_minus(value: float | None, uncertainty: float | None) -> str:
+    """``value ± uncertainty``, or the value marked as without an uncertainty estimate."""
+    if uncertainty is None:
+        return f"{value:.6g} (no uncertainty estimate)"
+    return f"{value:.6g} ± {uncertainty:.2g}"
 
 
 def _percent(fraction: float | None) -> str:

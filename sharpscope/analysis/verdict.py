@@ -9,11 +9,21 @@ POOR, GOOD = 0.1, 0.5
 
 
 def verdict(analysis: Analysis) -> str:
-    """What the SAM alignment says, e.g. "SAM perturbation is poorly aligned ... (|cos| = 0.04)"."""
+    """What the SAM alignment says, e.g. "SAM perturbation is poorly aligned ... (|cos| = 0.04)";
+    "uncertain" when the data's 95 % interval of |cos| straddles a cut-off, naming it."""
     a = analysis.alignment
     if a is None:
         return "The gradient is zero: SAM's perturbation, and its alignment, are undefined here."
     cos = a.cos_full
+    straddled = _straddled(analysis)
+    if straddled:
+        low, high = _interval(analysis)
+        return (
+            f"SAM perturbation's alignment with the top eigenvector is uncertain (|cos| = "
+            f"{cos:.2f}, 95 % interval {max(low, 0):.2f}–{high:.2f} over samples of this size, "
+            f"across the cut-off{'s' if len(straddled) > 1 else ''} "
+            f"{' and '.join(f'{c:g}' for c in straddled)}); analyze more samples to decide."
+        )
     if cos < POOR:
         return (
             f"SAM perturbation is poorly aligned with the top eigenvector (|cos| = {cos:.2f}): "
@@ -26,3 +36,19 @@ def verdict(analysis: Analysis) -> str:
             f"Eigen-SAM would give {a.eigen_sam_cos:.2f} (α = {a.alpha:g})."
         )
     return f"SAM perturbation is well aligned with the top eigenvector (|cos| = {cos:.2f})."
+
+
+def _interval(analysis: Analysis) -> tuple[float, float]:
+    """The data's 95 % interval of |cos(ĝ, v₁)| (the value itself when not estimated)."""
+    a, s = analysis.alignment, analysis.sampling
+    assert a is not None
+    if s is None or s.cos_full is None:
+        return a.cos_full, a.cos_full
+    half = s.multiplier * s.cos_full
+    return a.cos_full - half, a.cos_full + half
+
+
+def _straddled(analysis: Analysis) -> list[float]:
+    """The alignment cut-offs inside the data's 95 % interval of |cos(ĝ, v₁)|."""
+    low, high = _interval(analysis)
+    return [cut for cut in (POOR, GOOD) if low < cut <= high]

@@ -38,6 +38,7 @@ def analysis_config(
     max_iter: int,
     max_basis: int | None,
     trace: bool,
+    shards: int,
     params: list[str] | None,
     batch_stats: bool,
     backend: str,
@@ -66,6 +67,7 @@ def analysis_config(
         batch_stats=batch_stats,
         params=params,
         slices=slices,
+        shards=shards,
     )
 
 
@@ -102,6 +104,7 @@ def analyze_command(
     max_iter: opt.MaxIter = DEFAULTS.max_iter,
     max_basis: opt.MaxBasis = DEFAULTS.max_basis,
     trace: opt.Trace = DEFAULTS.trace,
+    shards: opt.Shards = DEFAULTS.shards,
     density: Annotated[
         bool,
         typer.Option(
@@ -162,6 +165,7 @@ def analyze_command(
             max_iter=max_iter,
             max_basis=max_basis,
             trace=trace,
+            shards=shards,
             params=params,
             batch_stats=batch_stats,
             backend=backend,

@@ -52,13 +52,21 @@ def _limit(text: str) -> Any:
     ]
 
 
-MaxEigenvalue = _limit("Flag the model when λ_max exceeds this by more than its residual.")
+MaxEigenvalue = _limit(
+    "Flag the model when λ_max exceeds this by more than its residual + --sigmas data SE."
+)
 MinEigenvalue = _limit(
-    "Flag strong negative curvature: λ_min below this by more than its residual."
+    "Flag strong negative curvature: λ_min below this by more than its residual + --sigmas data SE."
 )
 MaxTrace = _limit("Flag the model when the trace exceeds this by more than --sigmas SE.")
-MaxSamSharpness = _limit("Flag the model when the SAM sharpness L(w+ρĝ) − L(w) exceeds this.")
-MinAlignment = _limit("Flag the model when |cos(ĝ, v₁)| (full-data gradient) is below this.")
+MaxSamSharpness = _limit(
+    "Flag the model when the SAM sharpness L(w+ρĝ) − L(w) exceeds this by more than --sigmas "
+    "data SE."
+)
+MinAlignment = _limit(
+    "Flag the model when |cos(ĝ, v₁)| (full-data gradient) is below this by more than --sigmas "
+    "data SE."
+)
 
 
 def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:
@@ -89,7 +97,8 @@ def check_command(
     sigmas: Annotated[
         float,
         typer.Option(
-            help="Standard errors of the trace estimate that count as its uncertainty.",
+            help="Standard errors (the trace's, and each figure's data standard error) that "
+            "count as its uncertainty.",
             rich_help_panel=THRESHOLDS,
         ),
     ] = 2.0,
@@ -143,6 +152,7 @@ def check_command(
     max_iter: opt.MaxIter = DEFAULTS.max_iter,
     max_basis: opt.MaxBasis = DEFAULTS.max_basis,
     trace: opt.Trace = DEFAULTS.trace,
+    shards: opt.Shards = DEFAULTS.shards,
     batch_stats: opt.BatchStats = DEFAULTS.batch_stats,
     params: opt.Params = None,
     backend: opt.Backend = DEFAULTS.backend,
@@ -218,6 +228,7 @@ def check_command(
             max_iter=max_iter,
             max_basis=max_basis,
             trace=trace,
+            shards=shards,
             params=params,
             batch_stats=batch_stats,
             backend=backend,

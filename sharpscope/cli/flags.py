@@ -29,6 +29,7 @@ FLAGS: dict[str, str] = {
     "max_iter": "--max-iter",
     "max_basis": "--max-basis",
     "trace": "--trace/--no-trace",
+    "shards": "--shards",
     "density": "--density",
     "per_layer": "--per-layer",
     "params": "--params",

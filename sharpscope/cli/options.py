@@ -124,6 +124,14 @@ MaxBasis = Annotated[
     ),
 ]
 Trace = Annotated[bool, typer.Option(help="Estimate the trace (Hutch++).", rich_help_panel=HESSIAN)]
+Shards = Annotated[
+    int,
+    typer.Option(
+        help="Disjoint shards of the samples for each figure's data uncertainty (a jackknife: "
+        "about top-k + 1 more products); 0 = off.",
+        rich_help_panel=HESSIAN,
+    ),
+]
 Params = Annotated[
     list[str] | None,
     typer.Option(

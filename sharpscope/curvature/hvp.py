@@ -103,6 +103,8 @@ class HessianOperator:
         self.num_samples, total, self.num_batches = counts
         if self.num_samples == 0 or total == 0:
             raise ValueError("no data: the Hessian needs at least one sample (and one label)")
+        self.num_terms = total
+        """The terms the mean loss is over, on all ranks: samples, or labelled tokens."""
         self.weights = [u / total for u in units]
         self.backend = backend
         self.batch_stats = batch_stats

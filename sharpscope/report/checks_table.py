@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from sharpscope.analysis.gate import Check
+from sharpscope.analysis.gate import Check, plus_minus
 
 RESULT = {"pass": "pass", "noise": "pass (within noise)", "fail": "FAIL"}
 STYLE = {"pass": "green", "noise": "yellow", "fail": "bold red"}
@@ -24,13 +24,13 @@ def metric_cell(check: Check) -> str:
 
 def value_cell(check: Check) -> str:
     """``value ± uncertainty``."""
-    return f"{check.value:.6g} ± {check.uncertainty:.2g}"
+    return plus_minus(check.value, check.uncertainty)
 
 
 def limit_cell(check: Check) -> str:
     """The limit, with the baseline it comes from for a relative check."""
     if check.kind == "max-increase":
-        base = f"{check.baseline:.6g} ± {check.baseline_uncertainty or 0.0:.2g}"
+        base = plus_minus(check.baseline, check.baseline_uncertainty)
         return f"≤ {check.limit:.6g} = {base} + {100 * (check.increase or 0.0):g}%"
     return f"{'≥' if check.kind == 'min' else '≤'} {check.limit:g}"
 

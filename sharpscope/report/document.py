@@ -19,6 +19,7 @@ from sharpscope import __version__
 from sharpscope.analysis.alignment import Alignment
 from sharpscope.analysis.analyze import Analysis, LayerEigen
 from sharpscope.analysis.gate import GateInput, Reading
+from sharpscope.analysis.sampling import SamplingErrors
 from sharpscope.analysis.verdict import verdict
 from sharpscope.curvature import DensityResult, EigenResult, TraceResult
 from sharpscope.report.json_report import dumps
@@ -288,6 +289,39 @@ class AlignmentFigures(Section):
 
 
 @dataclass(frozen=True)
+class Sampling(Section):
+    """The data uncertainty: each figure's jackknife standard error over ``shards`` disjoint
+    shards of the samples (null: not estimated), and the 95 % interval's multiplier."""
+
+    shards: int
+    interval_multiplier: float
+    eigenvalues: tuple[float, ...]
+    lambda_min: float
+    cos_full: float | None
+    topk_share: float | None
+    sam_sharpness: float | None
+
+    @classmethod
+    def of(cls, errors: SamplingErrors) -> Sampling:
+        """The section of a jackknife."""
+        return cls(
+            shards=errors.shards,
+            interval_multiplier=errors.multiplier,
+            eigenvalues=tuple(errors.eigenvalues),
+            lambda_min=errors.lambda_min,
+            cos_full=errors.cos_full,
+            topk_share=errors.topk_share,
+            sam_sharpness=errors.sam_sharpness,
+        )
+
+    def interval(self, value: float, se: float | None) -> tuple[float, float] | None:
+        """The 95 % interval ``value ± multiplier·se``; None without a standard error."""
+        if se is None:
+            return None
+        return value - self.interval_multiplier * se, value + self.interval_multiplier * se
+
+
+@dataclass(frozen=True)
 class Layer(Section):
     """The top eigenvalue of one module's block of the Hessian."""
 
@@ -346,6 +380,8 @@ class Results(Section):
     lambda_max_over_trace: float | None
     density: Density | None
     alignment: AlignmentFigures | None
+    sampling: Sampling | None
+    """How much the figures would move with another sample of the same size (docs/report.md)."""
     per_layer: tuple[Layer, ...]
     slices: dict[str, Slice]
     """Direction name (``v1``, ``gradient``) -> the loss along it."""
@@ -373,6 +409,7 @@ class Results(Section):
             lambda_max_over_trace=lam_max / trace.estimate if trace and trace.estimate else None,
             density=None if analysis.density is None else Density.of(analysis.density),
             alignment=None if alignment is None else AlignmentFigures.of(alignment),
+            sampling=None if analysis.sampling is None else Sampling.of(analysis.sampling),
             per_layer=tuple(Layer.of(layer) for layer in analysis.per_layer),
             slices={
                 name: Slice(tuple(steps), tuple(losses))
@@ -436,13 +473,17 @@ class Report(Section):
     def gate_input(self) -> GateInput:
         """The figures, the analysed parameters and the data settings that the CI gate reads
         (finite figures only)."""
-        r, a = self.results, self.results.alignment
+        r, a, s = self.results, self.results.alignment, self.results.sampling
         found = {
-            "lambda_max": _reading(r.lambda_max, r.eigenvalues.residuals[0]),
-            "lambda_min": _reading(r.lambda_min.value, r.lambda_min.residual),
+            "lambda_max": _reading(
+                r.lambda_max, r.eigenvalues.residuals[0], s and s.eigenvalues[0]
+            ),
+            "lambda_min": _reading(r.lambda_min.value, r.lambda_min.residual, s and s.lambda_min),
             "trace": None if r.trace is None else _reading(r.trace.estimate, r.trace.std_error),
-            "sam_sharpness": None if a is None else _reading(a.sam_sharpness, 0.0),
-            "cos_full": None if a is None else _reading(a.cos_full, 0.0),
+            "sam_sharpness": None
+            if a is None
+            else _reading(a.sam_sharpness, None, s and s.sam_sharpness),
+            "cos_full": None if a is None else _reading(a.cos_full, None, s and s.cos_full),
         }
         return GateInput(
             readings={key: reading for key, reading in found.items() if reading is not None},
@@ -453,13 +494,18 @@ class Report(Section):
         )
 
 
-def _reading(value: float | None, uncertainty: float | None) -> Reading | None:
+def _reading(
+    value: float | None, uncertainty: float | None, sampling: float | None = None
+) -> Reading | None:
     """A figure as the gate reads it: none when the value is null or not finite, and no
-    uncertainty when it is not finite (the report would write it as null)."""
+    uncertainty (solver's or data's) where it is not finite (the report would write null)."""
     if value is None or not math.isfinite(value):
         return None
-    finite = uncertainty is not None and math.isfinite(uncertainty)
-    return Reading(value, uncertainty if finite else None)
+    return Reading(value, _finite(uncertainty), _finite(sampling))
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def read_report(path: Path, remake: str = REANALYZE) -> Report:

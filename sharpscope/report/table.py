@@ -23,6 +23,10 @@ HELP = {
     f"{POOR:g}–{GOOD:g} partly, ≥ {GOOD:g} well",
     "per_layer": "λ_max: top eigenvalue of each module's own block of the Hessian (its "
     "parameters alone)",
+    "sampling": "± data, [a, b]: 95 % interval of the figure over other samples of this size from "
+    "the same data (jackknife over {shards} shards); ‖Hv − λv‖ is the solver's own bound",
+    "no_sampling": "the figures' data uncertainty was not estimated (--shards 0): another "
+    "sample of the data may give other values",
 }
 """The dim line under each table: what its figures mean, and the cut-offs (docs/report.md)."""
 
@@ -40,7 +44,7 @@ def _summary(inputs: Inputs, results: Results) -> Table:
     table.add_row("data", escape("—" if data is None else data.source))
     table.add_row("parameters", f"{results.num_params:,}")
     table.add_row("samples", f"{results.num_samples:,}")
-    table.add_row("loss", _num(results.loss))
+    table.add_row("loss", f"{_num(results.loss)} ({escape(inputs.loss or '—')})")
     if results.accuracy is not None:
         table.add_row("accuracy", f"{100 * results.accuracy:.2f} %")
     table.add_row("‖∇L‖", _num(results.grad_norm))
@@ -67,23 +71,42 @@ def _eigenvalues(results: Results, dtype: str | None) -> Table:
     table.add_column("λ", justify="right")
     table.add_column("‖Hv − λv‖", justify="right")
     table.add_column("converged")
-    rows = zip(eig.values, eig.residuals, eig.converged, strict=True)
-    for i, (value, residual, ok) in enumerate(rows, 1):
-        table.add_row(
-            str(i), _num(value, 6), _bound(residual, floor), "yes" if ok else "[red]no[/red]"
-        )
+    s = results.sampling
+    if s is not None:
+        table.add_column("± data", justify="right")
+    spread = [None] * len(eig.values) if s is None else list(s.eigenvalues)
+    rows = zip(eig.values, eig.residuals, eig.converged, spread, strict=True)
+    for i, (value, residual, ok, se) in enumerate(rows, 1):
+        cells = [str(i), _num(value, 6), _bound(residual, floor), "yes" if ok else "[red]no[/red]"]
+        table.add_row(*cells, *([] if s is None else [_spread(s.interval_multiplier, se)]))
     low = results.lambda_min
     flag = "yes" if low.converged else "[red]no[/red]"
-    table.add_row("min", _num(low.value, 6), _bound(low.residual, floor), flag)
+    cells = ["min", _num(low.value, 6), _bound(low.residual, floor), flag]
+    table.add_row(*cells, *([] if s is None else [_spread(s.interval_multiplier, s.lambda_min)]))
     return table
+
+
+def _spread(multiplier: float, se: float | None) -> str:
+    """A 95 % half-width, ``± 0.052``."""
+    return "—" if se is None else f"± {multiplier * se:.2g}"
+
+
+def _with_interval(results: Results, value: float | None, se: float | None, digits: int) -> str:
+    """``value [low, high]`` with the data's 95 % interval when it was estimated."""
+    s = results.sampling
+    interval = None if s is None or value is None else s.interval(value, se)
+    if interval is None:
+        return _num(value, digits)
+    return f"{_num(value, digits)} [{_num(interval[0], 2)}, {_num(interval[1], 2)}]"
 
 
 def _curvature(results: Results) -> Table:
     table = Table(title="Curvature", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    table.add_row("λ_max", _num(results.lambda_max, 6))
-    table.add_row("λ_min", _num(results.lambda_min.value, 6))
+    s = results.sampling
+    table.add_row("λ_max", _with_interval(results, results.lambda_max, s and s.eigenvalues[0], 6))
+    table.add_row("λ_min", _with_interval(results, results.lambda_min.value, s and s.lambda_min, 6))
     trace = results.trace
     if trace is not None:
         table.add_row("trace", f"{_num(trace.estimate, 6)} ± {_num(trace.std_error, 2)}")
@@ -100,7 +123,10 @@ def _alignment(results: Results) -> Table | None:
     table = Table(title=f"SAM alignment (ρ = {a.rho:g})", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    table.add_row("|cos(ĝ, v₁)|, full-data gradient", _num(a.cos_full, 3))
+    s = results.sampling
+    table.add_row(
+        "|cos(ĝ, v₁)|, full-data gradient", _with_interval(results, a.cos_full, s and s.cos_full, 3)
+    )
     batches = a.cos_batches
     if batches is not None:
         q = batches.quantiles
@@ -108,8 +134,14 @@ def _alignment(results: Results) -> Table | None:
             f"|cos(ĝ_b, v₁)|, {batches.count} minibatches: mean [5–95 %]",
             f"{_num(batches.mean, 3)} [{_num(q['q05'], 2)}–{_num(q['q95'], 2)}]",
         )
-    table.add_row("‖P_k ĝ‖, ĝ's share in the top-k eigenspace", _num(a.topk_share, 3))
-    table.add_row("SAM sharpness L(w+ρĝ) − L(w)", _num(a.sam_sharpness))
+    table.add_row(
+        "‖P_k ĝ‖, ĝ's share in the top-k eigenspace",
+        _with_interval(results, a.topk_share, s and s.topk_share, 3),
+    )
+    table.add_row(
+        "SAM sharpness L(w+ρĝ) − L(w)",
+        _with_interval(results, a.sam_sharpness, s and s.sam_sharpness, 4),
+    )
     table.add_row("  predicted ρ‖g‖ + ½ρ²ĝᵀHĝ", _num(a.sam_sharpness_taylor))
     table.add_row("  of which curvature ½ρ²ĝᵀHĝ", _num(a.sam_sharpness_quadratic))
     table.add_row(f"|cos(ε, v₁)|, Eigen-SAM α = {a.alpha:g}", _num(a.eigen_sam_cos, 3))
@@ -147,6 +179,9 @@ def render(report: Report) -> Group:
     for name, table in tables.items():
         if table is not None:
             parts += [table, Text(HELP[name], style="dim")]
+    s = results.sampling
+    data_help = HELP["no_sampling"] if s is None else HELP["sampling"].format(shards=s.shards)
+    parts.append(Text(data_help, style="dim"))
     timings = report.timings
     parts.append(
         Text(
