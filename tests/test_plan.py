@@ -36,7 +36,7 @@ def test_the_plan_comes_first_and_bounds_the_run(mlp):
     assert plan.num_params == mlp.hessian.shape[0] == result.num_params
     assert plan.products == {
         "eigenpairs": 200 + 3 + 1,
-        "trace": 120,
+        "trace": 100,
         "density": 40,
         "sampling": 3 + 1,  # one per eigenvector, over the shards
     }
@@ -76,6 +76,6 @@ def test_durations(seconds, text):
 def test_the_line_says_sizes_products_and_time(mlp):
     _, plan = _run(mlp, AnalyzeConfig(k=2))
     line = plan_line(plan)
-    for part in [f"{plan.num_params:,} parameters", "64 samples", "at most 326 products"]:
+    for part in [f"{plan.num_params:,} parameters", "64 samples", "at most 306 products"]:
         assert part in line
     assert f"solver vectors ≤ {sizes(plan.basis_bytes)}" in line

@@ -27,7 +27,7 @@ from sharpscope.curvature import (
     slq,
 )
 from sharpscope.curvature.hvp import Backend
-from sharpscope.curvature.solvers import SOLVERS, Solver, SolveSettings, solver
+from sharpscope.curvature.solvers import SOLVERS, Solver, SolveSettings, solver, trace_budget
 from sharpscope.curvature.vectors import norm
 from sharpscope.errors import InputError, check_choice
 from sharpscope.optim.perturbations import sam_perturbation
@@ -277,7 +277,8 @@ def _planned(
             settings, cost, chosen = bounded, bounded_cost, bounded.max_basis
     products = {"eigenpairs": cost.products}
     if config.trace:
-        products["trace"] = method.trace_products(config.trace_samples)
+        budget = trace_budget(config.trace_samples, cost.products)
+        products["trace"] = method.trace_products(budget)
     if config.density:
         products["density"] = config.density_vectors * config.density_iter
     if config.shards:
@@ -297,6 +298,18 @@ def _planned(
         chosen_max_basis=chosen,
     )
     return plan, settings, image if grad_norm > 0 else None
+
+
+def _trace_notes(trace: TraceResult, tol: float) -> list[str]:
+    """A note when the trace stopped at its product budget before its standard-error target."""
+    if trace.converged:
+        return []
+    low, high = trace.interval
+    return [
+        f"trace: not converged; its standard error is {trace.std_error:.2g}, above "
+        f"{tol:g}·|trace|, after {trace.n_products} products (the budget: as many as the eigen "
+        f"stage); 95 % interval [{low:.4g}, {high:.4g}]"
+    ]
 
 
 def _convergence_notes(top: EigenResult, bottom: EigenResult, tol: float) -> list[str]:
@@ -346,16 +359,24 @@ def analyze(
         )
     if on_plan is not None:
         on_plan(plan)
+    before = op.n_products
     with watch.stage("eigenvalues"):
         top, bottom = method.extremes(
             op, config.k, 1, settings, _staged(progress, "top-k and λ_min")
         )
+    subspace, top, bottom = (
+        top.subspace,
+        replace(top, subspace=None),
+        replace(bottom, subspace=None),
+    )
     trace = None
     if config.trace:
         with watch.stage("trace"):
-            trace = method.trace(
-                op, config.trace_tol, config.trace_samples, config.seed, _staged(progress, "trace")
-            )
+            budget = trace_budget(config.trace_samples, op.n_products - before)
+            staged = _staged(progress, "trace")
+            trace = method.trace(op, config.trace_tol, budget, config.seed, staged, subspace)
+        notes += _trace_notes(trace, config.trace_tol)
+    del subspace  # the Krylov basis: free it before the later stages
     density = None
     if config.density:
         with watch.stage("density"):

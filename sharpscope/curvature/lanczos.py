@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from sharpscope.curvature.linop import LinearOperator
-from sharpscope.curvature.results import EigenResult, Progress
+from sharpscope.curvature.results import EigenResult, Progress, Subspace
 from sharpscope.curvature.vectors import dot, norm, orthogonalize, random_vectors, unit_rows
 
 Which = Literal["largest", "smallest", "magnitude"]
@@ -186,14 +186,18 @@ def lanczos_extremes(
     progress: Progress | None = None,
     max_basis: int | None = None,
     verify: bool = True,
+    keep_subspace: bool = False,
 ) -> tuple[EigenResult, EigenResult]:
     """The ``k`` largest and the ``k_smallest`` smallest eigenpairs from one Lanczos run, which
     stops when both ends meet :func:`lanczos`' tolerance: fewer products than two runs, as both
     ends converge in the same Krylov space. Both results report that run's products and time;
     ``max_basis`` must be at least k + k_smallest + 2 and keeps Ritz vectors from both ends;
-    ``verify`` as in :func:`lanczos`."""
+    ``verify`` as in :func:`lanczos`. With ``keep_subspace`` both results carry the final Krylov
+    basis as their ``subspace`` (for :func:`~sharpscope.curvature.trace.deflated_trace`)."""
     wants: list[tuple[int, Which]] = [(k, "largest"), (k_smallest, "smallest")]
-    top, bottom = _solve(op, wants, tol, max_iter, seed, None, progress, max_basis, verify)
+    top, bottom = _solve(
+        op, wants, tol, max_iter, seed, None, progress, max_basis, verify, keep_subspace
+    )
     return top, bottom
 
 
@@ -207,8 +211,10 @@ def _solve(
     progress: Progress | None,
     max_basis: int | None,
     verify: bool,
+    keep_subspace: bool = False,
 ) -> list[EigenResult]:
-    """One Lanczos run until every ``(k, which)`` of ``wants`` has converged; a result each."""
+    """One Lanczos run until every ``(k, which)`` of ``wants`` has converged; a result each
+    (carrying the final basis when ``keep_subspace``)."""
     if any(k < 1 for k, _ in wants):
         raise ValueError("k must be at least 1")
     for _, which in wants:
@@ -253,6 +259,9 @@ def _solve(
             values, errors = _verified(op, vectors)
             ok = errors <= tol * scale
         found.append((vectors, values, errors, ok))
+    subspace = None
+    if keep_subspace:
+        subspace = Subspace(process.vectors, float(theta.sum()), float(scale))
     return [
         EigenResult(
             eigenvalues=values,
@@ -265,6 +274,7 @@ def _solve(
             method="lanczos",
             which=which,
             history=history,
+            subspace=subspace,
         )
         for (_, which), (vectors, values, errors, ok), history in zip(
             wants, found, histories, strict=True

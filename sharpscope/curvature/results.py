@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sharpscope.curvature.intervals import LEVEL, t_quantile
+
 Progress = Callable[[str, int, int], None]
 """``progress(task, done, total)``: called after each product-costing step of an estimator."""
 
@@ -36,6 +38,21 @@ def _with_error(value: float, error: float) -> str:
     return f"{_figure(value, min(max(digits, 1), 12))} ± {_figure(error, 2)}"
 
 
+@dataclass(frozen=True, repr=False)
+class Subspace:
+    """An orthonormal basis (rows) an eigen-solve built, with tr(QᵀHQ) known without a product:
+    the exactly traced part of a deflated trace estimate."""
+
+    basis: torch.Tensor
+    trace: float
+    """tr(QᵀHQ): the trace of the projected matrix T (Lanczos: Σ of its Ritz values)."""
+    scale: float
+    """The largest |Ritz value|, for the rounding bound of :attr:`trace`."""
+
+    def __repr__(self) -> str:
+        return f"Subspace({len(self.basis)} vectors, trace {_figure(self.trace)})"
+
+
 @dataclass(repr=False)
 class EigenResult:
     """Eigenpairs of an operator, with how far each is from converged.
@@ -54,6 +71,9 @@ class EigenResult:
     which: str
     history: list[list[float]] = field(default_factory=list)
     """Per iteration, the current estimates of the wanted eigenvalues (convergence plots)."""
+    subspace: Subspace | None = None
+    """The Krylov basis the pairs came from, when the solve was asked to keep it (a deflated
+    trace reuses it); None otherwise."""
 
     @property
     def all_converged(self) -> bool:
@@ -88,6 +108,15 @@ class TraceResult:
     converged: bool
     samples: torch.Tensor
 
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The 95 % confidence interval, estimate ± t·SE with Student's t for n − 1 degrees of
+        freedom; unbounded with fewer than two samples."""
+        if self.n_samples < 2 or not math.isfinite(self.std_error):
+            return (-math.inf, math.inf)
+        half = t_quantile(self.n_samples - 1) * self.std_error
+        return (self.estimate - half, self.estimate + half)
+
     def __repr__(self) -> str:
         """A summary: the estimate ± its standard error, the cost and whether it converged."""
         if not math.isfinite(self.std_error):
@@ -96,7 +125,9 @@ class TraceResult:
         elif self.std_error == 0:
             estimate = f"{_figure(self.estimate)} (all {self.n_samples} samples equal)"
         else:
-            estimate = f"{_with_error(self.estimate, self.std_error)} (SE)"
+            low, high = self.interval
+            estimate = f"{_with_error(self.estimate, self.std_error)} (SE), "
+            estimate += f"{LEVEL:.0%} interval [{_figure(low, 4)}, {_figure(high, 4)}]"
         state = "converged" if self.converged else "not converged"
         return (
             f"TraceResult(estimate={estimate}, {self.method}: "

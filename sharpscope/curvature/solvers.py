@@ -10,8 +10,8 @@ from sharpscope.curvature.lanczos import Which, lanczos, lanczos_extremes
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.power import power_iteration
 from sharpscope.curvature.pyhessian_bridge import pyhessian_eigs, pyhessian_trace
-from sharpscope.curvature.results import EigenResult, Progress, TraceResult
-from sharpscope.curvature.trace import hutchpp
+from sharpscope.curvature.results import EigenResult, Progress, Subspace, TraceResult
+from sharpscope.curvature.trace import deflated_trace, hutchpp
 from sharpscope.errors import check_choice
 
 HUTCHPP_SKETCH = 10
@@ -33,7 +33,13 @@ Eigs = Callable[[LinearOperator, int, Which, SolveSettings, Progress | None], Ei
 Extremes = Callable[
     [LinearOperator, int, int, SolveSettings, Progress | None], tuple[EigenResult, EigenResult]
 ]
-Trace = Callable[[LinearOperator, float, int, int, Progress | None], TraceResult]
+Trace = Callable[[LinearOperator, float, int, int, Progress | None, Subspace | None], TraceResult]
+
+
+def trace_budget(max_samples: int, eigen_products: int) -> int:
+    """The most products the trace may take: as many as the eigen stage took (its basis makes
+    them worth more), and never more than ``max_samples``."""
+    return max(2, min(max_samples, eigen_products))
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,14 @@ class Solver:
     """``extremes(op, k, k_smallest, settings, progress)``: the top ``k`` and the bottom
     ``k_smallest`` pairs, as cheaply as the solver can."""
     trace: Trace
-    """``trace(op, tol, max_samples, seed, progress)``: the trace with its standard error."""
+    """``trace(op, tol, max_products, seed, progress, subspace)``: the trace with its standard
+    error, in at most ``max_products`` products, deflating the eigen stage's ``subspace`` when
+    there is one."""
     cost: Callable[[int, int, SolveSettings], Cost]
     """``cost(k, k_smallest, settings)``: the most an ``extremes`` solve may take."""
     trace_products: Callable[[int], int]
-    """``trace_products(max_samples)``: the most products ``trace`` may take."""
+    """``trace_products(max_products)``: the most products ``trace`` may take when given
+    ``max_products`` (a fixed sketch may take more)."""
     single_process: bool = False
     """It cannot run under torch.distributed."""
     density_note: str | None = None
@@ -79,7 +88,15 @@ def _lanczos_extremes(
     op: LinearOperator, k: int, k_smallest: int, s: SolveSettings, progress: Progress | None
 ) -> tuple[EigenResult, EigenResult]:
     return lanczos_extremes(
-        op, k, k_smallest, s.tol, s.max_iter, s.seed, progress=progress, max_basis=s.max_basis
+        op,
+        k,
+        k_smallest,
+        s.tol,
+        s.max_iter,
+        s.seed,
+        progress=progress,
+        max_basis=s.max_basis,
+        keep_subspace=True,
     )
 
 
@@ -99,18 +116,37 @@ def _pyhessian_eigs(
     return pyhessian_eigs(op, k, s.tol, s.max_iter, s.seed)  # type: ignore[arg-type]
 
 
-def _hutchpp(
-    op: LinearOperator, tol: float, max_samples: int, seed: int, progress: Progress | None
+def _hutchpp_samples(max_products: int) -> int:
+    """Hutch++'s samples after its sketch (at least two, for a standard error)."""
+    return max(2, max_products - 2 * HUTCHPP_SKETCH)
+
+
+def _deflated_or_hutchpp(
+    op: LinearOperator,
+    tol: float,
+    max_products: int,
+    seed: int,
+    progress: Progress | None,
+    subspace: Subspace | None,
 ) -> TraceResult:
-    return hutchpp(
-        op, HUTCHPP_SKETCH, tol=tol, max_samples=max_samples, seed=seed, progress=progress
-    )
+    """The deflated trace on the eigen stage's basis when it kept one, Hutch++ otherwise."""
+    if subspace is not None:
+        return deflated_trace(
+            op, subspace, tol=tol, max_products=max_products, seed=seed, progress=progress
+        )
+    samples = _hutchpp_samples(max_products)
+    return hutchpp(op, HUTCHPP_SKETCH, tol=tol, max_samples=samples, seed=seed, progress=progress)
 
 
 def _pyhessian_trace(
-    op: LinearOperator, tol: float, max_samples: int, seed: int, progress: Progress | None
+    op: LinearOperator,
+    tol: float,
+    max_products: int,
+    seed: int,
+    progress: Progress | None,
+    subspace: Subspace | None,
 ) -> TraceResult:
-    return pyhessian_trace(op, tol, max_samples, seed)  # type: ignore[arg-type]
+    return pyhessian_trace(op, tol, max_products, seed)  # type: ignore[arg-type]
 
 
 def _lanczos_cost(k: int, k_smallest: int, s: SolveSettings) -> Cost:
@@ -129,8 +165,8 @@ def _pyhessian_cost(k: int, k_smallest: int, s: SolveSettings) -> Cost:
     return Cost(s.max_iter * k + s.max_iter + k_smallest, s.max_basis or s.max_iter + 1)
 
 
-def _hutchpp_products(max_samples: int) -> int:
-    return 2 * HUTCHPP_SKETCH + max_samples
+def _hutchpp_products(max_products: int) -> int:
+    return 2 * HUTCHPP_SKETCH + _hutchpp_samples(max_products)
 
 
 def _one_end_at_a_time(eigs: Eigs) -> Extremes:
@@ -148,13 +184,18 @@ SOLVERS: dict[str, Solver] = {
     solver.name: solver
     for solver in (
         Solver(
-            "lanczos", _lanczos_eigs, _lanczos_extremes, _hutchpp, _lanczos_cost, _hutchpp_products
+            "lanczos",
+            _lanczos_eigs,
+            _lanczos_extremes,
+            _deflated_or_hutchpp,
+            _lanczos_cost,
+            lambda max_products: max(2, max_products),
         ),
         Solver(
             "power",
             _power_eigs,
             _one_end_at_a_time(_power_eigs),
-            _hutchpp,
+            _deflated_or_hutchpp,
             _power_cost,
             _hutchpp_products,
         ),
@@ -164,7 +205,7 @@ SOLVERS: dict[str, Solver] = {
             _one_end_at_a_time(_pyhessian_eigs),
             _pyhessian_trace,
             _pyhessian_cost,
-            lambda max_samples: max_samples,
+            lambda max_products: max_products,
             single_process=True,
             density_note="PyHessian 0.1's density calls torch.eig, which torch 2 removed; "
             "the density shown is sharpscope's SLQ",
