@@ -226,3 +226,20 @@ def test_out_dir_files(analysed, cnn, tmp_path):
     torch.testing.assert_close(flat, result.top.eigenvectors[0])
     assert list(vectors[0]) == [n for n, _ in cnn.model.named_parameters()]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_trace_stopped_by_its_budget_shows_as_unconverged_with_its_interval(analysed):
+    """The small CNN's trace cannot reach 1 % within the eigen stage's products: it stops there,
+    and the table, the notes and the JSON say so."""
+    result, report = analysed
+    trace = result.trace
+    assert not trace.converged and trace.n_products <= result.top.n_products
+    console = Console(record=True, width=200)
+    console.print(render(report))
+    text = console.export_text()
+    low, high = trace.interval
+    assert "not converged" in text and f"(95 %: {low:.4g} to {high:.4g})" in text
+    assert any(note.startswith("trace: not converged") for note in result.notes)
+    document = json.loads(report.dumps())["results"]["trace"]
+    assert document["converged"] is False
+    assert document["interval"] == pytest.approx([low, high])

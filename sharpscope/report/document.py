@@ -213,10 +213,14 @@ class Trace(Section):
     n_products: int
     method: str
     converged: bool
+    interval: tuple[float, float] | None = field(default=None, metadata=_OPTIONAL)
+    """The 95 % confidence interval (Student's t); None with fewer than two samples or in a
+    report made before it was written."""
 
     @classmethod
     def of(cls, result: TraceResult) -> Trace:
         """The section of a trace estimate."""
+        low, high = result.interval
         return cls(
             estimate=result.estimate,
             std_error=result.std_error,
@@ -224,6 +228,7 @@ class Trace(Section):
             n_products=result.n_products,
             method=result.method,
             converged=result.converged,
+            interval=(low, high) if math.isfinite(high - low) else None,
         )
 
 

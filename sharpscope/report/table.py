@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sharpscope.analysis.verdict import GOOD, POOR
-from sharpscope.report.document import Inputs, Report, Results
+from sharpscope.report.document import Inputs, Report, Results, Trace
 
 HELP = {
     "summary": "loss: the mean over the analysed samples; ‖∇L‖: the norm of its gradient "
@@ -109,11 +109,19 @@ def _curvature(results: Results) -> Table:
     table.add_row("λ_min", _with_interval(results, results.lambda_min.value, s and s.lambda_min, 6))
     trace = results.trace
     if trace is not None:
-        table.add_row("trace", f"{_num(trace.estimate, 6)} ± {_num(trace.std_error, 2)}")
+        table.add_row("trace", _trace(trace))
         table.add_row("λ_max / trace", _num(results.lambda_max_over_trace))
     if results.density is not None:
         table.add_row("density mean (trace/n)", _num(results.density.mean))
     return table
+
+
+def _trace(trace: Trace) -> str:
+    """``estimate ± SE (95 %: low to high)``, flagged when the trace stopped at its budget."""
+    text = f"{_num(trace.estimate, 6)} ± {_num(trace.std_error, 2)}"
+    if trace.interval is not None:
+        text += f" (95 %: {_num(trace.interval[0])} to {_num(trace.interval[1])})"
+    return text if trace.converged else f"{text} [red]not converged[/red]"
 
 
 def _alignment(results: Results) -> Table | None:
