@@ -7,9 +7,15 @@ from sharpscope.curvature.lanczos import lanczos, lanczos_extremes
 from sharpscope.curvature.linop import LinearOperator, MatrixOperator
 from sharpscope.curvature.params import ParamSpace, select_params
 from sharpscope.curvature.power import power_iteration
-from sharpscope.curvature.results import DensityResult, EigenResult, Progress, TraceResult
+from sharpscope.curvature.results import (
+    DensityResult,
+    EigenResult,
+    Progress,
+    Subspace,
+    TraceResult,
+)
 from sharpscope.curvature.solvers import SOLVERS, SolveSettings
-from sharpscope.curvature.trace import hutchinson, hutchpp
+from sharpscope.curvature.trace import deflated_trace, hutchinson, hutchpp
 
 __all__ = [
     "BACKENDS",
@@ -22,8 +28,10 @@ __all__ = [
     "ParamSpace",
     "Progress",
     "SolveSettings",
+    "Subspace",
     "TraceResult",
     "curvature_mode",
+    "deflated_trace",
     "hessian_eigs",
     "hessian_trace",
     "hutchinson",

@@ -1,0 +1,239 @@
+"""Is analyze's trace worth its cost? The deflated trace (the eigen stage's Krylov basis traced
+exactly, Hutchinson on the rest) against Hutch++, and a whole `sharpscope analyze --top-k 5`
+process against PyHessian's top-5.
+
+Run by hand: ``python benchmarks/bench_trace.py [--seeds 40] [--out FILE]``. The digits MLP and
+the CIFAR-shaped CNN of ``bench_analyze.py`` (1024 samples in batches of 128). Product counts
+come first: they are the same on any machine; wall times are ratios within this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import bench_analyze
+import bench_engine
+import torch
+from torch import nn
+
+from sharpscope import HessianOperator, hutchpp, lanczos_extremes
+from sharpscope.analysis.analyze import AnalyzeConfig, analyze
+from sharpscope.curvature.results import TraceResult
+from sharpscope.curvature.solvers import HUTCHPP_SKETCH, trace_budget
+from sharpscope.curvature.trace import deflated_trace
+
+LOSS = nn.functional.cross_entropy
+DEFAULTS = AnalyzeConfig()
+HERE = Path(__file__).resolve().parent
+
+
+def float64_trace(model: nn.Module, batches: list) -> float:
+    """tr(H) in float64: Σᵢ (H eᵢ)ᵢ, each column by autograd double backward on a float64 copy."""
+    import copy
+
+    twin = copy.deepcopy(model).double().eval()
+    params = [p for p in twin.parameters() if p.requires_grad]
+    total = sum(len(y) for _, y in batches)
+    loss = sum(LOSS(twin(x.double()), y) * (len(y) / total) for x, y in batches)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    trace = 0.0
+    for param, grad in zip(params, grads, strict=True):
+        flat = grad.reshape(-1)
+        for i in range(flat.numel()):
+            (row,) = torch.autograd.grad(flat[i], param, retain_graph=True)
+            trace += float(row.reshape(-1)[i])
+    return trace
+
+
+@dataclass
+class Run:
+    """One seed's trace: products, estimate and its interval."""
+
+    eigen_products: int
+    result: TraceResult
+
+
+def seeded_runs(op: HessianOperator, seeds: int) -> dict[str, list[Run]]:
+    """Per seed, analyze's eigen stage and its trace; Hutch++ with the same budget, and Hutch++
+    as analyze ran it before (20 sketch products + up to 100 samples)."""
+    runs: dict[str, list[Run]] = {"deflated": [], "hutch++, same budget": [], "hutch++ before": []}
+    for seed in range(seeds):
+        start = op.n_products
+        top, _ = lanczos_extremes(
+            op, DEFAULTS.k, 1, DEFAULTS.tol, DEFAULTS.max_iter, seed, keep_subspace=True
+        )
+        eigen = op.n_products - start
+        budget = trace_budget(DEFAULTS.trace_samples, eigen)
+        tol = DEFAULTS.trace_tol
+        runs["deflated"].append(
+            Run(eigen, deflated_trace(op, top.subspace, tol, budget, seed=seed))
+        )
+        samples = max(2, budget - 2 * HUTCHPP_SKETCH)
+        runs["hutch++, same budget"].append(
+            Run(eigen, hutchpp(op, HUTCHPP_SKETCH, tol, samples, seed=seed))
+        )
+        runs["hutch++ before"].append(
+            Run(eigen, hutchpp(op, HUTCHPP_SKETCH, tol, DEFAULTS.trace_samples, seed=seed))
+        )
+    return runs
+
+
+def seed_table(runs: dict[str, list[Run]], exact: float) -> list[str]:
+    """One row per estimator: products, errors, 1 % hits, interval coverage, convergence."""
+    lines = [
+        "| estimator | trace products: median [max] | within 1 % | within 1 % in ≤ 50 products "
+        "| 95 % interval covers | converged | median \\|error\\| | median SE |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, group in runs.items():
+        products = [r.result.n_products for r in group]
+        errors = [abs(r.result.estimate - exact) / abs(exact) for r in group]
+        within = sum(e <= 0.01 for e in errors)
+        cheap = sum(e <= 0.01 and p <= 50 for e, p in zip(errors, products, strict=True))
+        covered = sum(r.result.interval[0] <= exact <= r.result.interval[1] for r in group)
+        converged = sum(r.result.converged for r in group)
+        se = statistics.median(r.result.std_error / abs(exact) for r in group)
+        n = len(group)
+        lines.append(
+            f"| {name} | {statistics.median(products):g} [{max(products)}] | {within}/{n} "
+            f"| {cheap}/{n} | {covered}/{n} | {converged}/{n} | "
+            f"{100 * statistics.median(errors):.2f} % | {100 * se:.2f} % |"
+        )
+    return lines
+
+
+def mlp_section(seeds: int) -> list[str]:
+    """The digits MLP: exact trace, then every seed's trace against it."""
+    workload = bench_engine.build_mlp()
+    batches = bench_analyze.batches_of(workload)
+    start = time.perf_counter()
+    exact = float64_trace(workload.model, batches)
+    exact_seconds = time.perf_counter() - start
+    op = HessianOperator(workload.model, LOSS, batches)
+    runs = seeded_runs(op, seeds)
+    eigen = [r.eigen_products for r in runs["deflated"]]
+    return [
+        f"## {workload.title}",
+        "",
+        f"- {workload.n_params:,} parameters, {bench_analyze.SAMPLES} samples in {len(batches)} "
+        f"batches; exact trace (float64, dense Hessian diagonal by double backward, "
+        f"{exact_seconds:.0f} s): **{exact:.6g}**",
+        f"- eigen stage (top-{DEFAULTS.k} and λ_min, one Lanczos run, tol {DEFAULTS.tol:g}): "
+        f"median {statistics.median(eigen):g} products [{min(eigen)}–{max(eigen)}] over "
+        f"{seeds} seeds; the trace's budget is as many (at most {DEFAULTS.trace_samples})",
+        f"- trace target: standard error ≤ {DEFAULTS.trace_tol:g}·|trace|; seeds 0–{seeds - 1} "
+        "start both the Lanczos run and the probes",
+        "",
+        *seed_table(runs, exact),
+        "",
+    ]
+
+
+def cnn_model() -> nn.Module:
+    """The benchmark CNN's architecture (``--model bench_trace:cnn_model`` for the CLI)."""
+    return bench_engine.build_cnn().model
+
+
+PYHESSIAN = """
+import sys, time, torch
+sys.path.insert(0, {here!r})
+import bench_trace
+from pyhessian import hessian
+model = bench_trace.cnn_model()
+model.load_state_dict(torch.load({checkpoint!r}))
+model.eval()
+data = torch.load({data!r})
+engine = hessian(model, torch.nn.functional.cross_entropy,
+                 data=(data["inputs"], data["targets"]), cuda=False)
+values, _ = engine.eigenvalues(top_n=5, tol=1e-6)
+print(values)
+"""
+
+
+def whole_process(command: list[str]) -> tuple[float, str]:
+    """Wall time and stdout of ``command`` in a fresh process."""
+    start = time.perf_counter()
+    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=HERE)
+    return time.perf_counter() - start, done.stdout
+
+
+def cnn_section() -> list[str]:
+    """The CNN: a default analyze in process (the trace's share), then whole processes."""
+    workload = bench_engine.build_cnn()
+    batches = bench_analyze.batches_of(workload)
+    start = time.perf_counter()
+    result = analyze(workload.model, LOSS, batches, DEFAULTS)
+    total = time.perf_counter() - start
+    trace = result.trace
+    assert trace is not None
+    timings = result.timings
+    low, high = trace.interval
+    lines = [
+        f"## {workload.title}",
+        "",
+        f"- {workload.n_params:,} parameters, {bench_analyze.SAMPLES} samples in {len(batches)} "
+        "batches",
+        f"- default analyze (in process): {result.n_products} products, eigen stage "
+        f"{result.top.n_products}, trace **{trace.n_products}** ({trace.method}, "
+        f"{'converged' if trace.converged else 'not converged'}): "
+        f"{trace.estimate:.5g} ± {trace.std_error:.2g}, 95 % [{low:.5g}, {high:.5g}]",
+        f"- trace {timings['trace']:.2f} s of {total:.2f} s = "
+        f"**{100 * timings['trace'] / total:.0f} %** of the analyze",
+        "",
+        "| stage | seconds | share |",
+        "| --- | ---: | ---: |",
+        *(f"| {s} | {t:.3f} | {100 * t / total:.1f} % |" for s, t in timings.items()),
+        "",
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint, data = Path(folder) / "cnn.pt", Path(folder) / "data.pt"
+        torch.save(workload.model.state_dict(), checkpoint)
+        inputs = torch.cat([x for x, _ in batches])
+        targets = torch.cat([y for _, y in batches])
+        torch.save({"inputs": inputs, "targets": targets}, data)
+        ours, _ = whole_process(
+            [sys.executable, "-m", "sharpscope", "analyze", str(checkpoint), "--model",
+             "bench_trace:cnn_model", "--data", str(data), "--top-k", "5", "--json", "--quiet"]
+        )  # fmt: skip
+        script = PYHESSIAN.format(here=str(HERE), checkpoint=str(checkpoint), data=str(data))
+        theirs, _ = whole_process([sys.executable, "-c", script])
+    lines += [
+        f"- whole processes, same checkpoint and 1024 samples: `sharpscope analyze --top-k 5` "
+        f"(top-5, λ_min, trace, alignment) {ours:.1f} s; PyHessian 0.1 "
+        f"`eigenvalues(top_n=5, tol=1e-6)` on one batch of 1024 {theirs:.1f} s: "
+        f"**{ours / theirs:.2f}×**",
+        "",
+    ]
+    return lines
+
+
+def main() -> None:
+    """Measure both workloads and print (or write) the Markdown."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=40)
+    parser.add_argument("--out", type=Path, help="also write the Markdown here")
+    args = parser.parse_args()
+    lines = [
+        "# The trace's cost and its intervals",
+        "",
+        f"- command: `python benchmarks/bench_trace.py --seeds {args.seeds}`",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
+        "",
+        *mlp_section(args.seeds),
+        *cnn_section(),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
