@@ -26,7 +26,7 @@ from torch import nn
 from sharpscope import HessianOperator, hutchpp, lanczos_extremes
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
 from sharpscope.curvature.results import TraceResult
-from sharpscope.curvature.solvers import HUTCHPP_SKETCH, trace_budget
+from sharpscope.curvature.solvers import HUTCHPP_SKETCH, TRACE_BUDGET_SHARE, trace_budget
 from sharpscope.curvature.trace import deflated_trace
 
 LOSS = nn.functional.cross_entropy
@@ -109,12 +109,12 @@ def seed_table(runs: dict[str, list[Run]], exact: float) -> list[str]:
     return lines
 
 
-def mlp_section(seeds: int) -> list[str]:
-    """The digits MLP: exact trace, then every seed's trace against it."""
+def mlp_section(seeds: int, given: float | None) -> list[str]:
+    """The digits MLP: exact trace (or ``given``, a previous run's), then every seed's trace."""
     workload = bench_engine.build_mlp()
     batches = bench_analyze.batches_of(workload)
     start = time.perf_counter()
-    exact = float64_trace(workload.model, batches)
+    exact = float64_trace(workload.model, batches) if given is None else given
     exact_seconds = time.perf_counter() - start
     op = HessianOperator(workload.model, LOSS, batches)
     runs = seeded_runs(op, seeds)
@@ -124,10 +124,11 @@ def mlp_section(seeds: int) -> list[str]:
         "",
         f"- {workload.n_params:,} parameters, {bench_analyze.SAMPLES} samples in {len(batches)} "
         f"batches; exact trace (float64, dense Hessian diagonal by double backward, "
-        f"{exact_seconds:.0f} s): **{exact:.6g}**",
+        f"{exact_seconds:.0f} s{', given by --exact' if given else ''}): **{exact:.6g}**",
         f"- eigen stage (top-{DEFAULTS.k} and λ_min, one Lanczos run, tol {DEFAULTS.tol:g}): "
         f"median {statistics.median(eigen):g} products [{min(eigen)}–{max(eigen)}] over "
-        f"{seeds} seeds; the trace's budget is as many (at most {DEFAULTS.trace_samples})",
+        f"{seeds} seeds; the trace's budget is {TRACE_BUDGET_SHARE} × that "
+        f"(at most {DEFAULTS.trace_samples})",
         f"- trace target: standard error ≤ {DEFAULTS.trace_tol:g}·|trace|; seeds 0–{seeds - 1} "
         "start both the Lanczos run and the probes",
         "",
@@ -164,7 +165,7 @@ def whole_process(command: list[str]) -> tuple[float, str]:
     return time.perf_counter() - start, done.stdout
 
 
-def cnn_section() -> list[str]:
+def cnn_section(processes: bool) -> list[str]:
     """The CNN: a default analyze in process (the trace's share), then whole processes."""
     workload = bench_engine.build_cnn()
     batches = bench_analyze.batches_of(workload)
@@ -192,6 +193,8 @@ def cnn_section() -> list[str]:
         *(f"| {s} | {t:.3f} | {100 * t / total:.1f} % |" for s, t in timings.items()),
         "",
     ]
+    if not processes:
+        return lines
     with tempfile.TemporaryDirectory() as folder:
         checkpoint, data = Path(folder) / "cnn.pt", Path(folder) / "data.pt"
         torch.save(workload.model.state_dict(), checkpoint)
@@ -219,15 +222,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=40)
     parser.add_argument("--out", type=Path, help="also write the Markdown here")
+    parser.add_argument("--exact", type=float, help="the MLP's exact trace from a previous run")
+    parser.add_argument("--no-processes", action="store_true", help="skip the whole processes")
     args = parser.parse_args()
     lines = [
         "# The trace's cost and its intervals",
         "",
-        f"- command: `python benchmarks/bench_trace.py --seeds {args.seeds}`",
+        f"- command: `python {' '.join(sys.argv)}`",
         f"- torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
         "",
-        *mlp_section(args.seeds),
-        *cnn_section(),
+        *mlp_section(args.seeds, args.exact),
+        *cnn_section(not args.no_processes),
     ]
     text = "\n".join(lines)
     print(text)

@@ -3,6 +3,7 @@ used by the analyze pipeline and by :func:`sharpscope.hessian_eigs`."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,10 +37,15 @@ Extremes = Callable[
 Trace = Callable[[LinearOperator, float, int, int, Progress | None, Subspace | None], TraceResult]
 
 
+TRACE_BUDGET_SHARE = 0.6
+"""The trace may take this share of the eigen stage's products: then it is at most 3/8 of a
+run whose eigen stage and trace are the long stages."""
+
+
 def trace_budget(max_samples: int, eigen_products: int) -> int:
-    """The most products the trace may take: as many as the eigen stage took (its basis makes
-    them worth more), and never more than ``max_samples``."""
-    return max(2, min(max_samples, eigen_products))
+    """The most products the trace may take: :data:`TRACE_BUDGET_SHARE` of the eigen stage's
+    (whose basis makes each worth more), and never more than ``max_samples``."""
+    return max(2, min(max_samples, math.ceil(TRACE_BUDGET_SHARE * eigen_products)))
 
 
 @dataclass(frozen=True)
