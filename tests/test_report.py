@@ -15,7 +15,7 @@ from rich.console import Console
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
 from sharpscope.analysis.gate import METRICS, Reading
 from sharpscope.io.eigenvectors import load_eigenvectors
-from sharpscope.report.document import Inputs, Report, read_report
+from sharpscope.report.document import Inputs, Layer, Report, read_report
 from sharpscope.report.json_report import dumps
 from sharpscope.report.outdir import write_out_dir
 from sharpscope.report.schema import SCHEMA_VERSION, report_schema
@@ -127,12 +127,29 @@ def test_a_report_written_before_module_type_still_reads(analysed, tmp_path):
     _, report = analysed
     document = json.loads(report.dumps())
     for layer in document["results"]["per_layer"]:
-        del layer["module_type"]
+        assert "kind" not in layer  # one module's block
+        del layer["module_type"], layer["parameters"]
     old = tmp_path / "old.json"
     old.write_text(dumps(document), encoding="utf-8")
     read = read_report(old)
     assert [layer.module_type for layer in read.results.per_layer] == [None] * 3
     assert read.dumps() == old.read_text(encoding="utf-8")
+
+
+def test_transformer_groups_list_their_modules_in_full(analysed):
+    _, report = analysed
+    tensors = ("bert.encoder.layer.0.attention.self.query.weight",) * 2
+    group = Layer(
+        "bert.encoder.layer.0 · attention.q", 72, 0.5, 1e-9, True, "Linear", "attention.q", tensors
+    )
+    grouped = replace(report, results=replace(report.results, per_layer=(group,)))
+    assert Report.from_json(json.loads(grouped.dumps())).results.per_layer == (group,)
+    console = Console(record=True, width=100)
+    console.print(render(grouped))
+    lines = console.export_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if "attention.q " in line)
+    assert "group: modules" in lines[at - 2] and " Linear " in lines[at] and " 72 " in lines[at]
+    assert lines[at + 1].split("│")[1].strip() == "bert.encoder.layer.0.attention.self.query"
 
 
 def test_the_gate_reads_each_of_its_figures(analysed):

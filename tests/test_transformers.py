@@ -47,6 +47,13 @@ def token_data(seed: int = 1) -> dict[str, torch.Tensor]:
 
 def dense(model: torch.nn.Module, loss: str, inputs: dict[str, Any], targets: torch.Tensor):
     """Eigenvalues (ascending) of the float64 Hessian of ``loss`` over all the data as one batch."""
+    return torch.linalg.eigvalsh(hessian(model, loss, inputs, targets))
+
+
+def hessian(
+    model: torch.nn.Module, loss: str, inputs: dict[str, Any], targets: torch.Tensor
+) -> torch.Tensor:
+    """The float64 Hessian of ``loss`` over all the data as one batch, in flat-vector order."""
     model = model.double().eval()
     fn = resolve_loss(loss)
     space = select_params(model)
@@ -58,7 +65,7 @@ def dense(model: torch.nn.Module, loss: str, inputs: dict[str, Any], targets: to
     with twice_differentiable():
         hessian = torch.autograd.functional.hessian(loss_of, flat)
     assert torch.allclose(hessian, hessian.T, atol=1e-12)
-    return torch.linalg.eigvalsh(hessian)
+    return hessian
 
 
 @cache
@@ -139,6 +146,38 @@ def test_bert_in_every_layout_matches_the_dense_hessian(tmp_path, layout):
     assert report["inputs"]["loss"] == "cross-entropy"  # auto, for a sequence classifier
     assert report["results"]["num_samples"] == N
     assert_spectrum(report, bert_truth())
+
+
+def test_per_layer_blocks_by_kind_match_the_dense_diagonal_blocks(tmp_path):
+    """Each group's top eigenvalue is that of its diagonal block of the dense Hessian."""
+    data = token_data()
+    inputs = {k: data[k] for k in ("input_ids", "attention_mask")}
+    model = tiny_hf.bert()
+    full = hessian(model, "cross-entropy", inputs, data["labels"])
+    space = select_params(model)
+    starts = np.cumsum([0, *space.numels[:-1]])
+    spans = zip(space.names, starts, space.numels, strict=True)
+    where = {name: range(start, start + size) for name, start, size in spans}
+    spec = _write_layout("pt", tmp_path)
+    layers = analyze(tmp_path, tiny_hf.bert(), "bert", spec, "--per-layer")["results"]["per_layer"]
+    block = "bert.encoder.layer.0"
+    assert [layer["name"] for layer in layers] == [
+        "embeddings",
+        "norm",
+        *(f"{block} · attention.{kind}" for kind in "qkvo"),
+        f"{block} · norm",
+        f"{block} · mlp",
+        "head",
+    ]
+    assert sorted(n for layer in layers for n in layer["parameters"]) == sorted(space.names)
+    for layer in layers:
+        rows = [i for name in layer["parameters"] for i in where[name]]
+        top = float(torch.linalg.eigvalsh(full[rows][:, rows])[-1])
+        assert layer["size"] == len(rows)
+        assert layer["eigenvalue"] == pytest.approx(top, rel=1e-8), layer["name"]
+    kinds = {layer["name"]: (layer.get("kind"), layer["module_type"]) for layer in layers}
+    assert kinds[f"{block} · attention.q"] == ("attention.q", "Linear")
+    assert kinds["head"] == ("head", "Linear")
 
 
 def test_nested_tuple_items_are_positional_inputs(tmp_path):

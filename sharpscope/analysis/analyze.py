@@ -26,6 +26,7 @@ from sharpscope.curvature import (
     TraceResult,
     slq,
 )
+from sharpscope.curvature.groups import param_groups
 from sharpscope.curvature.hvp import Backend
 from sharpscope.curvature.solvers import SOLVERS, Solver, SolveSettings, solver, trace_budget
 from sharpscope.curvature.vectors import norm
@@ -102,7 +103,12 @@ class LayerEigen:
     converged: bool
     module_type: str
     """The class name of the module that owns the parameters (``Linear``, ``Conv2d``; a scripted
-    module's original one)."""
+    module's original one); a group of several modules' parameters lists each distinct type."""
+    kind: str | None = None
+    """A transformer group's kind (``attention.q``, ``mlp``: :mod:`sharpscope.curvature.groups`);
+    None for one module's parameters."""
+    params: tuple[str, ...] = ()
+    """The names of the group's parameter tensors, in flat-vector order."""
 
 
 @dataclass
@@ -144,12 +150,14 @@ def _staged(progress: Progress | None, stage: str) -> Progress | None:
     return lambda _task, done, total: progress(stage, done, total)
 
 
-def _module_blocks(names: tuple[str, ...]) -> dict[str, list[str]]:
-    """Parameter names grouped by the module that owns them (``layer1.0.conv1``)."""
-    blocks: dict[str, list[str]] = {}
-    for name in names:
-        blocks.setdefault(name.rpartition(".")[0] or name, []).append(name)
-    return blocks
+def _module_types(model: nn.Module) -> dict[str, str]:
+    """Module name -> class name (a scripted module's original one)."""
+    return {
+        name: module.original_name
+        if isinstance(module, torch.jit.ScriptModule)
+        else type(module).__name__
+        for name, module in model.named_modules()  # get_submodule refuses TorchScript models
+    }
 
 
 def _per_layer(
@@ -159,35 +167,37 @@ def _per_layer(
     settings: SolveSettings,
     progress: Progress | None,
 ) -> list[LayerEigen]:
-    """The top eigenpair of each module's diagonal block of the Hessian."""
+    """The top eigenpair of each group's diagonal block of the Hessian (one module's parameters,
+    or a transformer block's parameters of one kind)."""
     layers = []
-    blocks = _module_blocks(op.space.names)
-    modules = dict(op.model.named_modules())  # get_submodule refuses TorchScript models
-    for module, names in blocks.items():
-        owner = modules[names[0].rpartition(".")[0]]
-        scripted = isinstance(owner, torch.jit.ScriptModule)
+    types = _module_types(op.model)
+    groups = param_groups(op.space.names, types)
+    for group in groups:
         block = HessianOperator(
             op.model,
             op.loss_fn,
             op.batches,
-            names,
+            group.params,
             backend=config.backend,
             batch_stats=config.batch_stats,
         )
         result = method.eigs(block, 1, "largest", settings, None)
+        owners = dict.fromkeys(types[n.rpartition(".")[0]] for n in group.params)
         layers.append(
             LayerEigen(
-                name=module,
+                name=group.name,
                 size=block.size,
                 eigenvalue=float(result.eigenvalues[0]),
                 residual=float(result.residuals[0]),
                 converged=bool(result.converged[0]),
-                module_type=owner.original_name if scripted else type(owner).__name__,
+                module_type=", ".join(owners),
+                kind=group.kind,
+                params=group.params,
             )
         )
         op.n_products += block.n_products
         if progress is not None:
-            progress("per-layer", len(layers), len(blocks))
+            progress("per-layer", len(layers), len(groups))
     return layers
 
 
@@ -285,7 +295,7 @@ def _planned(
     if config.shards:
         products["sampling"] = config.k + 1  # one per eigenvector, spread over the shards
     if config.per_layer:
-        blocks = len(_module_blocks(op.space.names))
+        blocks = len(param_groups(op.space.names, _module_types(op.model)))
         products["per-layer"] = blocks * method.cost(1, 0, settings).products
     plan = Plan(
         num_params=op.size,

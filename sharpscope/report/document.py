@@ -328,7 +328,8 @@ class Sampling(Section):
 
 @dataclass(frozen=True)
 class Layer(Section):
-    """The top eigenvalue of one module's block of the Hessian."""
+    """The top eigenvalue of one group's block of the Hessian (a module's parameters, or a
+    transformer block's of one kind)."""
 
     name: str
     size: int
@@ -337,10 +338,14 @@ class Layer(Section):
     converged: bool
     module_type: str | None = field(default=None, metadata=_OPTIONAL)
     """The module's class name (``Linear``, ``Conv2d``); reports written before it lack it."""
+    kind: str | None = field(default=None, metadata=_OPTIONAL)
+    """A transformer group's kind (``attention.q``, ``mlp``); absent for one module's block."""
+    parameters: tuple[str, ...] | None = field(default=None, metadata=_OPTIONAL)
+    """The block's parameter tensors; reports written before it lack it."""
 
     @classmethod
     def of(cls, layer: LayerEigen) -> Layer:
-        """The entry of one module's block."""
+        """The entry of one group's block."""
         return cls(
             name=layer.name,
             size=layer.size,
@@ -348,6 +353,8 @@ class Layer(Section):
             residual=layer.residual,
             converged=layer.converged,
             module_type=layer.module_type,
+            kind=layer.kind,
+            parameters=layer.params,
         )
 
 

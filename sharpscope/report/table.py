@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from sharpscope.analysis.verdict import GOOD, POOR
-from sharpscope.report.document import Inputs, Report, Results, Trace
+from sharpscope.report.document import Inputs, Layer, Report, Results, Trace
 
 HELP = {
     "summary": "loss: the mean over the analysed samples; ‖∇L‖: the norm of its gradient "
@@ -21,10 +21,10 @@ HELP = {
     "standard error",
     "alignment": f"|cos(ĝ, v₁)| < {POOR:g}: SAM's perturbation is poorly aligned with v₁, "
     f"{POOR:g}–{GOOD:g} partly, ≥ {GOOD:g} well",
-    "per_layer": "λ_max: top eigenvalue of each module's own block of the Hessian (its "
-    "parameters alone)",
-    "sampling": "± data, [a, b]: 95 % interval of the figure over other samples of this size from "
-    "the same data (jackknife over {shards} shards); ‖Hv − λv‖ is the solver's own bound",
+    "per_layer": "λ_max: top eigenvalue of each group's own Hessian block (a module; a "
+    "transformer block's one kind)",
+    "sampling": "± data, [a, b]: 95 % interval over other samples of this size from the same "
+    "data (jackknife, {shards} shards)",
     "no_sampling": "the figures' data uncertainty was not estimated (--shards 0): another "
     "sample of the data may give other values",
 }
@@ -156,19 +156,29 @@ def _alignment(results: Results) -> Table | None:
     return table
 
 
+def _group(layer: Layer) -> Text:
+    """A transformer group's name, then the full name of each module that owns its tensors."""
+    owners = dict.fromkeys(name.rpartition(".")[0] for name in layer.parameters or ())
+    return Text("\n").join(
+        [Text(layer.name), *(Text(f"  {owner}", style="dim") for owner in owners)]
+    )
+
+
 def _per_layer(results: Results) -> Table | None:
     if not results.per_layer:
         return None
     table = Table(title="Per-layer top eigenvalue", title_justify="left")
-    table.add_column("module")
+    grouped = any(layer.kind is not None for layer in results.per_layer)
+    table.add_column("group: modules" if grouped else "module", overflow="fold")
     table.add_column("type")
     table.add_column("parameters", justify="right")
     table.add_column("λ_max", justify="right")
     table.add_column("converged")
     for layer in sorted(results.per_layer, key=lambda x: -x.eigenvalue):
         ok = "yes" if layer.converged else "[red]no[/red]"
+        name = _group(layer) if layer.kind is not None else escape(layer.name)
         kind = escape(layer.module_type or "—")
-        table.add_row(escape(layer.name), kind, f"{layer.size:,}", _num(layer.eigenvalue, 5), ok)
+        table.add_row(name, kind, f"{layer.size:,}", _num(layer.eigenvalue, 5), ok)
     return table
 
 
