@@ -551,6 +551,17 @@ def test_params_globs_restrict_the_parameters(made):
     ]
 
 
+def test_exclude_leaves_out_parameters_after_params(made):
+    """--exclude is the complement of --params, applied after it; the report lists the rest."""
+    rest = report(made / "ours.safetensors", "--no-trace", "--exclude", "3.*")["results"]
+    assert rest["num_params"] == 16 * 64 + 16
+    assert [p["name"] for p in rest["parameters"]] == ["1.weight", "1.bias"]
+    assert rest["lambda_max"] <= made.reference * (1 + 1e-6)  # a diagonal block of H
+    both = report(made / "ours.safetensors", "--no-trace", "--params", "*.bias", "--exclude", "1.*")
+    assert both["inputs"]["config"]["exclude"] == ["1.*"]
+    assert [p["name"] for p in both["results"]["parameters"]] == ["3.bias"]
+
+
 # --- bad input: exit 2, one "error:" line, no traceback ------------------------------------------
 
 
@@ -632,6 +643,22 @@ BAD = [
         ["--model", "mlp", "--model-arg", "depth=3"],
         ["does not accept the arguments depth"],
     ),
+    ("@ours.safetensors", ["--params", "fc.*"], ["no trainable parameters matching --params"]),
+    (
+        "@ours.safetensors",
+        ["--exclude", "3.*", "--exclude", "fc.*"],
+        ["--exclude 'fc.*' matches none of the 4 trainable parameters", "docs/engine.md"],
+    ),
+    (
+        "@ours.safetensors",
+        ["--params", "3.*", "--exclude", "1.*"],
+        ["--exclude '1.*' matches none of the 2 parameters that --params selects"],
+    ),
+    (
+        "@ours.safetensors",
+        ["--params", "3.*", "--exclude", "3.weight", "--exclude", "*bias"],
+        ["--exclude ['3.weight', '*bias'] leaves no parameters to analyze"],
+    ),
 ]
 BAD_IDS = [
     "missing-file", "directory", "empty-file", "truncated-zip", "truncated-safetensors",
@@ -639,7 +666,8 @@ BAD_IDS = [
     "missing-keys", "unexpected-keys", "inputs-do-not-fit", "labels-out-of-range", "nan-loss",
     "empty-data", "missing-data-file", "unknown-data-spec", "unknown-method", "unknown-backend",
     "unknown-dtype", "cuda-unavailable", "unknown-device", "top-k-zero", "max-basis-too-small",
-    "model-arg-without-model", "malformed-model-arg", "unknown-model-arg",
+    "model-arg-without-model", "malformed-model-arg", "unknown-model-arg", "params-match-nothing",
+    "exclude-matches-nothing", "exclude-matches-nothing-selected", "exclude-leaves-nothing",
 ]  # fmt: skip
 
 
@@ -808,8 +836,8 @@ def test_help():
     assert result.exit_code == 0
     options = ["--data", "--model", "--model-arg", "--trust-pickle", "--split", "--batch-size",
                "--samples", "--loss", "--top-k", "--method", "--tol", "--max-iter", "--no-trace",
-               "--density", "--per-layer", "--params", "--batch-stats", "--backend", "--rho",
-               "--alpha", "--seed", "--dtype", "--device", "--json", "--out", "--quiet",
+               "--density", "--per-layer", "--params", "--exclude", "--batch-stats", "--backend",
+               "--rho", "--alpha", "--seed", "--dtype", "--device", "--json", "--out", "--quiet",
                "--debug"]  # fmt: skip
     missing = [option for option in options if option not in result.stdout]
     assert not missing

@@ -31,6 +31,7 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--no-trace": (),
     "--shards": ("5",),
     "--params": ("a.*",),
+    "--exclude": ("a.b*",),
     "--batch-stats": (),
     "--backend": ("forward-over-reverse",),
     "--rho": ("0.07",),
@@ -49,7 +50,7 @@ SHARED: dict[str, tuple[str, ...]] = {
 """A non-default value for every option analyze and check share."""
 CONFIG = {
     **dict(k=3, method="power", tol=1e-5, max_iter=17, max_basis=9, trace=False, shards=5),
-    **dict(params=["a.*"], batch_stats=True, backend="forward-over-reverse"),
+    **dict(params=["a.*"], exclude=["a.b*"], batch_stats=True, backend="forward-over-reverse"),
     **dict(rho=0.07, alpha=0.3, seed=4),
 }
 LOADING = {
@@ -130,7 +131,8 @@ def test_the_config_file_reaches_the_same_settings(captured, tmp_path):
     keys += ["trace = false", "batch-stats = true", 'data = "digits"', "max-eigenvalue = 1"]
     keys.remove("model-arg = 'hidden=(8,)'")
     keys.remove("params = 'a.*'")
-    keys += ["model-arg = ['hidden=(8,)']", "params = ['a.*']"]
+    keys.remove("exclude = 'a.b*'")
+    keys += ["model-arg = ['hidden=(8,)']", "params = ['a.*']", "exclude = ['a.b*']"]
     (tmp_path / "sharpscope.toml").write_text("\n".join(keys) + "\n", encoding="utf-8")
     _invoke("check", "model.pt", "--trust-pickle")  # trust-pickle: never from a file
     assert captured["config"] == _expected()

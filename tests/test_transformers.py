@@ -180,6 +180,16 @@ def test_per_layer_blocks_by_kind_match_the_dense_diagonal_blocks(tmp_path):
     assert kinds["head"] == ("head", "Linear")
 
 
+def test_exclude_leaves_the_word_embeddings_out(tmp_path):
+    spec = _write_layout("pt", tmp_path)
+    results = analyze(tmp_path, tiny_hf.bert(), "bert", spec, "--exclude", "*word_embeddings*")[
+        "results"
+    ]
+    names = [name for name, _ in tiny_hf.bert().named_parameters()]
+    assert [p["name"] for p in results["parameters"]] == names[1:]
+    assert results["num_params"] == bert_truth().numel() - tiny_hf.VOCAB * tiny_hf.WIDTH
+
+
 def test_nested_tuple_items_are_positional_inputs(tmp_path):
     """Items ``((ids, mask), label)`` call ``model(ids, mask)``: the same Hessian as by name."""
     spec = _write_layout("tuple_items", tmp_path)

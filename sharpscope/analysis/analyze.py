@@ -63,6 +63,8 @@ class AnalyzeConfig:
     batch_stats: bool = False
     params: Sequence[str] | None = None
     """Globs of the parameters to analyze; None: all trainable ones."""
+    exclude: Sequence[str] | None = None
+    """Globs of parameters left out of those ``params`` selects; None: none."""
     slices: bool = False
     """Also measure the loss along v₁ and along ĝ, at 21 points in ±2ρ (for plots)."""
     shards: int = 8
@@ -216,11 +218,12 @@ def _operator(
             loss_fn,
             batches,
             config.params,
+            exclude=config.exclude,
             backend=config.backend,
             batch_stats=config.batch_stats,
         )
     except ValueError as exc:
-        raise InputError(f"{exc}; check `params` (parameter names: see docs/engine.md)") from None
+        raise InputError(f"{exc} (parameter names: see docs/engine.md)") from None
 
 
 def _finite_loss(op: HessianOperator) -> float:

@@ -40,6 +40,7 @@ def analysis_config(
     trace: bool,
     shards: int,
     params: list[str] | None,
+    exclude: list[str] | None,
     batch_stats: bool,
     backend: str,
     rho: float,
@@ -66,6 +67,7 @@ def analysis_config(
         backend=backend,  # type: ignore[arg-type]
         batch_stats=batch_stats,
         params=params,
+        exclude=exclude,
         slices=slices,
         shards=shards,
     )
@@ -120,6 +122,7 @@ def analyze_command(
         ),
     ] = False,
     params: opt.Params = None,
+    exclude: opt.Exclude = None,
     batch_stats: opt.BatchStats = DEFAULTS.batch_stats,
     backend: opt.Backend = DEFAULTS.backend,
     rho: opt.Rho = DEFAULTS.rho,
@@ -167,6 +170,7 @@ def analyze_command(
             trace=trace,
             shards=shards,
             params=params,
+            exclude=exclude,
             batch_stats=batch_stats,
             backend=backend,
             rho=rho,

@@ -33,6 +33,7 @@ FLAGS: dict[str, str] = {
     "density": "--density",
     "per_layer": "--per-layer",
     "params": "--params",
+    "exclude": "--exclude",
     "batch_stats": "--batch-stats",
     "backend": "--backend",
     "rho": "--rho",

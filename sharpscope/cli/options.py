@@ -140,6 +140,15 @@ Params = Annotated[
         rich_help_panel=HESSIAN,
     ),
 ]
+Exclude = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        help="Leave out parameters whose name matches this glob (repeatable; after --params), "
+        "e.g. '*word_embeddings*'.",
+        rich_help_panel=HESSIAN,
+    ),
+]
 BatchStats = Annotated[
     bool,
     typer.Option(

@@ -61,7 +61,8 @@ class HessianOperator:
     (:func:`~sharpscope.batches.loss_weight`: samples, or predicted tokens for a token loss), so
     one batch of 256 and four of 64 give the same Hessian, and so do batches with different
     numbers of tokens. Vectors are flat, in the order of
-    :class:`~sharpscope.curvature.params.ParamSpace`.
+    :class:`~sharpscope.curvature.params.ParamSpace`, over the parameters that the globs
+    ``params`` select less those ``exclude`` leaves out (see :func:`select_params`).
 
     ``backend="double-backward"`` differentiates the gradient graph a second time; with
     ``cache_graph`` (default) that graph is built once for all batches and reused by every
@@ -85,6 +86,7 @@ class HessianOperator:
         batches: Iterable[tuple[Any, Any]],
         params: Sequence[str] | str | None = None,
         *,
+        exclude: Sequence[str] | str | None = None,
         backend: Backend = "double-backward",
         batch_stats: bool = False,
         cache_graph: bool = True,
@@ -94,7 +96,7 @@ class HessianOperator:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.model = model
         self.loss_fn = loss_fn
-        self.space: ParamSpace = select_params(model, params)
+        self.space: ParamSpace = select_params(model, params, exclude)
         self.batches = list(batches)
         self.distributed = _distributed.is_distributed() if distributed is None else distributed
         units = [loss_weight(loss_fn, b) for b in self.batches]

@@ -71,20 +71,41 @@ class ParamSpace:
         return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def select_params(model: nn.Module, include: Sequence[str] | str | None = None) -> ParamSpace:
-    """Select the parameters that require grad, optionally only those whose name matches a glob.
+def _globs(globs: Sequence[str] | str | None) -> list[str] | None:
+    """One glob or a list of globs as a list (None stays None)."""
+    return [globs] if isinstance(globs, str) else None if globs is None else list(globs)
 
-    ``include`` is one glob or a list of globs (``fnmatch``, e.g. ``"fc.*"``); a parameter is
-    selected when any glob matches its name.
+
+def _matches(name: str, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def select_params(
+    model: nn.Module,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+) -> ParamSpace:
+    """Select the parameters that require grad, optionally only those whose name matches a glob
+    of ``include``, less those that match a glob of ``exclude``.
+
+    Each is one glob or a list of globs (``fnmatch``, e.g. ``"fc.*"``). Every ``exclude`` glob
+    must match a parameter that ``include`` selects, and one parameter at least must remain.
     """
-    if isinstance(include, str):
-        include = [include]
+    include, exclude = _globs(include), _globs(exclude)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if include is not None:
-        named = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, g) for g in include)]
+        named = [(n, p) for n, p in named if _matches(n, include)]
     if not named:
-        what = f" matching {list(include)}" if include is not None else ""
+        what = f" matching `params` {include}" if include is not None else ""
         raise ValueError(f"the model has no trainable parameters{what}")
+    for glob in exclude or ():
+        if not any(_matches(n, [glob]) for n, _ in named):
+            among = "parameters that `params` selects" if include else "trainable parameters"
+            raise ValueError(f"`exclude` {glob!r} matches none of the {len(named)} {among}")
+    if exclude:
+        named = [(n, p) for n, p in named if not _matches(n, exclude)]
+        if not named:
+            raise ValueError(f"`exclude` {exclude} leaves no parameters to analyze")
     dtypes = {p.dtype for _, p in named}
     devices = {p.device for _, p in named}
     if len(dtypes) > 1 or len(devices) > 1:
