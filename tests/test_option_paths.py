@@ -42,6 +42,9 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--trust-pickle": (),
     "--split": ("test",),
     "--samples": ("7",),
+    "--text-field": ("sentence1,sentence2",),
+    "--label-field": ("class",),
+    "--max-length": ("33",),
     "--batch-size": ("5",),
     "--loss": ("mse",),
     "--device": ("cpu",),
@@ -56,6 +59,7 @@ CONFIG = {
 LOADING = {
     **dict(model="mlp", model_args=["hidden=(8,)"], trust_pickle=True, split="test"),
     **dict(samples=7, batch_size=5, seed=4, loss="mse", device="cpu", dtype="float64"),
+    **dict(text_field="sentence1,sentence2", label_field="class", max_length=33),
 }
 
 

@@ -85,6 +85,9 @@ def finetune_command(
         ),
     ] = None,
     split: _shared(opt.Split, DEFAULTS.split) = None,
+    text_field: _shared(opt.TextField, DEFAULTS.text_field) = None,
+    label_field: _shared(opt.LabelField, DEFAULTS.label_field) = None,
+    max_length: opt.MaxLength = None,
     model: opt.Model = None,
     model_arg: opt.ModelArg = None,
     trust_pickle: opt.TrustPickle = False,
@@ -211,6 +214,9 @@ def finetune_command(
         options = RunOptions(
             data=data,
             split=split,
+            text_field=text_field,
+            label_field=label_field,
+            max_length=max_length,
             val_data=val_data,
             loss=loss,
             optimizer=optimizer,
@@ -252,6 +258,10 @@ def finetune_command(
             split=plan.config.split,
             batch_size=plan.config.batch_size,
             seed=plan.config.seed,
+            text_field=plan.config.text_field,
+            label_field=plan.config.label_field,
+            max_length=plan.config.max_length,
+            tokenizer=Path(plan.config.checkpoint),
             loss=plan.config.loss,
             device=plan.config.device,
             dtype=plan.config.dtype,
@@ -259,7 +269,7 @@ def finetune_command(
         )
         config, spec = plan.loaded(loaded.checkpoint.sha256, loaded.spec)
         with distributed.together("loading the validation data"):
-            val = validation_data(config, loaded.data)
+            val = validation_data(config, loaded.data, loaded.text)
         if val is None and distributed.is_main():
             info(
                 f"note: {loaded.data.source} has no held-out split, so nothing is validated; pass "

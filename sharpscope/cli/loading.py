@@ -18,6 +18,7 @@ from sharpscope.io.checkpoints import Checkpoint, load_model
 from sharpscope.io.data import DataBundle, batches, check_targets, load_data
 from sharpscope.io.losses import BuiltinLoss, loss_name, resolve_loss
 from sharpscope.io.models import ModelSpec, parse_model_args
+from sharpscope.io.tokenizer import TextSpec
 from sharpscope.io.user_code import one_line
 from sharpscope.report.document import CheckpointInput, DataInput, Inputs, ModelInput
 from sharpscope.structures import call_model, leaves
@@ -38,6 +39,8 @@ class Loaded:
     """The report's ``inputs`` section: checkpoint, model, data, loss, dtype, device."""
     spec: ModelSpec | None
     """The model's spec: --model's, else the one the checkpoint stores (None if neither)."""
+    text: TextSpec
+    """How text data was tokenized (and other data of the run is to be)."""
 
 
 def _probe(
@@ -98,6 +101,10 @@ def load_inputs(
     samples: int | None = None,
     batch_size: int = 128,
     seed: int = 0,
+    text_field: str = "text",
+    label_field: str = "label",
+    max_length: int | None = None,
+    tokenizer: Path | None = None,
     loss: str = "auto",
     device: str = "auto",
     dtype: str = "float32",
@@ -105,7 +112,9 @@ def load_inputs(
 ) -> Loaded:
     """Load and check everything a command needs; every problem is an :class:`InputError`.
 
-    ``samples`` of 0 or None means all of the split (``--samples 0``).
+    ``samples`` of 0 or None means all of the split (``--samples 0``). Text data is tokenized
+    with the tokenizer of the save_pretrained folder ``tokenizer`` (default: ``checkpoint``), if
+    it is a folder.
 
     With ``shard``, under torch.distributed, every rank loads and checks the same model and data,
     then keeps its contiguous block of the batches (:func:`sharpscope.distributed.shard`); a
@@ -119,7 +128,9 @@ def load_inputs(
             raise InputError("--model-arg needs --model (the factory the arguments are for)")
         net, ckpt = load_model(checkpoint, spec, trust_pickle=trust_pickle)
         net = net.to(device=torch_device, dtype=torch_dtype)
-        bundle = load_data(data, split=split, samples=samples, seed=seed)
+        folder = tokenizer or checkpoint
+        text = TextSpec(folder if folder.is_dir() else None, text_field, label_field, max_length)
+        bundle = load_data(data, split=split, samples=samples, seed=seed, text=text)
         pieces = batches(bundle, batch_size)
         loss = loss_name(loss, net)
         loss_fn = resolve_loss(loss, bundle.num_classes)
@@ -143,7 +154,16 @@ def load_inputs(
             device=str(torch_device),
         )
         loaded = Loaded(
-            net, ckpt, bundle, pieces, loss_fn, torch_device, torch_dtype, description, used_spec
+            net,
+            ckpt,
+            bundle,
+            pieces,
+            loss_fn,
+            torch_device,
+            torch_dtype,
+            description,
+            used_spec,
+            text,
         )
     if shard and distributed.is_distributed():
         _check_world(loaded, fingerprint)

@@ -16,6 +16,7 @@ HESSIAN = "Hessian"
 SAM = "SAM alignment"
 
 SPLIT, BATCH_SIZE, SAMPLES, LOSS = "train", 128, 1024, "auto"
+TEXT_FIELD, LABEL_FIELD = "text", "label"
 DTYPE, DEVICE = "float32", "auto"
 """Defaults of the loading options, shared by every command."""
 
@@ -33,8 +34,9 @@ Data = Annotated[
     str,
     typer.Option(
         "--data",
-        help="Data: 'digits', a tensor file (.pt/.safetensors/.npz), a CIFAR folder, an image "
-        "folder, or pkg.module:function. See docs/data.md.",
+        help="Data: 'digits', a tensor file (.pt/.safetensors/.npz), a text file (.jsonl/.csv, "
+        "tokenized with a save_pretrained CHECKPOINT's tokenizer), a datasets save_to_disk "
+        "folder, a CIFAR folder, an image folder, or pkg.module:function. See docs/data.md.",
         rich_help_panel=LOAD,
         show_default=False,
     ),
@@ -66,6 +68,29 @@ TrustPickle = Annotated[
     ),
 ]
 Split = Annotated[str, typer.Option(help="Data split.", rich_help_panel=LOAD)]
+TextField = Annotated[
+    str,
+    typer.Option(
+        help="Text data: the field holding the text, or a pair of fields like sentence1,sentence2.",
+        rich_help_panel=LOAD,
+    ),
+]
+LabelField = Annotated[
+    str,
+    typer.Option(
+        help="Text data: the field holding the labels (class ids, or names in the config's "
+        "label2id); '' for language-modelling labels.",
+        rich_help_panel=LOAD,
+    ),
+]
+MaxLength = Annotated[
+    int | None,
+    typer.Option(
+        help="Text data: truncate to this many tokens. Default: the model's positions.",
+        rich_help_panel=LOAD,
+        show_default=False,
+    ),
+]
 BatchSize = Annotated[int, typer.Option(help="Samples per batch.", rich_help_panel=LOAD)]
 Samples = Annotated[
     int,

@@ -1,7 +1,8 @@
 """Data specs: load a model's data as tensors (``load_data``), batch it, check it fits a model.
 
-A spec is ``digits``, a tensor file (``.pt``/``.pth``, ``.safetensors``, ``.npz``), a CIFAR-10/100
-folder, an image folder with a subfolder per class, or ``pkg.module:function`` /
+A spec is ``digits``, a tensor file (``.pt``/``.pth``, ``.safetensors``, ``.npz``), a text file
+(``.jsonl``, ``.csv``; tokenized as :class:`TextSpec` says), a Hugging Face ``datasets`` folder, a
+CIFAR-10/100 folder, an image folder with a subfolder per class, or ``pkg.module:function`` /
 ``path/to/file.py:function``. ``docs/data.md`` describes each form.
 """
 
@@ -19,17 +20,20 @@ from sharpscope.batches import logits_of
 from sharpscope.errors import InputError
 from sharpscope.io.data_files import file_source
 from sharpscope.io.data_folders import folder_source
+from sharpscope.io.data_hf import datasets_source, is_datasets_folder
 from sharpscope.io.data_python import python_source
 from sharpscope.io.data_sources import ALL, Source, digits_source
+from sharpscope.io.data_text import TEXT_SUFFIXES, text_source
 from sharpscope.io.losses import IGNORE_INDEX
+from sharpscope.io.tokenizer import TextSpec
 from sharpscope.io.user_code import is_object_spec
 from sharpscope.structures import leaves, map_tensors, split
 
 BUILTINS = {"digits": digits_source}
 HELD_OUT = ("val", "valid", "validation", "test")
 SPEC_FORMS = (
-    "digits, a tensor file (.pt, .pth, .safetensors, .npz), a CIFAR or image-class folder, "
-    "or pkg.module:function / path/to/file.py:function"
+    "digits, a tensor file (.pt, .pth, .safetensors, .npz), a text file (.jsonl, .csv), a "
+    "datasets, CIFAR or image-class folder, or pkg.module:function / path/to/file.py:function"
 )
 
 
@@ -58,13 +62,17 @@ class DataBundle:
 
 
 def load_data(
-    spec: str, split: str = "train", samples: int | None = None, seed: int = 0
+    spec: str,
+    split: str = "train",
+    samples: int | None = None,
+    seed: int = 0,
+    text: TextSpec | None = None,
 ) -> DataBundle:
     """Load ``split`` of the data ``spec`` names; ``samples`` keeps a random subset, fixed by
-    ``seed`` (None: all of the split)."""
+    ``seed`` (None: all of the split); ``text`` says how text data is tokenized."""
     if samples is not None and samples < 1:
         raise InputError(f"`samples` must be at least 1, got {samples}")
-    source = open_source(spec)
+    source = open_source(spec, text or TextSpec())
     table = source.open(split)
     loaded = split if source.splits else ALL
     if table.size == 0:
@@ -77,14 +85,18 @@ def load_data(
     return DataBundle(inputs, targets, num_classes, source_text, loaded, source.splits)
 
 
-def open_source(spec: str) -> Source:
-    """The data source ``spec`` names, not read yet."""
+def open_source(spec: str, text: TextSpec | None = None) -> Source:
+    """The data source ``spec`` names, not read yet; ``text`` tokenizes text data."""
     if spec in BUILTINS:
         return BUILTINS[spec]()
     path = Path(spec).expanduser()
     if spec.strip() and path.is_dir():
+        if is_datasets_folder(path):
+            return datasets_source(path, spec, text or TextSpec())
         return folder_source(path, spec)
     if spec.strip() and path.is_file():
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            return text_source(path, spec, text or TextSpec())
         return file_source(path, spec)
     if is_object_spec(spec):
         return python_source(spec)

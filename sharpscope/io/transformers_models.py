@@ -21,9 +21,8 @@ from torch import nn
 
 from sharpscope.errors import InputError
 from sharpscope.io.load_errors import few, first_line
+from sharpscope.io.optional import INSTALL
 from sharpscope.io.pretrained import CONFIG
-
-INSTALL = 'pip install "sharpscope[hf]"'
 
 
 def build_pretrained(folder: Path, state: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -13,6 +13,7 @@ from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import file_sha256
 from sharpscope.io.data import HELD_OUT, DataBundle, held_out_split, load_data, open_source
 from sharpscope.io.models import ModelSpec
+from sharpscope.io.tokenizer import TextSpec
 from sharpscope.training.optimizers import DEFAULT_RHO
 from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig, resumed
 from sharpscope.training.run_dir import CONFIG, MODEL, RunDir
@@ -25,6 +26,9 @@ class RunOptions:
 
     data: str | None = None
     split: str | None = None
+    text_field: str | None = None
+    label_field: str | None = None
+    max_length: int | None = None
     val_data: str | None = None
     """None: the held-out split of ``data``, if it has one."""
     loss: str | None = None
@@ -57,6 +61,8 @@ class RunOptions:
 
 DEFAULTS = RunOptions(
     split="train",
+    text_field="text",
+    label_field="label",
     loss="auto",
     optimizer="sgd",
     lr=0.01,
@@ -166,12 +172,14 @@ def resume_run(
     return Plan(folder, config, found[1] / MODEL, found[1])
 
 
-def validation_data(config: RunConfig, train: DataBundle) -> DataBundle | None:
+def validation_data(
+    config: RunConfig, train: DataBundle, text: TextSpec | None = None
+) -> DataBundle | None:
     """The data a run validates on: ``val_data`` (its held-out split, else all of it), else the
-    held-out split of the training data ``train``, else None."""
+    held-out split of the training data ``train``, else None; text tokenized as ``text``."""
     if config.val_data is not None:
-        splits = open_source(config.val_data).splits
+        splits = open_source(config.val_data, text).splits
         split = next((s for s in HELD_OUT if s in splits), "train")
-        return load_data(config.val_data, split=split)
+        return load_data(config.val_data, split=split, text=text)
     split = held_out_split(train)
-    return None if split is None else load_data(config.data, split=split)
+    return None if split is None else load_data(config.data, split=split, text=text)

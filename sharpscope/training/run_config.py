@@ -52,6 +52,11 @@ class RunConfig:
     per_rank_sam: bool = False
     """Under torch.distributed: each rank perturbs with its own gradient (m-sharpness); absent
     from the configs of earlier versions."""
+    text_field: str = "text"
+    """Text data: the text field(s), the label field and the longest sequence
+    (:class:`~sharpscope.io.tokenizer.TextSpec`); absent from the configs of earlier versions."""
+    label_field: str = "label"
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
