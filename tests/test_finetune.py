@@ -371,7 +371,7 @@ def test_every_run_setting_comes_from_its_own_option(
         **dict(lr=0.02, momentum=0.5, weight_decay=0.001, rho=0.07, alpha=0.3, per_rank_sam=True),
         **dict(eig_every=7, eig_steps=3, schedule="cosine", batch_size=16, track_every=4),
         **dict(probe_size=32, track_iters=5, save_every=6, keep=2, seed=3, device="cpu"),
-        **dict(dtype="float64"),
+        **dict(dtype="float64", text_field="sentence", label_field="class", max_length=20),
         **length,
     }
     assert set(values) == {f.name for f in fields(RunOptions)}

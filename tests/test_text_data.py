@@ -193,6 +193,33 @@ def test_a_pre_tokenized_dataset_follows_the_field_rules(folder, tmp_path):
     assert load_data(str(tmp_path / "lm")).targets[1].tolist() == [2, 5, 3, -100, -100]
 
 
+def test_finetune_on_text_keeps_its_text_settings(folder, tmp_path):
+    """A run tokenizes its text with the tokenizer of the folder it started from, also its
+    validation split, and records the text settings, which a resume may not change."""
+    rows = [{"sentence": t, "y": y} for t, y in zip(SENTENCES, LABELS, strict=True)]
+    data = write("dataset_dict", tmp_path, rows)
+    run = tmp_path / "run"
+    text = ["--text-field", "sentence", "--label-field", "y", "--max-length", "10"]
+    args = ["finetune", str(folder), "--model", f"{FACTORIES}:bert", "--data", str(data), *text]
+    result = RUNNER.invoke(app, [*args, "--steps", "2", "--track-every", "1", "--out", str(run)])
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert (config["text_field"], config["label_field"], config["max_length"]) == (
+        "sentence",
+        "y",
+        10,
+    )
+    again = ["finetune", "--resume", str(run), "--steps", "3", "--max-length", "11", "-q"]
+    assert "--max-length 11 differs from the run's 10" in error_of(RUNNER.invoke(app, again))
+    result = RUNNER.invoke(app, ["finetune", "--resume", str(run), "--steps", "3", "-q"])
+    assert result.exit_code == 0, result.stderr
+
+
+def error_of(result) -> str:
+    assert result.exit_code == 2, result.stdout
+    return result.stderr.strip()
+
+
 # --- bad input, through the CLI ------------------------------------------------------------------
 
 
@@ -258,6 +285,8 @@ def test_an_empty_file(folder, tmp_path):
     )
     (tmp_path / "empty.csv").write_text("", encoding="utf-8")
     assert "empty.csv is empty" in error(folder, tmp_path / "empty.csv")
+    (tmp_path / "header.csv").write_text("text,label\n", encoding="utf-8")
+    assert "header.csv has a header but no rows" in error(folder, tmp_path / "header.csv")
 
 
 def test_a_bad_json_line(folder, tmp_path):

@@ -72,7 +72,8 @@ def _read_csv(path: Path, name: str) -> tuple[list[dict[str, Any]], list[int]]:
     except csv.Error as exc:
         raise InputError(f"{name} line {reader.line_num} is not valid CSV ({exc})") from None
     if not rows:
-        raise InputError(f"{name} is empty; write a header row of field names, then the rows")
+        what = "is empty" if reader.fieldnames is None else "has a header but no rows"
+        raise InputError(f"{name} {what}; write a header row of field names, then the rows")
     return rows, lines
 
 
