@@ -352,9 +352,9 @@ def test_no_checkpoint_or_data_is_a_usage_error():
     one_error(CliRunner().invoke(app, ["finetune", "--data", "digits"]), "CHECKPOINT", "--resume")
 
 
-DERIVED = {"checkpoint", "checkpoint_sha256", "model"}
-"""The settings no option sets directly: CHECKPOINT's path and hash, and the model spec (--model
-and --model-arg, else the one the checkpoint stores)."""
+DERIVED = {"checkpoint", "checkpoint_sha256", "model", "layout"}
+"""The settings no option sets directly: CHECKPOINT's path and hash, the model spec (--model
+and --model-arg, else the one the checkpoint stores) and the checkpoints' layout (from both)."""
 
 
 @pytest.mark.parametrize("length", [{"steps": 9, "epochs": None}, {"steps": None, "epochs": 2}])
@@ -372,12 +372,13 @@ def test_every_run_setting_comes_from_its_own_option(
         **dict(eig_every=7, eig_steps=3, schedule="cosine", batch_size=16, track_every=4),
         **dict(probe_size=32, track_iters=5, save_every=6, keep=2, seed=3, device="cpu"),
         **dict(dtype="float64", text_field="sentence", label_field="class", max_length=20),
+        **dict(params=("1.*", "3.weight"), freeze=("1.bias",)),
         **length,
     }
     assert set(values) == {f.name for f in fields(RunOptions)}
-    args: list[str] = []
+    args: list[str] = ["--params", "1.*", "--params", "3.weight", "--freeze", "1.bias"]
     for name, value in values.items():
-        if value is not None:
+        if value is not None and name not in {"params", "freeze"}:
             args += [FLAGS[name]] if value is True else [FLAGS[name], str(value)]
     ran: list[RunConfig] = []
 
@@ -394,6 +395,7 @@ def test_every_run_setting_comes_from_its_own_option(
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": file_sha256(checkpoint),
         "model": ModelSpec("mlp", {"hidden": (16,)}).to_json(),
+        "layout": "safetensors",
     }
 
 

@@ -6,6 +6,7 @@ import json
 import random
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from sharpscope.errors import InputError
-from sharpscope.io.checkpoints import load_model
+from sharpscope.io.checkpoints import load_model, save_checkpoint
 from sharpscope.io.data import DataBundle
 from sharpscope.io.models import ModelSpec, build_model
 from sharpscope.optim import EigenSAM
@@ -25,7 +26,7 @@ from sharpscope.training.optimizers import OptimizerSettings, build_optimizer, b
 from sharpscope.training.order import DataOrder
 from sharpscope.training.plan import DEFAULTS, RunOptions, new_run, resume_run
 from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig, resumed
-from sharpscope.training.run_dir import LATEST, MODEL, TRAINER, RunDir
+from sharpscope.training.run_dir import LATEST, MODEL, STEP_KEY, TRAINER, RunDir
 from sharpscope.training.state import (
     capture_rng,
     load_trainer_state,
@@ -271,6 +272,11 @@ def test_bad_settings_are_refused(changes: dict[str, Any], message: str):
         config(**changes)
 
 
+def writer(model: nn.Module, spec: ModelSpec, step: int) -> Callable[[Path], None]:
+    """What a run writes of its model into a checkpoint folder (training.run.Saver)."""
+    return lambda folder: save_checkpoint(folder / MODEL, model, spec, {STEP_KEY: str(step)})
+
+
 def test_run_dir_keeps_the_last_checkpoints_and_points_latest_at_whole_ones(tmp_path: Path):
     spec = ModelSpec("mlp", {"hidden": (4,)})
     model = build_model(spec)
@@ -278,17 +284,19 @@ def test_run_dir_keeps_the_last_checkpoints_and_points_latest_at_whole_ones(tmp_
     folder.prepare_new()
     assert folder.latest() is None
     for step in (0, 10, 20, 30):
-        folder.save(step, model, spec, {"step": step}, keep=2)
+        folder.save(step, writer(model, spec, step), {"step": step}, keep=2)
     step, last = folder.latest()  # type: ignore[misc]
     assert (step, last.name) == (30, "step-000030")
     assert sorted(p.name for p in folder.path.glob("step-*")) == ["step-000020", "step-000030"]
     assert load_trainer_state(last / TRAINER)["step"] == 30
     _, checkpoint = load_model(last / MODEL)  # no spec given: it is in the metadata
     assert checkpoint.model_spec == spec and checkpoint.metadata["sharpscope.step"] == "30"
-    (folder.path / "step-000040").mkdir()  # a checkpoint a kill left half-written
+    (folder.path / "step-000040").mkdir()  # a checkpoint a kill left renamed but not pointed at
     (folder.path / "step-000040" / MODEL).write_bytes(b"partial")
+    (folder.path / ".step-000050.x1y2.tmp").mkdir()  # and one it left half-written
     folder.discard_after(30)
     assert not (folder.path / "step-000040").exists()
+    assert sorted(p.name for p in folder.path.iterdir()) == ["latest", "step-000020", "step-000030"]
     json.loads((folder.path / LATEST).read_text())
     with pytest.raises(InputError, match="already holds a run"):
         folder.prepare_new()
@@ -307,15 +315,19 @@ def test_a_new_run_takes_the_defaults_and_a_resumed_one_its_own_settings(tmp_pat
     assert (plan.config.optimizer, plan.config.lr, plan.config.rho) == ("asam", 0.5, 0.5)
     assert (plan.config.steps, plan.config.epochs) == (None, DEFAULT_EPOCHS)
     assert plan.config.momentum == DEFAULTS.momentum and plan.config.val_data is None
-    config, _ = plan.loaded("ab", spec)
-    assert (config.checkpoint_sha256, config.model) == ("ab", spec.to_json())
+    config, _ = plan.loaded("ab", spec, pretrained=False)
+    assert (config.checkpoint_sha256, config.model, config.layout) == (
+        "ab",
+        spec.to_json(),
+        "safetensors",
+    )
     plan.folder.write_config(config)
-    plan.folder.save(0, model, spec, {"step": 0}, keep=2)
+    plan.folder.save(0, writer(model, spec, 0), {"step": 0}, keep=2)
 
     again = resume_run(plan.folder.path, RunOptions(lr=0.5, steps=40, keep=1))
     assert again.config == replace(config, steps=40, epochs=None, keep=1)
     assert again.resume_from == plan.folder.path / "step-000000"
-    assert again.loaded("cd", spec) == (again.config, spec)  # a resume keeps the run's start
+    assert again.loaded("cd", spec, False) == (again.config, spec)  # a resume keeps its start
     with pytest.raises(InputError, match=r"^`lr` 0.1 differs from the run's 0.5"):
         resume_run(plan.folder.path, RunOptions(lr=0.1))
     with pytest.raises(InputError, match=r"^`out` .* is not the run's folder"):

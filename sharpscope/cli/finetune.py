@@ -38,7 +38,8 @@ from sharpscope.training.plan import (
 )
 from sharpscope.training.run import Inputs, Outcome, Watch, finetune
 from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig
-from sharpscope.training.run_dir import MODEL, RunDir
+from sharpscope.training.run_dir import RunDir, model_path
+from sharpscope.training.selection import split_globs
 from sharpscope.training.signals import StopRequest
 
 OPTIMIZE = "Optimizer"
@@ -116,6 +117,26 @@ def finetune_command(
             "--per-rank-sam",
             help="Under torchrun: each rank perturbs with its own gradient (m-sharpness) instead "
             "of the averaged one.",
+            rich_help_panel=OPTIMIZE,
+            show_default=False,
+        ),
+    ] = None,
+    params: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--params",
+            help="Train only the parameters whose name matches this glob (repeatable or "
+            "comma-separated, as for analyze), e.g. 'classifier.*'; default: all.",
+            rich_help_panel=OPTIMIZE,
+            show_default=False,
+        ),
+    ] = None,
+    freeze: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--freeze",
+            help="Do not train the parameters whose name matches this glob (repeatable or "
+            "comma-separated), e.g. 'bert.embeddings.*'.",
             rich_help_panel=OPTIMIZE,
             show_default=False,
         ),
@@ -226,6 +247,8 @@ def finetune_command(
             rho=rho,
             alpha=alpha,
             per_rank_sam=per_rank_sam,
+            params=split_globs(params),
+            freeze=split_globs(freeze),
             eig_every=eig_every,
             eig_steps=eig_steps,
             schedule=schedule,
@@ -267,7 +290,8 @@ def finetune_command(
             dtype=plan.config.dtype,
             shard=True,
         )
-        config, spec = plan.loaded(loaded.checkpoint.sha256, loaded.spec)
+        pretrained = loaded.checkpoint.format == "pretrained"
+        config, spec = plan.loaded(loaded.checkpoint.sha256, loaded.spec, pretrained)
         with distributed.together("loading the validation data"):
             val = validation_data(config, loaded.data, loaded.text)
         if val is None and distributed.is_main():
@@ -278,7 +302,14 @@ def finetune_command(
         if val is not None:
             distributed.check_same("validation data (--val-data)", data_fingerprint(val))
         inputs = Inputs(
-            loaded.model, spec, loaded.loss_fn, loaded.data, val, loaded.device, loaded.dtype
+            loaded.model,
+            spec,
+            loaded.loss_fn,
+            loaded.data,
+            val,
+            loaded.device,
+            loaded.dtype,
+            tokenizer_from=plan.weights if spec is None else None,
         )
         main = distributed.is_main()
         shown = not quiet and main and sys.stderr is not None
@@ -303,7 +334,8 @@ def _report(
     if outcome.status == "diverged":
         raise fail(
             f"{outcome.problem}: training stopped; the last good checkpoint is "
-            f"{outcome.checkpoint} (fine-tune again from its {MODEL} with a lower --lr)",
+            f"{outcome.checkpoint} (fine-tune again from "
+            f"{model_path(outcome.checkpoint, config.layout)} with a lower --lr)",
             everywhere=False,
         )
     if distributed.is_main():

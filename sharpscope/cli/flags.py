@@ -62,6 +62,7 @@ FLAGS: dict[str, str] = {
     "momentum": "--momentum",
     "weight_decay": "--weight-decay",
     "per_rank_sam": "--per-rank-sam",
+    "freeze": "--freeze",
     "eig_every": "--eig-every",
     "eig_steps": "--eig-steps",
     "schedule": "--schedule",

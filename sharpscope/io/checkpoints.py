@@ -137,6 +137,13 @@ def save_checkpoint(
         ) from exc
 
 
+def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 :func:`read_checkpoint` reports: of a file's bytes, or of a save_pretrained
+    folder's weight files."""
+    source = _existing(path)
+    return files_sha256(_folder_files(source)) if source.is_dir() else file_sha256(source)
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """The hex sha256 of a file's bytes, read in 1 MiB chunks."""
     return files_sha256([path])

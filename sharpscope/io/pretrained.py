@@ -3,11 +3,12 @@
 The weights are ``model.safetensors``, a sharded ``model.safetensors.index.json`` with its shards,
 ``pytorch_model.bin`` or a sharded ``pytorch_model.bin.index.json``, looked for in that order (as
 transformers does). :mod:`sharpscope.io.checkpoints` reads them;
-:mod:`sharpscope.io.transformers_models` builds the model.
+:mod:`sharpscope.io.transformers_models` builds the model and writes it back.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -23,6 +24,20 @@ WEIGHTS: tuple[str, ...] = (
 )
 """The weight files of a folder, single or an index of shards, in the order they are preferred."""
 INDEX_SUFFIX = ".index.json"
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer*",
+    "vocab*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece*",
+    "*.tiktoken",
+    "chat_template*",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+"""Globs of the tokenizer and preprocessor files that a model written back takes along."""
 CONTENTS = (
     "a checkpoint folder is a Hugging Face save_pretrained folder: config.json with "
     "model.safetensors, model.safetensors.index.json and its shards, or pytorch_model.bin"
@@ -63,3 +78,12 @@ def _shards(index: Path) -> list[Path]:
             "folder"
         )
     return [index.parent / name for name in sorted(names)]
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` that :data:`TOKENIZER_FILES` names, in name order."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and any(fnmatch.fnmatchcase(p.name, g) for g in TOKENIZER_FILES)
+    )

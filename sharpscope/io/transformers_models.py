@@ -1,5 +1,6 @@
 """The model of a Hugging Face ``save_pretrained`` folder, built by transformers from its
-``config.json`` and given the weights sharpscope read, from local files only.
+``config.json`` and given the weights sharpscope read, from local files only; and written back
+as such a folder.
 
 transformers is optional (``pip install "sharpscope[hf]"``) and imported only here, when a
 folder is loaded. Nothing is downloaded and no code from the folder is run: the class is the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,7 +24,7 @@ from torch import nn
 from sharpscope.errors import InputError
 from sharpscope.io.load_errors import few, first_line
 from sharpscope.io.optional import INSTALL
-from sharpscope.io.pretrained import CONFIG
+from sharpscope.io.pretrained import CONFIG, tokenizer_files
 
 
 def build_pretrained(folder: Path, state: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -49,6 +51,15 @@ def build_pretrained(folder: Path, state: Mapping[str, torch.Tensor]) -> nn.Modu
             ) from exc
     _check_loading(folder, model_class.__name__, info)
     return model
+
+
+def save_pretrained_folder(folder: Path, model: Any, tokenizer_from: Path | None) -> None:
+    """Write the transformers ``model`` into ``folder`` as save_pretrained does (config.json,
+    model.safetensors), with copies of the tokenizer files of the folder ``tokenizer_from``."""
+    with _quiet(_import_transformers(folder)):
+        model.save_pretrained(folder, safe_serialization=True)
+    for file in tokenizer_files(tokenizer_from) if tokenizer_from is not None else ():
+        shutil.copy2(file, folder / file.name)
 
 
 def _import_transformers(folder: Path) -> ModuleType:

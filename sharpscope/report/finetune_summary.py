@@ -9,7 +9,7 @@ from rich.table import Table
 
 from sharpscope.training.run import Outcome
 from sharpscope.training.run_config import RunConfig
-from sharpscope.training.run_dir import MODEL, RunDir
+from sharpscope.training.run_dir import RunDir, model_path
 
 FIGURES: tuple[tuple[str, str, str], ...] = (
     ("λ_max (probe batch)", "lambda_max", "{:.5g}"),
@@ -36,7 +36,7 @@ def summary(outcome: Outcome, folder: RunDir, config: RunConfig) -> dict[str, An
     return {
         "status": outcome.status,
         "run": str(folder.path),
-        "checkpoint": str(outcome.checkpoint / MODEL),
+        "checkpoint": str(model_path(outcome.checkpoint, config.layout)),
         "step": outcome.step,
         "total_steps": outcome.total_steps,
         "optimizer": config.optimizer,

@@ -10,13 +10,13 @@ from typing import Any
 
 from sharpscope import distributed
 from sharpscope.errors import InputError
-from sharpscope.io.checkpoints import file_sha256
+from sharpscope.io.checkpoints import checkpoint_sha256
 from sharpscope.io.data import HELD_OUT, DataBundle, held_out_split, load_data, open_source
 from sharpscope.io.models import ModelSpec
 from sharpscope.io.tokenizer import TextSpec
 from sharpscope.training.optimizers import DEFAULT_RHO
 from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig, resumed
-from sharpscope.training.run_dir import CONFIG, MODEL, RunDir
+from sharpscope.training.run_dir import CONFIG, RunDir, model_path
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ class RunOptions:
     rho: float | None = None
     alpha: float | None = None
     per_rank_sam: bool | None = None
+    params: tuple[str, ...] | None = None
+    """Globs of the parameters to train; None: all (:mod:`~sharpscope.training.selection`)."""
+    freeze: tuple[str, ...] | None = None
+    """Globs of the parameters not to train."""
     eig_every: int | None = None
     eig_steps: int | None = None
     schedule: str | None = None
@@ -98,10 +102,14 @@ class Plan:
     weights: Path
     resume_from: Path | None
 
-    def loaded(self, sha256: str, spec: ModelSpec | None) -> tuple[RunConfig, ModelSpec]:
-        """The settings and model spec once :attr:`weights` are loaded (their ``sha256``, and
-        the spec given or read with them): a new run records both in its settings."""
-        if spec is None:
+    def loaded(
+        self, sha256: str, spec: ModelSpec | None, pretrained: bool
+    ) -> tuple[RunConfig, ModelSpec | None]:
+        """The settings and model spec once :attr:`weights` are loaded (their ``sha256``, the
+        spec given or read with them, and whether transformers built the model from a
+        save_pretrained folder without one): a new run records them in its settings; a spec of
+        None means checkpoints in the ``pretrained`` layout."""
+        if spec is None and not pretrained:
             raise InputError(
                 f"{self.weights} holds a whole model without a model spec, and finetune writes "
                 "safetensors checkpoints that carry one: pass `model` (the factory that builds "
@@ -109,7 +117,9 @@ class Plan:
             )
         if self.resume_from is not None:
             return self.config, spec
-        return replace(self.config, checkpoint_sha256=sha256, model=spec.to_json()), spec
+        model, layout = ("", "pretrained") if spec is None else (spec.to_json(), "safetensors")
+        config = replace(self.config, checkpoint_sha256=sha256, model=model, layout=layout)
+        return config, spec
 
 
 def default_out() -> Path:
@@ -157,9 +167,9 @@ def resume_run(
         )
     given = options.given()
     if checkpoint is not None:
-        if not checkpoint.is_file():
+        if not checkpoint.exists():
             raise InputError(f"`checkpoint` {checkpoint} not found; check the path")
-        given["checkpoint_sha256"] = file_sha256(checkpoint)
+        given["checkpoint_sha256"] = checkpoint_sha256(checkpoint)
     if model is not None:
         given["model"] = model.to_json()
     folder = RunDir(resume)
@@ -169,7 +179,7 @@ def resume_run(
         raise InputError(
             f"`resume` {resume}: the run wrote no checkpoint yet; start it again without `resume`"
         )
-    return Plan(folder, config, found[1] / MODEL, found[1])
+    return Plan(folder, config, model_path(found[1], config.layout), found[1])
 
 
 def validation_data(

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sharpscope import distributed
 from sharpscope.batches import LossFn, move_to
 from sharpscope.errors import InputError
+from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.data import DataBundle, batches, subset_indices
 from sharpscope.io.models import ModelSpec
 from sharpscope.structures import take
@@ -26,7 +27,8 @@ from sharpscope.training.metrics import MetricsLog
 from sharpscope.training.optimizers import build_optimizer, build_scheduler
 from sharpscope.training.order import DataOrder
 from sharpscope.training.run_config import RunConfig
-from sharpscope.training.run_dir import TRAINER, RunDir, step_dir_name
+from sharpscope.training.run_dir import MODEL, STEP_KEY, TRAINER, RunDir, step_dir_name
+from sharpscope.training.selection import select_trained
 from sharpscope.training.state import load_trainer_state, seed_everything
 from sharpscope.training.tracking import Tracker
 from sharpscope.training.trainer import FIELDS, Diverged, Hooks, Session, all_finite, run
@@ -40,12 +42,15 @@ class Inputs:
     training and validation data (in memory, on the CPU)."""
 
     model: nn.Module
-    spec: ModelSpec
+    spec: ModelSpec | None
+    """None: a transformers model, checkpointed as save_pretrained folders."""
     loss_fn: LossFn
     train: DataBundle
     val: DataBundle | None
     device: torch.device
     dtype: torch.dtype
+    tokenizer_from: Path | None = None
+    """Without a spec: the folder whose tokenizer files each checkpoint folder copies."""
 
 
 @dataclass
@@ -75,12 +80,14 @@ class Outcome:
 def finetune(
     folder: RunDir, config: RunConfig, inputs: Inputs, resume_from: Path | None, watch: Watch
 ) -> Outcome:
-    """Train ``inputs.model`` as ``config`` says, in ``folder``; ``resume_from`` is the checkpoint
+    """Train ``inputs.model`` (only the parameters ``config.params`` and ``config.freeze``
+    choose) as ``config`` says, in ``folder``; ``resume_from`` is the checkpoint
     folder whose weights the model holds (None: a new run from step 0).
 
     Under torch.distributed every rank calls this with the same inputs: the model trains in
     DistributedDataParallel on equal shares of each batch, rank 0 alone writes the folder, and
     the ranks agree on when to stop."""
+    select_trained(inputs.model, config.params, config.freeze)
     order = DataOrder(len(inputs.train), config.batch_size, config.seed)
     check_shares(order.batch_size, min(config.probe_size, len(inputs.train)))
     total = config.total_steps(order.steps_per_epoch)
@@ -115,7 +122,7 @@ def finetune(
             seed_everything(config.seed)
     if main:
         folder.write_config(config)
-    saver = Saver(folder, session, inputs.spec, config.keep, resume_from)
+    saver = Saver(folder, session, inputs, config.keep, resume_from)
     track = tracker(config, inputs)
     resume_step = None if resume_from is None else session.step
     logs = MetricsLog(folder.path, FIELDS, resume_step) if main else contextlib.nullcontext()
@@ -174,11 +181,11 @@ class Saver:
     and rank 0 writes (with every rank's RNG states); the others wait until it has."""
 
     def __init__(
-        self, folder: RunDir, session: Session, spec: ModelSpec, keep: int, path: Path | None
+        self, folder: RunDir, session: Session, inputs: Inputs, keep: int, path: Path | None
     ) -> None:
         self.folder = folder
         self.session = session
-        self.spec = spec
+        self.inputs = inputs
         self.keep = keep
         self.path = path
         self.step = session.step if path is not None else -1
@@ -193,9 +200,21 @@ class Saver:
         state = self.session.state_dict()
         with distributed.together(f"writing the checkpoint of step {step}"):
             if distributed.is_main():
-                self.folder.save(step, self.session.model, self.spec, state, self.keep)
+                self.folder.save(step, self._write_model, state, self.keep)
         self.path = self.folder.path / step_dir_name(step)
         self.step = step
+
+    def _write_model(self, folder: Path) -> None:
+        """The model's files in a checkpoint folder: model.safetensors with the spec, or a
+        save_pretrained folder (config.json, model.safetensors, the tokenizer files)."""
+        inputs = self.inputs
+        if inputs.spec is None:
+            from sharpscope.io.transformers_models import save_pretrained_folder  # optional
+
+            save_pretrained_folder(folder, inputs.model, inputs.tokenizer_from)
+        else:
+            metadata = {STEP_KEY: str(self.session.step)}
+            save_checkpoint(folder / MODEL, inputs.model, inputs.spec, metadata)
 
 
 def tracker(config: RunConfig, inputs: Inputs) -> Tracker:

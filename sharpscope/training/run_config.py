@@ -11,6 +11,9 @@ from sharpscope.errors import InputError, check_choice
 from sharpscope.training.optimizers import OPTIMIZERS, SCHEDULES, OptimizerSettings
 
 DEFAULT_EPOCHS = 10
+LAYOUTS: tuple[str, ...] = ("safetensors", "pretrained")
+"""How a run writes its model: ``model.safetensors`` with the model spec in its metadata, or a
+Hugging Face save_pretrained folder (a run started from one without `model`)."""
 CHANGEABLE: tuple[str, ...] = ("steps", "epochs", "track_every", "save_every", "keep", "device")
 """Settings a resumed run may change: how long it runs, how often it records and saves, where.
 Every other setting changes the trained weights or the tracked figures, so it is fixed."""
@@ -57,8 +60,21 @@ class RunConfig:
     (:class:`~sharpscope.io.tokenizer.TextSpec`); absent from the configs of earlier versions."""
     label_field: str = "label"
     max_length: int | None = None
+    params: tuple[str, ...] | None = None
+    """Globs of the parameters trained (:mod:`~sharpscope.training.selection`); None: all."""
+    freeze: tuple[str, ...] | None = None
+    """Globs of parameters left as they are; None: none."""
+    layout: str = "safetensors"
+    """The checkpoints' layout, one of :data:`LAYOUTS`."""
 
     def __post_init__(self) -> None:
+        for name in ("params", "freeze"):
+            globs = getattr(self, name)
+            if globs is not None:  # a JSON list when read back
+                object.__setattr__(self, name, tuple(globs))
+                if not globs or not all(isinstance(g, str) and g for g in globs):
+                    raise InputError(f"`{name}` must be one or more non-empty globs, got {globs}")
+        check_choice("layout", self.layout, LAYOUTS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         if self.per_rank_sam and self.optimizer == "sgd":
@@ -123,11 +139,12 @@ def resumed(stored: RunConfig, given: Mapping[str, Any], where: str) -> RunConfi
             if name == "checkpoint_sha256":
                 change = "`checkpoint` is not the file the run started from"
             else:
-                change = f"`{name}` {value} differs from the run's {getattr(stored, name)}"
+                own = _shown(getattr(stored, name))
+                change = f"`{name}` {_shown(value)} differs from the run's {own}"
             changeable = ", ".join(f"`{n}`" for n in CHANGEABLE)
             raise InputError(
                 f"{change} ({where}); a resumed run keeps its settings (only {changeable} may "
-                "change): to change them, start a new run from the checkpoint's model.safetensors"
+                "change): to change them, start a new run from one of its checkpoints"
             )
     changes = {name: value for name, value in given.items() if name in CHANGEABLE}
     if "steps" in changes and "epochs" not in changes:
@@ -135,3 +152,10 @@ def resumed(stored: RunConfig, given: Mapping[str, Any], where: str) -> RunConfi
     if "epochs" in changes and "steps" not in changes:
         changes["steps"] = None
     return replace(stored, **changes)
+
+
+def _shown(value: Any) -> str:
+    """A setting as typed: globs comma-separated; None as not given."""
+    if value is None:
+        return "(not given)"
+    return ",".join(value) if isinstance(value, tuple) else str(value)

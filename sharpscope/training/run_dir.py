@@ -7,9 +7,10 @@ DIR/step-000120/trainer.pt         optimizer, scheduler, step, data order, RNG s
 DIR/latest                         {"step": 120, "dir": "step-000120"}
 DIR/metrics.jsonl, metrics.csv, training.png, tensorboard/
 ```
-Each file is written to a temporary name and renamed; ``latest`` moves only after both files
-of a checkpoint are complete, so a process killed at any moment leaves ``latest`` on a whole
-checkpoint. The last ``keep`` checkpoints are kept.
+In the ``pretrained`` layout a step folder is also a save_pretrained folder (config.json,
+model.safetensors, the tokenizer files). A checkpoint folder is written under a temporary name
+and renamed; ``latest`` moves only after that, so a process killed at any moment leaves
+``latest`` on a whole checkpoint. The last ``keep`` checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -17,16 +18,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from sharpscope.errors import InputError
-from sharpscope.io.atomic import write_text_atomic
-from sharpscope.io.checkpoints import save_checkpoint
-from sharpscope.io.models import ModelSpec
+from sharpscope.io.atomic import atomic_folder, write_text_atomic
 from sharpscope.training.run_config import RunConfig
 from sharpscope.training.state import save_trainer_state
 
@@ -36,11 +33,19 @@ MODEL = "model.safetensors"
 TRAINER = "trainer.pt"
 STEP_KEY = "sharpscope.step"
 _STEP_DIR = re.compile(r"step-(\d+)")
+_PARTIAL = re.compile(r"\.step-\d+\..*\.tmp")
+"""A checkpoint folder still being written (:func:`atomic_folder`), or left by a killed run."""
 
 
 def step_dir_name(step: int) -> str:
     """``step-000120``."""
     return f"step-{step:06d}"
+
+
+def model_path(step_dir: Path, layout: str) -> Path:
+    """What ``analyze`` reads in a checkpoint folder: its model.safetensors, or in the
+    ``pretrained`` layout the folder itself."""
+    return step_dir if layout == "pretrained" else step_dir / MODEL
 
 
 class RunDir:
@@ -82,16 +87,16 @@ class RunDir:
     def save(
         self,
         step: int,
-        model: nn.Module,
-        spec: ModelSpec,
+        write_model: Callable[[Path], None],
         trainer_state: Mapping[str, Any],
         keep: int,
     ) -> Path:
-        """Write the checkpoint of ``step``, point ``latest`` at it, keep the last ``keep``."""
+        """Write the checkpoint of ``step`` (``write_model(folder)`` writes the model's files),
+        point ``latest`` at it, keep the last ``keep``."""
         folder = self.path / step_dir_name(step)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(folder / MODEL, model, spec, {STEP_KEY: str(step)})
-        save_trainer_state(folder / TRAINER, trainer_state)
+        with atomic_folder(folder) as tmp:
+            write_model(tmp)
+            save_trainer_state(tmp / TRAINER, trainer_state)
         pointer = {"step": step, "dir": folder.name}
         write_text_atomic(self.path / LATEST, json.dumps(pointer) + "\n")
         for _, old in self._step_dirs()[:-keep]:
@@ -99,10 +104,14 @@ class RunDir:
         return folder
 
     def discard_after(self, step: int) -> None:
-        """Delete checkpoint folders of later steps (left by a run killed while writing one)."""
+        """Delete checkpoint folders of later steps and half-written ones (left by a run killed
+        while writing one)."""
         for s, folder in self._step_dirs():
             if s > step:
                 shutil.rmtree(folder, ignore_errors=True)
+        for entry in self.path.iterdir() if self.path.is_dir() else ():
+            if _PARTIAL.fullmatch(entry.name) and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
 
     def _step_dirs(self) -> list[tuple[int, Path]]:
         found = []
