@@ -69,8 +69,8 @@ def finetune_command(
     checkpoint: Annotated[
         Path | None,
         typer.Argument(
-            help="The checkpoint to start from (any format `analyze` reads); not needed with "
-            "--resume.",
+            help="The checkpoint to start from (any format `analyze` reads; a save_pretrained "
+            "folder needs no --model, and the run writes such folders); not needed with --resume.",
             show_default=False,
             metavar="CHECKPOINT",
         ),
