@@ -284,7 +284,8 @@ def finetune_command(
             text_field=plan.config.text_field,
             label_field=plan.config.label_field,
             max_length=plan.config.max_length,
-            tokenizer=Path(plan.config.checkpoint),
+            # a folder run's step folders carry the tokenizer; else the folder it started from
+            tokenizer=None if plan.config.layout == "pretrained" else Path(plan.config.checkpoint),
             loss=plan.config.loss,
             device=plan.config.device,
             dtype=plan.config.dtype,
