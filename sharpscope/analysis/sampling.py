@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sharpscope import distributed
 from sharpscope.batches import loss_weight
 from sharpscope.curvature import HessianOperator
 from sharpscope.curvature.vectors import dot
@@ -76,7 +77,8 @@ class SamplingErrors:
 
 def shard_operators(op: HessianOperator, shards: int) -> list[HessianOperator]:
     """``op``'s data as ``shards`` disjoint operators: every batch cut into ``shards`` chunks
-    (whole batches, when BatchNorm uses batch statistics), empty shards left out."""
+    (whole batches, when BatchNorm uses batch statistics), shards empty on every rank left
+    out."""
     if op.batch_stats:
         groups = [op.batches[j::shards] for j in range(shards)]
     else:
@@ -85,7 +87,9 @@ def shard_operators(op: HessianOperator, shards: int) -> list[HessianOperator]:
             size = -(-sample_count(inputs, "batch") // shards)
             for j, (x, y) in enumerate(zip(split(inputs, size), targets.split(size), strict=True)):
                 groups[j].append((x, y))
-    groups = [g for g in groups if sum(loss_weight(op.loss_fn, b) for b in g) > 0]
+    local = [float(sum(loss_weight(op.loss_fn, b) for b in g)) for g in groups]
+    counts = distributed.sum_floats(local) if op.distributed else local  # all ranks agree
+    groups = [g for g, count in zip(groups, counts, strict=True) if count > 0]
     if len(groups) < 2:
         raise InputError(
             f"`shards` needs at least 2 non-empty shards of the data, got {len(groups)}: "

@@ -1,0 +1,110 @@
+"""Do the data-uncertainty intervals cover? Coverage of the full-data figures by the 95 %
+intervals of analyses on independent subsets.
+
+Run by hand from the repository root::
+
+    python benchmarks/bench_sampling.py [--subsets 40] [--out FILE]
+
+For each workload of ``bench_engine.py`` (the digits MLP on all 1797 digits; the CNN on 1024
+synthetic images), the "full-data" figures are those of an analysis on all of its data; each of
+``--subsets`` random subsets (seeds 0, 1, ...) is analysed with the default 8 shards, and an
+interval covers when the full-data figure lies within it. A subset shares part of its samples
+with the full data, so the spread of its figures around the full-data ones is smaller than
+around the population's by about sqrt(1 - n/N) (n/N printed): slight over-coverage is expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import bench_engine
+import torch
+
+from sharpscope.analysis.analyze import AnalyzeConfig, analyze
+from sharpscope.io.data import subset_indices
+
+FIGURES = ("lambda_max", "lambda_min", "cos_full", "sam_sharpness")
+
+
+def population(key: str) -> tuple[bench_engine.Workload, torch.Tensor, torch.Tensor, int]:
+    """The workload, all of its data, and the subset size."""
+    workload = bench_engine.WORKLOADS[key]()
+    if key == "mlp":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+        y = torch.tensor(digits.target, dtype=torch.long)
+        return workload, x, y, 256
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1024, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 10, (1024,), generator=generator)
+    return workload, x, y, 128
+
+
+def figures(workload: bench_engine.Workload, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Each figure's value and standard error (None for the full data's)."""
+    batches = list(zip(x.split(128), y.split(128), strict=True))
+    config = AnalyzeConfig(k=1, trace=False)
+    a = analyze(workload.model, bench_engine.LOSS, batches, config)
+    s = a.sampling
+    return {
+        "lambda_max": (a.lambda_max, s.eigenvalues[0]),
+        "lambda_min": (float(a.bottom.eigenvalues[0]), s.lambda_min),
+        "cos_full": (a.alignment.cos_full, s.cos_full),
+        "sam_sharpness": (a.alignment.sam_sharpness, s.sam_sharpness),
+        "multiplier": s.multiplier,
+    }
+
+
+def run(key: str, subsets: int) -> list[str]:
+    workload, x, y, n = population(key)
+    start = time.perf_counter()
+    full = figures(workload, x, y)
+    rows = []
+    for seed in range(subsets):
+        idx = subset_indices(len(y), n, seed)
+        rows.append(figures(workload, x[idx], y[idx]))
+        print(f"{key}: subset {seed + 1}/{subsets}", file=sys.stderr, flush=True)
+    lines = [
+        f"### {workload.title}: {subsets} subsets of {n} of {len(y)} samples "
+        f"(n/N = {n / len(y):.2f}), {time.perf_counter() - start:.0f} s",
+        "",
+        "| figure | full data | coverage of 95 % intervals | median half-width | "
+        "SD over subsets | mean SE / SD |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in FIGURES:
+        truth = full[name][0]
+        values = [r[name][0] for r in rows]
+        halves = [r["multiplier"] * r[name][1] for r in rows]
+        hits = sum(abs(v - truth) <= h for v, h in zip(values, halves, strict=True))
+        sd = statistics.stdev(values)
+        ratio = statistics.mean(r[name][1] for r in rows) / sd
+        lines.append(
+            f"| {name} | {truth:.4g} | {hits}/{subsets} | {statistics.median(halves):.3g} | "
+            f"{sd:.3g} | {ratio:.2f} |"
+        )
+    return [*lines, ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subsets", type=int, default=40)
+    parser.add_argument("--workload", choices=["mlp", "cnn", "all"], default="all")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    keys = ["mlp", "cnn"] if args.workload == "all" else [args.workload]
+    torch.set_num_threads(2)
+    report = "\n".join(line for key in keys for line in run(key, args.subsets))
+    print(report)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
