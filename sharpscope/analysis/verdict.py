@@ -20,7 +20,7 @@ def verdict(analysis: Analysis) -> str:
         low, high = _interval(analysis)
         return (
             f"SAM perturbation's alignment with the top eigenvector is uncertain (|cos| = "
-            f"{cos:.2f}, 95 % interval {max(low, 0):.2f}–{high:.2f} over samples of this size, "
+            f"{cos:.2f}, 95 % interval {low:.2f}–{high:.2f} over samples of this size, "
             f"across the cut-off{'s' if len(straddled) > 1 else ''} "
             f"{' and '.join(f'{c:g}' for c in straddled)}); analyze more samples to decide."
         )
@@ -45,7 +45,7 @@ def _interval(analysis: Analysis) -> tuple[float, float]:
     if s is None or s.cos_full is None:
         return a.cos_full, a.cos_full
     half = s.multiplier * s.cos_full
-    return a.cos_full - half, a.cos_full + half
+    return max(a.cos_full - half, 0.0), min(a.cos_full + half, 1.0)
 
 
 def _straddled(analysis: Analysis) -> list[float]:

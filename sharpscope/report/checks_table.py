@@ -13,7 +13,8 @@ STYLE = {"pass": "green", "noise": "yellow", "fail": "bold red"}
 
 CAPTION = (
     "A check fails only when the value is past its limit by more than the uncertainty: the "
-    "residual ‖Hv − λv‖ for eigenvalues, --sigmas standard errors for the trace."
+    "residual ‖Hv − λv‖ for eigenvalues, --sigmas standard errors for the trace, plus --sigmas "
+    "data standard errors (another sample of the same size)."
 )
 
 

@@ -319,11 +319,17 @@ class Sampling(Section):
             sam_sharpness=errors.sam_sharpness,
         )
 
-    def interval(self, value: float, se: float | None) -> tuple[float, float] | None:
-        """The 95 % interval ``value ± multiplier·se``; None without a standard error."""
+    def interval(
+        self, value: float, se: float | None, bounds: tuple[float, float] | None = None
+    ) -> tuple[float, float] | None:
+        """The 95 % interval ``value ± multiplier·se``, clipped to the figure's ``bounds`` (a
+        cosine's [0, 1]); None without a standard error."""
         if se is None:
             return None
-        return value - self.interval_multiplier * se, value + self.interval_multiplier * se
+        low, high = value - self.interval_multiplier * se, value + self.interval_multiplier * se
+        if bounds is not None:
+            low, high = max(low, bounds[0]), min(high, bounds[1])
+        return low, high
 
 
 @dataclass(frozen=True)

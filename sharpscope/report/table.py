@@ -91,10 +91,20 @@ def _spread(multiplier: float, se: float | None) -> str:
     return "—" if se is None else f"± {multiplier * se:.2g}"
 
 
-def _with_interval(results: Results, value: float | None, se: float | None, digits: int) -> str:
+UNIT = (0.0, 1.0)
+"""The range of |cos| and of a share: their intervals are clipped to it."""
+
+
+def _with_interval(
+    results: Results,
+    value: float | None,
+    se: float | None,
+    digits: int,
+    bounds: tuple[float, float] | None = None,
+) -> str:
     """``value [low, high]`` with the data's 95 % interval when it was estimated."""
     s = results.sampling
-    interval = None if s is None or value is None else s.interval(value, se)
+    interval = None if s is None or value is None else s.interval(value, se, bounds)
     if interval is None:
         return _num(value, digits)
     return f"{_num(value, digits)} [{_num(interval[0], 2)}, {_num(interval[1], 2)}]"
@@ -133,7 +143,8 @@ def _alignment(results: Results) -> Table | None:
     table.add_column(justify="right")
     s = results.sampling
     table.add_row(
-        "|cos(ĝ, v₁)|, full-data gradient", _with_interval(results, a.cos_full, s and s.cos_full, 3)
+        "|cos(ĝ, v₁)|, full-data gradient",
+        _with_interval(results, a.cos_full, s and s.cos_full, 3, UNIT),
     )
     batches = a.cos_batches
     if batches is not None:
@@ -144,7 +155,7 @@ def _alignment(results: Results) -> Table | None:
         )
     table.add_row(
         "‖P_k ĝ‖, ĝ's share in the top-k eigenspace",
-        _with_interval(results, a.topk_share, s and s.topk_share, 3),
+        _with_interval(results, a.topk_share, s and s.topk_share, 3, UNIT),
     )
     table.add_row(
         "SAM sharpness L(w+ρĝ) − L(w)",
