@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -70,9 +70,6 @@ class SamplingErrors:
     def multiplier(self) -> float:
         """The 95 % interval's half-width in standard errors (Student's t, m − 1 dof)."""
         return t_quantile(self.shards - 1)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "interval_multiplier": self.multiplier}
 
 
 def shard_operators(op: HessianOperator, shards: int) -> list[HessianOperator]:
