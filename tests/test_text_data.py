@@ -12,8 +12,12 @@ import shutil
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
+import tiny_hf
+import tiny_tokenizer
 import torch
+import transformers
 from typer.testing import CliRunner
 
 import sharpscope.cli.analyze
@@ -21,11 +25,6 @@ from sharpscope.cli.app import app
 from sharpscope.io.architectures import mlp
 from sharpscope.io.data import load_data, subset_indices
 from sharpscope.io.tokenizer import TextSpec
-
-transformers = pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
-import tiny_hf  # noqa: E402  (needs transformers)
-import tiny_tokenizer  # noqa: E402
 
 RUNNER = CliRunner()
 FACTORIES = str(Path(__file__).with_name("tiny_hf.py"))
