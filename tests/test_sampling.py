@@ -98,11 +98,12 @@ def test_one_shard_is_refused():
         AnalyzeConfig(shards=1)
 
 
-def test_too_few_samples_for_two_shards_is_one_line():
+def test_too_few_samples_for_two_shards_leave_it_out_with_a_note():
     model = nn.Linear(4, 1, bias=False).double()
     one = [(torch.ones(1, 4, dtype=torch.float64), torch.ones(1, dtype=torch.float64))]
-    with pytest.raises(InputError, match="`shards` needs at least 2 non-empty shards"):
-        analyze(model, resolve_loss("mse"), one, AnalyzeConfig(k=1, trace=False))
+    a = analyze(model, resolve_loss("mse"), one, AnalyzeConfig(k=1, trace=False))
+    assert a.sampling is None
+    assert any("data uncertainty was not estimated" in note for note in a.notes)
 
 
 def test_the_verdict_is_uncertain_across_a_cut_off():

@@ -413,6 +413,11 @@ def analyze(
             sampling = sampling_errors(
                 op, config.shards, top.eigenvectors, bottom.eigenvectors[0], gradient, epsilon
             )
+        if sampling is None:
+            notes.append(
+                "the data uncertainty was not estimated: the samples make fewer than 2 shards "
+                "(with `batch_stats`, a shard is a whole batch); analyze more samples"
+            )
     slices: dict[str, tuple[list[float], list[float]]] = {}
     if config.slices:
         with watch.stage("slices"):

@@ -27,7 +27,6 @@ from sharpscope import distributed
 from sharpscope.batches import loss_weight
 from sharpscope.curvature import HessianOperator
 from sharpscope.curvature.vectors import dot
-from sharpscope.errors import InputError
 from sharpscope.structures import sample_count, split
 
 T_975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
@@ -73,9 +72,9 @@ class SamplingErrors:
 
 
 def shard_operators(op: HessianOperator, shards: int) -> list[HessianOperator]:
-    """``op``'s data as ``shards`` disjoint operators: every batch cut into ``shards`` chunks
-    (whole batches, when BatchNorm uses batch statistics), shards empty on every rank left
-    out."""
+    """``op``'s data as at most ``shards`` disjoint operators: every batch cut into ``shards``
+    chunks (whole batches, when BatchNorm uses batch statistics), shards empty on every rank
+    left out."""
     if op.batch_stats:
         groups = [op.batches[j::shards] for j in range(shards)]
     else:
@@ -87,11 +86,6 @@ def shard_operators(op: HessianOperator, shards: int) -> list[HessianOperator]:
     local = [float(sum(loss_weight(op.loss_fn, b) for b in g)) for g in groups]
     counts = distributed.sum_floats(local) if op.distributed else local  # all ranks agree
     groups = [g for g, count in zip(groups, counts, strict=True) if count > 0]
-    if len(groups) < 2:
-        raise InputError(
-            f"`shards` needs at least 2 non-empty shards of the data, got {len(groups)}: "
-            "analyze more samples (or more batches with `batch_stats`)"
-        )
     return [
         HessianOperator(
             op.model,
@@ -114,13 +108,15 @@ def sampling_errors(
     min_vector: torch.Tensor,
     gradient: torch.Tensor,
     epsilon: torch.Tensor | None,
-) -> SamplingErrors:
+) -> SamplingErrors | None:
     """The jackknife standard errors of the top-k eigenvalues (rows of ``eigenvectors``), λ_min
     (of ``min_vector``) and, given the full-data ``gradient`` and the SAM perturbation
     ``epsilon`` (None when the gradient is zero), of the alignment, the top-k share and the SAM
     sharpness. Costs one product per eigenvector, one gradient and two losses, each spread over
-    the shards."""
+    the shards. None when the data makes fewer than two shards."""
     parts = shard_operators(op, shards)
+    if len(parts) < 2:
+        return None
     weights = [p.num_terms / op.num_terms for p in parts]
     rayleigh = [[dot(v, p.matvec(v)) for p in parts] for v in (*eigenvectors, min_vector)]
     replicates = [deleted_means(q, weights) for q in rayleigh]
