@@ -40,6 +40,20 @@ def t_quantile(dof: int) -> float:
     return 1.96 + 2.4 / dof  # within 0.5 % of the exact quantile beyond 10 degrees of freedom
 
 
+UNIT = (0.0, 1.0)
+"""The range of |cos| and of a share: their intervals are clipped to it."""
+
+
+def interval(
+    value: float, se: float, multiplier: float, bounds: tuple[float, float] | None = None
+) -> tuple[float, float]:
+    """``value ± multiplier·se``, clipped to the figure's ``bounds`` (a cosine's [0, 1])."""
+    low, high = value - multiplier * se, value + multiplier * se
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return low, high
+
+
 def jackknife_se(replicates: Sequence[float]) -> float:
     """The grouped jackknife standard error of a figure from its delete-one-shard replicates."""
     m = len(replicates)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sharpscope.analysis.analyze import Analysis
+from sharpscope.analysis.sampling import UNIT, interval
 
 POOR, GOOD = 0.1, 0.5
 """|cos(ĝ, v₁)| below POOR is poorly aligned, above GOOD well aligned, partly in between."""
@@ -15,9 +16,11 @@ def verdict(analysis: Analysis) -> str:
     if a is None:
         return "The gradient is zero: SAM's perturbation, and its alignment, are undefined here."
     cos = a.cos_full
-    straddled = _straddled(analysis)
+    s = analysis.sampling
+    estimated = s is not None and s.cos_full is not None
+    low, high = interval(cos, s.cos_full, s.multiplier, UNIT) if estimated else (cos, cos)
+    straddled = [cut for cut in (POOR, GOOD) if low < cut <= high]
     if straddled:
-        low, high = _interval(analysis)
         return (
             f"SAM perturbation's alignment with the top eigenvector is uncertain (|cos| = "
             f"{cos:.2f}, 95 % interval {low:.2f}–{high:.2f} over samples of this size, "
@@ -36,19 +39,3 @@ def verdict(analysis: Analysis) -> str:
             f"Eigen-SAM would give {a.eigen_sam_cos:.2f} (α = {a.alpha:g})."
         )
     return f"SAM perturbation is well aligned with the top eigenvector (|cos| = {cos:.2f})."
-
-
-def _interval(analysis: Analysis) -> tuple[float, float]:
-    """The data's 95 % interval of |cos(ĝ, v₁)| (the value itself when not estimated)."""
-    a, s = analysis.alignment, analysis.sampling
-    assert a is not None
-    if s is None or s.cos_full is None:
-        return a.cos_full, a.cos_full
-    half = s.multiplier * s.cos_full
-    return max(a.cos_full - half, 0.0), min(a.cos_full + half, 1.0)
-
-
-def _straddled(analysis: Analysis) -> list[float]:
-    """The alignment cut-offs inside the data's 95 % interval of |cos(ĝ, v₁)|."""
-    low, high = _interval(analysis)
-    return [cut for cut in (POOR, GOOD) if low < cut <= high]

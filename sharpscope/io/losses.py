@@ -109,6 +109,8 @@ class BuiltinLoss:
 
     name: str
     fn: Callable[[Tensor, Tensor], Tensor]
+    counter: Callable[[Tensor], int]
+    """The terms ``fn``'s batch mean is over, from the targets."""
     num_classes: int | None = None
 
     def __call__(self, outputs: Any, targets: Tensor) -> Tensor:
@@ -129,19 +131,21 @@ class BuiltinLoss:
 
     def count(self, targets: Tensor) -> int:
         """The terms this loss's batch mean is over (samples for mse)."""
-        if isinstance(self.fn, TokenCrossEntropy):
-            return self.fn.count(targets)
-        if self.fn is cross_entropy:
-            return _labelled(targets)
-        return int(targets.shape[0])
+        return self.counter(targets)
 
 
-BUILTIN_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "cross-entropy": cross_entropy,
-    "mse": mse,
-    "causal-lm": TokenCrossEntropy(shift=True),
-    "masked-lm": TokenCrossEntropy(shift=False),
+def _samples(targets: Tensor) -> int:
+    return int(targets.shape[0])
+
+
+CAUSAL_LM, MASKED_LM = TokenCrossEntropy(shift=True), TokenCrossEntropy(shift=False)
+BUILTIN_LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], int]]] = {
+    "cross-entropy": (cross_entropy, _labelled),
+    "mse": (mse, _samples),
+    "causal-lm": (CAUSAL_LM, CAUSAL_LM.count),
+    "masked-lm": (MASKED_LM, MASKED_LM.count),
 }
+"""Each built-in loss and how many terms its batch mean is over."""
 ALIASES = {"ce": "cross-entropy"}
 AUTO = "auto"
 LOSS_CHOICES = (
@@ -187,7 +191,8 @@ def resolve_loss(spec: str = "cross-entropy", num_classes: int | None = None) ->
     a user's loss receives them raw."""
     key = _canonical(spec)
     if key in BUILTIN_LOSSES:
-        return BuiltinLoss(key, BUILTIN_LOSSES[key], num_classes)
+        fn, counter = BUILTIN_LOSSES[key]
+        return BuiltinLoss(key, fn, counter, num_classes)
     if key == AUTO:
         raise ValueError("`loss` auto depends on the model: resolve it with loss_name first")
     if is_object_spec(spec):

@@ -19,7 +19,7 @@ from sharpscope import __version__
 from sharpscope.analysis.alignment import Alignment
 from sharpscope.analysis.analyze import Analysis, LayerEigen
 from sharpscope.analysis.gate import GateInput, Reading
-from sharpscope.analysis.sampling import SamplingErrors
+from sharpscope.analysis.sampling import SamplingErrors, interval
 from sharpscope.analysis.verdict import verdict
 from sharpscope.curvature import DensityResult, EigenResult, TraceResult
 from sharpscope.report.json_report import dumps
@@ -324,12 +324,7 @@ class Sampling(Section):
     ) -> tuple[float, float] | None:
         """The 95 % interval ``value ± multiplier·se``, clipped to the figure's ``bounds`` (a
         cosine's [0, 1]); None without a standard error."""
-        if se is None:
-            return None
-        low, high = value - self.interval_multiplier * se, value + self.interval_multiplier * se
-        if bounds is not None:
-            low, high = max(low, bounds[0]), min(high, bounds[1])
-        return low, high
+        return None if se is None else interval(value, se, self.interval_multiplier, bounds)
 
 
 @dataclass(frozen=True)

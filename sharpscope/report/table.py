@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from sharpscope.analysis.sampling import UNIT
 from sharpscope.analysis.verdict import GOOD, POOR
 from sharpscope.report.document import Inputs, Layer, Report, Results, Trace
 
@@ -89,10 +90,6 @@ def _eigenvalues(results: Results, dtype: str | None) -> Table:
 def _spread(multiplier: float, se: float | None) -> str:
     """A 95 % half-width, ``± 0.052``."""
     return "—" if se is None else f"± {multiplier * se:.2g}"
-
-
-UNIT = (0.0, 1.0)
-"""The range of |cos| and of a share: their intervals are clipped to it."""
 
 
 def _with_interval(
