@@ -24,6 +24,26 @@ class CountedLoss(Protocol):
     def count(self, targets: torch.Tensor) -> int: ...
 
 
+Draw = Callable[[tuple[int, ...]], torch.Tensor]
+"""``draw(shape)``: uniform numbers in (0, 1) of shape ``(samples, *shape)``, each sample's own
+(the same for the same sample however the data is batched)."""
+
+
+@runtime_checkable
+class LikelihoodLoss(Protocol):
+    """A loss on the logits of a model's outputs that is the mean of per-term negative
+    log-likelihoods: which dimensions of the logits one term spans, and targets drawn from the
+    model's predictive distribution (the Fisher's)."""
+
+    def __call__(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def term_dims(self, logits: torch.Tensor) -> tuple[int, ...]: ...
+
+    def sample_targets(
+        self, logits: torch.Tensor, targets: torch.Tensor, draw: Draw
+    ) -> torch.Tensor: ...
+
+
 def loss_weight(loss_fn: LossFn, batch: tuple[Any, Any]) -> int:
     """How many terms ``loss_fn``'s mean over ``batch`` averages: the counted loss's units, else
     the batch's samples. Weighting batch means by it gives the mean over all the data."""

@@ -2,9 +2,11 @@
 
 from sharpscope.curvature.api import hessian_eigs, hessian_trace, spectral_density
 from sharpscope.curvature.density import slq
-from sharpscope.curvature.hvp import BACKENDS, HessianOperator, curvature_mode
+from sharpscope.curvature.gauss_newton import EmpiricalFisherOperator, FisherOperator, GGNOperator
+from sharpscope.curvature.hvp import BACKENDS, HessianOperator
 from sharpscope.curvature.lanczos import lanczos, lanczos_extremes
 from sharpscope.curvature.linop import LinearOperator, MatrixOperator
+from sharpscope.curvature.operator import CurvatureOperator, curvature_mode
 from sharpscope.curvature.params import ParamSpace, select_params
 from sharpscope.curvature.power import power_iteration
 from sharpscope.curvature.results import (
@@ -17,11 +19,23 @@ from sharpscope.curvature.results import (
 from sharpscope.curvature.solvers import SOLVERS, SolveSettings
 from sharpscope.curvature.trace import deflated_trace, hutchinson, hutchpp
 
+CURVATURES: dict[str, type[CurvatureOperator]] = {
+    op.curvature: op
+    for op in (HessianOperator, GGNOperator, FisherOperator, EmpiricalFisherOperator)
+}
+"""Each curvature matrix by its name: ``hessian``, ``ggn``, ``fisher`` (labels drawn from the
+model), ``empirical-fisher`` (the data's labels)."""
+
 __all__ = [
     "BACKENDS",
+    "CURVATURES",
     "SOLVERS",
+    "CurvatureOperator",
     "DensityResult",
     "EigenResult",
+    "EmpiricalFisherOperator",
+    "FisherOperator",
+    "GGNOperator",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.func import grad, jvp
 
-from sharpscope import distributed as _distributed
-from sharpscope.batches import LossFn, batch_size, loss_weight, move_to
-from sharpscope.curvature.attention import derivatives_explained, twice_differentiable
-from sharpscope.curvature.batchnorm import batchnorm_layers, freeze_batchnorm_stats
-from sharpscope.curvature.params import ParamSpace, select_params
+from sharpscope.batches import LossFn
+from sharpscope.curvature.attention import derivatives_explained
+from sharpscope.curvature.operator import CurvatureOperator
 from sharpscope.curvature.vectors import norm
 from sharpscope.errors import InputError
-from sharpscope.structures import call_model
 
 FUNC_CHECK_ULPS = 200
 """How far (in units of the dtype's epsilon, relative) forward-over-reverse's first product may
@@ -26,43 +22,9 @@ Backend = Literal["double-backward", "forward-over-reverse"]
 BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse")
 
 
-@contextlib.contextmanager
-def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None]:
-    """Put ``model`` in eval mode (BatchNorm on batch statistics if asked) with attention that can
-    be differentiated twice (:func:`~sharpscope.curvature.attention.twice_differentiable`), then
-    restore all modes and settings.
-
-    With ``batch_stats`` the BatchNorm layers normalise with the statistics of the batch and leave
-    their running statistics untouched. Every forward whose loss a curvature figure describes
-    (products, gradients, losses, accuracy, probe and validation metrics) runs in this mode, so
-    they all see one function.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    with contextlib.ExitStack() as undo:
-        try:
-            undo.enter_context(twice_differentiable())
-            model.eval()
-            if batch_stats:
-                undo.callback(freeze_batchnorm_stats(model))
-                for m in batchnorm_layers(model):
-                    m.train()
-            yield
-        finally:
-            for m, flag in modes:
-                m.training = flag
-
-
-class HessianOperator:
-    """The Hessian of the mean loss over all of ``batches``, as a linear operator.
-
-    ``loss_fn(model(inputs), targets)`` must return the mean loss of a batch; the model is called
-    as :func:`~sharpscope.structures.call_model` does (``model(**inputs)`` for a dict). The
-    operator weights each batch by the number of terms its mean is over
-    (:func:`~sharpscope.batches.loss_weight`: samples, or predicted tokens for a token loss), so
-    one batch of 256 and four of 64 give the same Hessian, and so do batches with different
-    numbers of tokens. Vectors are flat, in the order of
-    :class:`~sharpscope.curvature.params.ParamSpace`, over the parameters that the globs
-    ``params`` select less those ``exclude`` leaves out (see :func:`select_params`).
+class HessianOperator(CurvatureOperator):
+    """The Hessian of the mean loss over all of ``batches``, as a linear operator (data,
+    weighting, parameters, distribution: :class:`~sharpscope.curvature.operator.CurvatureOperator`).
 
     ``backend="double-backward"`` differentiates the gradient graph a second time; with
     ``cache_graph`` (default) that graph is built once for all batches and reused by every
@@ -72,12 +34,9 @@ class HessianOperator:
     Every forward runs under :func:`~sharpscope.curvature.attention.twice_differentiable`
     (attention on torch's math kernel, which has second derivatives); a product through an
     operation without the derivative its backend needs raises a one-line ``InputError``.
-
-    With ``distributed`` (default: when a torch.distributed process group is initialised) each
-    rank passes its own shard of the batches and the operator is that of all ranks' batches
-    together: weights use the global count, and ``matvec``, ``gradient`` and ``loss``
-    all-reduce their weighted local sums (one all-reduce each), so every rank gets the same result.
     """
+
+    curvature = "hessian"
 
     def __init__(
         self,
@@ -94,96 +53,22 @@ class HessianOperator:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        self.model = model
-        self.loss_fn = loss_fn
-        self.space: ParamSpace = select_params(model, params, exclude)
-        self.batches = list(batches)
-        self.distributed = _distributed.is_distributed() if distributed is None else distributed
-        units = [loss_weight(loss_fn, b) for b in self.batches]
-        samples = sum(batch_size(b) for b in self.batches)
-        counts = self._global_counts([samples, sum(units), len(self.batches)])
-        self.num_samples, total, self.num_batches = counts
-        if self.num_samples == 0 or total == 0:
-            raise ValueError("no data: the Hessian needs at least one sample (and one label)")
-        self.num_terms = total
-        """The terms the mean loss is over, on all ranks: samples, or labelled tokens."""
-        self.weights = [u / total for u in units]
+        super().__init__(
+            model,
+            loss_fn,
+            batches,
+            params,
+            exclude=exclude,
+            batch_stats=batch_stats,
+            cache_graph=cache_graph and backend == "double-backward",
+            distributed=distributed,
+        )
         self.backend = backend
-        self.batch_stats = batch_stats
-        self.cache_graph = cache_graph and backend == "double-backward"
-        self.n_products = 0
         self._functional_checked = False
         self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
-    def _global_counts(self, counts: list[int]) -> list[int]:
-        """Counts summed over all ranks (one all-reduce when distributed)."""
-        if not self.distributed:
-            return counts
-        local = torch.tensor(counts, dtype=torch.int64, device=self.device)
-        return [int(c) for c in _distributed.all_reduce_sum(local).tolist()]
-
-    def _reduced(self, local: torch.Tensor) -> torch.Tensor:
-        """The sum of ``local`` over all ranks when distributed (``local`` itself otherwise)."""
-        return _distributed.all_reduce_sum(local) if self.distributed else local
-
-    def _reduced_float(self, local: float | torch.Tensor) -> float:
-        """A scalar summed over all ranks when distributed, as a Python float."""
-        if not self.distributed:
-            return float(local)
-        total = torch.tensor(float(local), dtype=torch.float64, device=self.device)
-        return float(self._reduced(total))
-
-    @property
-    def size(self) -> int:
-        return self.space.size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.space.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.space.device
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.size, self.size)
-
-    def _placed(self) -> Iterator[tuple[float, Any, Any]]:
-        """Each batch's weight, inputs and targets on the operator's device and dtype."""
-        for w, (inputs, targets) in zip(self.weights, self.batches, strict=True):
-            yield (
-                w,
-                move_to(inputs, self.device, self.dtype),
-                move_to(targets, self.device, self.dtype),
-            )
-
-    def _batch_loss(
-        self, inputs: Any, targets: Any, params: dict[str, torch.Tensor] | None
-    ) -> torch.Tensor:
-        """The mean loss of one batch, at the model's weights or at ``params`` (by name)."""
-        with curvature_mode(self.model, self.batch_stats):
-            outputs = call_model(self.model, inputs, params)
-            loss = self.loss_fn(outputs, targets)
-        if loss.ndim != 0:
-            raise ValueError(
-                f"the loss must be a scalar (mean over the batch), got {tuple(loss.shape)}"
-            )
-        return loss
-
-    def _batch_losses(self) -> Iterator[torch.Tensor]:
-        """The weighted loss of each batch, with autograd recording."""
-        for w, inputs, targets in self._placed():
-            yield w * self._batch_loss(inputs, targets, None)
-
-    def _grad(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
-        grads = torch.autograd.grad(
-            loss, self.space.params, create_graph=create_graph, allow_unused=True
-        )
-        return [
-            torch.zeros_like(p) if g is None else g
-            for g, p in zip(grads, self.space.params, strict=True)
-        ]
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "backend": self.backend}
 
     def _second(
         self, grads: list[torch.Tensor], vs: list[torch.Tensor], retain: bool
@@ -212,15 +97,6 @@ class HessianOperator:
     def release(self) -> None:
         """Free the cached gradient graph (it is rebuilt on the next product)."""
         self._graph = None
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """Return ``H @ v`` for a flat vector ``v`` (summed over all ranks when distributed)."""
-        if v.shape != (self.size,):
-            raise ValueError(f"expected a flat vector of length {self.size}, got {tuple(v.shape)}")
-        v = v.to(device=self.device, dtype=self.dtype)
-        vs = self.space.split(v)
-        self.n_products += 1
-        return self._reduced(self._local_matvec(vs))
 
     def _local_matvec(self, vs: list[torch.Tensor]) -> torch.Tensor:
         """This rank's weighted sum of the batches' Hessian-vector products."""
@@ -276,45 +152,17 @@ class HessianOperator:
             total += w * self.space.flatten(hv)
         return total
 
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matvec(v)
-
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the mean loss over all batches (no product is counted)."""
         if self.cache_graph:
             return self._reduced(
                 torch.cat([g.detach().reshape(-1) for g in self._cached_graph()[1]])
             )
-        total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        for loss in self._batch_losses():
-            total += torch.cat([g.reshape(-1) for g in self._grad(loss, create_graph=False)])
-        return self._reduced(total)
+        return super().gradient()
 
     def loss(self, delta: torch.Tensor | None = None) -> float:
-        """The mean loss over all batches at the current weights, or at weights + ``delta``.
-
-        The shift is applied in place and the weights are restored bit for bit afterwards (this also
-        works for TorchScript modules, which ``torch.func`` cannot call); a cached gradient graph
-        is dropped, as autograd refuses a graph whose weights were modified in place.
-        """
+        """The mean loss over all batches at the current weights, or at weights + ``delta`` (see
+        :meth:`CurvatureOperator.loss`); read from the cached graph when there is one."""
         if delta is None and self.cache_graph:
             return self._reduced_float(self._cached_graph()[0].detach())
-        with torch.no_grad(), self._shifted(delta):
-            local = sum(w * float(self._batch_loss(x, y, None)) for w, x, y in self._placed())
-        return self._reduced_float(local)
-
-    @contextlib.contextmanager
-    def _shifted(self, delta: torch.Tensor | None) -> Iterator[None]:
-        if delta is None:
-            yield
-            return
-        saved = [p.detach().clone() for p in self.space.params]
-        self.release()
-        try:
-            parts = self.space.split(delta.to(device=self.device, dtype=self.dtype))
-            for p, d in zip(self.space.params, parts, strict=True):
-                p.add_(d)
-            yield
-        finally:
-            for p, s in zip(self.space.params, saved, strict=True):
-                p.copy_(s)
+        return super().loss(delta)

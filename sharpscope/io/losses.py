@@ -8,14 +8,16 @@ batches are weighted by it: :func:`sharpscope.batches.loss_weight`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sharpscope.batches import LossFn, logits_of
+from sharpscope.batches import Draw, LossFn, logits_of
 from sharpscope.errors import InputError
 from sharpscope.io.user_code import import_object, is_object_spec, one_line
 
@@ -132,6 +134,41 @@ class BuiltinLoss:
     def count(self, targets: Tensor) -> int:
         """The terms this loss's batch mean is over (samples for mse)."""
         return self.counter(targets)
+
+    def term_dims(self, logits: Tensor) -> tuple[int, ...]:
+        """The dimensions of the logits that one term of the mean spans: the classes (dimension
+        1; a token loss's vocabulary, the last), or for mse all but the samples'."""
+        if self.name == "mse":
+            return tuple(range(1, logits.ndim))
+        return (1,) if self.per_sample else (logits.ndim - 1,)
+
+    def sample_targets(self, logits: Tensor, targets: Tensor, draw: Draw) -> Tensor:
+        """Targets drawn from the predictive distribution this loss is the negative
+        log-likelihood of: a class from the softmax (positions labelled -100 stay unlabelled,
+        a causal LM's label t+1 comes from position t), or for mse a Gaussian around the outputs
+        of variance D/2 per output (D outputs per sample, as mse averages over them)."""
+        logits = logits.detach()
+        if self.name == "mse":
+            width = logits[0].numel() if logits.ndim > 1 else 1
+            u = draw(tuple(logits.shape[1:])).clamp(2**-53, 1 - 2**-53)
+            noise = math.sqrt(2) * torch.erfinv(2 * u - 1)
+            return logits + math.sqrt(width / 2) * noise.to(logits.dtype)
+        if self.per_sample:
+            drawn = _categorical(logits.movedim(1, -1), draw(tuple(logits.shape[2:])))
+            if targets.is_floating_point():
+                return drawn
+        else:
+            drawn = _categorical(logits, draw(tuple(logits.shape[1:-1])))
+            if isinstance(self.fn, TokenCrossEntropy) and self.fn.shift:
+                drawn = torch.cat([targets[:, :1], drawn[:, :-1]], dim=1)
+        return torch.where(targets == IGNORE_INDEX, targets, drawn)
+
+
+def _categorical(logits: Tensor, u: Tensor) -> Tensor:
+    """The class of each row of ``logits`` (classes last) that uniform ``u`` picks from its
+    softmax by the inverse of the cumulative distribution."""
+    cdf = torch.softmax(logits.double(), dim=-1).cumsum(-1)
+    return (cdf < u.to(cdf).unsqueeze(-1)).sum(-1).clamp(max=logits.shape[-1] - 1)
 
 
 def _samples(targets: Tensor) -> int:

@@ -1,0 +1,245 @@
+"""The generalized Gauss-Newton matrix and the Fisher of a model's loss: ``Jᵀ M J`` with ``J`` the
+Jacobian of the logits in the weights and ``M`` a positive semi-definite matrix in output space.
+
+A product runs ``J v`` (the double-backward trick: ``Jᵀa`` built once with its graph, then
+differentiated in ``a``), ``M`` on the logits and ``Jᵀ`` (one backward), through a forward
+graph that is kept for all batches with ``cache_graph``; no product runs a forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpscope.batches import LikelihoodLoss, LossFn, logits_of
+from sharpscope.curvature.attention import derivatives_explained
+from sharpscope.curvature.label_draws import per_sample_draw, sample_seeds
+from sharpscope.curvature.operator import CurvatureOperator, curvature_mode
+from sharpscope.errors import InputError
+from sharpscope.structures import call_model
+
+
+@dataclass
+class _Linearized:
+    """One batch at the current weights: its logits ``z`` (with the graph to the weights),
+    ``Jᵀa`` as a function of ``a`` (with its graph), the loss's gradient in the logits ``gz``
+    (with its graph when ``M`` needs it) at a detached copy ``zd``, the weight and the terms."""
+
+    weight: float
+    units: int
+    z: torch.Tensor
+    a: torch.Tensor
+    ja: list[torch.Tensor | None]
+    zd: torch.Tensor
+    gz: torch.Tensor
+
+
+class OutputSpaceOperator(CurvatureOperator):
+    """``Σ_b w_b J_bᵀ M_b J_b`` over the batches (weighted as
+    :class:`~sharpscope.curvature.operator.CurvatureOperator` says); a subclass gives ``M_b``
+    by :meth:`_output_product`. The logits are those :func:`~sharpscope.batches.logits_of` finds
+    in the outputs for a built-in loss, the outputs themselves (a tensor) for a user's loss."""
+
+    _loss_graph = False
+    """Whether ``M`` differentiates the loss's gradient in the logits once more."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Iterable[tuple[Any, Any]],
+        params: Sequence[str] | str | None = None,
+        *,
+        exclude: Sequence[str] | str | None = None,
+        batch_stats: bool = False,
+        cache_graph: bool = True,
+        distributed: bool | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            batches,
+            params,
+            exclude=exclude,
+            batch_stats=batch_stats,
+            cache_graph=cache_graph,
+            distributed=distributed,
+        )
+        self._cache: list[_Linearized] | None = None
+
+    def release(self) -> None:
+        """Free the cached graphs (they are rebuilt on the next product)."""
+        self._cache = None
+
+    def _logits(self, outputs: Any) -> torch.Tensor:
+        if isinstance(self.loss_fn, LikelihoodLoss):
+            logits = logits_of(outputs)
+        else:
+            logits = outputs if isinstance(outputs, torch.Tensor) else None
+        if logits is None:
+            raise InputError(
+                f"the {self.curvature} needs the model's outputs as a tensor (or logits), got a "
+                f"{type(outputs).__name__}; pass `loss` a built-in loss or return a tensor"
+            )
+        return logits
+
+    def _curvature_targets(self, logits: torch.Tensor, inputs: Any, index: int) -> torch.Tensor:
+        """The targets ``M`` is taken at for batch ``index`` (its own by default)."""
+        return self.batches[index][1]
+
+    def _linearized(self) -> Iterator[_Linearized]:
+        """Each batch linearized (cached for all products with ``cache_graph``)."""
+        if self._cache is not None:
+            yield from self._cache
+            return
+        made = []
+        for index, (w, inputs, _) in enumerate(self._placed()):
+            state = self._linearize(index, w, inputs)
+            if self.cache_graph:
+                made.append(state)
+            yield state
+        if self.cache_graph:
+            self._cache = made
+
+    def _linearize(self, index: int, weight: float, inputs: Any) -> _Linearized:
+        with curvature_mode(self.model, self.batch_stats):
+            z = self._logits(call_model(self.model, inputs))
+        targets = self._curvature_targets(z, self.batches[index][0], index)
+        targets = targets.to(z.device, z.dtype if targets.is_floating_point() else None)
+        zd = z.detach().requires_grad_()
+        loss = self._checked_loss(self.loss_fn(zd, targets))
+        with derivatives_explained():
+            (gz,) = torch.autograd.grad(loss, zd, create_graph=self._loss_graph)
+            a = torch.zeros_like(z, requires_grad=True)
+            live = z.requires_grad
+            ja = (
+                torch.autograd.grad(
+                    z, self.space.params, grad_outputs=a, create_graph=True, allow_unused=True
+                )
+                if live
+                else (None,) * len(self.space.params)
+            )
+        return _Linearized(weight, self.units[index], z, a, list(ja), zd, gz)
+
+    def _local_matvec(self, vs: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's ``Σ_b w_b J_bᵀ M_b J_b v``."""
+        total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        for state in self._linearized():
+            live = [i for i, g in enumerate(state.ja) if g is not None and g.requires_grad]
+            if not live:
+                continue
+            with derivatives_explained():
+                (ju,) = torch.autograd.grad(
+                    [state.ja[i] for i in live],
+                    state.a,
+                    grad_outputs=[vs[i] for i in live],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                if ju is None:
+                    continue
+                h = self._output_product(state, ju)
+                back = torch.autograd.grad(
+                    state.z,
+                    self.space.params,
+                    grad_outputs=h,
+                    retain_graph=self.cache_graph,
+                    allow_unused=True,
+                )
+            total += state.weight * self._flat(back)
+        return total
+
+    def _output_product(self, state: _Linearized, u: torch.Tensor) -> torch.Tensor:
+        """``M_b u`` for a tangent ``u`` of the batch's logits."""
+        raise NotImplementedError
+
+
+class GGNOperator(OutputSpaceOperator):
+    """The generalized Gauss-Newton matrix ``Σ_b w_b J_bᵀ H_b J_b`` of the mean loss over all of
+    ``batches``, ``H_b`` the Hessian of batch b's mean loss in its logits (by double backward, so
+    any twice-differentiable loss of the logits): positive semi-definite when the loss is convex
+    in the logits (cross-entropy, mse), and the Hessian less the terms of the model's own
+    curvature. Data, weighting and parameters as :class:`HessianOperator`."""
+
+    curvature = "ggn"
+    _loss_graph = True
+
+    def _output_product(self, state: _Linearized, u: torch.Tensor) -> torch.Tensor:
+        if not state.gz.requires_grad:  # the loss is linear in the logits
+            return torch.zeros_like(u)
+        (h,) = torch.autograd.grad(state.gz, state.zd, grad_outputs=u, retain_graph=True)
+        return h
+
+
+class EmpiricalFisherOperator(OutputSpaceOperator):
+    """The empirical Fisher of the mean loss over all of ``batches``: ``(1/T) Σ_t g_t g_tᵀ`` over
+    its T terms (samples, or labelled tokens of a token loss), ``g_t`` the gradient of term t's
+    loss at the data's labels. A user's loss must average one term per sample (a term's logits
+    are then a sample's outputs). Not the Hessian's approximation the Fisher is, and singular
+    at a perfect fit (Kunstner et al. 2019)."""
+
+    curvature = "empirical-fisher"
+
+    def _output_product(self, state: _Linearized, u: torch.Tensor) -> torch.Tensor:
+        """``T_b Σ_t r_t r_tᵀ u_t``: ``r_t = T_b·gz`` on term t's logits is its loss's gradient."""
+        if isinstance(self.loss_fn, LikelihoodLoss):
+            dims = self.loss_fn.term_dims(state.gz)
+        else:
+            dims = tuple(range(1, state.gz.ndim))
+        products = state.gz * u
+        if dims:
+            products = products.sum(dims, keepdim=True)
+        return state.units * state.gz * products
+
+
+class FisherOperator(EmpiricalFisherOperator):
+    """The (true) Fisher: :class:`EmpiricalFisherOperator` at labels drawn from the model's
+    predictive distribution instead of the data's, one draw per term, seeded by ``seed`` and the
+    sample's content (docs/engine.md). A built-in loss only, as the draw needs the distribution
+    the loss is the negative log-likelihood of. Its expectation over the draws is the GGN for
+    cross-entropy and mse."""
+
+    curvature = "fisher"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Iterable[tuple[Any, Any]],
+        params: Sequence[str] | str | None = None,
+        *,
+        exclude: Sequence[str] | str | None = None,
+        seed: int = 0,
+        batch_stats: bool = False,
+        cache_graph: bool = True,
+        distributed: bool | None = None,
+    ) -> None:
+        if not isinstance(loss_fn, LikelihoodLoss):
+            raise InputError(
+                "the fisher draws labels from the model's predictive distribution, which only a "
+                "built-in `loss` defines; use the empirical-fisher or the ggn with this loss"
+            )
+        super().__init__(
+            model,
+            loss_fn,
+            batches,
+            params,
+            exclude=exclude,
+            batch_stats=batch_stats,
+            cache_graph=cache_graph,
+            distributed=distributed,
+        )
+        self.seed = seed
+
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "seed": self.seed}
+
+    def _curvature_targets(self, logits: torch.Tensor, inputs: Any, index: int) -> torch.Tensor:
+        targets = self.batches[index][1]
+        draw = per_sample_draw(sample_seeds(inputs, targets, self.seed), logits.device)
+        loss: LikelihoodLoss = self.loss_fn  # type: ignore[assignment]
+        return loss.sample_targets(logits, targets.to(logits.device), draw)
