@@ -34,6 +34,7 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--exclude": ("a.b*",),
     "--batch-stats": (),
     "--backend": ("forward-over-reverse",),
+    "--curvature": ("ggn",),
     "--rho": ("0.07",),
     "--alpha": ("0.3",),
     "--seed": ("4",),
@@ -54,6 +55,7 @@ SHARED: dict[str, tuple[str, ...]] = {
 CONFIG = {
     **dict(k=3, method="power", tol=1e-5, max_iter=17, max_basis=9, trace=False, shards=5),
     **dict(params=["a.*"], exclude=["a.b*"], batch_stats=True, backend="forward-over-reverse"),
+    **dict(curvature="ggn"),
     **dict(rho=0.07, alpha=0.3, seed=4),
 }
 LOADING = {

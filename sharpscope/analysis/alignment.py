@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sharpscope import distributed
-from sharpscope.curvature import HessianOperator
+from sharpscope.curvature import CurvatureOperator, HessianOperator
 from sharpscope.curvature.vectors import abs_cosine, dot, norm
 from sharpscope.optim.perturbations import eigen_sam_perturbation, sam_perturbation
 
@@ -73,7 +73,7 @@ class Alignment:
         return asdict(self)
 
 
-def batch_cosines(op: HessianOperator, v1: torch.Tensor) -> list[float]:
+def batch_cosines(op: CurvatureOperator, v1: torch.Tensor) -> list[float]:
     """|cos(ĝ_b, v₁)| for the gradient of each of ``op``'s batches on its own; when ``op`` is
     distributed, those of all ranks' batches, in rank order, on every rank."""
     values = []
@@ -94,7 +94,7 @@ def batch_cosines(op: HessianOperator, v1: torch.Tensor) -> list[float]:
 
 
 def sam_alignment(
-    op: HessianOperator,
+    op: CurvatureOperator,
     eigenvectors: torch.Tensor,
     rho: float,
     alpha: float,

@@ -19,9 +19,10 @@ from sharpscope.analysis.sampling import SamplingErrors, sampling_errors
 from sharpscope.batches import LossFn
 from sharpscope.curvature import (
     BACKENDS,
+    CURVATURES,
+    CurvatureOperator,
     DensityResult,
     EigenResult,
-    HessianOperator,
     Progress,
     TraceResult,
     slq,
@@ -60,6 +61,9 @@ class AnalyzeConfig:
     rho: float = 0.05
     alpha: float = 0.2
     backend: Backend = "double-backward"
+    """How Hessian-vector products are taken (the Hessian's only)."""
+    curvature: str = "hessian"
+    """The matrix analysed: a name of :data:`~sharpscope.curvature.CURVATURES`."""
     batch_stats: bool = False
     params: Sequence[str] | None = None
     """Globs of the parameters to analyze; None: all trainable ones."""
@@ -73,6 +77,7 @@ class AnalyzeConfig:
     def __post_init__(self) -> None:
         solver(self.method)
         check_choice("backend", self.backend, BACKENDS)
+        check_choice("curvature", self.curvature, tuple(CURVATURES))
         for name in ("k", "max_iter", "trace_samples", "density_vectors", "density_iter"):
             if getattr(self, name) < 1:
                 raise InputError(f"`{name}` must be at least 1, got {getattr(self, name)}")
@@ -122,6 +127,8 @@ class Analysis:
     grad_norm: float
     num_samples: int
     num_batches: int
+    curvature: str
+    """The matrix whose eigenvalues, trace and density these are (:data:`CURVATURES`)."""
     param_names: tuple[str, ...]
     param_shapes: tuple[tuple[int, ...], ...]
     """The shape of each analysed parameter, in the order of ``param_names``."""
@@ -163,26 +170,19 @@ def _module_types(model: nn.Module) -> dict[str, str]:
 
 
 def _per_layer(
-    op: HessianOperator,
+    op: CurvatureOperator,
     config: AnalyzeConfig,
     method: Solver,
     settings: SolveSettings,
     progress: Progress | None,
 ) -> list[LayerEigen]:
-    """The top eigenpair of each group's diagonal block of the Hessian (one module's parameters,
-    or a transformer block's parameters of one kind)."""
+    """The top eigenpair of each group's diagonal block of the operator's matrix (one module's
+    parameters, or a transformer block's parameters of one kind)."""
     layers = []
     types = _module_types(op.model)
     groups = param_groups(op.space.names, types)
     for group in groups:
-        block = HessianOperator(
-            op.model,
-            op.loss_fn,
-            op.batches,
-            group.params,
-            backend=config.backend,
-            batch_stats=config.batch_stats,
-        )
+        block = op.restricted(params=group.params)
         result = method.eigs(block, 1, "largest", settings, None)
         owners = dict.fromkeys(types[n.rpartition(".")[0]] for n in group.params)
         layers.append(
@@ -205,28 +205,36 @@ def _per_layer(
 
 def _operator(
     model: nn.Module, loss_fn: LossFn, batches: list[tuple[Any, Any]], config: AnalyzeConfig
-) -> HessianOperator:
-    """The Hessian of the mean loss over ``batches`` for the chosen parameters."""
-    if config.backend == "forward-over-reverse" and isinstance(model, torch.jit.ScriptModule):
+) -> CurvatureOperator:
+    """The chosen curvature matrix of the mean loss over ``batches`` for the chosen parameters."""
+    hessian = config.curvature == "hessian"
+    if (
+        hessian
+        and config.backend == "forward-over-reverse"
+        and isinstance(model, torch.jit.ScriptModule)
+    ):
         raise InputError(
-            "`backend` forward-over-reverse cannot differentiate a TorchScript model (torch.func "
-            "does not run scripted modules); use `backend` double-backward"
+            "`backend` forward-over-reverse cannot differentiate a TorchScript model "
+            "(torch.func does not run scripted modules); use `backend` double-backward"
         )
+    options: dict[str, Any] = {"backend": config.backend} if hessian else {}
+    if config.curvature == "fisher":
+        options["seed"] = config.seed
     try:
-        return HessianOperator(
+        return CURVATURES[config.curvature](
             model,
             loss_fn,
             batches,
             config.params,
             exclude=config.exclude,
-            backend=config.backend,
             batch_stats=config.batch_stats,
+            **options,
         )
     except ValueError as exc:
         raise InputError(f"{exc} (parameter names: see docs/engine.md)") from None
 
 
-def _finite_loss(op: HessianOperator) -> float:
+def _finite_loss(op: CurvatureOperator) -> float:
     """The loss at the current weights; an :class:`InputError` when it is not finite."""
     loss = op.loss()
     if not math.isfinite(loss):
@@ -238,7 +246,7 @@ def _finite_loss(op: HessianOperator) -> float:
 
 
 def _alignment(
-    op: HessianOperator,
+    op: CurvatureOperator,
     top: EigenResult,
     grad_norm: float,
     config: AnalyzeConfig,
@@ -251,7 +259,7 @@ def _alignment(
 
 
 def _slices(
-    op: HessianOperator, top: EigenResult, gradient: torch.Tensor, grad_norm: float, rho: float
+    op: CurvatureOperator, top: EigenResult, gradient: torch.Tensor, grad_norm: float, rho: float
 ) -> dict[str, tuple[list[float], list[float]]]:
     """The loss along v₁ and along ĝ (when the gradient is not zero), within ±2ρ."""
     directions = {"v1": top.eigenvectors[0]}
@@ -261,7 +269,7 @@ def _slices(
 
 
 def _planned(
-    op: HessianOperator,
+    op: CurvatureOperator,
     config: AnalyzeConfig,
     method: Solver,
     gradient: torch.Tensor,
@@ -344,7 +352,8 @@ def analyze(
     progress: Progress | None = None,
     on_plan: Callable[[Plan], None] | None = None,
 ) -> Analysis:
-    """Measure the sharpness of ``model`` on ``batches`` (the Hessian of their mean loss); under
+    """Measure the sharpness of ``model`` on ``batches`` (the Hessian of their mean loss, or the
+    ``curvature`` the config names); under
     torch.distributed, ``batches`` is this rank's share and every rank gets all ranks' results.
 
     ``on_plan`` receives the run's cost once one product has been timed, before the eigen stage.
@@ -354,6 +363,10 @@ def analyze(
     watch = Stopwatch()
     notes: list[str] = []
     op = _operator(model, loss_fn, batches, config)
+    if config.curvature != "hessian" and config.backend != "double-backward":
+        notes.append(
+            f"`backend` {config.backend} applies to the Hessian only, not the {op.curvature}"
+        )
     if method.single_process and op.distributed:
         raise InputError(
             f"`method` {method.name} runs in one process only; use "
@@ -433,6 +446,7 @@ def analyze(
         grad_norm=grad_norm,
         num_samples=op.num_samples,
         num_batches=op.num_batches,
+        curvature=op.curvature,
         param_names=op.space.names,
         param_shapes=tuple(tuple(shape) for shape in op.space.shapes),
         num_params=op.size,
@@ -451,7 +465,7 @@ def analyze(
 
 
 def loss_slice(
-    op: HessianOperator, direction: torch.Tensor, radius: float, points: int = 21
+    op: CurvatureOperator, direction: torch.Tensor, radius: float, points: int = 21
 ) -> tuple[list[float], list[float]]:
     """The loss at w + t·direction for ``points`` values of t evenly spaced in [−radius, radius]."""
     steps = torch.linspace(-radius, radius, points, dtype=torch.float64).tolist()

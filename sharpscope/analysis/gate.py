@@ -98,6 +98,8 @@ class GateInput:
     data: Mapping[str, Any]
     """What the figures were measured on, by parameter name (:data:`DATA_SETTINGS`); a setting
     the report does not hold is left out."""
+    curvature: str = "hessian"
+    """The matrix the figures are of (:data:`~sharpscope.curvature.CURVATURES`)."""
 
 
 DATA_SETTINGS = {
@@ -335,6 +337,12 @@ def _comparable(report: GateInput, baseline: GateInput, allow_different_data: bo
         raise InputError(
             f"the baseline has schema_version {baseline.schema_version!r} and the report "
             f"{report.schema_version!r}: re-create the baseline with `update_baseline`"
+        )
+    if baseline.curvature != report.curvature:
+        raise InputError(
+            f"the baseline's figures are of the {baseline.curvature} and this report's of the "
+            f"{report.curvature}: compare reports of one `curvature` (or re-create the baseline "
+            "with `update_baseline`)"
         )
     difference = _parameter_difference(baseline.parameters, report.parameters)
     if difference is not None:

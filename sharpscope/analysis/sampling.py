@@ -25,7 +25,7 @@ import torch
 
 from sharpscope import distributed
 from sharpscope.batches import loss_weight
-from sharpscope.curvature import HessianOperator
+from sharpscope.curvature import CurvatureOperator
 from sharpscope.curvature.vectors import dot
 from sharpscope.structures import sample_count, split
 
@@ -85,7 +85,7 @@ class SamplingErrors:
         return t_quantile(self.shards - 1)
 
 
-def shard_operators(op: HessianOperator, shards: int) -> list[HessianOperator]:
+def shard_operators(op: CurvatureOperator, shards: int) -> list[CurvatureOperator]:
     """``op``'s data as at most ``shards`` disjoint operators: every batch cut into ``shards``
     chunks (whole batches, when BatchNorm uses batch statistics), shards empty on every rank
     left out."""
@@ -100,23 +100,11 @@ def shard_operators(op: HessianOperator, shards: int) -> list[HessianOperator]:
     local = [float(sum(loss_weight(op.loss_fn, b) for b in g)) for g in groups]
     counts = distributed.sum_floats(local) if op.distributed else local  # all ranks agree
     groups = [g for g, count in zip(groups, counts, strict=True) if count > 0]
-    return [
-        HessianOperator(
-            op.model,
-            op.loss_fn,
-            group,
-            list(op.space.names),
-            backend=op.backend,
-            batch_stats=op.batch_stats,
-            cache_graph=False,
-            distributed=op.distributed,
-        )
-        for group in groups
-    ]
+    return [op.restricted(group, cache_graph=False) for group in groups]
 
 
 def sampling_errors(
-    op: HessianOperator,
+    op: CurvatureOperator,
     shards: int,
     eigenvectors: torch.Tensor,
     min_vector: torch.Tensor,
@@ -155,7 +143,10 @@ def sampling_errors(
 
 
 def _gradient_replicates(
-    parts: list[HessianOperator], weights: list[float], gradient: torch.Tensor, basis: torch.Tensor
+    parts: list[CurvatureOperator],
+    weights: list[float],
+    gradient: torch.Tensor,
+    basis: torch.Tensor,
 ) -> tuple[list[float], list[float]]:
     """Delete-one-shard |cos(ĝ, v₁)| and ‖P_k ĝ‖ with v₁ and the top-k eigenspace (rows of
     ``basis``) fixed. The gradient without shard j is ``(g − wⱼgⱼ)/(1 − wⱼ)``, so each shard's

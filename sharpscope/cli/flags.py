@@ -39,6 +39,7 @@ FLAGS: dict[str, str] = {
     "exclude": "--exclude",
     "batch_stats": "--batch-stats",
     "backend": "--backend",
+    "curvature": "--curvature",
     "rho": "--rho",
     "alpha": "--alpha",
     # the gate (sharpscope.analysis.gate.Thresholds) and its baseline

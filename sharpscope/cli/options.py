@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sharpscope.curvature import BACKENDS
+from sharpscope.curvature import BACKENDS, CURVATURES
 from sharpscope.curvature.solvers import SOLVERS
 
 LOAD = "Model and data"
@@ -184,6 +184,14 @@ BatchStats = Annotated[
 ]
 Backend = Annotated[
     str, typer.Option(help=f"HVP backend: {', '.join(BACKENDS)}.", rich_help_panel=HESSIAN)
+]
+Curvature = Annotated[
+    str,
+    typer.Option(
+        help=f"The matrix analysed: {', '.join(CURVATURES)} (fisher: labels drawn from the "
+        "model, seeded by --seed; empirical-fisher: the data's labels). See docs/engine.md.",
+        rich_help_panel=HESSIAN,
+    ),
 ]
 Rho = Annotated[float, typer.Option(help="SAM radius ρ.", rich_help_panel=SAM)]
 Alpha = Annotated[float, typer.Option(help="Eigen-SAM's α.", rich_help_panel=SAM)]

@@ -400,6 +400,9 @@ class Results(Section):
     """Direction name (``v1``, ``gradient``) -> the loss along it."""
     verdict: str
     notes: tuple[str, ...]
+    curvature: str | None = field(default=None, metadata=_OPTIONAL)
+    """The matrix the eigenvalues, trace and density are of (``hessian``, ``ggn``, ``fisher``,
+    ``empirical-fisher``); reports written before it lack it, and are of the Hessian."""
 
     @classmethod
     def of(cls, analysis: Analysis) -> Results:
@@ -430,6 +433,7 @@ class Results(Section):
             },
             verdict=verdict(analysis),
             notes=tuple(analysis.notes),
+            curvature=analysis.curvature,
         )
 
 
@@ -504,6 +508,7 @@ class Report(Section):
             num_params=r.num_params,
             parameters=tuple((p.name, p.shape) for p in r.parameters),
             data=self.inputs.measured_on(),
+            curvature=r.curvature or "hessian",
         )
 
 

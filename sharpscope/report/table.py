@@ -26,10 +26,23 @@ HELP = {
     "transformer block's one kind)",
     "sampling": "± data, [a, b]: 95 % interval over other samples of this size from the same "
     "data (jackknife, {shards} shards)",
+    "psd": "the {matrix} is positive semi-definite (the GGN for a loss convex in the outputs, "
+    "as the built-in ones): λ_min ≥ 0, a negative one is 0 within its residual",
     "no_sampling": "the figures' data uncertainty was not estimated (--shards 0): another "
     "sample of the data may give other values",
 }
 """The dim line under each table: what its figures mean, and the cut-offs (docs/report.md)."""
+MATRICES = {
+    "hessian": "Hessian",
+    "ggn": "GGN",
+    "fisher": "Fisher",
+    "empirical-fisher": "empirical Fisher",
+}
+"""Each curvature matrix's name in the tables (a report without one is of the Hessian)."""
+
+
+def _matrix(results: Results) -> str:
+    return MATRICES.get(results.curvature or "hessian", results.curvature or "Hessian")
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -67,7 +80,8 @@ def _eigenvalues(results: Results, dtype: str | None) -> Table:
         (abs(v) for v in (*eig.values, results.lambda_min.value) if v is not None), default=0
     )
     floor = EPS.get(dtype or "float64", EPS["float64"]) * scale
-    table = Table(title=f"Top Hessian eigenvalues ({eig.method})", title_justify="left")
+    title = f"Top {_matrix(results)} eigenvalues ({eig.method})"
+    table = Table(title=title, title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("λ", justify="right")
     table.add_column("‖Hv − λv‖", justify="right")
@@ -108,7 +122,7 @@ def _with_interval(
 
 
 def _curvature(results: Results) -> Table:
-    table = Table(title="Curvature", show_header=False, title_justify="left")
+    table = Table(title=f"Curvature: {_matrix(results)}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     s = results.sampling
@@ -205,13 +219,16 @@ def render(report: Report) -> Group:
     for name, table in tables.items():
         if table is not None:
             parts += [table, Text(HELP[name], style="dim")]
+        if name == "curvature" and (results.curvature or "hessian") != "hessian":
+            parts.append(Text(HELP["psd"].format(matrix=_matrix(results)), style="dim"))
     s = results.sampling
     data_help = HELP["no_sampling"] if s is None else HELP["sampling"].format(shards=s.shards)
     parts.append(Text(data_help, style="dim"))
     timings = report.timings
     parts.append(
         Text(
-            f"{timings.n_products} Hessian-vector products, {timings.total_seconds:.1f} s",
+            f"{timings.n_products} {_matrix(results)}-vector products, "
+            f"{timings.total_seconds:.1f} s",
             style="dim",
         )
     )
