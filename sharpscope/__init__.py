@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
+    "CURVATURES",
     "SAM",
     "SOLVERS",
     "Alignment",
@@ -20,6 +21,9 @@ __all__ = [
     "DensityResult",
     "EigenResult",
     "EigenSAM",
+    "EmpiricalFisherOperator",
+    "FisherOperator",
+    "GGNOperator",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
@@ -54,9 +58,13 @@ if TYPE_CHECKING:
     from sharpscope.analysis.alignment import Alignment, sam_alignment
     from sharpscope.analysis.analyze import AnalyzeConfig, analyze
     from sharpscope.curvature import (
+        CURVATURES,
         SOLVERS,
         DensityResult,
         EigenResult,
+        EmpiricalFisherOperator,
+        FisherOperator,
+        GGNOperator,
         HessianOperator,
         LinearOperator,
         MatrixOperator,

@@ -5,6 +5,7 @@ invariance; every estimator on them; ``--curvature`` end to end."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from tiny_hf import bert
 from torch import nn
 from typer.testing import CliRunner
 
+from sharpscope.analysis.analyze import AnalyzeConfig, analyze
+from sharpscope.analysis.gate import GateInput, Reading, Thresholds, gate
 from sharpscope.batches import logits_of
 from sharpscope.cli.app import app
 from sharpscope.curvature import (
@@ -29,6 +32,7 @@ from sharpscope.curvature import (
     slq,
 )
 from sharpscope.curvature.label_draws import per_sample_draw, sample_seeds
+from sharpscope.errors import InputError
 from sharpscope.io.losses import resolve_loss
 from sharpscope.structures import call_model
 
@@ -259,3 +263,38 @@ def test_a_bad_curvature_is_one_line_and_exit_2(checkpoint):
     assert result.exit_code == 2 and result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "--curvature" in lines[0] and "ggn" in lines[0], result.stderr
+
+
+def test_a_baseline_of_another_curvature_is_refused():
+    reading = {"lambda_max": Reading(2.0, 1e-6, None)}
+    report = GateInput(reading, 2, 1, (), {}, curvature="ggn")
+    baseline = GateInput(reading, 2, 1, (), {})
+    with pytest.raises(InputError, match=r"baseline.s figures are of the hessian .* the ggn"):
+        gate(report, Thresholds(max_increase=0.1), baseline, allow_different_data=True)
+    assert gate(report, Thresholds(max_increase=0.1), replace(baseline, curvature="ggn"))
+
+
+def test_masked_lm_ggn_and_fisher_over_labelled_tokens_match_dense_references():
+    """Token cross-entropy with ignored positions: Σ over labelled tokens of Jₜᵀ(diag p − ppᵀ)Jₜ
+    (and rₜrₜᵀ for the empirical Fisher) over T, in batches of different token counts."""
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Tanh(), nn.Linear(4, 7)).double()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 7, (5, 4), generator=gen)
+    labels = torch.where(torch.rand(5, 4, generator=gen) < 0.4, -100, ids)
+    loss = resolve_loss("masked-lm")
+    z, jac = _jacobian(model, ids)  # (5, 4, 7) logits, (5, 4, 7, P)
+    keep = labels != -100
+    z, jac, y = z[keep], jac[keep], labels[keep]  # the labelled tokens
+    ggn = torch.einsum("ncp,ncd,ndq->pq", jac, _softmax_hessian(z), jac) / len(y)
+    residual = torch.softmax(z, dim=1) - nn.functional.one_hot(y, 7)
+    grads = torch.einsum("nc,ncp->np", residual, jac)
+    pieces = [(ids[:2], labels[:2]), (ids[2:], labels[2:])]
+    torch.testing.assert_close(_dense(GGNOperator(model, loss, pieces)), ggn, rtol=0, atol=1e-13)
+    fisher = _dense(EmpiricalFisherOperator(model, loss, pieces))
+    torch.testing.assert_close(fisher, grads.T @ grads / len(y), rtol=0, atol=1e-13)
+
+
+def test_pyhessian_refuses_another_curvature(mlp):
+    config = AnalyzeConfig(method="pyhessian", curvature="ggn", shards=0, trace=False)
+    with pytest.raises(InputError, match="pyhessian computes the Hessian only, not the ggn"):
+        analyze(mlp.model, CE, mlp.batches, config)

@@ -253,7 +253,8 @@ def gate(
     allow_different_data: bool = False,
 ) -> list[Check]:
     """Check ``report`` against ``thresholds``, and against ``baseline`` for ``max_increase``
-    (refused unless it analysed the same parameters, and the same data unless allowed)."""
+    (refused unless it analysed the same parameters and curvature, and the same data unless
+    allowed)."""
     checks = [
         _absolute(report, metric, kind, limit, thresholds.sigmas, _option(field))
         for field, metric, kind in ABSOLUTE

@@ -13,6 +13,7 @@ import torch
 
 from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.curvature.hvp import HessianOperator
+from sharpscope.curvature.operator import CurvatureOperator
 from sharpscope.curvature.results import EigenResult, TraceResult
 from sharpscope.curvature.vectors import norm, unit_rows
 from sharpscope.errors import InputError
@@ -39,11 +40,16 @@ def _counting(module: Any) -> Iterator[list[int]]:
         module.hessian_vector_product, module.hessian.dataloader_hv_product = originals
 
 
-def _pyhessian(op: HessianOperator) -> Any:
+def _pyhessian(op: CurvatureOperator) -> Any:
     try:
         from pyhessian import hessian
     except ImportError as exc:
         raise InputError("`method` pyhessian needs PyHessian: pip install pyhessian==0.1") from exc
+    if not isinstance(op, HessianOperator):
+        raise InputError(
+            f"`method` pyhessian computes the Hessian only, not the {op.curvature}; use "
+            "`method` lanczos or power"
+        )
     if op.dtype != torch.float32:
         raise InputError(
             "`method` pyhessian needs `dtype` float32 (PyHessian draws float32 vectors)"
@@ -80,7 +86,7 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def pyhessian_eigs(
-    op: HessianOperator, k: int, tol: float, max_iter: int, seed: int = 0
+    op: CurvatureOperator, k: int, tol: float, max_iter: int, seed: int = 0
 ) -> EigenResult:
     """PyHessian's top-``k`` power iteration; residuals and flags measured with ``op``."""
     module = importlib.import_module("pyhessian.hessian")
@@ -111,7 +117,7 @@ def pyhessian_eigs(
 
 
 def pyhessian_trace(
-    op: HessianOperator, tol: float, max_samples: int, seed: int = 0
+    op: CurvatureOperator, tol: float, max_samples: int, seed: int = 0
 ) -> TraceResult:
     """PyHessian's Hutchinson trace, with the standard error of its samples."""
     start = time.perf_counter()
