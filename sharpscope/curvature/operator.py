@@ -228,10 +228,17 @@ class CurvatureOperator:
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the mean loss over all batches (no product is counted)."""
+        return self.loss_and_gradient()[1]
+
+    def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
+        """The mean loss and its flat gradient over all batches at the weights as they are now
+        (never from a cached graph), one forward and one backward pass per batch."""
         total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        value = 0.0
         for loss in self._batch_losses():
+            value += float(loss.detach())
             total += torch.cat([g.reshape(-1) for g in self._grad(loss, create_graph=False)])
-        return self._reduced(total)
+        return self._reduced_float(value), self._reduced(total)
 
     def loss(self, delta: torch.Tensor | None = None) -> float:
         """The mean loss over all batches at the current weights, or at weights + ``delta``.
@@ -240,12 +247,14 @@ class CurvatureOperator:
         works for TorchScript modules, which ``torch.func`` cannot call); what products reuse is
         dropped, as autograd refuses a graph whose weights were modified in place.
         """
-        with torch.no_grad(), self._shifted(delta):
+        with torch.no_grad(), self.shifted(delta):
             local = sum(w * float(self._batch_loss(x, y, None)) for w, x, y in self._placed())
         return self._reduced_float(local)
 
     @contextlib.contextmanager
-    def _shifted(self, delta: torch.Tensor | None) -> Iterator[None]:
+    def shifted(self, delta: torch.Tensor | None) -> Iterator[None]:
+        """The weights moved by the flat ``delta`` in place while inside, restored bit for bit
+        afterwards (what products reuse is dropped); nothing moves for None."""
         if delta is None:
             yield
             return
@@ -253,9 +262,11 @@ class CurvatureOperator:
         self.release()
         try:
             parts = self.space.split(delta.to(device=self.device, dtype=self.dtype))
-            for p, d in zip(self.space.params, parts, strict=True):
-                p.add_(d)
+            with torch.no_grad():
+                for p, d in zip(self.space.params, parts, strict=True):
+                    p.add_(d)
             yield
         finally:
-            for p, s in zip(self.space.params, saved, strict=True):
-                p.copy_(s)
+            with torch.no_grad():
+                for p, s in zip(self.space.params, saved, strict=True):
+                    p.copy_(s)

@@ -1,0 +1,289 @@
+"""Worst-case and average-case (adaptive) sharpness, as Andriushchenko et al. 2023 define them
+("A modern look at the relationship between sharpness and generalization").
+
+With T = diag(|w| + η) (adaptive) or T = I (not adaptive), and the perturbation written δ = T u:
+
+- worst case: ``max_{‖u‖_p ≤ ρ} L(w + T u) − L(w)`` (p = 2 or ∞), by projected normalised
+  gradient ascent in u: ``u ← P(u + α·d)`` with ``d = Tg/‖Tg‖`` (ℓ2) or ``sign(Tg)`` (ℓ∞),
+  ``g = ∇L(w + Tu)``, from u = 0; the best iterate is kept, so the figure never falls below that
+  of its starting perturbation. With α = ρ the first step is ASAM's (SAM's, not adaptive)
+  perturbation. The ascent only finds a lower bound of the maximum.
+- average case: ``E L(w + ρ T z) − L(w)`` with z standard Gaussian (ℓ2) or uniform on [−1, 1]
+  (ℓ∞), over ``steps`` seeded draws, with its Monte-Carlo standard error.
+
+With η = 0 (the default, as theirs), both are invariant to rescalings that leave the network's
+function unchanged (a ReLU layer ×c, the next ×1/c): in u the loss is the same function.
+
+The data uncertainty is a grouped jackknife over disjoint shards of the samples
+(:mod:`sharpscope.analysis.sampling`): of the mean over the draws of each shard's loss difference
+(average case), and of each shard's loss difference at the found δ (worst case, δ held fixed:
+by Danskin's theorem the maximum's first-order change with the data is that of the loss
+difference at its maximiser).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from sharpscope.analysis.sampling import (
+    deleted_means,
+    interval,
+    jackknife_se,
+    shard_operators,
+    t_quantile,
+)
+from sharpscope.batches import LossFn
+from sharpscope.curvature import HessianOperator
+from sharpscope.errors import InputError, check_choice
+
+Kind = Literal["worst", "average"]
+Norm = Literal["l2", "linf"]
+KINDS: tuple[str, ...] = ("worst", "average")
+NORMS: tuple[str, ...] = ("l2", "linf")
+
+
+@dataclass(frozen=True)
+class SharpnessSettings:
+    """What to measure: the kind, the ball's norm and radius ρ (relative to |w| + η when
+    ``adaptive``), the ascent steps or draws, the step size (None: ρ) and the seed."""
+
+    kind: Kind = "worst"
+    norm: Norm = "l2"
+    rho: float = 0.1
+    adaptive: bool = True
+    steps: int = 20
+    """Worst case: gradient-ascent steps; average case: random draws."""
+    step_size: float | None = None
+    eta: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("kind", self.kind, KINDS)
+        check_choice("norm", self.norm, NORMS)
+        if not (self.rho > 0 and math.isfinite(self.rho)):
+            raise InputError(f"`rho` must be positive, got {self.rho:g}")
+        if self.steps < 1:
+            raise InputError(f"`steps` must be at least 1, got {self.steps}")
+        if self.step_size is not None and not self.step_size > 0:
+            raise InputError(f"`step_size` must be positive, got {self.step_size:g}")
+        if not self.eta >= 0:
+            raise InputError(f"`eta` must not be negative, got {self.eta:g}")
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    """A sharpness figure, its uncertainties and its cost."""
+
+    settings: SharpnessSettings
+    value: float
+    """The worst (found) or mean loss increase L(w + δ) − L(w)."""
+    loss: float
+    """L(w), on the same samples."""
+    std_error: float | None
+    """The Monte-Carlo standard error over the draws (average case; None for the worst case)."""
+    sampling: float | None
+    """The data's jackknife standard error (None: not estimated)."""
+    shards: int | None
+    """The shards of that jackknife (None: not estimated)."""
+    history: tuple[float, ...]
+    """Worst case: the loss increase at each iterate (u = 0 first); average case: each draw's."""
+    perturbation_norm: float
+    """‖u‖_p = ‖δ ⊘ (|w| + η)‖_p of the worst case's found δ (≤ ρ); ρ for the average case."""
+    n_gradients: int
+    n_losses: int
+    """Full-data gradients and losses (shard losses counted together as one full loss)."""
+    seconds: float
+
+    @property
+    def multiplier(self) -> float | None:
+        """The 95 % interval's half-width in data standard errors (None: not estimated)."""
+        return None if self.shards is None else t_quantile(self.shards - 1)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95 % data interval ``value ± t·SE`` (None: not estimated)."""
+        if self.sampling is None or self.multiplier is None:
+            return None
+        return interval(self.value, self.sampling, self.multiplier)
+
+
+def adaptive_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: list[tuple[Any, Any]],
+    settings: SharpnessSettings | None = None,
+    *,
+    params: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    batch_stats: bool = False,
+    shards: int = 8,
+    start: torch.Tensor | None = None,
+) -> SharpnessResult:
+    """The sharpness ``settings`` describe of the mean loss over ``batches`` (the parameters the
+    globs select), with its data uncertainty over ``shards`` shards (0: none). The model runs in
+    eval mode (BatchNorm buffers untouched) and its weights are restored bit for bit.
+    ``start``: the worst case's first iterate u (flat, projected onto the ball; default 0)."""
+    settings = settings or SharpnessSettings()
+    if shards == 1 or shards < 0:
+        raise InputError(f"`shards` must be 0 (off) or at least 2, got {shards}")
+    op = HessianOperator(
+        model,
+        loss_fn,
+        batches,
+        params,
+        exclude=exclude,
+        batch_stats=batch_stats,
+        cache_graph=False,
+    )
+    return sharpness_of(op, settings, shards, start)
+
+
+def sharpness_of(
+    op: HessianOperator,
+    settings: SharpnessSettings,
+    shards: int,
+    start: torch.Tensor | None = None,
+) -> SharpnessResult:
+    """:func:`adaptive_sharpness` of the loss ``op`` describes (an operator without a cached
+    graph: its weights move)."""
+    began = time.perf_counter()
+    with torch.no_grad():
+        w = torch.cat([p.detach().reshape(-1) for p in op.space.params])
+    scale = w.abs() + settings.eta if settings.adaptive else torch.ones_like(w)
+    parts = shard_operators(op, shards) if shards else []
+    parts = parts if len(parts) >= 2 else []
+    if settings.kind == "worst":
+        found = _ascent(op, scale, settings, start)
+        deltas, history, size = [scale * found.u], found.history, found.size
+        gradients, losses = found.gradients, found.losses
+    else:
+        deltas = [scale * z for z in _draws(op, settings)]
+        history, size, gradients, losses = (), settings.rho, 0, 0
+    base, shifted, spread = _loss_differences(op, parts, deltas)
+    losses += 1 + len(deltas)
+    std_error = None
+    if settings.kind == "worst":
+        value = history[found.best]  # the ascent's own record of its best iterate
+    else:
+        history = tuple(s - base for s in shifted)
+        value, std_error = sum(history) / len(history), _mean_error(list(history))
+    return SharpnessResult(
+        settings=settings,
+        value=value,
+        loss=base,
+        std_error=std_error,
+        sampling=None if spread is None else jackknife_se(spread),
+        shards=len(parts) or None,
+        history=history,
+        perturbation_norm=size,
+        n_gradients=gradients,
+        n_losses=losses,
+        seconds=time.perf_counter() - began,
+    )
+
+
+@dataclass(frozen=True)
+class _Found:
+    """The worst case's best iterate and the ascent's record."""
+
+    u: torch.Tensor
+    best: int
+    history: tuple[float, ...]
+    size: float
+    gradients: int
+    losses: int
+
+
+def _ascent(
+    op: HessianOperator,
+    scale: torch.Tensor,
+    settings: SharpnessSettings,
+    start: torch.Tensor | None,
+) -> _Found:
+    """Projected normalised gradient ascent in u = δ ⊘ scale, keeping the best iterate."""
+    rho = settings.rho
+    step = rho if settings.step_size is None else settings.step_size
+    u = torch.zeros_like(scale) if start is None else _project(start.to(scale), settings)
+    base = op.loss()
+    history: list[float] = []
+    best_u, best = u, -1
+    gradients = 0
+    for _ in range(settings.steps):
+        with op.shifted(scale * u):
+            loss, g = op.loss_and_gradient()
+        gradients += 1
+        history.append(loss - base)
+        if best < 0 or history[-1] > history[best]:
+            best_u, best = u, len(history) - 1
+        direction = scale * g
+        if settings.norm == "l2":
+            size = torch.linalg.vector_norm(direction)
+            if not size > 0:
+                break  # a stationary point: the ascent cannot move
+            direction = direction / size
+        else:
+            direction = direction.sign()
+        u = _project(u + step * direction, settings)
+    else:
+        history.append(op.loss(scale * u) - base)
+        if history[-1] > history[best]:
+            best_u, best = u, len(history) - 1
+    size = _norm(best_u, settings.norm)
+    return _Found(best_u, best, tuple(history), size, gradients, len(history) + 1 - gradients)
+
+
+def _project(u: torch.Tensor, settings: SharpnessSettings) -> torch.Tensor:
+    """The Euclidean projection of ``u`` onto the ball ‖u‖_p ≤ ρ."""
+    if settings.norm == "linf":
+        return u.clamp(-settings.rho, settings.rho)
+    size = float(torch.linalg.vector_norm(u))
+    return u * (settings.rho / size) if size > settings.rho else u
+
+
+def _norm(u: torch.Tensor, norm: Norm) -> float:
+    return float(torch.linalg.vector_norm(u, ord=2 if norm == "l2" else math.inf))
+
+
+def _draws(op: HessianOperator, settings: SharpnessSettings) -> list[torch.Tensor]:
+    """``steps`` seeded draws of ρz: z standard Gaussian (ℓ2) or uniform on [−1, 1] (ℓ∞)."""
+    generator = torch.Generator(device=op.device).manual_seed(settings.seed)
+    shape, kwargs = (op.size,), dict(generator=generator, device=op.device, dtype=op.dtype)
+    if settings.norm == "l2":
+        return [settings.rho * torch.randn(shape, **kwargs) for _ in range(settings.steps)]
+    return [settings.rho * (2 * torch.rand(shape, **kwargs) - 1) for _ in range(settings.steps)]
+
+
+def _loss_differences(
+    op: HessianOperator, parts: list[HessianOperator], deltas: list[torch.Tensor]
+) -> tuple[float, list[float], list[float] | None]:
+    """The full-data loss at w and at w + each δ, and the delete-one-shard replicates of the
+    mean over the δs of the loss difference (None without shards). Each full-data loss is the
+    shards' weighted mean, so the shards cost no more than the full data."""
+    if not parts:
+        return op.loss(), [op.loss(d) for d in deltas], None
+    weights = [p.num_terms / op.num_terms for p in parts]
+    base = [p.loss() for p in parts]
+    shifted = [[p.loss(d) for p in parts] for d in deltas]
+    per_shard = [sum(row[j] for row in shifted) / len(deltas) - base[j] for j in range(len(parts))]
+    full = [_weighted(weights, row) for row in shifted]
+    return _weighted(weights, base), full, deleted_means(per_shard, weights)
+
+
+def _weighted(weights: list[float], values: list[float]) -> float:
+    return sum(w * x for w, x in zip(weights, values, strict=True))
+
+
+def _mean_error(values: list[float]) -> float | None:
+    """The standard error of the mean of ``values`` (None for a single value)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
