@@ -38,6 +38,11 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--rho": ("0.07",),
     "--alpha": ("0.3",),
     "--seed": ("4",),
+    "--adaptive-sharpness": ("average",),
+    "--adaptive-norm": ("linf",),
+    "--adaptive-rho": ("0.3",),
+    "--adaptive-steps": ("7",),
+    "--no-adaptive-scale": (),
     "--model": ("mlp",),
     "--model-arg": ("hidden=(8,)",),
     "--trust-pickle": (),
@@ -57,6 +62,8 @@ CONFIG = {
     **dict(params=["a.*"], exclude=["a.b*"], batch_stats=True, backend="forward-over-reverse"),
     **dict(curvature="ggn"),
     **dict(rho=0.07, alpha=0.3, seed=4),
+    **dict(adaptive_sharpness="average", adaptive_norm="linf", adaptive_rho=0.3),
+    **dict(adaptive_steps=7, adaptive_scale=False),
 }
 LOADING = {
     **dict(model="mlp", model_args=["hidden=(8,)"], trust_pickle=True, split="test"),
@@ -135,6 +142,7 @@ def test_check_forwards_every_option(captured):
 def test_the_config_file_reaches_the_same_settings(captured, tmp_path):
     keys = [f"{flag[2:]} = {_toml(values)}" for flag, values in SHARED.items() if values]
     keys += ["trace = false", "batch-stats = true", 'data = "digits"', "max-eigenvalue = 1"]
+    keys += ["adaptive-scale = false"]
     keys.remove("model-arg = 'hidden=(8,)'")
     keys.remove("params = 'a.*'")
     keys.remove("exclude = 'a.b*'")

@@ -41,7 +41,10 @@ INPUTS = {
 
 @pytest.fixture(scope="module")
 def analysed(cnn):
-    config = AnalyzeConfig(k=3, density=True, per_layer=True, slices=True, density_iter=20)
+    config = AnalyzeConfig(
+        **dict(k=3, density=True, per_layer=True, slices=True, density_iter=20),
+        **dict(adaptive_sharpness="average", adaptive_steps=4),
+    )
     result = analyze(cnn.model, cnn.loss_fn, cnn.split(16), config)
     inputs = Inputs.from_json({**INPUTS, "config": dict(config.__dict__)})
     return result, Report.from_analysis(result, inputs)
@@ -165,6 +168,9 @@ def test_the_gate_reads_each_of_its_figures(analysed):
         results.alignment.cos_full, None, sampling.cos_full
     )
     assert sampling.cos_full > 0 and sampling.shards >= 2
+    h = results.adaptive_sharpness
+    assert gated.readings["adaptive_sharpness"] == Reading(h.value, h.std_error, h.sampling)
+    assert h.std_error > 0 and h.sampling > 0
     assert gated.num_params == results.num_params == sum(math.prod(s) for _, s in gated.parameters)
     assert [name for name, _ in gated.parameters] == list(analysed[0].param_names)
     assert gated.data == {

@@ -12,6 +12,13 @@ import torch
 from torch import nn
 
 from sharpscope import distributed
+from sharpscope.analysis.adaptive_sharpness import (
+    KINDS,
+    NORMS,
+    SharpnessResult,
+    SharpnessSettings,
+    adaptive_sharpness,
+)
 from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.metrics import accuracy
 from sharpscope.analysis.plan import Plan, available_memory, fitting_basis
@@ -73,6 +80,15 @@ class AnalyzeConfig:
     """Also measure the loss along v₁ and along ĝ, at 21 points in ±2ρ (for plots)."""
     shards: int = 8
     """Disjoint shards of the samples for the data uncertainty (a jackknife); 0 leaves it out."""
+    adaptive_sharpness: str | None = None
+    """Also measure the worst- or average-case sharpness (``worst``, ``average``); None: not."""
+    adaptive_norm: str = "l2"
+    """Its ball's norm (``l2``, ``linf``; the average case: Gaussian or uniform draws)."""
+    adaptive_rho: float = 0.1
+    adaptive_steps: int = 20
+    """Its ascent steps (worst case) or random draws (average case)."""
+    adaptive_scale: bool = True
+    """Scale the ball by |w| (adaptive sharpness); False: the plain ball."""
 
     def __post_init__(self) -> None:
         solver(self.method)
@@ -88,6 +104,13 @@ class AnalyzeConfig:
             raise InputError(f"`shards` must be 0 (off) or at least 2, got {self.shards}")
         if not self.alpha >= 0:
             raise InputError(f"`alpha` must not be negative, got {self.alpha}")
+        if self.adaptive_sharpness is not None:
+            check_choice("adaptive_sharpness", self.adaptive_sharpness, KINDS)
+        check_choice("adaptive_norm", self.adaptive_norm, NORMS)
+        if not (self.adaptive_rho > 0 and math.isfinite(self.adaptive_rho)):
+            raise InputError(f"`adaptive_rho` must be positive, got {self.adaptive_rho}")
+        if self.adaptive_steps < 1:
+            raise InputError(f"`adaptive_steps` must be at least 1, got {self.adaptive_steps}")
         if self.max_basis is not None and self.max_basis < self.k + 3:
             raise InputError(
                 f"`max_basis` must be at least `k` + 3 = {self.k + 3} (the top-k, λ_min and "
@@ -97,6 +120,19 @@ class AnalyzeConfig:
     def settings(self) -> SolveSettings:
         """The eigen-solver's part of the config."""
         return SolveSettings(self.tol, self.max_iter, self.seed, self.max_basis)
+
+    def sharpness_settings(self) -> SharpnessSettings | None:
+        """The adaptive sharpness's part of the config (None: not measured)."""
+        if self.adaptive_sharpness is None:
+            return None
+        return SharpnessSettings(
+            kind=self.adaptive_sharpness,  # type: ignore[arg-type]
+            norm=self.adaptive_norm,  # type: ignore[arg-type]
+            rho=self.adaptive_rho,
+            adaptive=self.adaptive_scale,
+            steps=self.adaptive_steps,
+            seed=self.seed,
+        )
 
 
 @dataclass
@@ -146,6 +182,8 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     slices: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
     """Direction name -> (step sizes t, loss at w + t·direction)."""
+    adaptive_sharpness: SharpnessResult | None = None
+    """The worst- or average-case (adaptive) sharpness (None: not measured)."""
 
     @property
     def lambda_max(self) -> float:
@@ -435,6 +473,20 @@ def analyze(
     if config.slices:
         with watch.stage("slices"):
             slices = _slices(op, top, gradient, grad_norm, config.rho)
+    sharpness = None
+    wanted = config.sharpness_settings()
+    if wanted is not None:
+        with watch.stage("adaptive_sharpness"):
+            sharpness = adaptive_sharpness(
+                model,
+                loss_fn,
+                batches,
+                wanted,
+                params=config.params,
+                exclude=config.exclude,
+                batch_stats=config.batch_stats,
+                shards=config.shards,
+            )
     per_layer: list[LayerEigen] = []
     if config.per_layer:
         with watch.stage("per_layer"):
@@ -461,6 +513,7 @@ def analyze(
         n_products=op.n_products + (len(top.eigenvalues) + 1 if sampling else 0),
         notes=notes,
         slices=slices,
+        adaptive_sharpness=sharpness,
     )
 
 

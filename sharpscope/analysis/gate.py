@@ -16,8 +16,9 @@ A figure's uncertainty adds (worst case) the solver's and the data's:
   distance from the estimate to the nearest eigenvalue of H (used as it is); for the trace
   ``sigmas`` standard errors of its Hutch++ estimate;
 - the data's: ``sigmas`` jackknife standard errors of how the figure moves with another sample of
-  the same size (:mod:`sharpscope.analysis.sampling`), for λ_max, λ_min, |cos(ĝ, v₁)| and the SAM
-  sharpness, when the report holds them.
+  the same size (:mod:`sharpscope.analysis.sampling`), for λ_max, λ_min, |cos(ĝ, v₁)|, the SAM
+  sharpness and the adaptive sharpness, when the report holds them (the average-case adaptive
+  sharpness adds ``sigmas`` Monte-Carlo standard errors as the solver's).
 
 A figure with neither (a report made with `shards` 0) has no uncertainty: it is gated as it is,
 and shown as not estimated, never as ± 0. A check that passes only thanks to the uncertainty has
@@ -45,6 +46,7 @@ class Thresholds:
     max_trace: float | None = None
     max_sam_sharpness: float | None = None
     min_alignment: float | None = None
+    max_adaptive_sharpness: float | None = None
     max_increase: float | None = None
     """Largest allowed increase over the baseline, as a fraction (0.1 = 10 %)."""
     sigmas: float = 2.0
@@ -149,6 +151,12 @@ METRICS: dict[str, Metric] = {
             False,
             "the full-data gradient is exactly zero, so there is no SAM perturbation",
         ),
+        Metric(
+            "adaptive_sharpness",
+            "adaptive sharpness",
+            True,
+            "it was made without `adaptive_sharpness`: analyze again with it",
+        ),
     )
 }
 
@@ -158,6 +166,7 @@ ABSOLUTE: tuple[tuple[str, str, Kind], ...] = (
     ("max_trace", "trace", "max"),
     ("max_sam_sharpness", "sam_sharpness", "max"),
     ("min_alignment", "cos_full", "min"),
+    ("max_adaptive_sharpness", "adaptive_sharpness", "max"),
 )
 """(threshold field, metric, kind) of the absolute checks, in the order they are reported."""
 

@@ -63,6 +63,10 @@ MaxSamSharpness = _limit(
     "Flag the model when the SAM sharpness L(w+ρĝ) − L(w) exceeds this by more than --sigmas "
     "data SE."
 )
+MaxAdaptiveSharpness = _limit(
+    "Flag the model when the adaptive sharpness (--adaptive-sharpness) exceeds this by more "
+    "than --sigmas SE (data, and Monte-Carlo for the average case)."
+)
 MinAlignment = _limit(
     "Flag the model when |cos(ĝ, v₁)| (full-data gradient) is below this by more than --sigmas "
     "data SE."
@@ -94,6 +98,7 @@ def check_command(
     max_trace: MaxTrace = None,
     max_sam_sharpness: MaxSamSharpness = None,
     min_alignment: MinAlignment = None,
+    max_adaptive_sharpness: MaxAdaptiveSharpness = None,
     sigmas: Annotated[
         float,
         typer.Option(
@@ -163,6 +168,11 @@ def check_command(
     curvature: opt.Curvature = DEFAULTS.curvature,
     rho: opt.Rho = DEFAULTS.rho,
     alpha: opt.Alpha = DEFAULTS.alpha,
+    adaptive_sharpness: opt.AdaptiveSharpness = DEFAULTS.adaptive_sharpness,
+    adaptive_norm: opt.AdaptiveNorm = DEFAULTS.adaptive_norm,
+    adaptive_rho: opt.AdaptiveRho = DEFAULTS.adaptive_rho,
+    adaptive_steps: opt.AdaptiveSteps = DEFAULTS.adaptive_steps,
+    adaptive_scale: opt.AdaptiveScale = DEFAULTS.adaptive_scale,
     seed: opt.Seed = DEFAULTS.seed,
     dtype: opt.Dtype = opt.DTYPE,
     device: opt.Device = opt.DEVICE,
@@ -222,6 +232,7 @@ def check_command(
             max_trace=max_trace,
             max_sam_sharpness=max_sam_sharpness,
             min_alignment=min_alignment,
+            max_adaptive_sharpness=max_adaptive_sharpness,
             max_increase=None if max_increase is None else parse_fraction(max_increase),
             sigmas=sigmas,
         )
@@ -242,6 +253,11 @@ def check_command(
             rho=rho,
             alpha=alpha,
             seed=seed,
+            adaptive_sharpness=adaptive_sharpness,
+            adaptive_norm=adaptive_norm,
+            adaptive_rho=adaptive_rho,
+            adaptive_steps=adaptive_steps,
+            adaptive_scale=adaptive_scale,
         )
         load = partial(
             load_inputs,
@@ -265,7 +281,7 @@ def check_command(
             check_baseline_target(baseline)
         if junit is not None:
             check_can_create(junit, "`junit`")
-        report = _report(source, data, load, analysis, quiet)
+        report = _report(source, data, load, analysis, quiet, thresholds)
         gated = report.gate_input()
         checks = gate(gated, thresholds, base, allow_different_data)
         differences = ", ".join(data_differences(gated, base)) if base is not None else ""
@@ -334,8 +350,10 @@ def _report(
     load: Callable[[Path, str], Loaded],
     config: AnalyzeConfig,
     quiet: bool,
+    thresholds: Thresholds,
 ) -> Report:
-    """``source`` read as a report, or the report of analyzing it as a checkpoint on ``data``."""
+    """``source`` read as a report, or the report of analyzing it as a checkpoint on ``data``
+    (refused before the analysis when it would not measure a figure ``thresholds`` gate)."""
     if not source.exists():
         raise InputError(f"{source} does not exist: give a report.json or a checkpoint")
     if is_report_file(source):
@@ -344,6 +362,11 @@ def _report(
         raise InputError(
             f"{source} is not a JSON report, so it is analyzed as a checkpoint, which needs "
             "--data (or data in the config file)"
+        )
+    if thresholds.max_adaptive_sharpness is not None and config.adaptive_sharpness is None:
+        raise InputError(
+            "--max-adaptive-sharpness needs the adaptive sharpness measured: add "
+            "--adaptive-sharpness worst (or average)"
         )
     _, report = run_analysis(load(source, data), config, quiet)
     return report

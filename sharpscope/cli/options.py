@@ -14,6 +14,7 @@ LOAD = "Model and data"
 RUN = "Run"
 HESSIAN = "Hessian"
 SAM = "SAM alignment"
+ADAPTIVE = "Adaptive sharpness"
 
 SPLIT, BATCH_SIZE, SAMPLES, LOSS = "train", 128, 1024, "auto"
 TEXT_FIELD, LABEL_FIELD = "text", "label"
@@ -195,3 +196,33 @@ Curvature = Annotated[
 ]
 Rho = Annotated[float, typer.Option(help="SAM radius ρ.", rich_help_panel=SAM)]
 Alpha = Annotated[float, typer.Option(help="Eigen-SAM's α.", rich_help_panel=SAM)]
+AdaptiveSharpness = Annotated[
+    str | None,
+    typer.Option(
+        help="Also measure the worst-case (ascent) or average-case (random draws) sharpness "
+        "L(w+δ) − L(w) over ‖δ/|w|‖ ≤ ρ: worst or average (Andriushchenko et al. 2023).",
+        rich_help_panel=ADAPTIVE,
+        show_default=False,
+    ),
+]
+AdaptiveNorm = Annotated[
+    str,
+    typer.Option(
+        help="Its ball: l2 or linf (average case: Gaussian or uniform draws).",
+        rich_help_panel=ADAPTIVE,
+    ),
+]
+AdaptiveRho = Annotated[float, typer.Option(help="Its radius ρ.", rich_help_panel=ADAPTIVE)]
+AdaptiveSteps = Annotated[
+    int,
+    typer.Option(
+        help="Its ascent steps (worst) or random draws (average).", rich_help_panel=ADAPTIVE
+    ),
+]
+AdaptiveScale = Annotated[
+    bool,
+    typer.Option(
+        help="Scale the ball by |w| (adaptive: invariant to rescaling layers); off: a plain ball.",
+        rich_help_panel=ADAPTIVE,
+    ),
+]

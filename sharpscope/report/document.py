@@ -16,6 +16,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import torch
 
 from sharpscope import __version__
+from sharpscope.analysis.adaptive_sharpness import SharpnessResult
 from sharpscope.analysis.alignment import Alignment
 from sharpscope.analysis.analyze import Analysis, LayerEigen
 from sharpscope.analysis.gate import GateInput, Reading
@@ -328,6 +329,57 @@ class Sampling(Section):
 
 
 @dataclass(frozen=True)
+class AdaptiveSharpness(Section):
+    """The worst- or average-case sharpness L(w + δ) − L(w) over the ball ‖δ ⊘ s‖_p ≤ ρ (s = |w|
+    + η when ``adaptive``, else 1), its uncertainties and its cost (docs/engine.md)."""
+
+    kind: str
+    norm: str
+    rho: float
+    adaptive: bool
+    eta: float
+    steps: int
+    step_size: float | None
+    value: float | None
+    std_error: float | None
+    """The Monte-Carlo standard error over the draws (average case; null for the worst case)."""
+    sampling: float | None
+    """The data's jackknife standard error (null: not estimated)."""
+    shards: int | None
+    interval: tuple[float, float] | None
+    """The 95 % data interval (null: not estimated)."""
+    perturbation_norm: float
+    n_gradients: int
+    n_losses: int
+    seconds: float
+    history: tuple[float | None, ...]
+
+    @classmethod
+    def of(cls, result: SharpnessResult) -> AdaptiveSharpness:
+        """The section of a sharpness measurement."""
+        s = result.settings
+        return cls(
+            kind=s.kind,
+            norm=s.norm,
+            rho=s.rho,
+            adaptive=s.adaptive,
+            eta=s.eta,
+            steps=s.steps,
+            step_size=s.step_size,
+            value=result.value,
+            std_error=result.std_error,
+            sampling=result.sampling,
+            shards=result.shards,
+            interval=result.interval,
+            perturbation_norm=result.perturbation_norm,
+            n_gradients=result.n_gradients,
+            n_losses=result.n_losses,
+            seconds=result.seconds,
+            history=result.history,
+        )
+
+
+@dataclass(frozen=True)
 class Layer(Section):
     """The top eigenvalue of one group's block of the Hessian (a module's parameters, or a
     transformer block's of one kind)."""
@@ -403,6 +455,8 @@ class Results(Section):
     curvature: str | None = field(default=None, metadata=_OPTIONAL)
     """The matrix the eigenvalues, trace and density are of (``hessian``, ``ggn``, ``fisher``,
     ``empirical-fisher``); reports written before it lack it, and are of the Hessian."""
+    adaptive_sharpness: AdaptiveSharpness | None = field(default=None, metadata=_OPTIONAL)
+    """``--adaptive-sharpness`` (absent when not measured, and in older reports)."""
 
     @classmethod
     def of(cls, analysis: Analysis) -> Results:
@@ -434,6 +488,9 @@ class Results(Section):
             verdict=verdict(analysis),
             notes=tuple(analysis.notes),
             curvature=analysis.curvature,
+            adaptive_sharpness=None
+            if analysis.adaptive_sharpness is None
+            else AdaptiveSharpness.of(analysis.adaptive_sharpness),
         )
 
 
@@ -501,6 +558,9 @@ class Report(Section):
             if a is None
             else _reading(a.sam_sharpness, None, s and s.sam_sharpness),
             "cos_full": None if a is None else _reading(a.cos_full, None, s and s.cos_full),
+            "adaptive_sharpness": None
+            if (h := r.adaptive_sharpness) is None
+            else _reading(h.value, h.std_error, h.sampling),
         }
         return GateInput(
             readings={key: reading for key, reading in found.items() if reading is not None},

@@ -22,6 +22,8 @@ HELP = {
     "standard error",
     "alignment": f"|cos(ĝ, v₁)| < {POOR:g}: SAM's perturbation is poorly aligned with v₁, "
     f"{POOR:g}–{GOOD:g} partly, ≥ {GOOD:g} well",
+    "adaptive_sharpness": "worst: max L(w + δ) − L(w) over ‖δ ⊘ |w|‖ ≤ ρ by ascent (a lower "
+    "bound); average: its mean over δ = ρ|w|⊙z; adaptive: invariant to rescaling layers",
     "per_layer": "λ_max: top eigenvalue of each group's own Hessian block (a module; a "
     "transformer block's one kind)",
     "sampling": "± data, [a, b]: 95 % interval over other samples of this size from the same "
@@ -178,6 +180,31 @@ def _alignment(results: Results) -> Table | None:
     return table
 
 
+def _adaptive(results: Results) -> Table | None:
+    h = results.adaptive_sharpness
+    if h is None:
+        return None
+    ball = f"{'adaptive' if h.adaptive else 'plain'} {'ℓ∞' if h.norm == 'linf' else 'ℓ2'}"
+    table = Table(
+        title=f"Sharpness ({h.kind} case, {ball}, ρ = {h.rho:g})",
+        show_header=False,
+        title_justify="left",
+    )
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    shown = _num(h.value, 4)
+    if h.interval is not None:
+        shown += f" [{_num(h.interval[0], 2)}, {_num(h.interval[1], 2)}]"
+    table.add_row("L(w + δ) − L(w)", shown)
+    if h.std_error is not None:
+        table.add_row("  Monte-Carlo SE", f"± {h.std_error:.2g} ({h.steps} draws)")
+    else:
+        table.add_row(
+            "  ascent", f"{h.n_gradients} steps, ‖δ ⊘ s‖ = {_num(h.perturbation_norm, 3)}"
+        )
+    return table
+
+
 def _group(layer: Layer) -> Text:
     """A transformer group's name, then the full name of each module that owns its tensors."""
     owners = dict.fromkeys(name.rpartition(".")[0] for name in layer.parameters or ())
@@ -213,6 +240,7 @@ def render(report: Report) -> Group:
         "eigenvalues": _eigenvalues(results, report.inputs.dtype),
         "curvature": _curvature(results),
         "alignment": _alignment(results),
+        "adaptive_sharpness": _adaptive(results),
         "per_layer": _per_layer(results),
     }
     parts: list[Any] = []
