@@ -233,3 +233,13 @@ def test_average_case_is_seeded_and_carries_its_monte_carlo_error():
 def test_bad_settings_name_their_parameter(field, value):
     with pytest.raises(InputError, match=f"`{field}`"):
         SharpnessSettings(**{field: value})
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("worst", 3), ("average", 4)])
+def test_progress_hears_of_each_step_or_draw(kind, expected):
+    heard: list[tuple[str, int, int]] = []
+    settings = SharpnessSettings(kind, steps=expected)
+    adaptive_sharpness(
+        _mlp(), F.cross_entropy, _data(), settings, progress=lambda *a: heard.append(a)
+    )
+    assert heard == [("adaptive sharpness", i, expected) for i in range(1, expected + 1)]

@@ -40,7 +40,7 @@ from sharpscope.analysis.sampling import (
     t_quantile,
 )
 from sharpscope.batches import LossFn
-from sharpscope.curvature import HessianOperator
+from sharpscope.curvature import HessianOperator, Progress
 from sharpscope.errors import InputError, check_choice
 
 Kind = Literal["worst", "average"]
@@ -94,8 +94,8 @@ class SharpnessResult:
     """The shards of that jackknife (None: not estimated)."""
     history: tuple[float, ...]
     """Worst case: the loss increase at each iterate (u = 0 first); average case: each draw's."""
-    perturbation_norm: float
-    """‖u‖_p = ‖δ ⊘ (|w| + η)‖_p of the worst case's found δ (≤ ρ); ρ for the average case."""
+    perturbation_norm: float | None
+    """‖u‖_p = ‖δ ⊘ (|w| + η)‖_p of the worst case's found δ (≤ ρ); None for the average case."""
     n_gradients: int
     n_losses: int
     """Full-data gradients and losses (shard losses counted together as one full loss)."""
@@ -125,11 +125,13 @@ def adaptive_sharpness(
     batch_stats: bool = False,
     shards: int = 8,
     start: torch.Tensor | None = None,
+    progress: Progress | None = None,
 ) -> SharpnessResult:
     """The sharpness ``settings`` describe of the mean loss over ``batches`` (the parameters the
     globs select), with its data uncertainty over ``shards`` shards (0: none). The model runs in
     eval mode (BatchNorm buffers untouched) and its weights are restored bit for bit.
-    ``start``: the worst case's first iterate u (flat, projected onto the ball; default 0)."""
+    ``start``: the worst case's first iterate u (flat, projected onto the ball; default 0);
+    ``progress`` hears of each step or draw."""
     settings = settings or SharpnessSettings()
     if shards == 1 or shards < 0:
         raise InputError(f"`shards` must be 0 (off) or at least 2, got {shards}")
@@ -142,7 +144,7 @@ def adaptive_sharpness(
         batch_stats=batch_stats,
         cache_graph=False,
     )
-    return sharpness_of(op, settings, shards, start)
+    return sharpness_of(op, settings, shards, start, progress)
 
 
 def sharpness_of(
@@ -150,6 +152,7 @@ def sharpness_of(
     settings: SharpnessSettings,
     shards: int,
     start: torch.Tensor | None = None,
+    progress: Progress | None = None,
 ) -> SharpnessResult:
     """:func:`adaptive_sharpness` of the loss ``op`` describes (an operator without a cached
     graph: its weights move)."""
@@ -160,13 +163,13 @@ def sharpness_of(
     parts = shard_operators(op, shards) if shards else []
     parts = parts if len(parts) >= 2 else []
     if settings.kind == "worst":
-        found = _ascent(op, scale, settings, start)
+        found = _ascent(op, scale, settings, start, progress)
         deltas, history, size = [scale * found.u], found.history, found.size
         gradients, losses = found.gradients, found.losses
     else:
         deltas = [scale * z for z in _draws(op, settings)]
-        history, size, gradients, losses = (), settings.rho, 0, 0
-    base, shifted, spread = _loss_differences(op, parts, deltas)
+        history, size, gradients, losses = (), None, 0, 0
+    base, shifted, spread = _loss_differences(op, parts, deltas, progress)
     losses += 1 + len(deltas)
     std_error = None
     if settings.kind == "worst":
@@ -206,6 +209,7 @@ def _ascent(
     scale: torch.Tensor,
     settings: SharpnessSettings,
     start: torch.Tensor | None,
+    progress: Progress | None,
 ) -> _Found:
     """Projected normalised gradient ascent in u = δ ⊘ scale, keeping the best iterate."""
     rho = settings.rho
@@ -219,6 +223,8 @@ def _ascent(
         with op.shifted(scale * u):
             loss, g = op.loss_and_gradient()
         gradients += 1
+        if progress is not None:
+            progress("adaptive sharpness", gradients, settings.steps)
         history.append(loss - base)
         if best < 0 or history[-1] > history[best]:
             best_u, best = u, len(history) - 1
@@ -261,16 +267,23 @@ def _draws(op: HessianOperator, settings: SharpnessSettings) -> list[torch.Tenso
 
 
 def _loss_differences(
-    op: HessianOperator, parts: list[HessianOperator], deltas: list[torch.Tensor]
+    op: HessianOperator,
+    parts: list[HessianOperator],
+    deltas: list[torch.Tensor],
+    progress: Progress | None,
 ) -> tuple[float, list[float], list[float] | None]:
     """The full-data loss at w and at w + each δ, and the delete-one-shard replicates of the
     mean over the δs of the loss difference (None without shards). Each full-data loss is the
     shards' weighted mean, so the shards cost no more than the full data."""
+    shifted: list[list[float]] = []
+    for delta in deltas:
+        shifted.append([p.loss(delta) for p in parts] if parts else [op.loss(delta)])
+        if progress is not None and len(deltas) > 1:  # the draws (the worst case: its one δ)
+            progress("adaptive sharpness", len(shifted), len(deltas))
     if not parts:
-        return op.loss(), [op.loss(d) for d in deltas], None
+        return op.loss(), [row[0] for row in shifted], None
     weights = [p.num_terms / op.num_terms for p in parts]
     base = [p.loss() for p in parts]
-    shifted = [[p.loss(d) for p in parts] for d in deltas]
     per_shard = [sum(row[j] for row in shifted) / len(deltas) - base[j] for j in range(len(parts))]
     full = [_weighted(weights, row) for row in shifted]
     return _weighted(weights, base), full, deleted_means(per_shard, weights)

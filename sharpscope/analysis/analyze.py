@@ -486,6 +486,7 @@ def analyze(
                 exclude=config.exclude,
                 batch_stats=config.batch_stats,
                 shards=config.shards,
+                progress=progress,
             )
     per_layer: list[LayerEigen] = []
     if config.per_layer:

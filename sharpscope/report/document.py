@@ -348,7 +348,8 @@ class AdaptiveSharpness(Section):
     shards: int | None
     interval: tuple[float, float] | None
     """The 95 % data interval (null: not estimated)."""
-    perturbation_norm: float
+    perturbation_norm: float | None
+    """‖δ ⊘ (|w| + η)‖_p of the worst case's δ (null for the average case)."""
     n_gradients: int
     n_losses: int
     seconds: float
