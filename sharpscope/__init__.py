@@ -28,10 +28,13 @@ __all__ = [
     "LinearOperator",
     "MatrixOperator",
     "ParamSpace",
+    "SharpnessResult",
+    "SharpnessSettings",
     "SolveSettings",
     "Subspace",
     "TraceResult",
     "__version__",
+    "adaptive_sharpness",
     "analyze",
     "deflated_trace",
     "hessian_eigs",
@@ -51,10 +54,19 @@ _HOMES = {
     **dict.fromkeys(("ASAM", "SAM", "EigenSAM"), "sharpscope.optim"),
     **dict.fromkeys(("Alignment", "sam_alignment"), "sharpscope.analysis.alignment"),
     **dict.fromkeys(("AnalyzeConfig", "analyze"), "sharpscope.analysis.analyze"),
+    **dict.fromkeys(
+        ("SharpnessResult", "SharpnessSettings", "adaptive_sharpness"),
+        "sharpscope.analysis.adaptive_sharpness",
+    ),
 }
 """Public name -> the module that defines it, where that is not sharpscope.curvature."""
 
 if TYPE_CHECKING:
+    from sharpscope.analysis.adaptive_sharpness import (
+        SharpnessResult,
+        SharpnessSettings,
+        adaptive_sharpness,
+    )
     from sharpscope.analysis.alignment import Alignment, sam_alignment
     from sharpscope.analysis.analyze import AnalyzeConfig, analyze
     from sharpscope.curvature import (
