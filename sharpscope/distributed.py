@@ -133,12 +133,19 @@ def all_gather(value: Any) -> list[Any]:
 def shard(n_items: int) -> range:
     """This rank's contiguous block of ``range(n_items)``: disjoint, deterministic, and in rank
     order their union is ``range(n_items)``; block sizes differ by at most one."""
-    size, me = world_size(), rank()
+    size = world_size()
     if n_items < size:
         raise RankError(
             f"{n_items} batch(es) cannot be shared by {size} processes: every rank needs at "
             "least one; use a smaller --batch-size, more --samples or fewer processes"
         )
+    return block(n_items)
+
+
+def block(n_items: int) -> range:
+    """This rank's contiguous block of ``range(n_items)``, as :func:`shard` has it, but empty
+    when there are fewer items than ranks (for work, such as grid points, a rank may lack)."""
+    size, me = world_size(), rank()
     return range(n_items * me // size, n_items * (me + 1) // size)
 
 

@@ -52,6 +52,11 @@ COMMANDS: dict[str, Subcommand] = {
         "finetune_command",
         "Fine-tune with SGD, SAM, ASAM or Eigen-SAM, tracking λ_max.",
     ),
+    "landscape": Subcommand(
+        "sharpscope.cli.landscape",
+        "landscape_command",
+        "Loss on a line and a 2-D grid around the weights (PNG and JSON).",
+    ),
     "demo": Subcommand(
         "sharpscope.cli.demo",
         "demo_command",

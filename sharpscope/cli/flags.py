@@ -59,8 +59,14 @@ FLAGS: dict[str, str] = {
     "baseline": "--baseline",
     "update_baseline": "--update-baseline",
     "allow_different_data": "--allow-different-data",
+    # landscape (sharpscope.analysis.landscape.LandscapeConfig)
+    "directions": "--directions",
+    "span": "--span",
+    "points": "--points",
+    "grid": "--grid",
     # outputs
     "out": "--out",
+    "force": "--force",
     "junit": "--junit",
     # finetune (sharpscope.training: RunConfig, RunOptions, the run planner and the run folder)
     "val_data": "--val-data",

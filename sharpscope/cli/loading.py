@@ -166,7 +166,7 @@ def load_inputs(
             text,
         )
     if shard and distributed.is_distributed():
-        _check_world(loaded, fingerprint)
+        check_world(loaded)
         loaded.batches = [pieces[i] for i in distributed.shard(len(pieces))]
     return loaded
 
@@ -177,10 +177,12 @@ def data_fingerprint(bundle: DataBundle) -> str:
     return distributed.fingerprint([*leaves(bundle.inputs), ("targets", bundle.targets)])
 
 
-def _check_world(loaded: Loaded, data: str) -> None:
-    """Raise on every rank unless all ranks loaded the same weights and the same data (``data``:
-    this rank's :func:`data_fingerprint`)."""
+def check_world(loaded: Loaded) -> None:
+    """Raise on every rank unless all ranks loaded the same weights and the same data (for a
+    command that shares the work out itself rather than by ``load_inputs``'s ``shard``)."""
     distributed.check_same(
         "model (checkpoint and --model)", distributed.model_fingerprint(loaded.model)
     )
-    distributed.check_same("data (--data, --split, --samples, --seed)", data)
+    distributed.check_same(
+        "data (--data, --split, --samples, --seed)", loaded.description.data.fingerprint
+    )

@@ -1,10 +1,12 @@
-"""PNG plots drawn from a report: spectral density, Lanczos convergence, 1-D loss slices."""
+"""PNG plots drawn from a report: spectral density, Lanczos convergence, 1-D loss slices; and
+the loss landscape drawn from its document."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 
@@ -78,6 +80,45 @@ def plot_slices(results: Results, path: Path) -> None:
     ax.set_ylabel("loss")
     ax.set_title("1-D loss slices")
     ax.legend()
+    _save(fig, path)
+
+
+def plot_landscape(document: dict[str, Any], path: Path) -> None:
+    """The 1-D line, the 2-D grid's contours and its surface from a landscape document
+    (:mod:`sharpscope.report.landscape_document`); losses that are not finite are left blank."""
+    directions = document["directions"]
+    eigen = directions["kind"] == "eigen"
+    names = ("v₁", "v₂") if eigen else ("d₁", "d₂")
+    if directions["eigenvalues"]:
+        values = directions["eigenvalues"]
+        names = tuple(f"{n} (λ = {v:.4g})" for n, v in zip(names, values, strict=True))
+    line, grid = document["line"], document["grid"]
+    steps = np.asarray(grid["steps"], dtype=float)
+    loss = np.ma.masked_invalid(np.asarray(grid["loss"], dtype=float))
+    kind = "the top Hessian eigenvectors" if eigen else "filter-normalised random directions"
+    fig = Figure(figsize=(16, 4.6))
+    seed = "" if eigen else f" (seed {directions['seed']})"
+    fig.suptitle(f"Loss landscape along {kind}{seed}")
+    first = fig.add_subplot(1, 3, 1)
+    first.plot(line["steps"], np.asarray(line["loss"], dtype=float), marker=".")
+    first.axvline(0, color="tab:red", lw=0.8, ls="--")
+    first.set_xlabel(f"t along {names[0]}")
+    first.set_ylabel("loss")
+    first.set_title(f"1-D: w + t·{names[0][:2]}")
+    contour = fig.add_subplot(1, 3, 2)
+    b, a = np.meshgrid(steps, steps)  # loss[i][j] is at a = steps[i] (d₁), b = steps[j] (d₂)
+    filled = contour.contourf(a, b, loss, levels=20, cmap="viridis")
+    contour.contour(a, b, loss, levels=20, colors="k", linewidths=0.3)
+    contour.plot([0], [0], marker="x", color="tab:red")
+    fig.colorbar(filled, ax=contour, label="loss")
+    contour.set_xlabel(f"a along {names[0]}")
+    contour.set_ylabel(f"b along {names[1]}")
+    contour.set_title(f"2-D: w + a·{names[0][:2]} + b·{names[1][:2]}")
+    surface = fig.add_subplot(1, 3, 3, projection="3d")
+    surface.plot_surface(a, b, loss.filled(np.nan), cmap="viridis", linewidth=0)
+    surface.set_xlabel("a")
+    surface.set_ylabel("b")
+    surface.set_zlabel("loss")
     _save(fig, path)
 
 
