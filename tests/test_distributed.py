@@ -297,3 +297,36 @@ def test_under_torchrun_the_cli_skips_finalisation_but_keeps_exit_handlers_and_c
         assert output in done.stdout + done.stderr
         assert "exit handlers ran" in done.stdout
         assert ("finalised" in done.stdout) == finalised, (extra, done.stdout)
+
+
+@pytest.mark.parametrize("kind", ["random", "eigen"])
+def test_torchrun_landscape_equals_one_process(checkpoint, tmp_path, kind):
+    """Each rank evaluates its block of the 15 points on all the data: along the same random
+    directions the losses are bit for bit one process's; along v₁, v₂ (Lanczos on the sharded
+    data) equal to rounding."""
+    from sharpscope.analysis.landscape import LandscapeConfig, landscape
+    from sharpscope.cli.loading import load_inputs
+
+    sizes = {"samples": 96, "batch_size": 16, "dtype": "float64"}
+    settings = {"directions": kind, "span": 0.5, "points": 5, "grid": 3}
+    args = ["landscape", str(checkpoint), "--data", "digits", *MLP16, "--quiet"]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in {**sizes, **settings}.items()]
+    done = sharpscope([*args, "--out", str(tmp_path)], 2)
+    assert done.returncode == 0, done.stderr
+    two = json.loads((tmp_path / "landscape.json").read_text(encoding="utf-8"))
+    loaded = load_inputs(checkpoint, "digits", model="mlp", model_args=MLP16[3:], **sizes)
+    one = landscape(loaded.model, loaded.loss_fn, loaded.batches, LandscapeConfig(**settings))
+    grid = [v for row in two["grid"]["loss"] for v in row]
+    ours = [two["centre_loss"], *two["line"]["loss"], *grid]
+    theirs = [one.centre_loss, *one.line, *(v for row in one.surface for v in row)]
+    assert two["evaluations"] == one.evaluations == len(ours) == 15
+    if kind == "random":
+        assert ours == theirs
+    else:
+        assert all(close(a, b) for a, b in zip(ours, theirs, strict=True)), (ours, theirs)
+        assert all(
+            close(a, b)
+            for a, b in zip(
+                two["directions"]["eigenvalues"], one.directions.eigenvalues, strict=True
+            )
+        )

@@ -97,6 +97,7 @@ def plot_landscape(document: dict[str, Any], path: Path) -> None:
     loss = np.ma.masked_invalid(np.asarray(grid["loss"], dtype=float))
     kind = "the top Hessian eigenvectors" if eigen else "filter-normalised random directions"
     fig = Figure(figsize=(16, 4.6))
+    fig.subplots_adjust(wspace=0.3)
     seed = "" if eigen else f" (seed {directions['seed']})"
     fig.suptitle(f"Loss landscape along {kind}{seed}")
     first = fig.add_subplot(1, 3, 1)
