@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from sharpscope.cli.app import COMMANDS, app
 
-COMMANDS_WITH_EXAMPLES = ("analyze", "check", "finetune", "demo")
+COMMANDS_WITH_EXAMPLES = ("analyze", "check", "finetune", "landscape", "demo")
 
 
 def _help(*args: str) -> str:
