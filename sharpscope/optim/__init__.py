@@ -1,6 +1,7 @@
 """SAM-family optimizers and the perturbations they apply."""
 
 from sharpscope.curvature.batchnorm import freeze_batchnorm_stats, frozen_batchnorm_stats
+from sharpscope.optim.closures import micro_batch_closure
 from sharpscope.optim.eigen_sam import EigenEstimate, EigenSAM
 from sharpscope.optim.perturbations import (
     asam_perturbation,
@@ -18,5 +19,6 @@ __all__ = [
     "eigen_sam_perturbation",
     "freeze_batchnorm_stats",
     "frozen_batchnorm_stats",
+    "micro_batch_closure",
     "sam_perturbation",
 ]

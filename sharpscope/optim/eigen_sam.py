@@ -4,7 +4,7 @@ orthogonal to the gradient, with the eigenvector refreshed by a few warm-started
 from __future__ import annotations
 
 import glob
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,6 +28,9 @@ class EigenEstimate:
     converged: bool
     step: int
     n_products: int
+    dtype: str | None = None
+    """The dtype of the Hessian products: the parameters' (float32 or float64), never autocast's
+    bfloat16 or float16; None in states saved before it was recorded."""
 
 
 class EigenSAM(SAM):
@@ -107,7 +110,12 @@ class EigenSAM(SAM):
         """Before each step: when it is a refresh step (:attr:`refresh_due`), re-estimate v on its
         batch, as ``loss_fn(model(inputs), targets)`` sees it, and return the estimate; else
         nothing."""
-        return self.refresh_eigenvector((inputs, targets)) if self.refresh_due else None
+        return self.refresh_batches([(inputs, targets)])
+
+    def refresh_batches(self, batches: Sequence[tuple[Any, Any]]) -> EigenEstimate | None:
+        """:meth:`refresh` on all micro-batches of a step together (each ``(inputs, targets)``,
+        weighted by its number of loss terms, as one batch of them all would be)."""
+        return self.refresh_eigenvector(*batches) if self.refresh_due else None
 
     def first_step(self, zero_grad: bool = False) -> None:
         """SAM's first step with Eigen-SAM's ε; :attr:`alignment` becomes this step's |cos(ĝ, v)|.
@@ -120,14 +128,18 @@ class EigenSAM(SAM):
         self.alignment = None
         super().first_step(zero_grad)
 
-    def refresh_eigenvector(self, batch: tuple[Any, Any]) -> EigenEstimate:
-        """Re-estimate the top (largest, not largest-|λ|) eigenpair of the Hessian on ``batch`` at
-        the current weights, warm-started from v; the model's modes are restored afterwards."""
+    def refresh_eigenvector(self, *batches: tuple[Any, Any]) -> EigenEstimate:
+        """Re-estimate the top (largest, not largest-|λ|) eigenpair of the Hessian on ``batches``
+        (one or more) at the current weights, warm-started from v; the model's modes are restored
+        afterwards. Autocast is off: the products are in the parameters' dtype."""
+        if not batches:
+            raise ValueError("refresh_eigenvector needs at least one batch")
         names = self._name_of
         trainable = [glob.escape(names[p]) for p in names if p.requires_grad]
-        with torch.enable_grad():
+        device = next(iter(names)).device.type
+        with torch.enable_grad(), torch.autocast(device, enabled=False):
             op = HessianOperator(
-                self.model, self.loss_fn, [batch], params=trainable, batch_stats=self.batch_stats
+                self.model, self.loss_fn, batches, params=trainable, batch_stats=self.batch_stats
             )
             result = lanczos(
                 op,
@@ -145,6 +157,7 @@ class EigenSAM(SAM):
             converged=bool(result.converged[0]),
             step=self.global_step,
             n_products=result.n_products,
+            dtype=str(result.eigenvectors[0].dtype).removeprefix("torch."),
         )
         return self.estimate
 

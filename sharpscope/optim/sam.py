@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.amp import GradScaler
 from torch.optim import Optimizer
 
 from sharpscope.curvature.batchnorm import freeze_batchnorm_stats
@@ -84,6 +85,8 @@ class SAM(Optimizer):
         self.global_step = 0
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._thaw: Callable[[], None] = _nothing
+        self.skipped = False
+        """Whether the last :meth:`step` was skipped for a non-finite scaled gradient."""
 
     def _share_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -117,31 +120,69 @@ class SAM(Optimizer):
         w + ε; this counts one global step."""
         if self._saved is None:
             raise RuntimeError("second_step needs a first_step before it")
-        for p, w in self._saved:
-            p.copy_(w)
-        self._saved = None
-        self._thaw()
-        self._thaw = _nothing
+        self._restore()
         self.base_optimizer.step()
         self.global_step += 1
         self._opt_called = True  # torch's LR schedulers check it: "optimizer.step() was called"
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One SAM step: ``closure()`` must compute the loss on the minibatch, call ``backward()``
-        and return the loss; it runs at w and at w + ε (gradients are zeroed before each run).
-        Returns the loss at w."""
+    @torch.no_grad()
+    def cancel_step(self) -> None:
+        """Undo a :meth:`first_step`: restore w exactly, without a base step (a skipped step)."""
+        if self._saved is None:
+            raise RuntimeError("cancel_step needs a first_step before it")
+        self._restore()
+
+    def _restore(self) -> None:
+        """Copy the saved weights back and let BatchNorm statistics update again."""
+        assert self._saved is not None
+        for p, w in self._saved:
+            p.copy_(w)
+        self._saved = None
+        self._thaw()
+        self._thaw = _nothing
+
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None, *, scaler: GradScaler | None = None
+    ) -> torch.Tensor | None:
+        """One SAM step: ``closure()`` must compute the loss (over one batch or all of its
+        micro-batches), call ``backward()`` and return the loss; it runs at w and at w + ε
+        (gradients are zeroed before each run). Returns the loss at w.
+
+        With an enabled ``scaler`` (``torch.amp.GradScaler``) the closure backpropagates
+        ``scaler.scale(loss)``; each pass's gradient is unscaled once (the first for ε, the second
+        for the base step), and a non-finite gradient in either pass skips the step with w
+        restored, as ``scaler.step`` skips; call ``scaler.update()`` after the step as usual.
+
+        Without a closure, ``step()`` completes a step begun by :meth:`first_step` (what a
+        trainer that runs the backward passes itself calls): :meth:`second_step`."""
         if closure is None:
-            raise ValueError("SAM's step needs a closure that computes the loss and its gradient")
+            if self._saved is None:
+                raise ValueError(
+                    "SAM's step needs a closure that computes the loss and its gradient, or a "
+                    "first_step before it"
+                )
+            self.second_step()
+            return None
+        scaling = scaler is not None and scaler.is_enabled()
+        self.skipped = False
         self.zero_grad()
         with torch.enable_grad():
             loss = closure()
+        if scaling and not _unscaled(scaler, self.base_optimizer):
+            self.zero_grad()
+            self.skipped = True
+            return loss
         self.first_step()
         self.zero_grad()
         with torch.enable_grad():
             closure()
-        self.second_step()
+        if scaling and not _unscaled(scaler, self):
+            self.cancel_step()
+            self.skipped = True
+        else:
+            self.second_step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -188,6 +229,16 @@ class ASAM(SAM):
         return asam_perturbation(
             g, active.weights(), active.hyper("sam_rho"), active.hyper("sam_eta")
         )
+
+
+def _unscaled(scaler: GradScaler, key: Optimizer) -> bool:
+    """Unscale the gradients once through ``scaler`` under the identity ``key`` (the scaler allows
+    one unscale per optimizer and step: the two passes use the base and the wrapper), and say
+    whether they were all finite, the scaler's own test (on the scaled values)."""
+    grads = [p.grad for g in key.param_groups for p in g["params"] if p.grad is not None]
+    finite = not grads or bool(torch.stack([torch.isfinite(t).all() for t in grads]).all())
+    scaler.unscale_(key)
+    return finite
 
 
 def _nothing() -> None:
