@@ -187,16 +187,18 @@ def lanczos_extremes(
     max_basis: int | None = None,
     verify: bool = True,
     keep_subspace: bool = False,
+    v0: torch.Tensor | None = None,
 ) -> tuple[EigenResult, EigenResult]:
     """The ``k`` largest and the ``k_smallest`` smallest eigenpairs from one Lanczos run, which
     stops when both ends meet :func:`lanczos`' tolerance: fewer products than two runs, as both
     ends converge in the same Krylov space. Both results report that run's products and time;
     ``max_basis`` must be at least k + k_smallest + 2 and keeps Ritz vectors from both ends;
     ``verify`` as in :func:`lanczos`. With ``keep_subspace`` both results carry the final Krylov
-    basis as their ``subspace`` (for :func:`~sharpscope.curvature.trace.deflated_trace`)."""
+    basis as their ``subspace`` (for :func:`~sharpscope.curvature.trace.deflated_trace`);
+    ``v0`` warm-starts it as in :func:`lanczos` (e.g. the sum of earlier extreme vectors)."""
     wants: list[tuple[int, Which]] = [(k, "largest"), (k_smallest, "smallest")]
     top, bottom = _solve(
-        op, wants, tol, max_iter, seed, None, progress, max_basis, verify, keep_subspace
+        op, wants, tol, max_iter, seed, v0, progress, max_basis, verify, keep_subspace
     )
     return top, bottom
 
