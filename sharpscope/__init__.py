@@ -30,6 +30,7 @@ __all__ = [
     "ParamSpace",
     "SharpnessResult",
     "SharpnessSettings",
+    "SharpnessTracker",
     "SolveSettings",
     "Subspace",
     "TraceResult",
@@ -58,6 +59,7 @@ _HOMES = {
         ("SharpnessResult", "SharpnessSettings", "adaptive_sharpness"),
         "sharpscope.analysis.adaptive_sharpness",
     ),
+    "SharpnessTracker": "sharpscope.training.tracking",
 }
 """Public name -> the module that defines it, where that is not sharpscope.curvature."""
 
@@ -97,6 +99,7 @@ if TYPE_CHECKING:
         spectral_density,
     )
     from sharpscope.optim import ASAM, SAM, EigenSAM
+    from sharpscope.training.tracking import SharpnessTracker
 
 
 def __getattr__(name: str) -> Any:

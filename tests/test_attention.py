@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sharpscope.curvature import BACKENDS, HessianOperator, lanczos_extremes, select_params
 from sharpscope.errors import InputError
 from sharpscope.optim import EigenSAM
-from sharpscope.training.tracking import Tracker, evaluate
+from sharpscope.training.tracking import SharpnessTracker, Tracker, evaluate
 
 F64 = torch.float64
 WIDTH, CLASSES = 8, 3
@@ -321,6 +321,7 @@ def test_eigen_sam_refresh_on_an_encoder_layer():
 
 def test_tracker_on_each_attention_model(problem):
     model, batch, hessian = problem
-    figures = Tracker(F.cross_entropy, [batch], None, seed=0, max_iter=80)(model)
+    tracker = Tracker(SharpnessTracker(model, F.cross_entropy, [batch], max_iter=80), None)
+    figures = tracker(model)
     top = float(torch.linalg.eigvalsh(hessian)[-1])
     assert abs(figures["lambda_max"] - top) <= figures["lambda_residual"] + 1e-12 * abs(top)

@@ -34,7 +34,7 @@ from sharpscope.training.state import (
     save_trainer_state,
     seed_everything,
 )
-from sharpscope.training.tracking import Tracker
+from sharpscope.training.tracking import SharpnessTracker, Tracker
 from sharpscope.training.trainer import FIELDS, Diverged, Hooks, Session, run
 
 CE = nn.functional.cross_entropy
@@ -63,8 +63,9 @@ def session(model: nn.Module, name: str = "eigen-sam", total: int = 20) -> Sessi
     return Session(model, CE, blobs(), optimizer, scheduler, order, cpu, torch.float32, hook=hook)
 
 
-def tracker(data: DataBundle) -> Tracker:
-    return Tracker(CE, [(data.inputs[:48], data.targets[:48])], None, seed=0, max_iter=10)
+def tracker(s: Session) -> Tracker:
+    probe = [(s.data.inputs[:48], s.data.targets[:48])]
+    return Tracker(SharpnessTracker(s.model, CE, probe, seed=0, max_iter=10), None)
 
 
 def config(**changes: Any) -> RunConfig:
@@ -146,7 +147,7 @@ def test_tracking_frequency_does_not_change_the_weights():
         seed_everything(0)
         s = session(dropout_net())
         rows: list[dict[str, Any]] = []
-        assert run(s, 20, tracker(s.data), every, 100, Hooks(rows.append, lambda: None))
+        assert run(s, 20, tracker(s), every, 100, Hooks(rows.append, lambda: None))
         assert rows[-1]["step"] == 20 and len(rows) == len(range(every, 21, every)) + (
             20 % every > 0
         )
@@ -160,11 +161,11 @@ def test_session_state_round_trip_continues_bit_identically():
     seed_everything(0)
     straight = session(dropout_net())
     noop = Hooks(lambda row: None, lambda: None)
-    run(straight, 20, tracker(straight.data), 5, 100, noop)
+    run(straight, 20, tracker(straight), 5, 100, noop)
 
     seed_everything(0)
     first = session(dropout_net())
-    run(first, 10, tracker(first.data), 5, 100, noop)
+    run(first, 10, tracker(first), 5, 100, noop)
     weights = {k: v.clone() for k, v in first.model.state_dict().items()}
     state = first.state_dict()
     torch.manual_seed(123)  # whatever happens in between is undone by the restore
@@ -172,7 +173,7 @@ def test_session_state_round_trip_continues_bit_identically():
     second.model.load_state_dict(weights)
     second.load_state_dict(state)
     assert second.step == 10 and second.optimizer.global_step == 10
-    run(second, 20, tracker(second.data), 5, 100, noop)
+    run(second, 20, tracker(second), 5, 100, noop)
     for a, b in zip(straight.model.parameters(), second.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -191,7 +192,7 @@ def test_rows_hold_every_field_and_eigen_sam_figures():
     seed_everything(0)
     s = session(dropout_net(), total=8)
     rows: list[dict[str, Any]] = []
-    run(s, 8, tracker(s.data), 4, 100, Hooks(rows.append, lambda: None))
+    run(s, 8, tracker(s), 4, 100, Hooks(rows.append, lambda: None))
     last = rows[-1]
     assert set(last) == set(FIELDS)
     assert last["esam_eigenvalue"] is not None and last["esam_alignment"] is not None

@@ -30,10 +30,12 @@ from sharpscope.training.run_config import RunConfig
 from sharpscope.training.run_dir import MODEL, STEP_KEY, TRAINER, RunDir, step_dir_name
 from sharpscope.training.selection import select_trained
 from sharpscope.training.state import load_trainer_state, seed_everything
-from sharpscope.training.tracking import Tracker
+from sharpscope.training.tracking import SharpnessTracker, Tracker
 from sharpscope.training.trainer import FIELDS, Diverged, Hooks, Session, all_finite, run
 
 Status = Literal["finished", "stopped", "diverged"]
+TRACKER_KEY = "tracker"
+"""The trainer state's entry for the tracker's warm-start vectors."""
 
 
 @dataclass
@@ -106,9 +108,12 @@ def finetune(
         hook=hook,
     )
     main = distributed.is_main()
+    track = tracker(config, inputs)
     with distributed.together("starting the run"):
         if resume_from is not None:
-            session.load_state_dict(load_trainer_state(resume_from / TRAINER))
+            state = load_trainer_state(resume_from / TRAINER)
+            session.load_state_dict(state)
+            track.sharpness.load_state_dict(state.get(TRACKER_KEY))
             if total < session.step:
                 raise InputError(
                     f"the run is at step {session.step}, beyond the {total} steps asked; give "
@@ -122,8 +127,7 @@ def finetune(
             seed_everything(config.seed)
     if main:
         folder.write_config(config)
-    saver = Saver(folder, session, inputs, config.keep, resume_from)
-    track = tracker(config, inputs)
+    saver = Saver(folder, session, inputs, config.keep, resume_from, track.sharpness)
     resume_step = None if resume_from is None else session.step
     logs = MetricsLog(folder.path, FIELDS, resume_step) if main else contextlib.nullcontext()
     with logs as log:
@@ -178,13 +182,21 @@ def check_shares(batch_size: int, probe_size: int) -> None:
 class Saver:
     """Writes the session's checkpoint into the run folder, once per step, and only with finite
     weights; ``path`` is the last checkpoint folder. Under torch.distributed every rank calls it
-    and rank 0 writes (with every rank's RNG states); the others wait until it has."""
+    and rank 0 writes (with every rank's RNG states and the tracker's warm start); the others
+    wait until it has."""
 
     def __init__(
-        self, folder: RunDir, session: Session, inputs: Inputs, keep: int, path: Path | None
+        self,
+        folder: RunDir,
+        session: Session,
+        inputs: Inputs,
+        keep: int,
+        path: Path | None,
+        sharpness: SharpnessTracker,
     ) -> None:
         self.folder = folder
         self.session = session
+        self.sharpness = sharpness
         self.inputs = inputs
         self.keep = keep
         self.path = path
@@ -197,7 +209,7 @@ class Saver:
             return
         if not all_finite(self.session.model):
             raise Diverged(step, "the weights became non-finite")
-        state = self.session.state_dict()
+        state = {**self.session.state_dict(), TRACKER_KEY: self.sharpness.state_dict()}
         with distributed.together(f"writing the checkpoint of step {step}"):
             if distributed.is_main():
                 self.folder.save(step, self._write_model, state, self.keep)
@@ -235,4 +247,7 @@ def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
     train, val = inputs.train, inputs.val
     probe = placed(train, subset_indices(len(train), config.probe_size, config.seed))
     held_out = placed(val, torch.arange(len(val))) if val is not None else None
-    return Tracker(inputs.loss_fn, probe, held_out, config.seed, config.track_iters)
+    sharpness = SharpnessTracker(
+        inputs.model, inputs.loss_fn, probe, seed=config.seed, max_iter=config.track_iters
+    )
+    return Tracker(sharpness, held_out)

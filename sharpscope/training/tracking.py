@@ -1,25 +1,34 @@
-"""What a run records at its tracking steps: sharpness and alignment on a fixed probe batch, and
-loss and accuracy on the probe and validation data."""
+"""Sharpness across training: :class:`SharpnessTracker` measures λ_max (and, if asked, λ_min,
+the trace and alignments) on a fixed probe set, warm-started from its last eigenvector, without
+touching the training's state; :class:`Tracker` adds the probe and validation figures of a
+``sharpscope finetune`` row."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from sharpscope import distributed
 from sharpscope.batches import LossFn, correct_count, loss_weight
-from sharpscope.curvature import HessianOperator, curvature_mode, lanczos
+from sharpscope.curvature import HessianOperator, curvature_mode, hutchpp, lanczos
+from sharpscope.curvature.lanczos import lanczos_extremes
+from sharpscope.curvature.params import ParamSpace
 from sharpscope.curvature.vectors import abs_cosine
 from sharpscope.structures import call_model
+from sharpscope.training.sinks import Sink, as_sinks, close_all
 
 Batch = tuple[Any, Any]
 TRACK_TOL = 1e-3
 """Relative residual at which the tracked λ_max counts as converged."""
+TRACE_SKETCH = 4
+"""Hutch++'s sketch size for a tracked trace: 2 × 4 products for its exactly traced part."""
 
 
 def evaluate(
@@ -45,44 +54,256 @@ def evaluate(
     return loss_sum / samples, (correct / counted if counted else None)
 
 
-@dataclass
-class Tracker:
-    """Measures a model at a tracking step without touching the training's random streams.
+@dataclass(frozen=True)
+class Measurement:
+    """One measurement of the probe set's Hessian at training step ``step``.
 
-    λ_max is the top Hessian eigenvalue of the loss on the ``probe`` batches (the same samples at
-    every step, so curves are comparable across runs and optimizers), by Lanczos with at most
-    ``max_iter`` products from a vector seeded by ``seed``; ``alignment`` is |cos(ĝ, v₁)| with ĝ
-    the probe gradient. Both in eval mode, as ``sharpscope analyze`` measures them. Under
-    torch.distributed each rank holds its share of ``probe`` and ``val``, and every figure is
-    that of all ranks' data together.
+    Every eigenvalue comes with its residual ‖Hv − λv‖ (it lies within that of an eigenvalue) and
+    whether that met the tolerance, the trace with its standard error; a figure not asked for is
+    None. It took ``n_products`` Hessian-vector products in ``hessian_dtype``, ``eigen_products``
+    of them for the eigenvalues (the rest for the trace); ``warm_start``: whether the eigen-solve
+    started from the previous measurement's eigenvector(s).
     """
 
-    loss_fn: LossFn
-    probe: list[Batch]
+    step: int | None
+    lambda_max: float
+    lambda_max_residual: float
+    lambda_max_converged: bool
+    probe_loss: float
+    n_products: int
+    eigen_products: int
+    warm_start: bool
+    hessian_dtype: str
+    seconds: float
+    lambda_min: float | None = None
+    lambda_min_residual: float | None = None
+    lambda_min_converged: bool | None = None
+    trace: float | None = None
+    trace_error: float | None = None
+    alignment: float | None = None
+    """|cos(ĝ, v₁)|, ĝ the probe gradient."""
+    esam_v1_alignment: float | None = None
+    """|cos(v, v₁)| of the Eigen-SAM optimizer's eigenvector estimate v and the measured v₁."""
+
+    def row(self) -> dict[str, Any]:
+        """The figures as a flat dict (None where not measured)."""
+        return asdict(self)
+
+
+class SharpnessTracker:
+    """Measures the sharpness of ``model`` on the fixed ``probe_batches`` every ``every`` steps.
+
+    λ_max is the top eigenvalue of the Hessian of the mean loss over the probe batches (each an
+    ``(inputs, targets)`` pair, ``loss_fn(model(inputs), targets)`` their mean loss), over the
+    parameters that ``params`` selects (globs; default: all that require grad), in eval mode
+    (BatchNorm on running statistics, or on each batch's with ``batch_stats``), as ``sharpscope
+    analyze`` measures it. Lanczos stops at relative residual ``tol`` or after ``max_iter``
+    products; from the second measurement on it starts from the last eigenvector (``warm_start``),
+    so a measurement costs a few products while the eigenvector moves little. Optionally also
+    λ_min (from the same Krylov space), the trace (Hutch++, ``trace_samples`` products more),
+    |cos(ĝ, v₁)| (``alignment``, free) and, given an ``eigen_sam`` optimizer, how well its
+    eigenvector estimate matches v₁.
+
+    Measuring changes nothing of the training: modes, BatchNorm buffers, ``.grad``, the CPU and
+    CUDA random streams and the parameters are as they were; products run outside any autocast,
+    in the parameters' dtype. ``log`` receives each measurement's row (see
+    :func:`~sharpscope.training.sinks.as_sinks`: a list, a ``.jsonl`` path, a TensorBoard writer,
+    a callable, or a tuple of them). Under torch.distributed every rank calls it with its share of
+    the probe set, all get the same figures, and rank 0 alone logs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        probe_batches: Iterable[Batch],
+        every: int = 100,
+        *,
+        lambda_min: bool = False,
+        trace: bool = False,
+        alignment: bool = True,
+        eigen_sam: Any = None,
+        tol: float = TRACK_TOL,
+        max_iter: int = 20,
+        trace_samples: int = 30,
+        seed: int = 0,
+        params: Sequence[str] | str | None = None,
+        batch_stats: bool = False,
+        warm_start: bool = True,
+        log: object = None,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"`every` must be at least 1, got {every}")
+        if not tol > 0:
+            raise ValueError(f"`tol` must be positive, got {tol}")
+        if max_iter < 1 or trace_samples < 2:
+            raise ValueError("`max_iter` must be at least 1 and `trace_samples` at least 2")
+        if eigen_sam is not None and not hasattr(eigen_sam, "eigenvector"):
+            raise ValueError("`eigen_sam` must be an EigenSAM optimizer")
+        self.model = model.module if isinstance(model, DistributedDataParallel) else model
+        self.loss_fn = loss_fn
+        self.probe = list(probe_batches)
+        if not self.probe:
+            raise ValueError("`probe_batches` is empty: the tracker needs at least one batch")
+        self.every = every
+        self.lambda_min = lambda_min
+        self.trace = trace
+        self.alignment = alignment
+        self.eigen_sam = eigen_sam
+        self.tol = tol
+        self.max_iter = max_iter
+        self.trace_samples = trace_samples
+        self.seed = seed
+        self.params = params
+        self.batch_stats = batch_stats
+        self.warm_start = warm_start
+        self.sinks: list[Sink] = as_sinks(log) if distributed.is_main() else []
+        self.last: Measurement | None = None
+        self._top: torch.Tensor | None = None
+        self._bottom: torch.Tensor | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a measuring step (a multiple of ``every``)."""
+        return step % self.every == 0
+
+    def __call__(self, step: int) -> Measurement | None:
+        """At a measuring step, :meth:`measure`; else nothing."""
+        return self.measure(step) if self.due(step) else None
+
+    def measure(self, step: int | None = None) -> Measurement:
+        """Measure now, log the row (rank 0) and return it; ``step`` labels the row."""
+        start = time.perf_counter()
+        with _untouched(self.model):
+            op = HessianOperator(
+                self.model, self.loss_fn, self.probe, self.params, batch_stats=self.batch_stats
+            )
+            top, bottom, warm = self._eigen(op)
+            eigen_products = op.n_products
+            gradient = op.gradient() if self.alignment else None
+            probe_loss = op.loss()
+            op.release()
+            traced = None
+            if self.trace:
+                traced = hutchpp(
+                    op,
+                    TRACE_SKETCH,
+                    tol=0.0,
+                    max_samples=self.trace_samples - 2 * TRACE_SKETCH,
+                    min_samples=2,
+                    seed=self.seed,
+                )
+                op.release()
+        v1 = top.eigenvectors[0]
+        self._top = v1.detach().clone()
+        self._bottom = None if bottom is None else bottom.eigenvectors[0].detach().clone()
+        measured = Measurement(
+            step=step,
+            lambda_max=float(top.eigenvalues[0]),
+            lambda_max_residual=float(top.residuals[0]),
+            lambda_max_converged=bool(top.converged[0]),
+            probe_loss=probe_loss,
+            n_products=op.n_products,
+            eigen_products=eigen_products,
+            warm_start=warm,
+            hessian_dtype=str(op.dtype).removeprefix("torch."),
+            seconds=time.perf_counter() - start,
+            lambda_min=None if bottom is None else float(bottom.eigenvalues[0]),
+            lambda_min_residual=None if bottom is None else float(bottom.residuals[0]),
+            lambda_min_converged=None if bottom is None else bool(bottom.converged[0]),
+            trace=None if traced is None else traced.estimate,
+            trace_error=None if traced is None else traced.std_error,
+            alignment=None if gradient is None else abs_cosine(gradient, v1),
+            esam_v1_alignment=self._esam_alignment(op.space, v1),
+        )
+        self.last = measured
+        row = measured.row()
+        for sink in self.sinks:
+            sink(row)
+        return measured
+
+    def _eigen(self, op: HessianOperator) -> tuple[Any, Any, bool]:
+        """λ_max's (and λ_min's, if asked) Lanczos results, and whether they started warm."""
+        start = self._start(op.size)
+        kwargs = dict(tol=self.tol, max_iter=self.max_iter, seed=self.seed, v0=start)
+        if self.lambda_min:
+            top, bottom = lanczos_extremes(op, k=1, k_smallest=1, **kwargs)  # type: ignore[arg-type]
+            return top, bottom, start is not None
+        return lanczos(op, k=1, which="largest", **kwargs), None, start is not None  # type: ignore[arg-type]
+
+    def _start(self, size: int) -> torch.Tensor | None:
+        """The warm start: the last v₁ (plus the last λ_min vector when both ends are tracked),
+        or None for a seeded random start."""
+        if not self.warm_start or self._top is None or self._top.shape != (size,):
+            return None
+        if self.lambda_min and self._bottom is not None:
+            return self._top + self._bottom
+        return self._top
+
+    def _esam_alignment(self, space: ParamSpace, v1: torch.Tensor) -> float | None:
+        """|cos(v, v₁)| of the Eigen-SAM optimizer's v (paired with the tracked parameters by
+        identity; zero where it has none), or None before its first estimate."""
+        vector = None if self.eigen_sam is None else self.eigen_sam.eigenvector
+        if vector is None:
+            return None
+        names = {p: n for n, p in self.eigen_sam.model.named_parameters()}
+        parts = [vector.get(names.get(p, ""), torch.zeros_like(p)) for p in space.params]
+        return abs_cosine(space.flatten(parts), v1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The warm-start vectors, so that a resumed run measures as an uninterrupted one."""
+        return {"top": self._top, "bottom": self._bottom}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Continue from :meth:`state_dict` (None: start cold)."""
+        state = state or {}
+        self._top, self._bottom = state.get("top"), state.get("bottom")
+
+    def close(self) -> None:
+        """Close the file logs and TensorBoard writers this tracker opened."""
+        close_all(self.sinks)
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Gradients on and autocast off for the body, with the CPU and CUDA random streams saved
+    and restored (the operator itself restores modes and leaves ``.grad`` and buffers alone)."""
+    device = next(model.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if device.type == "cuda":
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
+
+
+@dataclass
+class Tracker:
+    """A ``sharpscope finetune`` row's tracked figures: λ_max, its residual and |cos(ĝ, v₁)| from
+    ``sharpness`` (warm-started, see :class:`SharpnessTracker`), and loss and accuracy on its
+    probe batches and on ``val``. Under torch.distributed each rank holds its share of both, and
+    every figure is that of all ranks' data together."""
+
+    sharpness: SharpnessTracker
     val: list[Batch] | None
-    seed: int
-    max_iter: int
 
     def __call__(self, model: nn.Module) -> dict[str, float | None]:
-        """The figures of ``model`` now: λ_max, its residual, alignment, probe and val metrics."""
+        """The figures of the tracked model now (``model`` must be it)."""
+        if model is not self.sharpness.model:
+            raise ValueError("the tracker measures the model it was made for")
         start = time.perf_counter()
-        device = next(model.parameters()).device
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            op = HessianOperator(model, self.loss_fn, self.probe)
-            top = lanczos(
-                op, k=1, which="largest", tol=TRACK_TOL, max_iter=self.max_iter, seed=self.seed
-            )
-            alignment = abs_cosine(op.gradient(), top.eigenvectors[0])
-            op.release()
-            probe_loss, probe_accuracy = evaluate(model, self.loss_fn, self.probe)
+        top = self.sharpness.measure()
+        loss_fn, probe = self.sharpness.loss_fn, self.sharpness.probe
+        with torch.random.fork_rng(devices=[]):
+            probe_loss, probe_accuracy = evaluate(model, loss_fn, probe)
             val_loss, val_accuracy = (
-                evaluate(model, self.loss_fn, self.val) if self.val else (None, None)
+                evaluate(model, loss_fn, self.val) if self.val else (None, None)
             )
         return {
-            "lambda_max": float(top.eigenvalues[0]),
-            "lambda_residual": float(top.residuals[0]),
-            "alignment": alignment,
+            "lambda_max": top.lambda_max,
+            "lambda_residual": top.lambda_max_residual,
+            "alignment": top.alignment,
             "probe_loss": probe_loss,
             "probe_accuracy": probe_accuracy,
             "val_loss": val_loss,

@@ -1,0 +1,190 @@
+"""SharpnessTracker: its figures against dense float64 Hessians, warm starts, its logs, and a
+training state it leaves exactly as it found it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sharpscope import SharpnessTracker
+from sharpscope.optim import EigenSAM
+from sharpscope.training.metrics import read_rows
+from sharpscope.training.sinks import JsonlLog, TensorBoardLog
+
+CE = nn.functional.cross_entropy
+
+
+def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A float64 MLP with BatchNorm and dropout, and two probe batches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 3)
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=g)
+    return model, [(x[:24], y[:24]), (x[24:], y[24:])]
+
+
+def dense_hessian(model: nn.Module, batches: list) -> torch.Tensor:
+    """The float64 Hessian of the sample-weighted mean loss, by autograd double backward, in
+    eval mode."""
+    params = list(model.parameters())
+    was = model.training
+    model.eval()
+    n = sum(len(y) for _, y in batches)
+    loss = sum(CE(model(x), y) * len(y) / n for x, y in batches)
+    grads = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
+    rows = [
+        torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, params, retain_graph=True)])
+        for g in grads
+    ]
+    model.train(was)
+    return torch.stack(rows)
+
+
+def test_figures_match_the_dense_hessian():
+    model, batches = problem()
+    tracker = SharpnessTracker(
+        model, CE, batches, lambda_min=True, trace=True, tol=1e-8, max_iter=200, trace_samples=40
+    )
+    m = tracker.measure(step=0)
+    eigenvalues = torch.linalg.eigvalsh(dense_hessian(model, batches))
+    assert abs(m.lambda_max - float(eigenvalues[-1])) <= m.lambda_max_residual + 1e-12
+    assert abs(m.lambda_min - float(eigenvalues[0])) <= m.lambda_min_residual + 1e-12
+    assert m.lambda_max_converged and m.lambda_min_converged
+    assert abs(m.trace - float(eigenvalues.sum())) <= 4 * m.trace_error
+    assert m.n_products == m.eigen_products + 40 and m.hessian_dtype == "float64"
+    assert 0 <= m.alignment <= 1 and not m.warm_start
+
+
+def test_measuring_leaves_the_training_state_untouched():
+    """Mode, BatchNorm buffers, .grad, parameters and the random stream, inside autocast."""
+    model, batches = problem()
+    model.train()
+    CE(model(batches[0][0]), batches[0][1]).backward()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    tracker = SharpnessTracker(model, CE, batches, lambda_min=True, trace=True, every=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tracker(1) is None  # not a tracking step
+        m = tracker(2)
+    assert m is not None and m.hessian_dtype == "float64"  # products outside autocast
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    outside = SharpnessTracker(model, CE, batches, lambda_min=True).measure()
+    assert outside.lambda_max == pytest.approx(m.lambda_max, rel=1e-9)
+
+
+@pytest.mark.parametrize("lambda_min", [False, True], ids=["top", "both-ends"])
+def test_a_warm_start_takes_fewer_products_than_a_cold_one(lambda_min: bool):
+    model, batches = problem()
+    model.eval()  # no dropout: plain gradient descent on the probe loss
+    options = dict(lambda_min=lambda_min, tol=1e-6, max_iter=200)
+    warm = SharpnessTracker(model, CE, batches, **options)
+    cold = SharpnessTracker(model, CE, batches, warm_start=False, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    warm.measure(0)
+    for step in range(1, 4):
+        optimizer.zero_grad()
+        sum(CE(model(x), y) for x, y in batches).backward()
+        optimizer.step()
+        w, c = warm.measure(step), cold.measure(step)
+        assert w.warm_start and not c.warm_start
+        assert w.lambda_max_converged and c.lambda_max_converged
+        assert w.eigen_products < c.eigen_products, step
+        assert abs(w.lambda_max - c.lambda_max) <= w.lambda_max_residual + c.lambda_max_residual
+
+
+def test_a_resumed_tracker_measures_as_an_uninterrupted_one():
+    model, batches = problem()
+    straight = SharpnessTracker(model, CE, batches)
+    straight.measure(0)
+    resumed = SharpnessTracker(model, CE, batches)
+    resumed.load_state_dict(straight.state_dict())
+    with torch.no_grad():
+        model[0].weight.mul_(1.01)
+    again, reference = resumed.measure(1).row(), straight.measure(1).row()
+    del again["seconds"], reference["seconds"]
+    assert again == reference and again["warm_start"]
+
+
+def test_eigen_sam_alignment_is_one_for_the_measured_eigenvector():
+    model, batches = problem()
+    optimizer = EigenSAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=CE)
+    tracker = SharpnessTracker(model, CE, batches, eigen_sam=optimizer, tol=1e-10, max_iter=200)
+    assert tracker.measure().esam_v1_alignment is None  # no estimate yet
+    names = [n for n, _ in model.named_parameters()]
+    v1 = tracker._top
+    sizes = [p.numel() for p in model.parameters()]
+    parts = torch.split(-v1, sizes)  # the sign does not matter
+    optimizer.set_eigenvector(
+        {n: t.reshape(p.shape) for n, t, p in zip(names, parts, model.parameters(), strict=True)}
+    )
+    assert tracker.measure().esam_v1_alignment == pytest.approx(1.0, abs=1e-9)
+
+
+def test_rows_go_to_lists_jsonl_tensorboard_and_callables(tmp_path: Path):
+    model, batches = problem()
+    rows: list[dict] = []
+    seen: list[dict] = []
+    path = tmp_path / "logs" / "metrics.jsonl"
+    path.parent.mkdir()
+    path.write_text(
+        '{"step": 0, "lambda_max": 1.0}\n{"step": 1, "lam'
+    )  # a killed writer's cut line
+    scalars: list[tuple[str, float, int]] = []
+
+    class Writer:
+        def add_scalar(self, name: str, value: float, step: int) -> None:
+            scalars.append((name, value, step))
+
+        def flush(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    tracker = SharpnessTracker(
+        model, CE, batches, every=1, log=(rows, str(path), Writer(), seen.append)
+    )
+    tracker(3)
+    tracker(4)
+    tracker.close()
+    assert [r["step"] for r in rows] == [3, 4] and rows == seen
+    assert rows[0]["lambda_min"] is None and rows[0]["trace"] is None  # not measured: None, not 0
+    assert [r["step"] for r in read_rows(path)] == [0, 3, 4]
+    assert json.loads(path.read_text().splitlines()[-1])["lambda_max"] == rows[1]["lambda_max"]
+    names = {name for name, _, _ in scalars}
+    assert "sharpness/lambda_max" in names and "sharpness/lambda_min" not in names
+    assert (
+        "sharpness/hessian_dtype" not in names
+        and ("sharpness/lambda_max", rows[1]["lambda_max"], 4) in scalars
+    )
+    board = TensorBoardLog(tmp_path / "board")
+    board({"step": 1, "lambda_max": 2.0})
+    board.close()
+    assert list((tmp_path / "board").glob("events.out.tfevents.*"))
+    with pytest.raises(ValueError, match="a file log must be a"):
+        SharpnessTracker(model, CE, batches, log=str(tmp_path / "log.txt"))
+    JsonlLog(tmp_path / "new" / "m.jsonl").close()  # makes its folder
+    assert (tmp_path / "new" / "m.jsonl").read_text() == ""
+
+
+def test_importing_sharpscope_imports_no_training_framework():
+    code = (
+        "import sys, sharpscope, sharpscope.cli.app; sharpscope.SharpnessTracker; "
+        "import sharpscope.integrations; "
+        "print(sorted(m for m in ('transformers', 'lightning', 'pytorch_lightning', "
+        "'tensorboard', 'accelerate') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
