@@ -2,13 +2,15 @@
 
 Run by hand from the repository root::
 
-    python benchmarks/bench_engine.py [--repeats N] [--workload mlp|cnn|all] [--out FILE]
+    python benchmarks/bench_engine.py [--repeats N] [--workload mlp|cnn|all]
+        [--device auto|cpu|cuda] [--out FILE]
 
 Two workloads: a small tanh MLP on scikit-learn's digits, and a CIFAR-shaped ResNet-style CNN
 with BatchNorm (eval mode) on synthetic data. For each, a float64 Lanczos run gives the
 reference top-5 eigenvalues; every float32 run is timed (median over ``--repeats``) and scored
 by its relative error against that reference. Peers that are not installed are skipped with a
-note. The Markdown report goes to stdout (and to ``--out``); progress goes to stderr.
+note. The models are trained on the CPU, then measured on ``--device``. The Markdown report goes
+to stdout (and to ``--out``); progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +42,8 @@ from torch import nn
 
 import sharpscope
 from sharpscope import HessianOperator, lanczos
+from sharpscope.cli.common import resolve_device
+from sharpscope.errors import InputError
 
 LOSS = F.cross_entropy
 SHARPSCOPE_TOLS = (1e-3, 1e-4)
@@ -166,6 +170,26 @@ class Workload:
     def n_params(self) -> int:
         """Number of trainable scalars."""
         return sum(p.numel() for p in self.params)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model and its batch are."""
+        return self.inputs.device
+
+    def to(self, device: torch.device) -> Workload:
+        """The workload with its model and batch moved to ``device``."""
+        return replace(
+            self,
+            model=self.model.to(device),
+            inputs=self.inputs.to(device),
+            targets=self.targets.to(device),
+        )
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall times are the work's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def build_mlp() -> Workload:
@@ -299,7 +323,8 @@ def relative_error(values: Sequence[float], reference: Sequence[float]) -> float
 def pyhessian_operator(pyh: PyHessian, w: Workload) -> Any:
     """PyHessian's hessian object; its constructor runs the first (create_graph) backward."""
     # That backward accumulates into .grad: callers set the model's gradients to None first.
-    return pyh.hessian(w.model, LOSS, data=(w.inputs, w.targets), cuda=False)
+    cuda = w.device.type == "cuda"
+    return pyh.hessian(w.model, LOSS, data=(w.inputs, w.targets), cuda=cuda)
 
 
 def curvlinops_operator(cl: Curvlinops, w: Workload) -> Any:
@@ -314,19 +339,21 @@ def curvlinops_operator(cl: Curvlinops, w: Workload) -> Any:
     )
 
 
-def calls_per_timing(fn: Callable[[], Any]) -> int:
+def calls_per_timing(fn: Callable[[], Any], device: torch.device) -> int:
     """Warm ``fn`` up with one call; return how many calls make one timing of it."""
     start = time.perf_counter()
     fn()
+    sync(device)
     elapsed = time.perf_counter() - start
     return max(CALLS_PER_TIMING, math.ceil(SECONDS_PER_TIMING / elapsed))
 
 
-def seconds_per_call(fn: Callable[[], Any], calls: int) -> float:
+def seconds_per_call(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
     """Mean seconds per call of ``fn`` over ``calls`` calls."""
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    sync(device)
     return (time.perf_counter() - start) / calls
 
 
@@ -382,12 +409,12 @@ def product_costs(
     calls = []
     for label, fn, _ in rows:
         log(f"[{w.key}] warm-up: {label}")
-        calls.append(calls_per_timing(fn))
+        calls.append(calls_per_timing(fn, w.device))
     timings: list[list[float]] = [[] for _ in rows]
     for repeat in range(repeats):
         log(f"[{w.key}] timing products, repeat {repeat + 1}/{repeats}")
         for (_, fn, _), n, times in zip(rows, calls, timings, strict=True):
-            times.append(seconds_per_call(fn, n))
+            times.append(seconds_per_call(fn, n, w.device))
     gradient_ms = 1e3 * statistics.median(timings[0])
     for (label, fn, as_flat), times in zip(rows, timings, strict=True):
         ms = 1e3 * statistics.median(times)
@@ -410,6 +437,7 @@ def sharpscope_config(w: Workload, k: int, tol: float, backend: str) -> Config:
         start = time.perf_counter()
         op = HessianOperator(w.model, LOSS, w.batches, backend=backend)
         result = lanczos(op, k=k, tol=tol, seed=seed)
+        sync(w.device)
         seconds = time.perf_counter() - start
         return Outcome(
             seconds, result.n_products, result.eigenvalues.tolist(), result.all_converged
@@ -427,6 +455,7 @@ def pyhessian_config(pyh: PyHessian, w: Workload, k: int, tol: float) -> Config:
         with pyh.counting():
             start = time.perf_counter()
             values, _ = pyhessian_operator(pyh, w).eigenvalues(top_n=k, tol=tol)
+            sync(w.device)
             seconds = time.perf_counter() - start
         w.model.zero_grad(set_to_none=True)
         return Outcome(seconds, pyh.calls, values, None)
@@ -517,7 +546,7 @@ def bench_workload(w: Workload, repeats: int, peers: Peers, eigen: bool = True) 
     op64 = HessianOperator(model64, LOSS, [(w.inputs.double(), w.targets)])
     ref = lanczos(op64, k=REFERENCE_K, tol=REFERENCE_TOL, max_iter=500)
     reference = ref.eigenvalues.tolist()
-    v = torch.randn(w.n_params, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(w.n_params, generator=torch.Generator().manual_seed(1)).to(w.device)
     exact_hv = op64.matvec(v.double())
     with torch.no_grad():
         loss = float(LOSS(w.model(w.inputs), w.targets))
@@ -560,9 +589,14 @@ def main() -> None:
     parser.add_argument(
         "--products-only", action="store_true", help="time the products, not the eigensolvers"
     )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    try:
+        device = resolve_device(args.device)
+    except InputError as exc:
+        parser.error(str(exc))
     began = time.perf_counter()
     pyhessian, pyhessian_note = load_pyhessian()
     curvlinops, curvlinops_note = load_curvlinops()
@@ -574,7 +608,8 @@ def main() -> None:
         f"- torch {torch.__version__}, {torch.get_num_threads()} CPU threads "
         f"({os.cpu_count()} logical CPUs, {cpu_name()}); Python {platform.python_version()} "
         f"({sys.executable}); "
-        f"sharpscope {sharpscope.__version__}",
+        f"sharpscope {sharpscope.__version__}; device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         f"- peers: {pyhessian_note}; {curvlinops_note}",
         "- float32 runs; times are time.perf_counter wall times, medians over "
         f"{args.repeats} repeats; errors are relative to a float64 sharpscope Lanczos run on a "
@@ -585,7 +620,9 @@ def main() -> None:
     for key in keys:
         log(f"[{key}] building workload")
         workload = build_cnn(args.stem_stride) if key == "cnn" else WORKLOADS[key]()
-        lines += bench_workload(workload, args.repeats, peers, eigen=not args.products_only)
+        lines += bench_workload(
+            workload.to(device), args.repeats, peers, eigen=not args.products_only
+        )
     lines.append(f"Total run time: {time.perf_counter() - began:.0f} s.")
     report = "\n".join(lines) + "\n"
     print(report, end="")
