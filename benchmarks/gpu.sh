@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: the CUDA-marked tests, then the engine and transformer benchmarks
+# on the GPU, each step's output in a results folder ($OUT if set, else benchmarks/results-gpu/).
+# Under 8 minutes on an H200. Run from anywhere:
+#
+#     bash benchmarks/gpu.sh                       # the real run (refuses without CUDA: exit 2)
+#     DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh    # a tiny run of the same steps, to check them
+#
+# Settings (environment): DEVICE (cuda, cuda:N or cpu; default cuda), QUICK=1 (small workloads),
+# PYTHON (default python), OUT (results folder), and each step's time limit in seconds:
+# TESTS_LIMIT (120), ENGINE_LIMIT (120), TRANSFORMERS_LIMIT (240): 8 minutes in all; 900 each
+# with QUICK=1, which is meant for a slow CPU. A failed or timed-out step is recorded and the
+# next one runs; the exit code is 1 if any step failed.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-0}
+PYTHON=${PYTHON:-python}
+RESULTS=${OUT:-benchmarks/results-gpu}
+
+if [[ $DEVICE == cuda* ]] &&
+    ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "gpu.sh: no CUDA device here (torch.cuda.is_available() is false); DEVICE=cpu QUICK=1 runs a smoke test on the CPU" >&2
+    exit 2
+fi
+mkdir -p "$RESULTS" || exit 2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ $QUICK == 1 ]]; then
+    engine=(--workload mlp --repeats 1 --products-only)
+    transformers=(--workload minilm-block --batch 2 --length 16)
+    : "${TESTS_LIMIT:=900}" "${ENGINE_LIMIT:=900}" "${TRANSFORMERS_LIMIT:=900}"
+else
+    engine=(--repeats 3)
+    transformers=(--workload all)
+    : "${TESTS_LIMIT:=120}" "${ENGINE_LIMIT:=120}" "${TRANSFORMERS_LIMIT:=240}"
+fi
+
+failed=0
+step() {  # step NAME LIMIT COMMAND...: run COMMAND with a time limit, its output in NAME.log
+    local name=$1 limit=$2 start=$SECONDS status
+    shift 2
+    echo "gpu.sh: $name ..."
+    timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1
+    status=$?
+    if ((status == 0)); then
+        echo "gpu.sh: $name passed in $((SECONDS - start)) s"
+    else
+        ((status == 124)) && status="timed out after $limit s"
+        echo "gpu.sh: $name FAILED ($status; see $RESULTS/$name.log)"
+        failed=1
+    fi
+}
+
+{
+    date -u
+    git rev-parse HEAD 2>/dev/null
+    "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+    command -v nvidia-smi >/dev/null && nvidia-smi
+} >"$RESULTS/machine.txt" 2>&1
+
+step tests "$TESTS_LIMIT" "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider
+step engine "$ENGINE_LIMIT" "$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" \
+    "${engine[@]}" --out "$RESULTS/engine.md"
+step transformers "$TRANSFORMERS_LIMIT" "$PYTHON" benchmarks/bench_transformers.py \
+    --device "$DEVICE" "${transformers[@]}" --out "$RESULTS/transformers.md"
+
+echo "gpu.sh: results in $RESULTS/ (machine.txt, tests.log, engine.md, transformers.md)"
+exit "$failed"
