@@ -119,7 +119,8 @@ def test_every_check_passes(report, saved):
 )
 def test_each_threshold_flags_the_model(report, saved, option, figure, direction):
     value = figure(report["results"])
-    past = value - 1 if direction == "max" else value + 1
+    beyond = 1 + 10 * abs(value)  # past every margin: the solver's, the data's and the bias
+    past = value - beyond if direction == "max" else value + beyond
     result = check(saved, option, past)
     assert result.exit_code == 1, result.output
     assert "FAIL: 1 of 1 checks flagged the model" in result.stdout
@@ -188,9 +189,19 @@ def test_noise_margin_keeps_a_borderline_estimate_from_flapping(
 
 def test_the_trace_margin_is_sigmas_standard_errors(report, tmp_path):
     report["results"]["trace"].update(estimate=10.0 + 1.5 * 0.1, std_error=0.1)
+    report["results"]["sampling"]["trace"] = None
     saved = write(tmp_path / "r.json", report)
     assert check(saved, "--max-trace", 10).exit_code == 0  # 2 SE by default
     assert check(saved, "--max-trace", 10, "--sigmas", 1).exit_code == 1
+
+
+def test_the_trace_data_standard_error_adds_sigmas_times(report, tmp_path):
+    report["results"]["trace"].update(estimate=10.0 + 2.5 * 0.1, std_error=0.05)
+    report["results"]["sampling"]["trace"] = 0.05  # 2·(0.05 + 0.05) = 0.2 by default
+    saved = write(tmp_path / "r.json", report)
+    assert check(saved, "--max-trace", 10, "--sigmas", 3).exit_code == 0  # 0.3 > 0.25
+    result = check(saved, "--max-trace", 10)
+    assert result.exit_code == 1, result.output  # 0.2 < 0.25
 
 
 def test_relative_margin_adds_both_uncertainties(report, tmp_path):
@@ -270,6 +281,8 @@ def test_update_baseline_writes_the_report_and_protects_other_files(report, save
 
 def test_junit_has_one_testcase_per_check(report, saved, tmp_path):
     lam = report["results"]["lambda_max"]
+    report["results"]["sampling"] = None  # λ_max/2 is then past the limit by more than ‖r‖
+    saved = write(tmp_path / "plain.json", report)
     junit = tmp_path / "out" / "checks.xml"
     result = check(saved, "--max-eigenvalue", lam / 2, "--max-trace", 1e6, "--junit", junit)
     assert result.exit_code == 1

@@ -9,6 +9,7 @@ import torch
 import sharpscope.analysis.analyze as pipeline
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
 from sharpscope.analysis.plan import Plan
+from sharpscope.analysis.sampling import TRACE_PROBES
 from sharpscope.report.plan_line import duration, plan_line, sizes
 
 
@@ -38,7 +39,8 @@ def test_the_plan_comes_first_and_bounds_the_run(mlp):
         "eigenpairs": 200 + 3 + 1,
         "trace": 100,
         "density": 40,
-        "sampling": 3 + 1,  # one per eigenvector, over the shards
+        "sampling": 3 + 1 + TRACE_PROBES,  # one per eigenvector and probe, over the shards
+        "bias": 200 + 3 + 1,  # the eigen-solve again, over the shards
     }
     assert result.n_products <= plan.most_products + 2 + 1  # + the plan's two, the SAM one
     assert plan.seconds_per_product > 0
@@ -76,6 +78,10 @@ def test_durations(seconds, text):
 def test_the_line_says_sizes_products_and_time(mlp):
     _, plan = _run(mlp, AnalyzeConfig(k=2))
     line = plan_line(plan)
-    for part in [f"{plan.num_params:,} parameters", "64 samples", "at most 306 products"]:
+    for part in [
+        f"{plan.num_params:,} parameters",
+        "64 samples",
+        f"at most {203 + 100 + 3 + TRACE_PROBES + 203} products",
+    ]:
         assert part in line
     assert f"solver vectors ≤ {sizes(plan.basis_bytes)}" in line

@@ -161,12 +161,21 @@ def test_the_gate_reads_each_of_its_figures(analysed):
     assert set(gated.readings) == set(METRICS)
     sampling = results.sampling
     assert gated.readings["lambda_max"] == Reading(
-        results.lambda_max, results.eigenvalues.residuals[0], sampling.eigenvalues[0]
+        results.lambda_max,
+        results.eigenvalues.residuals[0],
+        sampling.eigenvalues[0],
+        (sampling.bias.eigenvalues[0], sampling.bias_factor * sampling.bias.eigenvalues[0]),
     )
-    assert gated.readings["trace"] == Reading(results.trace.estimate, results.trace.std_error)
+    assert gated.readings["trace"] == Reading(
+        results.trace.estimate, results.trace.std_error, sampling.trace
+    )
     assert gated.readings["cos_full"] == Reading(
-        results.alignment.cos_full, None, sampling.cos_full
+        results.alignment.cos_full,
+        None,
+        sampling.cos_full,
+        (sampling.bias.cos_full, sampling.bias_factor * sampling.bias.cos_full),
     )
+    assert sampling.trace > 0 and sampling.bias_factor == pytest.approx(8**0.5 + 1)
     assert sampling.cos_full > 0 and sampling.shards >= 2
     h = results.adaptive_sharpness
     assert gated.readings["adaptive_sharpness"] == Reading(h.value, h.std_error, h.sampling)

@@ -22,7 +22,13 @@ from sharpscope.analysis.adaptive_sharpness import (
 from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.metrics import accuracy
 from sharpscope.analysis.plan import Plan, available_memory, fitting_basis
-from sharpscope.analysis.sampling import SamplingErrors, sampling_errors
+from sharpscope.analysis.sampling import (
+    TRACE_PROBES,
+    Figures,
+    Resolve,
+    SamplingErrors,
+    sampling_errors,
+)
 from sharpscope.batches import LossFn
 from sharpscope.curvature import (
     BACKENDS,
@@ -89,6 +95,9 @@ class AnalyzeConfig:
     """Its ascent steps (worst case) or random draws (average case)."""
     adaptive_scale: bool = True
     """Scale the ball by |w| (adaptive sharpness); False: the plain ball."""
+    bias: bool = True
+    """Estimate the figures' sample-size bias by solving them on each shard (about one more
+    eigen-solve in all); the data intervals allow for it (docs/engine.md)."""
 
     def __post_init__(self) -> None:
         solver(self.method)
@@ -341,8 +350,10 @@ def _planned(
         products["trace"] = method.trace_products(budget)
     if config.density:
         products["density"] = config.density_vectors * config.density_iter
-    if config.shards:
-        products["sampling"] = config.k + 1  # one per eigenvector, spread over the shards
+    if config.shards:  # one per eigenvector and trace probe, spread over the shards
+        products["sampling"] = config.k + 1 + (TRACE_PROBES if config.trace else 0)
+        if config.bias:
+            products["bias"] = cost.products  # the eigen-solve again, spread over the shards
     if config.per_layer:
         blocks = len(param_groups(op.space.names, _module_types(op.model)))
         products["per-layer"] = blocks * method.cost(1, 0, settings).products
@@ -380,6 +391,45 @@ def _convergence_notes(top: EigenResult, bottom: EigenResult, tol: float) -> lis
         for name, result in (("top", top), ("lambda_min", bottom))
         if not result.all_converged
     ]
+
+
+def _sampling(
+    op: CurvatureOperator,
+    config: AnalyzeConfig,
+    method: Solver,
+    settings: SolveSettings,
+    top: EigenResult,
+    bottom: EigenResult,
+    gradient: torch.Tensor,
+    alignment: Alignment | None,
+) -> SamplingErrors | None:
+    """The figures' data uncertainty over ``config.shards`` shards, with the trace's when it is
+    estimated and the figures' sample-size bias when ``config.bias``."""
+    epsilon = sam_perturbation(gradient, config.rho) if alignment is not None else None
+    full = Figures(
+        eigenvalues=top.eigenvalues.tolist(),
+        lambda_min=float(bottom.eigenvalues[0]),
+        cos_full=None if alignment is None else alignment.cos_full,
+        topk_share=None if alignment is None else alignment.topk_share,
+        sam_sharpness=None if alignment is None else alignment.sam_sharpness,
+    )
+    resolve = None
+    if config.bias:
+        resolve = Resolve(
+            lambda part: method.extremes(part, config.k, 1, settings, None), config.rho
+        )
+    return sampling_errors(
+        op,
+        config.shards,
+        top.eigenvectors,
+        bottom.eigenvectors[0],
+        gradient,
+        epsilon,
+        full,
+        resolve,
+        TRACE_PROBES if config.trace else 0,
+        config.seed,
+    )
 
 
 def analyze(
@@ -460,10 +510,7 @@ def analyze(
     sampling = None
     if config.shards:
         with watch.stage("sampling"):
-            epsilon = sam_perturbation(gradient, config.rho) if grad_norm > 0 else None
-            sampling = sampling_errors(
-                op, config.shards, top.eigenvectors, bottom.eigenvectors[0], gradient, epsilon
-            )
+            sampling = _sampling(op, config, method, settings, top, bottom, gradient, alignment)
         if sampling is None:
             notes.append(
                 "the data uncertainty was not estimated: the samples make fewer than 2 shards "
@@ -511,7 +558,7 @@ def analyze(
         sampling=sampling,
         per_layer=per_layer,
         timings=watch.timings,
-        n_products=op.n_products + (len(top.eigenvalues) + 1 if sampling else 0),
+        n_products=op.n_products + (sampling.n_products if sampling else 0),
         notes=notes,
         slices=slices,
         adaptive_sharpness=sharpness,

@@ -16,9 +16,12 @@ A figure's uncertainty adds (worst case) the solver's and the data's:
   distance from the estimate to the nearest eigenvalue of H (used as it is); for the trace
   ``sigmas`` standard errors of its Hutch++ estimate;
 - the data's: ``sigmas`` jackknife standard errors of how the figure moves with another sample of
-  the same size (:mod:`sharpscope.analysis.sampling`), for λ_max, λ_min, |cos(ĝ, v₁)|, the SAM
-  sharpness and the adaptive sharpness, when the report holds them (the average-case adaptive
-  sharpness adds ``sigmas`` Monte-Carlo standard errors as the solver's).
+  the same size (:mod:`sharpscope.analysis.sampling`), for λ_max, λ_min, the trace, |cos(ĝ, v₁)|,
+  the SAM sharpness and the adaptive sharpness, when the report holds them (the average-case
+  adaptive sharpness adds ``sigmas`` Monte-Carlo standard errors as the solver's); and, in the
+  absolute checks, the range of the figure's sample-size bias b (the interval runs over value − b
+  for every b in it). A baseline of the same sample size shares the bias, so ``max-increase``
+  leaves it out.
 
 A figure with neither (a report made with `shards` 0) has no uncertainty: it is gated as it is,
 and shown as not estimated, never as ± 0. A check that passes only thanks to the uncertainty has
@@ -66,11 +69,23 @@ class Estimate:
 
     value: float
     uncertainty: float | None
+    bias: tuple[float, float] = (0.0, 0.0)
+    """The range of the figure's sample-size bias (0, 0 when not estimated)."""
 
     @property
     def margin(self) -> float:
         """The uncertainty as the gate applies it (0 when not estimated)."""
         return self.uncertainty or 0.0
+
+    @property
+    def lowest(self) -> float:
+        """The lowest value the figure allows: bias-corrected, less the uncertainty."""
+        return self.value - max(self.bias) - self.margin
+
+    @property
+    def highest(self) -> float:
+        """The highest value the figure allows: bias-corrected, plus the uncertainty."""
+        return self.value - min(self.bias) + self.margin
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,8 @@ class Reading:
     value: float
     uncertainty: float | None
     sampling: float | None = None
+    bias: tuple[float, float] | None = None
+    """The range of the figure's sample-size bias (None: not estimated)."""
 
 
 Tensors = tuple[tuple[str, tuple[int, ...]], ...]
@@ -189,6 +206,8 @@ class Check:
     baseline_uncertainty: float | None = None
     increase: float | None = None
     """``max-increase``'s fraction p."""
+    bias: tuple[float, float] | None = None
+    """The range of the figure's sample-size bias the check allowed for (absolute checks)."""
 
     @property
     def label(self) -> str:
@@ -227,7 +246,10 @@ class Check:
             "noise": f"is {side} {what}, but within the uncertainty: not flagged",
             "pass": f"is within {what}",
         }[self.status]
-        return f"{self.label} = {plus_minus(self.value, self.uncertainty)} {outcome}"
+        shown = plus_minus(self.value, self.uncertainty)
+        if self.bias is not None:
+            shown += f" (bias {self.bias[0]:+.2g} to {self.bias[1]:+.2g})"
+        return f"{self.label} = {shown} {outcome}"
 
     def to_dict(self) -> dict[str, Any]:
         """The fields plus name, label, status and message (for JSON)."""
@@ -246,7 +268,7 @@ def measure(report: GateInput, metric: str, sigmas: float) -> Estimate | None:
         for factor, u in ((scale, reading.uncertainty), (sigmas, reading.sampling))
         if u is not None
     ]
-    return Estimate(reading.value, sum(parts) if parts else None)
+    return Estimate(reading.value, sum(parts) if parts else None, reading.bias or (0.0, 0.0))
 
 
 def figures(report: GateInput, sigmas: float = 2.0) -> dict[str, Estimate]:
@@ -296,9 +318,9 @@ def _absolute(
     report: GateInput, metric: str, kind: Kind, limit: float, sigmas: float, option: str
 ) -> Check:
     est = _required(report, metric, sigmas, option)
-    lowest, highest = est.value - est.margin, est.value + est.margin
-    passed = lowest <= limit if kind == "max" else highest >= limit
-    return Check(metric, kind, est.value, est.uncertainty, limit, passed)
+    passed = est.lowest <= limit if kind == "max" else est.highest >= limit
+    bias = est.bias if est.bias != (0.0, 0.0) else None
+    return Check(metric, kind, est.value, est.uncertainty, limit, passed, bias=bias)
 
 
 def _relative(

@@ -18,15 +18,18 @@ one product (or one gradient, or two losses) spread over the shards: about one f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from sharpscope import distributed
+from sharpscope.analysis.alignment import subspace_share
 from sharpscope.batches import loss_weight
-from sharpscope.curvature import CurvatureOperator
-from sharpscope.curvature.vectors import dot
+from sharpscope.curvature import CurvatureOperator, EigenResult
+from sharpscope.curvature.vectors import abs_cosine, dot, norm, orthogonalize, random_vectors
+from sharpscope.optim.perturbations import sam_perturbation
 from sharpscope.structures import sample_count, split
 
 T_975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
@@ -45,10 +48,16 @@ UNIT = (0.0, 1.0)
 
 
 def interval(
-    value: float, se: float, multiplier: float, bounds: tuple[float, float] | None = None
+    value: float,
+    se: float,
+    multiplier: float,
+    bounds: tuple[float, float] | None = None,
+    bias: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[float, float]:
-    """``value ± multiplier·se``, clipped to the figure's ``bounds`` (a cosine's [0, 1])."""
-    low, high = value - multiplier * se, value + multiplier * se
+    """``value − b ± multiplier·se`` over the range ``bias`` of the figure's sample-size bias b
+    (their hull), clipped to the figure's ``bounds`` (a cosine's [0, 1])."""
+    centres = (value - bias[0], value - bias[1])
+    low, high = min(centres) - multiplier * se, max(centres) + multiplier * se
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
     return low, high
@@ -67,9 +76,40 @@ def deleted_means(values: Sequence[float], weights: Sequence[float]) -> list[flo
     return [(total - w * x) / (1 - w) for w, x in zip(weights, values, strict=True)]
 
 
+def noise_corrected_se(per_probe: Sequence[Sequence[float]], weights: Sequence[float]) -> float:
+    """The jackknife standard error of a figure linear in the shards' values, each shard's value
+    estimated by the mean over probes (rows of ``per_probe``: one value per shard), the same
+    probes for every shard. The probes' own scatter inflates the shards' spread by
+    ``Σ_p Q(x_p − x̄)/(s(s − 1))`` (Q: the squared jackknife SE), which is subtracted; the result
+    is never below that scatter's own size, what the probes can resolve."""
+    s = len(per_probe)
+
+    def squared(values: Sequence[float]) -> float:
+        return jackknife_se(deleted_means(values, weights)) ** 2
+
+    mean = [sum(column) / s for column in zip(*per_probe, strict=True)]
+    noise = sum(squared([x - m for x, m in zip(row, mean, strict=True)]) for row in per_probe) / (
+        s * (s - 1)
+    )
+    return math.sqrt(max(squared(mean) - noise, noise))
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One number per headline figure (None: not estimated): each top-k eigenvalue, λ₁ first,
+    λ_min, |cos(ĝ, v₁)|, the top-k share ‖P_k ĝ‖ and the SAM sharpness."""
+
+    eigenvalues: list[float]
+    lambda_min: float
+    cos_full: float | None = None
+    topk_share: float | None = None
+    sam_sharpness: float | None = None
+
+
 @dataclass(frozen=True)
 class SamplingErrors:
-    """Each figure's jackknife standard error over ``shards`` shards (None: not estimated)."""
+    """Each figure's jackknife standard error over ``shards`` shards (None: not estimated), the
+    trace's, and the figures' sample-size ``bias`` (None: not estimated)."""
 
     shards: int
     eigenvalues: list[float]
@@ -78,29 +118,86 @@ class SamplingErrors:
     cos_full: float | None = None
     topk_share: float | None = None
     sam_sharpness: float | None = None
+    trace: float | None = None
+    """The trace's data standard error (None: no trace, or too few probes)."""
+    bias: Figures | None = None
+    """Each figure's bias at this sample size under a 1/n law, split-sample (docs/engine.md);
+    under a 1/√n law it is :attr:`bias_factor` times as large. The trace has none (linear)."""
+    n_products: int = 0
+    """Products spent, in full-data products (a shard's costs its share of the samples)."""
 
     @property
     def multiplier(self) -> float:
         """The 95 % interval's half-width in standard errors (Student's t, m − 1 dof)."""
         return t_quantile(self.shards - 1)
 
+    @property
+    def bias_factor(self) -> float:
+        """How much larger the bias is under a 1/√n law than under 1/n: (m − 1)/(√m − 1)."""
+        return bias_factor(self.shards)
+
+
+def bias_factor(shards: int) -> float:
+    """(m − 1)/(√m − 1) = √m + 1: a split-sample bias under 1/√n over the one under 1/n."""
+    return math.sqrt(shards) + 1
+
+
+def bias_range(bias: float | None, factor: float) -> tuple[float, float]:
+    """The range of a figure's bias, from its 1/n estimate to ``factor`` times it (0 when none)."""
+    return (0.0, 0.0) if bias is None else (bias, factor * bias)
+
+
+@dataclass(frozen=True)
+class Resolve:
+    """What the split-sample bias repeats on each shard: the eigen-solve of the top-k and λ_min
+    (``extremes``), and SAM's radius ``rho``."""
+
+    extremes: Callable[[CurvatureOperator], tuple[EigenResult, EigenResult]]
+    rho: float
+
+
+TRACE_PROBES = 10
+"""Rademacher probes applied to every shard for the trace's data standard error."""
+
+
+def _shard_batches(op: CurvatureOperator, shards: int) -> list[list[Any]]:
+    """``op``'s batches as ``shards`` disjoint groups: every batch cut into ``shards`` chunks
+    (whole batches, when BatchNorm uses batch statistics)."""
+    if op.batch_stats:
+        return [op.batches[j::shards] for j in range(shards)]
+    groups: list[list[Any]] = [[] for _ in range(shards)]
+    for inputs, targets in op.batches:
+        size = -(-sample_count(inputs, "batch") // shards)
+        for j, (x, y) in enumerate(zip(split(inputs, size), targets.split(size), strict=True)):
+            groups[j].append((x, y))
+    return groups
+
 
 def shard_operators(op: CurvatureOperator, shards: int) -> list[CurvatureOperator]:
-    """``op``'s data as at most ``shards`` disjoint operators: every batch cut into ``shards``
-    chunks (whole batches, when BatchNorm uses batch statistics), shards empty on every rank
-    left out."""
-    if op.batch_stats:
-        groups = [op.batches[j::shards] for j in range(shards)]
-    else:
-        groups = [[] for _ in range(shards)]
-        for inputs, targets in op.batches:
-            size = -(-sample_count(inputs, "batch") // shards)
-            for j, (x, y) in enumerate(zip(split(inputs, size), targets.split(size), strict=True)):
-                groups[j].append((x, y))
+    """``op``'s data as at most ``shards`` disjoint operators of its kind (:func:`_shard_batches`),
+    shards empty on every rank left out; each keeps its own graph for its products."""
+    groups = _shard_batches(op, shards)
     local = [float(sum(loss_weight(op.loss_fn, b) for b in g)) for g in groups]
     counts = distributed.sum_floats(local) if op.distributed else local  # all ranks agree
-    groups = [g for g, count in zip(groups, counts, strict=True) if count > 0]
-    return [op.restricted(group, cache_graph=False) for group in groups]
+    return [
+        op.restricted(group, cache_graph=op.cache_graph)
+        for group, count in zip(groups, counts, strict=True)
+        if count > 0
+    ]
+
+
+@dataclass
+class _Shard:
+    """What one shard contributes: its Rayleigh quotients at the full-data eigenvectors, its
+    probes' quadratic forms, its gradient's scalars, its SAM loss rise at the full-data ε, and
+    its own figures (for the bias)."""
+
+    rayleigh: list[float]
+    probes: list[float]
+    gradient: tuple[float, float, list[float]] | None = None
+    """(⟨g, gⱼ⟩, ‖gⱼ‖², ⟨vᵢ, gⱼ⟩ for each top-k eigenvector)."""
+    sam_rise: float | None = None
+    figures: Figures | None = None
 
 
 def sampling_errors(
@@ -110,43 +207,124 @@ def sampling_errors(
     min_vector: torch.Tensor,
     gradient: torch.Tensor,
     epsilon: torch.Tensor | None,
+    full: Figures | None = None,
+    resolve: Resolve | None = None,
+    trace_probes: int = 0,
+    seed: int = 0,
 ) -> SamplingErrors | None:
     """The jackknife standard errors of the top-k eigenvalues (rows of ``eigenvectors``), λ_min
     (of ``min_vector``) and, given the full-data ``gradient`` and the SAM perturbation
     ``epsilon`` (None when the gradient is zero), of the alignment, the top-k share and the SAM
-    sharpness. Costs one product per eigenvector, one gradient and two losses, each spread over
-    the shards. None when the data makes fewer than two shards."""
+    sharpness; with ``trace_probes``, of the trace; with ``resolve`` and the ``full`` figures,
+    their split-sample bias. Costs one product per eigenvector and per probe, one gradient and
+    two losses, each spread over the shards, and with ``resolve`` one eigen-solve spread over
+    them. None when the data makes fewer than two shards."""
     parts = shard_operators(op, shards)
     if len(parts) < 2:
         return None
     weights = [p.num_terms / op.num_terms for p in parts]
-    rayleigh = [[dot(v, p.matvec(v)) for p in parts] for v in (*eigenvectors, min_vector)]
-    replicates = [deleted_means(q, weights) for q in rayleigh]
+    vectors = torch.cat([eigenvectors, min_vector[None]])
+    found = [_shard(p, vectors, gradient, epsilon, resolve, trace_probes, seed) for p in parts]
+    n_products = round(sum(w * p.n_products for w, p in zip(weights, parts, strict=True)))
+    replicates = [deleted_means(q, weights) for q in zip(*(s.rayleigh for s in found), strict=True)]
     errors = SamplingErrors(
         shards=len(parts),
         eigenvalues=[jackknife_se(r) for r in replicates[:-1]],
         lambda_min=jackknife_se(replicates[-1]),
+        trace=_trace_se(found, weights) if trace_probes >= 2 else None,
+        bias=_bias(found, weights, full) if resolve is not None and full is not None else None,
+        n_products=n_products,
     )
     if epsilon is None:
         return errors
-    cos, share = _gradient_replicates(parts, weights, gradient, eigenvectors)
-    sharpness = deleted_means([p.loss(epsilon) - p.loss() for p in parts], weights)
-    errors = SamplingErrors(
-        shards=errors.shards,
-        eigenvalues=errors.eigenvalues,
-        lambda_min=errors.lambda_min,
+    cos, share = _gradient_replicates(found, weights, gradient, eigenvectors)
+    sharpness = deleted_means([s.sam_rise for s in found], weights)
+    return replace(
+        errors,
         cos_full=jackknife_se(cos),
         topk_share=jackknife_se(share),
         sam_sharpness=jackknife_se(sharpness),
     )
-    return errors
+
+
+def _shard(
+    part: CurvatureOperator,
+    vectors: torch.Tensor,
+    gradient: torch.Tensor,
+    epsilon: torch.Tensor | None,
+    resolve: Resolve | None,
+    probes: int,
+    seed: int,
+) -> _Shard:
+    """One shard's contribution; its graph is freed when it is done."""
+    rayleigh = [dot(v, part.matvec(v)) for v in vectors]
+    generator = torch.Generator().manual_seed(seed)  # the same probes on every shard
+    forms = []
+    for _ in range(probes):
+        z = orthogonalize(
+            random_vectors(1, part.size, gradient, generator, "rademacher")[0], vectors
+        )
+        forms.append(sum(rayleigh) + dot(z, part.matvec(z)))
+    found = _Shard(rayleigh, forms)
+    if epsilon is not None:
+        g = part.gradient()
+        found.gradient = (dot(gradient, g), dot(g, g), [dot(v, g) for v in vectors[:-1]])
+        if resolve is not None:
+            found.figures = _figures(part, g, resolve)
+        found.sam_rise = part.loss(epsilon) - part.loss()
+    elif resolve is not None:
+        found.figures = _figures(part, None, resolve)
+    part.release()
+    return found
+
+
+def _figures(part: CurvatureOperator, g: torch.Tensor | None, resolve: Resolve) -> Figures:
+    """The figures solved on one shard alone: its own eigenpairs, gradient and ε."""
+    top, bottom = resolve.extremes(part)
+    eigen = Figures(top.eigenvalues.tolist(), float(bottom.eigenvalues[0]))
+    if g is None or norm(g) == 0:
+        return eigen
+    rise = part.loss(sam_perturbation(g, resolve.rho)) - part.loss()
+    return replace(
+        eigen,
+        cos_full=abs_cosine(g, top.eigenvectors[0]),
+        topk_share=subspace_share(g, top.eigenvectors),
+        sam_sharpness=rise if math.isfinite(rise) else None,
+    )
+
+
+def _trace_se(found: list[_Shard], weights: list[float]) -> float:
+    """The trace's data SE from every shard's probe estimates of its trace: tr(VᵀHⱼV) exactly
+    (the Rayleigh quotients) plus (Pz)ᵀHⱼ(Pz) on the rest, P = I − VVᵀ."""
+    per_probe = [list(row) for row in zip(*(s.probes for s in found), strict=True)]
+    return noise_corrected_se(per_probe, weights)
+
+
+def _bias(found: list[_Shard], weights: list[float], full: Figures) -> Figures:
+    """Split-sample bias under a 1/n law: (Σ wⱼ θⱼ − θ)/(m − 1), θⱼ solved on shard j alone
+    (None where a shard's or the full figure is missing)."""
+    m = len(found)
+    shards = [s.figures for s in found]
+
+    def of(value: float | None, pick: Callable[[Figures], float | None]) -> float | None:
+        values = [pick(f) for f in shards]
+        if value is None or any(v is None for v in values):
+            return None
+        return (sum(w * v for w, v in zip(weights, values, strict=True)) - value) / (m - 1)
+
+    return Figures(
+        eigenvalues=[
+            of(value, lambda f, i=i: f.eigenvalues[i]) for i, value in enumerate(full.eigenvalues)
+        ],
+        lambda_min=of(full.lambda_min, lambda f: f.lambda_min),
+        cos_full=of(full.cos_full, lambda f: f.cos_full),
+        topk_share=of(full.topk_share, lambda f: f.topk_share),
+        sam_sharpness=of(full.sam_sharpness, lambda f: f.sam_sharpness),
+    )
 
 
 def _gradient_replicates(
-    parts: list[CurvatureOperator],
-    weights: list[float],
-    gradient: torch.Tensor,
-    basis: torch.Tensor,
+    found: list[_Shard], weights: list[float], gradient: torch.Tensor, basis: torch.Tensor
 ) -> tuple[list[float], list[float]]:
     """Delete-one-shard |cos(ĝ, v₁)| and ‖P_k ĝ‖ with v₁ and the top-k eigenspace (rows of
     ``basis``) fixed. The gradient without shard j is ``(g − wⱼgⱼ)/(1 − wⱼ)``, so each shard's
@@ -154,10 +332,10 @@ def _gradient_replicates(
     full = [dot(v, gradient) for v in basis]
     g_squared = dot(gradient, gradient)
     cos, share = [], []
-    for w, p in zip(weights, parts, strict=True):
-        g = p.gradient()
-        squared = (g_squared - 2 * w * dot(gradient, g) + w * w * dot(g, g)) / (1 - w) ** 2
-        coeffs = [(c - w * dot(v, g)) / (1 - w) for c, v in zip(full, basis, strict=True)]
+    for w, s in zip(weights, found, strict=True):
+        g_dot, own, projections = s.gradient
+        squared = (g_squared - 2 * w * g_dot + w * w * own) / (1 - w) ** 2
+        coeffs = [(c - w * p) / (1 - w) for c, p in zip(full, projections, strict=True)]
         size = math.sqrt(max(squared, 0.0))
         cos.append(abs(coeffs[0]) / size if size > 0 else 0.0)
         share.append(math.sqrt(sum(c * c for c in coeffs)) / size if size > 0 else 0.0)

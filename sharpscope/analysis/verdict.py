@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sharpscope.analysis.analyze import Analysis
-from sharpscope.analysis.sampling import UNIT, interval
+from sharpscope.analysis.sampling import UNIT, bias_range, interval
 
 POOR, GOOD = 0.1, 0.5
 """|cos(ĝ, v₁)| below POOR is poorly aligned, above GOOD well aligned, partly in between."""
@@ -18,7 +18,8 @@ def verdict(analysis: Analysis) -> str:
     cos = a.cos_full
     s = analysis.sampling
     estimated = s is not None and s.cos_full is not None
-    low, high = interval(cos, s.cos_full, s.multiplier, UNIT) if estimated else (cos, cos)
+    bias = bias_range(s.bias and s.bias.cos_full, s.bias_factor) if estimated else (0.0, 0.0)
+    low, high = interval(cos, s.cos_full, s.multiplier, UNIT, bias) if estimated else (cos, cos)
     straddled = [cut for cut in (POOR, GOOD) if low < cut <= high]
     if straddled:
         return (

@@ -39,6 +39,7 @@ def analysis_config(
     max_basis: int | None,
     trace: bool,
     shards: int,
+    bias: bool,
     params: list[str] | None,
     exclude: list[str] | None,
     batch_stats: bool,
@@ -82,6 +83,7 @@ def analysis_config(
         adaptive_rho=adaptive_rho,
         adaptive_steps=adaptive_steps,
         adaptive_scale=adaptive_scale,
+        bias=bias,
     )
 
 
@@ -122,6 +124,7 @@ def analyze_command(
     max_basis: opt.MaxBasis = DEFAULTS.max_basis,
     trace: opt.Trace = DEFAULTS.trace,
     shards: opt.Shards = DEFAULTS.shards,
+    bias: opt.Bias = DEFAULTS.bias,
     density: Annotated[
         bool,
         typer.Option(
@@ -190,6 +193,7 @@ def analyze_command(
             max_basis=max_basis,
             trace=trace,
             shards=shards,
+            bias=bias,
             params=params,
             exclude=exclude,
             batch_stats=batch_stats,

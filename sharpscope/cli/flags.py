@@ -33,6 +33,7 @@ FLAGS: dict[str, str] = {
     "max_basis": "--max-basis",
     "trace": "--trace/--no-trace",
     "shards": "--shards",
+    "bias": "--bias/--no-bias",
     "density": "--density",
     "per_layer": "--per-layer",
     "params": "--params",

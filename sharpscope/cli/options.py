@@ -158,6 +158,14 @@ Shards = Annotated[
         rich_help_panel=HESSIAN,
     ),
 ]
+Bias = Annotated[
+    bool,
+    typer.Option(
+        help="Estimate each figure's sample-size bias by solving it on every shard (about one "
+        "more eigen-solve); the data intervals allow for it.",
+        rich_help_panel=HESSIAN,
+    ),
+]
 Params = Annotated[
     list[str] | None,
     typer.Option(

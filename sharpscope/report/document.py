@@ -20,7 +20,7 @@ from sharpscope.analysis.adaptive_sharpness import SharpnessResult
 from sharpscope.analysis.alignment import Alignment
 from sharpscope.analysis.analyze import Analysis, LayerEigen
 from sharpscope.analysis.gate import GateInput, Reading
-from sharpscope.analysis.sampling import SamplingErrors, interval
+from sharpscope.analysis.sampling import SamplingErrors, bias_range, interval
 from sharpscope.analysis.verdict import verdict
 from sharpscope.curvature import DensityResult, EigenResult, TraceResult
 from sharpscope.report.json_report import dumps
@@ -295,9 +295,21 @@ class AlignmentFigures(Section):
 
 
 @dataclass(frozen=True)
+class SamplingBias(Section):
+    """Each figure's sample-size bias under a 1/n law, split-sample (null: not estimated)."""
+
+    eigenvalues: tuple[float | None, ...]
+    lambda_min: float | None
+    cos_full: float | None
+    topk_share: float | None
+    sam_sharpness: float | None
+
+
+@dataclass(frozen=True)
 class Sampling(Section):
     """The data uncertainty: each figure's jackknife standard error over ``shards`` disjoint
-    shards of the samples (null: not estimated), and the 95 % interval's multiplier."""
+    shards of the samples (null: not estimated), the 95 % interval's multiplier, and the
+    figures' sample-size bias."""
 
     shards: int
     interval_multiplier: float
@@ -306,10 +318,17 @@ class Sampling(Section):
     cos_full: float | None
     topk_share: float | None
     sam_sharpness: float | None
+    trace: float | None = field(default=None, metadata=_OPTIONAL)
+    """The trace's data standard error; absent without a trace, or in older reports."""
+    bias: SamplingBias | None = field(default=None, metadata=_OPTIONAL)
+    """Absent with `bias` off, or in older reports."""
+    bias_factor: float | None = field(default=None, metadata=_OPTIONAL)
+    """The bias under a 1/√n law over the one under 1/n (√shards + 1)."""
 
     @classmethod
     def of(cls, errors: SamplingErrors) -> Sampling:
         """The section of a jackknife."""
+        b = errors.bias
         return cls(
             shards=errors.shards,
             interval_multiplier=errors.multiplier,
@@ -318,14 +337,36 @@ class Sampling(Section):
             cos_full=errors.cos_full,
             topk_share=errors.topk_share,
             sam_sharpness=errors.sam_sharpness,
+            trace=errors.trace,
+            bias=None
+            if b is None
+            else SamplingBias(
+                tuple(b.eigenvalues), b.lambda_min, b.cos_full, b.topk_share, b.sam_sharpness
+            ),
+            bias_factor=None if b is None else errors.bias_factor,
         )
 
+    def bias_of(self, pick: str, index: int = 0) -> tuple[float, float]:
+        """The range of figure ``pick``'s bias (a field of :class:`SamplingBias`; ``index``: which
+        eigenvalue), from its 1/n estimate to ``bias_factor`` times it; (0, 0) when none."""
+        if self.bias is None:
+            return (0.0, 0.0)
+        value = getattr(self.bias, pick)
+        value = value[index] if isinstance(value, tuple) else value
+        return bias_range(value, self.bias_factor or 1.0)
+
     def interval(
-        self, value: float, se: float | None, bounds: tuple[float, float] | None = None
+        self,
+        value: float,
+        se: float | None,
+        bounds: tuple[float, float] | None = None,
+        bias: tuple[float, float] = (0.0, 0.0),
     ) -> tuple[float, float] | None:
-        """The 95 % interval ``value ± multiplier·se``, clipped to the figure's ``bounds`` (a
-        cosine's [0, 1]); None without a standard error."""
-        return None if se is None else interval(value, se, self.interval_multiplier, bounds)
+        """The 95 % interval ``value − b ± multiplier·se`` over the ``bias`` range of b, clipped
+        to the figure's ``bounds`` (a cosine's [0, 1]); None without a standard error."""
+        if se is None:
+            return None
+        return interval(value, se, self.interval_multiplier, bounds, bias)
 
 
 @dataclass(frozen=True)
@@ -551,14 +592,28 @@ class Report(Section):
         r, a, s = self.results, self.results.alignment, self.results.sampling
         found = {
             "lambda_max": _reading(
-                r.lambda_max, r.eigenvalues.residuals[0], s and s.eigenvalues[0]
+                r.lambda_max,
+                r.eigenvalues.residuals[0],
+                s and s.eigenvalues[0],
+                s and s.bias_of("eigenvalues"),
             ),
-            "lambda_min": _reading(r.lambda_min.value, r.lambda_min.residual, s and s.lambda_min),
-            "trace": None if r.trace is None else _reading(r.trace.estimate, r.trace.std_error),
+            "lambda_min": _reading(
+                r.lambda_min.value,
+                r.lambda_min.residual,
+                s and s.lambda_min,
+                s and s.bias_of("lambda_min"),
+            ),
+            "trace": None
+            if r.trace is None
+            else _reading(r.trace.estimate, r.trace.std_error, s and s.trace),
             "sam_sharpness": None
             if a is None
-            else _reading(a.sam_sharpness, None, s and s.sam_sharpness),
-            "cos_full": None if a is None else _reading(a.cos_full, None, s and s.cos_full),
+            else _reading(
+                a.sam_sharpness, None, s and s.sam_sharpness, s and s.bias_of("sam_sharpness")
+            ),
+            "cos_full": None
+            if a is None
+            else _reading(a.cos_full, None, s and s.cos_full, s and s.bias_of("cos_full")),
             "adaptive_sharpness": None
             if (h := r.adaptive_sharpness) is None
             else _reading(h.value, h.std_error, h.sampling),
@@ -574,13 +629,18 @@ class Report(Section):
 
 
 def _reading(
-    value: float | None, uncertainty: float | None, sampling: float | None = None
+    value: float | None,
+    uncertainty: float | None,
+    sampling: float | None = None,
+    bias: tuple[float, float] | None = None,
 ) -> Reading | None:
     """A figure as the gate reads it: none when the value is null or not finite, and no
-    uncertainty (solver's or data's) where it is not finite (the report would write null)."""
+    uncertainty (solver's or data's) or bias where it is not finite (the report would write
+    null)."""
     if value is None or not math.isfinite(value):
         return None
-    return Reading(value, _finite(uncertainty), _finite(sampling))
+    finite_bias = bias if bias is not None and all(map(math.isfinite, bias)) else None
+    return Reading(value, _finite(uncertainty), _finite(sampling), finite_bias)
 
 
 def _finite(value: float | None) -> float | None:

@@ -27,7 +27,7 @@ HELP = {
     "per_layer": "λ_max: top eigenvalue of each group's own Hessian block (a module; a "
     "transformer block's one kind)",
     "sampling": "± data, [a, b]: 95 % interval over other samples of this size from the same "
-    "data (jackknife, {shards} shards)",
+    "data (jackknife, {shards} shards{bias})",
     "psd": "the {matrix} is positive semi-definite (the GGN for a loss convex in the outputs, "
     "as the built-in ones): λ_min ≥ 0, a negative one is 0 within its residual",
     "no_sampling": "the figures' data uncertainty was not estimated (--shards 0): another "
@@ -91,21 +91,34 @@ def _eigenvalues(results: Results, dtype: str | None) -> Table:
     s = results.sampling
     if s is not None:
         table.add_column("± data", justify="right")
+    if s is not None and s.bias is not None:
+        table.add_column("bias", justify="right")
     spread = [None] * len(eig.values) if s is None else list(s.eigenvalues)
     rows = zip(eig.values, eig.residuals, eig.converged, spread, strict=True)
     for i, (value, residual, ok, se) in enumerate(rows, 1):
         cells = [str(i), _num(value, 6), _bound(residual, floor), "yes" if ok else "[red]no[/red]"]
-        table.add_row(*cells, *([] if s is None else [_spread(s.interval_multiplier, se)]))
+        table.add_row(*cells, *_data_cells(results, se, "eigenvalues", i - 1))
     low = results.lambda_min
     flag = "yes" if low.converged else "[red]no[/red]"
     cells = ["min", _num(low.value, 6), _bound(low.residual, floor), flag]
-    table.add_row(*cells, *([] if s is None else [_spread(s.interval_multiplier, s.lambda_min)]))
+    table.add_row(*cells, *_data_cells(results, s and s.lambda_min, "lambda_min"))
     return table
 
 
-def _spread(multiplier: float, se: float | None) -> str:
-    """A 95 % half-width, ``± 0.052``."""
-    return "—" if se is None else f"± {multiplier * se:.2g}"
+def _data_cells(results: Results, se: float | None, pick: str, index: int = 0) -> list[str]:
+    """The ``± data`` half-width and, when estimated, the ``bias`` range of one eigenvalue."""
+    s = results.sampling
+    if s is None:
+        return []
+    cells = ["—" if se is None else f"± {s.interval_multiplier * se:.2g}"]
+    if s.bias is not None:
+        cells.append(_bias(s.bias_of(pick, index)))
+    return cells
+
+
+def _bias(bias: tuple[float, float]) -> str:
+    """A bias range, ``+0.052 to +0.2``."""
+    return f"{bias[0]:+.2g} to {bias[1]:+.2g}"
 
 
 def _with_interval(
@@ -114,10 +127,13 @@ def _with_interval(
     se: float | None,
     digits: int,
     bounds: tuple[float, float] | None = None,
+    pick: str | None = None,
 ) -> str:
-    """``value [low, high]`` with the data's 95 % interval when it was estimated."""
+    """``value [low, high]`` with the data's 95 % interval when it was estimated (allowing for
+    the bias of figure ``pick`` when that was estimated)."""
     s = results.sampling
-    interval = None if s is None or value is None else s.interval(value, se, bounds)
+    bias = (0.0, 0.0) if s is None or pick is None else s.bias_of(pick)
+    interval = None if s is None or value is None else s.interval(value, se, bounds, bias)
     if interval is None:
         return _num(value, digits)
     return f"{_num(value, digits)} [{_num(interval[0], 2)}, {_num(interval[1], 2)}]"
@@ -128,11 +144,23 @@ def _curvature(results: Results) -> Table:
     table.add_column(style="bold")
     table.add_column(justify="right")
     s = results.sampling
-    table.add_row("λ_max", _with_interval(results, results.lambda_max, s and s.eigenvalues[0], 6))
-    table.add_row("λ_min", _with_interval(results, results.lambda_min.value, s and s.lambda_min, 6))
+    table.add_row(
+        "λ_max",
+        _with_interval(results, results.lambda_max, s and s.eigenvalues[0], 6, None, "eigenvalues"),
+    )
+    table.add_row(
+        "λ_min",
+        _with_interval(
+            results, results.lambda_min.value, s and s.lambda_min, 6, None, "lambda_min"
+        ),
+    )
     trace = results.trace
     if trace is not None:
         table.add_row("trace", _trace(trace))
+        if s is not None and s.trace is not None:
+            table.add_row(
+                "  over other samples (± data)", _with_interval(results, trace.estimate, s.trace, 6)
+            )
         table.add_row("λ_max / trace", _num(results.lambda_max_over_trace))
     if results.density is not None:
         table.add_row("density mean (trace/n)", _num(results.density.mean))
@@ -157,7 +185,7 @@ def _alignment(results: Results) -> Table | None:
     s = results.sampling
     table.add_row(
         "|cos(ĝ, v₁)|, full-data gradient",
-        _with_interval(results, a.cos_full, s and s.cos_full, 3, UNIT),
+        _with_interval(results, a.cos_full, s and s.cos_full, 3, UNIT, "cos_full"),
     )
     batches = a.cos_batches
     if batches is not None:
@@ -168,11 +196,11 @@ def _alignment(results: Results) -> Table | None:
         )
     table.add_row(
         "‖P_k ĝ‖, ĝ's share in the top-k eigenspace",
-        _with_interval(results, a.topk_share, s and s.topk_share, 3, UNIT),
+        _with_interval(results, a.topk_share, s and s.topk_share, 3, UNIT, "topk_share"),
     )
     table.add_row(
         "SAM sharpness L(w+ρĝ) − L(w)",
-        _with_interval(results, a.sam_sharpness, s and s.sam_sharpness, 4),
+        _with_interval(results, a.sam_sharpness, s and s.sam_sharpness, 4, None, "sam_sharpness"),
     )
     table.add_row("  predicted ρ‖g‖ + ½ρ²ĝᵀHĝ", _num(a.sam_sharpness_taylor))
     table.add_row("  of which curvature ½ρ²ĝᵀHĝ", _num(a.sam_sharpness_quadratic))
@@ -250,7 +278,16 @@ def render(report: Report) -> Group:
         if name == "curvature" and (results.curvature or "hessian") != "hessian":
             parts.append(Text(HELP["psd"].format(matrix=_matrix(results)), style="dim"))
     s = results.sampling
-    data_help = HELP["no_sampling"] if s is None else HELP["sampling"].format(shards=s.shards)
+    data_help = (
+        HELP["no_sampling"]
+        if s is None
+        else HELP["sampling"].format(
+            shards=s.shards,
+            bias=""
+            if s.bias is None
+            else "; bias: the sample size's, under 1/n to 1/√n, which [a, b] allows for",
+        )
+    )
     parts.append(Text(data_help, style="dim"))
     timings = report.timings
     parts.append(
