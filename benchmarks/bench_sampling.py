@@ -21,6 +21,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import bench_engine
 import torch
@@ -70,20 +71,31 @@ def figures(workload: bench_engine.Workload, x: torch.Tensor, y: torch.Tensor) -
     }
 
 
-def run(key: str, subsets: int) -> list[str]:
+def run(key: str, subsets: int, out: str | None) -> list[str]:
+    """The workload's table; with ``out``, rewritten there after every subset (so that a run
+    stopped early leaves the figures of the subsets done, with their count)."""
     workload, x, y, n = population(key)
     start = time.perf_counter()
     full = figures(workload, x, y)
-    rows = []
+    rows: list[dict] = []
     for seed in range(subsets):
         idx = subset_indices(len(y), n, seed)
         rows.append(figures(workload, x[idx], y[idx]))
         print(f"{key}: subset {seed + 1}/{subsets}", file=sys.stderr, flush=True)
+        if out and len(rows) >= 2:
+            lines = table(workload.title, full, rows, n, len(y), time.perf_counter() - start)
+            Path(out).write_text("\n".join(lines), encoding="utf-8")
+    return table(workload.title, full, rows, n, len(y), time.perf_counter() - start)
+
+
+def table(title: str, full: dict, rows: list[dict], n: int, size: int, seconds: float) -> list[str]:
+    """The coverage table of ``rows``, the subsets' figures, against the ``full`` data's."""
+    subsets = len(rows)
     total = statistics.median(r["products"][0] for r in rows)
     spent = statistics.median(r["products"][1] for r in rows)
     lines = [
-        f"### {workload.title}: {subsets} subsets of {n} of {len(y)} samples "
-        f"(n/N = {n / len(y):.2f}), {time.perf_counter() - start:.0f} s",
+        f"### {title}: {subsets} subsets of {n} of {size} samples "
+        f"(n/N = {n / size:.2f}), {seconds:.0f} s",
         "",
         f"Median products per subset analysis: {total:g}, of which {spent:g} for the data "
         f"uncertainty and its bias. Full-data trace: its estimator's SE {full['trace_se']:.2g}.",
@@ -120,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     keys = ["mlp", "cnn"] if args.workload == "all" else [args.workload]
     torch.set_num_threads(2)
-    report = "\n".join(line for key in keys for line in run(key, args.subsets))
+    report = "\n".join(line for key in keys for line in run(key, args.subsets, args.out))
     print(report)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
