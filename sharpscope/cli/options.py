@@ -154,7 +154,7 @@ Shards = Annotated[
     int,
     typer.Option(
         help="Disjoint shards of the samples for each figure's data uncertainty (a jackknife: "
-        "about top-k + 1 more products); 0 = off.",
+        "about top-k + 11 more products); 0 = off.",
         rich_help_panel=HESSIAN,
     ),
 ]
