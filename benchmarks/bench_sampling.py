@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     keys = ["mlp", "cnn"] if args.workload == "all" else [args.workload]
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # 2 threads on a loaded 2-core machine ran 25x slower (spinning)
     report = "\n".join(line for key in keys for line in run(key, args.subsets, args.out))
     print(report)
     if args.out:
