@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sharpscope import HessianOperator
-from sharpscope.analysis.adaptive_sharpness import SharpnessSettings, adaptive_sharpness
+from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessSettings, adaptive_sharpness
 
 LOSS = nn.functional.cross_entropy
 MEASURES = (
@@ -118,7 +118,7 @@ def main() -> None:
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)
     for kind, norm, rho in MEASURES:
-        settings = SharpnessSettings(kind, norm, rho)  # type: ignore[arg-type]
+        settings = AdaptiveSharpnessSettings(kind, norm, rho)  # type: ignore[arg-type]
         print(f"{kind} {norm} ρ={rho}", file=sys.stderr, flush=True)
         seconds, found = timed(
             lambda s=settings: adaptive_sharpness(workload.model, LOSS, batches, s), args.repeats

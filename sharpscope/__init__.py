@@ -16,6 +16,8 @@ __all__ = [
     "CURVATURES",
     "SAM",
     "SOLVERS",
+    "AdaptiveSharpnessResult",
+    "AdaptiveSharpnessSettings",
     "Alignment",
     "AnalyzeConfig",
     "DensityResult",
@@ -28,8 +30,6 @@ __all__ = [
     "LinearOperator",
     "MatrixOperator",
     "ParamSpace",
-    "SharpnessResult",
-    "SharpnessSettings",
     "SharpnessTracker",
     "SolveSettings",
     "Subspace",
@@ -56,7 +56,7 @@ _HOMES = {
     **dict.fromkeys(("Alignment", "sam_alignment"), "sharpscope.analysis.alignment"),
     **dict.fromkeys(("AnalyzeConfig", "analyze"), "sharpscope.analysis.analyze"),
     **dict.fromkeys(
-        ("SharpnessResult", "SharpnessSettings", "adaptive_sharpness"),
+        ("AdaptiveSharpnessResult", "AdaptiveSharpnessSettings", "adaptive_sharpness"),
         "sharpscope.analysis.adaptive_sharpness",
     ),
     "SharpnessTracker": "sharpscope.training.tracking",
@@ -65,8 +65,8 @@ _HOMES = {
 
 if TYPE_CHECKING:
     from sharpscope.analysis.adaptive_sharpness import (
-        SharpnessResult,
-        SharpnessSettings,
+        AdaptiveSharpnessResult,
+        AdaptiveSharpnessSettings,
         adaptive_sharpness,
     )
     from sharpscope.analysis.alignment import Alignment, sam_alignment

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sharpscope.analysis.adaptive_sharpness import (
-    SharpnessSettings,
+    AdaptiveSharpnessSettings,
     adaptive_sharpness,
     sharpness_of,
 )
@@ -52,9 +52,9 @@ def _rescaled(model: nn.Sequential, c1: float, c2: float) -> nn.Sequential:
 
 
 MEASURES = [
-    SharpnessSettings("worst", "l2", rho=0.5),
-    SharpnessSettings("worst", "linf", rho=0.05),
-    SharpnessSettings("average", "l2", rho=0.1, steps=8),
+    AdaptiveSharpnessSettings("worst", "l2", rho=0.5),
+    AdaptiveSharpnessSettings("worst", "linf", rho=0.05),
+    AdaptiveSharpnessSettings("average", "l2", rho=0.1, steps=8),
 ]
 
 
@@ -76,7 +76,7 @@ def test_adaptive_figures_survive_a_function_preserving_rescaling(settings):
         float(hessian_eigs(m, F.cross_entropy, batches, k=1).eigenvalues[0]) for m in (model, other)
     ]
     assert abs(top[1] - top[0]) > 0.1 * abs(top[0])  # the Hessian sees the rescaling
-    plain = SharpnessSettings(settings.kind, settings.norm, settings.rho, adaptive=False)
+    plain = AdaptiveSharpnessSettings(settings.kind, settings.norm, settings.rho, adaptive=False)
     moved = [adaptive_sharpness(m, F.cross_entropy, batches, plain).value for m in (model, other)]
     assert abs(moved[1] - moved[0]) > 0.1 * abs(moved[0])  # and so does the non-adaptive figure
 
@@ -117,12 +117,12 @@ def test_worst_case_l2_equals_the_trust_region_solution_on_a_quadratic(adaptive)
     t = model.weight.detach().reshape(-1).abs() if adaptive else torch.ones(4, dtype=D)
     rho = 0.3 if adaptive else 0.5
     expected = _trust_region(t * g, t[:, None] * h * t[None, :], rho)
-    settings = SharpnessSettings("worst", "l2", rho=rho, adaptive=adaptive, steps=200)
+    settings = AdaptiveSharpnessSettings("worst", "l2", rho=rho, adaptive=adaptive, steps=200)
     found = adaptive_sharpness(model, F.mse_loss, batches, settings, shards=0)
     assert found.value == pytest.approx(expected, rel=1e-8)
     assert found.perturbation_norm == pytest.approx(rho, rel=1e-12)
     short = adaptive_sharpness(
-        model, F.mse_loss, batches, SharpnessSettings(rho=rho, adaptive=adaptive)
+        model, F.mse_loss, batches, AdaptiveSharpnessSettings(rho=rho, adaptive=adaptive)
     )
     assert 0.9 * expected < short.value <= expected * (1 + 1e-12)  # 20 steps: within 10 %
 
@@ -139,7 +139,7 @@ def test_worst_case_linf_reaches_the_best_vertex_of_a_quadratic():
         )
         - op.loss()
     )
-    settings = SharpnessSettings("worst", "linf", rho=rho, adaptive=False)
+    settings = AdaptiveSharpnessSettings("worst", "linf", rho=rho, adaptive=False)
     found = adaptive_sharpness(model, F.mse_loss, batches, settings, shards=0)
     assert found.value == pytest.approx(best, rel=1e-10)
     assert found.perturbation_norm == pytest.approx(rho, rel=1e-12)
@@ -152,7 +152,7 @@ def test_the_ascent_never_ends_below_its_starting_perturbation(norm):
     generator = torch.Generator().manual_seed(3)
     for trial in range(3):
         start = torch.randn(op.size, generator=generator, dtype=D)
-        settings = SharpnessSettings("worst", norm, rho=0.3, steps=1 + trial, step_size=5.0)
+        settings = AdaptiveSharpnessSettings("worst", norm, rho=0.3, steps=1 + trial, step_size=5.0)
         found = sharpness_of(op, settings, 0, start)
         scale = torch.cat([p.detach().reshape(-1) for p in op.space.params]).abs()
         projected = (
@@ -168,7 +168,7 @@ def test_the_first_step_is_asams_perturbation():
     op = HessianOperator(model, F.cross_entropy, batches, cache_graph=False)
     w = torch.cat([p.detach().reshape(-1) for p in op.space.params])
     epsilon = asam_perturbation(op.gradient(), w, 0.4, 0.01)
-    settings = SharpnessSettings("worst", "l2", rho=0.4, steps=1, eta=0.01)
+    settings = AdaptiveSharpnessSettings("worst", "l2", rho=0.4, steps=1, eta=0.01)
     found = sharpness_of(op, settings, 0)
     assert found.history[1] == pytest.approx(op.loss(epsilon) - op.loss(), rel=1e-10)
     assert found.n_gradients == 1
@@ -195,7 +195,7 @@ def test_weights_buffers_and_modes_are_left_exactly_as_they_were(kind, batch_sta
         model.bn.running_var.uniform_(0.5, 2)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    settings = SharpnessSettings(kind, rho=0.2, steps=5)
+    settings = AdaptiveSharpnessSettings(kind, rho=0.2, steps=5)
     found = adaptive_sharpness(model, F.cross_entropy, _data(), settings, batch_stats=batch_stats)
     assert found.value != 0
     after = model.state_dict()
@@ -205,11 +205,14 @@ def test_weights_buffers_and_modes_are_left_exactly_as_they_were(kind, batch_sta
 
 def test_average_case_is_seeded_and_carries_its_monte_carlo_error():
     model, batches = _mlp(), _data()
-    settings = SharpnessSettings("average", rho=0.2, steps=16)
+    settings = AdaptiveSharpnessSettings("average", rho=0.2, steps=16)
     first = adaptive_sharpness(model, F.cross_entropy, batches, settings)
     again = adaptive_sharpness(model, F.cross_entropy, batches, settings)
     other = adaptive_sharpness(
-        model, F.cross_entropy, batches, SharpnessSettings("average", rho=0.2, steps=16, seed=1)
+        model,
+        F.cross_entropy,
+        batches,
+        AdaptiveSharpnessSettings("average", rho=0.2, steps=16, seed=1),
     )
     assert first.value == again.value and first.value != other.value
     assert len(first.history) == 16 and first.value == pytest.approx(sum(first.history) / 16)
@@ -232,13 +235,13 @@ def test_average_case_is_seeded_and_carries_its_monte_carlo_error():
 )
 def test_bad_settings_name_their_parameter(field, value):
     with pytest.raises(InputError, match=f"`{field}`"):
-        SharpnessSettings(**{field: value})
+        AdaptiveSharpnessSettings(**{field: value})
 
 
 @pytest.mark.parametrize(("kind", "expected"), [("worst", 3), ("average", 4)])
 def test_progress_hears_of_each_step_or_draw(kind, expected):
     heard: list[tuple[str, int, int]] = []
-    settings = SharpnessSettings(kind, steps=expected)
+    settings = AdaptiveSharpnessSettings(kind, steps=expected)
     adaptive_sharpness(
         _mlp(), F.cross_entropy, _data(), settings, progress=lambda *a: heard.append(a)
     )

@@ -15,7 +15,7 @@ from test_check import isolated as isolated
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-from sharpscope.analysis.adaptive_sharpness import SharpnessSettings, adaptive_sharpness
+from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessSettings, adaptive_sharpness
 from sharpscope.cli.app import app
 from sharpscope.cli.loading import load_inputs
 from sharpscope.report.schema import report_schema
@@ -41,7 +41,7 @@ def test_analyze_reports_the_library_figure_with_its_interval(made):
     assert low < figure["value"] < high and figure["shards"] == 8
     loaded = load_inputs(checkpoint, "digits", samples=64, seed=0)
     expected = adaptive_sharpness(
-        loaded.model, F.cross_entropy, loaded.batches, SharpnessSettings(rho=0.2, steps=5)
+        loaded.model, F.cross_entropy, loaded.batches, AdaptiveSharpnessSettings(rho=0.2, steps=5)
     )
     assert figure["value"] == pytest.approx(expected.value, rel=1e-5)
     assert figure["value"] > 0

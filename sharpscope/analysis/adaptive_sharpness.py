@@ -50,7 +50,7 @@ NORMS: tuple[str, ...] = ("l2", "linf")
 
 
 @dataclass(frozen=True)
-class SharpnessSettings:
+class AdaptiveSharpnessSettings:
     """What to measure: the kind, the ball's norm and radius ρ (relative to |w| + η when
     ``adaptive``), the ascent steps or draws, the step size (None: ρ) and the seed."""
 
@@ -78,10 +78,10 @@ class SharpnessSettings:
 
 
 @dataclass(frozen=True)
-class SharpnessResult:
+class AdaptiveSharpnessResult:
     """A sharpness figure, its uncertainties and its cost."""
 
-    settings: SharpnessSettings
+    settings: AdaptiveSharpnessSettings
     value: float
     """The worst (found) or mean loss increase L(w + δ) − L(w)."""
     loss: float
@@ -118,7 +118,7 @@ def adaptive_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
     batches: list[tuple[Any, Any]],
-    settings: SharpnessSettings | None = None,
+    settings: AdaptiveSharpnessSettings | None = None,
     *,
     params: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
@@ -126,13 +126,13 @@ def adaptive_sharpness(
     shards: int = 8,
     start: torch.Tensor | None = None,
     progress: Progress | None = None,
-) -> SharpnessResult:
+) -> AdaptiveSharpnessResult:
     """The sharpness ``settings`` describe of the mean loss over ``batches`` (the parameters the
     globs select), with its data uncertainty over ``shards`` shards (0: none). The model runs in
     eval mode (BatchNorm buffers untouched) and its weights are restored bit for bit.
     ``start``: the worst case's first iterate u (flat, projected onto the ball; default 0);
     ``progress`` hears of each step or draw."""
-    settings = settings or SharpnessSettings()
+    settings = settings or AdaptiveSharpnessSettings()
     if shards == 1 or shards < 0:
         raise InputError(f"`shards` must be 0 (off) or at least 2, got {shards}")
     op = HessianOperator(
@@ -149,11 +149,11 @@ def adaptive_sharpness(
 
 def sharpness_of(
     op: HessianOperator,
-    settings: SharpnessSettings,
+    settings: AdaptiveSharpnessSettings,
     shards: int,
     start: torch.Tensor | None = None,
     progress: Progress | None = None,
-) -> SharpnessResult:
+) -> AdaptiveSharpnessResult:
     """:func:`adaptive_sharpness` of the loss ``op`` describes (an operator without a cached
     graph: its weights move)."""
     began = time.perf_counter()
@@ -177,7 +177,7 @@ def sharpness_of(
     else:
         history = tuple(s - base for s in shifted)
         value, std_error = sum(history) / len(history), _mean_error(list(history))
-    return SharpnessResult(
+    return AdaptiveSharpnessResult(
         settings=settings,
         value=value,
         loss=base,
@@ -207,7 +207,7 @@ class _Found:
 def _ascent(
     op: HessianOperator,
     scale: torch.Tensor,
-    settings: SharpnessSettings,
+    settings: AdaptiveSharpnessSettings,
     start: torch.Tensor | None,
     progress: Progress | None,
 ) -> _Found:
@@ -245,7 +245,7 @@ def _ascent(
     return _Found(best_u, best, tuple(history), size, gradients, len(history) + 1 - gradients)
 
 
-def _project(u: torch.Tensor, settings: SharpnessSettings) -> torch.Tensor:
+def _project(u: torch.Tensor, settings: AdaptiveSharpnessSettings) -> torch.Tensor:
     """The Euclidean projection of ``u`` onto the ball ‖u‖_p ≤ ρ."""
     if settings.norm == "linf":
         return u.clamp(-settings.rho, settings.rho)
@@ -257,7 +257,7 @@ def _norm(u: torch.Tensor, norm: Norm) -> float:
     return float(torch.linalg.vector_norm(u, ord=2 if norm == "l2" else math.inf))
 
 
-def _draws(op: HessianOperator, settings: SharpnessSettings) -> list[torch.Tensor]:
+def _draws(op: HessianOperator, settings: AdaptiveSharpnessSettings) -> list[torch.Tensor]:
     """``steps`` seeded draws of ρz: z standard Gaussian (ℓ2) or uniform on [−1, 1] (ℓ∞)."""
     generator = torch.Generator(device=op.device).manual_seed(settings.seed)
     shape, kwargs = (op.size,), dict(generator=generator, device=op.device, dtype=op.dtype)

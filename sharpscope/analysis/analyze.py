@@ -15,8 +15,8 @@ from sharpscope import distributed
 from sharpscope.analysis.adaptive_sharpness import (
     KINDS,
     NORMS,
-    SharpnessResult,
-    SharpnessSettings,
+    AdaptiveSharpnessResult,
+    AdaptiveSharpnessSettings,
     adaptive_sharpness,
 )
 from sharpscope.analysis.alignment import Alignment, sam_alignment
@@ -130,11 +130,11 @@ class AnalyzeConfig:
         """The eigen-solver's part of the config."""
         return SolveSettings(self.tol, self.max_iter, self.seed, self.max_basis)
 
-    def sharpness_settings(self) -> SharpnessSettings | None:
+    def sharpness_settings(self) -> AdaptiveSharpnessSettings | None:
         """The adaptive sharpness's part of the config (None: not measured)."""
         if self.adaptive_sharpness is None:
             return None
-        return SharpnessSettings(
+        return AdaptiveSharpnessSettings(
             kind=self.adaptive_sharpness,  # type: ignore[arg-type]
             norm=self.adaptive_norm,  # type: ignore[arg-type]
             rho=self.adaptive_rho,
@@ -191,7 +191,7 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     slices: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
     """Direction name -> (step sizes t, loss at w + t·direction)."""
-    adaptive_sharpness: SharpnessResult | None = None
+    adaptive_sharpness: AdaptiveSharpnessResult | None = None
     """The worst- or average-case (adaptive) sharpness (None: not measured)."""
 
     @property

@@ -16,7 +16,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 import torch
 
 from sharpscope import __version__
-from sharpscope.analysis.adaptive_sharpness import SharpnessResult
+from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessResult
 from sharpscope.analysis.alignment import Alignment
 from sharpscope.analysis.analyze import Analysis, LayerEigen
 from sharpscope.analysis.gate import GateInput, Reading
@@ -397,7 +397,7 @@ class AdaptiveSharpness(Section):
     history: tuple[float | None, ...]
 
     @classmethod
-    def of(cls, result: SharpnessResult) -> AdaptiveSharpness:
+    def of(cls, result: AdaptiveSharpnessResult) -> AdaptiveSharpness:
         """The section of a sharpness measurement."""
         s = result.settings
         return cls(
