@@ -1,15 +1,17 @@
 """Is analyze's trace worth its cost? The deflated trace (the eigen stage's Krylov basis traced
-exactly, Hutchinson on the rest) against Hutch++, and a whole `sharpscope analyze --top-k 5`
-process against PyHessian's top-5.
+exactly, Hutchinson on the rest) against Hutch++, the trace's share of a default analyze, and a
+whole `sharpscope analyze --top-k 5` process against PyHessian's top-5.
 
-Run by hand: ``python benchmarks/bench_trace.py [--seeds 40] [--out FILE]``. The digits MLP and
-the CIFAR-shaped CNN of ``bench_analyze.py`` (1024 samples in batches of 128). Product counts
-come first: they are the same on any machine; wall times are ratios within this one run.
+Run by hand: ``python benchmarks/bench_trace.py [--seeds 40] [--only mlp cnn resnet processes]
+[--out FILE]``. The digits MLP and the CIFAR-shaped CNN of ``bench_analyze.py`` (1024 samples
+in batches of 128), and the built-in ResNet-18 on 16 CIFAR-shaped samples (float32). Product
+counts come first: they are the same on any machine; wall times are ratios within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -28,10 +30,12 @@ from sharpscope.analysis.analyze import AnalyzeConfig, analyze
 from sharpscope.curvature.results import TraceResult
 from sharpscope.curvature.solvers import HUTCHPP_SKETCH, TRACE_BUDGET_SHARE, trace_budget
 from sharpscope.curvature.trace import deflated_trace
+from sharpscope.io.architectures import resnet18
 
 LOSS = nn.functional.cross_entropy
 DEFAULTS = AnalyzeConfig()
 HERE = Path(__file__).resolve().parent
+SECTIONS = ("mlp", "cnn", "resnet", "processes")
 
 
 def float64_trace(model: nn.Module, batches: list) -> float:
@@ -61,9 +65,8 @@ class Run:
 
 
 def seeded_runs(op: HessianOperator, seeds: int) -> dict[str, list[Run]]:
-    """Per seed, analyze's eigen stage and its trace; Hutch++ with the same budget, and Hutch++
-    as analyze ran it before (20 sketch products + up to 100 samples)."""
-    runs: dict[str, list[Run]] = {"deflated": [], "hutch++, same budget": [], "hutch++ before": []}
+    """Per seed, analyze's eigen stage and its trace, and Hutch++ with the same budget."""
+    runs: dict[str, list[Run]] = {"deflated": [], "hutch++, same budget": []}
     for seed in range(seeds):
         start = op.n_products
         top, _ = lanczos_extremes(
@@ -78,9 +81,6 @@ def seeded_runs(op: HessianOperator, seeds: int) -> dict[str, list[Run]]:
         samples = max(2, budget - 2 * HUTCHPP_SKETCH)
         runs["hutch++, same budget"].append(
             Run(eigen, hutchpp(op, HUTCHPP_SKETCH, tol, samples, seed=seed))
-        )
-        runs["hutch++ before"].append(
-            Run(eigen, hutchpp(op, HUTCHPP_SKETCH, tol, DEFAULTS.trace_samples, seed=seed))
         )
     return runs
 
@@ -165,56 +165,105 @@ def whole_process(command: list[str]) -> tuple[float, str]:
     return time.perf_counter() - start, done.stdout
 
 
-def cnn_section(processes: bool) -> list[str]:
-    """The CNN: a default analyze in process (the trace's share), then whole processes."""
-    workload = bench_engine.build_cnn()
-    batches = bench_analyze.batches_of(workload)
+def share_section(title: str, model: nn.Module, batches: list, n_params: int) -> list[str]:
+    """A default analyze in process: the trace's share of its products and of its time."""
     start = time.perf_counter()
-    result = analyze(workload.model, LOSS, batches, DEFAULTS)
+    result = analyze(model, LOSS, batches, DEFAULTS)
     total = time.perf_counter() - start
     trace = result.trace
     assert trace is not None
     timings = result.timings
     low, high = trace.interval
-    lines = [
-        f"## {workload.title}",
+    samples = sum(len(y) for _, y in batches)
+    return [
+        f"## {title}",
         "",
-        f"- {workload.n_params:,} parameters, {bench_analyze.SAMPLES} samples in {len(batches)} "
-        "batches",
+        f"- {n_params:,} parameters, {samples} samples in {len(batches)} batches",
         f"- default analyze (in process): {result.n_products} products, eigen stage "
-        f"{result.top.n_products}, trace **{trace.n_products}** ({trace.method}, "
-        f"{'converged' if trace.converged else 'not converged'}): "
+        f"{result.top.n_products}, trace **{trace.n_products}** "
+        f"(**{100 * trace.n_products / result.n_products:.0f} %** of the products; "
+        f"{trace.method}, {'converged' if trace.converged else 'not converged'}): "
         f"{trace.estimate:.5g} ± {trace.std_error:.2g}, 95 % [{low:.5g}, {high:.5g}]",
         f"- trace {timings['trace']:.2f} s of {total:.2f} s = "
-        f"**{100 * timings['trace'] / total:.0f} %** of the analyze",
+        f"**{100 * timings['trace'] / total:.0f} %** of the analyze's time",
         "",
         "| stage | seconds | share |",
         "| --- | ---: | ---: |",
         *(f"| {s} | {t:.3f} | {100 * t / total:.1f} % |" for s, t in timings.items()),
         "",
     ]
-    if not processes:
-        return lines
+
+
+def cnn_section() -> list[str]:
+    """The benchmark CNN's default analyze."""
+    workload = bench_engine.build_cnn()
+    return share_section(
+        workload.title, workload.model, bench_analyze.batches_of(workload), workload.n_params
+    )
+
+
+def resnet_section() -> list[str]:
+    """The built-in ResNet-18 (random weights, eval mode) on 16 CIFAR-shaped random samples."""
+    torch.manual_seed(0)
+    model = resnet18().eval()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 10, (16,), generator=generator)
+    n_params = sum(p.numel() for p in model.parameters())
+    title = "ResNet-18 (built in, random weights, eval mode), 16 CIFAR-shaped samples, float32"
+    return share_section(title, model, [(x, y)], n_params)
+
+
+def processes_section() -> list[str]:
+    """Whole processes on the CNN: `sharpscope analyze --top-k 5` against PyHessian's top-5."""
+    workload = bench_engine.build_cnn()
+    batches = bench_analyze.batches_of(workload)
     with tempfile.TemporaryDirectory() as folder:
         checkpoint, data = Path(folder) / "cnn.pt", Path(folder) / "data.pt"
         torch.save(workload.model.state_dict(), checkpoint)
         inputs = torch.cat([x for x, _ in batches])
         targets = torch.cat([y for _, y in batches])
         torch.save({"inputs": inputs, "targets": targets}, data)
-        ours, _ = whole_process(
+        ours, printed = whole_process(
             [sys.executable, "-m", "sharpscope", "analyze", str(checkpoint), "--model",
              "bench_trace:cnn_model", "--data", str(data), "--top-k", "5", "--json", "--quiet"]
         )  # fmt: skip
+        report = json.loads(printed)
         script = PYHESSIAN.format(here=str(HERE), checkpoint=str(checkpoint), data=str(data))
-        theirs, _ = whole_process([sys.executable, "-c", script])
-    lines += [
-        f"- whole processes, same checkpoint and 1024 samples: `sharpscope analyze --top-k 5` "
-        f"(top-5, λ_min, trace, alignment) {ours:.1f} s; PyHessian 0.1 "
+        theirs, printed = whole_process([sys.executable, "-c", script])
+    ours_top = report_eigenvalues(report)
+    last = printed.strip().splitlines()[-1]
+    theirs_top = sorted((float(v) for v in last.strip("[]").split(",")), reverse=True)
+    reference = reference_top5(workload.model, batches)
+    ours_error = max(abs(a - b) / abs(b) for a, b in zip(ours_top, reference, strict=True))
+    theirs_error = max(abs(a - b) / abs(b) for a, b in zip(theirs_top, reference, strict=True))
+    return [
+        "## Whole processes on the CNN",
+        "",
+        f"- same checkpoint and 1024 samples: `sharpscope analyze --top-k 5` (top-5, λ_min, "
+        f"trace, alignment, data uncertainty) {ours:.1f} s; PyHessian 0.1 "
         f"`eigenvalues(top_n=5, tol=1e-6)` on one batch of 1024 {theirs:.1f} s: "
         f"**{ours / theirs:.2f}×**",
+        f"- top-5 against a tol-1e-10 Lanczos reference (float64): largest relative error "
+        f"sharpscope {ours_error:.1e}, PyHessian {theirs_error:.1e}",
         "",
     ]
-    return lines
+
+
+def report_eigenvalues(report: dict) -> list[float]:
+    """The top eigenvalues of an analyze report, largest first."""
+    return sorted((float(v) for v in report["results"]["eigenvalues"]["values"]), reverse=True)
+
+
+def reference_top5(model: nn.Module, batches: list) -> list[float]:
+    """The top-5 eigenvalues by Lanczos at tol 1e-10 on a float64 copy: the accuracy reference."""
+    import copy
+
+    twin = copy.deepcopy(model).double().eval()
+    wide = [(x.double(), y) for x, y in batches]
+    op = HessianOperator(twin, LOSS, wide)
+    top, _ = lanczos_extremes(op, 5, 1, 1e-10, 400, 0)
+    return sorted(top.eigenvalues.tolist(), reverse=True)
 
 
 def main() -> None:
@@ -223,16 +272,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=40)
     parser.add_argument("--out", type=Path, help="also write the Markdown here")
     parser.add_argument("--exact", type=float, help="the MLP's exact trace from a previous run")
-    parser.add_argument("--no-processes", action="store_true", help="skip the whole processes")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     args = parser.parse_args()
+    sections = {
+        "mlp": lambda: mlp_section(args.seeds, args.exact),
+        "cnn": cnn_section,
+        "resnet": resnet_section,
+        "processes": processes_section,
+    }
     lines = [
         "# The trace's cost and its intervals",
         "",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
         "",
-        *mlp_section(args.seeds, args.exact),
-        *cnn_section(not args.no_processes),
+        *(line for name in args.only for line in sections[name]()),
     ]
     text = "\n".join(lines)
     print(text)

@@ -13,6 +13,19 @@ from sharpscope.curvature.results import Progress, Subspace, TraceResult
 from sharpscope.curvature.vectors import dot, random_vectors
 
 
+def _standard_error(samples: list[float], images: list[float] | None, floor: float) -> float:
+    """The standard error of the samples' mean, ``floor`` added in quadrature: from their sample
+    variance or, given ``images`` (‖Bz‖² per probe), from the Gaussian-probe variance 2‖B‖_F²."""
+    n = len(samples)
+    if n < 2:
+        return math.inf
+    if images is None:
+        variance = float(torch.tensor(samples, dtype=torch.float64).var())
+    else:
+        variance = 2 * math.fsum(images) / n
+    return math.hypot(math.sqrt(variance / n), floor)
+
+
 def _sample_until(
     op: LinearOperator,
     offset: float,
@@ -24,41 +37,45 @@ def _sample_until(
     progress: Progress | None,
     task: str,
     floor: float = 0.0,
-) -> tuple[torch.Tensor, bool]:
-    """Draw Rademacher quadratic forms zᵀHz (z projected off ``project``'s rows if given) until the
-    standard error of ``offset`` + their mean (with ``floor`` added in quadrature) is at most
-    ``tol`` times its magnitude."""
+    bounded: bool = False,
+) -> tuple[torch.Tensor, float, bool]:
+    """Draw Rademacher quadratic forms zᵀBz, B = PHP with P = I − ``project``ᵀ``project`` (or H),
+    until the standard error of ``offset`` + their mean is at most ``tol`` times its magnitude;
+    the samples, that standard error (see :func:`_standard_error`; ``bounded``: from ‖Bz‖²) and
+    whether it was reached."""
     like = torch.empty(0, dtype=op.dtype, device=op.device)
     samples: list[float] = []
-    converged = False
+    images: list[float] | None = [] if bounded else None
+    error, converged = math.inf, False
     while len(samples) < max_samples:
         z = random_vectors(1, op.size, like, generator, "rademacher")[0]
         if project is not None:
             z = z - project.T @ (project @ z)
-        samples.append(dot(z, op.matvec(z)))
+        image = op.matvec(z)
+        samples.append(dot(z, image))
+        if images is not None:
+            if project is not None:
+                image = image - project.T @ (project @ image)
+            images.append(dot(image, image))
         if progress is not None:
             progress(task, len(samples), max_samples)
-        if len(samples) >= max(min_samples, 2):
-            values = torch.tensor(samples, dtype=torch.float64)
-            error = math.hypot(float(values.std()) / math.sqrt(len(samples)), floor)
-            if error <= tol * abs(offset + float(values.mean())):
-                converged = True
-                break
-    return torch.tensor(samples, dtype=torch.float64), converged
+        error = _standard_error(samples, images, floor)
+        if len(samples) >= min_samples and error <= tol * abs(offset + sum(samples) / len(samples)):
+            converged = True
+            break
+    return torch.tensor(samples, dtype=torch.float64), error, converged
 
 
 def _result(
     offset: float,
-    samples: torch.Tensor,
-    converged: bool,
+    sampled: tuple[torch.Tensor, float, bool],
     op: LinearOperator,
     products: int,
     start: float,
     method: str,
-    floor: float = 0.0,
 ) -> TraceResult:
+    samples, error, converged = sampled
     n = len(samples)
-    error = math.hypot(float(samples.std()) / math.sqrt(n), floor) if n > 1 else math.inf
     return TraceResult(
         estimate=offset + float(samples.mean()) if n else offset,
         std_error=error,
@@ -83,10 +100,10 @@ def hutchinson(
     most ``tol`` · |estimate| (after ``min_samples``) or after ``max_samples`` products."""
     start, products = time.perf_counter(), op.n_products
     generator = torch.Generator().manual_seed(seed)
-    samples, converged = _sample_until(
+    sampled = _sample_until(
         op, 0.0, None, generator, tol, min_samples, max_samples, progress, "hutchinson"
     )
-    return _result(0.0, samples, converged, op, products, start, "hutchinson")
+    return _result(0.0, sampled, op, products, start, "hutchinson")
 
 
 def hutchpp(
@@ -102,7 +119,8 @@ def hutchpp(
     products), plus Hutchinson on the rest, sampled as in :func:`hutchinson`.
 
     The sketch captures the few large outlier eigenvalues of a Hessian, which dominate
-    Hutchinson's variance; the standard error is that of the remainder.
+    Hutchinson's variance; the standard error is that of the remainder, as in
+    :func:`deflated_trace`.
     """
     start, products = time.perf_counter(), op.n_products
     generator = torch.Generator().manual_seed(seed)
@@ -114,10 +132,19 @@ def hutchpp(
     exact = sum(dot(q, op.matvec(q)) for q in basis)
     if progress is not None:
         progress("hutch++", 0, max_samples)
-    samples, converged = _sample_until(
-        op, exact, basis, generator, tol, min_samples, max_samples, progress, "hutch++"
+    sampled = _sample_until(
+        op,
+        exact,
+        basis,
+        generator,
+        tol,
+        min_samples,
+        max_samples,
+        progress,
+        "hutch++",
+        bounded=True,
     )
-    return _result(exact, samples, converged, op, products, start, "hutch++")
+    return _result(exact, sampled, op, products, start, "hutch++")
 
 
 def rounding_bound(subspace: Subspace, dtype: torch.dtype) -> float:
@@ -138,15 +165,18 @@ def deflated_trace(
     """tr(H) = tr(QᵀHQ) + tr(PHP), P = I − QQᵀ, with Q an eigen-solve's orthonormal basis: the
     first part known (no product), the second by Hutchinson on Pz, z Rademacher.
 
-    Unbiased for any basis drawn independently of the probes (converged or not); stops once the
-    standard error (the samples', with :func:`rounding_bound` in quadrature) is at most ``tol`` ·
-    |estimate| (after ``min_samples``), or after ``max_products`` samples, unconverged.
+    Unbiased for any basis drawn independently of the probes (converged or not). Its standard
+    error is √(2·mean‖PHPz‖²/n) (docs/engine.md), with :func:`rounding_bound` in quadrature: the
+    exact one for Gaussian probes, an upper bound for Rademacher ones, and far less noisy than the
+    samples' own spread, so stopping on it keeps the 95 % interval's coverage. It stops once that
+    is at most ``tol`` · |estimate| (after ``min_samples``), or after ``max_products`` samples,
+    unconverged. Each sample costs one product and two projections.
     """
     start, products = time.perf_counter(), op.n_products
     generator = torch.Generator().manual_seed(seed)
     floor = rounding_bound(subspace, op.dtype)
     budget = max(2, max_products)
-    samples, converged = _sample_until(
+    sampled = _sample_until(
         op,
         subspace.trace,
         subspace.basis,
@@ -157,5 +187,6 @@ def deflated_trace(
         progress,
         "deflated",
         floor,
+        bounded=True,
     )
-    return _result(subspace.trace, samples, converged, op, products, start, "deflated", floor)
+    return _result(subspace.trace, sampled, op, products, start, "deflated")
