@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 from sharpscope import SharpnessTracker
+from sharpscope.curvature import FisherOperator, GGNOperator, lanczos
+from sharpscope.errors import InputError
+from sharpscope.io.losses import resolve_loss
 from sharpscope.optim import EigenSAM
 from sharpscope.training.metrics import read_rows
 from sharpscope.training.sinks import JsonlLog, TensorBoardLog
@@ -62,6 +65,56 @@ def test_figures_match_the_dense_hessian():
     assert abs(m.trace - float(eigenvalues.sum())) <= 4 * m.trace_error
     assert m.n_products == m.eigen_products + 40 and m.hessian_dtype == "float64"
     assert 0 <= m.alignment <= 1 and not m.warm_start
+
+
+def dense_ggn(model: nn.Module, batches: list) -> torch.Tensor:
+    """The float64 GGN ``Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i / n`` of the mean cross-entropy, each
+    row of the logits' Jacobian J by autograd, in eval mode."""
+    params = list(model.parameters())
+    was = model.training
+    model.eval()
+    x = torch.cat([x for x, _ in batches])
+    logits = model(x)
+    jac = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(z, params, retain_graph=True)])
+            for z in logits.reshape(-1)
+        ]
+    ).reshape(*logits.shape, -1)
+    p = logits.detach().softmax(-1)
+    out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    model.train(was)
+    return torch.einsum("nap,nab,nbq->pq", jac, out, jac) / len(x)
+
+
+def test_the_ggn_tracker_measures_the_ggn_operator_s_lambda_max():
+    model, batches = problem()
+    tracked = SharpnessTracker(model, CE, batches, curvature="ggn", tol=1e-10, max_iter=200)
+    m = tracked.measure(step=3)
+    reference = lanczos(GGNOperator(model, CE, batches), k=1, tol=1e-10, max_iter=200, seed=1)
+    dense = float(torch.linalg.eigvalsh(dense_ggn(model, batches))[-1])
+    assert m.curvature == "ggn" and m.row()["curvature"] == "ggn" and m.lambda_max_converged
+    assert m.lambda_max == pytest.approx(float(reference.eigenvalues[0]), rel=1e-9, abs=1e-12)
+    assert abs(m.lambda_max - dense) <= m.lambda_max_residual + 1e-12
+    hessian = SharpnessTracker(model, CE, batches, tol=1e-10, max_iter=200).measure()
+    assert abs(hessian.lambda_max - m.lambda_max) > 1e-6  # another matrix: 2e-4 apart here
+
+
+def test_the_fisher_tracker_draws_its_labels_with_its_seed():
+    model, batches = problem()
+    settings = dict(tol=1e-10, max_iter=200)
+    ce = resolve_loss("cross-entropy")  # the fisher's draws need a built-in loss
+    m = SharpnessTracker(model, ce, batches, curvature="fisher", seed=5, **settings).measure()
+    other = SharpnessTracker(model, ce, batches, curvature="fisher", seed=6, **settings).measure()
+    seeded = FisherOperator(model, ce, batches, seed=5)
+    reference = float(lanczos(seeded, k=1, **settings).eigenvalues[0])  # type: ignore[arg-type]
+    assert m.curvature == "fisher"
+    assert m.lambda_max == pytest.approx(reference, rel=1e-9)
+    assert abs(other.lambda_max - m.lambda_max) > 1e-6  # other draws, another matrix
+    empirical = SharpnessTracker(model, CE, batches, curvature="empirical-fisher").measure()
+    assert empirical.curvature == "empirical-fisher" and empirical.lambda_max > 0
+    with pytest.raises(InputError, match="unknown `curvature` 'gauss-newton'"):
+        SharpnessTracker(model, CE, batches, curvature="gauss-newton")
 
 
 def test_measuring_leaves_the_training_state_untouched():

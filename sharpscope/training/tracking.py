@@ -17,10 +17,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sharpscope import distributed
 from sharpscope.batches import LossFn, correct_count, loss_weight
-from sharpscope.curvature import HessianOperator, curvature_mode, hutchpp, lanczos
+from sharpscope.curvature import CURVATURES, CurvatureOperator, curvature_mode, hutchpp, lanczos
 from sharpscope.curvature.lanczos import lanczos_extremes
 from sharpscope.curvature.params import ParamSpace
 from sharpscope.curvature.vectors import abs_cosine
+from sharpscope.errors import check_choice
 from sharpscope.structures import call_model
 from sharpscope.training.sinks import Sink, as_sinks, close_all
 
@@ -56,11 +57,12 @@ def evaluate(
 
 @dataclass(frozen=True)
 class Measurement:
-    """One measurement of the probe set's Hessian at training step ``step``.
+    """One measurement of the probe set's curvature matrix (``curvature``, a name of
+    :data:`~sharpscope.curvature.CURVATURES`: the Hessian unless asked) at training step ``step``.
 
     Every eigenvalue comes with its residual ‖Hv − λv‖ (it lies within that of an eigenvalue) and
     whether that met the tolerance, the trace with its standard error; a figure not asked for is
-    None. It took ``n_products`` Hessian-vector products in ``hessian_dtype``, ``eigen_products``
+    None. It took ``n_products`` matrix-vector products in ``hessian_dtype``, ``eigen_products``
     of them for the eigenvalues (the rest for the trace); ``warm_start``: whether the eigen-solve
     started from the previous measurement's eigenvector(s).
     """
@@ -84,6 +86,7 @@ class Measurement:
     """|cos(ĝ, v₁)|, ĝ the probe gradient."""
     esam_v1_alignment: float | None = None
     """|cos(v, v₁)| of the Eigen-SAM optimizer's eigenvector estimate v and the measured v₁."""
+    curvature: str = "hessian"
 
     def row(self) -> dict[str, Any]:
         """The figures as a flat dict (None where not measured)."""
@@ -93,7 +96,10 @@ class Measurement:
 class SharpnessTracker:
     """Measures the sharpness of ``model`` on the fixed ``probe_batches`` every ``every`` steps.
 
-    λ_max is the top eigenvalue of the Hessian of the mean loss over the probe batches (each an
+    λ_max is the top eigenvalue of the ``curvature`` matrix (a name of
+    :data:`~sharpscope.curvature.CURVATURES`: ``hessian``, ``ggn``, ``fisher`` with labels drawn
+    from the model, seeded by ``seed``, or ``empirical-fisher``) of the mean loss over the probe
+    batches (each an
     ``(inputs, targets)`` pair, ``loss_fn(model(inputs), targets)`` their mean loss), over the
     parameters that ``params`` selects (globs; default: all that require grad), in eval mode
     (BatchNorm on running statistics, or on each batch's with ``batch_stats``), as ``sharpscope
@@ -130,8 +136,10 @@ class SharpnessTracker:
         params: Sequence[str] | str | None = None,
         batch_stats: bool = False,
         warm_start: bool = True,
+        curvature: str = "hessian",
         log: object = None,
     ) -> None:
+        check_choice("curvature", curvature, CURVATURES)
         if every < 1:
             raise ValueError(f"`every` must be at least 1, got {every}")
         if not tol > 0:
@@ -157,6 +165,7 @@ class SharpnessTracker:
         self.params = params
         self.batch_stats = batch_stats
         self.warm_start = warm_start
+        self.curvature = curvature
         self.sinks: list[Sink] = as_sinks(log) if distributed.is_main() else []
         self.last: Measurement | None = None
         self._top: torch.Tensor | None = None
@@ -174,9 +183,7 @@ class SharpnessTracker:
         """Measure now, log the row (rank 0) and return it; ``step`` labels the row."""
         start = time.perf_counter()
         with _untouched(self.model):
-            op = HessianOperator(
-                self.model, self.loss_fn, self.probe, self.params, batch_stats=self.batch_stats
-            )
+            op = self._operator()
             top, bottom, warm = self._eigen(op)
             eigen_products = op.n_products
             gradient = op.gradient() if self.alignment else None
@@ -214,6 +221,7 @@ class SharpnessTracker:
             trace_error=None if traced is None else traced.std_error,
             alignment=None if gradient is None else abs_cosine(gradient, v1),
             esam_v1_alignment=self._esam_alignment(op.space, v1),
+            curvature=self.curvature,
         )
         self.last = measured
         row = measured.row()
@@ -221,7 +229,19 @@ class SharpnessTracker:
             sink(row)
         return measured
 
-    def _eigen(self, op: HessianOperator) -> tuple[Any, Any, bool]:
+    def _operator(self) -> CurvatureOperator:
+        """The probe set's ``curvature`` matrix (the true Fisher's labels drawn by ``seed``)."""
+        seeded = {"seed": self.seed} if self.curvature == "fisher" else {}
+        return CURVATURES[self.curvature](
+            self.model,
+            self.loss_fn,
+            self.probe,
+            self.params,
+            batch_stats=self.batch_stats,
+            **seeded,
+        )
+
+    def _eigen(self, op: CurvatureOperator) -> tuple[Any, Any, bool]:
         """λ_max's (and λ_min's, if asked) Lanczos results, and whether they started warm."""
         start = self._start(op.size)
         kwargs = dict(tol=self.tol, max_iter=self.max_iter, seed=self.seed, v0=start)
