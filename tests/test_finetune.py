@@ -41,6 +41,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 OPTIMIZERS = {
     "sgd": ["--optimizer", "sgd"],
     "eigen-sam": ["--optimizer", "eigen-sam", "--eig-every", "5"],  # refreshes at 5, 10, 15, 20
+    "sam-bf16": ["--optimizer", "sam", "--precision", "bf16", "--curvature", "ggn"],
 }
 
 
@@ -127,7 +128,7 @@ def straight(
     return get
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "eigen-sam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "eigen-sam", "sam-bf16"])
 def test_n_steps_stop_and_n_more_equal_2n_straight(
     optimizer: str, finetune_files: dict[str, Path], straight: Callable, tmp_path: Path
 ):
@@ -257,6 +258,21 @@ def test_a_run_folder_holds_metrics_plot_and_the_last_checkpoints(straight: Call
     assert config["model"] == ModelSpec("mlp", {"hidden": (16,)}).to_json()
 
 
+def test_a_bf16_run_tracks_the_ggn_in_float32_and_says_so(straight: Callable, tmp_path: Path):
+    run, result = straight("sam-bf16")
+    summary = json.loads(result.stdout)
+    assert (summary["precision"], summary["curvature"]) == ("bf16", "ggn")
+    rows = read_rows(run / "metrics.jsonl")
+    assert {(r["precision"], r["product_dtype"], r["curvature"]) for r in rows} == {
+        ("bf16", "float32", "ggn")
+    }
+    assert rows[-1]["probe_loss"] < rows[0]["probe_loss"] and rows[-1]["loss"] < rows[1]["loss"]
+    assert all(r["lambda_max"] > 0 for r in rows)  # the GGN is positive semi-definite
+    shutil.copytree(run, tmp_path / "copy")  # a finished run: resuming it prints its summary
+    table = CliRunner().invoke(app, ["finetune", "--resume", str(tmp_path / "copy")]).stdout
+    assert "24 steps in bf16; λ_max of the ggn in float32" in table
+
+
 def test_analyze_reads_a_finetune_checkpoint_without_model(straight: Callable):
     run, _ = straight("sgd")
     checkpoint = run / f"step-{2 * N:06d}" / "model.safetensors"
@@ -281,6 +297,9 @@ def test_a_resume_refuses_changed_settings(straight: Callable, tmp_path: Path):
     finetune = ["finetune", "--resume", str(copy)]
     one_error(CliRunner().invoke(app, [*finetune, "--lr", "0.5"]), "--lr 0.5", "0.05", "--steps")
     one_error(CliRunner().invoke(app, [*finetune, "--optimizer", "sam"]), "--optimizer sam")
+    changed = CliRunner().invoke(app, [*finetune, "--curvature", "ggn"])
+    one_error(changed, "--curvature ggn differs from the run's hessian")
+    one_error(CliRunner().invoke(app, [*finetune, "--precision", "bf16"]), "--precision bf16")
     one_error(CliRunner().invoke(app, [*finetune, "--out", str(run)]), "stays in its folder")
     one_error(CliRunner().invoke(app, [*finetune, "--steps", "3"]), "beyond the 3 steps")
     assert sorted(os.listdir(copy)) == sorted(os.listdir(run))
@@ -336,6 +355,9 @@ def test_resuming_a_missing_folder_says_it_does_not_exist(tmp_path: Path):
         (["--optimizer", "adam"], "unknown --optimizer 'adam'"),
         (["--steps", "5", "--epochs", "1"], "either --steps or --epochs"),
         (["--lr", "-1"], "--lr must be positive"),
+        (["--curvature", "hess"], "unknown --curvature 'hess'; choose one of hessian, ggn"),
+        (["--precision", "fp16"], "unknown --precision 'fp16'; choose one of float32, bf16"),
+        (["--precision", "bf16", "--dtype", "float64"], "use --dtype float32 with it"),
     ],
 )
 def test_bad_options_are_one_line_errors(
@@ -357,9 +379,15 @@ DERIVED = {"checkpoint", "checkpoint_sha256", "model", "layout"}
 and --model-arg, else the one the checkpoint stores) and the checkpoints' layout (from both)."""
 
 
-@pytest.mark.parametrize("length", [{"steps": 9, "epochs": None}, {"steps": None, "epochs": 2}])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"steps": 9, "epochs": None, "dtype": "float64", "precision": "float32"},
+        {"steps": None, "epochs": 2, "dtype": "float32", "precision": "bf16"},  # bf16: float32
+    ],
+)
 def test_every_run_setting_comes_from_its_own_option(
-    length: dict[str, int | None],
+    variant: dict[str, int | str | None],
     finetune_files: dict[str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -371,9 +399,9 @@ def test_every_run_setting_comes_from_its_own_option(
         **dict(lr=0.02, momentum=0.5, weight_decay=0.001, rho=0.07, alpha=0.3, per_rank_sam=True),
         **dict(eig_every=7, eig_steps=3, schedule="cosine", batch_size=16, track_every=4),
         **dict(probe_size=32, track_iters=5, save_every=6, keep=2, seed=3, device="cpu"),
-        **dict(dtype="float64", text_field="sentence", label_field="class", max_length=20),
+        **dict(text_field="sentence", label_field="class", max_length=20, curvature="ggn"),
         **dict(params=("1.*", "3.weight"), freeze=("1.bias",)),
-        **length,
+        **variant,
     }
     assert set(values) == {f.name for f in fields(RunOptions)}
     args: list[str] = ["--params", "1.*", "--params", "3.weight", "--freeze", "1.bias"]

@@ -54,13 +54,26 @@ def dropout_net() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Dropout(0.3), nn.Linear(12, 3))
 
 
-def session(model: nn.Module, name: str = "eigen-sam", total: int = 20) -> Session:
+def session(
+    model: nn.Module, name: str = "eigen-sam", total: int = 20, precision: str = "float32"
+) -> Session:
     settings = OptimizerSettings(name, 0.1, 0.9, 1e-4, 0.05, 0.2, 4, 3, 0)
     optimizer, hook = build_optimizer(model, CE, settings)
     scheduler = build_scheduler(optimizer, "cosine", total)
     order = DataOrder(96, 16, seed=0)
     cpu = torch.device("cpu")
-    return Session(model, CE, blobs(), optimizer, scheduler, order, cpu, torch.float32, hook=hook)
+    return Session(
+        model,
+        CE,
+        blobs(),
+        optimizer,
+        scheduler,
+        order,
+        cpu,
+        torch.float32,
+        hook=hook,
+        precision=precision,
+    )
 
 
 def tracker(s: Session) -> Tracker:
@@ -201,6 +214,27 @@ def test_rows_hold_every_field_and_eigen_sam_figures():
     assert last["epoch"] == pytest.approx(8 / 6)
 
 
+@pytest.mark.parametrize("name", ["sgd", "sam", "eigen-sam"])
+def test_bf16_steps_autocast_the_passes_and_keep_float32_weights_and_products(name: str):
+    """bf16 moves the weights differently from float32, but only by bfloat16's rounding; the
+    weights, Eigen-SAM's refresh and the tracker stay float32; the rows say which is which."""
+    runs = {}
+    for precision in ("float32", "bf16"):
+        seed_everything(0)
+        s = session(dropout_net(), name, total=8, precision=precision)
+        rows: list[dict[str, Any]] = []
+        run(s, 8, tracker(s), 4, 100, Hooks(rows.append, lambda: None))
+        runs[precision] = (torch.cat([p.detach().reshape(-1) for p in s.model.parameters()]), s)
+        assert [r["precision"] for r in rows] == [precision] * 2
+        assert {(r["curvature"], r["product_dtype"]) for r in rows} == {("hessian", "float32")}
+        assert rows[1]["loss"] < rows[0]["loss"]
+    (plain, _), (bf16, s) = runs["float32"], runs["bf16"]
+    assert bf16.dtype == torch.float32 and not torch.equal(plain, bf16)
+    assert (bf16 - plain).norm() < 0.01 * plain.norm()  # bfloat16 rounding (5e-4 here)
+    if name == "eigen-sam":
+        assert s.hook.estimate is not None and s.hook.estimate.dtype == "float32"
+
+
 def test_metrics_log_resume_keeps_rows_up_to_the_checkpoint(tmp_path: Path):
     fields = ("step", "loss")
     with MetricsLog(tmp_path, fields, None) as log:
@@ -266,6 +300,9 @@ def test_resume_keeps_fixed_settings_and_may_extend_the_run():
         ({"lr": 0.0}, "^`lr` must be positive"),
         ({"keep": 0}, "^`keep` must be positive"),
         ({"rho": -1.0}, "^`rho` must be at least 0"),
+        ({"curvature": "gauss-newton"}, "unknown `curvature` 'gauss-newton'"),
+        ({"precision": "fp16"}, "unknown `precision` 'fp16'; choose one of float32, bf16"),
+        ({"precision": "bf16", "dtype": "float64"}, "use `dtype` float32 with it"),
     ],
 )
 def test_bad_settings_are_refused(changes: dict[str, Any], message: str):

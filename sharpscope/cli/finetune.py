@@ -23,6 +23,7 @@ from sharpscope.cli.common import (
     stdout,
 )
 from sharpscope.cli.loading import data_fingerprint, load_inputs
+from sharpscope.curvature import CURVATURES
 from sharpscope.io.models import ModelSpec, parse_model_args
 from sharpscope.report.finetune_summary import summary, summary_table
 from sharpscope.report.training_plot import plot_training
@@ -37,7 +38,7 @@ from sharpscope.training.plan import (
     validation_data,
 )
 from sharpscope.training.run import Inputs, Outcome, Watch, finetune
-from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig
+from sharpscope.training.run_config import DEFAULT_EPOCHS, PRECISIONS, RunConfig
 from sharpscope.training.run_dir import RunDir, model_path
 from sharpscope.training.selection import split_globs
 from sharpscope.training.signals import StopRequest
@@ -150,6 +151,13 @@ def finetune_command(
     schedule: _setting(
         str, f"Learning-rate schedule: {', '.join(SCHEDULES)}", OPTIMIZE, DEFAULTS.schedule
     ) = None,
+    precision: _setting(
+        str,
+        f"Training passes: {', '.join(PRECISIONS)} (bf16: bfloat16 autocast of float32 weights, "
+        "whose gradients and λ_max products stay float32)",
+        OPTIMIZE,
+        DEFAULTS.precision,
+    ) = None,
     batch_size: _shared(opt.BatchSize, DEFAULTS.batch_size) = None,
     epochs: Annotated[
         int | None,
@@ -171,6 +179,12 @@ def finetune_command(
     ) = None,
     track_iters: _setting(
         int, "Most Lanczos products per λ_max measurement", TRACK, DEFAULTS.track_iters
+    ) = None,
+    curvature: _setting(
+        str,
+        f"The matrix whose λ_max is tracked: {', '.join(CURVATURES)} (see analyze)",
+        TRACK,
+        DEFAULTS.curvature,
     ) = None,
     out: Annotated[
         Path | None,
@@ -258,6 +272,8 @@ def finetune_command(
             track_every=track_every,
             probe_size=probe_size,
             track_iters=track_iters,
+            curvature=curvature,
+            precision=precision,
             save_every=save_every,
             keep=keep,
             seed=seed,
@@ -323,7 +339,8 @@ def finetune_command(
             outcome = finetune(plan.folder, config, inputs, plan.resume_from, watch)
         if main:
             plot = plan.folder.path / PLOT
-            plot_training(outcome.rows, plot, f"{config.optimizer} on {config.data}")
+            title = f"{config.optimizer} ({config.precision}) on {config.data}"
+            plot_training(outcome.rows, plot, f"{title}, λ_max of the {config.curvature}")
             info(f"wrote {plot}")
         _report(outcome, plan.folder, config, stop, json_out)
 

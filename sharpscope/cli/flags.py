@@ -85,6 +85,7 @@ FLAGS: dict[str, str] = {
     "track_every": "--track-every",
     "probe_size": "--probe-size",
     "track_iters": "--track-iters",
+    "precision": "--precision",
     "save_every": "--save-every",
     "keep": "--keep",
     "resume": "--resume",

@@ -40,6 +40,8 @@ def summary(outcome: Outcome, folder: RunDir, config: RunConfig) -> dict[str, An
         "step": outcome.step,
         "total_steps": outcome.total_steps,
         "optimizer": config.optimizer,
+        "precision": config.precision,
+        "curvature": config.curvature,
         "seconds_per_step": seconds_per_step(outcome.rows),
         "before": outcome.rows[0] if outcome.rows else None,
         "after": outcome.rows[-1] if outcome.rows else None,
@@ -49,8 +51,10 @@ def summary(outcome: Outcome, folder: RunDir, config: RunConfig) -> dict[str, An
 def summary_table(doc: dict[str, Any]) -> Table:
     """The figures of :func:`summary`'s first and last rows side by side (those with a value)."""
     before, after = doc["before"], doc["after"]
+    products = after.get("product_dtype") or "the weights' dtype"
     table = Table(
-        title=f"sharpscope finetune: {doc['optimizer']}, {doc['step']} steps",
+        title=f"sharpscope finetune: {doc['optimizer']}, {doc['step']} steps in "
+        f"{doc['precision']}; λ_max of the {doc['curvature']} in {products}",
         title_justify="left",
     )
     table.add_column("figure", style="bold")

@@ -57,6 +57,8 @@ class RunOptions:
     seed: int | None = None
     device: str | None = None
     dtype: str | None = None
+    curvature: str | None = None
+    precision: str | None = None
 
     def given(self) -> dict[str, Any]:
         """The settings given (not None), by name."""
@@ -86,6 +88,8 @@ DEFAULTS = RunOptions(
     seed=0,
     device="auto",
     dtype="float32",
+    curvature="hessian",
+    precision="float32",
 )
 """A new run's settings where none is given. ``data`` has none; ``val_data`` None validates on
 the held-out split of ``data``; ``rho`` is :data:`DEFAULT_RHO` of the optimizer; without

@@ -106,6 +106,7 @@ def finetune(
         wrapped=DistributedDataParallel(inputs.model) if distributed.is_distributed() else None,
         per_rank_sam=config.per_rank_sam,
         hook=hook,
+        precision=config.precision,
     )
     main = distributed.is_main()
     track = tracker(config, inputs)
@@ -248,6 +249,11 @@ def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
     probe = placed(train, subset_indices(len(train), config.probe_size, config.seed))
     held_out = placed(val, torch.arange(len(val))) if val is not None else None
     sharpness = SharpnessTracker(
-        inputs.model, inputs.loss_fn, probe, seed=config.seed, max_iter=config.track_iters
+        inputs.model,
+        inputs.loss_fn,
+        probe,
+        seed=config.seed,
+        max_iter=config.track_iters,
+        curvature=config.curvature,
     )
     return Tracker(sharpness, held_out)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
+from sharpscope.curvature import CURVATURES
 from sharpscope.errors import InputError, check_choice
 from sharpscope.training.optimizers import OPTIMIZERS, SCHEDULES, OptimizerSettings
 
@@ -14,6 +15,9 @@ DEFAULT_EPOCHS = 10
 LAYOUTS: tuple[str, ...] = ("safetensors", "pretrained")
 """How a run writes its model: ``model.safetensors`` with the model spec in its metadata, or a
 Hugging Face save_pretrained folder (a run started from one without `model`)."""
+PRECISIONS: tuple[str, ...] = ("float32", "bf16")
+"""How the training passes compute: in the weights' dtype, or under bfloat16 autocast (weights,
+gradients and the tracker's and Eigen-SAM's products stay float32)."""
 CHANGEABLE: tuple[str, ...] = ("steps", "epochs", "track_every", "save_every", "keep", "device")
 """Settings a resumed run may change: how long it runs, how often it records and saves, where.
 Every other setting changes the trained weights or the tracked figures, so it is fixed."""
@@ -66,6 +70,10 @@ class RunConfig:
     """Globs of parameters left as they are; None: none."""
     layout: str = "safetensors"
     """The checkpoints' layout, one of :data:`LAYOUTS`."""
+    curvature: str = "hessian"
+    """The matrix whose λ_max the rows track (:data:`~sharpscope.curvature.CURVATURES`)."""
+    precision: str = "float32"
+    """The training passes' precision, one of :data:`PRECISIONS`."""
 
     def __post_init__(self) -> None:
         for name in ("params", "freeze"):
@@ -77,6 +85,13 @@ class RunConfig:
         check_choice("layout", self.layout, LAYOUTS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("curvature", self.curvature, CURVATURES)
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.precision == "bf16" and self.dtype != "float32":
+            raise InputError(
+                f"`precision` bf16 autocasts float32 weights, and leaves {self.dtype} ones as "
+                "they are; use `dtype` float32 with it"
+            )
         if self.per_rank_sam and self.optimizer == "sgd":
             raise InputError("`per_rank_sam` needs a SAM-style optimizer (sam, asam or eigen-sam)")
         if (self.steps is None) == (self.epochs is None):

@@ -324,6 +324,8 @@ class Tracker:
             "lambda_max": top.lambda_max,
             "lambda_residual": top.lambda_max_residual,
             "alignment": top.alignment,
+            "curvature": top.curvature,
+            "product_dtype": top.hessian_dtype,
             "probe_loss": probe_loss,
             "probe_accuracy": probe_accuracy,
             "val_loss": val_loss,

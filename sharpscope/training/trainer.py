@@ -40,6 +40,9 @@ FIELDS: tuple[str, ...] = (
     "lambda_max",
     "lambda_residual",
     "alignment",
+    "curvature",
+    "product_dtype",
+    "precision",
     "esam_eigenvalue",
     "esam_residual",
     "esam_alignment",
@@ -107,6 +110,9 @@ class Session:
     per_rank_sam: bool = False
     hook: StepHook = field(default_factory=NoHook)
     """The optimizer's hook (:func:`~sharpscope.training.optimizers.build_optimizer` returns it)."""
+    precision: str = "float32"
+    """``bf16``: the forward passes (both of SAM's) run under bfloat16 autocast; the weights, their
+    gradients and Eigen-SAM's refresh stay in ``dtype``."""
 
     def train_step(self) -> float:
         """One optimizer step on the next minibatch; returns this rank's loss (at w, before the
@@ -121,8 +127,9 @@ class Session:
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
             with self._synced(first_pass=not first):
-                outputs = call_model(forward, inputs)
-                loss = self.loss_fn(outputs, targets)
+                with self._autocast():
+                    outputs = call_model(forward, inputs)
+                    loss = self.loss_fn(outputs, targets)
                 mean = distributed.sum_floats([float(loss.detach()) / distributed.world_size()])
                 if not math.isfinite(mean[0]):
                     raise Diverged(self.step + 1, f"the loss became {mean[0]}")
@@ -148,6 +155,11 @@ class Session:
             return index
         mine = distributed.shard(len(index))
         return index[mine.start : mine.stop]
+
+    def _autocast(self) -> torch.autocast:
+        """bfloat16 autocast on the model's device with ``precision`` bf16, else none."""
+        bf16 = self.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _synced(self, first_pass: bool) -> contextlib.AbstractContextManager[None]:
         """No gradient averaging in SAM's first pass with ``per_rank_sam``, else as usual."""
@@ -183,6 +195,7 @@ class Session:
             "epoch": self.step / self.order.steps_per_epoch,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             **self.window.summary(),
+            "precision": self.precision,
             "esam_eigenvalue": None if estimate is None else estimate.eigenvalue,
             "esam_residual": None if estimate is None else estimate.residual,
         }
