@@ -63,7 +63,7 @@ def test_figures_match_the_dense_hessian():
     assert abs(m.lambda_min - float(eigenvalues[0])) <= m.lambda_min_residual + 1e-12
     assert m.lambda_max_converged and m.lambda_min_converged
     assert abs(m.trace - float(eigenvalues.sum())) <= 4 * m.trace_error
-    assert m.n_products == m.eigen_products + 40 and m.hessian_dtype == "float64"
+    assert m.n_products == m.eigen_products + 40 and m.product_dtype == "float64"
     assert 0 <= m.alignment <= 1 and not m.warm_start
 
 
@@ -130,7 +130,7 @@ def test_measuring_leaves_the_training_state_untouched():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert tracker(1) is None  # not a tracking step
         m = tracker(2)
-    assert m is not None and m.hessian_dtype == "float64"  # products outside autocast
+    assert m is not None and m.product_dtype == "float64"  # products outside autocast
     assert torch.equal(torch.get_rng_state(), rng)
     assert [m.training for m in model.modules()] == modes
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -219,7 +219,7 @@ def test_rows_go_to_lists_jsonl_tensorboard_and_callables(tmp_path: Path):
     names = {name for name, _, _ in scalars}
     assert "sharpness/lambda_max" in names and "sharpness/lambda_min" not in names
     assert (
-        "sharpness/hessian_dtype" not in names
+        "sharpness/product_dtype" not in names
         and ("sharpness/lambda_max", rows[1]["lambda_max"], 4) in scalars
     )
     board = TensorBoardLog(tmp_path / "board")

@@ -62,7 +62,7 @@ class Measurement:
 
     Every eigenvalue comes with its residual ‖Hv − λv‖ (it lies within that of an eigenvalue) and
     whether that met the tolerance, the trace with its standard error; a figure not asked for is
-    None. It took ``n_products`` matrix-vector products in ``hessian_dtype``, ``eigen_products``
+    None. It took ``n_products`` matrix-vector products in ``product_dtype``, ``eigen_products``
     of them for the eigenvalues (the rest for the trace); ``warm_start``: whether the eigen-solve
     started from the previous measurement's eigenvector(s).
     """
@@ -75,7 +75,7 @@ class Measurement:
     n_products: int
     eigen_products: int
     warm_start: bool
-    hessian_dtype: str
+    product_dtype: str
     seconds: float
     lambda_min: float | None = None
     lambda_min_residual: float | None = None
@@ -212,7 +212,7 @@ class SharpnessTracker:
             n_products=op.n_products,
             eigen_products=eigen_products,
             warm_start=warm,
-            hessian_dtype=str(op.dtype).removeprefix("torch."),
+            product_dtype=str(op.dtype).removeprefix("torch."),
             seconds=time.perf_counter() - start,
             lambda_min=None if bottom is None else float(bottom.eigenvalues[0]),
             lambda_min_residual=None if bottom is None else float(bottom.residuals[0]),
@@ -325,7 +325,7 @@ class Tracker:
             "lambda_residual": top.lambda_max_residual,
             "alignment": top.alignment,
             "curvature": top.curvature,
-            "product_dtype": top.hessian_dtype,
+            "product_dtype": top.product_dtype,
             "probe_loss": probe_loss,
             "probe_accuracy": probe_accuracy,
             "val_loss": val_loss,
