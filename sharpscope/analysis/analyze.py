@@ -42,7 +42,14 @@ from sharpscope.curvature import (
 )
 from sharpscope.curvature.groups import param_groups
 from sharpscope.curvature.hvp import Backend
-from sharpscope.curvature.solvers import SOLVERS, Solver, SolveSettings, solver, trace_budget
+from sharpscope.curvature.solvers import (
+    SOLVERS,
+    TRACE_BUDGET_SHARE,
+    Solver,
+    SolveSettings,
+    solver,
+    trace_budget,
+)
 from sharpscope.curvature.vectors import norm
 from sharpscope.errors import InputError, check_choice
 from sharpscope.optim.perturbations import sam_perturbation
@@ -378,8 +385,8 @@ def _trace_notes(trace: TraceResult, tol: float) -> list[str]:
     low, high = trace.interval
     return [
         f"trace: not converged; its standard error is {trace.std_error:.2g}, above "
-        f"{tol:g}·|trace|, after {trace.n_products} products (the budget: 0.6 × the eigen "
-        f"stage's); 95 % interval [{low:.4g}, {high:.4g}]"
+        f"{tol:g}·|trace|, after {trace.n_products} products (the budget: "
+        f"{TRACE_BUDGET_SHARE:g} × the eigen stage's); 95 % interval [{low:.4g}, {high:.4g}]"
     ]
 
 
