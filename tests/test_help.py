@@ -40,3 +40,8 @@ def test_the_command_list_has_one_line_per_command_and_the_exit_codes():
 def test_an_optional_argument_is_bracketed_in_the_usage_line():
     assert "[OPTIONS] [CHECKPOINT]" in _help("finetune")
     assert "[OPTIONS] CHECKPOINT" in _help("analyze")
+
+
+def test_square_brackets_in_help_text_are_shown_not_read_as_markup():
+    text = "".join(_help("analyze").replace("│", "").split())
+    assert "(needssharpscope[hf])" in text

@@ -26,7 +26,7 @@ Checkpoint = Annotated[
     typer.Argument(
         help="Model checkpoint: state dict (.pt/.pth/.bin), .safetensors, TorchScript, "
         "torch.export .pt2, a pickled module (with --trust-pickle), or a Hugging Face "
-        "save_pretrained folder (needs sharpscope[hf]).",
+        "save_pretrained folder (needs sharpscope\\[hf]).",
         show_default=False,
         metavar="CHECKPOINT",
     ),
