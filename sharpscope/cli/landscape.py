@@ -154,8 +154,9 @@ def landscape_command(
     """The loss around a checkpoint's weights on a line and a 2-D grid, as a PNG (line, contours,
     surface) and as JSON.
 
-    Every point is the mean loss over all of --samples. Under torchrun every rank evaluates its
-    share of the points on all of the data, and rank 0 writes the files.
+    Every point is the mean loss over all of --samples.
+
+    Under torchrun every rank evaluates its share of the points on all data; rank 0 writes files.
 
     Exit code 0 when done, 2 on bad input (one line on stderr), 130 on Ctrl-C.
 
