@@ -19,14 +19,20 @@ from torch import nn
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
 from sharpscope.analysis.gate import GateInput, Reading, Thresholds, gate
 from sharpscope.analysis.sampling import (
+    SHARD_TOL,
+    Figures,
+    Resolve,
     bias_range,
     deleted_means,
     interval,
     jackknife_se,
     noise_corrected_se,
+    sampling_errors,
+    shard_operators,
     t_quantile,
 )
 from sharpscope.analysis.verdict import verdict
+from sharpscope.curvature import HessianOperator, lanczos_extremes
 from sharpscope.errors import InputError
 from sharpscope.io.losses import resolve_loss
 
@@ -206,3 +212,69 @@ def test_the_gate_widens_by_sigmas_data_standard_errors():
     assert gated(Reading(0.3, None, 0.05), 0.0).startswith("fail")
     unknown = gated(Reading(0.3, None, None), 2.0)
     assert unknown.startswith("fail: |cos(ĝ, v₁)| = 0.3 (no uncertainty estimate)")
+
+
+def _mlp_batches(lengths: tuple[int, ...] = (16, 16, 16, 16)) -> tuple[nn.Module, list]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    batches = [(torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in lengths]
+    return model, batches
+
+
+def test_a_shard_joins_its_chunks_into_batches_with_the_same_samples_and_hessian():
+    model, batches = _mlp_batches()
+    loss = resolve_loss("cross-entropy")
+    op = HessianOperator(model, loss, batches)
+    parts = shard_operators(op, 4)
+    v = torch.randn(op.size, dtype=torch.float64)
+    for j, part in enumerate(parts):
+        assert part.num_batches == 1 and part.num_samples == 16  # 4 chunks of 4, joined
+        chunks = [(x[4 * j : 4 * j + 4], y[4 * j : 4 * j + 4]) for x, y in batches]
+        alone = HessianOperator(model, loss, chunks)  # the same samples, one batch each
+        assert torch.allclose(part.matvec(v), alone.matvec(v), rtol=1e-12, atol=1e-14)
+
+
+def test_chunks_of_other_shapes_are_not_joined():
+    torch.manual_seed(0)
+    model = _MeanTokens()
+    batches = [
+        (torch.randint(0, 7, (8, length)), torch.randn(8, dtype=torch.float64))
+        for length in (5, 5, 3)
+    ]
+    op = HessianOperator(model, resolve_loss("mse"), batches)
+    parts = shard_operators(op, 4)
+    assert [p.num_batches for p in parts] == [2] * 4  # length-5 chunks joined, length-3 apart
+    assert [p.num_samples for p in parts] == [6] * 4
+
+
+class _MeanTokens(nn.Module):
+    """Token embeddings averaged over the sequence, then a linear read-out: any length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4, dtype=torch.float64)
+        self.out = nn.Linear(4, 1, dtype=torch.float64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(ids).mean(1)).squeeze(-1)
+
+
+def test_the_warm_loose_shard_solves_give_the_tight_solves_bias_for_fewer_products():
+    model, batches = _mlp_batches((32, 32, 32, 32))
+    op = HessianOperator(model, resolve_loss("cross-entropy"), batches)
+    top, bottom = lanczos_extremes(op, 3, 1, tol=1e-10, max_iter=200)
+    vectors, low = top.eigenvectors, bottom.eigenvectors[0]
+    full = Figures(top.eigenvalues.tolist(), float(bottom.eigenvalues[0]))
+    gradient = op.gradient()
+    found = {}
+    for tol in (1e-10, SHARD_TOL):
+        resolve = Resolve(k=3, start=torch.cat([vectors, low[None]]).sum(0), rho=0.05, tol=tol)
+        found[tol] = sampling_errors(op, 4, vectors, low, gradient, None, full, resolve)
+    tight, loose = found[1e-10], found[SHARD_TOL]
+    assert loose.n_products < tight.n_products
+    pairs = [
+        *zip(tight.bias.eigenvalues, loose.bias.eigenvalues, tight.eigenvalues, strict=True),
+        (tight.bias.lambda_min, loose.bias.lambda_min, tight.lambda_min),
+    ]
+    for exact, cheap, se in pairs:
+        assert abs(cheap - exact) <= 0.05 * se, (exact, cheap, se)

@@ -23,6 +23,7 @@ from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.metrics import accuracy
 from sharpscope.analysis.plan import Plan, available_memory, fitting_basis
 from sharpscope.analysis.sampling import (
+    SHARD_TOL,
     TRACE_PROBES,
     Figures,
     Resolve,
@@ -403,7 +404,6 @@ def _convergence_notes(top: EigenResult, bottom: EigenResult, tol: float) -> lis
 def _sampling(
     op: CurvatureOperator,
     config: AnalyzeConfig,
-    method: Solver,
     settings: SolveSettings,
     top: EigenResult,
     bottom: EigenResult,
@@ -411,7 +411,8 @@ def _sampling(
     alignment: Alignment | None,
 ) -> SamplingErrors | None:
     """The figures' data uncertainty over ``config.shards`` shards, with the trace's when it is
-    estimated and the figures' sample-size bias when ``config.bias``."""
+    estimated and the figures' sample-size bias when ``config.bias`` (the shards' re-solves
+    warm-started from the full-data extreme vectors, whatever the solver)."""
     epsilon = sam_perturbation(gradient, config.rho) if alignment is not None else None
     full = Figures(
         eigenvalues=top.eigenvalues.tolist(),
@@ -423,7 +424,12 @@ def _sampling(
     resolve = None
     if config.bias:
         resolve = Resolve(
-            lambda part: method.extremes(part, config.k, 1, settings, None), config.rho
+            k=config.k,
+            start=torch.cat([top.eigenvectors, bottom.eigenvectors[:1]]).sum(0),
+            rho=config.rho,
+            tol=max(settings.tol, SHARD_TOL),
+            max_iter=settings.max_iter,
+            max_basis=settings.max_basis,
         )
     return sampling_errors(
         op,
@@ -517,7 +523,7 @@ def analyze(
     sampling = None
     if config.shards:
         with watch.stage("sampling"):
-            sampling = _sampling(op, config, method, settings, top, bottom, gradient, alignment)
+            sampling = _sampling(op, config, settings, top, bottom, gradient, alignment)
         if sampling is None:
             notes.append(
                 "the data uncertainty was not estimated: the samples make fewer than 2 shards "

@@ -28,9 +28,10 @@ from sharpscope import distributed
 from sharpscope.analysis.alignment import subspace_share
 from sharpscope.batches import loss_weight
 from sharpscope.curvature import CurvatureOperator, EigenResult
+from sharpscope.curvature.lanczos import lanczos_extremes
 from sharpscope.curvature.vectors import abs_cosine, dot, norm, orthogonalize, random_vectors
 from sharpscope.optim.perturbations import sam_perturbation
-from sharpscope.structures import sample_count, split
+from sharpscope.structures import concat, leaves, sample_count, split
 
 T_975 = (12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 """Student's t 97.5 % quantiles for 1 to 10 degrees of freedom (then 2.2 down to 1.96)."""
@@ -147,13 +148,39 @@ def bias_range(bias: float | None, factor: float) -> tuple[float, float]:
     return (0.0, 0.0) if bias is None else (bias, factor * bias)
 
 
+SHARD_TOL = 1e-3
+"""The shards' re-solves stop at this residual relative to |λ_max| (or at the analysis' own
+tolerance when looser): a Ritz value is off by at most its residual (about its square over the gap
+when separated), far below the shift between sample sizes that the bias needs; at 1e-2 a small
+λ_min came out up to 4 × too close to 0 on the digits MLP's shards."""
+
+
 @dataclass(frozen=True)
 class Resolve:
-    """What the split-sample bias repeats on each shard: the eigen-solve of the top-k and λ_min
-    (``extremes``), and SAM's radius ``rho``."""
+    """What the split-sample bias solves again on each shard: the top ``k`` and λ_min, by one
+    Lanczos run warm-started from ``start`` (the full-data extreme eigenvectors' sum) until the
+    relative residual ``tol``, with at most ``max_iter`` products and ``max_basis`` vectors; and
+    SAM's radius ``rho``."""
 
-    extremes: Callable[[CurvatureOperator], tuple[EigenResult, EigenResult]]
+    k: int
+    start: torch.Tensor
     rho: float
+    tol: float = SHARD_TOL
+    max_iter: int = 200
+    max_basis: int | None = None
+
+    def extremes(self, part: CurvatureOperator) -> tuple[EigenResult, EigenResult]:
+        """The shard's top-k and λ_min pairs (Ritz estimates: no checking products)."""
+        return lanczos_extremes(
+            part,
+            self.k,
+            1,
+            self.tol,
+            self.max_iter,
+            v0=self.start,
+            max_basis=self.max_basis,
+            verify=False,
+        )
 
 
 TRACE_PROBES = 10
@@ -161,8 +188,9 @@ TRACE_PROBES = 10
 
 
 def _shard_batches(op: CurvatureOperator, shards: int) -> list[list[Any]]:
-    """``op``'s batches as ``shards`` disjoint groups: every batch cut into ``shards`` chunks
-    (whole batches, when BatchNorm uses batch statistics)."""
+    """``op``'s batches as ``shards`` disjoint groups: every batch cut into ``shards`` chunks,
+    each group's chunks joined back to about a batch's size (whole batches, when BatchNorm uses
+    batch statistics)."""
     if op.batch_stats:
         return [op.batches[j::shards] for j in range(shards)]
     groups: list[list[Any]] = [[] for _ in range(shards)]
@@ -170,7 +198,28 @@ def _shard_batches(op: CurvatureOperator, shards: int) -> list[list[Any]]:
         size = -(-sample_count(inputs, "batch") // shards)
         for j, (x, y) in enumerate(zip(split(inputs, size), targets.split(size), strict=True)):
             groups[j].append((x, y))
-    return groups
+    return [_joined(group, shards) for group in groups]
+
+
+def _joined(chunks: list[Any], per_batch: int) -> list[Any]:
+    """Consecutive ``chunks`` joined ``per_batch`` at a time where their shapes agree: the same
+    samples in fewer, larger batches, so a shard's product costs its share of a full one rather
+    than one model call per batch it spans (samples are independent without batch statistics)."""
+    runs: list[list[Any]] = []
+    for chunk in chunks:
+        if runs and len(runs[-1]) < per_batch and _layout(runs[-1][0]) == _layout(chunk):
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return [
+        run[0] if len(run) == 1 else (concat([x for x, _ in run]), concat([y for _, y in run]))
+        for run in runs
+    ]
+
+
+def _layout(batch: Any) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Every tensor's name, shape past the sample dimension, and dtype: what joining needs."""
+    return [(name, tuple(t.shape[1:]), t.dtype) for name, t in leaves(batch, "batch")]
 
 
 def shard_operators(op: CurvatureOperator, shards: int) -> list[CurvatureOperator]:
