@@ -4,7 +4,8 @@ per-sample operations every layer needs: counting, indexing, splitting and joini
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import copy
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -103,3 +104,38 @@ def concat(parts: Sequence[Any]) -> Any:
     if isinstance(first, (tuple, list)):
         return type(first)(concat([p[i] for p in parts]) for i in range(len(first)))
     return first
+
+
+def split_outputs(outputs: Any, samples: int, size: int) -> list[Any] | None:
+    """A model's ``outputs`` on ``samples`` samples cut into chunks as :func:`split` cuts its
+    inputs, each structure's type kept (a ``ModelOutput`` stays one); None when some tensor in
+    them does not hold ``samples`` entries along its first dimension (a loss the model computed
+    from the whole batch), or when they hold no tensor."""
+    if not leaves(outputs):
+        return None
+    try:
+        return [_cut(outputs, samples, a, a + size) for a in range(0, samples, size)]
+    except _Unsplittable:
+        return None
+
+
+class _Unsplittable(Exception):
+    """Outputs that do not hold one entry per sample everywhere."""
+
+
+def _cut(outputs: Any, samples: int, start: int, stop: int) -> Any:
+    if isinstance(outputs, Tensor):
+        if outputs.ndim == 0 or outputs.shape[0] != samples:
+            raise _Unsplittable
+        return outputs[start:stop]
+    if isinstance(outputs, Mapping):
+        if not isinstance(outputs, MutableMapping):
+            raise _Unsplittable
+        cut = copy.copy(outputs)
+        for key, value in outputs.items():
+            cut[key] = _cut(value, samples, start, stop)
+        return cut
+    if isinstance(outputs, (tuple, list)):
+        parts = [_cut(value, samples, start, stop) for value in outputs]
+        return type(outputs)(*parts) if hasattr(outputs, "_fields") else type(outputs)(parts)
+    return outputs

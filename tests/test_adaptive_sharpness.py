@@ -246,3 +246,15 @@ def test_progress_hears_of_each_step_or_draw(kind, expected):
         _mlp(), F.cross_entropy, _data(), settings, progress=lambda *a: heard.append(a)
     )
     assert heard == [("adaptive sharpness", i, expected) for i in range(1, expected + 1)]
+
+
+@pytest.mark.parametrize(("kind", "forwards"), [("worst", 1 + 3 + 1 + 2), ("average", 1 + 3)])
+def test_the_shards_losses_cost_one_forward_per_batch(kind, forwards):
+    """Per batch: the worst case's loss at w, 3 gradients, its last iterate and the shards'
+    losses at w and w + δ; the average case's shard losses at w and 3 draws, however many
+    shards."""
+    model, calls = _mlp(), []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    settings = AdaptiveSharpnessSettings(kind, steps=3)
+    adaptive_sharpness(model, F.cross_entropy, _data(), settings, shards=8)
+    assert len(calls) == forwards * 4  # 4 batches of 16, each cut into 8 shards of 2

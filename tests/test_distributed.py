@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharpscope import HessianOperator, distributed, lanczos
+from sharpscope.analysis.sampling import shard_losses
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
@@ -73,6 +74,7 @@ def main():
                 (torch.tensor(ours.loss()), torch.tensor(one.loss())),
                 (torch.tensor(ours.loss(delta)), torch.tensor(one.loss(delta))),
                 (lanczos(ours, k=3).eigenvalues, lanczos(one, k=3).eigenvalues),
+                tuple(torch.tensor(shard_losses(o, 3, delta)) for o in (ours, one)),
             ]:
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
                 gathered = distributed.all_gather(a.tolist())

@@ -36,7 +36,7 @@ from sharpscope.analysis.sampling import (
     deleted_means,
     interval,
     jackknife_se,
-    shard_operators,
+    shard_losses,
     t_quantile,
 )
 from sharpscope.batches import LossFn
@@ -160,8 +160,6 @@ def sharpness_of(
     with torch.no_grad():
         w = torch.cat([p.detach().reshape(-1) for p in op.space.params])
     scale = w.abs() + settings.eta if settings.adaptive else torch.ones_like(w)
-    parts = shard_operators(op, shards) if shards else []
-    parts = parts if len(parts) >= 2 else []
     if settings.kind == "worst":
         found = _ascent(op, scale, settings, start, progress)
         deltas, history, size = [scale * found.u], found.history, found.size
@@ -169,7 +167,7 @@ def sharpness_of(
     else:
         deltas = [scale * z for z in _draws(op, settings)]
         history, size, gradients, losses = (), None, 0, 0
-    base, shifted, spread = _loss_differences(op, parts, deltas, progress)
+    base, shifted, spread = _loss_differences(op, shards, deltas, progress)
     losses += 1 + len(deltas)
     std_error = None
     if settings.kind == "worst":
@@ -183,7 +181,7 @@ def sharpness_of(
         loss=base,
         std_error=std_error,
         sampling=None if spread is None else jackknife_se(spread),
-        shards=len(parts) or None,
+        shards=None if spread is None else len(spread),
         history=history,
         perturbation_norm=size,
         n_gradients=gradients,
@@ -268,24 +266,23 @@ def _draws(op: HessianOperator, settings: AdaptiveSharpnessSettings) -> list[tor
 
 def _loss_differences(
     op: HessianOperator,
-    parts: list[HessianOperator],
+    shards: int,
     deltas: list[torch.Tensor],
     progress: Progress | None,
 ) -> tuple[float, list[float], list[float] | None]:
     """The full-data loss at w and at w + each δ, and the delete-one-shard replicates of the
-    mean over the δs of the loss difference (None without shards). Each full-data loss is the
-    shards' weighted mean, so the shards cost no more than the full data."""
+    mean over the δs of the loss difference (None with fewer than two shards). Each full-data
+    loss is the shards' weighted mean, from one forward per batch (:func:`shard_losses`)."""
+    weights, base = shard_losses(op, shards or 1)
     shifted: list[list[float]] = []
     for delta in deltas:
-        shifted.append([p.loss(delta) for p in parts] if parts else [op.loss(delta)])
+        shifted.append(shard_losses(op, shards or 1, delta)[1])
         if progress is not None and len(deltas) > 1:  # the draws (the worst case: its one δ)
             progress("adaptive sharpness", len(shifted), len(deltas))
-    if not parts:
-        return op.loss(), [row[0] for row in shifted], None
-    weights = [p.num_terms / op.num_terms for p in parts]
-    base = [p.loss() for p in parts]
-    per_shard = [sum(row[j] for row in shifted) / len(deltas) - base[j] for j in range(len(parts))]
     full = [_weighted(weights, row) for row in shifted]
+    if len(weights) < 2:
+        return _weighted(weights, base), full, None
+    per_shard = [sum(row[j] for row in shifted) / len(deltas) - base[j] for j in range(len(base))]
     return _weighted(weights, base), full, deleted_means(per_shard, weights)
 
 

@@ -187,18 +187,32 @@ TRACE_PROBES = 10
 """Rademacher probes applied to every shard for the trace's data standard error."""
 
 
-def _shard_batches(op: CurvatureOperator, shards: int) -> list[list[Any]]:
-    """``op``'s batches as ``shards`` disjoint groups: every batch cut into ``shards`` chunks,
-    each group's chunks joined back to about a batch's size (whole batches, when BatchNorm uses
-    batch statistics)."""
+def _cuts(op: CurvatureOperator, shards: int) -> list[tuple[int | None, int]]:
+    """How each of ``op``'s batches is cut into shards: the size of its chunks and the shard its
+    first chunk joins (the next chunk the next shard); whole batches (None), dealt round, when
+    BatchNorm uses batch statistics."""
     if op.batch_stats:
-        return [op.batches[j::shards] for j in range(shards)]
+        return [(None, i % shards) for i in range(len(op.batches))]
+    return [(-(-sample_count(inputs, "batch") // shards), 0) for inputs, _ in op.batches]
+
+
+def _pieces(batch: tuple[Any, Any], size: int | None) -> list[tuple[Any, Any]]:
+    """A batch's consecutive chunks of ``size`` samples (None: the batch itself)."""
+    if size is None:
+        return [batch]
+    inputs, targets = batch
+    return list(zip(split(inputs, size), targets.split(size), strict=True))
+
+
+def _shard_batches(op: CurvatureOperator, shards: int) -> list[list[Any]]:
+    """``op``'s batches as ``shards`` disjoint groups (:func:`_cuts`): every batch cut into
+    ``shards`` chunks, so each shard spans all batches, and each group's chunks joined back to
+    about a batch's size (:func:`_joined`; not with batch statistics)."""
     groups: list[list[Any]] = [[] for _ in range(shards)]
-    for inputs, targets in op.batches:
-        size = -(-sample_count(inputs, "batch") // shards)
-        for j, (x, y) in enumerate(zip(split(inputs, size), targets.split(size), strict=True)):
-            groups[j].append((x, y))
-    return [_joined(group, shards) for group in groups]
+    for batch, (size, first) in zip(op.batches, _cuts(op, shards), strict=True):
+        for j, piece in enumerate(_pieces(batch, size)):
+            groups[first + j].append(piece)
+    return groups if op.batch_stats else [_joined(group, shards) for group in groups]
 
 
 def _joined(chunks: list[Any], per_batch: int) -> list[Any]:
@@ -222,17 +236,41 @@ def _layout(batch: Any) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     return [(name, tuple(t.shape[1:]), t.dtype) for name, t in leaves(batch, "batch")]
 
 
+def _shard_terms(op: CurvatureOperator, groups: list[list[Any]]) -> list[float]:
+    """The terms each group's mean loss is over, on all ranks (all agree)."""
+    local = [float(sum(loss_weight(op.loss_fn, b) for b in g)) for g in groups]
+    return distributed.sum_floats(local) if op.distributed else local
+
+
 def shard_operators(op: CurvatureOperator, shards: int) -> list[CurvatureOperator]:
     """``op``'s data as at most ``shards`` disjoint operators of its kind (:func:`_shard_batches`),
     shards empty on every rank left out; each keeps its own graph for its products."""
     groups = _shard_batches(op, shards)
-    local = [float(sum(loss_weight(op.loss_fn, b) for b in g)) for g in groups]
-    counts = distributed.sum_floats(local) if op.distributed else local  # all ranks agree
     return [
         op.restricted(group, cache_graph=op.cache_graph)
-        for group, count in zip(groups, counts, strict=True)
+        for group, count in zip(groups, _shard_terms(op, groups), strict=True)
         if count > 0
     ]
+
+
+def shard_losses(
+    op: CurvatureOperator, shards: int, delta: torch.Tensor | None = None
+) -> tuple[list[float], list[float]]:
+    """The weights (shares of the terms) of the shards of :func:`shard_operators`, in order, and
+    their mean losses at the weights + ``delta``: what those operators' ``loss`` gives, from one
+    forward per batch (:meth:`CurvatureOperator.chunk_losses`) and one all-reduce."""
+    cuts = _cuts(op, shards)
+    found = op.chunk_losses([size for size, _ in cuts], delta)
+    terms, sums = [0.0] * shards, [0.0] * shards
+    for batch, (size, first), losses in zip(op.batches, cuts, found, strict=True):
+        for j, (piece, loss) in enumerate(zip(_pieces(batch, size), losses, strict=True)):
+            units = loss_weight(op.loss_fn, piece)
+            terms[first + j] += units
+            sums[first + j] += units * loss
+    both = terms + sums
+    both = distributed.sum_floats(both) if op.distributed else both
+    kept = [j for j in range(shards) if both[j] > 0]
+    return [both[j] / op.num_terms for j in kept], [both[shards + j] / both[j] for j in kept]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from sharpscope.batches import LossFn, batch_size, loss_weight, move_to
 from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.curvature.batchnorm import batchnorm_layers, freeze_batchnorm_stats
 from sharpscope.curvature.params import ParamSpace, select_params
-from sharpscope.structures import call_model
+from sharpscope.structures import call_model, sample_count, split, split_outputs
 
 
 @contextlib.contextmanager
@@ -250,6 +250,35 @@ class CurvatureOperator:
         with torch.no_grad(), self.shifted(delta):
             local = sum(w * float(self._batch_loss(x, y, None)) for w, x, y in self._placed())
         return self._reduced_float(local)
+
+    def chunk_losses(
+        self, sizes: Sequence[int | None], delta: torch.Tensor | None = None
+    ) -> list[list[float]]:
+        """For each of this rank's batches, the mean losses of its consecutive chunks of
+        ``sizes[i]`` samples (None: the whole batch), at the weights + ``delta`` (see :meth:`loss`):
+        one forward per batch, its outputs cut as its inputs (:func:`split_outputs`), or, once
+        they cannot be (a loss the model computed), one forward per chunk."""
+        found: list[list[float]] = []
+        whole = True  # one forward per batch until the outputs refuse to be cut
+        with torch.no_grad(), self.shifted(delta), curvature_mode(self.model, self.batch_stats):
+            for size, (_, inputs, targets) in zip(sizes, self._placed(), strict=True):
+                samples = 0 if size is None else sample_count(inputs, "batch")
+                if size is None or size >= samples:
+                    chunks, outputs = [(inputs, targets)], [call_model(self.model, inputs)]
+                else:
+                    chunks = list(zip(split(inputs, size), targets.split(size), strict=True))
+                    cut = None
+                    if whole:
+                        cut = split_outputs(call_model(self.model, inputs), samples, size)
+                        whole = cut is not None
+                    outputs = cut or [call_model(self.model, x) for x, _ in chunks]
+                found.append(
+                    [
+                        float(self._checked_loss(self.loss_fn(out, y)))
+                        for out, (_, y) in zip(outputs, chunks, strict=True)
+                    ]
+                )
+        return found
 
     @contextlib.contextmanager
     def shifted(self, delta: torch.Tensor | None) -> Iterator[None]:
