@@ -248,11 +248,11 @@ def test_progress_hears_of_each_step_or_draw(kind, expected):
     assert heard == [("adaptive sharpness", i, expected) for i in range(1, expected + 1)]
 
 
-@pytest.mark.parametrize(("kind", "forwards"), [("worst", 1 + 3 + 1 + 2), ("average", 1 + 3)])
+@pytest.mark.parametrize(("kind", "forwards"), [("worst", 1 + 3 + 1 + 1), ("average", 1 + 3)])
 def test_the_shards_losses_cost_one_forward_per_batch(kind, forwards):
-    """Per batch: the worst case's loss at w, 3 gradients, its last iterate and the shards'
-    losses at w and w + δ; the average case's shard losses at w and 3 draws, however many
-    shards."""
+    """Per batch, however many shards: the shards' losses at w (shared by the ascent), then the
+    worst case's 3 gradients, its last iterate and the shards' losses at the found δ, or the
+    average case's at its 3 draws."""
     model, calls = _mlp(), []
     model.register_forward_hook(lambda *_: calls.append(1))
     settings = AdaptiveSharpnessSettings(kind, steps=3)

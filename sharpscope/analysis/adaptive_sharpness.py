@@ -160,14 +160,16 @@ def sharpness_of(
     with torch.no_grad():
         w = torch.cat([p.detach().reshape(-1) for p in op.space.params])
     scale = w.abs() + settings.eta if settings.adaptive else torch.ones_like(w)
+    at_w = shard_losses(op, shards or 1)  # L(w) once, for the ascent and the jackknife
+    base = _weighted(*at_w)
     if settings.kind == "worst":
-        found = _ascent(op, scale, settings, start, progress)
+        found = _ascent(op, scale, settings, base, start, progress)
         deltas, history, size = [scale * found.u], found.history, found.size
         gradients, losses = found.gradients, found.losses
     else:
         deltas = [scale * z for z in _draws(op, settings)]
         history, size, gradients, losses = (), None, 0, 0
-    base, shifted, spread = _loss_differences(op, shards, deltas, progress)
+    shifted, spread = _loss_differences(op, shards, at_w, deltas, progress)
     losses += 1 + len(deltas)
     std_error = None
     if settings.kind == "worst":
@@ -206,14 +208,15 @@ def _ascent(
     op: HessianOperator,
     scale: torch.Tensor,
     settings: AdaptiveSharpnessSettings,
+    base: float,
     start: torch.Tensor | None,
     progress: Progress | None,
 ) -> _Found:
-    """Projected normalised gradient ascent in u = δ ⊘ scale, keeping the best iterate."""
+    """Projected normalised gradient ascent in u = δ ⊘ scale from the loss ``base`` at u = 0,
+    keeping the best iterate."""
     rho = settings.rho
     step = rho if settings.step_size is None else settings.step_size
     u = torch.zeros_like(scale) if start is None else _project(start.to(scale), settings)
-    base = op.loss()
     history: list[float] = []
     best_u, best = u, -1
     gradients = 0
@@ -240,7 +243,7 @@ def _ascent(
         if history[-1] > history[best]:
             best_u, best = u, len(history) - 1
     size = _norm(best_u, settings.norm)
-    return _Found(best_u, best, tuple(history), size, gradients, len(history) + 1 - gradients)
+    return _Found(best_u, best, tuple(history), size, gradients, len(history) - gradients)
 
 
 def _project(u: torch.Tensor, settings: AdaptiveSharpnessSettings) -> torch.Tensor:
@@ -267,13 +270,15 @@ def _draws(op: HessianOperator, settings: AdaptiveSharpnessSettings) -> list[tor
 def _loss_differences(
     op: HessianOperator,
     shards: int,
+    at_w: tuple[list[float], list[float]],
     deltas: list[torch.Tensor],
     progress: Progress | None,
-) -> tuple[float, list[float], list[float] | None]:
-    """The full-data loss at w and at w + each δ, and the delete-one-shard replicates of the
-    mean over the δs of the loss difference (None with fewer than two shards). Each full-data
-    loss is the shards' weighted mean, from one forward per batch (:func:`shard_losses`)."""
-    weights, base = shard_losses(op, shards or 1)
+) -> tuple[list[float], list[float] | None]:
+    """The full-data loss at w + each δ, and the delete-one-shard replicates of the mean over the
+    δs of the loss difference (None with fewer than two shards), from the shards' weights and
+    losses ``at_w``. Each full-data loss is the shards' weighted mean, from one forward per
+    batch (:func:`shard_losses`)."""
+    weights, base = at_w
     shifted: list[list[float]] = []
     for delta in deltas:
         shifted.append(shard_losses(op, shards or 1, delta)[1])
@@ -281,9 +286,9 @@ def _loss_differences(
             progress("adaptive sharpness", len(shifted), len(deltas))
     full = [_weighted(weights, row) for row in shifted]
     if len(weights) < 2:
-        return _weighted(weights, base), full, None
+        return full, None
     per_shard = [sum(row[j] for row in shifted) / len(deltas) - base[j] for j in range(len(base))]
-    return _weighted(weights, base), full, deleted_means(per_shard, weights)
+    return full, deleted_means(per_shard, weights)
 
 
 def _weighted(weights: list[float], values: list[float]) -> float:
