@@ -107,3 +107,68 @@ def test_bad_values_are_one_line_errors(made, args, words):
 def test_check_refuses_a_limit_it_would_not_measure_before_analyzing(made):
     result = check(made[0], *FAST, "--max-adaptive-sharpness", 1)
     one_error_line(result, "--max-adaptive-sharpness", "--adaptive-sharpness worst")
+
+
+def _pair(report: dict[str, Any], folder: Path, base: dict, mine: dict) -> tuple[Path, Path]:
+    """The report as a baseline and as the report to check, each section edited."""
+    for name in ("base", "mine"):
+        (folder / name).mkdir()
+    return _saved(report, folder / "base", **base), _saved(report, folder / "mine", **mine)
+
+
+@pytest.mark.parametrize(("value", "code", "status"), [(1.5, 0, "noise"), (1.6, 1, "fail")])
+def test_max_increase_compares_it_with_the_baseline(made, tmp_path, value, code, status):
+    """Baseline 1 ± (2 × 0.1 + 2 × 0.1): B = 1.4, flagged above B + 10 % = 1.54."""
+    base = {"value": 1.0, "std_error": 0.1, "sampling": 0.1}
+    baseline, mine = _pair(made[1], tmp_path, base, {"value": value, "sampling": None})
+    result = check(mine, "--baseline", baseline, "--max-increase", "10%", "--json")
+    assert result.exit_code == code, result.output
+    found = {c["metric"]: c for c in verdict(result)["checks"]}
+    assert found.keys() >= {"lambda_max", "adaptive_sharpness"}
+    figure = found["adaptive_sharpness"]
+    assert (figure["kind"], figure["status"], figure["baseline"]) == ("max-increase", status, 1.0)
+    assert figure["limit"] == pytest.approx(1.1) and figure["uncertainty"] is None
+
+
+@pytest.mark.parametrize(
+    ("field", "base", "mine", "words"),
+    [
+        ("rho", 0.2, 0.1, "--adaptive-rho 0.2 vs 0.1"),
+        ("kind", "worst", "average", "--adaptive-sharpness worst vs average"),
+        ("norm", "l2", "linf", "--adaptive-norm l2 vs linf"),
+        ("steps", 5, 20, "--adaptive-steps 5 vs 20"),
+        ("adaptive", True, False, "--no-adaptive-scale on vs off"),
+    ],
+)
+def test_a_baseline_measured_with_other_settings_is_refused(
+    made, tmp_path, field, base, mine, words
+):
+    baseline, report = _pair(made[1], tmp_path, {field: base}, {field: mine})
+    run = [report, "--baseline", baseline, "--max-increase", "10%"]
+    one_error_line(check(*run), "measured on other data", words, "--allow-different-data")
+    allowed = check(*run, "--allow-different-data", "--json")
+    assert any(c["metric"] == "adaptive_sharpness" for c in verdict(allowed)["checks"])
+    assert words in allowed.stderr
+
+
+def test_only_a_baseline_with_the_figure_compares_it(made, tmp_path):
+    without = copy.deepcopy(made[1])
+    del without["results"]["adaptive_sharpness"]
+    (tmp_path / "w").mkdir()
+    bare, full = write(tmp_path / "w" / "bare.json", without), _saved(made[1], tmp_path)
+    result = check(full, "--baseline", bare, "--max-increase", "10%", "--json")
+    assert "adaptive_sharpness" not in {c["metric"] for c in verdict(result)["checks"]}
+    missing = check(bare, "--baseline", full, "--max-increase", "10%")
+    one_error_line(missing, "--max-increase", "adaptive sharpness", "--adaptive-sharpness")
+
+
+def test_check_measures_it_against_a_baseline_it_wrote(made, tmp_path):
+    checkpoint, _ = made
+    baseline = tmp_path / "base.json"
+    run = [checkpoint, *FAST, *WORST, "--baseline", baseline]
+    assert check(*run, "--update-baseline").exit_code == 0
+    result = check(*run, "--max-increase", "10%", "--json")
+    found = {c["metric"]: c["status"] for c in verdict(result)["checks"]}
+    assert result.exit_code == 0 and found["adaptive_sharpness"] == "pass", result.output
+    other = check(*run, "--adaptive-rho", "0.1", "--max-increase", "10%")
+    one_error_line(other, "--adaptive-rho 0.2 vs 0.1")

@@ -128,9 +128,16 @@ DATA_SETTINGS = {
     "dtype": "`dtype`",
     "loss": "`loss`",
     "data": "the `data` fingerprint",
+    "adaptive_sharpness": "`adaptive_sharpness`",
+    "adaptive_norm": "`adaptive_norm`",
+    "adaptive_rho": "`adaptive_rho`",
+    "adaptive_steps": "`adaptive_steps`",
+    "adaptive_scale": "`adaptive_scale`",
 }
 """What makes two reports measured on the same data, and how a difference names it: ``data`` is
-the fingerprint of the loaded inputs and targets, ``samples`` the number of samples analysed."""
+the fingerprint of the loaded inputs and targets, ``samples`` the number of samples analysed;
+the ``adaptive_*`` settings say how the adaptive sharpness was measured (a report without one
+lacks them, so they are compared only when both have it)."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +194,7 @@ ABSOLUTE: tuple[tuple[str, str, Kind], ...] = (
 )
 """(threshold field, metric, kind) of the absolute checks, in the order they are reported."""
 
-RELATIVE: tuple[str, ...] = ("lambda_max", "trace", "sam_sharpness")
+RELATIVE: tuple[str, ...] = ("lambda_max", "trace", "sam_sharpness", "adaptive_sharpness")
 """The metrics ``max_increase`` compares with the baseline (each one the baseline holds)."""
 
 

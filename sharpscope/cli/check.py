@@ -119,8 +119,8 @@ def check_command(
     max_increase: Annotated[
         str | None,
         typer.Option(
-            help="Flag λ_max, trace or SAM sharpness rising more than this over the baseline: "
-            "10% or 0.1.",
+            help="Flag λ_max, trace, SAM or adaptive sharpness rising more than this over the "
+            "baseline: 10% or 0.1.",
             rich_help_panel=BASELINE,
             show_default=False,
         ),

@@ -623,9 +623,23 @@ class Report(Section):
             schema_version=self.schema_version,
             num_params=r.num_params,
             parameters=tuple((p.name, p.shape) for p in r.parameters),
-            data=self.inputs.measured_on(),
+            data={**self.inputs.measured_on(), **_adaptive_settings(r.adaptive_sharpness)},
             curvature=r.curvature or "hessian",
         )
+
+
+def _adaptive_settings(section: AdaptiveSharpness | None) -> dict[str, Any]:
+    """How the adaptive sharpness was measured, by parameter name (see
+    :data:`~sharpscope.analysis.gate.DATA_SETTINGS`); none without it."""
+    if section is None:
+        return {}
+    return {
+        "adaptive_sharpness": section.kind,
+        "adaptive_norm": section.norm,
+        "adaptive_rho": section.rho,
+        "adaptive_steps": section.steps,
+        "adaptive_scale": "on" if section.adaptive else "off",
+    }
 
 
 def _reading(
