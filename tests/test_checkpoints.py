@@ -504,3 +504,51 @@ def test_save_over_a_copy_of_another_format(tmp_path, model, files):
     shutil.copy(files["torch.save"], path)
     save_checkpoint(path, model, SPEC)
     assert detect_format(path) == "safetensors"
+
+
+# --- Lightning .ckpt: the network under a LightningModule's attribute ---------------------------
+
+
+def test_lightning_ckpt_loads_into_the_bare_network(tmp_path, batch):
+    pytest.importorskip("lightning")
+    from lightning_ckpt import lightning_checkpoint
+
+    torch.manual_seed(5)
+    module = lightning_checkpoint(tmp_path / "last.ckpt", [batch, batch], net=build_model(SPEC))
+    stored = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert "net.1.weight" in stored["state_dict"] and "optimizer_states" in stored
+    loaded, ckpt = load_model(tmp_path / "last.ckpt", SPEC)
+    assert ckpt.stripped_prefix == "net."
+    assert ckpt.metadata["global_step"] == "2"
+    _same(loaded, module.net, batch[0])
+
+
+def test_prefix_fitting_is_exact_and_ambiguity_is_named(tmp_path, model, batch):
+    other = build_model(SPEC)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"ema.{k}": v for k, v in other.state_dict().items()})
+    torch.save({"state_dict": state}, tmp_path / "two.ckpt")
+    with pytest.raises(InputError) as excinfo:
+        load_model(tmp_path / "two.ckpt", SPEC)
+    error_message(
+        excinfo, "two.ckpt", "under each of the key prefixes ema., model.", "state_prefix"
+    )
+    for prefix, expected in (("model.", model), ("ema.", other)):
+        loaded, ckpt = load_model(tmp_path / "two.ckpt", SPEC, state_prefix=prefix)
+        assert ckpt.stripped_prefix == prefix
+        _same(loaded, expected, batch[0])
+
+    beside = {f"net.{k}": v for k, v in model.state_dict().items()} | {"loss.weight": torch.ones(3)}
+    torch.save({"state_dict": beside}, tmp_path / "beside.ckpt")
+    with pytest.raises(InputError) as excinfo:
+        load_model(tmp_path / "beside.ckpt", SPEC)
+    error_message(excinfo, "under the key prefix net. beside other weights (loss.weight)")
+    with pytest.raises(InputError) as excinfo:
+        load_model(tmp_path / "beside.ckpt", SPEC, state_prefix="teacher.")
+    error_message(excinfo, "`state_prefix` 'teacher.'", "names start with loss., net.")
+
+    partial = {f"net.{k}": v for k, v in model.state_dict().items() if k != "12.bias"}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(InputError) as excinfo:  # no prefix fits: the key check names the rest
+        load_model(tmp_path / "partial.pt", SPEC)
+    error_message(excinfo, "does not fit the model", "missing keys 1.weight")

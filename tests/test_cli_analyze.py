@@ -219,6 +219,31 @@ def test_pickled_module_is_refused_without_trust_pickle(made):
     assert "torch.nn.modules.container.Sequential" in line
 
 
+def test_lightning_ckpt_analyzes_as_its_bare_state_dict(tmp_path):
+    """A lightning.Trainer .ckpt of a module holding the MLP as ``self.net``: the same report as
+    the network's own state dict; with an EMA copy beside it, ``--state-prefix`` picks one."""
+    pytest.importorskip("lightning")
+    from lightning_ckpt import lightning_checkpoint
+
+    inputs, targets = digits64()
+    torch.manual_seed(2)
+    module = lightning_checkpoint(
+        tmp_path / "last.ckpt", [(inputs[:32], targets[:32])], net=mlp(hidden=(16,))
+    )
+    torch.save(module.net.state_dict(), tmp_path / "bare.pt")
+    ckpt, bare = (report(tmp_path / n, *MLP16) for n in ("last.ckpt", "bare.pt"))
+    assert ckpt["inputs"]["checkpoint"]["format"] == "state_dict"
+    assert without_timings(ckpt["results"]) == without_timings(bare["results"])
+
+    both = {f"ema.{k}": v for k, v in mlp(hidden=(16,)).state_dict().items()}
+    both.update({f"net.{k}": v for k, v in module.net.state_dict().items()})
+    torch.save({"state_dict": both}, tmp_path / "ema.ckpt")
+    line = error_line(analyze(tmp_path / "ema.ckpt", *MLP16))
+    assert "under each of the key prefixes ema., net." in line and "--state-prefix" in line
+    chosen = report(tmp_path / "ema.ckpt", *MLP16, "--state-prefix", "net.")
+    assert without_timings(chosen["results"]) == without_timings(bare["results"])
+
+
 # --- data specs ----------------------------------------------------------------------------------
 
 DATA_FUNCTION = """

@@ -47,6 +47,7 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--model": ("mlp",),
     "--model-arg": ("hidden=(8,)",),
     "--trust-pickle": (),
+    "--state-prefix": ("net.",),
     "--split": ("test",),
     "--samples": ("7",),
     "--text-field": ("sentence1,sentence2",),
@@ -69,6 +70,7 @@ CONFIG = {
 }
 LOADING = {
     **dict(model="mlp", model_args=["hidden=(8,)"], trust_pickle=True, split="test"),
+    **dict(state_prefix="net."),
     **dict(samples=7, batch_size=5, seed=4, loss="mse", device="cpu", dtype="float64"),
     **dict(text_field="sentence1,sentence2", label_field="class", max_length=33),
 }

@@ -14,6 +14,7 @@ FLAGS: dict[str, str] = {
     "model": "--model",
     "model_args": "--model-arg",
     "trust_pickle": "--trust-pickle",
+    "state_prefix": "--state-prefix",
     "data": "--data",
     "split": "--split",
     "samples": "--samples",

@@ -97,6 +97,7 @@ def load_inputs(
     model: str | None = None,
     model_args: list[str] | None = None,
     trust_pickle: bool = False,
+    state_prefix: str | None = None,
     split: str = "train",
     samples: int | None = None,
     batch_size: int = 128,
@@ -126,7 +127,9 @@ def load_inputs(
         spec = ModelSpec(model, parse_model_args(model_args or [])) if model else None
         if spec is None and model_args:
             raise InputError("--model-arg needs --model (the factory the arguments are for)")
-        net, ckpt = load_model(checkpoint, spec, trust_pickle=trust_pickle)
+        net, ckpt = load_model(
+            checkpoint, spec, trust_pickle=trust_pickle, state_prefix=state_prefix
+        )
         net = net.to(device=torch_device, dtype=torch_dtype)
         folder = tokenizer or checkpoint
         text = TextSpec(folder if folder.is_dir() else None, text_field, label_field, max_length)

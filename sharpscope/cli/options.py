@@ -68,6 +68,17 @@ TrustPickle = Annotated[
         rich_help_panel=LOAD,
     ),
 ]
+StatePrefix = Annotated[
+    str | None,
+    typer.Option(
+        "--state-prefix",
+        help="Load the checkpoint's weights under this key prefix (e.g. 'ema.' of a Lightning "
+        ".ckpt that holds two networks). Without it, one prefix shared by every weight is "
+        "stripped when the rest of the names are the model's.",
+        rich_help_panel=LOAD,
+        show_default=False,
+    ),
+]
 Split = Annotated[str, typer.Option(help="Data split.", rich_help_panel=LOAD)]
 TextField = Annotated[
     str,

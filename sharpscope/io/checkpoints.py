@@ -37,10 +37,12 @@ from sharpscope.io.pretrained import weight_files
 from sharpscope.io.state_dicts import (
     WRAPPER_KEYS,
     as_state_dict,
+    fit_prefix,
     in_dtype_of,
     load_weights,
     restore_prefix,
     savable_state,
+    select_prefix,
 )
 
 FORMATS: tuple[str, ...] = (
@@ -88,12 +90,17 @@ def read_checkpoint(path: str | os.PathLike[str], trust_pickle: bool = False) ->
 
 
 def load_model(
-    path: str | os.PathLike[str], spec: ModelSpec | None = None, trust_pickle: bool = False
+    path: str | os.PathLike[str],
+    spec: ModelSpec | None = None,
+    trust_pickle: bool = False,
+    state_prefix: str | None = None,
 ) -> tuple[nn.Module, Checkpoint]:
     """The model a checkpoint holds: its own module (``spec`` is then ignored), or the model built
     from ``spec`` (else the file's stored spec, else a ``pretrained`` folder's config) with the
     file's weights loaded strictly, in their floating-point dtype (float32 at least for a
-    folder)."""
+    folder). The weights are those whose names, less one key prefix, are the model's names
+    (:func:`~sharpscope.io.state_dicts.fit_prefix`: a Lightning ``.ckpt`` of a module holding
+    the network as ``self.net``), or those under ``state_prefix`` (a name as stored)."""
     checkpoint = read_checkpoint(path, trust_pickle)
     if checkpoint.module is not None:
         return checkpoint.module, checkpoint
@@ -110,9 +117,15 @@ def load_model(
             f"`model` path/to/file.py:factory or a built-in name ({', '.join(BUILTIN_MODELS)})"
         )
     assert checkpoint.state_dict is not None
-    model = in_dtype_of(build_model(chosen), checkpoint.state_dict)
-    state = restore_prefix(model, checkpoint.state_dict, checkpoint.stripped_prefix)
-    load_weights(model, state, str(checkpoint.path), str(chosen))
+    source = str(checkpoint.path)
+    weights, stripped = checkpoint.state_dict, checkpoint.stripped_prefix
+    if state_prefix is not None:
+        weights = select_prefix({stripped + k: v for k, v in weights.items()}, state_prefix, source)
+        stripped = state_prefix
+    model = in_dtype_of(build_model(chosen), weights)
+    state, fitted = fit_prefix(model, restore_prefix(model, weights, stripped), source, str(chosen))
+    checkpoint = replace(checkpoint, state_dict=weights, stripped_prefix=stripped + fitted)
+    load_weights(model, state, source, str(chosen))
     return model, checkpoint
 
 

@@ -84,6 +84,71 @@ def restore_prefix(
     return state
 
 
+def fit_prefix(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str = "the weights",
+    model_name: str = "",
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights, and the key prefix stripped from them: none if their names are the model's,
+    else the one prefix (``net.`` of a LightningModule holding the network as ``self.net``) that
+    every name carries and whose removal gives exactly the model's names. A prefix that fits but
+    leaves other weights out, or several that fit, raise naming them."""
+    if _names_fit(model, state):
+        return dict(state), ""
+    fitting = [p for p in _prefixes_of(model, state) if _names_fit(model, under_prefix(state, p))]
+    if len(fitting) == 1 and all(key.startswith(fitting[0]) for key in state):
+        return under_prefix(state, fitting[0]), fitting[0]
+    if not fitting:
+        return dict(state), ""
+    target = model_name or type(model).__name__
+    if len(fitting) > 1:
+        found = f"under each of the key prefixes {', '.join(fitting)}"
+    else:
+        others = [key for key in state if not key.startswith(fitting[0])]
+        found = f"under the key prefix {fitting[0]} beside other weights ({few(others)})"
+    raise InputError(
+        f"{source} holds weights that fit the model {target} {found}; pass `state_prefix` "
+        "with the prefix of the weights to load"
+    )
+
+
+def under_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The weights whose names start with ``prefix``, with it removed."""
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def select_prefix(
+    state: Mapping[str, torch.Tensor], prefix: str, source: str = "the weights"
+) -> dict[str, torch.Tensor]:
+    """The weights under ``prefix`` (the other weights left out), unprefixed; raise naming the
+    first components of the names if none starts with it."""
+    chosen = under_prefix(state, prefix)
+    if not prefix or not chosen:
+        tops = sorted({key.partition(".")[0] + "." for key in state if "." in key})
+        raise InputError(
+            f"`state_prefix` {prefix!r}: no weight of {source} is under it; its names start "
+            f"with {few(tops) or 'no dotted prefix'}"
+        )
+    return chosen
+
+
+def _prefixes_of(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The dotted prefixes of the weight names that are followed by one of the model's names."""
+    names = set(model.state_dict())
+    found = {
+        key[: i + 1]
+        for key in state
+        for i, char in enumerate(key)
+        if char == "." and key[i + 1 :] in names
+    }
+    return sorted(found)
+
+
+def _names_fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    return bool(state) and not _mismatches(model, _fill_tied(model, state), shapes=False)
+
+
 def _fill_tied(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copy a tied (shared) tensor stored under one of its names to its other names."""
     filled = dict(state)
@@ -97,22 +162,25 @@ def _fill_tied(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str,
     return filled
 
 
-def _mismatches(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+def _mismatches(
+    model: nn.Module, state: Mapping[str, torch.Tensor], shapes: bool = True
+) -> list[str]:
+    """The missing and unexpected names and, with ``shapes``, the mismatched shapes."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [
+    shaped = [
         f"{k} is {list(state[k].shape)} in the file but {list(v.shape)} in the model"
         for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
+        if shapes and k in state and state[k].shape != v.shape
     ]
     problems = []
     if missing:
         problems.append(f"missing keys {few(missing)}")
     if unexpected:
         problems.append(f"unexpected keys {few(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatch: {few(shapes)}")
+    if shaped:
+        problems.append(f"shape mismatch: {few(shaped)}")
     return problems
 
 
