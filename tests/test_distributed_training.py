@@ -1,0 +1,175 @@
+"""Training-time tools under torchrun (2 Gloo processes on localhost against one process): the
+SharpnessTracker, its Lightning callback under ``strategy="ddp"``, and SAM's skipped steps with
+a GradScaler when only one rank's gradient is non-finite.
+
+Every multi-process run is a real ``python -m torch.distributed.run`` subprocess with a timeout
+(helpers from test_distributed.py), so a hang fails the test instead of stalling it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_distributed import python
+from torch import nn
+
+from sharpscope import SharpnessTracker
+
+REL = 1e-9
+TRACKER_RUN = """
+# The tracker on this rank's share of the probe set, measuring every 2 steps of SGD under DDP
+# (each rank half of each batch); rank 0 prints every rank's measurements and sink rows.
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sharpscope import SharpnessTracker, distributed
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+inputs, targets = torch.randn(64, 5, dtype=torch.float64), torch.arange(64) % 3
+pieces = list(zip(inputs.split(16), targets.split(16)))  # 4 equal batches
+
+
+def main():
+    with distributed.launched(60):
+        rank = distributed.rank()
+        probe = [pieces[i] for i in distributed.shard(len(pieces))]
+        trained = DistributedDataParallel(model) if distributed.is_distributed() else model
+        rows = []
+        log = (rows, f"{sys.argv[1]}/rank{rank}.jsonl")
+        options = dict(lambda_min=True, trace=True, trace_samples=12, max_iter=30, log=log)
+        tracker = SharpnessTracker(trained, F.cross_entropy, probe, every=2, **options)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        half = distributed.shard(16)
+        measured = []
+        for step in range(1, 5):
+            x, y = pieces[step % 4]
+            optimizer.zero_grad()
+            mine = slice(half.start, half.stop)
+            F.cross_entropy(trained(x[mine]), y[mine]).backward()
+            optimizer.step()
+            row = tracker(step)
+            if row is not None:
+                measured.append({k: v for k, v in row.row().items() if k != "seconds"})
+        tracker.close()
+        everyone = distributed.all_gather({"measured": measured, "sink_rows": len(rows)})
+        if rank == 0:
+            print(json.dumps(everyone))
+
+
+main()
+distributed.exit_now(0)  # finalising after Gloo collectives may abort: see its docstring
+"""
+LIGHTNING_RUN = """
+# A lightning.Trainer in DDP (2 CPU processes) with the callback, each rank on its share of the
+# probe set; rank 0 saves the final weights and probe set and prints every rank's measurement.
+import json
+import sys
+
+import lightning
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sharpscope import distributed
+from sharpscope.integrations.lightning_callback import SharpnessCallback
+
+out = sys.argv[1]
+torch.manual_seed(0)
+inputs, targets = torch.randn(64, 5, dtype=torch.float64), torch.arange(64) % 3
+pieces = list(zip(inputs.split(16), targets.split(16)))
+
+
+class Module(lightning.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, index):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+module = Module()
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets), batch_size=8)
+quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+trainer = lightning.Trainer(
+    strategy="ddp", accelerator="cpu", devices=2, max_steps=4, precision="64-true", **quiet
+)
+rank = trainer.global_rank
+probe = pieces[2 * rank : 2 * rank + 2]
+callback = SharpnessCallback(F.cross_entropy, probe, every=4, log=f"{out}/rank{rank}.jsonl")
+trainer.callbacks.append(callback)
+trainer.fit(module, loader)
+last = callback.tracker.last.row()
+everyone = distributed.all_gather({k: v for k, v in last.items() if k != "seconds"})
+if rank == 0:
+    torch.save({"net": module.net.state_dict(), "probe": pieces}, f"{out}/final.pt")
+    print(json.dumps(everyone))
+distributed.exit_now(0)
+"""
+
+
+def _run(tmp_path: Path, script: str, nproc: int, *args: str) -> list[dict[str, Any]]:
+    """Every rank's output of ``script`` run in ``nproc`` processes (rank 0 prints them all)."""
+    path = tmp_path / "script.py"
+    path.write_text(script, encoding="utf-8")
+    done = python([str(path), *args], nproc)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _same_figures(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Equal rows: the same keys, flags and counts, floats to ``REL``."""
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, float):
+            assert math.isclose(value, b[key], rel_tol=REL, abs_tol=1e-12), (key, value, b[key])
+        else:
+            assert value == b[key], (key, value, b[key])
+
+
+def test_tracker_under_ddp_equals_one_process_and_only_rank_0_logs(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    (single,) = _run(one, TRACKER_RUN, 1, str(one))
+    ranks = _run(two, TRACKER_RUN, 2, str(two))
+    assert len(ranks) == 2 and ranks[0]["measured"] == ranks[1]["measured"]  # bit-identical
+    assert [r["sink_rows"] for r in ranks] == [2, 0]
+    assert sorted(p.name for p in two.iterdir()) == ["rank0.jsonl", "script.py"]
+    logged = [json.loads(line) for line in (two / "rank0.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [2, 4]
+    first, second = single["measured"]
+    assert (first["warm_start"], second["warm_start"]) == (False, True)
+    assert first["lambda_max"] > 0 and first["trace"] is not None
+    for ours, reference in zip(ranks[0]["measured"], single["measured"], strict=True):
+        _same_figures(ours, reference)
+
+
+def test_lightning_ddp_callback_equals_one_process_on_the_final_weights(tmp_path):
+    pytest.importorskip("lightning")
+    ranks = _run(tmp_path, LIGHTNING_RUN, 2, str(tmp_path))
+    assert len(ranks) == 2 and ranks[0] == ranks[1] and ranks[0]["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "rank0.jsonl", "script.py"]
+    (logged,) = [json.loads(line) for line in (tmp_path / "rank0.jsonl").read_text().splitlines()]
+    assert logged["lambda_max"] == ranks[0]["lambda_max"]
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    net.load_state_dict(final["net"])
+    alone = SharpnessTracker(net, nn.functional.cross_entropy, final["probe"]).measure(4)
+    _same_figures(ranks[0], {k: v for k, v in alone.row().items() if k != "seconds"})
