@@ -124,6 +124,72 @@ if rank == 0:
 distributed.exit_now(0)
 """
 
+SAM_SCALER_RUN = """
+# SAM with a GradScaler in DDP, each rank's perturbation from its own gradient (the first pass
+# under no_sync, m-sharpness); rank 1 alone turns a gradient to inf: in the first pass of step
+# 1, in the second of step 2 (after DDP's all-reduce). Rank 0 prints every rank's history.
+import contextlib
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import sharpscope as ss
+from sharpscope import distributed
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+inputs, targets = torch.randn(32, 5), torch.arange(32) % 3
+POISONED = {(1, 1), (2, 2)}  # (step, pass) at which rank 1's gradient is inf
+
+
+def main():
+    with distributed.launched(60):
+        rank = distributed.rank()
+        ddp = DistributedDataParallel(model)
+        optimizer = ss.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        mine = distributed.shard(len(inputs))
+        x, y = inputs[mine.start : mine.stop], targets[mine.start : mine.stop]
+        history = []
+        for step in range(4):
+            passes = []
+
+            def closure():
+                passes.append(len(passes) + 1)
+                with ddp.no_sync() if passes == [1] else contextlib.nullcontext():
+                    loss = F.cross_entropy(ddp(x), y)
+                    scaler.scale(loss).backward()
+                if rank == 1 and (step, passes[-1]) in POISONED:
+                    model[0].weight.grad[0, 0] = float("inf")
+                return loss.detach()
+
+            optimizer.step(closure, scaler=scaler)
+            scaler.update()
+            history.append(
+                {
+                    "skipped": optimizer.skipped,
+                    "passes": len(passes),
+                    "scale": scaler.get_scale(),
+                    "global_step": optimizer.global_step,
+                    "weights": distributed.model_fingerprint(model),
+                    "momentum": distributed.fingerprint(
+                        (str(i), s["momentum_buffer"])
+                        for i, s in enumerate(optimizer.state.values())
+                    ),
+                }
+            )
+        everyone = distributed.all_gather(history)
+        if rank == 0:
+            print(json.dumps(everyone))
+
+
+main()
+distributed.exit_now(0)  # finalising after Gloo collectives may abort: see its docstring
+"""
+
 
 def _run(tmp_path: Path, script: str, nproc: int, *args: str) -> list[dict[str, Any]]:
     """Every rank's output of ``script`` run in ``nproc`` processes (rank 0 prints them all)."""
@@ -173,3 +239,17 @@ def test_lightning_ddp_callback_equals_one_process_on_the_final_weights(tmp_path
     net.load_state_dict(final["net"])
     alone = SharpnessTracker(net, nn.functional.cross_entropy, final["probe"]).measure(4)
     _same_figures(ranks[0], {k: v for k, v in alone.row().items() if k != "seconds"})
+
+
+def test_sam_with_a_scaler_skips_on_every_rank_when_one_rank_overflows(tmp_path):
+    """Without the agreement, rank 1 skipped alone: in the first pass it left rank 0 waiting in
+    the second pass's all-reduce; in the second its weights and scale parted from rank 0's."""
+    ranks = _run(tmp_path, SAM_SCALER_RUN, 2)
+    assert len(ranks) == 2 and ranks[0] == ranks[1]
+    history = ranks[0]
+    assert [h["skipped"] for h in history] == [False, True, True, False]
+    assert [h["passes"] for h in history] == [2, 1, 2, 2]  # step 1 skipped after its first pass
+    assert [h["global_step"] for h in history] == [1, 1, 1, 2]
+    assert [h["scale"] for h in history] == [2.0**10, 2.0**9, 2.0**8, 2.0**8]
+    for key in ("weights", "momentum"):
+        assert history[0][key] == history[1][key] == history[2][key] != history[3][key]

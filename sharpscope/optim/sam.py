@@ -16,6 +16,7 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.optim import Optimizer
 
+from sharpscope import distributed
 from sharpscope.curvature.batchnorm import freeze_batchnorm_stats
 from sharpscope.optim.perturbations import Hyper, asam_perturbation, sam_perturbation
 
@@ -234,11 +235,21 @@ class ASAM(SAM):
 def _unscaled(scaler: GradScaler, key: Optimizer) -> bool:
     """Unscale the gradients once through ``scaler`` under the identity ``key`` (the scaler allows
     one unscale per optimizer and step: the two passes use the base and the wrapper), and say
-    whether they were all finite, the scaler's own test (on the scaled values)."""
+    whether they were all finite, the scaler's own test (on the scaled values), on every rank.
+
+    Under torch.distributed a non-finite gradient on one rank (its own first-pass gradient with
+    per-rank perturbations, say) counts on all, and every rank's scaler records it: the ranks
+    skip the step together (none waits in a second pass the others skipped) and their scales
+    stay equal. The flag is the scaler's per-device ``found_inf``, as torch's ShardedGradScaler
+    all-reduces it."""
     grads = [p.grad for g in key.param_groups for p in g["params"] if p.grad is not None]
     finite = not grads or bool(torch.stack([torch.isfinite(t).all() for t in grads]).all())
     scaler.unscale_(key)
-    return finite
+    if not distributed.any_rank(not finite):
+        return True
+    for found in scaler._per_optimizer_states[id(key)]["found_inf_per_device"].values():
+        found.fill_(1.0)
+    return False
 
 
 def _nothing() -> None:
