@@ -190,6 +190,48 @@ main()
 distributed.exit_now(0)  # finalising after Gloo collectives may abort: see its docstring
 """
 
+HF_RUN = """
+# A transformers.Trainer in DDP (torchrun, 2 CPU processes, accelerate's Gloo group) with the
+# callback, each rank on its share of the probe set; rank 0 saves the final weights and probe set
+# and prints every rank's measurement and logged rows.
+import json
+import sys
+
+sys.path.insert(0, sys.argv[2])  # tests/, for tiny_hf
+
+import tiny_hf
+import torch
+import transformers
+
+from sharpscope import distributed
+from sharpscope.integrations.hf_callback import SharpnessCallback
+
+out = sys.argv[1]
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, tiny_hf.VOCAB, (32, 6), generator=g)
+labels = torch.arange(32) % 3
+data = [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
+probe = [{"input_ids": ids[i : i + 8], "labels": labels[i : i + 8]} for i in (0, 8)]
+torch.manual_seed(0)
+args = transformers.TrainingArguments(
+    **dict(output_dir=out, max_steps=2, per_device_train_batch_size=4, learning_rate=0.5),
+    **dict(optim="sgd", lr_scheduler_type="constant", save_strategy="no", report_to=[]),
+    **dict(use_cpu=True, seed=0, disable_tqdm=True, logging_steps=1000),
+)
+trainer = transformers.Trainer(model=tiny_hf.bert().double(), args=args, train_dataset=data)
+rank = args.process_index
+callback = SharpnessCallback(trainer, [probe[rank]], every=2, log=f"{out}/rank{rank}.jsonl")
+trainer.add_callback(callback)
+trainer.train()
+logged = [r for r in trainer.state.log_history if "sharpness/lambda_max" in r]
+last = {k: v for k, v in callback.tracker.last.row().items() if k != "seconds"}
+everyone = distributed.all_gather({"last": last, "logged": logged, "world": args.world_size})
+if rank == 0:
+    torch.save({"model": trainer.model.state_dict(), "probe": probe}, f"{out}/final.pt")
+    print(json.dumps(everyone))
+distributed.exit_now(0)
+"""
+
 
 def _run(tmp_path: Path, script: str, nproc: int, *args: str) -> list[dict[str, Any]]:
     """Every rank's output of ``script`` run in ``nproc`` processes (rank 0 prints them all)."""
@@ -253,3 +295,25 @@ def test_sam_with_a_scaler_skips_on_every_rank_when_one_rank_overflows(tmp_path)
     assert [h["scale"] for h in history] == [2.0**10, 2.0**9, 2.0**8, 2.0**8]
     for key in ("weights", "momentum"):
         assert history[0][key] == history[1][key] == history[2][key] != history[3][key]
+
+
+def test_hf_trainer_ddp_callback_equals_one_process_on_the_final_weights(tmp_path):
+    pytest.importorskip("transformers")
+    import tiny_hf
+
+    from sharpscope.integrations.hf_callback import labelled
+    from sharpscope.io.losses import loss_name, resolve_loss
+
+    ranks = _run(tmp_path, HF_RUN, 2, str(tmp_path), str(Path(__file__).parent))
+    assert len(ranks) == 2 and ranks[0]["last"] == ranks[1]["last"] and ranks[0]["world"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "rank0.jsonl", "script.py"]
+    for rank in ranks:  # trainer.log keeps the row on every rank; its integrations report on 0
+        (logged,) = rank["logged"]
+        assert logged["step"] == 2 and logged["sharpness/lambda_max"] == rank["last"]["lambda_max"]
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    model = tiny_hf.bert().double()
+    model.load_state_dict(final["model"])
+    loss = resolve_loss(loss_name("auto", model))
+    probe = [labelled(b) for b in final["probe"]]
+    alone = SharpnessTracker(model, loss, probe).measure(2)
+    _same_figures(ranks[0]["last"], {k: v for k, v in alone.row().items() if k != "seconds"})
