@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
 
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, Progress, Subspace
-from sharpscope.curvature.vectors import dot, norm, orthogonalize, random_vectors, unit_rows
+from sharpscope.curvature.vectors import dot, norm, orthogonalize, random_vectors
 
 Which = Literal["largest", "smallest", "magnitude"]
 WHICH: tuple[str, ...] = ("largest", "smallest", "magnitude")
@@ -26,7 +27,9 @@ class LanczosProcess:
     shrinks the basis to chosen Ritz vectors (thick restart, Wu and Simon 2000): T then starts
     as their Ritz values with an arrowhead of couplings to the next vector, and the relation
     holds on. With a ``capacity`` the basis is allocated once with that many rows (no copies
-    while it grows); without, it doubles as needed.
+    while it grows); without, it doubles as needed. With ``keep_images`` the products H q of the
+    basis vectors are kept beside them (as much memory again), so that any vector of the basis's
+    span has its image without another product.
     """
 
     def __init__(
@@ -35,11 +38,13 @@ class LanczosProcess:
         start: torch.Tensor,
         generator: torch.Generator,
         capacity: int | None = None,
+        keep_images: bool = False,
     ) -> None:
         self.op = op
         self.generator = generator
         self.capacity = capacity
         self.basis = torch.empty(0, op.size, dtype=op.dtype, device=op.device)
+        self.images = self.basis if keep_images else None
         self.count = 0
         self.steps = 0
         self.beta = 0.0
@@ -57,6 +62,10 @@ class LanczosProcess:
             grown = torch.empty(rows, self.op.size, dtype=q.dtype, device=q.device)
             grown[: self.count] = self.basis[: self.count]
             self.basis = grown
+            if self.images is not None:
+                images = torch.empty_like(grown)
+                images[: self.count] = self.images[: self.count]
+                self.images = images
             t = torch.zeros(rows, rows, dtype=torch.float64)
             t[: self.count, : self.count] = self._t[: self.count, : self.count]
             self._t = t
@@ -79,6 +88,8 @@ class LanczosProcess:
         q = self._next
         self._push(q)
         w = self.op.matvec(q)
+        if self.images is not None:
+            self.images[self.count - 1] = w
         self.steps += 1
         alpha = dot(w, q)
         self._t[self.count - 1, self.count - 1] = alpha
@@ -120,6 +131,8 @@ class LanczosProcess:
         for start in range(0, self.op.size, RESTART_COLUMNS):  # in place, a slab at a time
             cols = slice(start, start + RESTART_COLUMNS)
             self.basis[:n, cols] = weights @ self.basis[: self.count, cols]
+            if self.images is not None:
+                self.images[:n, cols] = weights @ self.images[: self.count, cols]
         self.count = n
         self._t.zero_()
         self._t[:n, :n] = torch.diag(theta[keep])
@@ -162,6 +175,7 @@ def lanczos(
     progress: Progress | None = None,
     max_basis: int | None = None,
     verify: bool = True,
+    keep_images: bool = False,
 ) -> EigenResult:
     """The ``k`` largest, smallest or largest-magnitude eigenpairs of ``op`` by Lanczos.
 
@@ -171,9 +185,22 @@ def lanczos(
     held in memory: a full basis restarts thickly from its k + (max_basis − k) // 2 most wanted
     Ritz vectors; None keeps every vector (fewest products). With ``verify`` (one more product per
     pair) each returned unit vector's eigenvalue is its Rayleigh quotient and its residual the
-    true ‖Hv − λv‖, so both hold in float32 too; without, they are the Ritz estimates.
+    true ‖Hv − λv‖, so both hold in float32 too; without, they are the Ritz estimates. With
+    ``keep_images`` the basis's products are kept (a second basis of memory) and give the same
+    verified figures and each vector's image Hv (the result's ``images``) with no product more.
     """
-    return _solve(op, [(k, which)], tol, max_iter, seed, v0, progress, max_basis, verify)[0]
+    return _solve(
+        op,
+        [(k, which)],
+        tol,
+        max_iter,
+        seed,
+        v0,
+        progress,
+        max_basis,
+        verify,
+        keep_images=keep_images,
+    )[0]
 
 
 def lanczos_extremes(
@@ -188,6 +215,7 @@ def lanczos_extremes(
     verify: bool = True,
     keep_subspace: bool = False,
     v0: torch.Tensor | None = None,
+    keep_images: bool = False,
 ) -> tuple[EigenResult, EigenResult]:
     """The ``k`` largest and the ``k_smallest`` smallest eigenpairs from one Lanczos run, which
     stops when both ends meet :func:`lanczos`' tolerance: fewer products than two runs, as both
@@ -195,10 +223,11 @@ def lanczos_extremes(
     ``max_basis`` must be at least k + k_smallest + 2 and keeps Ritz vectors from both ends;
     ``verify`` as in :func:`lanczos`. With ``keep_subspace`` both results carry the final Krylov
     basis as their ``subspace`` (for :func:`~sharpscope.curvature.trace.deflated_trace`);
-    ``v0`` warm-starts it as in :func:`lanczos` (e.g. the sum of earlier extreme vectors)."""
+    ``v0`` warm-starts it as in :func:`lanczos` (e.g. the sum of earlier extreme vectors),
+    ``keep_images`` as there."""
     wants: list[tuple[int, Which]] = [(k, "largest"), (k_smallest, "smallest")]
     top, bottom = _solve(
-        op, wants, tol, max_iter, seed, v0, progress, max_basis, verify, keep_subspace
+        op, wants, tol, max_iter, seed, v0, progress, max_basis, verify, keep_subspace, keep_images
     )
     return top, bottom
 
@@ -214,9 +243,11 @@ def _solve(
     max_basis: int | None,
     verify: bool,
     keep_subspace: bool = False,
+    keep_images: bool = False,
 ) -> list[EigenResult]:
     """One Lanczos run until every ``(k, which)`` of ``wants`` has converged; a result each
-    (carrying the final basis when ``keep_subspace``)."""
+    (carrying the final basis when ``keep_subspace``; verified from the kept products with
+    ``keep_images``)."""
     if any(k < 1 for k, _ in wants):
         raise ValueError("k must be at least 1")
     for _, which in wants:
@@ -230,7 +261,8 @@ def _solve(
         sizes = " + ".join(["k"] if len(wants) == 1 else [str(k) for k, _ in wants])
         raise ValueError(f"max_basis must be at least {sizes} + 2 = {total + 2}, got {max_basis}")
     max_iter = max(total, max_iter if max_basis is not None else min(max_iter, op.size))
-    process = LanczosProcess(op, start_vector(op, generator, v0), generator, max_basis)
+    first = start_vector(op, generator, v0)
+    process = LanczosProcess(op, first, generator, max_basis, keep_images)
     histories: list[list[list[float]]] = [[] for _ in wants]
     while True:
         process.step()
@@ -255,12 +287,18 @@ def _solve(
     found = []
     for wanted, ok in zip(picks, converged, strict=True):
         coords = s[:, wanted].to(dtype=op.dtype, device=op.device)
-        vectors = unit_rows(coords.T @ process.vectors)
-        values, errors = theta[wanted], residuals[wanted]
-        if verify:
-            values, errors = _verified(op, vectors)
+        vectors = coords.T @ process.vectors
+        lengths = torch.tensor([norm(v) for v in vectors], dtype=op.dtype, device=op.device)
+        vectors = vectors / lengths[:, None]
+        values, errors, images = theta[wanted], residuals[wanted], None
+        if process.images is not None:
+            images = (coords.T @ process.images[: process.count]) / lengths[:, None]
+            values, errors = _quotients(vectors, images)
             ok = errors <= tol * scale
-        found.append((vectors, values, errors, ok))
+        elif verify:
+            values, errors = _quotients(vectors, (op.matvec(v) for v in vectors))
+            ok = errors <= tol * scale
+        found.append((vectors, values, errors, ok, images))
     subspace = None
     if keep_subspace:
         subspace = Subspace(process.vectors, float(theta.sum()), float(scale))
@@ -277,19 +315,21 @@ def _solve(
             which=which,
             history=history,
             subspace=subspace,
+            images=images,
         )
-        for (_, which), (vectors, values, errors, ok), history in zip(
+        for (_, which), (vectors, values, errors, ok, images), history in zip(
             wants, found, histories, strict=True
         )
     ]
 
 
-def _verified(op: LinearOperator, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quotients(
+    vectors: torch.Tensor, images: Iterable[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each unit vector's Rayleigh quotient vᵀHv and true residual ‖Hv − (vᵀHv)v‖ (float64),
-    from one product each."""
+    given its image Hv (one at a time: a generator of products holds one)."""
     values, errors = [], []
-    for v in vectors:
-        image = op.matvec(v)
+    for v, image in zip(vectors, images, strict=True):
         value = dot(v, image)
         values.append(value)
         errors.append(norm(image - value * v))

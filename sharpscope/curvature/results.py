@@ -74,6 +74,8 @@ class EigenResult:
     subspace: Subspace | None = None
     """The Krylov basis the pairs came from, when the solve was asked to keep it (a deflated
     trace reuses it); None otherwise."""
+    images: torch.Tensor | None = None
+    """``images[i]`` = H ``eigenvectors[i]``, when the solve kept its products; None otherwise."""
 
     @property
     def all_converged(self) -> bool:
