@@ -20,7 +20,7 @@ from sharpscope.io.architectures import cnn
 N = 3
 """Steps between measurements and checkpoints; the runs take 2N steps."""
 EXACT = ["--samples", "0", "-k", "1", "--tol", "1e-10", "--no-trace", "--dtype", "float64"]
-TIGHT = dict(tol=1e-10, max_iter=300)
+TIGHT = dict(tol=1e-10, products=None, max_iter=300)
 """Tracker settings as tight as analyze's, so both are exact to rounding."""
 
 

@@ -55,7 +55,15 @@ def dense_hessian(model: nn.Module, batches: list) -> torch.Tensor:
 def test_figures_match_the_dense_hessian():
     model, batches = problem()
     tracker = SharpnessTracker(
-        model, CE, batches, lambda_min=True, trace=True, tol=1e-8, max_iter=200, trace_samples=40
+        model,
+        CE,
+        batches,
+        lambda_min=True,
+        trace=True,
+        tol=1e-8,
+        products=None,
+        max_iter=200,
+        trace_samples=40,
     )
     m = tracker.measure(step=0)
     eigenvalues = torch.linalg.eigvalsh(dense_hessian(model, batches))
@@ -89,23 +97,26 @@ def dense_ggn(model: nn.Module, batches: list) -> torch.Tensor:
 
 def test_the_ggn_tracker_measures_the_ggn_operator_s_lambda_max():
     model, batches = problem()
-    tracked = SharpnessTracker(model, CE, batches, curvature="ggn", tol=1e-10, max_iter=200)
+    tracked = SharpnessTracker(
+        model, CE, batches, curvature="ggn", tol=1e-10, products=None, max_iter=200
+    )
     m = tracked.measure(step=3)
     reference = lanczos(GGNOperator(model, CE, batches), k=1, tol=1e-10, max_iter=200, seed=1)
     dense = float(torch.linalg.eigvalsh(dense_ggn(model, batches))[-1])
     assert m.curvature == "ggn" and m.row()["curvature"] == "ggn" and m.lambda_max_converged
     assert m.lambda_max == pytest.approx(float(reference.eigenvalues[0]), rel=1e-9, abs=1e-12)
     assert abs(m.lambda_max - dense) <= m.lambda_max_residual + 1e-12
-    hessian = SharpnessTracker(model, CE, batches, tol=1e-10, max_iter=200).measure()
-    assert abs(hessian.lambda_max - m.lambda_max) > 1e-6  # another matrix: 2e-4 apart here
+    hessian = SharpnessTracker(model, CE, batches, tol=1e-10, products=None, max_iter=200)
+    assert abs(hessian.measure().lambda_max - m.lambda_max) > 1e-6  # another matrix: 2e-4 apart
 
 
 def test_the_fisher_tracker_draws_its_labels_with_its_seed():
     model, batches = problem()
     settings = dict(tol=1e-10, max_iter=200)
     ce = resolve_loss("cross-entropy")  # the fisher's draws need a built-in loss
-    m = SharpnessTracker(model, ce, batches, curvature="fisher", seed=5, **settings).measure()
-    other = SharpnessTracker(model, ce, batches, curvature="fisher", seed=6, **settings).measure()
+    fisher = dict(curvature="fisher", products=None, **settings)
+    m = SharpnessTracker(model, ce, batches, seed=5, **fisher).measure()  # type: ignore[arg-type]
+    other = SharpnessTracker(model, ce, batches, seed=6, **fisher).measure()  # type: ignore[arg-type]
     seeded = FisherOperator(model, ce, batches, seed=5)
     reference = float(lanczos(seeded, k=1, **settings).eigenvalues[0])  # type: ignore[arg-type]
     assert m.curvature == "fisher"
@@ -143,7 +154,7 @@ def test_measuring_leaves_the_training_state_untouched():
 def test_a_warm_start_takes_fewer_products_than_a_cold_one(lambda_min: bool):
     model, batches = problem()
     model.eval()  # no dropout: plain gradient descent on the probe loss
-    options = dict(lambda_min=lambda_min, tol=1e-6, max_iter=200)
+    options = dict(lambda_min=lambda_min, tol=1e-6, products=None, max_iter=200)
     warm = SharpnessTracker(model, CE, batches, **options)
     cold = SharpnessTracker(model, CE, batches, warm_start=False, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -159,11 +170,59 @@ def test_a_warm_start_takes_fewer_products_than_a_cold_one(lambda_min: bool):
         assert abs(w.lambda_max - c.lambda_max) <= w.lambda_max_residual + c.lambda_max_residual
 
 
-def test_a_resumed_tracker_measures_as_an_uninterrupted_one():
+@pytest.mark.parametrize(("products", "measurements"), [(1, 150), (2, 40)])
+def test_a_budget_refines_lambda_max_across_measurements_to_the_dense_one(
+    products: int, measurements: int
+):
+    """A fixed model measured again and again with 1 or 2 products each: every figure's
+    residual is the true ‖Hv − λv‖ of the dense float64 Hessian, and λ_max reaches the dense
+    λ_max."""
     model, batches = problem()
-    straight = SharpnessTracker(model, CE, batches)
+    hessian = dense_hessian(model, batches)
+    eigenvalues = torch.linalg.eigvalsh(hessian)
+    exact = float(eigenvalues[-1])
+    tracker = SharpnessTracker(model, CE, batches, products=products, tol=1e-6)
+    measured = []
+    for step in range(measurements):
+        m = tracker.measure(step)
+        v = tracker._top
+        true = float(torch.linalg.vector_norm(hessian @ v - m.lambda_max * v))
+        assert m.lambda_max == pytest.approx(float(v @ hessian @ v), rel=1e-12)
+        assert m.lambda_max_residual == pytest.approx(true, rel=1e-6, abs=1e-13)
+        assert m.eigen_products <= products and m.n_products == m.eigen_products
+        assert float((eigenvalues - m.lambda_max).abs().min()) <= m.lambda_max_residual + 1e-12
+        assert m.lambda_max <= exact + 1e-12  # a Rayleigh quotient: never above λ_max
+        measured.append(m)
+    assert not measured[0].lambda_max_converged  # from a random start
+    assert measured[-1].lambda_max_converged and measured[-1].warm_start
+    assert abs(measured[-1].lambda_max - exact) <= 1e-9 * exact
+    errors = [abs(m.lambda_max - exact) for m in measured]
+    assert errors[-1] < 1e-6 * errors[0]
+
+
+def test_a_budget_tracks_both_ends_with_true_residuals():
+    model, batches = problem()
+    hessian = dense_hessian(model, batches)
+    tracker = SharpnessTracker(model, CE, batches, products=3, lambda_min=True)
+    for step in range(3):
+        m = tracker.measure(step)
+        assert m.eigen_products <= 3 and m.lambda_min is not None
+        for value, residual, v in [
+            (m.lambda_max, m.lambda_max_residual, tracker._top),
+            (m.lambda_min, m.lambda_min_residual, tracker._bottom),
+        ]:
+            true = float(torch.linalg.vector_norm(hessian @ v - value * v))
+            assert residual == pytest.approx(true, rel=1e-6, abs=1e-13)
+    with pytest.raises(ValueError, match="`products` must be at least 1"):
+        SharpnessTracker(model, CE, batches, products=0)
+
+
+@pytest.mark.parametrize("products", [None, 2], ids=["solve", "budget"])
+def test_a_resumed_tracker_measures_as_an_uninterrupted_one(products: int | None):
+    model, batches = problem()
+    straight = SharpnessTracker(model, CE, batches, products=products)
     straight.measure(0)
-    resumed = SharpnessTracker(model, CE, batches)
+    resumed = SharpnessTracker(model, CE, batches, products=products)
     resumed.load_state_dict(straight.state_dict())
     with torch.no_grad():
         model[0].weight.mul_(1.01)
@@ -175,7 +234,9 @@ def test_a_resumed_tracker_measures_as_an_uninterrupted_one():
 def test_eigen_sam_alignment_is_one_for_the_measured_eigenvector():
     model, batches = problem()
     optimizer = EigenSAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=CE)
-    tracker = SharpnessTracker(model, CE, batches, eigen_sam=optimizer, tol=1e-10, max_iter=200)
+    tracker = SharpnessTracker(
+        model, CE, batches, eigen_sam=optimizer, tol=1e-10, products=None, max_iter=200
+    )
     assert tracker.measure().esam_v1_alignment is None  # no estimate yet
     names = [n for n, _ in model.named_parameters()]
     v1 = tracker._top

@@ -78,7 +78,7 @@ def session(
 
 def tracker(s: Session) -> Tracker:
     probe = [(s.data.inputs[:48], s.data.targets[:48])]
-    return Tracker(SharpnessTracker(s.model, CE, probe, seed=0, max_iter=10), None)
+    return Tracker(SharpnessTracker(s.model, CE, probe, seed=0, products=None, max_iter=10), None)
 
 
 def config(**changes: Any) -> RunConfig:

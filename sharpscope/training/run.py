@@ -253,6 +253,7 @@ def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
         inputs.loss_fn,
         probe,
         seed=config.seed,
+        products=None,
         max_iter=config.track_iters,
         curvature=config.curvature,
     )

@@ -1,5 +1,5 @@
 """Sharpness across training: :class:`SharpnessTracker` measures λ_max (and, if asked, λ_min,
-the trace and alignments) on a fixed probe set, warm-started from its last eigenvector, without
+the trace and alignments) on a fixed probe set, refined from its last eigenvector, without
 touching the training's state; :class:`Tracker` adds the probe and validation figures of a
 ``sharpscope finetune`` row."""
 
@@ -20,7 +20,8 @@ from sharpscope.batches import LossFn, correct_count, loss_weight
 from sharpscope.curvature import CURVATURES, CurvatureOperator, curvature_mode, hutchpp, lanczos
 from sharpscope.curvature.lanczos import lanczos_extremes
 from sharpscope.curvature.params import ParamSpace
-from sharpscope.curvature.vectors import abs_cosine
+from sharpscope.curvature.results import EigenResult
+from sharpscope.curvature.vectors import abs_cosine, norm
 from sharpscope.errors import check_choice
 from sharpscope.structures import call_model
 from sharpscope.training.sinks import Sink, as_sinks, close_all
@@ -28,6 +29,9 @@ from sharpscope.training.sinks import Sink, as_sinks, close_all
 Batch = tuple[Any, Any]
 TRACK_TOL = 1e-3
 """Relative residual at which the tracked λ_max counts as converged."""
+TRACK_PRODUCTS: int | None = 1
+"""Products per measurement by default: one, so that tracking every 100 steps costs about 3 %
+of a training run whose probe set is one training batch (docs/benchmarks.md, section 11)."""
 TRACE_SKETCH = 4
 """Hutch++'s sketch size for a tracked trace: 2 × 4 products for its exactly traced part."""
 
@@ -64,7 +68,7 @@ class Measurement:
     whether that met the tolerance, the trace with its standard error; a figure not asked for is
     None. It took ``n_products`` matrix-vector products in ``product_dtype``, ``eigen_products``
     of them for the eigenvalues (the rest for the trace); ``warm_start``: whether the eigen-solve
-    started from the previous measurement's eigenvector(s).
+    started from the previous measurement's (see :class:`SharpnessTracker`).
     """
 
     step: int | None
@@ -103,12 +107,21 @@ class SharpnessTracker:
     ``(inputs, targets)`` pair, ``loss_fn(model(inputs), targets)`` their mean loss), over the
     parameters that ``params`` selects (globs; default: all that require grad), in eval mode
     (BatchNorm on running statistics, or on each batch's with ``batch_stats``), as ``sharpscope
-    analyze`` measures it. Lanczos stops at relative residual ``tol`` or after ``max_iter``
-    products; from the second measurement on it starts from the last eigenvector (``warm_start``),
-    so a measurement costs a few products while the eigenvector moves little. Optionally also
-    λ_min (from the same Krylov space), the trace (Hutch++, ``trace_samples`` products more),
-    |cos(ĝ, v₁)| (``alignment``, free) and, given an ``eigen_sam`` optimizer, how well its
-    eigenvector estimate matches v₁.
+    analyze`` measures it.
+
+    A measurement takes at most ``products`` matrix-vector products (default 1, about 3 % of the
+    training at ``every=100`` with a probe set of one training batch) and refines across
+    measurements: Lanczos starts from the last eigenvector moved one power step on (from its
+    product, kept: no product more), so while the matrix drifts slowly λ_max converges over
+    measurements, as Eigen-SAM's estimate does; with one product each this is a power iteration
+    (it finds the end of largest magnitude, the top one for a trained network). With
+    ``products=None`` each measurement solves to relative residual ``tol`` (at most
+    ``max_iter`` products), as ``sharpscope analyze`` does. Either way λ_max is the Rayleigh
+    quotient of its vector v (never above the true λ_max, up to rounding) and its residual the
+    true ‖Hv − λv‖ at the current weights, from the products the solve took; ``converged`` only
+    when that met ``tol``. Optionally also λ_min (from the same Krylov space), the trace (Hutch++,
+    ``trace_samples`` products more), |cos(ĝ, v₁)| (``alignment``, free) and, given an
+    ``eigen_sam`` optimizer, how well its eigenvector estimate matches v₁.
 
     Measuring changes nothing of the training: modes, BatchNorm buffers, ``.grad``, the CPU and
     CUDA random streams and the parameters are as they were; products run outside any autocast,
@@ -130,6 +143,7 @@ class SharpnessTracker:
         alignment: bool = True,
         eigen_sam: Any = None,
         tol: float = TRACK_TOL,
+        products: int | None = TRACK_PRODUCTS,
         max_iter: int = 20,
         trace_samples: int = 30,
         seed: int = 0,
@@ -146,6 +160,8 @@ class SharpnessTracker:
             raise ValueError(f"`tol` must be positive, got {tol}")
         if max_iter < 1 or trace_samples < 2:
             raise ValueError("`max_iter` must be at least 1 and `trace_samples` at least 2")
+        if products is not None and products < 1:
+            raise ValueError(f"`products` must be at least 1 (or None), got {products}")
         if eigen_sam is not None and not hasattr(eigen_sam, "eigenvector"):
             raise ValueError("`eigen_sam` must be an EigenSAM optimizer")
         self.model = model.module if isinstance(model, DistributedDataParallel) else model
@@ -159,6 +175,7 @@ class SharpnessTracker:
         self.alignment = alignment
         self.eigen_sam = eigen_sam
         self.tol = tol
+        self.products = products
         self.max_iter = max_iter
         self.trace_samples = trace_samples
         self.seed = seed
@@ -170,6 +187,7 @@ class SharpnessTracker:
         self.last: Measurement | None = None
         self._top: torch.Tensor | None = None
         self._bottom: torch.Tensor | None = None
+        self._next: torch.Tensor | None = None
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is a measuring step (a multiple of ``every``)."""
@@ -203,6 +221,7 @@ class SharpnessTracker:
         v1 = top.eigenvectors[0]
         self._top = v1.detach().clone()
         self._bottom = None if bottom is None else bottom.eigenvectors[0].detach().clone()
+        self._next = _power_step(top, bottom)
         measured = Measurement(
             step=step,
             lambda_max=float(top.eigenvalues[0]),
@@ -242,22 +261,25 @@ class SharpnessTracker:
         )
 
     def _eigen(self, op: CurvatureOperator) -> tuple[Any, Any, bool]:
-        """λ_max's (and λ_min's, if asked) Lanczos results, and whether they started warm."""
+        """λ_max's (and λ_min's, if asked) Lanczos results, and whether they started warm; the
+        pairs are checked by the products kept from the run, so no product more."""
         start = self._start(op.size)
-        kwargs = dict(tol=self.tol, max_iter=self.max_iter, seed=self.seed, v0=start)
+        budget = self.max_iter if self.products is None else self.products
+        kwargs = dict(tol=self.tol, max_iter=budget, seed=self.seed, v0=start, keep_images=True)
         if self.lambda_min:
             top, bottom = lanczos_extremes(op, k=1, k_smallest=1, **kwargs)  # type: ignore[arg-type]
             return top, bottom, start is not None
         return lanczos(op, k=1, which="largest", **kwargs), None, start is not None  # type: ignore[arg-type]
 
     def _start(self, size: int) -> torch.Tensor | None:
-        """The warm start: the last v₁ (plus the last λ_min vector when both ends are tracked),
-        or None for a seeded random start."""
-        if not self.warm_start or self._top is None or self._top.shape != (size,):
+        """The warm start: the last v₁ moved one power step on (plus the last λ_min vector when
+        both ends are tracked), or None for a seeded random start."""
+        top = self._top if self._next is None else self._next
+        if not self.warm_start or top is None or top.shape != (size,):
             return None
         if self.lambda_min and self._bottom is not None:
-            return self._top + self._bottom
-        return self._top
+            return top + self._bottom
+        return top
 
     def _esam_alignment(self, space: ParamSpace, v1: torch.Tensor) -> float | None:
         """|cos(v, v₁)| of the Eigen-SAM optimizer's v (paired with the tracked parameters by
@@ -271,16 +293,30 @@ class SharpnessTracker:
 
     def state_dict(self) -> dict[str, Any]:
         """The warm-start vectors, so that a resumed run measures as an uninterrupted one."""
-        return {"top": self._top, "bottom": self._bottom}
+        return {"top": self._top, "bottom": self._bottom, "next": self._next}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Continue from :meth:`state_dict` (None: start cold)."""
+        """Continue from :meth:`state_dict` (None: start cold; a state without ``next``, from
+        before the power step, starts from ``top``)."""
         state = state or {}
         self._top, self._bottom = state.get("top"), state.get("bottom")
+        self._next = state.get("next")
 
     def close(self) -> None:
         """Close the file logs and TensorBoard writers this tracker opened."""
         close_all(self.sinks)
+
+
+def _power_step(top: EigenResult, bottom: EigenResult | None) -> torch.Tensor | None:
+    """The next measurement's start: (H − σ)v₁ normalised, from v₁'s image kept by this one
+    (no product), σ = min(0, λ_min) when λ_min is tracked, else 0, so that a dominant negative end
+    does not pull it; None when that image is zero."""
+    if top.images is None:
+        return None
+    shift = 0.0 if bottom is None else min(0.0, float(bottom.eigenvalues[0]))
+    step = top.images[0] - shift * top.eigenvectors[0]
+    length = norm(step)
+    return (step / length).detach().clone() if length > 0 else None
 
 
 @contextlib.contextmanager
