@@ -38,9 +38,9 @@ class SharpnessCallback(_transformers.TrainerCallback):
     ``probe_batches`` are collated batches (dicts with ``labels``, as the data collator makes
     them) or ``(inputs, targets)`` pairs; ``loss_fn(outputs, labels)`` defaults to the loss the
     model's task implies (cross-entropy for a classifier, next-token cross-entropy for a causal
-    LM, ...). ``tracker_options`` go to the tracker (``lambda_min``, ``trace``, ``tol``,
-    ``max_iter``, ``eigen_sam``, ``log``, ...). Under torch.distributed, give each rank its share
-    of the probe set.
+    LM, ...). ``tracker_options`` go to the tracker (``lambda_min``, ``trace``, ``products``,
+    ``tol``, ``max_iter``, ``eigen_sam``, ``log``, ...). Under torch.distributed, give each rank
+    its share of the probe set.
     """
 
     def __init__(

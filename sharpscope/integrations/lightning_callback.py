@@ -24,8 +24,8 @@ class SharpnessCallback(_lightning.pytorch.Callback):
     logger of the trainer at its ``global_step``, whatever ``log_every_n_steps`` is.
 
     ``probe_batches`` are ``(inputs, targets)`` pairs; ``tracker_options`` go to the tracker
-    (``lambda_min``, ``trace``, ``tol``, ``max_iter``, ``eigen_sam``, ``log``, ...). With
-    gradient accumulation a step is measured once, after its last micro-batch. Under
+    (``lambda_min``, ``trace``, ``products``, ``tol``, ``max_iter``, ``eigen_sam``, ``log``, ...).
+    With gradient accumulation a step is measured once, after its last micro-batch. Under
     torch.distributed, give each rank its share of the probe set.
     """
 
