@@ -96,6 +96,22 @@ def test_thick_restarts_keep_the_dense_answer_in_a_bounded_basis(problem, max_ba
     assert top.n_products > full.n_products  # restarts cost products, never accuracy
 
 
+@pytest.mark.parametrize("max_basis", [None, 7])
+def test_kept_images_verify_the_pairs_without_a_product(problem, max_basis):
+    """With ``keep_images`` (kept through thick restarts too) each returned pair's Rayleigh
+    quotient, true residual and image Hv come from the basis's products: one product fewer per
+    pair than the verifying product, the same dense answer."""
+    evals, evecs = torch.linalg.eigh(problem.hessian)
+    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    options = dict(k=5, tol=1e-10, max_basis=max_basis, max_iter=2000)
+    kept = lanczos(op, keep_images=True, **options)  # type: ignore[arg-type]
+    checked = lanczos(op, **options)  # type: ignore[arg-type]
+    assert kept.n_products == checked.n_products - 5 and checked.images is None
+    _check_pairs(kept, evals.flip(0)[:5], evecs.flip(1)[:, :5], problem.hessian)
+    expected = kept.eigenvectors @ problem.hessian  # H symmetric: rows H v
+    torch.testing.assert_close(kept.images, expected, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("slab", [1 << 20, 7])
 def test_a_restarted_process_keeps_the_lanczos_relation(mlp, monkeypatch, slab):
     """After thick restarts, H Q = Q T + β q eᵀ holds with the dense H, Q stays orthonormal and
