@@ -189,6 +189,11 @@ def test_the_gate_reads_each_of_its_figures(analysed):
         "rho": AnalyzeConfig().rho,
         "dtype": "float64",
         "loss": "cross-entropy",
+        "adaptive_sharpness": "average",
+        "adaptive_norm": "l2",
+        "adaptive_rho": 0.1,
+        "adaptive_steps": 4,
+        "adaptive_scale": "on",
     }
 
 
