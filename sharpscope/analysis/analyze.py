@@ -424,8 +424,7 @@ def _sampling(
     resolve = None
     if config.bias:
         resolve = Resolve(
-            k=config.k,
-            start=torch.cat([top.eigenvectors, bottom.eigenvectors[:1]]).sum(0),
+            start=top.eigenvectors[0] + bottom.eigenvectors[0],
             rho=config.rho,
             tol=max(settings.tol, SHARD_TOL),
             max_iter=settings.max_iter,

@@ -346,14 +346,14 @@ class Sampling(Section):
             bias_factor=None if b is None else errors.bias_factor,
         )
 
-    def bias_of(self, pick: str, index: int = 0) -> tuple[float, float]:
+    def bias_of(self, pick: str, index: int = 0) -> tuple[float, float] | None:
         """The range of figure ``pick``'s bias (a field of :class:`SamplingBias`; ``index``: which
-        eigenvalue), from its 1/n estimate to ``bias_factor`` times it; (0, 0) when none."""
+        eigenvalue), from its 1/n estimate to ``bias_factor`` times it; None when not estimated."""
         if self.bias is None:
-            return (0.0, 0.0)
+            return None
         value = getattr(self.bias, pick)
         value = value[index] if isinstance(value, tuple) else value
-        return bias_range(value, self.bias_factor or 1.0)
+        return None if value is None else bias_range(value, self.bias_factor or 1.0)
 
     def interval(
         self,

@@ -112,7 +112,8 @@ def _data_cells(results: Results, se: float | None, pick: str, index: int = 0) -
         return []
     cells = ["—" if se is None else f"± {s.interval_multiplier * se:.2g}"]
     if s.bias is not None:
-        cells.append(_bias(s.bias_of(pick, index)))
+        bias = s.bias_of(pick, index)
+        cells.append("—" if bias is None else _bias(bias))
     return cells
 
 
@@ -132,8 +133,10 @@ def _with_interval(
     """``value [low, high]`` with the data's 95 % interval when it was estimated (allowing for
     the bias of figure ``pick`` when that was estimated)."""
     s = results.sampling
-    bias = (0.0, 0.0) if s is None or pick is None else s.bias_of(pick)
-    interval = None if s is None or value is None else s.interval(value, se, bounds, bias)
+    bias = None if s is None or pick is None else s.bias_of(pick)
+    interval = (
+        None if s is None or value is None else s.interval(value, se, bounds, bias or (0.0, 0.0))
+    )
     if interval is None:
         return _num(value, digits)
     return f"{_num(value, digits)} [{_num(interval[0], 2)}, {_num(interval[1], 2)}]"
