@@ -59,7 +59,7 @@ def figures(workload: bench_engine.Workload, x: torch.Tensor, y: torch.Tensor) -
         "lambda_max": (a.lambda_max, s.eigenvalues[0], bias_range(b.eigenvalues[0], f)),
         "lambda_min": (float(a.bottom.eigenvalues[0]), s.lambda_min, bias_range(b.lambda_min, f)),
         "trace": (a.trace.estimate, s.trace, (0.0, 0.0)),
-        "cos_full": (a.alignment.cos_full, s.cos_full, bias_range(b.cos_full, f)),
+        "cos_full": (a.alignment.cos_full, s.cos_full, bias_range(b.cos_full, f, signed=False)),
         "sam_sharpness": (
             a.alignment.sam_sharpness,
             s.sam_sharpness,

@@ -90,7 +90,11 @@ def analysed(w: torch.Tensor, scales: torch.Tensor) -> list[Run]:
                     s.lambda_min,
                     bias_range(b.lambda_min, f),
                 ),
-                "cos_full": (a.alignment.cos_full, s.cos_full, bias_range(b.cos_full, f)),
+                "cos_full": (
+                    a.alignment.cos_full,
+                    s.cos_full,
+                    bias_range(b.cos_full, f, signed=False),
+                ),
                 "sam_sharpness": (
                     a.alignment.sam_sharpness,
                     s.sam_sharpness,

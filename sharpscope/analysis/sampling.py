@@ -142,9 +142,18 @@ def bias_factor(shards: int) -> float:
     return math.sqrt(shards) + 1
 
 
-def bias_range(bias: float | None, factor: float) -> tuple[float, float]:
-    """The range of a figure's bias, from its 1/n estimate to ``factor`` times it (0 when none)."""
-    return (0.0, 0.0) if bias is None else (bias, factor * bias)
+COSINES = ("cos_full", "topk_share")
+"""Figures whose split-sample bias is allowed either sign: a shard re-solves v₁ as well as ĝ, and
+at n/m samples the cosine can move the other way than at n (the benchmark CNN: estimated −0.02,
+actual +0.17, docs/benchmarks.md §8)."""
+
+
+def bias_range(bias: float | None, factor: float, signed: bool = True) -> tuple[float, float]:
+    """The range of a figure's bias, from its 1/n estimate to ``factor`` times it (0 when none);
+    not ``signed``: ± ``factor`` times its size (a cosine's, :data:`COSINES`)."""
+    if bias is None:
+        return (0.0, 0.0)
+    return (bias, factor * bias) if signed else (-factor * abs(bias), factor * abs(bias))
 
 
 SHARD_TOL = 1e-3

@@ -18,7 +18,11 @@ def verdict(analysis: Analysis) -> str:
     cos = a.cos_full
     s = analysis.sampling
     estimated = s is not None and s.cos_full is not None
-    bias = bias_range(s.bias and s.bias.cos_full, s.bias_factor) if estimated else (0.0, 0.0)
+    bias = (
+        bias_range(s.bias and s.bias.cos_full, s.bias_factor, signed=False)
+        if estimated
+        else (0.0, 0.0)
+    )
     low, high = interval(cos, s.cos_full, s.multiplier, UNIT, bias) if estimated else (cos, cos)
     straddled = [cut for cut in (POOR, GOOD) if low < cut <= high]
     if straddled:

@@ -20,7 +20,7 @@ from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessResult
 from sharpscope.analysis.alignment import Alignment
 from sharpscope.analysis.analyze import Analysis, LayerEigen
 from sharpscope.analysis.gate import GateInput, Reading
-from sharpscope.analysis.sampling import SamplingErrors, bias_range, interval
+from sharpscope.analysis.sampling import COSINES, SamplingErrors, bias_range, interval
 from sharpscope.analysis.verdict import verdict
 from sharpscope.curvature import DensityResult, EigenResult, TraceResult
 from sharpscope.report.json_report import dumps
@@ -353,7 +353,8 @@ class Sampling(Section):
             return None
         value = getattr(self.bias, pick)
         value = value[index] if isinstance(value, tuple) else value
-        return None if value is None else bias_range(value, self.bias_factor or 1.0)
+        factor, signed = self.bias_factor or 1.0, pick not in COSINES
+        return None if value is None else bias_range(value, factor, signed)
 
     def interval(
         self,
