@@ -362,7 +362,7 @@ def _planned(
     if config.shards:  # one per eigenvector and trace probe, spread over the shards
         products["sampling"] = config.k + 1 + (TRACE_PROBES if config.trace else 0)
         if config.bias:
-            products["bias"] = cost.products  # the eigen-solve again, spread over the shards
+            products["bias"] = settings.max_iter  # a Lanczos run per shard, spread over them
     if config.per_layer:
         blocks = len(param_groups(op.space.names, _module_types(op.model)))
         products["per-layer"] = blocks * method.cost(1, 0, settings).products
