@@ -361,25 +361,34 @@ def _shard(
         )
         forms.append(sum(rayleigh) + dot(z, part.matvec(z)))
     found = _Shard(rayleigh, forms)
+    solved = None if resolve is None else resolve.extremes(part)  # before a loss drops the graph
     if epsilon is not None:
         g = part.gradient()
         found.gradient = (dot(gradient, g), dot(g, g), [dot(v, g) for v in vectors[:-1]])
-        if resolve is not None:
-            found.figures = _figures(part, g, resolve)
-        found.sam_rise = part.loss(epsilon) - part.loss()
-    elif resolve is not None:
-        found.figures = _figures(part, None, resolve)
+        base = part.loss()  # once, for both SAM rises
+        found.sam_rise = part.loss(epsilon) - base
+        if solved is not None:
+            found.figures = _figures(part, g, solved, resolve.rho, base)
+    elif solved is not None:
+        found.figures = _figures(part, None, solved, resolve.rho, None)
     part.release()
     return found
 
 
-def _figures(part: CurvatureOperator, g: torch.Tensor | None, resolve: Resolve) -> Figures:
-    """The figures solved on one shard alone: its own eigenpairs, gradient and ε."""
-    top, bottom = resolve.extremes(part)
+def _figures(
+    part: CurvatureOperator,
+    g: torch.Tensor | None,
+    solved: tuple[EigenResult, EigenResult],
+    rho: float,
+    base: float | None,
+) -> Figures:
+    """The figures solved on one shard alone: its own eigenpairs (``solved``), gradient and ε,
+    its SAM rise from its loss ``base`` at the weights."""
+    top, bottom = solved
     eigen = Figures(top.eigenvalues.tolist(), float(bottom.eigenvalues[0]))
-    if g is None or norm(g) == 0:
+    if g is None or base is None or norm(g) == 0:
         return eigen
-    rise = part.loss(sam_perturbation(g, resolve.rho)) - part.loss()
+    rise = part.loss(sam_perturbation(g, rho)) - base
     cos = abs_cosine(g, top.eigenvectors[0])
     return replace(
         eigen,
