@@ -12,8 +12,9 @@ trains ``--steps`` steps without the tracker and, interleaved, with it in each o
 relative residual of the first (cold) and the later (warm-started) measurements, the last
 λ_max with its residual and its error against a Lanczos solve to 1e-6, the tracker's own
 seconds over the training's in the same run (the overhead), and the ``every`` at which that
-overhead would be 3 %. The script checks that the weights are bit-identical with and without the
-tracker. Markdown goes to stdout.
+overhead would be 3 %. Two rows are no tracker but the floor beside it: the same one-product
+measurement written inline in plain torch (:class:`BarePower`). The script checks that the weights
+are bit-identical with and without the tracker. Markdown goes to stdout.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -86,6 +88,8 @@ SETUPS = {"mlp": mlp_setup, "cnn": cnn_setup}
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
+    "floor: plain torch, 1 product": {"probe_batches": 1, "floor": True},
+    "floor, half a probe batch": {"probe_samples": BATCH // 2, "floor": True},
     "solve to tol 1e-3 (≤ 20 products)": {"products": None},
     "solve, one probe batch": {"probe_batches": 1, "products": None},
     "one probe batch, 1 product": {"probe_batches": 1, "products": 1},
@@ -96,9 +100,48 @@ VARIANTS: dict[str, dict[str, Any]] = {
 """Tracker settings compared: the probe set (all of the setup's, its first batch, or that
 batch's first ``probe_samples``) and the
 products per measurement (None: Lanczos to ``tol``; a number: that budget, refined across
-measurements). Every pair is checked by the products the solve kept, none more."""
+measurements). Every pair is checked by the products the solve kept, none more. The ``floor``
+rows are no tracker: :class:`BarePower`, the least any exact measurement can cost."""
 REFERENCE_TOL = 1e-6
 """The tolerance of the solve that the last measurement's λ_max is compared with."""
+
+
+class BarePower:
+    """The floor: the tracker's one-product measurement written inline in plain torch, with no
+    sharpscope: a double-backward Hessian-vector product on the probe batch in eval mode (no
+    BatchNorm update), the Rayleigh quotient and residual of its vector, the next vector Hv/‖Hv‖."""
+
+    def __init__(self, model: nn.Module, probe: list) -> None:
+        self.model = model
+        (self.x, self.y), *_ = probe
+        self.params = list(model.parameters())
+        seeded = torch.Generator().manual_seed(0)
+        self.v = [torch.randn(p.shape, generator=seeded) for p in self.params]
+
+    def __call__(self, step: int) -> SimpleNamespace | None:
+        """At every :data:`EVERY` th step, one product; its figures and seconds."""
+        if step % EVERY:
+            return None
+        start = time.perf_counter()
+        self.model.eval()
+        grads = torch.autograd.grad(
+            LOSS(self.model(self.x), self.y), self.params, create_graph=True
+        )
+        images = torch.autograd.grad(grads, self.params, grad_outputs=self.v)
+        self.model.train()
+        v = torch.cat([t.reshape(-1) for t in self.v])
+        w = torch.cat([t.reshape(-1) for t in images])
+        length = float(v.norm())
+        value = float(v @ w) / length**2
+        residual = float((w - value * v).norm()) / length
+        scale = float(w.norm())
+        self.v = [t / scale for t in images]
+        return SimpleNamespace(
+            seconds=time.perf_counter() - start,
+            eigen_products=1,
+            lambda_max=value,
+            lambda_max_residual=residual,
+        )
 
 
 def probe_set(setup: Setup, batches: int | None, samples: int | None) -> list:
@@ -124,7 +167,10 @@ def train(
         probe = probe_set(
             setup, settings.pop("probe_batches", None), settings.pop("probe_samples", None)
         )
-        tracker = SharpnessTracker(model, LOSS, probe, every=EVERY, **settings)
+        if settings.pop("floor", False):
+            tracker = BarePower(model, probe)
+        else:
+            tracker = SharpnessTracker(model, LOSS, probe, every=EVERY, **settings)
     order = torch.Generator().manual_seed(0)
     measured, seconds = [], 0.0
     for step in range(1, steps + 1):

@@ -9,6 +9,7 @@ import torch
 
 from sharpscope.curvature import HessianOperator, MatrixOperator, lanczos, power_iteration
 from sharpscope.curvature.lanczos import LanczosProcess, lanczos_extremes
+from sharpscope.curvature.power import rayleigh
 
 lanczos_module = importlib.import_module("sharpscope.curvature.lanczos")  # not the function
 
@@ -110,6 +111,33 @@ def test_kept_images_verify_the_pairs_without_a_product(problem, max_basis):
     _check_pairs(kept, evals.flip(0)[:5], evecs.flip(1)[:, :5], problem.hessian)
     expected = kept.eigenvectors @ problem.hessian  # H symmetric: rows H v
     torch.testing.assert_close(kept.images, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_rayleigh_is_one_lanczos_step_with_its_image(problem):
+    """One product from v: the Rayleigh quotient, the true residual and Hv, as Lanczos returns
+    them after one kept step; a short Lanczos run allocates only the rows it can use."""
+    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    v = torch.randn(op.size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    fast = rayleigh(op, 3 * v, tol=1e-10)
+    step = lanczos(op, k=1, max_iter=1, v0=v, keep_images=True, tol=1e-10)
+    unit = v / v.norm()
+    exact = float(unit @ problem.hessian @ unit)
+    assert fast.n_products == step.n_products == 1
+    assert float(fast.eigenvalues[0]) == pytest.approx(exact, rel=1e-12)
+    true = float((problem.hessian @ unit - exact * unit).norm())
+    assert float(fast.residuals[0]) == pytest.approx(true, rel=1e-10)
+    assert not bool(fast.converged[0])
+    for ours, theirs in [
+        (fast.eigenvalues, step.eigenvalues),
+        (fast.residuals, step.residuals),
+        (fast.eigenvectors, step.eigenvectors),
+        (fast.images, step.images),
+    ]:
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+    process = LanczosProcess(op, v, torch.Generator(), keep_images=True, limit=2)
+    for _ in range(2):
+        process.step()
+    assert process.basis.shape[0] == process.images.shape[0] == 2
 
 
 @pytest.mark.parametrize("slab", [1 << 20, 7])

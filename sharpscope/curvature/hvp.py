@@ -75,9 +75,8 @@ class HessianOperator(CurvatureOperator):
     ) -> list[torch.Tensor]:
         """Differentiate ``<grads, vs>`` once more; gradients constant in the weights give 0."""
         live = [i for i, g in enumerate(grads) if g.requires_grad]
-        out = [torch.zeros_like(p) for p in self.space.params]
         if not live:
-            return out
+            return [torch.zeros_like(p) for p in self.space.params]
         with derivatives_explained():
             hv = torch.autograd.grad(
                 [grads[i] for i in live],
@@ -86,7 +85,10 @@ class HessianOperator(CurvatureOperator):
                 retain_graph=retain,
                 allow_unused=True,
             )
-        return [o if h is None else h for o, h in zip(out, hv, strict=True)]
+        return [
+            torch.zeros_like(p) if h is None else h
+            for p, h in zip(self.space.params, hv, strict=True)
+        ]
 
     def _cached_graph(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self._graph is None:

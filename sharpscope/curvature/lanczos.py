@@ -27,9 +27,10 @@ class LanczosProcess:
     shrinks the basis to chosen Ritz vectors (thick restart, Wu and Simon 2000): T then starts
     as their Ritz values with an arrowhead of couplings to the next vector, and the relation
     holds on. With a ``capacity`` the basis is allocated once with that many rows (no copies
-    while it grows); without, it doubles as needed. With ``keep_images`` the products H q of the
-    basis vectors are kept beside them (as much memory again), so that any vector of the basis's
-    span has its image without another product.
+    while it grows); without, it doubles as needed, up to ``limit`` rows (the most it can need, so
+    that a short run allocates no more: fresh memory costs page faults). With ``keep_images`` the
+    products H q of the basis vectors are kept beside them (as much memory again), so that any
+    vector of the basis's span has its image without another product.
     """
 
     def __init__(
@@ -39,10 +40,12 @@ class LanczosProcess:
         generator: torch.Generator,
         capacity: int | None = None,
         keep_images: bool = False,
+        limit: int | None = None,
     ) -> None:
         self.op = op
         self.generator = generator
         self.capacity = capacity
+        self.limit = limit
         self.basis = torch.empty(0, op.size, dtype=op.dtype, device=op.device)
         self.images = self.basis if keep_images else None
         self.count = 0
@@ -57,7 +60,10 @@ class LanczosProcess:
     def _push(self, q: torch.Tensor) -> None:
         """Append ``q`` to the basis and its coupling to the previous vector(s) to T."""
         if self.count == self.basis.shape[0]:
-            rows = max(8, 2 * self.count) if self.capacity is None else self.capacity
+            rows = self.capacity
+            if rows is None:
+                rows = max(8, 2 * self.count)
+                rows = rows if self.limit is None else min(rows, self.limit)
             rows = max(rows, self.count + 1)
             grown = torch.empty(rows, self.op.size, dtype=q.dtype, device=q.device)
             grown[: self.count] = self.basis[: self.count]
@@ -262,7 +268,7 @@ def _solve(
         raise ValueError(f"max_basis must be at least {sizes} + 2 = {total + 2}, got {max_basis}")
     max_iter = max(total, max_iter if max_basis is not None else min(max_iter, op.size))
     first = start_vector(op, generator, v0)
-    process = LanczosProcess(op, first, generator, max_basis, keep_images)
+    process = LanczosProcess(op, first, generator, max_basis, keep_images, limit=max_iter)
     histories: list[list[list[float]]] = [[] for _ in wants]
     while True:
         process.step()

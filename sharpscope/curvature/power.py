@@ -89,3 +89,28 @@ def power_iteration(
         which=which,
         history=history,
     )
+
+
+def rayleigh(op: LinearOperator, v: torch.Tensor, tol: float = 1e-4) -> EigenResult:
+    """One product: the unit ``v``'s Rayleigh quotient vᵀHv, its true residual ‖Hv − λv‖ (converged
+    at ``tol`` · |λ|) and its image Hv (``images``): what Lanczos or power iteration returns after
+    one step from ``v``, with none of their bookkeeping (a per-step tracker's cost)."""
+    start = time.perf_counter()
+    v = v.to(dtype=op.dtype, device=op.device)
+    v = v / norm(v)
+    w = op.matvec(v)
+    value = dot(v, w)
+    residual = norm(w - value * v)
+    return EigenResult(
+        eigenvalues=torch.tensor([value], dtype=torch.float64),
+        eigenvectors=v[None],
+        residuals=torch.tensor([residual], dtype=torch.float64),
+        converged=torch.tensor([residual <= tol * abs(value)]),
+        n_products=1,
+        n_iterations=1,
+        seconds=time.perf_counter() - start,
+        method="rayleigh",
+        which="largest",
+        history=[[value]],
+        images=w[None],
+    )

@@ -18,8 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 from sharpscope import distributed
 from sharpscope.batches import LossFn, correct_count, loss_weight
 from sharpscope.curvature import CURVATURES, CurvatureOperator, curvature_mode, hutchpp, lanczos
-from sharpscope.curvature.lanczos import lanczos_extremes
+from sharpscope.curvature.lanczos import lanczos_extremes, start_vector
 from sharpscope.curvature.params import ParamSpace
+from sharpscope.curvature.power import rayleigh
 from sharpscope.curvature.results import EigenResult
 from sharpscope.curvature.vectors import abs_cosine, norm
 from sharpscope.errors import check_choice
@@ -262,9 +263,13 @@ class SharpnessTracker:
         )
 
     def _eigen(self, op: CurvatureOperator) -> tuple[Any, Any, bool]:
-        """λ_max's (and λ_min's, if asked) Lanczos results, and whether they started warm; the
+        """λ_max's (and λ_min's, if asked) Lanczos results (one product: the start's Rayleigh
+        quotient, the same without Lanczos' bookkeeping), and whether they started warm; the
         pairs are checked by the products kept from the run, so no product more."""
         start = self._start(op.size)
+        if self.products == 1 and not self.lambda_min:
+            first = start_vector(op, torch.Generator().manual_seed(self.seed), start)
+            return rayleigh(op, first, self.tol), None, start is not None
         budget = self.max_iter if self.products is None else self.products
         kwargs = dict(tol=self.tol, max_iter=budget, seed=self.seed, v0=start, keep_images=True)
         if self.lambda_min:
@@ -315,9 +320,9 @@ def _power_step(top: EigenResult, bottom: EigenResult | None) -> torch.Tensor | 
     if top.images is None:
         return None
     shift = 0.0 if bottom is None else min(0.0, float(bottom.eigenvalues[0]))
-    step = top.images[0] - shift * top.eigenvectors[0]
+    step = top.images[0] if shift == 0 else top.images[0] - shift * top.eigenvectors[0]
     length = norm(step)
-    return (step / length).detach().clone() if length > 0 else None
+    return (step / length).detach() if length > 0 else None
 
 
 @contextlib.contextmanager
