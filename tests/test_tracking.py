@@ -200,6 +200,18 @@ def test_a_budget_refines_lambda_max_across_measurements_to_the_dense_one(
     assert errors[-1] < 1e-6 * errors[0]
 
 
+def test_one_product_by_budget_or_by_max_iter_is_the_same_measurement():
+    """``products=1`` and a solve capped at ``max_iter=1`` (finetune's ``--track-iters 1``) take
+    the same one-product path: identical rows, measurement after measurement."""
+    model, batches = problem()
+    budget = SharpnessTracker(model, CE, batches, products=1)
+    capped = SharpnessTracker(model, CE, batches, products=None, max_iter=1)
+    for step in range(3):
+        a, b = budget.measure(step).row(), capped.measure(step).row()
+        del a["seconds"], b["seconds"]
+        assert a == b and a["eigen_products"] == 1
+
+
 def test_a_budget_tracks_both_ends_with_true_residuals():
     model, batches = problem()
     hessian = dense_hessian(model, batches)

@@ -267,10 +267,10 @@ class SharpnessTracker:
         quotient, the same without Lanczos' bookkeeping), and whether they started warm; the
         pairs are checked by the products kept from the run, so no product more."""
         start = self._start(op.size)
-        if self.products == 1 and not self.lambda_min:
+        budget = self.max_iter if self.products is None else self.products
+        if budget == 1 and not self.lambda_min:
             first = start_vector(op, torch.Generator().manual_seed(self.seed), start)
             return rayleigh(op, first, self.tol), None, start is not None
-        budget = self.max_iter if self.products is None else self.products
         kwargs = dict(tol=self.tol, max_iter=budget, seed=self.seed, v0=start, keep_images=True)
         if self.lambda_min:
             top, bottom = lanczos_extremes(op, k=1, k_smallest=1, **kwargs)  # type: ignore[arg-type]
