@@ -32,7 +32,7 @@ TRACK_TOL = 1e-3
 """Relative residual at which the tracked λ_max counts as converged."""
 TRACK_PRODUCTS: int | None = 1
 """Products per measurement by default: one, the cheapest with a true residual; every 100 steps
-that is 2-5.5 % of the training with a probe set of half to one training batch
+that is 1.8-3.9 % of the training with a probe set of half to one training batch
 (docs/benchmarks.md, section 11)."""
 TRACE_SKETCH = 4
 """Hutch++'s sketch size for a tracked trace: 2 × 4 products for its exactly traced part."""
@@ -111,7 +111,7 @@ class SharpnessTracker:
     (BatchNorm on running statistics, or on each batch's with ``batch_stats``), as ``sharpscope
     analyze`` measures it.
 
-    A measurement takes at most ``products`` matrix-vector products (default 1, 2-5.5 % of the
+    A measurement takes at most ``products`` matrix-vector products (default 1, 1.8-3.9 % of the
     training at ``every=100`` with a probe set of half to one training batch) and refines across
     measurements: Lanczos starts from the last eigenvector moved one power step on (from its
     product, kept: no product more), so while the matrix drifts slowly λ_max converges over
