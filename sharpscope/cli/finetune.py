@@ -179,7 +179,10 @@ def finetune_command(
         int, "Samples in the fixed probe batch λ_max is measured on", TRACK, DEFAULTS.probe_size
     ) = None,
     track_iters: _setting(
-        int, "Most Lanczos products per λ_max measurement", TRACK, DEFAULTS.track_iters
+        int,
+        "Most Lanczos products per λ_max measurement (1: one product, the cheapest)",
+        TRACK,
+        DEFAULTS.track_iters,
     ) = None,
     curvature: _setting(
         str,
