@@ -157,6 +157,43 @@ def test_scaled_bf16_steps_skip_on_inf_exactly_as_plain_training(kind: str):
         torch.testing.assert_close(run["state"]["state"][key], value, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("unscale", [False, True])
+@pytest.mark.parametrize("kind", ["sam", "eigen-sam"])
+def test_scaler_step_after_first_step_equals_the_closure_step(kind: str, unscale: bool):
+    """A loop of one's own: the pass at w, ``first_step(scaler=)``, the pass at w + ε, then
+    ``scaler.step(optimizer)`` (after ``scaler.unscale_`` for clipping, or leaving the unscaling to
+    the step): GradScaler calls ``step()`` even on inf, which restores w. The same skips, scales
+    and weights as ``step(closure, scaler=)``, bit for bit."""
+    batches = data(7, 16, torch.float32)
+    reference = scaled_run(kind, {5, 13}, batches)
+    model = mlp(torch.float32)
+    opt = optimizer(kind, model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+    loss_of = Poisoned(model, {5, 13})
+    skipped, scales, weights = [], [], [flat(model)]
+    for batch in batches:
+        closure = micro_batch_closure(bf16(loss_of), chunks(batch, 2), scaler=scaler)
+        if isinstance(opt, EigenSAM):
+            opt.refresh_batches(chunks(batch, 2))
+        opt.zero_grad()
+        closure()
+        opt.first_step(zero_grad=True, scaler=scaler)
+        if not opt.skipped:
+            closure()
+            if unscale:
+                scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        skipped.append(opt.skipped)
+        scales.append(scaler.get_scale())
+        weights.append(flat(model))
+    assert skipped == reference["skipped"] == [False, True, False, True, False, False, False]
+    assert scales == reference["scales"]
+    for mine, theirs in zip(weights, reference["weights"], strict=True):
+        assert torch.equal(mine, theirs)
+    assert opt.global_step == reference["global_step"] == 5
+
+
 def test_the_scaler_is_exact_when_nothing_overflows():
     """Power-of-two scales commute with every floating-point operation: scaled bf16 SAM equals
     unscaled bf16 SAM bit for bit."""

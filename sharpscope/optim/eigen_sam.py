@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.amp import GradScaler
 from torch.optim import Optimizer
 
 from sharpscope.batches import LossFn
@@ -117,7 +118,7 @@ class EigenSAM(SAM):
         weighted by its number of loss terms, as one batch of them all would be)."""
         return self.refresh_eigenvector(*batches) if self.refresh_due else None
 
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, scaler: GradScaler | None = None) -> None:
         """SAM's first step with Eigen-SAM's ε; :attr:`alignment` becomes this step's |cos(ĝ, v)|.
         A due refresh not made (:meth:`refresh`) is a ``ValueError``, not skipped silently."""
         if self.refresh_due:
@@ -126,7 +127,7 @@ class EigenSAM(SAM):
                 "refresh(inputs, targets) with its batch before the step"
             )
         self.alignment = None
-        super().first_step(zero_grad)
+        super().first_step(zero_grad, scaler=scaler)
 
     def refresh_eigenvector(self, *batches: tuple[Any, Any]) -> EigenEstimate:
         """Re-estimate the top (largest, not largest-|λ|) eigenpair of the Hessian on ``batches``

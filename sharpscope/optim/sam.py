@@ -67,6 +67,12 @@ class SAM(Optimizer):
     ``model`` to keep BatchNorm running statistics out of the second forward pass.
     """
 
+    _step_supports_amp_scaling = True
+    """``GradScaler.step`` always calls :meth:`step` (handing it ``found_inf``, and ``grad_scale``
+    when the gradients are still scaled) instead of skipping it, so a skipped step restores w
+    rather than leaving the weights at w + ε; torch's protocol for optimizers that unscale
+    themselves."""
+
     def __init__(
         self, base_optimizer: Optimizer, rho: float = 0.05, *, model: nn.Module | None = None
     ) -> None:
@@ -87,7 +93,8 @@ class SAM(Optimizer):
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._thaw: Callable[[], None] = _nothing
         self.skipped = False
-        """Whether the last :meth:`step` was skipped for a non-finite scaled gradient."""
+        """Whether the current (after :meth:`first_step`) or last step is skipped for a non-finite
+        scaled gradient."""
 
     def _share_base(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
@@ -98,11 +105,24 @@ class SAM(Optimizer):
         return sam_perturbation(g, active.hyper("sam_rho"))
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, scaler: GradScaler | None = None) -> None:
         """Save w and move to w + ε from the current gradients; parameters without a gradient
-        stay put, and a zero gradient gives ε = 0. BatchNorm statistics freeze (with ``model``)."""
+        stay put, and a zero gradient gives ε = 0. BatchNorm statistics freeze (with ``model``).
+
+        With an enabled ``scaler`` the gradients (of ``scaler.scale(loss)``) are unscaled first,
+        once, as the base optimizer's; if any is non-finite nothing moves, the gradients stay,
+        :attr:`skipped` is True and the :meth:`step` that completes this one skips."""
         if self._saved is not None:
             raise RuntimeError("first_step was called twice without a second_step between")
+        self.skipped = False
+        if (
+            scaler is not None
+            and scaler.is_enabled()
+            and not _unscaled(scaler, self.base_optimizer)
+        ):
+            self.skipped = True
+            self._saved = []  # nothing moved: nothing to restore
+            return
         active = Active(self.param_groups)
         self._saved = [(p, p.detach().clone()) for p in active.params]
         g = active.gradient() if active.params else None
@@ -121,6 +141,8 @@ class SAM(Optimizer):
         w + ε; this counts one global step."""
         if self._saved is None:
             raise RuntimeError("second_step needs a first_step before it")
+        if self.skipped:
+            raise RuntimeError("this step is skipped (a non-finite gradient): call step() instead")
         self._restore()
         self.base_optimizer.step()
         self.global_step += 1
@@ -149,7 +171,8 @@ class SAM(Optimizer):
     ) -> torch.Tensor | None:
         """One SAM step: ``closure()`` must compute the loss (over one batch or all of its
         micro-batches), call ``backward()`` and return the loss; it runs at w and at w + ε
-        (gradients are zeroed before each run). Returns the loss at w.
+        (:meth:`two_passes`), then w is restored and the base optimizer steps. Returns the loss
+        at w.
 
         With an enabled ``scaler`` (``torch.amp.GradScaler``) the closure backpropagates
         ``scaler.scale(loss)``; each pass's gradient is unscaled once (the first for ε, the second
@@ -157,34 +180,55 @@ class SAM(Optimizer):
         restored, as ``scaler.step`` skips; call ``scaler.update()`` after the step as usual.
 
         Without a closure, ``step()`` completes a step begun by :meth:`first_step` (what a
-        trainer that runs the backward passes itself calls): :meth:`second_step`."""
-        if closure is None:
-            if self._saved is None:
-                raise ValueError(
-                    "SAM's step needs a closure that computes the loss and its gradient, or a "
-                    "first_step before it"
-                )
-            self.second_step()
-            return None
-        scaling = scaler is not None and scaler.is_enabled()
-        self.skipped = False
+        trainer that runs the backward passes itself calls): w restored, then the base step, or
+        none when the step is skipped: by :meth:`first_step`, or by ``GradScaler.step`` finding
+        the gradients non-finite (it calls this step always; gradients it has not unscaled are
+        unscaled here)."""
+        if closure is not None:
+            loss = self.two_passes(closure, scaler=scaler)
+            self._complete()
+            return loss
+        if self._saved is None:
+            raise ValueError(
+                "SAM's step needs a closure that computes the loss and its gradient, or a "
+                "first_step before it"
+            )
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step, as grad_scale
+        if found_inf is not None and bool(found_inf):
+            self.skipped = True
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None and not self.skipped:
+            inverse = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ divides
+            for p in Active(self.param_groups).params:
+                p.grad.mul_(inverse.to(p.grad.device))
+        self._complete()
+        return None
+
+    def two_passes(self, closure: Closure, *, scaler: GradScaler | None = None) -> torch.Tensor:
+        """The two passes of a :meth:`step` with ``closure``, without the base step: at w (the
+        gradients zeroed first), :meth:`first_step`, at w + ε (zeroed again), each pass's gradient
+        unscaled once by an enabled ``scaler`` and a non-finite one marking the step
+        :attr:`skipped`. A :meth:`step` without closure (e.g. through ``GradScaler.step``)
+        completes it. Returns the loss at w."""
         self.zero_grad()
         with torch.enable_grad():
             loss = closure()
-        if scaling and not _unscaled(scaler, self.base_optimizer):
-            self.zero_grad()
-            self.skipped = True
+        self.first_step(scaler=scaler)
+        if self.skipped:
             return loss
-        self.first_step()
         self.zero_grad()
         with torch.enable_grad():
             closure()
-        if scaling and not _unscaled(scaler, self):
-            self.cancel_step()
+        if scaler is not None and scaler.is_enabled() and not _unscaled(scaler, self):
             self.skipped = True
+        return loss
+
+    def _complete(self) -> None:
+        """End a step begun by :meth:`first_step`: cancelled when skipped, else the base step."""
+        if self.skipped:
+            self.cancel_step()
         else:
             self.second_step()
-        return loss
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (its state, e.g. momentum, and the shared param groups
