@@ -1,6 +1,6 @@
 """SAM and Eigen-SAM under a real lightning.Trainer (CPU): the same steps as the library's own
-loop (float64 and bf16-mixed, 2 micro-batches a step) and bit-identical resume from a checkpoint;
-``import sharpscope`` imports neither framework."""
+loop (float64, bf16-mixed, and fp16 autocast with a GradScaler, 2 micro-batches a step) and
+bit-identical resume from a checkpoint; ``import sharpscope`` imports neither framework."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from torch import nn
 from sharpscope.optim import SAM, EigenSAM, micro_batch_closure
 
 lightning = pytest.importorskip("lightning")
+from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
+
 from sharpscope.integrations.lightning_sam import SAMModuleMixin  # noqa: E402
 
 CE = nn.functional.cross_entropy
@@ -60,13 +62,27 @@ class Module(SAMModuleMixin, lightning.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)}
 
 
-def fit(kind: str, precision: str, epochs: int, ckpt: Path | None = None, save: Path | None = None):
+def fit(
+    kind: str,
+    precision: str,
+    epochs: int,
+    ckpt: Path | None = None,
+    save: Path | None = None,
+    module: lightning.LightningModule | None = None,
+):
+    """Fit ``module`` (a new :class:`Module` by default); ``precision="16-mixed"`` is fp16
+    autocast with a GradScaler made by :func:`scaler`, as Lightning's own flag is on CUDA (on CPU
+    the flag would give bf16)."""
     dtype = torch.float64 if precision == "64-true" else torch.float32
-    module = Module(kind, dtype)
+    module = Module(kind, dtype) if module is None else module
     loader = torch.utils.data.DataLoader(dataset(dtype), batch_size=MICRO, shuffle=False)
+    if precision == "16-mixed":
+        setting: dict[str, Any] = {"plugins": [MixedPrecision(precision, "cpu", scaler=scaler())]}
+    else:
+        setting = {"precision": precision}
     trainer = lightning.Trainer(
         accelerator="cpu",
-        precision=precision,
+        **setting,
         max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,
@@ -133,6 +149,101 @@ def test_resume_from_a_lightning_checkpoint_is_bit_identical(precision: str, tmp
     assert set(state["sam"]["eigenvector"]) == {n for n, _ in whole.net.named_parameters()}
     resumed, trainer = fit("eigen-sam", precision, epochs=3, ckpt=tmp_path / "epoch1.ckpt")
     assert trainer.optimizers[0].estimate == whole.trainer.optimizers[0].estimate
+    assert torch.equal(flat(resumed.net), flat(whole.net))
+
+
+def scaler() -> torch.amp.GradScaler:
+    """A scale so large that the first two steps overflow in their pass at w (fp16 autocast)."""
+    return torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=3)
+
+
+class Poisoned(Module):
+    """:class:`Module` whose ``sam_loss`` is infinite in the calls listed in ``at``; it records
+    (skipped, scale, weights) after every optimizer step."""
+
+    def __init__(self, kind: str, at: set[int]) -> None:
+        super().__init__(kind, torch.float32)
+        self.at, self.calls, self.history = at, 0, []
+
+    def sam_loss(self, batch: Any) -> torch.Tensor:
+        self.calls += 1
+        loss = super().sam_loss(batch)
+        return loss * float("inf") if self.calls in self.at else loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        loss = super().training_step(batch, batch_idx)
+        if loss is not None:
+            scale = self.trainer.precision_plugin.scaler.get_scale()
+            self.history.append((self.trainer.optimizers[0].skipped, scale, flat(self.net)))
+        return loss
+
+
+@pytest.mark.parametrize("kind", ["sam", "eigen-sam"])
+def test_fp16_with_a_grad_scaler_skips_overflows_as_the_library_loop(kind: str):
+    """Steps 1-2 overflow in their pass at w (the huge scale), step 5 in its pass at w + ε
+    (call 15, poisoned): those leave the weights bit-identical to before (not at w + ε), the scale
+    backs off and the scheduler does not step; every step, skipped or not, equals the library's
+    loop ``step(closure, scaler=)`` with the same scaler bit for bit."""
+    module = Poisoned(kind, {15})
+    _, trainer = fit(kind, "16-mixed", epochs=2, module=module)
+    assert trainer.global_step == 8  # Lightning counts the skipped steps too
+    net = network()
+    opt = make_optimizer(kind, net)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
+    data = dataset(torch.float32)
+    batches = [
+        (
+            torch.stack([x for x, _ in data[i : i + MICRO]]),
+            torch.stack([y for _, y in data[i : i + MICRO]]),
+        )
+        for i in range(0, len(data), MICRO)
+    ]
+    reference = scaler()
+    calls = []
+
+    def loss_of(batch: Any) -> torch.Tensor:
+        calls.append(1)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = CE(net(batch[0]), batch[1])
+        return loss * float("inf") if len(calls) == 15 else loss
+
+    history = []
+    for _epoch in range(2):
+        for s in range(0, len(batches), ACCUMULATE):
+            window = batches[s : s + ACCUMULATE]
+            if isinstance(opt, EigenSAM):
+                opt.refresh_batches(window)
+            opt.step(micro_batch_closure(loss_of, window, scaler=reference), scaler=reference)
+            reference.update()
+            if not opt.skipped:
+                scheduler.step()
+            history.append((opt.skipped, reference.get_scale(), flat(net)))
+    skipped = [s for s, _, _ in module.history]
+    assert skipped == [s for s, _, _ in history] == [True, True, False, False, True] + [False] * 3
+    assert module.calls == len(calls) == 2 * 2 + 6 * 4  # steps 1-2 ran no pass at w + ε
+    assert [c for _, c, _ in module.history] == [c for _, c, _ in history]
+    assert [c for _, c, _ in history][:5] == [2.0**19, 2.0**18, 2.0**18, 2.0**18, 2.0**17]
+    before = [flat(network())] + [w for _, _, w in module.history]
+    for i in (0, 1, 4):
+        assert torch.equal(before[i + 1], before[i])
+    for (_, _, mine), (_, _, theirs) in zip(module.history, history, strict=True):
+        assert torch.equal(mine, theirs)
+    sam = trainer.optimizers[0]
+    assert sam.global_step == opt.global_step == 5
+    assert sam.base_optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.05
+    if kind == "eigen-sam":
+        assert sam.estimate == opt.estimate and sam.estimate.dtype == "float32"
+
+
+def test_fp16_resume_restores_the_grad_scaler(tmp_path: Path):
+    """The checkpoint holds the scaler's state (Lightning's precision plugin saves it) and the
+    resumed run continues with it: bit-identical weights and the same scale."""
+    whole, trainer = fit("eigen-sam", "16-mixed", epochs=3)
+    _, first = fit("eigen-sam", "16-mixed", epochs=1, save=tmp_path / "epoch1.ckpt")
+    saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=True)["MixedPrecision"]
+    assert saved["scale"] == first.precision_plugin.scaler.get_scale() < 2.0**20
+    resumed, again = fit("eigen-sam", "16-mixed", epochs=3, ckpt=tmp_path / "epoch1.ckpt")
+    assert again.precision_plugin.scaler.get_scale() == trainer.precision_plugin.scaler.get_scale()
     assert torch.equal(flat(resumed.net), flat(whole.net))
 
 

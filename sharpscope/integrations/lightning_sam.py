@@ -55,17 +55,30 @@ class SAMModuleMixin:
             raise TypeError(
                 f"configure_optimizers must return a sharpscope SAM wrapper, got {sam!r}"
             )
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError(
-                "fp16 with a GradScaler is not supported by SAMModuleMixin: use "
-                "precision='bf16-mixed', or a plain loop with optimizer.step(closure, scaler=...)"
-            )
         if isinstance(sam, EigenSAM):
             sam.refresh_batches(window)
         closure = micro_batch_closure(self.sam_loss, window, backward=self.manual_backward)
-        loss = optimizer.step(closure=closure)
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-            if scheduler is not None:
-                scheduler.step()
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None:
+            return self._scheduled(sam, optimizer.step(closure=closure))
+        losses: list[torch.Tensor] = []
+
+        def passes() -> torch.Tensor:
+            """Both passes: the plugin runs its closure once, then ``scaler.step(sam)``, which
+            completes the step (w restored; the base step unless skipped)."""
+            losses.append(sam.two_passes(closure, scaler=scaler))
+            return losses[0]
+
+        optimizer.step(closure=passes)
+        return self._scheduled(sam, losses[0])
+
+    def _scheduled(self, sam: SAM, loss: torch.Tensor) -> torch.Tensor:
+        """Step the schedulers ``configure_optimizers`` returned, unless the step was skipped;
+        pass ``loss`` on."""
+        assert isinstance(self, LightningModule)
+        if not sam.skipped:
+            schedulers = self.lr_schedulers()
+            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+                if scheduler is not None:
+                    scheduler.step()
         return loss
