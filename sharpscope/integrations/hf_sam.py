@@ -13,13 +13,14 @@ Checkpoints carry the wrapper's whole state dict (Eigen-SAM's eigenvector and es
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from sharpscope.optim import SAM, EigenSAM
 
@@ -44,14 +45,9 @@ class SAMTrainerMixin:
 
     def __init__(self, *args: Any, sam: SAMFactory, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.args.fp16:
-            raise ValueError(
-                "fp16 with SAM under Trainer is not supported (its GradScaler would unscale "
-                "only the second pass): use bf16=True, or a plain loop with "
-                "optimizer.step(closure, scaler=scaler)"
-            )
         self.sam_factory = sam
         self._micro_batches: list[tuple[dict[str, Any], Any]] = []
+        self.add_callback(_SkippedSteps(self))
 
     @property
     def sam(self) -> SAM:
@@ -61,6 +57,16 @@ class SAMTrainerMixin:
     def create_optimizer(self, model: nn.Module | None = None) -> Optimizer:
         """The Trainer's optimizer, wrapped by ``sam`` (once)."""
         if self.optimizer is None:
+            if (
+                self.args.fp16
+                and self.accelerator.scaler is None
+                and self.accelerator.device.type == "cpu"
+            ):
+                warnings.warn(
+                    "fp16=True on CPU: accelerate applies neither fp16 autocast nor a GradScaler "
+                    "there, so this trains in the parameters' dtype (bf16=True autocasts on CPU)",
+                    stacklevel=2,
+                )
             base = super().create_optimizer(model)
             wrapper = self.sam_factory(base, self.model)
             if not isinstance(wrapper, SAM):
@@ -86,13 +92,31 @@ class SAMTrainerMixin:
         if isinstance(sam, EigenSAM):
             with _unpatched_forward(sam.model):
                 sam.refresh_batches([(self._prepare_inputs(b), b["labels"]) for b, _ in window])
-        sam.first_step(zero_grad=True)
+        sam.first_step(zero_grad=True, scaler=self.accelerator.scaler)
+        if sam.skipped:
+            return  # a non-finite gradient at w: nothing moved, and the step() skips
         for i, (inputs, count) in enumerate(window):
             if i < len(window) - 1:
                 with self.accelerator.no_sync(model):
                     super().training_step(model, inputs, count)
             else:
                 super().training_step(model, inputs, count)
+
+
+class _SkippedSteps(TrainerCallback):
+    """Shows accelerate a SAM step skipped for a non-finite gradient, so that the Trainer's LR
+    scheduler does not step: accelerate infers a skip from ``step()`` not being called, but
+    ``GradScaler.step`` calls a SAM wrapper's ``step()`` always, as it does fused AdamW's
+    (accelerate #4242)."""
+
+    def __init__(self, trainer: SAMTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Mark the accelerate optimizer's step as skipped when the wrapper skipped it."""
+        optimizer = self.trainer.optimizer
+        if self.trainer.sam.skipped and hasattr(optimizer, "_is_overflow"):
+            optimizer._is_overflow = True
 
 
 @contextlib.contextmanager
