@@ -5,9 +5,13 @@ becomes the base of the SAM-family wrapper ``sam(base, model)`` returns. Each mi
 ``training_step`` is the pass at w; after the last micro-batch of an accumulation window the
 wrapper perturbs with the accumulated gradient and the window's micro-batches run again at
 w + ε; the Trainer's ``optimizer.step()`` then restores w and steps the base with that gradient
-(clipped first when ``max_grad_norm`` > 0). bf16 autocast is the Trainer's own; ``fp16``, whose
-GradScaler the Trainer's accelerate wrapper applies around ``step()`` alone, is refused.
-Checkpoints carry the wrapper's whole state dict (Eigen-SAM's eigenvector and estimate too).
+(clipped first when ``max_grad_norm`` > 0). bf16 autocast is the Trainer's own. With ``fp16``
+(accelerate's GradScaler, on CUDA) the pass at w is unscaled once for ε and a non-finite one
+skips the step unperturbed; the scaler calls the wrapper's ``step()`` even on inf
+(``_step_supports_amp_scaling``), which restores w, and the Trainer sees the skip (its LR
+scheduler holds). On CPU accelerate gives fp16 neither a scaler nor autocast (a warning says so).
+Checkpoints carry the wrapper's whole state dict (Eigen-SAM's eigenvector and estimate too), and
+the Trainer's ``scaler.pt`` the scale.
 """
 
 from __future__ import annotations
@@ -138,4 +142,4 @@ def _unpatched_forward(model: nn.Module) -> Iterator[None]:
 class SAMTrainer(SAMTrainerMixin, Trainer):
     """``transformers.Trainer`` training with SAM, ASAM or Eigen-SAM: ``SAMTrainer(model, args,
     train_dataset=..., sam=lambda base, model: sharpscope.SAM(base, rho=0.05, model=model))``;
-    gradient accumulation, bf16 and resuming from a checkpoint work as with ``Trainer``."""
+    gradient accumulation, bf16, fp16 and resuming from a checkpoint work as with ``Trainer``."""

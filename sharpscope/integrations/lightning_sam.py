@@ -3,11 +3,13 @@
 :class:`SAMModuleMixin` turns a ``LightningModule`` to manual optimization and runs each step as
 :meth:`~sharpscope.optim.SAM.step` with a closure over ``sam_accumulate`` micro-batches (one per
 ``training_step`` call): the pass at w, ε from the accumulated gradient, the pass at w + ε, the
-base step; the schedulers ``configure_optimizers`` returns step after every optimizer step.
-Lightning's precision plugin supplies autocast (``"bf16-mixed"``: Eigen-SAM's refresh turns it
-off, so its Hessian products are in the parameters' dtype); a plugin with a GradScaler
-(``"16-mixed"`` on CUDA) is refused. Checkpoints carry the optimizer's whole state dict
-(Eigen-SAM's eigenvector and estimate too).
+base step; the schedulers ``configure_optimizers`` returns step after every optimizer step not
+skipped. Lightning's precision plugin supplies autocast (Eigen-SAM's refresh turns it off, so
+its Hessian products are in the parameters' dtype). With a GradScaler (``"16-mixed"``), the
+plugin runs its closure once and then ``scaler.step``: the closure is both passes
+(:meth:`~sharpscope.optim.SAM.two_passes`, each unscaled once), and ``scaler.step`` completes the
+step, restoring w and skipping the base step on inf. Checkpoints carry the optimizer's whole
+state dict (Eigen-SAM's eigenvector and estimate too) and the plugin's scaler state.
 """
 
 from __future__ import annotations
