@@ -110,18 +110,18 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
 @pytest.fixture(scope="module")
 def straight(
     finetune_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Callable[[str], tuple[Path, subprocess.CompletedProcess[str]]]:
-    """One uninterrupted run of 2N steps per optimizer (made once), with its process result."""
-    done: dict[str, tuple[Path, subprocess.CompletedProcess[str]]] = {}
+) -> Callable[[str], tuple[Path, Result]]:
+    """One uninterrupted run of 2N steps per optimizer (made once), with its CLI result. It runs
+    in this process, saving a start-up: what is compared with it stops and resumes in
+    subprocesses, and an uninterrupted run is one whichever process runs it."""
+    done: dict[str, tuple[Path, Result]] = {}
 
-    def get(optimizer: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    def get(optimizer: str) -> tuple[Path, Result]:
         if optimizer not in done:
             run = tmp_path_factory.mktemp("straight") / optimizer
-            result = ok(
-                sharpscope(
-                    command(finetune_files, optimizer, "--steps", 2 * N, "--out", run, "--json")
-                )
-            )
+            args = command(finetune_files, optimizer, "--steps", 2 * N, "--out", run, "--json")
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, result.output
             done[optimizer] = (run, result)
         return done[optimizer]
 
