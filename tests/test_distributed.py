@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from sharpscope import distributed
+from sharpscope.cli.app import app
 from sharpscope.errors import InputError
 from sharpscope.io.architectures import mlp
 from sharpscope.launch import TORCHRUN_VARS
@@ -129,6 +131,11 @@ def sharpscope(args: list[str], nproc: int, **extra: str) -> subprocess.Complete
 
 
 def report(args: list[str], nproc: int) -> dict[str, Any]:
+    """The JSON report's results of ``nproc`` processes; one process is this one (no start-up)."""
+    if nproc == 1:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["results"]
     done = sharpscope(args, nproc)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)["results"]  # one JSON document: only rank 0 printed
@@ -287,18 +294,26 @@ def test_under_torchrun_the_cli_skips_finalisation_but_keeps_exit_handlers_and_c
     interpreter), also after a --debug traceback: exit handlers still run, the exit code and
     output are kept; not so alone."""
     torchrun = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    for extra, finalised in [(torchrun, False), ({}, True)]:
-        done = subprocess.run(
-            [sys.executable, "-c", ENTRY, *args],
-            capture_output=True,
-            text=True,
-            env=env(**extra),
-            timeout=TIMEOUT_S,
+    started = [  # both at once: they are independent, one process each
+        (
+            extra,
+            finalised,
+            subprocess.Popen(
+                [sys.executable, "-c", ENTRY, *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env(**extra),
+            ),
         )
-        assert done.returncode == code, done.stderr
-        assert output in done.stdout + done.stderr
-        assert "exit handlers ran" in done.stdout
-        assert ("finalised" in done.stdout) == finalised, (extra, done.stdout)
+        for extra, finalised in [(torchrun, False), ({}, True)]
+    ]
+    for extra, finalised, process in started:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        assert process.returncode == code, stderr
+        assert output in stdout + stderr
+        assert "exit handlers ran" in stdout
+        assert ("finalised" in stdout) == finalised, (extra, stdout)
 
 
 @pytest.mark.parametrize("kind", ["random", "eigen"])
