@@ -109,20 +109,38 @@ def env(**extra: str) -> dict[str, str]:
     return {**base, "OMP_NUM_THREADS": "1", "NO_COLOR": "1", "COLUMNS": "200", **extra}
 
 
-def python(args: list[str], nproc: int, **extra: str) -> subprocess.CompletedProcess[str]:
-    """``python ARGS``, or under torchrun with ``nproc`` processes when > 1, with a timeout."""
+def launch(args: list[str], nproc: int, **extra: str) -> subprocess.Popen[str]:
+    """``python ARGS``, or under torchrun with ``nproc`` processes when > 1, started: runs that
+    do not depend on each other overlap (a torchrun launch leaves the CPUs idle part of the
+    time); :func:`finished` waits for one."""
     launcher = (
         ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
         if nproc > 1
         else []
     )
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, *launcher, *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env(**extra),
-        timeout=TIMEOUT_S,
     )
+
+
+def finished(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    """The launched run's result; one that takes over ``TIMEOUT_S`` is killed and fails."""
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def python(args: list[str], nproc: int, **extra: str) -> subprocess.CompletedProcess[str]:
+    """``python ARGS``, or under torchrun with ``nproc`` processes when > 1, with a timeout."""
+    return finished(launch(args, nproc, **extra))
 
 
 def sharpscope(args: list[str], nproc: int, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -294,26 +312,14 @@ def test_under_torchrun_the_cli_skips_finalisation_but_keeps_exit_handlers_and_c
     interpreter), also after a --debug traceback: exit handlers still run, the exit code and
     output are kept; not so alone."""
     torchrun = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    started = [  # both at once: they are independent, one process each
-        (
-            extra,
-            finalised,
-            subprocess.Popen(
-                [sys.executable, "-c", ENTRY, *args],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env(**extra),
-            ),
-        )
-        for extra, finalised in [(torchrun, False), ({}, True)]
-    ]
-    for extra, finalised, process in started:
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-        assert process.returncode == code, stderr
-        assert output in stdout + stderr
-        assert "exit handlers ran" in stdout
-        assert ("finalised" in stdout) == finalised, (extra, stdout)
+    cases = [(torchrun, False), ({}, True)]
+    started = [launch(["-c", ENTRY, *args], 1, **extra) for extra, _ in cases]  # independent
+    for (extra, finalised), process in zip(cases, started, strict=True):
+        done = finished(process)
+        assert done.returncode == code, done.stderr
+        assert output in done.stdout + done.stderr
+        assert "exit handlers ran" in done.stdout
+        assert ("finalised" in done.stdout) == finalised, (extra, done.stdout)
 
 
 @pytest.mark.parametrize("kind", ["random", "eigen"])

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from test_distributed import python
+from test_distributed import finished, launch
 from torch import nn
 
 from sharpscope import SharpnessTracker
@@ -233,13 +234,23 @@ distributed.exit_now(0)
 """
 
 
-def _run(tmp_path: Path, script: str, nproc: int, *args: str) -> list[dict[str, Any]]:
-    """Every rank's output of ``script`` run in ``nproc`` processes (rank 0 prints them all)."""
+def _start(tmp_path: Path, script: str, nproc: int, *args: str) -> subprocess.Popen[str]:
+    """``script`` started in ``nproc`` processes; :func:`_outputs` waits for it."""
     path = tmp_path / "script.py"
     path.write_text(script, encoding="utf-8")
-    done = python([str(path), *args], nproc)
+    return launch([str(path), *args], nproc)
+
+
+def _outputs(process: subprocess.Popen[str]) -> list[dict[str, Any]]:
+    """Every rank's output of a started script (rank 0 prints them all)."""
+    done = finished(process)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _run(tmp_path: Path, script: str, nproc: int, *args: str) -> list[dict[str, Any]]:
+    """Every rank's output of ``script`` run in ``nproc`` processes."""
+    return _outputs(_start(tmp_path, script, nproc, *args))
 
 
 def _same_figures(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -255,8 +266,8 @@ def _same_figures(a: dict[str, Any], b: dict[str, Any]) -> None:
 def test_tracker_under_ddp_equals_one_process_and_only_rank_0_logs(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    (single,) = _run(one, TRACKER_RUN, 1, str(one))
-    ranks = _run(two, TRACKER_RUN, 2, str(two))
+    started = [_start(one, TRACKER_RUN, 1, str(one)), _start(two, TRACKER_RUN, 2, str(two))]
+    (single,), ranks = (_outputs(process) for process in started)  # independent: together
     assert len(ranks) == 2 and ranks[0]["measured"] == ranks[1]["measured"]  # bit-identical
     assert [r["sink_rows"] for r in ranks] == [2, 0]
     assert sorted(p.name for p in two.iterdir()) == ["rank0.jsonl", "script.py"]
