@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -128,12 +128,39 @@ def straight(
     return get
 
 
+@pytest.fixture(scope="module")
+def stopped(
+    finetune_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], Path]]:
+    """Per optimizer, the folder of a run of N steps in a subprocess, for its test to resume; the
+    first call starts them all together (independent one-process runs: they share the CPUs)."""
+    folder = tmp_path_factory.mktemp("stopped")
+    processes: dict[str, subprocess.Popen[str]] = {}
+    done: dict[str, Path] = {}
+
+    def get(optimizer: str) -> Path:
+        if not processes:
+            for name in OPTIMIZERS:
+                args = command(finetune_files, name, "--steps", N, "--out", folder / name)
+                processes[name] = started(args)
+        if optimizer not in done:
+            process = processes[optimizer]
+            _, err = process.communicate(timeout=300)
+            assert process.returncode == 0, err
+            done[optimizer] = folder / optimizer
+        return done[optimizer]
+
+    yield get
+    for process in processes.values():  # a failed test may leave one unwaited for
+        process.kill()
+        process.communicate()
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "eigen-sam", "sam-bf16"])
 def test_n_steps_stop_and_n_more_equal_2n_straight(
-    optimizer: str, finetune_files: dict[str, Path], straight: Callable, tmp_path: Path
+    optimizer: str, stopped: Callable[[str], Path], straight: Callable
 ):
-    run = tmp_path / "run"
-    ok(sharpscope(command(finetune_files, optimizer, "--steps", N, "--out", run)))
+    run = stopped(optimizer)
     assert latest_step(run) == N
     resumed = ok(sharpscope(["finetune", "--resume", str(run), "--steps", str(2 * N), "--quiet"]))
     assert f"resuming from step {N} of {2 * N}" in resumed.stderr
