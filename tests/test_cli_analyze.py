@@ -803,7 +803,7 @@ def printed_command(stdout: str) -> str:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
-    out = tmp_path_factory.mktemp("demo") / "out"
+    out = tmp_path_factory.mktemp("demo") / "my demo"  # a space: the printed command quotes it
     result = cli("demo", "--out", out, "--steps", "30", "--quiet")
     assert result.exit_code == 0, f"{result.stderr} {result.exception!r}"
     saved = json.loads((out / "report.json").read_text())
@@ -910,13 +910,11 @@ def test_demo_follow_up_command_repeats_the_demo_analysis(demo):
     assert close(redone["lambda_max"], first["lambda_max"], 1e-3)
 
 
-def test_demo_follow_up_command_quotes_paths(tmp_path):
-    out = tmp_path / "my demo"
-    result = cli("demo", "--out", out, "--steps", "1", "--quiet")
-    assert result.exit_code == 0, result.stderr
-    command = shlex.split(printed_command(result.stdout))
-    assert command[2] == str(out / "digits-mlp.safetensors")
-    assert command[command.index("--out") + 1] == str(out)
+def test_demo_follow_up_command_quotes_paths(demo):
+    command = shlex.split(printed_command(demo.result.stdout))
+    assert " " in str(demo.out)
+    assert command[2] == str(demo.out / "digits-mlp.safetensors")
+    assert command[command.index("--out") + 1] == str(demo.out)
 
 
 def test_out_files_follow_the_umask(made, tmp_path):
