@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from typing import Literal
 
 import torch
 
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, Progress, Subspace
-from sharpscope.curvature.vectors import dot, norm, orthogonalize, random_vectors
+from sharpscope.curvature.vectors import (
+    dot,
+    norm,
+    orthogonalize,
+    random_vectors,
+    rayleigh_quotients,
+)
 
 Which = Literal["largest", "smallest", "magnitude"]
 WHICH: tuple[str, ...] = ("largest", "smallest", "magnitude")
@@ -299,10 +304,10 @@ def _solve(
         values, errors, images = theta[wanted], residuals[wanted], None
         if process.images is not None:
             images = (coords.T @ process.images[: process.count]) / lengths[:, None]
-            values, errors = _quotients(vectors, images)
+            values, errors = rayleigh_quotients(vectors, images)
             ok = errors <= tol * scale
         elif verify:
-            values, errors = _quotients(vectors, (op.matvec(v) for v in vectors))
+            values, errors = rayleigh_quotients(vectors, (op.matvec(v) for v in vectors))
             ok = errors <= tol * scale
         found.append((vectors, values, errors, ok, images))
     subspace = None
@@ -327,16 +332,3 @@ def _solve(
             wants, found, histories, strict=True
         )
     ]
-
-
-def _quotients(
-    vectors: torch.Tensor, images: Iterable[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each unit vector's Rayleigh quotient vᵀHv and true residual ‖Hv − (vᵀHv)v‖ (float64),
-    given its image Hv (one at a time: a generator of products holds one)."""
-    values, errors = [], []
-    for v, image in zip(vectors, images, strict=True):
-        value = dot(v, image)
-        values.append(value)
-        errors.append(norm(image - value * v))
-    return torch.tensor(values, dtype=torch.float64), torch.tensor(errors, dtype=torch.float64)

@@ -9,7 +9,13 @@ import torch
 from sharpscope.curvature.lanczos import Which, select, start_vector
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, Progress
-from sharpscope.curvature.vectors import dot, norm, orthogonalize, random_vectors
+from sharpscope.curvature.vectors import (
+    dot,
+    norm,
+    orthogonalize,
+    random_vectors,
+    rayleigh_quotients,
+)
 
 
 def _wrong_side(value: float, which: Which) -> bool:
@@ -92,25 +98,24 @@ def power_iteration(
 
 
 def rayleigh(op: LinearOperator, v: torch.Tensor, tol: float = 1e-4) -> EigenResult:
-    """One product: the unit ``v``'s Rayleigh quotient vᵀHv, its true residual ‖Hv − λv‖ (converged
-    at ``tol`` · |λ|) and its image Hv (``images``): what Lanczos or power iteration returns after
-    one step from ``v``, with none of their bookkeeping (a per-step tracker's cost)."""
+    """One product: ``v``'s (normalised) Rayleigh quotient vᵀHv, its true residual ‖Hv − λv‖
+    (converged at ``tol`` · |λ|) and its image Hv (``images``): what Lanczos or power iteration
+    returns after one step from ``v``, without their bookkeeping (a per-step tracker's cost)."""
     start = time.perf_counter()
     v = v.to(dtype=op.dtype, device=op.device)
     v = v / norm(v)
     w = op.matvec(v)
-    value = dot(v, w)
-    residual = norm(w - value * v)
+    values, residuals = rayleigh_quotients(v[None], [w])
     return EigenResult(
-        eigenvalues=torch.tensor([value], dtype=torch.float64),
+        eigenvalues=values,
         eigenvectors=v[None],
-        residuals=torch.tensor([residual], dtype=torch.float64),
-        converged=torch.tensor([residual <= tol * abs(value)]),
+        residuals=residuals,
+        converged=residuals <= tol * values.abs(),
         n_products=1,
         n_iterations=1,
         seconds=time.perf_counter() - start,
         method="rayleigh",
         which="largest",
-        history=[[value]],
+        history=[values.tolist()],
         images=w[None],
     )

@@ -11,6 +11,7 @@ added in float64: accurate to float32's rounding of a slab, with no float64 copy
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -64,6 +65,19 @@ def orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     for _ in range(2):
         w = w - basis.T @ (basis @ w)
     return w
+
+
+def rayleigh_quotients(
+    vectors: torch.Tensor, images: Iterable[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each unit vector's Rayleigh quotient vᵀHv and true residual ‖Hv − (vᵀHv)v‖ (float64),
+    given its image Hv (one at a time: a generator of products holds one)."""
+    values, errors = [], []
+    for v, image in zip(vectors, images, strict=True):
+        value = dot(v, image)
+        values.append(value)
+        errors.append(norm(image - value * v))
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(errors, dtype=torch.float64)
 
 
 def abs_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
