@@ -5,6 +5,7 @@ without importing torch)."""
 from __future__ import annotations
 
 import importlib
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -66,8 +67,23 @@ COMMANDS: dict[str, Subcommand] = {
 """Name -> subcommand, in the order ``--help`` lists them."""
 
 
+_CLICK_ERROR: type[Exception] = next(
+    k for k in typer.BadParameter.__mro__ if k.__name__ == "ClickException"
+)
+"""Click's base exception, as the Click that Typer runs on defines it (its own copy since 0.29)."""
+
+
+def usage_error_line(exc: Any) -> str:
+    """A usage error (unknown option or command, missing argument, bad value) as one line."""
+    ctx = getattr(exc, "ctx", None)
+    hint = f"; see {ctx.command_path} --help" if ctx is not None else ""
+    return "error: " + " ".join(exc.format_message().split()).rstrip(".") + hint
+
+
 class LazyCommands(PlainGroup):
-    """A group whose subcommands are imported when resolved; its command list uses summaries."""
+    """A group whose subcommands are imported when resolved; its command list uses summaries.
+    A usage error anywhere below it is one ``error:`` line on stderr (exit 2), as every other
+    refusal is, not Click's usage box."""
 
     _listing = False
 
@@ -91,6 +107,22 @@ class LazyCommands(PlainGroup):
             super().format_help(ctx, formatter)
         finally:
             self._listing = False
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _CLICK_ERROR as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # the help, as Click shows it
+                exc.show()  # type: ignore[attr-defined]
+            else:
+                typer.echo(usage_error_line(exc), err=True)
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     @staticmethod
     def _summary(name: str) -> TyperCommand:
