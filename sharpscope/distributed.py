@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -58,8 +59,8 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """
     if is_distributed() or not launched_by_torchrun():
         return False
-    if not timeout_s > 0:
-        raise ValueError(f"the collective timeout must be positive, got {timeout_s}")
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise InputError(f"`timeout_s` must be positive and finite, got {timeout_s}")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

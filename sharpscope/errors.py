@@ -1,6 +1,10 @@
-"""The one exception type for bad user input, and the check of a choice by name."""
+"""The one exception type for bad user input, and the checks of a choice and of a number by
+name."""
 
+import dataclasses
+import math
 from collections.abc import Iterable
+from typing import Any
 
 
 class InputError(Exception):
@@ -19,3 +23,18 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
     options = list(choices)
     if value not in options:
         raise InputError(f"unknown `{name}` {value!r}; choose one of {', '.join(options)}")
+
+
+def check_finite(name: str, value: float | None) -> None:
+    """Raise an :class:`InputError` naming the parameter ``name`` when ``value`` is nan or ±inf
+    (``None``, a setting left out, passes)."""
+    if value is not None and not math.isfinite(value):
+        raise InputError(f"`{name}` must be a finite number, got {value}")
+
+
+def check_finite_fields(settings: Any) -> None:
+    """:func:`check_finite` on every float field of the dataclass ``settings``."""
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, float):
+            check_finite(field.name, value)

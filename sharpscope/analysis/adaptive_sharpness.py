@@ -41,7 +41,7 @@ from sharpscope.analysis.sampling import (
 )
 from sharpscope.batches import LossFn
 from sharpscope.curvature import HessianOperator, Progress
-from sharpscope.errors import InputError, check_choice
+from sharpscope.errors import InputError, check_choice, check_finite_fields
 
 Kind = Literal["worst", "average"]
 Norm = Literal["l2", "linf"]
@@ -65,6 +65,7 @@ class AdaptiveSharpnessSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         check_choice("kind", self.kind, KINDS)
         check_choice("norm", self.norm, NORMS)
         if not (self.rho > 0 and math.isfinite(self.rho)):

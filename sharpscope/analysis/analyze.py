@@ -52,7 +52,7 @@ from sharpscope.curvature.solvers import (
     trace_budget,
 )
 from sharpscope.curvature.vectors import norm
-from sharpscope.errors import InputError, check_choice
+from sharpscope.errors import InputError, check_choice, check_finite_fields
 from sharpscope.optim.perturbations import sam_perturbation
 from sharpscope.stopwatch import Stopwatch
 
@@ -109,6 +109,7 @@ class AnalyzeConfig:
     eigen-solve in all); the data intervals allow for it (docs/engine.md)."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         solver(self.method)
         check_choice("backend", self.backend, BACKENDS)
         check_choice("curvature", self.curvature, tuple(CURVATURES))

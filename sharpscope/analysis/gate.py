@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from sharpscope.errors import InputError
+from sharpscope.errors import InputError, check_finite_fields
 
 Kind = Literal["max", "min", "max-increase"]
 Status = Literal["pass", "noise", "fail"]
@@ -56,6 +56,7 @@ class Thresholds:
     """How many standard errors make the uncertainty of a statistical estimate (the trace)."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         if not self.sigmas >= 0:
             raise InputError(f"`sigmas` must be at least 0, got {self.sigmas:g}")
         if self.max_increase is not None and not self.max_increase >= 0:

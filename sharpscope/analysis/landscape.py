@@ -22,7 +22,7 @@ from sharpscope import distributed
 from sharpscope.batches import LossFn
 from sharpscope.curvature import HessianOperator, ParamSpace, Progress, lanczos
 from sharpscope.curvature.vectors import random_vectors
-from sharpscope.errors import InputError, check_choice
+from sharpscope.errors import InputError, check_choice, check_finite_fields
 
 Kind = Literal["random", "eigen"]
 KINDS: tuple[str, ...] = ("random", "eigen")
@@ -53,6 +53,7 @@ class LandscapeConfig:
     batch_stats: bool = False
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         check_choice("directions", self.directions, KINDS)
         if not self.span > 0:
             raise InputError(f"`span` must be positive, got {self.span}")

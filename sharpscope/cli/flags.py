@@ -26,6 +26,7 @@ FLAGS: dict[str, str] = {
     "loss": "--loss",
     "device": "--device",
     "dtype": "--dtype",
+    "timeout_s": "--dist-timeout",
     # analysis (sharpscope.analysis.analyze.AnalyzeConfig)
     "k": "--top-k",
     "method": "--method",

@@ -8,6 +8,7 @@ cannot collide with a base optimizer's own ``rho`` (Adadelta) or ``alpha`` (RMSp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -83,8 +84,10 @@ class SAM(Optimizer):
         if not isinstance(base, Optimizer) or isinstance(base, SAM):
             raise TypeError(f"expected a torch.optim.Optimizer to wrap, got {type(base).__name__}")
         for key, value in hyper.items():
-            if not value >= 0:
-                raise ValueError(f"{key.removeprefix('sam_')} must be non-negative, got {value}")
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(
+                    f"{key.removeprefix('sam_')} must be non-negative and finite, got {value}"
+                )
         super().__init__(base.param_groups, {**base.defaults, **hyper})
         self.base_optimizer = base
         self._share_base()

@@ -8,7 +8,7 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from sharpscope.curvature import CURVATURES
-from sharpscope.errors import InputError, check_choice
+from sharpscope.errors import InputError, check_choice, check_finite_fields
 from sharpscope.training.optimizers import OPTIMIZERS, SCHEDULES, OptimizerSettings
 
 DEFAULT_EPOCHS = 10
@@ -76,6 +76,7 @@ class RunConfig:
     """The training passes' precision, one of :data:`PRECISIONS`."""
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         for name in ("params", "freeze"):
             globs = getattr(self, name)
             if globs is not None:  # a JSON list when read back
