@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
+from sharpscope.analysis.sampling import jackknife_se
 from sharpscope.cli.app import app
 from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.models import ModelSpec, build_model
@@ -129,19 +130,33 @@ def test_each_threshold_flags_the_model(report, saved, option, figure, direction
     assert verdict(within)["checks"][0]["status"] == "pass"
 
 
-def test_fails_only_relative_to_the_baseline(report, tmp_path):
-    """Without the data uncertainty (64 samples make it as wide as λ_max itself), so that only
-    the solver's bounds separate the two reports."""
-    report = copy.deepcopy(report)
-    report["results"]["sampling"] = None
+def scaled(report: dict[str, Any], factor: float) -> dict[str, Any]:
+    """The report of a model whose every eigenvalue is ``factor`` times this one's, on the same
+    data: the eigenvalues, their residuals, their spread and their per-shard figures."""
+    scaled = copy.deepcopy(report)
+    results = scaled["results"]
+    eig, low = results["eigenvalues"], results["lambda_min"]
+    eig["values"] = [factor * v for v in eig["values"]]
+    eig["residuals"] = [factor * r for r in eig["residuals"]]
+    results["lambda_max"] = eig["values"][0]
+    low["value"], low["residual"] = factor * low["value"], factor * low["residual"]
+    sampling = results["sampling"]
+    sampling["eigenvalues"] = [factor * se for se in sampling["eigenvalues"]]
+    sampling["lambda_min"] *= factor
+    for figure in ("lambda_max", "lambda_min"):
+        sampling["replicates"][figure] = [factor * r for r in sampling["replicates"][figure]]
+    return scaled
+
+
+def test_a_doubled_lambda_max_fails_on_64_samples(report, tmp_path):
+    """Issue 25: a baseline with every eigenvalue halved passed `--max-increase 10%` "within
+    noise" on 64 samples, its data SE as wide as λ_max itself. Measured on the same data, the
+    figures differ by far more than the solvers' bounds, with or without the paired spread."""
+    assert report["results"]["num_samples"] == 64
     saved = write(tmp_path / "report.json", report)
-    baseline = copy.deepcopy(report)
-    baseline["results"]["lambda_max"] /= 2
-    baseline["results"]["eigenvalues"]["values"][0] /= 2
-    base = write(tmp_path / "base.json", baseline)
+    base = write(tmp_path / "base.json", scaled(report, 0.5))
     limit = 2 * report["results"]["lambda_max"]
-    absolute = check(saved, "--max-eigenvalue", limit)
-    assert absolute.exit_code == 0
+    assert check(saved, "--max-eigenvalue", limit).exit_code == 0
     for increase in ("10%", "0.1"):
         result = check(
             saved,
@@ -166,6 +181,84 @@ def test_fails_only_relative_to_the_baseline(report, tmp_path):
     assert "λ_max vs baseline" in doubled.stdout
 
 
+@pytest.mark.parametrize(("rise", "code"), [(1.15, 1), (1.05, 0)])
+def test_a_rise_past_max_increase_fails_and_one_within_passes(report, tmp_path, rise, code):
+    base = write(tmp_path / "base.json", report)
+    saved = write(tmp_path / "report.json", scaled(report, rise))
+    result = check(saved, "--baseline", base, "--max-increase", "10%", "--json")
+    assert result.exit_code == code, result.output
+    first = verdict(result)["checks"][0]
+    assert (first["metric"], first["status"]) == ("lambda_max", "fail" if code else "pass")
+    assert first["spread"] is None  # the figures on the data given: the solvers' bounds only
+    assert first["uncertainty"] == pytest.approx(
+        report["results"]["eigenvalues"]["residuals"][0] * rise
+    )
+
+
+def test_sigmas_compares_with_the_baseline_on_the_paired_difference(report, tmp_path):
+    """With `--sigmas`, a rise is gated on the spread of the difference of the two reports'
+    per-shard figures on the same shards, not on each report's own spread."""
+    base = write(tmp_path / "base.json", report)
+    candidate = scaled(report, 1.3)
+    replicates = candidate["results"]["sampling"]["replicates"]
+    own = [  # a little of the candidate's own noise, on top of the baseline's scaled
+        r + 0.001 * (-1) ** j * report["results"]["lambda_max"]
+        for j, r in enumerate(replicates["lambda_max"])
+    ]
+    replicates["lambda_max"] = own
+    saved = write(tmp_path / "report.json", candidate)
+    result = check(saved, "--baseline", base, "--max-increase", "10%", "--sigmas", 2, "--json")
+    first = verdict(result)["checks"][0]
+    theirs = report["results"]["sampling"]["replicates"]["lambda_max"]
+    paired = jackknife_se([a - 1.1 * b for a, b in zip(own, theirs, strict=True)])
+    assert first["spread"] == pytest.approx(2 * paired)
+    unpaired = (1.3**2 + 1) ** 0.5 * report["results"]["sampling"]["eigenvalues"][0]
+    assert first["spread"] < 0.5 * 2 * unpaired  # far less than either report's own spread
+    assert first["uncertainty"] == pytest.approx(
+        first["spread"] + 1.3 * report["results"]["eigenvalues"]["residuals"][0]
+    )
+    assert (result.exit_code, first["status"]) == (1, "fail")
+
+
+def test_sigmas_needs_both_reports_per_shard_figures(report, tmp_path):
+    older = copy.deepcopy(report)
+    del older["results"]["sampling"]["replicates"]  # a report made before they were stored
+    base = write(tmp_path / "base.json", older)
+    saved = write(tmp_path / "report.json", report)
+    assert check(saved, "--baseline", base, "--max-increase", "10%").exit_code == 0
+    result = check(saved, "--baseline", base, "--max-increase", "10%", "--sigmas", 2)
+    one_error_line(result, "--sigmas", "the baseline has none", "--update-baseline")
+    other = copy.deepcopy(report)
+    weights = other["results"]["sampling"]["replicates"]["weights"]
+    weights[0], weights[1] = weights[0] + 0.01, weights[1] - 0.01
+    base = write(tmp_path / "other.json", other)
+    result = check(saved, "--baseline", base, "--max-increase", "10%", "--sigmas", 2)
+    one_error_line(result, "--sigmas", "shards differ", "--shards", "--batch-size")
+
+
+@pytest.fixture(scope="module")
+def tight(made: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A float64 report whose λ_max is solved to `--tol 1e-8`."""
+    checkpoint, _ = made
+    args = ["analyze", str(checkpoint), *FAST, "--dtype", "float64", "--tol", "1e-8", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    path = tmp_path_factory.mktemp("tight") / "report.json"
+    path.write_text(result.stdout, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("ratio", "code"), [(1.001, 1), (0.999, 0)])
+def test_a_model_a_tenth_of_a_percent_past_max_eigenvalue_fails(tight, ratio, code):
+    results = json.loads(tight.read_text())["results"]
+    lam, residual = results["lambda_max"], results["eigenvalues"]["residuals"][0]
+    assert residual < 1e-6 * lam  # the bound is far tighter than 0.1 %
+    assert results["sampling"]["eigenvalues"][0] > 0.01 * lam  # though the spread is not
+    result = check(tight, "--max-eigenvalue", repr(lam / ratio), "--json")
+    assert result.exit_code == code, result.output
+    assert verdict(result)["checks"][0]["status"] == ("fail" if code else "pass")
+
+
 def set_lambda_max(report: dict[str, Any], value: float, residual: float) -> None:
     """λ_max and its residual, without the data uncertainty (as with ``--shards 0``), so that
     the residual alone is its margin."""
@@ -187,21 +280,24 @@ def test_noise_margin_keeps_a_borderline_estimate_from_flapping(
     assert (only["status"], only["uncertainty"], only["limit"]) == (status, residual, 1.0)
 
 
-def test_the_trace_margin_is_sigmas_standard_errors(report, tmp_path):
+@pytest.mark.parametrize("sigmas", [[], ["--sigmas", "1"]])
+def test_the_trace_margin_is_two_standard_errors_of_its_estimate(report, tmp_path, sigmas):
     report["results"]["trace"].update(estimate=10.0 + 1.5 * 0.1, std_error=0.1)
     report["results"]["sampling"]["trace"] = None
     saved = write(tmp_path / "r.json", report)
-    assert check(saved, "--max-trace", 10).exit_code == 0  # 2 SE by default
-    assert check(saved, "--max-trace", 10, "--sigmas", 1).exit_code == 1
+    assert check(saved, "--max-trace", 10, *sigmas).exit_code == 0  # 2 SE, whatever --sigmas
+    report["results"]["trace"].update(estimate=10.0 + 2.5 * 0.1)
+    assert check(write(tmp_path / "r.json", report), "--max-trace", 10, *sigmas).exit_code == 1
 
 
-def test_the_trace_data_standard_error_adds_sigmas_times(report, tmp_path):
+def test_the_trace_spread_adds_sigmas_times_only_when_asked(report, tmp_path):
     report["results"]["trace"].update(estimate=10.0 + 2.5 * 0.1, std_error=0.05)
-    report["results"]["sampling"]["trace"] = 0.05  # 2·(0.05 + 0.05) = 0.2 by default
+    report["results"]["sampling"]["trace"] = 0.05  # 2·0.05 (the estimate's) + sigmas·0.05
     saved = write(tmp_path / "r.json", report)
-    assert check(saved, "--max-trace", 10, "--sigmas", 3).exit_code == 0  # 0.3 > 0.25
-    result = check(saved, "--max-trace", 10)
-    assert result.exit_code == 1, result.output  # 0.2 < 0.25
+    assert check(saved, "--max-trace", 10, "--sigmas", 3).exit_code == 0  # 0.25 ≥ 0.25
+    for sigmas in ([], ["--sigmas", "2"]):  # 0.1 or 0.2 < 0.25
+        result = check(saved, "--max-trace", 10, *sigmas)
+        assert result.exit_code == 1, result.output
 
 
 def test_relative_margin_adds_both_uncertainties(report, tmp_path):

@@ -63,15 +63,24 @@ def _saved(report: dict[str, Any], folder: Path, **figure: float) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("limit", "code", "status"), [(2.0, 0, "pass"), (0.7, 0, "noise"), (0.3, 1, "fail")]
+    ("limit", "sigmas", "code", "status"),
+    [
+        (2.0, 0, 0, "pass"),
+        (0.85, 0, 0, "noise"),
+        (0.7, 0, 1, "fail"),
+        (0.7, 2, 0, "noise"),
+        (0.3, 2, 1, "fail"),
+    ],
 )
-def test_check_gates_on_the_interval(made, tmp_path, limit, code, status):
-    """value 1 ± (2 × 0.1 Monte-Carlo + 2 × 0.2 data): flagged only below 0.4."""
+def test_check_gates_on_the_interval(made, tmp_path, limit, sigmas, code, status):
+    """value 1 ± 2 × 0.1 Monte-Carlo: flagged below 0.8; with `--sigmas 2`, ± 2 × 0.2 data
+    more: flagged only below 0.4."""
     saved = _saved(made[1], tmp_path, value=1.0, std_error=0.1, sampling=0.2)
-    result = check(saved, "--max-adaptive-sharpness", limit, "--json")
+    result = check(saved, "--max-adaptive-sharpness", limit, "--sigmas", sigmas, "--json")
     assert result.exit_code == code, result.output
     (found,) = verdict(result)["checks"]
-    assert found["status"] == status and found["uncertainty"] == pytest.approx(0.6)
+    expected = 0.2 + sigmas * 0.2
+    assert found["status"] == status and found["uncertainty"] == pytest.approx(expected)
 
 
 def test_check_measures_it_on_a_checkpoint(made):
@@ -118,8 +127,9 @@ def _pair(report: dict[str, Any], folder: Path, base: dict, mine: dict) -> tuple
 
 @pytest.mark.parametrize(("value", "code", "status"), [(1.5, 0, "noise"), (1.6, 1, "fail")])
 def test_max_increase_compares_it_with_the_baseline(made, tmp_path, value, code, status):
-    """Baseline 1 ± (2 × 0.1 + 2 × 0.1): B = 1.4, flagged above B + 10 % = 1.54."""
-    base = {"value": 1.0, "std_error": 0.1, "sampling": 0.1}
+    """Baseline 1 ± 2 × 0.2 Monte-Carlo: B = 1.4, flagged above B + 10 % = 1.54 (its data SE
+    is the spread's, not counted without `--sigmas`)."""
+    base = {"value": 1.0, "std_error": 0.2, "sampling": 0.1}
     baseline, mine = _pair(made[1], tmp_path, base, {"value": value, "sampling": None})
     result = check(mine, "--baseline", baseline, "--max-increase", "10%", "--json")
     assert result.exit_code == code, result.output

@@ -30,7 +30,7 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--max-basis": ("9",),
     "--no-trace": (),
     "--shards": ("5",),
-    "--no-bias": (),
+    "--bias": (),
     "--params": ("a.*",),
     "--exclude": ("a.b*",),
     "--batch-stats": (),
@@ -61,7 +61,7 @@ SHARED: dict[str, tuple[str, ...]] = {
 """A non-default value for every option analyze and check share."""
 CONFIG = {
     **dict(k=3, method="power", tol=1e-5, max_iter=17, max_basis=9, trace=False, shards=5),
-    **dict(bias=False),
+    **dict(bias=True),
     **dict(params=["a.*"], exclude=["a.b*"], batch_stats=True, backend="forward-over-reverse"),
     **dict(curvature="ggn"),
     **dict(rho=0.07, alpha=0.3, seed=4),
@@ -147,7 +147,7 @@ def test_the_config_file_reaches_the_same_settings(captured, tmp_path):
     keys = [f"{flag[2:]} = {_toml(values)}" for flag, values in SHARED.items() if values]
     keys += [
         "trace = false",
-        "bias = false",
+        "bias = true",
         "batch-stats = true",
         'data = "digits"',
         "max-eigenvalue = 1",

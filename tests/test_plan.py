@@ -31,8 +31,9 @@ def _run(mlp, config, monkeypatch=None, free=None):
     return result, plan
 
 
-def test_the_plan_comes_first_and_bounds_the_run(mlp):
-    config = AnalyzeConfig(k=3, tol=1e-8, density=True, density_iter=10)
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_plan_comes_first_and_bounds_the_run(mlp, bias):
+    config = AnalyzeConfig(k=3, tol=1e-8, density=True, density_iter=10, bias=bias)
     result, plan = _run(mlp, config)
     assert plan.num_params == mlp.hessian.shape[0] == result.num_params
     assert plan.products == {
@@ -40,7 +41,7 @@ def test_the_plan_comes_first_and_bounds_the_run(mlp):
         "trace": 100,
         "density": 40,
         "sampling": 3 + 1 + TRACE_PROBES,  # one per eigenvector and probe, over the shards
-        "bias": 200,  # a Lanczos run of λ_max and λ_min per shard (no checks), over them
+        **({"bias": 200} if bias else {}),  # opt-in: a Lanczos run of λ_max and λ_min per shard
     }
     assert result.n_products <= plan.most_products + 2 + 1  # + the plan's two, the SAM one
     assert plan.seconds_per_product > 0
@@ -81,7 +82,7 @@ def test_the_line_says_sizes_products_and_time(mlp):
     for part in [
         f"{plan.num_params:,} parameters",
         "64 samples",
-        f"at most {203 + 100 + 3 + TRACE_PROBES + 200} products",
+        f"at most {203 + 100 + 3 + TRACE_PROBES} products",  # no bias re-solve by default
     ]:
         assert part in line
     assert f"solver vectors ≤ {sizes(plan.basis_bytes)}" in line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -12,8 +13,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from sharpscope.analysis.analyze import AnalyzeConfig, analyze
+from sharpscope.analysis.analyze import Analysis, AnalyzeConfig, analyze
 from sharpscope.analysis.gate import METRICS, Reading
+from sharpscope.analysis.sampling import jackknife_se
+from sharpscope.analysis.verdict import spread_notes
 from sharpscope.io.eigenvectors import load_eigenvectors
 from sharpscope.report.document import Inputs, Layer, Report, read_report
 from sharpscope.report.json_report import dumps
@@ -43,7 +46,7 @@ INPUTS = {
 def analysed(cnn):
     config = AnalyzeConfig(
         **dict(k=3, density=True, per_layer=True, slices=True, density_iter=20),
-        **dict(adaptive_sharpness="average", adaptive_steps=4),
+        **dict(adaptive_sharpness="average", adaptive_steps=4, bias=True),
     )
     result = analyze(cnn.model, cnn.loss_fn, cnn.split(16), config)
     inputs = Inputs.from_json({**INPUTS, "config": dict(config.__dict__)})
@@ -58,9 +61,8 @@ def test_report_validates_against_its_schema(analysed):
     results = document["results"]
     assert len(results["eigenvalues"]["values"]) == 3
     assert results["lambda_max"] == results["eigenvalues"]["values"][0]
-    assert results["lambda_max_over_trace"] == pytest.approx(
-        results["lambda_max"] / results["trace"]["estimate"]
-    )
+    assert not results["trace"]["converged"]  # this CNN's trace stops at its budget
+    assert results["lambda_max_over_trace"] is None  # so their ratio is not a number
     assert {layer["name"] for layer in results["per_layer"]} == {"conv", "bn", "fc"}
     assert set(results["slices"]) == {"v1", "gradient"}
 
@@ -160,14 +162,19 @@ def test_the_gate_reads_each_of_its_figures(analysed):
     gated, results = report.gate_input(), report.results
     assert set(gated.readings) == set(METRICS)
     sampling = results.sampling
+    replicates = sampling.replicates
     assert gated.readings["lambda_max"] == Reading(
         results.lambda_max,
         results.eigenvalues.residuals[0],
         sampling.eigenvalues[0],
         (sampling.bias.eigenvalues[0], sampling.bias_factor * sampling.bias.eigenvalues[0]),
+        replicates["lambda_max"],
     )
     assert gated.readings["trace"] == Reading(
-        results.trace.estimate, results.trace.std_error, sampling.trace
+        results.trace.estimate,
+        results.trace.std_error,
+        sampling.trace,
+        replicates=replicates["trace"],
     )
     assert gated.readings["cos_full"] == Reading(
         results.alignment.cos_full,
@@ -177,11 +184,21 @@ def test_the_gate_reads_each_of_its_figures(analysed):
             -sampling.bias_factor * abs(sampling.bias.cos_full),
             sampling.bias_factor * abs(sampling.bias.cos_full),
         ),
+        replicates["cos_full"],
     )  # a cosine's bias may have either sign
+    assert gated.shard_weights == replicates["weights"]
+    assert len(replicates["weights"]) == sampling.shards
+    assert sum(replicates["weights"]) == pytest.approx(1.0)
+    for metric in ("lambda_max", "lambda_min", "trace", "cos_full", "sam_sharpness"):
+        assert len(replicates[metric]) == sampling.shards
+    assert jackknife_se(replicates["lambda_max"]) == pytest.approx(sampling.eigenvalues[0])
     assert sampling.trace > 0 and sampling.bias_factor == pytest.approx(8**0.5 + 1)
     assert sampling.cos_full > 0 and sampling.shards >= 2
     h = results.adaptive_sharpness
-    assert gated.readings["adaptive_sharpness"] == Reading(h.value, h.std_error, h.sampling)
+    assert gated.readings["adaptive_sharpness"] == Reading(
+        h.value, h.std_error, h.sampling, replicates=h.replicates
+    )
+    assert jackknife_se(h.replicates) == pytest.approx(h.sampling)
     assert h.std_error > 0 and h.sampling > 0
     assert gated.num_params == results.num_params == sum(math.prod(s) for _, s in gated.parameters)
     assert [name for name, _ in gated.parameters] == list(analysed[0].param_names)
@@ -278,8 +295,72 @@ def test_a_trace_stopped_by_its_budget_shows_as_unconverged_with_its_interval(an
     console.print(render(report))
     text = console.export_text()
     low, high = trace.interval
-    assert "not converged" in text and f"(95 %: {low:.4g} to {high:.4g})" in text
+    shown = re.search(rf"\(95 %: ({NUMBER}) to ({NUMBER})\)", text)
+    assert "not converged" in text and shown is not None
+    assert float(shown[1]) <= low and float(shown[2]) >= high  # rounded outward
+    assert float(shown[1]) == pytest.approx(low, rel=1e-3)
+    assert float(shown[2]) == pytest.approx(high, rel=1e-3)
     assert any(note.startswith("trace: not converged") for note in result.notes)
-    document = json.loads(report.dumps())["results"]["trace"]
-    assert document["converged"] is False
-    assert document["interval"] == pytest.approx([low, high])
+    document = json.loads(report.dumps())["results"]
+    assert document["trace"]["converged"] is False
+    assert document["trace"]["interval"] == pytest.approx([low, high])
+    assert document["lambda_max_over_trace"] is None  # a ratio of an unconverged figure
+    ratio = next(line for line in text.splitlines() if "λ_max / trace" in line)
+    assert "— (the trace did not converge)" in ratio
+
+
+NUMBER = r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+PRINTED_INTERVALS = (
+    rf"({NUMBER}) \[({NUMBER}), ({NUMBER})\]",  # a figure and its spread
+    rf"({NUMBER}) ± {NUMBER} \(95 %: ({NUMBER}) to ({NUMBER})\)",  # the trace's estimate
+    rf"= ({NUMBER}) may lie anywhere in \[({NUMBER}), ({NUMBER})\]",  # the spread's note
+)
+
+
+def printed_intervals(report: Report) -> list[tuple[float, float, float]]:
+    """Every (point, low, high) the terminal report prints."""
+    console = Console(record=True, width=400)
+    console.print(render(report))
+    text = console.export_text()
+    return [tuple(map(float, m.groups())) for p in PRINTED_INTERVALS for m in re.finditer(p, text)]
+
+
+def test_every_printed_interval_holds_its_point(analysed):
+    analysis, report = analysed
+    s, results = report.results.sampling, report.results
+    found = printed_intervals(report)
+    assert len(found) >= 7  # λ_max, λ_min, the trace twice, |cos|, the share, SAM, adaptive
+    shifted_bias = (3 * results.lambda_max, 3 * results.lambda_max)  # MiniLM's kind of shift
+    old_high = results.lambda_max - shifted_bias[0] + s.interval_multiplier * s.eigenvalues[0]
+    assert old_high < results.lambda_max  # the interval as it was formed would miss it
+    skewed = replace(
+        report,
+        results=replace(
+            results,
+            sampling=replace(
+                s,
+                bias=replace(
+                    s.bias,
+                    eigenvalues=(results.lambda_max, *s.bias.eigenvalues[1:]),
+                    lambda_min=-abs(results.lambda_min.value) - 1,
+                    sam_sharpness=2 * results.alignment.sam_sharpness,
+                ),
+                bias_factor=3.0,
+            ),
+            notes=(*results.notes, *_straddling_note(analysis)),
+        ),
+    )
+    found += printed_intervals(skewed)
+    assert any("may lie anywhere" in n for n in skewed.results.notes)
+    for point, low, high in found:
+        assert low <= point <= high, (point, low, high)
+
+
+def _straddling_note(analysis: Analysis) -> list[str]:
+    """The spread's note for an alignment whose spread crosses 0.1."""
+    straddling = replace(
+        analysis,
+        alignment=replace(analysis.alignment, cos_full=0.104),
+        sampling=replace(analysis.sampling, cos_full=0.0201),
+    )
+    return spread_notes(straddling)

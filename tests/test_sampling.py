@@ -27,13 +27,18 @@ from sharpscope.analysis.sampling import (
     interval,
     jackknife_se,
     noise_corrected_se,
+    paired_se,
+    rounded_outward,
+    samples_to_settle,
     sampling_errors,
     shard_operators,
+    static_batch,
     t_quantile,
 )
-from sharpscope.analysis.verdict import verdict
+from sharpscope.analysis.verdict import spread_notes, verdict
 from sharpscope.curvature import HessianOperator, lanczos_extremes
 from sharpscope.errors import InputError
+from sharpscope.io.checkpoints import load_model
 from sharpscope.io.losses import resolve_loss
 
 SCALES = torch.tensor([4.0, 1.0, 0.5, 0.25], dtype=torch.float64)
@@ -76,7 +81,7 @@ def analysed(w: torch.Tensor, scales: torch.Tensor) -> list[Run]:
     model = nn.Linear(4, 1, bias=False).double()
     with torch.no_grad():
         model.weight.copy_(w)
-    config = AnalyzeConfig(k=1, tol=1e-10, rho=RHO, shards=8)
+    config = AnalyzeConfig(k=1, tol=1e-10, rho=RHO, shards=8, bias=True)
     found = []
     for seed in range(RUNS):
         a = analyze(model, resolve_loss("mse"), sample(seed, scales), config)
@@ -189,31 +194,80 @@ def test_too_few_samples_for_two_shards_leave_it_out_with_a_note():
     one = [(torch.ones(1, 4, dtype=torch.float64), torch.ones(1, dtype=torch.float64))]
     a = analyze(model, resolve_loss("mse"), one, AnalyzeConfig(k=1, trace=False))
     assert a.sampling is None
-    assert any("data uncertainty was not estimated" in note for note in a.notes)
+    assert any("spread over other samples was not estimated" in note for note in a.notes)
 
 
-def test_the_verdict_is_uncertain_across_a_cut_off():
+def test_the_verdict_is_decisive_and_a_note_says_when_the_spread_could_change_it():
     model = nn.Linear(4, 1, bias=False).double()
     a = analyze(model, resolve_loss("mse"), sample(0), AnalyzeConfig(k=1, trace=False))
+    assert a.num_samples == N and a.sampling.bias is None  # the bias re-solve is opt-in
     straddling = replace(
         a,
         alignment=replace(a.alignment, cos_full=0.12),
         sampling=replace(a.sampling, cos_full=0.02),
     )
-    assert "is uncertain" in verdict(straddling) and "cut-off 0.1)" in verdict(straddling)
+    assert "partly aligned" in verdict(straddling) and "uncertain" not in verdict(straddling)
+    (note,) = spread_notes(straddling)
+    half = a.sampling.multiplier * 0.02  # reaches 0.12 − half < 0.1 on the low side
+    needed = math.ceil(N * (half / 0.02) ** 2)  # the excursion shrinks as 1/√n
+    assert "across the cut-off 0.1;" in note and f"about {needed:,} samples" in note
     clear = replace(straddling, sampling=replace(a.sampling, cos_full=0.001))
-    assert "partly aligned" in verdict(clear)
+    assert "partly aligned" in verdict(clear) and spread_notes(clear) == []
 
 
-def gated(reading: Reading, sigmas: float) -> str:
+def test_samples_to_settle_puts_the_shrunk_interval_on_one_side_of_the_cut():
+    n, value, se, t = 100, 0.5, 0.25, 2.0
+    needed = samples_to_settle(n, value, value - t * se, 0.25)
+    assert needed == 400  # half-width 0.5 → 0.25 needs 4 × the samples
+    assert value - t * se * math.sqrt(n / needed) == pytest.approx(0.25)
+    assert samples_to_settle(n, 0.1, 0.0, 0.1) is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_interval_holds_its_point_and_so_does_its_rounding(seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(2000):
+        value, se, b0, b1 = (torch.randn(4, generator=g, dtype=torch.float64) * 3).tolist()
+        bounds = (0.0, 1.0) if b0 > 0 else None
+        if bounds is not None:
+            value = abs(value) % 1.0
+        low, high = interval(value, abs(se), 2.36, bounds, (b0, b1))
+        assert low <= value <= high
+        shown = rounded_outward(low, high)
+        assert shown[0] <= low and shown[1] >= high
+        assert float(f"{shown[0]:.2g}") <= value <= float(f"{shown[1]:.2g}")
+
+
+def test_the_bias_no_longer_moves_the_interval_off_its_point():
+    """MiniLM's λ_max 3.097 and its bias allowance once printed as [0.039, 2.5]."""
+    low, high = interval(3.097, 0.5, 2.36, None, (1.8, 1.8 * 3.83))
+    assert low < 3.097 <= high
+
+
+def test_the_paired_jackknife_cancels_what_both_figures_share():
+    base = [1.0, 1.3, 0.8, 1.1]
+    assert paired_se([2 * b for b in base], base, 2.0) == 0.0  # a pure rescaling: no noise
+    noise = [0.01, -0.02, 0.0, 0.01]
+    mixed = [b + e for b, e in zip(base, noise, strict=True)]
+    assert paired_se(mixed, base) == pytest.approx(jackknife_se(noise), rel=1e-12)
+    assert paired_se(mixed, base) < jackknife_se(mixed) / 10
+
+
+def gated(reading: Reading, sigmas: float | None) -> str:
     report = GateInput({"cos_full": reading}, 2, 1, (), {})
-    (check,) = gate(report, Thresholds(min_alignment=0.35, sigmas=sigmas))
+    thresholds = Thresholds(min_alignment=0.35)
+    if sigmas is not None:
+        thresholds = replace(thresholds, sigmas=sigmas)
+    (check,) = gate(report, thresholds)
     return f"{check.status}: {check.message}"
 
 
-def test_the_gate_widens_by_sigmas_data_standard_errors():
+def test_the_gate_widens_by_sigmas_data_standard_errors_only_when_asked():
     assert gated(Reading(0.3, None, 0.05), 2.0).startswith("noise: |cos(ĝ, v₁)| = 0.3 ± 0.1")
     assert gated(Reading(0.3, None, 0.05), 0.0).startswith("fail")
+    assert gated(Reading(0.3, None, 0.05), None).startswith(
+        "fail: |cos(ĝ, v₁)| = 0.3 (no uncertainty estimate)"
+    )  # by default: the figure on the data given
     unknown = gated(Reading(0.3, None, None), 2.0)
     assert unknown.startswith("fail: |cos(ĝ, v₁)| = 0.3 (no uncertainty estimate)")
 
@@ -284,3 +338,28 @@ def test_the_warm_loose_shard_solves_give_the_tight_solves_bias_for_fewer_produc
         assert abs(cheap) > 0.1 * se  # a bias worth estimating
         assert abs(cheap - exact) <= 0.05 * se, (exact, cheap, se)
     assert loose.bias.eigenvalues[1:] == [None, None]  # λ₂, λ₃: not solved again
+
+
+def test_a_static_batch_export_gets_whole_batches_per_shard(tmp_path):
+    """It once got 2-sample chunks and failed: "exported for inputs of shape [16, ...]"."""
+    mlp, _ = _mlp_batches()
+    program = torch.export.export(mlp, (torch.randn(16, 5, dtype=torch.float64),))
+    torch.export.save(program, tmp_path / "mlp.pt2")
+    model, _ = load_model(tmp_path / "mlp.pt2")  # with its shape check, as sharpscope loads it
+    assert static_batch(model) and not static_batch(_mlp_batches()[0])
+    _, batches = _mlp_batches((16, 16, 16, 16))
+    shapes = []
+    model.register_forward_pre_hook(lambda _, args: shapes.append(args[0].shape[0]))
+    a = analyze(model, resolve_loss("cross-entropy"), batches, AnalyzeConfig(k=1))
+    assert a.sampling is not None and a.sampling.shards == 4  # one batch each
+    assert set(shapes) == {16}
+    one = analyze(model, resolve_loss("cross-entropy"), batches[:1], AnalyzeConfig(k=1))
+    assert one.sampling is None
+    assert any("exported for one batch size" in note for note in one.notes)
+
+
+def test_a_dynamic_batch_export_is_cut_like_any_model():
+    model, batches = _mlp_batches()
+    dims = ({0: torch.export.Dim("batch")},)
+    program = torch.export.export(model, (batches[0][0],), dynamic_shapes=dims)
+    assert not static_batch(program.module())

@@ -101,6 +101,9 @@ class AdaptiveSharpnessResult:
     n_losses: int
     """Full-data gradients and losses (shard losses counted together as one full loss)."""
     seconds: float
+    replicates: tuple[float, ...] | None = None
+    """The value without shard j, for every shard j, whose spread :attr:`sampling` is (None: not
+    estimated): a paired comparison with another model on the same shards jackknifes them."""
 
     @property
     def multiplier(self) -> float | None:
@@ -190,6 +193,7 @@ def sharpness_of(
         n_gradients=gradients,
         n_losses=losses,
         seconds=time.perf_counter() - began,
+        replicates=None if spread is None else tuple(spread),
     )
 
 

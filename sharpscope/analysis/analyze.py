@@ -28,6 +28,7 @@ from sharpscope.analysis.sampling import (
     Figures,
     Resolve,
     SamplingErrors,
+    rounded_outward,
     sampling_errors,
 )
 from sharpscope.batches import LossFn
@@ -104,9 +105,9 @@ class AnalyzeConfig:
     """Its ascent steps (worst case) or random draws (average case)."""
     adaptive_scale: bool = True
     """Scale the ball by |w| (adaptive sharpness); False: the plain ball."""
-    bias: bool = True
-    """Estimate the figures' sample-size bias by solving them on each shard (about one more
-    eigen-solve in all); the data intervals allow for it (docs/engine.md)."""
+    bias: bool = False
+    """Also estimate the figures' sample-size bias by solving them on each shard (about one more
+    eigen-solve in all); the spread's intervals then allow for it (docs/engine.md)."""
 
     def __post_init__(self) -> None:
         check_finite_fields(self)
@@ -194,7 +195,8 @@ class Analysis:
     density: DensityResult | None
     alignment: Alignment | None
     sampling: SamplingErrors | None
-    """The figures' data uncertainty (None: not estimated, `shards` 0)."""
+    """The spread: how much the figures would move on other samples of this size (None: not
+    estimated, `shards` 0); the figures themselves are of the data given."""
     per_layer: list[LayerEigen]
     timings: dict[str, float]
     n_products: int
@@ -385,7 +387,7 @@ def _trace_notes(trace: TraceResult, tol: float) -> list[str]:
     """A note when the trace stopped at its product budget before its standard-error target."""
     if trace.converged:
         return []
-    low, high = trace.interval
+    low, high = rounded_outward(*trace.interval, 4)
     return [
         f"trace: not converged; its standard error is {trace.std_error:.2g}, above "
         f"{tol:g}·|trace|, after {trace.n_products} products (the budget: "
@@ -527,8 +529,9 @@ def analyze(
             sampling = _sampling(op, config, settings, top, bottom, gradient, alignment)
         if sampling is None:
             notes.append(
-                "the data uncertainty was not estimated: the samples make fewer than 2 shards "
-                "(with `batch_stats`, a shard is a whole batch); analyze more samples"
+                "the spread over other samples was not estimated: the samples make fewer than 2 "
+                "shards (with `batch_stats`, or a model exported for one batch size, a shard is "
+                "a whole batch); analyze more samples"
             )
     slices: dict[str, tuple[list[float], list[float]]] = {}
     if config.slices:

@@ -1,31 +1,33 @@
 """The CI gate: checks of an analysis report against thresholds and against a baseline report.
 
-Every figure is read with its uncertainty, and a check only flags the model when the figure is
-past its limit by more than that uncertainty:
+It answers two questions, kept apart (docs/ci.md):
+
+1. **The model on the data given** (the default, ``sigmas`` 0). Each figure is read with the
+   solver's uncertainty only: for λ_max and λ_min the residual ‖Hv − λv‖ of their eigenpair, a
+   bound on the distance from the estimate to the nearest eigenvalue of H (used as it is); for
+   the trace, and the average-case adaptive sharpness, :data:`ESTIMATOR_SIGMAS` standard errors
+   of their random estimate; none for the SAM sharpness, |cos(ĝ, v₁)| and the worst case, which
+   are computed exactly. On fixed validation data a figure is a deterministic function of the
+   model, so this is its only uncertainty.
+2. **Other samples of this size** (``sigmas`` > 0): the figure's spread is added, ``sigmas``
+   jackknife standard errors of how it would move with another sample of the same size
+   (:mod:`sharpscope.analysis.sampling`) and, in the absolute checks, the range of its
+   sample-size bias when the report holds one (the interval runs over value − b for every b).
+   Against a baseline on the same data it is the spread of the **paired** difference: both
+   reports' delete-one-shard replicates, jackknifed together, so that the data's common part
+   cancels (two models on the same samples differ by far less than either moves on its own).
+
+A check only flags the model when the figure is past its limit by more than its uncertainty:
 
 - ``max`` limit: flagged when ``value − uncertainty > limit``;
 - ``min`` limit: flagged when ``value + uncertainty < limit``;
 - ``max-increase`` by a fraction ``p`` over a baseline figure ``b ± u_b``: flagged when
-  ``value − uncertainty > B + p·|B|`` with ``B = b + u_b``. The two uncertainties add (a worst
-  case, not a quadrature sum): the lowest value the report allows must exceed the limit computed
-  from the highest value the baseline allows.
+  ``value − uncertainty > B + p·|B|`` with ``B = b + u_b`` (``u_b`` the baseline's solver
+  uncertainty; the paired spread, with ``sigmas``, is in the report's ``uncertainty``).
 
-A figure's uncertainty adds (worst case) the solver's and the data's:
-
-- the solver's: for λ_max and λ_min the residual ‖Hv − λv‖ of their eigenpair, a bound on the
-  distance from the estimate to the nearest eigenvalue of H (used as it is); for the trace
-  ``sigmas`` standard errors of its Hutch++ estimate;
-- the data's: ``sigmas`` jackknife standard errors of how the figure moves with another sample of
-  the same size (:mod:`sharpscope.analysis.sampling`), for λ_max, λ_min, the trace, |cos(ĝ, v₁)|,
-  the SAM sharpness and the adaptive sharpness, when the report holds them (the average-case
-  adaptive sharpness adds ``sigmas`` Monte-Carlo standard errors as the solver's); and, in the
-  absolute checks, the range of the figure's sample-size bias b (the interval runs over value − b
-  for every b in it). A baseline of the same sample size shares the bias, so ``max-increase``
-  leaves it out.
-
-A figure with neither (a report made with `shards` 0) has no uncertainty: it is gated as it is,
-and shown as not estimated, never as ± 0. A check that passes only thanks to the uncertainty has
-status ``noise``: its value is past the limit, but not by more than the uncertainty.
+A figure with no uncertainty is gated as it is, and shown as without one, never as ± 0. A check
+that passes only thanks to the uncertainty has status ``noise``: its value is past the limit,
+but not by more than the uncertainty.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from sharpscope.analysis.sampling import paired_se
 from sharpscope.errors import InputError, check_finite_fields
 
 Kind = Literal["max", "min", "max-increase"]
@@ -52,8 +55,9 @@ class Thresholds:
     max_adaptive_sharpness: float | None = None
     max_increase: float | None = None
     """Largest allowed increase over the baseline, as a fraction (0.1 = 10 %)."""
-    sigmas: float = 2.0
-    """How many standard errors make the uncertainty of a statistical estimate (the trace)."""
+    sigmas: float = 0.0
+    """How many of the spread's standard errors (over other samples of this size) to add to each
+    figure's uncertainty; 0 gates the figures on the data given, with the solver's bounds."""
 
     def __post_init__(self) -> None:
         check_finite_fields(self)
@@ -63,10 +67,16 @@ class Thresholds:
             raise InputError(f"`max_increase` must be at least 0, got {self.max_increase:g}")
 
 
+ESTIMATOR_SIGMAS = 2.0
+"""Standard errors of a random estimator (the trace's Hutch++, the average-case adaptive
+sharpness' draws) that make its uncertainty: a false alarm on an estimate exactly at the limit
+is then about a 2 % event (one-sided normal tail)."""
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """A figure of the report and its uncertainty (already scaled by ``sigmas``; None: not
-    estimated)."""
+    """A figure of the report and its uncertainty (the solver's, plus ``sigmas`` of the spread's
+    standard errors; None: none)."""
 
     value: float
     uncertainty: float | None
@@ -100,6 +110,8 @@ class Reading:
     sampling: float | None = None
     bias: tuple[float, float] | None = None
     """The range of the figure's sample-size bias (None: not estimated)."""
+    replicates: tuple[float, ...] | None = None
+    """The figure without shard j, for every shard j (None: not stored): for paired checks."""
 
 
 Tensors = tuple[tuple[str, tuple[int, ...]], ...]
@@ -120,6 +132,8 @@ class GateInput:
     the report does not hold is left out."""
     curvature: str = "hessian"
     """The matrix the figures are of (:data:`~sharpscope.curvature.CURVATURES`)."""
+    shard_weights: tuple[float, ...] | None = None
+    """The spread's shards' shares of the data, in order (None: not stored)."""
 
 
 DATA_SETTINGS = {
@@ -148,7 +162,8 @@ class Metric:
     key: str
     label: str
     statistical: bool
-    """The uncertainty is a standard error (scaled by ``sigmas``), not a bound."""
+    """The solver's uncertainty is a standard error (scaled by :data:`ESTIMATOR_SIGMAS`), not a
+    bound."""
     fix: str
     """Why the figure can be missing and what to do, for the error message."""
 
@@ -216,6 +231,9 @@ class Check:
     """``max-increase``'s fraction p."""
     bias: tuple[float, float] | None = None
     """The range of the figure's sample-size bias the check allowed for (absolute checks)."""
+    spread: float | None = None
+    """The spread's part of ``uncertainty``: ``sigmas`` data SEs (of the paired difference for
+    ``max-increase``); None when not asked for (``sigmas`` 0) or not estimated."""
 
     @property
     def label(self) -> str:
@@ -266,20 +284,26 @@ class Check:
 
 
 def measure(report: GateInput, metric: str, sigmas: float) -> Estimate | None:
-    """``metric``'s value and uncertainty in a report; None when the report lacks it."""
+    """``metric``'s value and uncertainty in a report (with ``sigmas`` of its spread and its bias
+    range); None when the report lacks it."""
     reading = report.readings.get(metric)
     if reading is None:
         return None
-    scale = sigmas if METRICS[metric].statistical else 1.0
-    parts = [
-        factor * u
-        for factor, u in ((scale, reading.uncertainty), (sigmas, reading.sampling))
-        if u is not None
-    ]
-    return Estimate(reading.value, sum(parts) if parts else None, reading.bias or (0.0, 0.0))
+    solver = _solver(metric, reading)
+    spread = sigmas * reading.sampling if sigmas and reading.sampling is not None else None
+    parts = [u for u in (solver, spread) if u is not None]
+    bias = reading.bias if sigmas and reading.bias is not None else (0.0, 0.0)
+    return Estimate(reading.value, sum(parts) if parts else None, bias)
 
 
-def figures(report: GateInput, sigmas: float = 2.0) -> dict[str, Estimate]:
+def _solver(metric: str, reading: Reading) -> float | None:
+    """The solver's uncertainty of a reading: a bound as it is, a standard error scaled."""
+    if reading.uncertainty is None:
+        return None
+    return reading.uncertainty * (ESTIMATOR_SIGMAS if METRICS[metric].statistical else 1.0)
+
+
+def figures(report: GateInput, sigmas: float = 0.0) -> dict[str, Estimate]:
     """Every gateable figure the report holds, by metric key."""
     found = {key: measure(report, key, sigmas) for key in METRICS}
     return {key: estimate for key, estimate in found.items() if estimate is not None}
@@ -328,7 +352,9 @@ def _absolute(
     est = _required(report, metric, sigmas, option)
     passed = est.lowest <= limit if kind == "max" else est.highest >= limit
     bias = est.bias if est.bias != (0.0, 0.0) else None
-    return Check(metric, kind, est.value, est.uncertainty, limit, passed, bias=bias)
+    reading = report.readings[metric]
+    spread = sigmas * reading.sampling if sigmas and reading.sampling is not None else None
+    return Check(metric, kind, est.value, est.uncertainty, limit, passed, bias=bias, spread=spread)
 
 
 def _relative(
@@ -336,27 +362,58 @@ def _relative(
 ) -> list[Check]:
     checks = []
     for metric in RELATIVE:
-        base = measure(baseline, metric, sigmas)
+        base = measure(baseline, metric, 0.0)
         if base is None:
             continue
-        est = _required(report, metric, sigmas, "`max_increase`")
+        est = _required(report, metric, 0.0, "`max_increase`")
         highest = base.value + base.margin
-        passed = est.value - est.margin <= highest + increase * abs(highest)
-        limit = base.value + increase * abs(base.value)
+        factor = 1 + increase * (1 if highest >= 0 else -1)  # B + p·|B| = factor·B
+        spread = sigmas * _paired_se(report, baseline, metric, factor) if sigmas else None
+        margin = est.margin + (spread or 0.0)
+        passed = est.value - margin <= factor * highest
         checks.append(
             Check(
                 metric,
                 "max-increase",
                 est.value,
-                est.uncertainty,
-                limit,
+                margin if est.uncertainty is not None or spread is not None else None,
+                base.value + increase * abs(base.value),
                 passed,
                 baseline=base.value,
                 baseline_uncertainty=base.uncertainty,
                 increase=increase,
+                spread=spread,
             )
         )
     return checks
+
+
+def _paired_se(report: GateInput, baseline: GateInput, metric: str, factor: float) -> float:
+    """The jackknife SE of ``value − factor·baseline`` over the shards both reports share; an
+    :class:`InputError` when either lacks the replicates or the shards differ."""
+    mine, theirs = report.readings[metric], baseline.readings[metric]
+    label = METRICS[metric].label
+    for name, reading in (("the baseline", theirs), ("this report", mine)):
+        if reading.replicates is None:
+            raise InputError(
+                f"`sigmas` compares the {label} with the baseline on both reports' per-shard "
+                f"figures, and {name} has none (made with `shards` 0, or by an older "
+                "sharpscope): re-create the baseline with `update_baseline` and the report with "
+                "this version, or compare on the data given with `sigmas` 0"
+            )
+    weights, base_weights = report.shard_weights, baseline.shard_weights
+    if (
+        weights is None
+        or base_weights is None
+        or len(weights) != len(base_weights)
+        or any(abs(a - b) > 1e-9 for a, b in zip(weights, base_weights, strict=True))
+    ):
+        raise InputError(
+            f"`sigmas` pairs each shard of this report with the baseline's, and their shards "
+            f"differ ({len(theirs.replicates)} vs {len(mine.replicates)} shards, or other "
+            "shares of the data): make both with the same `shards` and `batch_size`"
+        )
+    return paired_se(mine.replicates, theirs.replicates, factor)
 
 
 def data_differences(report: GateInput, baseline: GateInput) -> list[str]:

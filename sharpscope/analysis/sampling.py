@@ -54,13 +54,37 @@ def interval(
     bounds: tuple[float, float] | None = None,
     bias: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[float, float]:
-    """``value − b ± multiplier·se`` over the range ``bias`` of the figure's sample-size bias b
-    (their hull), clipped to the figure's ``bounds`` (a cosine's [0, 1])."""
-    centres = (value - bias[0], value - bias[1])
+    """``value − b ± multiplier·se`` over b in ``bias`` (the figure's sample-size bias) and b = 0,
+    their hull, clipped to the figure's ``bounds`` (a cosine's [0, 1]): it always holds ``value``
+    itself, the figure on the data given, even when the bias shifts the rest away from it."""
+    centres = (value, value - bias[0], value - bias[1])
     low, high = min(centres) - multiplier * se, max(centres) + multiplier * se
     if bounds is not None:
-        low, high = max(low, bounds[0]), min(high, bounds[1])
+        low, high = max(low, min(bounds[0], value)), min(high, max(bounds[1], value))
     return low, high
+
+
+def rounded_outward(low: float, high: float, digits: int = 2) -> tuple[float, float]:
+    """``low`` rounded down and ``high`` up to ``digits`` significant digits: an interval that,
+    printed with that many digits, still holds every point the exact one holds."""
+    return _round(low, digits, math.floor), _round(high, digits, math.ceil)
+
+
+def _round(x: float, digits: int, direction: Callable[[float], int]) -> float:
+    if x == 0 or not math.isfinite(x):
+        return x
+    quantum = 10.0 ** (math.floor(math.log10(abs(x))) - digits + 1)
+    return direction(x / quantum) * quantum
+
+
+def samples_to_settle(n: int, value: float, reach: float, cut: float) -> int | None:
+    """How many samples would keep the spread of ``value`` from reaching ``cut``, where its 95 %
+    interval now reaches ``reach`` on that side with ``n`` samples: the excursion shrinks as
+    1/√n (the jackknife SE does; a sample-size bias at least as fast), so about
+    n·((reach − value)/(cut − value))²; None when ``value`` is on the cut."""
+    if value == cut:
+        return None
+    return math.ceil(n * ((reach - value) / (cut - value)) ** 2)
 
 
 def jackknife_se(replicates: Sequence[float]) -> float:
@@ -68,6 +92,12 @@ def jackknife_se(replicates: Sequence[float]) -> float:
     m = len(replicates)
     mean = sum(replicates) / m
     return math.sqrt((m - 1) / m * sum((r - mean) ** 2 for r in replicates))
+
+
+def paired_se(first: Sequence[float], second: Sequence[float], factor: float = 1.0) -> float:
+    """The jackknife standard error of ``θ − factor·φ`` from both figures' replicates over the
+    same shards (a paired comparison: the data's common part cancels)."""
+    return jackknife_se([a - factor * b for a, b in zip(first, second, strict=True)])
 
 
 def deleted_means(values: Sequence[float], weights: Sequence[float]) -> list[float]:
@@ -125,6 +155,11 @@ class SamplingErrors:
     under a 1/√n law it is :attr:`bias_factor` times as large. The trace has none (linear)."""
     n_products: int = 0
     """Products spent, in full-data products (a shard's costs its share of the samples)."""
+    replicates: dict[str, list[float]] | None = None
+    """Each figure without shard j, for every shard j (the delete-one-shard replicates whose
+    spread the SEs are), by gate metric (``lambda_max``, ``lambda_min``, ``trace``,
+    ``cos_full``, ``sam_sharpness``), and the shards' ``weights``: what a paired comparison of
+    two reports on the same data jackknifes together (:func:`paired_se`)."""
 
     @property
     def multiplier(self) -> float:
@@ -195,11 +230,29 @@ TRACE_PROBES = 10
 """Rademacher probes applied to every shard for the trace's data standard error."""
 
 
+def static_batch(model: torch.nn.Module) -> bool:
+    """Whether ``model`` takes only one batch size: a ``torch.export`` program exported without
+    a dynamic batch dimension (its graph's inputs have a fixed first dimension)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return False
+    for node in model.graph.nodes:
+        shape = getattr(node.meta.get("val"), "shape", None) if node.op == "placeholder" else None
+        if shape and isinstance(shape[0], int):
+            return True
+    return False
+
+
+def whole_batches(op: CurvatureOperator) -> bool:
+    """Whether shards must be whole batches: BatchNorm on batch statistics (a batch's own), or a
+    model that takes only the batch size it was exported for (:func:`static_batch`)."""
+    return op.batch_stats or static_batch(op.model)
+
+
 def _cuts(op: CurvatureOperator, shards: int) -> list[tuple[int | None, int]]:
     """How each of ``op``'s batches is cut into shards: the size of its chunks and the shard its
     first chunk joins (the next chunk the next shard); whole batches (None), dealt round, when
-    BatchNorm uses batch statistics."""
-    if op.batch_stats:
+    they must stay whole (:func:`whole_batches`)."""
+    if whole_batches(op):
         return [(None, i % shards) for i in range(len(op.batches))]
     return [(-(-sample_count(inputs, "batch") // shards), 0) for inputs, _ in op.batches]
 
@@ -215,12 +268,14 @@ def _pieces(batch: tuple[Any, Any], size: int | None) -> list[tuple[Any, Any]]:
 def _shard_batches(op: CurvatureOperator, shards: int) -> list[list[Any]]:
     """``op``'s batches as ``shards`` disjoint groups (:func:`_cuts`): every batch cut into
     ``shards`` chunks, so each shard spans all batches, and each group's chunks joined back to
-    about a batch's size (:func:`_joined`; not with batch statistics)."""
+    about a batch's size (:func:`_joined`; not when batches stay whole)."""
     groups: list[list[Any]] = [[] for _ in range(shards)]
-    for batch, (size, first) in zip(op.batches, _cuts(op, shards), strict=True):
+    cuts = _cuts(op, shards)
+    for batch, (size, first) in zip(op.batches, cuts, strict=True):
         for j, piece in enumerate(_pieces(batch, size)):
             groups[first + j].append(piece)
-    return groups if op.batch_stats else [_joined(group, shards) for group in groups]
+    whole = all(size is None for size, _ in cuts)
+    return groups if whole else [_joined(group, shards) for group in groups]
 
 
 def _joined(chunks: list[Any], per_batch: int) -> list[Any]:
@@ -322,6 +377,9 @@ def sampling_errors(
     found = [_shard(p, vectors, gradient, epsilon, resolve, trace_probes, seed) for p in parts]
     n_products = round(sum(w * p.n_products for w, p in zip(weights, parts, strict=True)))
     replicates = [deleted_means(q, weights) for q in zip(*(s.rayleigh for s in found), strict=True)]
+    kept = {"weights": weights, "lambda_max": replicates[0], "lambda_min": replicates[-1]}
+    if trace_probes >= 2:
+        kept["trace"] = deleted_means([sum(s.probes) / len(s.probes) for s in found], weights)
     errors = SamplingErrors(
         shards=len(parts),
         eigenvalues=[jackknife_se(r) for r in replicates[:-1]],
@@ -329,6 +387,7 @@ def sampling_errors(
         trace=_trace_se(found, weights) if trace_probes >= 2 else None,
         bias=_bias(found, weights, full) if resolve is not None and full is not None else None,
         n_products=n_products,
+        replicates=kept,
     )
     if epsilon is None:
         return errors
@@ -339,6 +398,7 @@ def sampling_errors(
         cos_full=jackknife_se(cos),
         topk_share=jackknife_se(share),
         sam_sharpness=jackknife_se(sharpness),
+        replicates={**kept, "cos_full": cos, "sam_sharpness": sharpness},
     )
 
 

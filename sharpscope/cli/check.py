@@ -52,25 +52,17 @@ def _limit(text: str) -> Any:
     ]
 
 
-MaxEigenvalue = _limit(
-    "Flag the model when λ_max exceeds this by more than its residual + --sigmas data SE."
-)
+MaxEigenvalue = _limit("Flag the model when λ_max exceeds this by more than its residual.")
 MinEigenvalue = _limit(
-    "Flag strong negative curvature: λ_min below this by more than its residual + --sigmas data SE."
+    "Flag strong negative curvature: λ_min below this by more than its residual."
 )
-MaxTrace = _limit("Flag the model when the trace exceeds this by more than --sigmas SE.")
-MaxSamSharpness = _limit(
-    "Flag the model when the SAM sharpness L(w+ρĝ) − L(w) exceeds this by more than --sigmas "
-    "data SE."
-)
+MaxTrace = _limit("Flag the model when the trace exceeds this by more than 2 SE of its estimate.")
+MaxSamSharpness = _limit("Flag the model when the SAM sharpness L(w+ρĝ) − L(w) exceeds this.")
 MaxAdaptiveSharpness = _limit(
-    "Flag the model when the adaptive sharpness (--adaptive-sharpness) exceeds this by more "
-    "than --sigmas SE (data, and Monte-Carlo for the average case)."
+    "Flag the model when the adaptive sharpness (--adaptive-sharpness) exceeds this (by more "
+    "than 2 Monte-Carlo SE for the average case)."
 )
-MinAlignment = _limit(
-    "Flag the model when |cos(ĝ, v₁)| (full-data gradient) is below this by more than --sigmas "
-    "data SE."
-)
+MinAlignment = _limit("Flag the model when |cos(ĝ, v₁)| (full-data gradient) is below this.")
 
 
 def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:
@@ -102,11 +94,12 @@ def check_command(
     sigmas: Annotated[
         float,
         typer.Option(
-            help="Standard errors (the trace's, and each figure's data standard error) that "
-            "count as its uncertainty.",
+            help="Also allow this many standard errors of each figure's spread over other "
+            "samples of this size (paired with --baseline); 0 gates the model on the data "
+            "given, with the solver's bounds only.",
             rich_help_panel=THRESHOLDS,
         ),
-    ] = 2.0,
+    ] = 0.0,
     baseline: Annotated[
         Path | None,
         typer.Option(
@@ -210,7 +203,8 @@ def check_command(
 ) -> None:
     """Gate a model on its sharpness for CI: exit 0 when every check passes, 1 when one flags it.
 
-    A check only fails when the figure is past its limit by more than its uncertainty.
+    A check only fails when the figure, measured on the data given, is past its limit by more
+    than the solver's uncertainty (--sigmas N adds N SE of its spread over other samples).
 
     Exit code 2 on bad input (one line on stderr), 130 on Ctrl-C.
 

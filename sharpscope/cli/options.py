@@ -164,16 +164,16 @@ Trace = Annotated[bool, typer.Option(help="Estimate the trace (Hutch++).", rich_
 Shards = Annotated[
     int,
     typer.Option(
-        help="Disjoint shards of the samples for each figure's data uncertainty (a jackknife: "
-        "about top-k + 11 more products); 0 = off.",
+        help="Disjoint shards of the samples for each figure's spread over other samples of "
+        "this size (a jackknife: about top-k + 11 more products); 0 = off.",
         rich_help_panel=HESSIAN,
     ),
 ]
 Bias = Annotated[
     bool,
     typer.Option(
-        help="Estimate each figure's sample-size bias by solving it on every shard (about one "
-        "more eigen-solve); the data intervals allow for it.",
+        help="Also estimate each figure's sample-size bias by solving it on every shard (about "
+        "one more eigen-solve); the spread's intervals then allow for it.",
         rich_help_panel=HESSIAN,
     ),
 ]

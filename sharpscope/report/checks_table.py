@@ -12,9 +12,10 @@ STYLE = {"pass": "green", "noise": "yellow", "fail": "bold red"}
 
 
 CAPTION = (
-    "A check fails only when the value is past its limit by more than the uncertainty: the "
-    "residual ‖Hv − λv‖ for eigenvalues, --sigmas standard errors for the trace, plus --sigmas "
-    "data standard errors (another sample of the same size)."
+    "A check fails only when the value, measured on the data given, is past its limit by more "
+    "than the solver's uncertainty: the residual ‖Hv − λv‖ for eigenvalues, 2 standard errors "
+    "for the trace's estimate; with --sigmas N, plus N standard errors of the spread over other "
+    "samples of this size (of the paired difference against a baseline)."
 )
 
 

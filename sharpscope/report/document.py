@@ -21,7 +21,7 @@ from sharpscope.analysis.alignment import Alignment
 from sharpscope.analysis.analyze import Analysis, LayerEigen
 from sharpscope.analysis.gate import GateInput, Reading
 from sharpscope.analysis.sampling import COSINES, SamplingErrors, bias_range, interval
-from sharpscope.analysis.verdict import verdict
+from sharpscope.analysis.verdict import spread_notes, verdict
 from sharpscope.curvature import DensityResult, EigenResult, TraceResult
 from sharpscope.report.json_report import dumps
 from sharpscope.report.schema import REANALYZE, SCHEMA_VERSION, NotAReport, check_report
@@ -324,6 +324,10 @@ class Sampling(Section):
     """Absent with `bias` off, or in older reports."""
     bias_factor: float | None = field(default=None, metadata=_OPTIONAL)
     """The bias under a 1/√n law over the one under 1/n (√shards + 1)."""
+    replicates: dict[str, tuple[float, ...]] | None = field(default=None, metadata=_OPTIONAL)
+    """Each gated figure without shard j, for every shard j, and the shards' ``weights``: what
+    `check --baseline --sigmas` jackknifes together with the baseline's (absent in older
+    reports, which then cannot be compared on the spread)."""
 
     @classmethod
     def of(cls, errors: SamplingErrors) -> Sampling:
@@ -344,7 +348,14 @@ class Sampling(Section):
                 tuple(b.eigenvalues), b.lambda_min, b.cos_full, b.topk_share, b.sam_sharpness
             ),
             bias_factor=None if b is None else errors.bias_factor,
+            replicates=None
+            if errors.replicates is None
+            else {key: tuple(values) for key, values in errors.replicates.items()},
         )
+
+    def replicates_of(self, metric: str) -> tuple[float, ...] | None:
+        """The delete-one-shard replicates of a gated figure (None: not stored)."""
+        return None if self.replicates is None else self.replicates.get(metric)
 
     def bias_of(self, pick: str, index: int = 0) -> tuple[float, float] | None:
         """The range of figure ``pick``'s bias (a field of :class:`SamplingBias`; ``index``: which
@@ -396,6 +407,9 @@ class AdaptiveSharpness(Section):
     n_losses: int
     seconds: float
     history: tuple[float | None, ...]
+    replicates: tuple[float, ...] | None = field(default=None, metadata=_OPTIONAL)
+    """The value without shard j, for every shard j (absent when not estimated, and in older
+    reports): what `check --baseline --sigmas` jackknifes together with the baseline's."""
 
     @classmethod
     def of(cls, result: AdaptiveSharpnessResult) -> AdaptiveSharpness:
@@ -419,6 +433,7 @@ class AdaptiveSharpness(Section):
             n_losses=result.n_losses,
             seconds=result.seconds,
             history=result.history,
+            replicates=result.replicates,
         )
 
 
@@ -519,7 +534,9 @@ class Results(Section):
             lambda_max=lam_max,
             lambda_min=LambdaMin.of(analysis.bottom),
             trace=None if trace is None else Trace.of(trace),
-            lambda_max_over_trace=lam_max / trace.estimate if trace and trace.estimate else None,
+            lambda_max_over_trace=lam_max / trace.estimate
+            if trace and trace.estimate and trace.converged
+            else None,  # not a number while the trace is not one
             density=None if analysis.density is None else Density.of(analysis.density),
             alignment=None if alignment is None else AlignmentFigures.of(alignment),
             sampling=None if analysis.sampling is None else Sampling.of(analysis.sampling),
@@ -529,7 +546,7 @@ class Results(Section):
                 for name, (steps, losses) in analysis.slices.items()
             },
             verdict=verdict(analysis),
-            notes=tuple(analysis.notes),
+            notes=tuple(analysis.notes + spread_notes(analysis)),
             curvature=analysis.curvature,
             adaptive_sharpness=None
             if analysis.adaptive_sharpness is None
@@ -591,33 +608,44 @@ class Report(Section):
         """The figures, the analysed parameters and the data settings that the CI gate reads
         (finite figures only)."""
         r, a, s = self.results, self.results.alignment, self.results.sampling
+
+        def spread(metric: str, se: float | None, bias: str | None = None) -> dict[str, Any]:
+            """The figure's data SE, bias range and replicates, as :func:`_reading` takes them."""
+            if s is None:
+                return {}
+            return {
+                "sampling": se,
+                "bias": None if bias is None else s.bias_of(bias),
+                "replicates": s.replicates_of(metric),
+            }
+
         found = {
             "lambda_max": _reading(
                 r.lambda_max,
                 r.eigenvalues.residuals[0],
-                s and s.eigenvalues[0],
-                s and s.bias_of("eigenvalues"),
+                **spread("lambda_max", s and s.eigenvalues[0], "eigenvalues"),
             ),
             "lambda_min": _reading(
                 r.lambda_min.value,
                 r.lambda_min.residual,
-                s and s.lambda_min,
-                s and s.bias_of("lambda_min"),
+                **spread("lambda_min", s and s.lambda_min, "lambda_min"),
             ),
             "trace": None
             if r.trace is None
-            else _reading(r.trace.estimate, r.trace.std_error, s and s.trace),
+            else _reading(r.trace.estimate, r.trace.std_error, **spread("trace", s and s.trace)),
             "sam_sharpness": None
             if a is None
             else _reading(
-                a.sam_sharpness, None, s and s.sam_sharpness, s and s.bias_of("sam_sharpness")
+                a.sam_sharpness,
+                None,
+                **spread("sam_sharpness", s and s.sam_sharpness, "sam_sharpness"),
             ),
             "cos_full": None
             if a is None
-            else _reading(a.cos_full, None, s and s.cos_full, s and s.bias_of("cos_full")),
+            else _reading(a.cos_full, None, **spread("cos_full", s and s.cos_full, "cos_full")),
             "adaptive_sharpness": None
             if (h := r.adaptive_sharpness) is None
-            else _reading(h.value, h.std_error, h.sampling),
+            else _reading(h.value, h.std_error, h.sampling, replicates=h.replicates),
         }
         return GateInput(
             readings={key: reading for key, reading in found.items() if reading is not None},
@@ -626,6 +654,7 @@ class Report(Section):
             parameters=tuple((p.name, p.shape) for p in r.parameters),
             data={**self.inputs.measured_on(), **_adaptive_settings(r.adaptive_sharpness)},
             curvature=r.curvature or "hessian",
+            shard_weights=s.replicates_of("weights") if s is not None else None,
         )
 
 
@@ -648,14 +677,17 @@ def _reading(
     uncertainty: float | None,
     sampling: float | None = None,
     bias: tuple[float, float] | None = None,
+    replicates: tuple[float | None, ...] | None = None,
 ) -> Reading | None:
     """A figure as the gate reads it: none when the value is null or not finite, and no
-    uncertainty (solver's or data's) or bias where it is not finite (the report would write
-    null)."""
+    uncertainty (solver's or data's), bias or replicates where not all finite (the report
+    would write null)."""
     if value is None or not math.isfinite(value):
         return None
     finite_bias = bias if bias is not None and all(map(math.isfinite, bias)) else None
-    return Reading(value, _finite(uncertainty), _finite(sampling), finite_bias)
+    finite = replicates is not None and all(r is not None and math.isfinite(r) for r in replicates)
+    kept = tuple(float(r) for r in replicates if r is not None) if finite else None
+    return Reading(value, _finite(uncertainty), _finite(sampling), finite_bias, kept)
 
 
 def _finite(value: float | None) -> float | None:

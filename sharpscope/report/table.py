@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from sharpscope.analysis.sampling import UNIT
+from sharpscope.analysis.sampling import UNIT, rounded_outward
 from sharpscope.analysis.verdict import GOOD, POOR
 from sharpscope.report.document import Inputs, Layer, Report, Results, Trace
 
@@ -26,12 +26,13 @@ HELP = {
     "bound); average: its mean over δ = ρ|w|⊙z; adaptive: invariant to rescaling layers",
     "per_layer": "λ_max: top eigenvalue of each group's own Hessian block (a module; a "
     "transformer block's one kind)",
-    "sampling": "± data, [a, b]: 95 % interval over other samples of this size from the same "
-    "data (jackknife, {shards} shards{bias})",
+    "sampling": "the figures, verdict and checks are of the data given; ± data, [a, b]: their "
+    "spread, a 95 % interval over other samples of this size from the same data (jackknife, "
+    "{shards} shards{bias})",
     "psd": "the {matrix} is positive semi-definite (the GGN for a loss convex in the outputs, "
     "as the built-in ones): λ_min ≥ 0, a negative one is 0 within its residual",
-    "no_sampling": "the figures' data uncertainty was not estimated (--shards 0): another "
-    "sample of the data may give other values",
+    "no_sampling": "the figures are of the data given; their spread over other samples was not "
+    "estimated (--shards 0): another sample of the data may give other values",
 }
 """The dim line under each table: what its figures mean, and the cut-offs (docs/report.md)."""
 MATRICES = {
@@ -139,7 +140,13 @@ def _with_interval(
     )
     if interval is None:
         return _num(value, digits)
-    return f"{_num(value, digits)} [{_num(interval[0], 2)}, {_num(interval[1], 2)}]"
+    return f"{_num(value, digits)} {_bracket(*interval)}"
+
+
+def _bracket(low: float, high: float, digits: int = 2) -> str:
+    """``[low, high]`` rounded outward, so that it holds every point the exact interval holds."""
+    low, high = rounded_outward(low, high, digits)
+    return f"[{_num(low, digits)}, {_num(high, digits)}]"
 
 
 def _curvature(results: Results) -> Table:
@@ -164,7 +171,10 @@ def _curvature(results: Results) -> Table:
             table.add_row(
                 "  over other samples (± data)", _with_interval(results, trace.estimate, s.trace, 6)
             )
-        table.add_row("λ_max / trace", _num(results.lambda_max_over_trace))
+        ratio = results.lambda_max_over_trace if trace.converged else None
+        table.add_row(
+            "λ_max / trace", _num(ratio) if trace.converged else "— (the trace did not converge)"
+        )
     if results.density is not None:
         table.add_row("density mean (trace/n)", _num(results.density.mean))
     return table
@@ -174,7 +184,8 @@ def _trace(trace: Trace) -> str:
     """``estimate ± SE (95 %: low to high)``, flagged when the trace stopped at its budget."""
     text = f"{_num(trace.estimate, 6)} ± {_num(trace.std_error, 2)}"
     if trace.interval is not None:
-        text += f" (95 %: {_num(trace.interval[0])} to {_num(trace.interval[1])})"
+        low, high = rounded_outward(*trace.interval, 4)
+        text += f" (95 %: {_num(low)} to {_num(high)})"
     return text if trace.converged else f"{text} [red]not converged[/red]"
 
 
@@ -225,7 +236,7 @@ def _adaptive(results: Results) -> Table | None:
     table.add_column(justify="right")
     shown = _num(h.value, 4)
     if h.interval is not None:
-        shown += f" [{_num(h.interval[0], 2)}, {_num(h.interval[1], 2)}]"
+        shown += f" {_bracket(*h.interval)}"
     table.add_row("L(w + δ) − L(w)", shown)
     if h.std_error is not None:
         table.add_row("  Monte-Carlo SE", f"± {h.std_error:.2g} ({h.steps} draws)")
