@@ -309,6 +309,17 @@ def test_a_trace_stopped_by_its_budget_shows_as_unconverged_with_its_interval(an
     assert "— (the trace did not converge)" in ratio
 
 
+def test_a_converged_trace_gives_its_ratio_with_lambda_max(analysed):
+    result, report = analysed
+    converged = replace(result, trace=replace(result.trace, converged=True))
+    ratio = Report.from_analysis(converged, report.inputs).results.lambda_max_over_trace
+    assert ratio == pytest.approx(result.lambda_max / result.trace.estimate)
+    console = Console(record=True, width=200)
+    console.print(render(Report.from_analysis(converged, report.inputs)))
+    row = next(line for line in console.export_text().splitlines() if "λ_max / trace" in line)
+    assert f"{ratio:.4g}" in row
+
+
 NUMBER = r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 PRINTED_INTERVALS = (
     rf"({NUMBER}) \[({NUMBER}), ({NUMBER})\]",  # a figure and its spread
