@@ -171,9 +171,9 @@ def _curvature(results: Results) -> Table:
             table.add_row(
                 "  over other samples (± data)", _with_interval(results, trace.estimate, s.trace, 6)
             )
-        ratio = results.lambda_max_over_trace if trace.converged else None
+        ratio = _num(results.lambda_max_over_trace)  # not a number while the trace is not one
         table.add_row(
-            "λ_max / trace", _num(ratio) if trace.converged else "— (the trace did not converge)"
+            "λ_max / trace", ratio if trace.converged else "— (the trace did not converge)"
         )
     if results.density is not None:
         table.add_row("density mean (trace/n)", _num(results.density.mean))
