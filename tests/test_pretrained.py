@@ -116,8 +116,11 @@ def test_every_layout_loads_identical_parameters(tmp_path, transformers, make, l
     assert next(loaded.parameters()).dtype == torch.float32
     _same_parameters(loaded, model)
     tokens = torch.tensor([[1, 5, 7, 2]])
-    with torch.no_grad():
-        assert torch.equal(loaded.eval()(tokens).logits, model(tokens).logits)
+    with torch.no_grad():  # same bits in, but tensors at another memory alignment take other
+        # vectorised paths (transformers 5.25 loads safetensors aligned to 8 bytes): rounding only
+        torch.testing.assert_close(
+            loaded.eval()(tokens).logits, model(tokens).logits, rtol=1e-6, atol=1e-7
+        )
 
 
 def test_sha256_of_one_file_is_the_files_own(tmp_path, transformers):
