@@ -26,7 +26,7 @@ from sharpscope.training.optimizers import OptimizerSettings, build_optimizer, b
 from sharpscope.training.order import DataOrder
 from sharpscope.training.plan import DEFAULTS, RunOptions, new_run, resume_run
 from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig, resumed
-from sharpscope.training.run_dir import LATEST, MODEL, STEP_KEY, TRAINER, RunDir
+from sharpscope.training.run_dir import LATEST, MARKER, MODEL, STEP_KEY, TRAINER, RunDir
 from sharpscope.training.state import (
     capture_rng,
     load_trainer_state,
@@ -329,18 +329,25 @@ def test_run_dir_keeps_the_last_checkpoints_and_points_latest_at_whole_ones(tmp_
     assert load_trainer_state(last / TRAINER)["step"] == 30
     _, checkpoint = load_model(last / MODEL)  # no spec given: it is in the metadata
     assert checkpoint.model_spec == spec and checkpoint.metadata["sharpscope.step"] == "30"
-    (folder.path / "step-000040").mkdir()  # a checkpoint a kill left renamed but not pointed at
+    stamp = (folder.path / MARKER).read_text()
+    for name in ("step-000040", ".step-000050.x1y2.tmp", "step-000060", ".step-000070.a.tmp"):
+        (folder.path / name).mkdir()
+    # a checkpoint a kill left renamed but not pointed at, and one it left half-written
     (folder.path / "step-000040" / MODEL).write_bytes(b"partial")
-    (folder.path / ".step-000050.x1y2.tmp").mkdir()  # and one it left half-written
+    (folder.path / "step-000040" / MARKER).write_text(stamp)
+    (folder.path / ".step-000050.x1y2.tmp" / MARKER).write_text(stamp)
+    # folders named so that this run did not write (no stamp, or another run's) are kept
+    (folder.path / "step-000060" / MARKER).write_text('{"run_id": "another"}')
     folder.discard_after(30)
     assert not (folder.path / "step-000040").exists()
-    assert sorted(p.name for p in folder.path.iterdir()) == ["latest", "step-000020", "step-000030"]
+    names = [".sharpscope-run", ".step-000070.a.tmp", "latest", "step-000020", "step-000030"]
+    assert sorted(p.name for p in folder.path.iterdir()) == [*names, "step-000060"]
     json.loads((folder.path / LATEST).read_text())
     with pytest.raises(InputError, match="already holds a run"):
         folder.prepare_new()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="not a sharpscope finetune run"):
+    with pytest.raises(InputError, match="is not a sharpscope run .* pass `force`"):
         RunDir(tmp_path / "other").prepare_new()
 
 

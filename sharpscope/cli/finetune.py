@@ -39,14 +39,13 @@ from sharpscope.training.plan import (
 )
 from sharpscope.training.run import Inputs, Outcome, Watch, finetune
 from sharpscope.training.run_config import DEFAULT_EPOCHS, PRECISIONS, RunConfig
-from sharpscope.training.run_dir import RunDir, model_path
+from sharpscope.training.run_dir import MARKER, PLOT, RunDir, model_path
 from sharpscope.training.selection import split_globs
 from sharpscope.training.signals import StopRequest
 
 OPTIMIZE = "Optimizer"
 TRACK = "Tracking"
 SAVE = "Checkpoints"
-PLOT = "training.png"
 
 
 def _setting(kind: type, help_text: str, panel: str, default: object) -> Any:
@@ -198,6 +197,15 @@ def finetune_command(
             show_default=False,
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help=f"Write a new run into a folder that holds other files (never over them: refused "
+            f"if a name the run writes is there); the run marks its folder with {MARKER}.",
+            rich_help_panel=SAVE,
+        ),
+    ] = False,
     save_every: _setting(
         int,
         "Write a checkpoint every N steps (and at the end or on a stop)",
@@ -287,7 +295,7 @@ def finetune_command(
         fresh = default_out()  # a collective: on every rank, before anything can fail
         with distributed.together("preparing the run"):
             if resume is None:
-                plan = new_run(checkpoint, options, out or fresh)
+                plan = new_run(checkpoint, options, out or fresh, force)
             else:
                 given = ModelSpec(model, parse_model_args(model_arg or [])) if model else None
                 plan = resume_run(resume, options, out=out, checkpoint=checkpoint, model=given)

@@ -69,7 +69,9 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def check_can_create(path: str | os.PathLike[str], what: str, folder: bool = False) -> None:
     """Raise an :class:`InputError` naming ``what`` (e.g. ``"`junit`"``) unless ``path`` can be
     written: a file path that is not a folder (with ``folder``, a folder path that is not a
-    file), under a nearest existing parent that is a writable folder. Meant for before long work."""
+    file), where a probe file can be created and deleted (in the folder ``path`` with ``folder``,
+    else in its parent; missing folders are made for the probe and removed again). Meant for
+    before long work, so that an unwritable output fails in one line instead of after it."""
     target = Path(path)
     if folder and target.is_file():
         raise InputError(f"{what} {target} is a file, not a folder; choose a folder path")
@@ -82,3 +84,24 @@ def check_can_create(path: str | os.PathLike[str], what: str, folder: bool = Fal
         raise InputError(f"{what} {target}: {parent} is a file, so nothing can be written under it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{what} {target}: the folder {parent} is not writable")
+    _probe(target if folder else target.parent, f"{what} {target}")
+
+
+def _probe(folder: Path, what: str) -> None:
+    """Create and delete a file in ``folder``, making the missing folders on its path for it and
+    removing them again; an :class:`InputError` starting with ``what`` if that fails."""
+    made: list[Path] = []
+    try:
+        for missing in reversed([folder, *folder.parents]):
+            if not missing.exists():
+                missing.mkdir()
+                made.append(missing)
+        fd, probe = tempfile.mkstemp(prefix=".sharpscope-probe.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{what}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        for created in reversed(made):
+            with contextlib.suppress(OSError):
+                created.rmdir()

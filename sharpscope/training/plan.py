@@ -132,10 +132,11 @@ def default_out() -> Path:
     return distributed.main_value(Path("runs") / f"finetune-{stamp}")
 
 
-def new_run(checkpoint: Path | None, options: RunOptions, out: Path) -> Plan:
+def new_run(checkpoint: Path | None, options: RunOptions, out: Path, force: bool = False) -> Plan:
     """A new run from ``checkpoint`` with ``options`` (:data:`DEFAULTS` where not given), in the
-    folder ``out``, which rank 0 prepares: it must be new, empty, or a run that never wrote a
-    checkpoint (nothing is overwritten)."""
+    folder ``out``, which rank 0 prepares and marks as the run's: it must be new, empty, a run
+    that never wrote a checkpoint, or with ``force`` a folder without any of the run's names
+    (see :meth:`RunDir.prepare_new`); never the checkpoint's own folder."""
     if checkpoint is None or options.data is None:
         raise InputError(
             "give a `checkpoint` and `data` for a new run, or `resume` to continue one"
@@ -146,9 +147,14 @@ def new_run(checkpoint: Path | None, options: RunOptions, out: Path) -> Plan:
     if options.rho is None:
         settings["rho"] = DEFAULT_RHO.get(settings["optimizer"], 0.0)
     config = RunConfig(checkpoint=str(checkpoint), checkpoint_sha256="", model="", **settings)
+    if checkpoint.is_dir() and out.resolve().is_relative_to(checkpoint.resolve()):
+        raise InputError(
+            f"`out` {out} is inside the `checkpoint` folder {checkpoint}, which the run would "
+            "change: choose a folder outside it"
+        )
     folder = RunDir(out)
     if distributed.is_main():
-        folder.prepare_new()
+        folder.prepare_new(force)
     return Plan(folder, config, checkpoint, None)
 
 
@@ -177,6 +183,8 @@ def resume_run(
     if model is not None:
         given["model"] = model.to_json()
     folder = RunDir(resume)
+    if distributed.is_main():
+        folder.check_resumable("`resume`")
     config = resumed(folder.read_config(), given, str(resume / CONFIG))
     found = folder.latest()
     if found is None:
