@@ -17,6 +17,7 @@ from sharpscope.analysis.analyze import Analysis, AnalyzeConfig, analyze
 from sharpscope.analysis.gate import METRICS, Reading
 from sharpscope.analysis.sampling import jackknife_se
 from sharpscope.analysis.verdict import spread_notes
+from sharpscope.io.checkpoints import file_sha256
 from sharpscope.io.eigenvectors import load_eigenvectors
 from sharpscope.report.document import Inputs, Layer, Report, read_report
 from sharpscope.report.json_report import dumps
@@ -276,7 +277,11 @@ def test_out_dir_files(analysed, cnn, tmp_path):
     }
     for png in tmp_path.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(report.dumps())
+    stored = json.loads((tmp_path / "report.json").read_text())
+    files = stored.pop("files")  # the companion files and their sha256 (a mixed set shows)
+    assert stored == json.loads(report.dumps())
+    assert files == {p.name: file_sha256(p) for p in written if p.name != "report.json"}
+    Report.from_json(json.loads((tmp_path / "report.json").read_text()))  # the schema takes it
     values, vectors = load_eigenvectors(tmp_path / "eigenvectors.safetensors")
     assert values == pytest.approx(result.top.eigenvalues.tolist())
     flat = torch.cat([t.reshape(-1) for t in vectors[0].values()])

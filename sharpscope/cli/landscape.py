@@ -17,7 +17,8 @@ from sharpscope.cli import options as opt
 from sharpscope.cli.common import DistTimeout, ProgressBars, command_scope, info
 from sharpscope.cli.loading import Loaded, check_world, load_inputs
 from sharpscope.errors import InputError
-from sharpscope.io.atomic import check_can_create, write_text_atomic
+from sharpscope.io.atomic import check_can_create
+from sharpscope.io.file_sets import replace_files
 from sharpscope.report.landscape_document import landscape_document, landscape_json
 from sharpscope.report.plots import plot_landscape
 
@@ -75,14 +76,18 @@ def run_landscape(loaded: Loaded, config: LandscapeConfig, quiet: bool) -> Lands
 
 
 def write_outputs(folder: Path, result: Landscape, loaded: Loaded) -> list[Path]:
-    """Write landscape.json and landscape.png (each atomically); return their paths."""
+    """Write landscape.json and landscape.png as one set (:func:`replace_files`: an interrupted
+    write leaves the previous pair); return their paths."""
     inputs = replace(loaded.description, config=dict(result.config.__dict__))
     document = landscape_document(result, inputs)
-    text = landscape_json(document)
-    json_path, png_path = (folder / name for name in OUTPUTS)
-    plot_landscape(document, png_path)
-    write_text_atomic(json_path, text)
-    return [json_path, png_path]
+    json_name, png_name = OUTPUTS
+
+    def write(stage: Path) -> list[str]:
+        plot_landscape(document, stage / png_name)
+        (stage / json_name).write_text(landscape_json(document), encoding="utf-8")
+        return [png_name, json_name]
+
+    return replace_files(folder, write)
 
 
 def landscape_command(

@@ -123,20 +123,23 @@ def plot_landscape(document: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+PLOTS = ("density.png", "convergence.png", "loss_slices.png")
+"""The names of the plots :func:`write_plots` may write."""
+
+
 def write_plots(report: Report, folder: Path) -> list[Path]:
-    """Write every plot the report has data for into ``folder`` and remove stale ones of an
-    earlier run; return the paths written."""
+    """Write every plot the report has data for into ``folder``; return the paths written."""
     results = report.results
-    written = []
-    jobs = [
-        ("density.png", plot_density, results.density is not None),
-        ("convergence.png", plot_convergence, bool(results.eigenvalues.history)),
-        ("loss_slices.png", plot_slices, bool(results.slices)),
+    wanted = [
+        results.density is not None,
+        bool(results.eigenvalues.history),
+        bool(results.slices),
     ]
-    for name, draw, wanted in jobs:
-        if wanted:
+    written = []
+    for name, draw, want in zip(
+        PLOTS, (plot_density, plot_convergence, plot_slices), wanted, strict=True
+    ):
+        if want:
             draw(results, folder / name)
             written.append(folder / name)
-        else:
-            (folder / name).unlink(missing_ok=True)
     return written
