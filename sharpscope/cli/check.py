@@ -25,7 +25,6 @@ from sharpscope.cli.config_file import load_config, settings_of
 from sharpscope.cli.flags import as_flags
 from sharpscope.cli.loading import Loaded, load_inputs
 from sharpscope.errors import InputError
-from sharpscope.io.atomic import check_can_create
 from sharpscope.report.baseline import (
     check_baseline_target,
     is_report_file,
@@ -37,7 +36,7 @@ from sharpscope.report.checks_table import print_checks
 from sharpscope.report.document import Report, read_report
 from sharpscope.report.github import publish
 from sharpscope.report.json_report import dumps
-from sharpscope.report.junit import write_junit
+from sharpscope.report.junit import check_junit_target, write_junit
 
 THRESHOLDS = "Thresholds"
 BASELINE = "Baseline"
@@ -278,7 +277,7 @@ def check_command(
         if update_baseline and baseline is not None:  # outputs: before a long analysis
             check_baseline_target(baseline)
         if junit is not None:
-            check_can_create(junit, "`junit`")
+            check_junit_target(junit)
         report = _report(source, data, load, analysis, quiet, thresholds)
         gated = report.gate_input()
         checks = gate(gated, thresholds, base, allow_different_data)

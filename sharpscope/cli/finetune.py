@@ -25,6 +25,7 @@ from sharpscope.cli.common import (
 from sharpscope.cli.loading import data_fingerprint, load_inputs
 from sharpscope.curvature import CURVATURES
 from sharpscope.io.models import ModelSpec, parse_model_args
+from sharpscope.io.pretrained import tokenizer_files
 from sharpscope.report.finetune_summary import summary, summary_table
 from sharpscope.report.training_plot import plot_training
 from sharpscope.report.training_progress import TrainingProgress
@@ -322,6 +323,9 @@ def finetune_command(
         )
         pretrained = loaded.checkpoint.format == "pretrained"
         config, spec = plan.loaded(loaded.checkpoint.sha256, loaded.spec, pretrained)
+        tokenizer_from = plan.weights if spec is None else None
+        if tokenizer_from is not None:
+            tokenizer_files(tokenizer_from)  # refuses links out of the folder before training
         with distributed.together("loading the validation data"):
             val = validation_data(config, loaded.data, loaded.text)
         if val is None and distributed.is_main():
@@ -339,7 +343,7 @@ def finetune_command(
             val,
             loaded.device,
             loaded.dtype,
-            tokenizer_from=plan.weights if spec is None else None,
+            tokenizer_from=tokenizer_from,
         )
         main = distributed.is_main()
         shown = not quiet and main and sys.stderr is not None

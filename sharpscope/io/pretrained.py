@@ -81,9 +81,25 @@ def _shards(index: Path) -> list[Path]:
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
-    """The files of ``folder`` that :data:`TOKENIZER_FILES` names, in name order."""
-    return sorted(
+    """The files of ``folder`` that :data:`TOKENIZER_FILES` names, in name order (they are
+    copied into outputs): a link to a file outside the folder is refused, except the Hugging Face
+    cache's links from a snapshot folder into its repository's ``blobs``."""
+    found = sorted(
         p
         for p in folder.iterdir()
         if p.is_file() and any(fnmatch.fnmatchcase(p.name, g) for g in TOKENIZER_FILES)
     )
+    for path in found:
+        if path.is_symlink() and not _inside(path.resolve(), folder.resolve()):
+            raise InputError(
+                f"{path} is a link to {path.resolve()}, outside the model folder, and finetune "
+                "copies the tokenizer files into its checkpoints: copy the file into the folder"
+            )
+    return found
+
+
+def _inside(target: Path, folder: Path) -> bool:
+    """Whether ``target`` is in ``folder``, or in the ``blobs`` of the Hugging Face cache
+    repository whose snapshot ``folder`` is."""
+    cache = folder.parent.parent / "blobs" if folder.parent.name == "snapshots" else None
+    return target.is_relative_to(folder) or (cache is not None and target.parent == cache)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from sharpscope.errors import InputError
-from sharpscope.io.atomic import write_text_atomic
+from sharpscope.io.atomic import check_can_create, write_text_atomic
 from sharpscope.report.document import Report, read_report
 from sharpscope.report.schema import NotAReport
 
@@ -44,7 +44,9 @@ def read_baseline(path: Path) -> Report:
 
 def check_baseline_target(path: Path) -> None:
     """Refuse to make ``path`` the baseline when it holds something other than a sharpscope
-    report (a report of another schema version, or a broken one, is replaced)."""
+    report (a report of another schema version, or a broken one, is replaced), or that cannot be
+    written."""
+    check_can_create(path, "`baseline`")
     if path.exists():
         try:
             read_report(path)
