@@ -10,8 +10,16 @@ from test_check import FAST, check, make_checkpoint, one_error_line
 from typer.testing import CliRunner
 
 import sharpscope.cli.analyze as analyze_module
+import sharpscope.cli.check as check_module
+import sharpscope.cli.finetune as finetune_module
+import sharpscope.cli.landscape as landscape_module
 from sharpscope.cli.app import app
+from sharpscope.errors import InputError
 from sharpscope.io.architectures import mlp
+from sharpscope.io.atomic import check_can_create
+
+UNWRITABLE = Path("/proc/x")
+"""A folder that cannot be made even by root (the permission checks pass, the write fails)."""
 
 
 @pytest.fixture
@@ -52,6 +60,55 @@ def test_junit_under_a_regular_file(tmp_path, no_analysis):
     target = tmp_path / "file" / "checks.xml"
     result = check(make_checkpoint(tmp_path), *FAST, "--max-eigenvalue", 9, "--junit", target)
     one_error_line(result, "--junit", "is a file, so nothing can be written under it")
+
+
+@pytest.fixture
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading the inputs fail the test: the refusal must come before it."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the inputs were loaded before the bad output was refused")
+
+    for module in (analyze_module, check_module, finetune_module, landscape_module):
+        monkeypatch.setattr(module, "load_inputs", refuse)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (("analyze", "{ckpt}", *FAST, "--out", UNWRITABLE), "--out"),
+        (("landscape", "{ckpt}", "--data", "digits", "--out", UNWRITABLE), "--out"),
+        (("finetune", "{ckpt}", "--data", "digits", "--out", UNWRITABLE), "--out"),
+        (("demo", "--out", UNWRITABLE), "--out"),
+        (
+            ("check", "{ckpt}", *FAST, "--max-eigenvalue", 9, "--junit", UNWRITABLE / "j.xml"),
+            "--junit",
+        ),
+        (
+            ("check", "{ckpt}", *FAST, "--baseline", UNWRITABLE / "b.json", "--update-baseline"),
+            "--baseline",
+        ),
+    ],
+)
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(
+    tmp_path, no_loading, monkeypatch, args, flag
+):
+    """Each output is probed (a file created and deleted there) before any work: no raw
+    FileNotFoundError after the analysis."""
+    monkeypatch.setattr("sharpscope.cli.demo.fit", lambda *a, **k: pytest.fail("demo trained"))
+    ckpt = make_checkpoint(tmp_path)
+    line = [str(ckpt) if a == "{ckpt}" else str(a) for a in args]
+    result = CliRunner().invoke(app, line)
+    one_error_line(result, f"{flag} {UNWRITABLE}", "cannot write there")
+
+
+def test_the_probe_removes_the_folders_it_made(tmp_path):
+    check_can_create(tmp_path / "a" / "b" / "out", "`out`", folder=True)
+    check_can_create(tmp_path / "c" / "checks.xml", "`junit`")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match="cannot write there"):
+        check_can_create(UNWRITABLE / "a", "`out`", folder=True)
 
 
 def test_torchscript_with_forward_over_reverse(tmp_path):

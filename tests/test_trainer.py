@@ -347,7 +347,7 @@ def test_run_dir_keeps_the_last_checkpoints_and_points_latest_at_whole_ones(tmp_
         folder.prepare_new()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="is not a sharpscope run .* pass `force`"):
+    with pytest.raises(InputError, match=r"is not a sharpscope run .* pass `force`"):
         RunDir(tmp_path / "other").prepare_new()
 
 
