@@ -5,6 +5,7 @@ a refusal is one ``error:`` line and exit 2, before any work."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -176,19 +177,23 @@ def test_an_interrupted_analyze_out_leaves_the_previous_set(checkpoint, tmp_path
 def test_a_new_analyze_set_lists_its_files_and_drops_only_its_own_old_ones(checkpoint, tmp_path):
     out = tmp_path / "out"
     assert analyze_out(checkpoint, out, "--density").exit_code == 0
+    (out / "density.png").write_text("mine now")  # no longer the file the report lists
     (out / "notes.png").write_text("mine")
     report = json.loads((out / "report.json").read_text())
-    report["files"]["notes.png"] = "0" * 64  # a report naming a user's file does not remove it
+    # a report naming another file, even with its right sha256, does not remove it
+    report["files"]["notes.png"] = hashlib.sha256(b"mine").hexdigest()
     (out / "report.json").write_text(json.dumps(report))
-    snap = Snapshot(out / "notes.png")
+    snap = Snapshot(out / "notes.png", out / "density.png")
     assert analyze_out(checkpoint, out).exit_code == 0  # no --density this time
-    assert not (out / "density.png").exists()  # the old set's, as its report listed it
     assert set(json.loads((out / "report.json").read_text())["files"]) == {
         "eigenvectors.safetensors",
         "convergence.png",
         "loss_slices.png",
     }
     snap.assert_unchanged()
+    assert analyze_out(checkpoint, out, "--density").exit_code == 0
+    assert analyze_out(checkpoint, out).exit_code == 0
+    assert not (out / "density.png").exists()  # the previous set's, as its report listed it
 
 
 def test_an_interrupted_landscape_out_leaves_the_previous_pair(checkpoint, tmp_path, monkeypatch):
