@@ -93,7 +93,8 @@ class RunDir:
         marker = self.marker()
         if marker is None or folder.is_symlink():
             return False
-        if folder.name in marker.get("adopted", []):
+        adopted = marker.get("adopted")
+        if isinstance(adopted, list) and folder.name in adopted:
             return True
         stamp = folder / MARKER
         try:
