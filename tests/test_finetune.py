@@ -367,7 +367,10 @@ def test_a_new_run_never_overwrites(
     )
     empty = tmp_path / "nothing"
     empty.mkdir()
-    one_error(CliRunner().invoke(app, ["finetune", "--resume", str(empty)]), "config.json")
+    one_error(
+        CliRunner().invoke(app, ["finetune", "--resume", str(empty)]),
+        "not the folder of a sharpscope finetune run",
+    )
 
 
 def test_resuming_a_missing_folder_says_it_does_not_exist(tmp_path: Path):
