@@ -16,7 +16,7 @@ from sharpscope.io.data_files import LABEL_FIELDS, MODEL_FIELDS, language_model_
 from sharpscope.io.data_sources import ALL, Source, Table, named_splits, single_split, to_tensor
 from sharpscope.io.load_errors import first_line
 from sharpscope.io.losses import IGNORE_INDEX
-from sharpscope.io.optional import require
+from sharpscope.io.optional import require_offline
 from sharpscope.io.text_tables import Records, text_table
 from sharpscope.io.tokenizer import TextSpec
 
@@ -31,7 +31,7 @@ def is_datasets_folder(path: Path) -> bool:
 
 def datasets_source(path: Path, name: str, spec: TextSpec) -> Source:
     """The Dataset or DatasetDict in ``path``; a DatasetDict's splits are ``split``'s choices."""
-    datasets = require("datasets", f"reading the datasets folder {name}")
+    datasets = require_offline("datasets", f"reading the datasets folder {name}")
     try:
         loaded = datasets.load_from_disk(str(path))
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -10,7 +10,7 @@ from typing import Any
 
 from sharpscope.errors import InputError
 from sharpscope.io.load_errors import first_line
-from sharpscope.io.optional import require
+from sharpscope.io.optional import require_offline
 from sharpscope.io.pretrained import CONFIG
 
 TOKENIZER_FILES = (
@@ -61,7 +61,7 @@ def load_tokenizer(folder: Path | None, data: str) -> Any:
             "(tokenizer.json, vocab.txt, ...), or pre-tokenize the data (input_ids, "
             "attention_mask, labels)"
         )
-    transformers = require("transformers", f"tokenizing {data}")
+    transformers = require_offline("transformers", f"tokenizing {data}")
     try:
         return transformers.AutoTokenizer.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=False

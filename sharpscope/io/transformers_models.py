@@ -3,14 +3,15 @@
 as such a folder.
 
 transformers is optional (``pip install "sharpscope[hf]"``) and imported only here, when a
-folder is loaded. Nothing is downloaded and no code from the folder is run: the class is the
-config's ``architectures`` entry as transformers itself defines it, else ``AutoModel``'s.
+folder is loaded, with the Hugging Face libraries' offline switches set. Nothing is downloaded and
+no code from the folder is run: the class is the config's ``architectures`` entry as transformers
+itself defines it, else ``AutoModel``'s; no Hub kernel is loaded (``use_kernels=False``), and the
+attention is torch's own whatever the config asks for (:func:`_torch_attention`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping
@@ -23,8 +24,12 @@ from torch import nn
 
 from sharpscope.errors import InputError
 from sharpscope.io.load_errors import few, first_line
-from sharpscope.io.optional import INSTALL
+from sharpscope.io.optional import require_offline
 from sharpscope.io.pretrained import CONFIG, tokenizer_files
+
+TORCH_ATTENTION = ("sdpa", "eager")
+"""The attention implementations a model is built with: torch's own, twice differentiable (the
+curvature engine runs sdpa on its math kernel, :mod:`sharpscope.curvature.attention`)."""
 
 
 def build_pretrained(folder: Path, state: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -33,6 +38,7 @@ def build_pretrained(folder: Path, state: Mapping[str, torch.Tensor]) -> nn.Modu
     transformers = _import_transformers(folder)
     with _quiet(transformers):
         config = _config(transformers, folder)
+        _torch_attention(config, folder)
         model_class = _model_class(transformers, folder, config)
         try:
             model, info = model_class.from_pretrained(
@@ -41,6 +47,7 @@ def build_pretrained(folder: Path, state: Mapping[str, torch.Tensor]) -> nn.Modu
                 state_dict=dict(state),
                 dtype=_dtype(state),
                 local_files_only=True,
+                use_kernels=False,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported in the loading info, then refused
             )
@@ -63,13 +70,9 @@ def save_pretrained_folder(folder: Path, model: Any, tokenizer_from: Path | None
 
 
 def _import_transformers(folder: Path) -> ModuleType:
-    try:
-        return importlib.import_module("transformers")
-    except ImportError as exc:
-        raise InputError(
-            f"{folder} is a Hugging Face save_pretrained folder, and loading it needs "
-            f"transformers, which is not installed: {INSTALL}"
-        ) from exc
+    return require_offline(
+        "transformers", f"{folder} is a Hugging Face save_pretrained folder, and loading it"
+    )
 
 
 def _config(transformers: ModuleType, folder: Path) -> Any:
@@ -83,6 +86,27 @@ def _config(transformers: ModuleType, folder: Path) -> Any:
             f"transformers {transformers.__version__} cannot read {folder / CONFIG} "
             f"({first_line(exc)}); a model type it does not know needs a newer transformers"
         ) from exc
+
+
+def _torch_attention(config: Any, folder: Path) -> None:
+    """Build the model with torch's own attention (:data:`TORCH_ATTENTION`) whatever its config
+    asks for: a Hub kernel (``org/repo``) would be downloaded and run, and flash or flex
+    attention has no second derivative, which the Hessian needs. Every implementation computes
+    the same function, so another one named is replaced by transformers' default (sdpa, else
+    eager), saying so."""
+    configs = [config, *(getattr(config, key, None) for key in config.sub_configs)]
+    named = {getattr(c, "_attn_implementation", None) for c in configs if c is not None}
+    others = sorted(str(name) for name in named - {None, *TORCH_ATTENTION})
+    if others:
+        warnings.warn(
+            f"{folder / CONFIG} asks for the attention implementation {', '.join(others)}; "
+            "sharpscope builds the model with torch's own attention instead (sdpa, else eager): "
+            "the same function, with the second derivatives the Hessian needs, and nothing "
+            "downloaded",
+            UserWarning,
+            stacklevel=4,
+        )
+        config._attn_implementation = None
 
 
 def _model_class(transformers: ModuleType, folder: Path, config: Any) -> Any:
