@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
-import codecs
-import pickle
 import re
 from functools import partial
 from itertools import chain
@@ -17,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from sharpscope.errors import InputError
+from sharpscope.io.cifar_pickle import load_cifar_pickle
 from sharpscope.io.data_sources import (
     ALL,
     SPLIT_ORDER,
@@ -46,59 +44,6 @@ def folder_source(path: Path, name: str) -> Source:
 
 # --- CIFAR ---------------------------------------------------------------------------------------
 
-_BUILTINS = ("bytes", "bytearray", "dict", "list", "tuple", "set", "frozenset", "int", "float")
-_ALLOWED: dict[tuple[str, str], Any] = {
-    **{
-        (m, "_reconstruct"): np.zeros(0).__reduce__()[0]
-        for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-    },
-    **{
-        (m, "scalar"): np.float64(0).__reduce__()[0]
-        for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-    },
-    **{
-        (m, "_frombuffer"): np.zeros(0).__reduce_ex__(5)[0]
-        for m in ("numpy.core.numeric", "numpy._core.numeric")
-    },
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,
-    **{(m, n): getattr(builtins, n) for m in ("builtins", "__builtin__") for n in _BUILTINS},
-}
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickles plain data and numpy arrays only: any other global is refused."""
-
-    def __init__(self, file: Any, where: Path) -> None:
-        super().__init__(file, encoding="bytes")
-        self.where = where
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = _ALLOWED.get((module, name))
-        if allowed is None:
-            raise InputError(
-                f"refusing to unpickle {self.where}: it asks for {module}.{name}, which a CIFAR "
-                "file never holds; use CIFAR files from a trusted source"
-            )
-        return allowed
-
-
-def _unpickle(path: Path) -> dict[str, Any]:
-    """A CIFAR pickle as a dict with str keys, read by the restricted unpickler."""
-    try:
-        with path.open("rb") as f:
-            loaded = _CifarUnpickler(f, path).load()
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(
-            f"cannot read {path} as a CIFAR pickle ({one_line(exc)}); re-extract the archive"
-        ) from exc
-    if not isinstance(loaded, dict):
-        raise InputError(f"{path} is not a CIFAR file (it holds a {type(loaded).__name__})")
-    return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v for k, v in loaded.items()}
-
 
 def _cifar10_train_files(root: Path) -> list[Path]:
     files = [p for p in root.glob("data_batch_*") if re.fullmatch(r"data_batch_\d+", p.name)]
@@ -112,7 +57,7 @@ def _cifar_source(root: Path, name: str, kind: int) -> Source:
     else:
         files = {"train": [root / "train"], "test": [root / "test"]}
         labels, meta, names = "fine_labels", root / "meta", "fine_label_names"
-    num_classes = len(_unpickle(meta).get(names, range(kind))) if meta.is_file() else kind
+    num_classes = len(load_cifar_pickle(meta).get(names, range(kind))) if meta.is_file() else kind
     present = {s: fs for s, fs in files.items() if fs and all(f.is_file() for f in fs)}
     tables = {s: partial(_cifar_table, fs, labels, num_classes) for s, fs in present.items()}
     return named_splits(f"CIFAR-{kind} {name}", tables)
@@ -130,15 +75,25 @@ def _scaled_pair(x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _cifar_arrays(path: Path, labels_key: str) -> tuple[Tensor, Tensor]:
-    batch = _unpickle(path)
-    data, labels = batch.get("data"), batch.get(labels_key)
+    batch = load_cifar_pickle(path)
+    data, labels = batch.get("data"), _labels(batch.get(labels_key))
     ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
     if not ok or data.shape[1] != 3072 or labels is None or len(labels) != len(data):
         raise InputError(
             f"{path} is not a CIFAR batch: expected 'data' (N x 3072 uint8) and {labels_key!r} "
             f"(N labels); found keys {', '.join(batch)}"
         )
-    return torch.from_numpy(data.copy()), torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    return torch.from_numpy(data.copy()), torch.from_numpy(labels)
+
+
+def _labels(value: Any) -> np.ndarray | None:
+    """A CIFAR file's labels (a list of ints, or an integer array) as a 1-D int64 array; None
+    for anything else."""
+    try:
+        labels = np.asarray(value, dtype=np.int64) if value is not None else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return labels if labels is not None and labels.ndim == 1 else None
 
 
 # --- image folders -------------------------------------------------------------------------------
