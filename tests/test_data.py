@@ -227,7 +227,8 @@ class NotATensor:
 def test_torch_file_with_python_objects_is_refused(tmp_path):
     torch.save({"x": torch.ones(2), "y": torch.ones(2), "extra": NotATensor()}, tmp_path / "o.pt")
     message = error(str(tmp_path / "o.pt"))
-    assert "NotATensor object, which torch.load(weights_only=True) refuses" in message
+    assert "a Python object (test_data.NotATensor) that sharpscope will not unpickle" in message
+    assert "save tensors or dicts of tensors" in message
 
 
 def test_nan_and_inf_are_refused_with_the_sample(tmp_path):

@@ -26,6 +26,7 @@ from sharpscope.io.data_sources import (
     to_tensor,
 )
 from sharpscope.io.losses import IGNORE_INDEX
+from sharpscope.io.npz_limits import BoundedNpz
 from sharpscope.io.user_code import one_line
 
 INPUT_KEYS = ("inputs", "x", "X", "data", "images", "features")
@@ -46,7 +47,7 @@ def file_source(path: Path, name: str) -> Source:
     kind = _detect(path)
     if kind == "npz":
         with _read_npz(path, name) as npz:
-            return mapping_source(npz, name)
+            return mapping_source(BoundedNpz(npz, name), name)
     if kind == "safetensors":
         return mapping_source(_read_safetensors(path, name), name)
     if kind == "torch":
@@ -240,14 +241,15 @@ def _read_torch(path: Path, name: str) -> Mapping[str, Any]:
         mmap = zipfile.is_zipfile(path)
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:  # torch's message is many lines: keep the gist
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        found = re.search(r"GLOBAL (\S+)", str(exc))
         if found is None:
             raise InputError(
                 f"cannot read {name} with torch.load; the file is damaged or not a torch file"
             ) from exc
         raise InputError(
-            f"{name} holds a {found[1]} object, which torch.load(weights_only=True) refuses; "
-            "save plain tensors: torch.save({'inputs': x, 'targets': y}, path)"
+            f"{name} holds a Python object ({found[1]}) that sharpscope will not unpickle: "
+            "unpickling can run any code, so data files are read as tensors only; save tensors "
+            "or dicts of tensors: torch.save({'inputs': x, 'targets': y}, path)"
         ) from exc
     except Exception as exc:
         raise _unreadable(name, "torch.load", exc) from exc

@@ -5,6 +5,7 @@ takes are read from the memory-mapped Arrow files."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from sharpscope.io.tokenizer import TextSpec
 
 DICT_FILE = "dataset_dict.json"
 DATASET_FILES = ("dataset_info.json", "state.json")
+_REWRITE = "write it again with save_to_disk"
 
 
 def is_datasets_folder(path: Path) -> bool:
@@ -32,6 +34,7 @@ def is_datasets_folder(path: Path) -> bool:
 def datasets_source(path: Path, name: str, spec: TextSpec) -> Source:
     """The Dataset or DatasetDict in ``path``; a DatasetDict's splits are ``split``'s choices."""
     datasets = require_offline("datasets", f"reading the datasets folder {name}")
+    _check_contained(path, name)
     try:
         loaded = datasets.load_from_disk(str(path))
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -54,6 +57,48 @@ def datasets_source(path: Path, name: str, spec: TextSpec) -> Source:
         return source.open(split)
 
     return Source(name, source.splits, open_split)
+
+
+def _check_contained(path: Path, name: str) -> None:
+    """Refuse a folder whose json files name (or whose links lead to) a file or split folder
+    outside it, before datasets reads anything: save_to_disk writes plain names."""
+    root = path.resolve()
+    if (path / DICT_FILE).is_file():
+        splits = _json(path / DICT_FILE, root, name).get("splits")
+        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+            raise InputError(f"{name}: {DICT_FILE} has no list of split names; {_REWRITE}")
+        folders = [path / split for split in splits]
+    else:
+        folders = [path]
+    for folder in folders:
+        _inside(folder, root, name)
+        _inside(folder / DATASET_FILES[0], root, name)
+        entries = _json(folder / DATASET_FILES[1], root, name).get("_data_files")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise InputError(f"{name}: {folder / DATASET_FILES[1]} lists no data files; {_REWRITE}")
+        for entry in entries:
+            _inside(folder / str(entry.get("filename")), root, name)
+
+
+def _inside(path: Path, root: Path, name: str) -> None:
+    target = path.resolve()
+    if not target.is_relative_to(root):
+        raise InputError(
+            f"{name} names {path}, which leads outside the folder (to {target}); a datasets "
+            f"folder reads only its own files: {_REWRITE}"
+        )
+
+
+def _json(path: Path, root: Path, name: str) -> dict[str, Any]:
+    """A json file of the folder, checked to be inside it, as a dict."""
+    _inside(path, root, name)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"datasets cannot read {name} ({first_line(exc)}); {_REWRITE}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{name}: {path} does not hold a json object; {_REWRITE}")
+    return data
 
 
 def dataset_table(dataset: Any, name: str, spec: TextSpec) -> Table:

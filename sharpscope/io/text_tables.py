@@ -1,6 +1,10 @@
 """Rows of text fields as model inputs: tokenized with the model's tokenizer, only the rows a run
 takes, padded to the longest of them and truncated to the model's length; labels as class ids
-(names through the config's ``label2id``) or regression values."""
+(names through the config's ``label2id``) or regression values.
+
+A text is cut to :data:`CHARS_PER_TOKEN` characters per token of that length before the tokenizer
+sees it: tokenizers work on the whole text before truncating, and one 10 MB line took 2 GB and
+more than a minute."""
 
 from __future__ import annotations
 
@@ -17,6 +21,13 @@ from sharpscope.io.data_files import MODEL_FIELDS, language_model_labels
 from sharpscope.io.data_sources import Table, class_count, to_tensor
 from sharpscope.io.load_errors import few
 from sharpscope.io.tokenizer import TextSpec, label_ids, load_tokenizer, max_length
+
+CHARS_PER_TOKEN = 32
+"""Characters kept per token of the longest input. Text averages about 4 characters a token, so
+only text whose tokens average more than 32 characters (long runs of spaces, words the tokenizer
+reads as one unknown token) is cut shorter than the tokenizer would cut it."""
+UNSET_TOKENS = 65_536
+"""The length the cut assumes when neither ``max_length`` nor the model's positions say one."""
 
 
 @dataclass(frozen=True)
@@ -45,10 +56,11 @@ def text_table(records: Records, spec: TextSpec) -> Table:
     labels, num_classes = _labels(records, spec) if spec.label_field else (None, None)
     tokenizer = load_tokenizer(spec.tokenizer, records.name)
     length = max_length(spec, tokenizer)
+    chars = CHARS_PER_TOKEN * (length or UNSET_TOKENS)
 
     def take(idx: Tensor) -> tuple[Any, Tensor]:
         rows = idx.tolist()
-        texts = [_texts(records, name, rows) for name in names]
+        texts = [[text[:chars] for text in _texts(records, name, rows)] for name in names]
         encoded = tokenizer(
             *texts,
             padding="longest",
