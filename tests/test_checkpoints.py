@@ -239,7 +239,7 @@ def files(tmp_path_factory, model, batch) -> dict[str, Path]:
 )
 def test_format_from_content_not_suffix(files, model, batch, kind, container, fmt):
     assert detect_format(files[kind]) == container
-    loaded, ckpt = load_model(files[kind], SPEC)
+    loaded, ckpt = load_model(files[kind], SPEC, trust_code=kind == "torchscript")
     assert ckpt.format == fmt and fmt in FORMATS
     _same(loaded, model, batch[0])
 
@@ -260,7 +260,7 @@ def test_torchscript_hessian_matches_eager(tmp_path, model, batch, kind):
     path = tmp_path / "model.pt"
     compiled = torch.jit.script(model) if kind == "script" else torch.jit.trace(model, batch[0])
     torch.jit.save(compiled, path)
-    loaded, ckpt = load_model(path, ModelSpec("ignored-for-whole-modules"))
+    loaded, ckpt = load_model(path, ModelSpec("ignored-for-whole-modules"), trust_code=True)
     assert ckpt.format == "torchscript" and ckpt.state_dict is None
     torch.testing.assert_close(_hvp(loaded, batch), _hvp(model, batch), rtol=1e-6, atol=1e-7)
 
@@ -307,10 +307,10 @@ def test_graphs_fixed_in_training_mode_are_refused(tmp_path, model, batch):
     torch.export.save(torch.export.export(train, (batch[0],)), tmp_path / "train.pt2")
     for name, how in [("trace.pt", "torch.jit.trace"), ("train.pt2", "torch.export.export")]:
         with pytest.raises(InputError) as excinfo:
-            read_checkpoint(tmp_path / name)
+            read_checkpoint(tmp_path / name, trust_code=name == "trace.pt")
         error_message(excinfo, name, "training mode", "batch_norm", f"model.eval() before {how}")
     torch.jit.save(torch.jit.script(train), tmp_path / "script.pt")  # mode stays switchable
-    assert read_checkpoint(tmp_path / "script.pt").format == "torchscript"
+    assert read_checkpoint(tmp_path / "script.pt", trust_code=True).format == "torchscript"
 
 
 def test_batchnorm_without_running_statistics_is_not_refused(tmp_path, batch):
@@ -318,7 +318,7 @@ def test_batchnorm_without_running_statistics_is_not_refused(tmp_path, batch):
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False)).eval()
     torch.jit.save(torch.jit.trace(model, batch[0]), tmp_path / "trace.pt")
     torch.export.save(torch.export.export(model, (batch[0],)), tmp_path / "export.pt2")
-    assert read_checkpoint(tmp_path / "trace.pt").format == "torchscript"
+    assert read_checkpoint(tmp_path / "trace.pt", trust_code=True).format == "torchscript"
     assert read_checkpoint(tmp_path / "export.pt2").format == "export"
 
 
@@ -422,7 +422,7 @@ def test_truncated_files(tmp_path, files, kind, keep):
     data = files[kind].read_bytes()
     path = _write_bytes(tmp_path / f"cut{files[kind].suffix}", data[: int(len(data) * keep)])
     with pytest.raises(InputError) as excinfo:
-        read_checkpoint(path)
+        read_checkpoint(path, trust_code=True)
     error_message(excinfo, path.name)
 
 

@@ -195,7 +195,7 @@ FORMATS = [
     pytest.param("wrapped.pt", "state_dict", MLP16, id="wrapped-module-prefix"),
     pytest.param("ours.safetensors", "safetensors", [], id="safetensors-with-spec"),
     pytest.param("plain.safetensors", "safetensors", MLP16, id="plain-safetensors"),
-    pytest.param("scripted.pt", "torchscript", [], id="torchscript"),
+    pytest.param("scripted.pt", "torchscript", ["--trust-code"], id="torchscript-trusted"),
     pytest.param("exported.pt2", "export", [], id="torch-export-pt2"),
     pytest.param("pickled.pt", "module", ["--trust-pickle"], id="pickled-module-trusted"),
 ]
@@ -548,14 +548,16 @@ def test_per_layer_gives_one_entry_per_module(made):
         assert layer["converged"]
 
 
-@pytest.mark.parametrize("name", ["ours.safetensors", "scripted.pt"])
-def test_per_layer_names_each_modules_type(made, name):
-    results = report(made / name, "--no-trace", "--per-layer")["results"]
+@pytest.mark.parametrize(
+    ("name", "extra"), [("ours.safetensors", []), ("scripted.pt", ["--trust-code"])]
+)
+def test_per_layer_names_each_modules_type(made, name, extra):
+    results = report(made / name, *extra, "--no-trace", "--per-layer")["results"]
     assert {layer["name"]: layer["module_type"] for layer in results["per_layer"]} == {
         "1": "Linear",
         "3": "Linear",
     }
-    table = succeed(analyze(made / name, "--no-trace", "--per-layer")).stdout
+    table = succeed(analyze(made / name, *extra, "--no-trace", "--per-layer")).stdout
     cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.splitlines()]
     assert ["1", "Linear", "1,040"] in [row[:3] for row in cells]
 

@@ -115,7 +115,7 @@ def test_torchscript_with_forward_over_reverse(tmp_path):
     model = mlp(hidden=(16,)).eval()
     path = tmp_path / "scripted.pt"
     torch.jit.script(model).save(str(path))
-    result = analyze(path, *FAST, "--backend", "forward-over-reverse")
+    result = analyze(path, *FAST, "--trust-code", "--backend", "forward-over-reverse")
     one_error_line(result, "--backend forward-over-reverse", "TorchScript", "double-backward")
 
 

@@ -14,6 +14,7 @@ FLAGS: dict[str, str] = {
     "model": "--model",
     "model_args": "--model-arg",
     "trust_pickle": "--trust-pickle",
+    "trust_code": "--trust-code",
     "state_prefix": "--state-prefix",
     "data": "--data",
     "split": "--split",
@@ -71,6 +72,7 @@ FLAGS: dict[str, str] = {
     "out": "--out",
     "force": "--force",
     "junit": "--junit",
+    "config": "--config",
     # finetune (sharpscope.training: RunConfig, RunOptions, the run planner and the run folder)
     "val_data": "--val-data",
     "optimizer": "--optimizer",

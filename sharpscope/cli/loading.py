@@ -97,6 +97,7 @@ def load_inputs(
     model: str | None = None,
     model_args: list[str] | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     state_prefix: str | None = None,
     split: str = "train",
     samples: int | None = None,
@@ -128,7 +129,11 @@ def load_inputs(
         if spec is None and model_args:
             raise InputError("--model-arg needs --model (the factory the arguments are for)")
         net, ckpt = load_model(
-            checkpoint, spec, trust_pickle=trust_pickle, state_prefix=state_prefix
+            checkpoint,
+            spec,
+            trust_pickle=trust_pickle,
+            state_prefix=state_prefix,
+            trust_code=trust_code,
         )
         net = net.to(device=torch_device, dtype=torch_dtype)
         folder = tokenizer or checkpoint

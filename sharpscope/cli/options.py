@@ -24,9 +24,9 @@ DTYPE, DEVICE = "float32", "auto"
 Checkpoint = Annotated[
     Path,
     typer.Argument(
-        help="Model checkpoint: state dict (.pt/.pth/.bin), .safetensors, TorchScript, "
-        "torch.export .pt2, a pickled module (with --trust-pickle), or a Hugging Face "
-        "save_pretrained folder (needs sharpscope\\[hf]).",
+        help="Model checkpoint: state dict (.pt/.pth/.bin), .safetensors, torch.export .pt2, "
+        "TorchScript (with --trust-code), a pickled module (with --trust-pickle), or a Hugging "
+        "Face save_pretrained folder (needs sharpscope\\[hf]).",
         show_default=False,
         metavar="CHECKPOINT",
     ),
@@ -65,6 +65,18 @@ TrustPickle = Annotated[
         "--trust-pickle",
         help="Allow checkpoints that hold arbitrary pickled Python objects. Unpickling runs code: "
         "only for files you trust.",
+        rich_help_panel=LOAD,
+    ),
+]
+TrustCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Allow code that comes from inside a file to be imported or run: a TorchScript "
+        "archive (its code runs as it loads and can write files), a .pt2 graph calling more than "
+        "tensor computations, a model spec stored in a checkpoint or run folder that names code "
+        "rather than a built-in model, and code specs from a config file found by search. Only "
+        "for files you trust.",
         rich_help_panel=LOAD,
     ),
 ]

@@ -4,10 +4,12 @@ The format is told from the file's content, never its suffix: safetensors (an 8-
 length, then a JSON header), a ``torch.save`` zip or legacy pickle, a TorchScript archive, or a
 ``torch.export`` ``.pt2`` archive; a folder is a Hugging Face ``save_pretrained`` folder
 (:mod:`sharpscope.io.pretrained`). Nothing is unpickled beyond tensors unless the caller trusts
-the file (``trust_pickle``). Every failure raises :class:`~sharpscope.errors.InputError` with a
-one-line message that names the file, the problem and the fix. TorchScript and ``.pt2``
-archives are loaded by :mod:`sharpscope.io.compiled`; weights are fitted to a model by
-:mod:`sharpscope.io.state_dicts`, or given to transformers by
+the file (``trust_pickle``), and no code the file names or holds is imported or run unless the
+caller trusts it (``trust_code``): a stored model spec may name only a built-in architecture,
+and TorchScript archives load only then. Every failure raises
+:class:`~sharpscope.errors.InputError` with a one-line message that names the file, the problem
+and the fix. TorchScript and ``.pt2`` archives are loaded by :mod:`sharpscope.io.compiled`;
+weights are fitted to a model by :mod:`sharpscope.io.state_dicts`, or given to transformers by
 :mod:`sharpscope.io.transformers_models` (imported only then: transformers is optional).
 """
 
@@ -62,6 +64,14 @@ _TORCH_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _MAX_SAFETENSORS_HEADER = 100_000_000
 
 
+@dataclass(frozen=True)
+class Trust:
+    """What the caller allows a file to do: be unpickled beyond tensors, run its code."""
+
+    pickle: bool = False
+    code: bool = False
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint as read: its weights (``state_dict``) or whole model (``module``), the model
@@ -73,19 +83,25 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor] | None = None
     module: nn.Module | None = None
     model_spec: ModelSpec | None = None
+    """The spec stored in the file: untrusted (:func:`load_model` builds it only if it names a
+    built-in architecture, or with ``trust_code``)."""
     metadata: dict[str, str] = field(default_factory=dict)
     sha256: str = ""
     stripped_prefix: str = ""
     """Key prefix removed from every weight name (``module.`` of DataParallel, ``model.``)."""
 
 
-def read_checkpoint(path: str | os.PathLike[str], trust_pickle: bool = False) -> Checkpoint:
+def read_checkpoint(
+    path: str | os.PathLike[str], trust_pickle: bool = False, trust_code: bool = False
+) -> Checkpoint:
     """Read a checkpoint of any supported format; ``trust_pickle`` allows unpickling arbitrary
-    Python objects such as a whole pickled model (it can run code: only for trusted files)."""
+    Python objects such as a whole pickled model, ``trust_code`` running the code a compiled
+    model holds (TorchScript; a .pt2 graph calling more than computations). Both can run any
+    code: only for trusted files."""
     source = _existing(path)
     if source.is_dir():
         return _read_folder(source, trust_pickle)
-    checkpoint = _READERS[detect_format(source)](source, trust_pickle)
+    checkpoint = _READERS[detect_format(source)](source, Trust(trust_pickle, trust_code))
     return replace(checkpoint, sha256=file_sha256(source))
 
 
@@ -94,14 +110,17 @@ def load_model(
     spec: ModelSpec | None = None,
     trust_pickle: bool = False,
     state_prefix: str | None = None,
+    trust_code: bool = False,
 ) -> tuple[nn.Module, Checkpoint]:
     """The model a checkpoint holds: its own module (``spec`` is then ignored), or the model built
     from ``spec`` (else the file's stored spec, else a ``pretrained`` folder's config) with the
     file's weights loaded strictly, in their floating-point dtype (float32 at least for a
     folder). The weights are those whose names, less one key prefix, are the model's names
     (:func:`~sharpscope.io.state_dicts.fit_prefix`: a Lightning ``.ckpt`` of a module holding
-    the network as ``self.net``), or those under ``state_prefix`` (a name as stored)."""
-    checkpoint = read_checkpoint(path, trust_pickle)
+    the network as ``self.net``), or those under ``state_prefix`` (a name as stored). A stored
+    spec that names code rather than a built-in architecture is refused unless ``trust_code``
+    (see :func:`read_checkpoint` for the formats it also allows)."""
+    checkpoint = read_checkpoint(path, trust_pickle, trust_code)
     if checkpoint.module is not None:
         return checkpoint.module, checkpoint
     if spec is None and checkpoint.format == "pretrained":
@@ -116,6 +135,8 @@ def load_model(
             f"{checkpoint.path} holds only weights; pass `model` pkg.module:factory, "
             f"`model` path/to/file.py:factory or a built-in name ({', '.join(BUILTIN_MODELS)})"
         )
+    if spec is None and not trust_code:
+        _refuse_stored_code(checkpoint.path, chosen)
     assert checkpoint.state_dict is not None
     source = str(checkpoint.path)
     weights, stripped = checkpoint.state_dict, checkpoint.stripped_prefix
@@ -206,6 +227,18 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 # --- files and formats ------------------------------------------------------------------------
 
 
+def _refuse_stored_code(path: Path, stored: ModelSpec) -> None:
+    """A spec read from a file builds only a built-in architecture: its target is checked
+    before anything is imported (the file's author chose it, not the user)."""
+    if stored.target not in BUILTIN_MODELS:
+        raise InputError(
+            f"{path} stores the model spec {stored.target!r}, which is not a built-in model "
+            f"({', '.join(BUILTIN_MODELS)}): building it would import and run code the file "
+            "names, so sharpscope refuses by default: pass `model` to give the spec yourself, or "
+            "`trust_code` only for files you trust"
+        )
+
+
 def _existing(path: str | os.PathLike[str]) -> Path:
     file = Path(path).expanduser()
     if not file.exists():
@@ -282,8 +315,8 @@ def _weights_in(file: Path, trust_pickle: bool) -> Mapping[Any, Any]:
 # --- safetensors --------------------------------------------------------------------------------
 
 
-def _read_safetensors(path: Path, trust_pickle: bool) -> Checkpoint:
-    del trust_pickle  # safetensors holds tensors only
+def _read_safetensors(path: Path, trust: Trust) -> Checkpoint:
+    del trust  # safetensors holds tensors only; its stored spec is load_model's to judge
     metadata, tensors = _safetensors_content(path)
     state, prefix = as_state_dict(path, tensors)
     return Checkpoint(
@@ -320,8 +353,8 @@ def _stored_spec(path: Path, metadata: Mapping[str, str]) -> ModelSpec | None:
 # --- torch.save ---------------------------------------------------------------------------------
 
 
-def _read_torch_save(path: Path, trust_pickle: bool) -> Checkpoint:
-    obj = _torch_load(path, trust_pickle)
+def _read_torch_save(path: Path, trust: Trust) -> Checkpoint:
+    obj = _torch_load(path, trust.pickle)
     if isinstance(obj, nn.Module):
         return Checkpoint(path, "module", module=obj)
     if not isinstance(obj, Mapping):
@@ -375,16 +408,15 @@ def _torch_load_file(path: Path, weights_only: bool) -> Any:
 # --- TorchScript and torch.export (sharpscope.io.compiled) --------------------------------------
 
 
-def _read_torchscript(path: Path, trust_pickle: bool) -> Checkpoint:
-    del trust_pickle  # TorchScript runs its own interpreter, not pickled Python
-    return Checkpoint(path, "torchscript", module=load_torchscript(path))
+def _read_torchscript(path: Path, trust: Trust) -> Checkpoint:
+    return Checkpoint(path, "torchscript", module=load_torchscript(path, trust.code))
 
 
-def _read_export(path: Path, trust_pickle: bool) -> Checkpoint:
-    return Checkpoint(path, "export", module=load_export(path, trust_pickle))
+def _read_export(path: Path, trust: Trust) -> Checkpoint:
+    return Checkpoint(path, "export", module=load_export(path, trust.pickle, trust.code))
 
 
-_READERS: dict[str, Callable[[Path, bool], Checkpoint]] = {
+_READERS: dict[str, Callable[[Path, Trust], Checkpoint]] = {
     "safetensors": _read_safetensors,
     "torch.save": _read_torch_save,
     "torchscript": _read_torchscript,

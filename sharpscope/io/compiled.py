@@ -1,17 +1,22 @@
 """TorchScript and ``torch.export`` archives, loaded as modules: refused when their graph is fixed
-in training mode (dropout on, BatchNorm on batch statistics) and, unless trusted, when a
-``.pt2`` holds pickled payloads."""
+in training mode (dropout on, BatchNorm on batch statistics).
+
+A TorchScript archive holds code that runs when it is loaded (``__setstate__``) and when it is
+called, and that code may open and write files (``torch.from_file(..., shared=True)``): it loads
+only with ``trust_code``. A ``.pt2`` holds a graph of operators instead: read once into memory
+(:mod:`sharpscope.io.pt2_archive`), it is refused unless trusted when it holds pickled payloads
+(``trust_pickle``) or an operator that is not a plain computation (``trust_code``), checked
+before it runs. torch's log lines and warnings while loading are kept off the terminal.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import io
-import json
-import pickle
+import logging
 import types
 import warnings
-import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +24,26 @@ import torch
 from torch import nn
 
 from sharpscope.errors import InputError
-from sharpscope.io.load_errors import corrupt, first_line, pickle_refusal, refused_global
+from sharpscope.io.graph_ops import refuse_unsafe_ops
+from sharpscope.io.load_errors import first_line
+from sharpscope.io.pt2_archive import read_pt2
 
 _TRAINING_ARGS = frozenset({"training", "train"})
 _UNKNOWN = object()
 
 
-def load_torchscript(path: Path) -> nn.Module:
-    """The module of a TorchScript archive, refused if traced in training mode."""
+def load_torchscript(path: Path, trust_code: bool) -> nn.Module:
+    """The module of a TorchScript archive, only with ``trust_code`` (its code runs as it loads);
+    refused if traced in training mode."""
+    if not trust_code:
+        raise InputError(
+            f"{path} is a TorchScript archive: the TorchScript code in it runs when it is loaded "
+            "and can read and write files, so sharpscope refuses it by default: pass "
+            "`trust_code` only for files you trust, or export the model with torch.export "
+            "(a .pt2 is checked instead) or save its state_dict"
+        )
     try:
-        with warnings.catch_warnings():  # TorchScript is deprecated, but it is what the file holds
-            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
+        with quiet_torch():  # TorchScript is deprecated, but it is what the file holds
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise InputError(
@@ -40,61 +54,42 @@ def load_torchscript(path: Path) -> nn.Module:
     return module
 
 
-def load_export(path: Path, trust_pickle: bool) -> nn.Module:
-    """The module of a ``torch.export`` ``.pt2`` archive, refused if exported in training mode
-    or, unless ``trust_pickle``, if it holds pickled payloads; ``train()``/``eval()`` work on it
-    and inputs of shapes it was not exported for get a clear error."""
-    if not trust_pickle:
-        _refuse_pickled_payloads(path)
+def load_export(path: Path, trust_pickle: bool, trust_code: bool) -> nn.Module:
+    """The module of a ``torch.export`` ``.pt2`` archive, refused if exported in training mode,
+    unless ``trust_pickle`` if it holds pickled payloads, and unless ``trust_code`` if its graph
+    calls an operator that is not a plain computation (:mod:`sharpscope.io.graph_ops`);
+    ``train()``/``eval()`` work on it and inputs of shapes it was not exported for get a clear
+    error."""
+    archive = read_pt2(path, trust_pickle)
     try:
-        program = torch.export.load(str(path))
-        module = program.module()
+        with quiet_torch():
+            program = torch.export.load(archive)
+            module = program.module()
     except Exception as exc:
         raise InputError(
             f"{path}: torch.export.load cannot read this .pt2 archive ({first_line(exc)}); "
             f"export and save it again with torch {torch.__version__} (torch.export.save)"
         ) from exc
+    if not trust_code:
+        refuse_unsafe_ops(path, module)
     _refuse_training_graph(path, _fx_training_ops(module), "torch.export.export")
     _allow_mode_switch(module)
     module.register_forward_pre_hook(_shape_check(path, _input_shapes(program)), prepend=True)
     return module
 
 
-def _refuse_pickled_payloads(path: Path) -> None:
-    """torch.export.load unpickles some payloads (``use_pickle`` weights, custom objects, sample
-    inputs); refuse a file that needs it unless it is trusted."""
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            tail = name.split("/", 1)[-1]
-            if tail.startswith(("data/weights/", "data/constants/")) and tail.endswith(".json"):
-                _check_payload_config(path, tail, archive.read(name))
-            elif name.endswith(".pt"):
-                _check_weights_only(path, archive.read(name))
-
-
-def _check_payload_config(path: Path, name: str, raw: bytes) -> None:
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """torch's log records and warnings dropped while it loads a file (a failed load logs a
+    traceback, then raises: the error names the cause in one line)."""
+    disabled = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
     try:
-        config = json.loads(raw).get("config", {})
-    except (ValueError, AttributeError) as exc:
-        raise corrupt(path, exc) from exc
-    constants = name.startswith("data/constants/")
-    for key, payload in config.items():
-        if not isinstance(payload, dict):
-            raise corrupt(path, ValueError(f"{name}: entry {key} is not an object"))
-        pickled = payload.get("use_pickle") or (
-            constants and not str(payload.get("path_name", "")).startswith("tensor_")
-        )
-        if pickled:
-            raise pickle_refusal(path, f"pickled {key}")
-
-
-def _check_weights_only(path: Path, raw: bytes) -> None:
-    try:
-        torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise pickle_refusal(path, refused_global(exc)) from exc
-    except Exception as exc:
-        raise corrupt(path, exc) from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(disabled)
 
 
 def _allow_mode_switch(module: nn.Module) -> None:
