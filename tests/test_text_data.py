@@ -194,7 +194,8 @@ def test_a_pre_tokenized_dataset_follows_the_field_rules(folder, tmp_path):
 
 def test_finetune_on_text_keeps_its_text_settings(folder, tmp_path):
     """A run tokenizes its text with the tokenizer of the folder it started from, also its
-    validation split, and records the text settings, which a resume may not change."""
+    validation split, and records the text settings, which a resume may not change (its model
+    factory, code the run's files name, is given again)."""
     rows = [{"sentence": t, "y": y} for t, y in zip(SENTENCES, LABELS, strict=True)]
     data = write("dataset_dict", tmp_path, rows)
     run = tmp_path / "run"
@@ -210,7 +211,8 @@ def test_finetune_on_text_keeps_its_text_settings(folder, tmp_path):
     )
     again = ["finetune", "--resume", str(run), "--steps", "3", "--max-length", "11", "-q"]
     assert "--max-length 11 differs from the run's 10" in error_of(RUNNER.invoke(app, again))
-    result = RUNNER.invoke(app, ["finetune", "--resume", str(run), "--steps", "3", "-q"])
+    resume = ["finetune", "--resume", str(run), "--steps", "3", "-q"]
+    result = RUNNER.invoke(app, [*resume, "--model", f"{FACTORIES}:bert"])  # its code, given again
     assert result.exit_code == 0, result.stderr
 
 

@@ -93,6 +93,7 @@ def finetune_command(
     model: opt.Model = None,
     model_arg: opt.ModelArg = None,
     trust_pickle: opt.TrustPickle = False,
+    trust_code: opt.TrustCode = False,
     state_prefix: opt.StatePrefix = None,
     loss: _shared(opt.Loss, DEFAULTS.loss) = None,
     optimizer: _setting(str, ", ".join(OPTIMIZERS), OPTIMIZE, DEFAULTS.optimizer) = None,
@@ -299,14 +300,22 @@ def finetune_command(
                 plan = new_run(checkpoint, options, out or fresh, force)
             else:
                 given = ModelSpec(model, parse_model_args(model_arg or [])) if model else None
-                plan = resume_run(resume, options, out=out, checkpoint=checkpoint, model=given)
+                plan = resume_run(
+                    resume,
+                    options,
+                    out=out,
+                    checkpoint=checkpoint,
+                    model=given,
+                    trust_code=trust_code,
+                )
         new = plan.resume_from is None
         loaded = load_inputs(
             plan.weights,
             plan.config.data,
-            model=model if new else None,
-            model_args=model_arg if new else None,
+            model=model,  # on a resume, checked to be the run's own
+            model_args=model_arg,
             trust_pickle=trust_pickle,
+            trust_code=trust_code,
             state_prefix=state_prefix if new else None,
             split=plan.config.split,
             batch_size=plan.config.batch_size,

@@ -4,6 +4,7 @@ of a resume, and the data a run validates on. Nothing is loaded or trained here.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,13 @@ from sharpscope.io.checkpoints import checkpoint_sha256
 from sharpscope.io.data import HELD_OUT, DataBundle, held_out_split, load_data, open_source
 from sharpscope.io.models import ModelSpec
 from sharpscope.io.tokenizer import TextSpec
+from sharpscope.io.user_code import is_object_spec
 from sharpscope.training.optimizers import DEFAULT_RHO
 from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig, resumed
 from sharpscope.training.run_dir import CONFIG, RunDir, model_path
+
+CODE_SETTINGS: tuple[str, ...] = ("data", "val_data", "loss")
+"""Run settings that may name a user's function (the model spec is checked as it loads)."""
 
 
 @dataclass(frozen=True)
@@ -165,10 +170,14 @@ def resume_run(
     out: Path | None = None,
     checkpoint: Path | None = None,
     model: ModelSpec | None = None,
+    trust_code: bool = False,
 ) -> Plan:
     """Continue the run in the folder ``resume`` from its last checkpoint. The settings given
     (``options``, ``checkpoint`` by its hash, ``model``) must be the run's own, except those a
-    resume may change (:data:`~sharpscope.training.run_config.CHANGEABLE`)."""
+    resume may change (:data:`~sharpscope.training.run_config.CHANGEABLE`). Code that the run's
+    settings name (a ``data``, ``val_data`` or ``loss`` function) is taken from its folder only
+    when given again or with ``trust_code``; its stored model spec is judged when the weights
+    load (:func:`~sharpscope.io.checkpoints.load_model`)."""
     if not resume.exists():
         raise InputError(f"`resume` {resume} does not exist")
     if out is not None and out.resolve() != resume.resolve():
@@ -186,12 +195,31 @@ def resume_run(
     if distributed.is_main():
         folder.check_resumable("`resume`")
     config = resumed(folder.read_config(), given, str(resume / CONFIG))
+    if not trust_code:
+        _refuse_stored_code(config, given, resume / CONFIG)
     found = folder.latest()
     if found is None:
         raise InputError(
             f"`resume` {resume}: the run wrote no checkpoint yet; start it again without `resume`"
         )
     return Plan(folder, config, model_path(found[1], config.layout), found[1])
+
+
+def _refuse_stored_code(config: RunConfig, given: Mapping[str, Any], where: Path) -> None:
+    """Refuse a run whose settings name code (``pkg.module:function``, ``file.py:function``)
+    that the caller did not give again: a file in the run folder chose it."""
+    named = [
+        f"`{name}` {value}"
+        for name in CODE_SETTINGS
+        if name not in given and isinstance(value := getattr(config, name), str)
+        if is_object_spec(value)
+    ]
+    if named:
+        raise InputError(
+            f"{where} names code to run ({', '.join(named)}); code from a file runs only when "
+            "you give it again on the command line or pass `trust_code` (only for a run folder "
+            "you trust)"
+        )
 
 
 def validation_data(
