@@ -21,7 +21,13 @@ from sharpscope.analysis.gate import Thresholds, data_differences, gate
 from sharpscope.cli import options as opt
 from sharpscope.cli.analyze import DEFAULTS, analysis_config, run_analysis
 from sharpscope.cli.common import errors_as_exit, fail, info, print_json, stderr, stdout
-from sharpscope.cli.config_file import load_config, settings_of
+from sharpscope.cli.config_file import (
+    CODE_PARAMS,
+    Config,
+    load_config,
+    refuse_searched_code,
+    settings_of,
+)
 from sharpscope.cli.flags import as_flags
 from sharpscope.cli.loading import Loaded, load_inputs
 from sharpscope.errors import InputError
@@ -71,10 +77,24 @@ def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:
     except InputError as exc:
         raise fail(str(exc)) from None
     ctx.default_map = {**(ctx.default_map or {}), **config.options}
+    ctx.meta[_CONFIG] = config
     return config.path
 
 
+_CONFIG = "sharpscope.config"
+"""``ctx.meta`` key of the :class:`Config` the ``--config`` callback read."""
+
+
+def _refuse_searched_code(ctx: typer.Context, trust_code: bool) -> None:
+    """Code specs from a config file found by search run only with ``trust_code``."""
+    if not trust_code:
+        sources = {p: ctx.get_parameter_source(p) for p in CODE_PARAMS}
+        taken = [p for p, source in sources.items() if getattr(source, "name", "") == "DEFAULT_MAP"]
+        refuse_searched_code(ctx.meta.get(_CONFIG, Config()), taken)
+
+
 def check_command(
+    ctx: typer.Context,
     source: Annotated[
         Path,
         typer.Argument(
@@ -139,6 +159,7 @@ def check_command(
     model: opt.Model = None,
     model_arg: opt.ModelArg = None,
     trust_pickle: opt.TrustPickle = False,
+    trust_code: opt.TrustCode = False,
     state_prefix: opt.StatePrefix = None,
     split: opt.Split = opt.SPLIT,
     batch_size: opt.BatchSize = opt.BATCH_SIZE,
@@ -221,6 +242,7 @@ def check_command(
     """
     start = time.perf_counter()
     with errors_as_exit(debug):
+        _refuse_searched_code(ctx, trust_code)
         thresholds = Thresholds(
             max_eigenvalue=max_eigenvalue,
             min_eigenvalue=min_eigenvalue,
@@ -260,6 +282,7 @@ def check_command(
             model=model,
             model_args=model_arg,
             trust_pickle=trust_pickle,
+            trust_code=trust_code,
             state_prefix=state_prefix,
             split=split,
             samples=samples,

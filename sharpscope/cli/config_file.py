@@ -1,9 +1,14 @@
 """Settings from ``[tool.sharpscope]`` in pyproject.toml, or from a sharpscope.toml.
 
-The file is found from the current folder upwards, stopping at the folder that holds ``.git``
-(or at the filesystem root); in each folder a ``sharpscope.toml`` (top-level keys) comes before a
+The file is found from the current folder upwards, up to the repository root (the folder that
+holds ``.git``) or the user's home, never above (outside both, only the current folder is
+searched); in each folder a ``sharpscope.toml`` (top-level keys) comes before a
 ``pyproject.toml`` with a ``[tool.sharpscope]`` table. Keys are the long option names of
 ``sharpscope check`` without the dashes (``max-eigenvalue = 40``); the command line overrides them.
+
+A file found by search was not chosen by the user, so the code specs in it (:data:`CODE_PARAMS`
+of the ``pkg.module:function`` or ``file.py:function`` form) are refused unless it is chosen
+with ``--config`` or code is trusted (:func:`refuse_searched_code`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from sharpscope.errors import InputError
+from sharpscope.io.user_code import is_object_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,6 +82,7 @@ NOT_SETTINGS = frozenset(
         "debug",
         "update_baseline",
         "trust_pickle",
+        "trust_code",
         "allow_different_data",
     }
 )
@@ -91,6 +98,9 @@ _BY_TYPE: dict[Any, Setting] = {
     Path: PATH,
     list[str]: TEXTS,
 }
+CODE_PARAMS: tuple[str, ...] = ("data", "model", "loss")
+"""Options whose value may name a user's function, which runs when it is loaded."""
+
 _SPECIAL = {"data": DATA, "max_increase": FRACTION}
 """Options whose text is more than a string: a data spec, a fraction or a percentage."""
 
@@ -143,6 +153,8 @@ class Config:
 
     path: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    searched: bool = False
+    """Whether the file was found by search rather than given (``--config``)."""
 
 
 Settings = Mapping[str, Setting]
@@ -152,20 +164,58 @@ Settings = Mapping[str, Setting]
 def load_config(settings: Settings, path: Path | None = None, start: Path | None = None) -> Config:
     """The config at ``path``, else the one :func:`find_config` finds from ``start`` (default:
     the current folder); an empty :class:`Config` when there is none."""
-    found = path if path is not None else find_config(start or Path.cwd())
-    return Config() if found is None else read_config(found, settings)
+    if path is not None:
+        return read_config(path, settings)
+    found = find_config(start or Path.cwd())
+    return Config() if found is None else replace(read_config(found, settings), searched=True)
 
 
 def find_config(start: Path) -> Path | None:
     """The nearest config file in ``start`` or a folder above it (see the module docstring)."""
-    for folder in (start.resolve(), *start.resolve().parents):
+    for folder in _searched(start.resolve()):
         for name in FILE_NAMES:
             candidate = folder / name
             if candidate.is_file() and (name != "pyproject.toml" or _sharpscope_table(candidate)):
                 return candidate
-        if (folder / ".git").exists():
-            return None
     return None
+
+
+def _searched(start: Path) -> list[Path]:
+    """``start`` and the folders above it up to the repository root or the user's home; only
+    ``start`` when it is under neither (a shared folder such as the system's temporary one)."""
+    home = _home()
+    climbed = []
+    for folder in (start, *start.parents):
+        climbed.append(folder)
+        if (folder / ".git").exists() or folder == home:
+            return climbed
+    return [start]
+
+
+def _home() -> Path | None:
+    try:
+        return Path.home().resolve()
+    except (RuntimeError, KeyError, OSError):  # no home folder known
+        return None
+
+
+def refuse_searched_code(config: Config, taken: list[str]) -> None:
+    """Refuse the code specs of a config file found by search among the options ``taken`` from
+    it (not given on the command line): whoever can write a file in a parent folder chose them.
+    """
+    if not config.searched:
+        return
+    named = [
+        f"{param.replace('_', '-')} = {config.options[param]!r}"
+        for param in CODE_PARAMS
+        if param in taken and is_object_spec(str(config.options.get(param, "")))
+    ]
+    if named:
+        raise InputError(
+            f"{config.path}, found by searching up from the current folder, names code to run "
+            f"({', '.join(named)}); code runs only from a config file you choose: pass "
+            f"`config` {config.path} to choose it, or `trust_code`"
+        )
 
 
 def read_config(path: Path, settings: Settings) -> Config:
