@@ -110,8 +110,9 @@ def _torch_attention(config: Any, folder: Path) -> None:
 
 
 def _model_class(transformers: ModuleType, folder: Path, config: Any) -> Any:
-    """The config's first ``architectures`` class from transformers; without one, the class
-    ``AutoModel`` picks for the config (saying so)."""
+    """The config's first ``architectures`` class from transformers (a public name of the
+    package that is a ``PreTrainedModel``: a model class, nothing else is looked up); without
+    one, the class ``AutoModel`` picks for the config (saying so)."""
     names = getattr(config, "architectures", None) or []
     if not names:
         model_class = transformers.MODEL_MAPPING.get(type(config), None)
@@ -127,11 +128,13 @@ def _model_class(transformers: ModuleType, folder: Path, config: Any) -> Any:
             stacklevel=4,
         )
         return model_class
-    model_class = getattr(transformers, names[0], None)
+    name = names[0]
+    public = isinstance(name, str) and name.isidentifier() and not name.startswith("_")
+    model_class = getattr(transformers, name, None) if public else None
     base = transformers.PreTrainedModel
     if not isinstance(model_class, type) or not issubclass(model_class, base):
         raise InputError(
-            f"{folder / CONFIG} names the architecture {names[0]}, which transformers "
+            f"{folder / CONFIG} names the architecture {name!r}, which transformers "
             f"{transformers.__version__} does not define (custom code is never run); upgrade "
             "transformers, or pass `model` to build it yourself"
         )
