@@ -61,15 +61,16 @@ def load_export(path: Path, trust_pickle: bool, trust_code: bool) -> nn.Module:
     ``train()``/``eval()`` work on it and inputs of shapes it was not exported for get a clear
     error."""
     archive = read_pt2(path, trust_pickle)
-    try:
-        with quiet_torch():
+    with quiet_torch() as logged:
+        try:
             program = torch.export.load(archive)
             module = program.module()
-    except Exception as exc:
-        raise InputError(
-            f"{path}: torch.export.load cannot read this .pt2 archive ({first_line(exc)}); "
-            f"export and save it again with torch {torch.__version__} (torch.export.save)"
-        ) from exc
+        except Exception as exc:
+            cause = next((r.exc_info[1] for r in logged if r.exc_info and r.exc_info[1]), exc)
+            raise InputError(
+                f"{path}: torch.export.load cannot read this .pt2 archive ({first_line(cause)}); "
+                f"export and save it again with torch {torch.__version__} (torch.export.save)"
+            ) from exc
     if not trust_code:
         refuse_unsafe_ops(path, module)
     _refuse_training_graph(path, _fx_training_ops(module), "torch.export.export")
@@ -78,18 +79,36 @@ def load_export(path: Path, trust_pickle: bool, trust_code: bool) -> nn.Module:
     return module
 
 
+class _Kept(logging.Handler):
+    """A log handler that keeps the records instead of printing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def quiet_torch() -> Iterator[None]:
-    """torch's log records and warnings dropped while it loads a file (a failed load logs a
-    traceback, then raises: the error names the cause in one line)."""
-    disabled = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)
+def quiet_torch() -> Iterator[list[logging.LogRecord]]:
+    """While torch loads a file: its log records kept (the list yielded) instead of printed, and
+    warnings dropped. A failed ``torch.export.load`` logs a traceback, then raises a vaguer
+    error: the error line names the logged cause instead."""
+    names = [name for name in logging.root.manager.loggerDict if name.startswith("torch.")]
+    loggers = [logging.getLogger("torch"), *map(logging.getLogger, names)]
+    saved = [(logger, logger.handlers, logger.propagate) for logger in loggers]
+    kept = _Kept()
+    for logger in loggers:  # every record goes up to "torch", whose only handler keeps it
+        logger.handlers, logger.propagate = [], True
+    loggers[0].handlers, loggers[0].propagate = [kept], False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            yield
+            yield kept.records
     finally:
-        logging.disable(disabled)
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
 
 
 def _allow_mode_switch(module: nn.Module) -> None:
