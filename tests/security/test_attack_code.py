@@ -279,7 +279,8 @@ def test_torchscript_needs_trust_code(tmp_path, user):
 def test_trusted_torchscript_loads_without_warnings(tmp_path, no_network):
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(_digits_mlp()), path)
-    done = run_sharpscope("analyze", path, *FAST, "--trust-code", guard=no_network)
+    always = {"PYTHONWARNINGS": "always"}  # torch.jit.load's DeprecationWarning would show
+    done = run_sharpscope("analyze", path, *FAST, "--trust-code", guard=no_network, **always)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "", done.stderr
 
