@@ -211,7 +211,8 @@ def check_command(
         Path | None,
         typer.Option(
             help="Settings file (default: the nearest sharpscope.toml, or pyproject.toml with "
-            "\\[tool.sharpscope], from here up to the repository root).",
+            "\\[tool.sharpscope], from here up to the repository root or your home; code specs "
+            "in a file found so need --config or --trust-code).",
             callback=_load_config,
             is_eager=True,
             rich_help_panel=opt.RUN,

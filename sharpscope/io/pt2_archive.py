@@ -27,8 +27,7 @@ def read_pt2(path: Path, trust_pickle: bool) -> io.BytesIO:
     """The archive's entries, checked, as a fresh zip archive in memory for
     ``torch.export.load``; unless ``trust_pickle``, refused if it holds pickled payloads."""
     try:
-        raw = path.read_bytes()
-        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+        with zipfile.ZipFile(io.BytesIO(path.read_bytes())) as archive:
             _refuse_odd_entries(path, archive.infolist())
             entries = {info.filename: archive.read(info) for info in archive.infolist()}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
@@ -37,8 +36,8 @@ def read_pt2(path: Path, trust_pickle: bool) -> io.BytesIO:
         _refuse_pickled_payloads(path, entries)
     fresh = io.BytesIO()
     with zipfile.ZipFile(fresh, "w", zipfile.ZIP_STORED) as archive:
-        for name, data in entries.items():
-            archive.writestr(zipfile.ZipInfo(name), data)
+        for name in list(entries):  # each entry's bytes freed once written
+            archive.writestr(zipfile.ZipInfo(name), entries.pop(name))
     fresh.seek(0)
     return fresh
 
