@@ -24,11 +24,7 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:  # the flat tests/ helpers (test_check, tiny_hf, ...)
-    sys.path.insert(0, str(TESTS))
-
-from sharpscope.cli.app import app  # noqa: E402
+from sharpscope.cli.app import app
 
 NETWORK_LOG = "SHARPSCOPE_TEST_NETWORK_LOG"
 """Environment variable naming the file a subprocess's socket guard appends its calls to."""

@@ -1,5 +1,5 @@
 """Every test of the attack suite runs with the network cut and gets a marker file to watch."""
 
-from attack import marker, no_network
+from security.attack import marker, no_network
 
 __all__ = ["marker", "no_network"]

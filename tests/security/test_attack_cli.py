@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attack import Snapshot, cli, refused, run_sharpscope
 from test_check import FAST, make_checkpoint
 
+from security.attack import Snapshot, cli, refused, run_sharpscope
 from sharpscope.optim import SAM, EigenSAM
 
 

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from attack import Snapshot
+
+from security.attack import Snapshot
 
 
 def test_an_in_process_connection_is_caught(no_network):

@@ -9,10 +9,11 @@ import struct
 import numpy as np
 import pytest
 import torch
-from attack import Snapshot, cli, refused
 from PIL import Image
 from safetensors.torch import save_file
 from test_check import FAST, make_checkpoint
+
+from security.attack import Snapshot, cli, refused
 
 
 class Payload:

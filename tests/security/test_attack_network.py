@@ -20,8 +20,8 @@ import pytest
 import tiny_hf
 import tiny_tokenizer
 import transformers
-from attack import NetworkGuard, Snapshot, cli, run_sharpscope
 
+from security.attack import NetworkGuard, Snapshot, cli, run_sharpscope
 from sharpscope.io.checkpoints import load_model
 
 KERNELS = ["kernels-community/flash-attn2", "someuser/somerepo", "flash_attention_2"]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import tiny_hf
 import torch
-from attack import NetworkGuard, Snapshot, cli, refused
 from test_check import FAST, make_checkpoint
 
+from security.attack import NetworkGuard, Snapshot, cli, refused
 from sharpscope.io.file_sets import replace_files
 from sharpscope.report import outdir
 from sharpscope.training.run_dir import MARKER
