@@ -434,6 +434,9 @@ def test_out_folder(made, tmp_path):
     }
     saved = json.loads((out / "report.json").read_text())
     jsonschema.validate(saved, report_schema())
+    companions = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in names}
+    del companions["report.json"]
+    assert saved.pop("files") == companions  # the set report.json was written with
     for key in ("created", "timings"):
         del saved[key], doc[key]
     assert saved == doc

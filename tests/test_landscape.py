@@ -243,7 +243,8 @@ def test_every_option_reaches_the_library(monkeypatch, tmp_path):
         *["--directions", "eigen", "--span", "0.3", "--points", "7", "--grid", "5"],
         *["--tol", "1e-6", "--max-iter", "17", "--params", "a.*", "--exclude", "a.b*"],
         *["--batch-stats", "--seed", "4", "--model", "mlp", "--model-arg", "hidden=(8,)"],
-        *["--trust-pickle", "--split", "test", "--samples", "7", "--batch-size", "5"],
+        *["--trust-pickle", "--trust-code", "--split", "test", "--samples", "7"],
+        *["--batch-size", "5"],
         *["--state-prefix", "net."],
         *["--text-field", "t", "--label-field", "c", "--max-length", "33", "--loss", "mse"],
         *["--device", "cpu", "--dtype", "float64", "--out", str(tmp_path / "o")],
@@ -255,7 +256,8 @@ def test_every_option_reaches_the_library(monkeypatch, tmp_path):
         **dict(params=["a.*"], exclude=["a.b*"], batch_stats=True),
     )
     assert seen["load"] == {
-        **dict(model="mlp", model_args=["hidden=(8,)"], trust_pickle=True, split="test"),
+        **dict(model="mlp", model_args=["hidden=(8,)"], trust_pickle=True, trust_code=True),
+        **dict(split="test"),
         **dict(state_prefix="net."),
         **dict(samples=7, batch_size=5, seed=4, loss="mse", device="cpu", dtype="float64"),
         **dict(text_field="t", label_field="c", max_length=33),

@@ -47,6 +47,7 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--model": ("mlp",),
     "--model-arg": ("hidden=(8,)",),
     "--trust-pickle": (),
+    "--trust-code": (),
     "--state-prefix": ("net.",),
     "--split": ("test",),
     "--samples": ("7",),
@@ -69,7 +70,8 @@ CONFIG = {
     **dict(adaptive_steps=7, adaptive_scale=False),
 }
 LOADING = {
-    **dict(model="mlp", model_args=["hidden=(8,)"], trust_pickle=True, split="test"),
+    **dict(model="mlp", model_args=["hidden=(8,)"], trust_pickle=True, trust_code=True),
+    **dict(split="test"),
     **dict(state_prefix="net."),
     **dict(samples=7, batch_size=5, seed=4, loss="mse", device="cpu", dtype="float64"),
     **dict(text_field="sentence1,sentence2", label_field="class", max_length=33),
@@ -158,7 +160,7 @@ def test_the_config_file_reaches_the_same_settings(captured, tmp_path):
     keys.remove("exclude = 'a.b*'")
     keys += ["model-arg = ['hidden=(8,)']", "params = ['a.*']", "exclude = ['a.b*']"]
     (tmp_path / "sharpscope.toml").write_text("\n".join(keys) + "\n", encoding="utf-8")
-    _invoke("check", "model.pt", "--trust-pickle")  # trust-pickle: never from a file
+    _invoke("check", "model.pt", "--trust-pickle", "--trust-code")  # opt-ins: never from a file
     assert captured["config"] == _expected()
     assert captured["load"] == LOADING
     assert captured["data"] == "digits"
