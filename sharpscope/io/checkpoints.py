@@ -46,6 +46,7 @@ from sharpscope.io.state_dicts import (
     savable_state,
     select_prefix,
 )
+from sharpscope.io.unpickler import refuse_unsafe_unpickler
 
 FORMATS: tuple[str, ...] = (
     "state_dict",
@@ -381,6 +382,7 @@ def _read_torch_save(path: Path, trust: Trust) -> Checkpoint:
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """``torch.load`` with ``weights_only=True``; only with ``trust_pickle`` a full unpickling."""
+    refuse_unsafe_unpickler(path, trust_pickle)
     try:
         return _torch_load_file(path, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -27,6 +27,7 @@ from sharpscope.io.data_sources import (
 )
 from sharpscope.io.losses import IGNORE_INDEX
 from sharpscope.io.npz_limits import BoundedNpz
+from sharpscope.io.unpickler import refuse_unsafe_unpickler
 from sharpscope.io.user_code import one_line
 
 INPUT_KEYS = ("inputs", "x", "X", "data", "images", "features")
@@ -237,6 +238,7 @@ def _read_safetensors(path: Path, name: str) -> dict[str, Any]:
 def _read_torch(path: Path, name: str) -> Mapping[str, Any]:
     """``torch.load`` with weights only; a zip-format file is memory-mapped, so that only the
     samples a run takes are read (the legacy format cannot be)."""
+    refuse_unsafe_unpickler(name, None)
     try:
         mmap = zipfile.is_zipfile(path)
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -21,6 +21,7 @@ import torch
 
 from sharpscope.errors import InputError
 from sharpscope.io.load_errors import corrupt, few, pickle_refusal, refused_global
+from sharpscope.io.unpickler import refuse_unsafe_unpickler
 
 
 def read_pt2(path: Path, trust_pickle: bool) -> io.BytesIO:
@@ -33,6 +34,8 @@ def read_pt2(path: Path, trust_pickle: bool) -> io.BytesIO:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
         raise corrupt(path, exc) from exc
     if not trust_pickle:
+        if any(name.endswith(".pt") for name in entries):
+            refuse_unsafe_unpickler(path, trust_pickle)
         _refuse_pickled_payloads(path, entries)
     fresh = io.BytesIO()
     with zipfile.ZipFile(fresh, "w", zipfile.ZIP_STORED) as archive:
