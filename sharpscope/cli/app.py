@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -73,6 +74,12 @@ _CLICK_ERROR: type[Exception] = next(
 """Click's base exception, as the Click that Typer runs on defines it (its own copy since 0.29)."""
 
 
+def warning_line(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """``warnings.showwarning`` for the command line: ``warning: message`` as one line on stderr,
+    without the file, line number and source line that Python adds."""
+    typer.echo("warning: " + " ".join(str(message).split()), err=True)
+
+
 def usage_error_line(exc: Any) -> str:
     """A usage error (unknown option or command, missing argument, bad value) as one line."""
     ctx = getattr(exc, "ctx", None)
@@ -83,7 +90,7 @@ def usage_error_line(exc: Any) -> str:
 class LazyCommands(PlainGroup):
     """A group whose subcommands are imported when resolved; its command list uses summaries.
     A usage error anywhere below it is one ``error:`` line on stderr (exit 2), as every other
-    refusal is, not Click's usage box."""
+    refusal is, not Click's usage box; a warning is one ``warning:`` line."""
 
     _listing = False
 
@@ -112,7 +119,9 @@ class LazyCommands(PlainGroup):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = warning_line
+                code = super().main(*args, standalone_mode=False, **kwargs)
         except _CLICK_ERROR as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # the help, as Click shows it
                 exc.show()  # type: ignore[attr-defined]
