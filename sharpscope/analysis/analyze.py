@@ -44,6 +44,7 @@ from sharpscope.curvature import (
 )
 from sharpscope.curvature.groups import param_groups
 from sharpscope.curvature.hvp import Backend
+from sharpscope.curvature.product_error import ProductError, product_error
 from sharpscope.curvature.solvers import (
     SOLVERS,
     TRACE_BUDGET_SHARE,
@@ -205,6 +206,9 @@ class Analysis:
     """Direction name -> (step sizes t, loss at w + t·direction)."""
     adaptive_sharpness: AdaptiveSharpnessResult | None = None
     """The worst- or average-case (adaptive) sharpness (None: not measured)."""
+    product_error: ProductError | None = None
+    """The products' own error, in ``top``'s and ``bottom``'s bounds (None: float64, not
+    measured)."""
 
     @property
     def lambda_max(self) -> float:
@@ -500,6 +504,15 @@ def analyze(
         replace(top, subspace=None),
         replace(bottom, subspace=None),
     )
+    with watch.stage("eigenvalues"):  # the float32 products' own error, on v₁
+        error = product_error(op, top.eigenvectors[0], plan.available_bytes)
+    if error is not None:
+        scale = float(torch.cat([top.eigenvalues, bottom.eigenvalues]).abs().max())
+        top, bottom = (
+            error.widened(top, config.tol, scale),
+            error.widened(bottom, config.tol, scale),
+        )
+        notes += error.notes(config.tol, scale)
     trace = None
     if config.trace:
         with watch.stage("trace"):
@@ -579,6 +592,7 @@ def analyze(
         notes=notes,
         slices=slices,
         adaptive_sharpness=sharpness,
+        product_error=error,
     )
 
 

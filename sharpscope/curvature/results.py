@@ -57,7 +57,9 @@ class Subspace:
 class EigenResult:
     """Eigenpairs of an operator, with how far each is from converged.
 
-    ``eigenvectors[i]`` is a unit flat vector; ``residuals[i]`` is ‖Hv − λv‖ for it.
+    ``eigenvectors[i]`` is a unit flat vector; ``residuals[i]`` is ‖Hv − λv‖ for it, with the
+    operator's products; ``bounds[i]`` adds their own error (``product_error``), so it bounds the
+    distance from λ to an eigenvalue of the model's exact matrix.
     """
 
     eigenvalues: torch.Tensor
@@ -76,6 +78,14 @@ class EigenResult:
     trace reuses it); None otherwise."""
     images: torch.Tensor | None = None
     """``images[i]`` = H ``eigenvectors[i]``, when the solve kept its products; None otherwise."""
+    product_error: float = 0.0
+    """‖(H_op − H₆₄)v‖ for a unit v, the products' own error (measured on float32 operators by
+    :func:`~sharpscope.curvature.product_error.product_error`; 0 when not measured)."""
+
+    @property
+    def bounds(self) -> torch.Tensor:
+        """Per pair, ``residuals`` + ``product_error``: how far λ can be from an exact eigenvalue."""
+        return self.residuals + self.product_error
 
     @property
     def all_converged(self) -> bool:

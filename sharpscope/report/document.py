@@ -23,6 +23,7 @@ from sharpscope.analysis.gate import GateInput, Reading
 from sharpscope.analysis.sampling import COSINES, SamplingErrors, bias_range, interval
 from sharpscope.analysis.verdict import spread_notes, verdict
 from sharpscope.curvature import DensityResult, EigenResult, TraceResult
+from sharpscope.curvature.product_error import ProductError
 from sharpscope.report.json_report import dumps
 from sharpscope.report.schema import REANALYZE, SCHEMA_VERSION, NotAReport, check_report
 
@@ -167,6 +168,10 @@ class Eigenvalues(Section):
     seconds: float
     history: tuple[tuple[float, ...], ...]
     """The estimates after each iteration (for the convergence plot)."""
+    bounds: tuple[float | None, ...] | None = field(default=None, metadata=_OPTIONAL)
+    """Per pair, the residual plus the products' own error (``product_error``): how far the value
+    can be from an eigenvalue of the model's exact matrix; None where that error was not measured
+    (float64 runs, older reports): the residuals are the bounds then."""
 
     @classmethod
     def of(cls, result: EigenResult) -> Eigenvalues:
@@ -181,7 +186,13 @@ class Eigenvalues(Section):
             n_iterations=result.n_iterations,
             seconds=result.seconds,
             history=tuple(tuple(row) for row in result.history),
+            bounds=tuple(result.bounds.tolist()) if result.product_error else None,
         )
+
+    @property
+    def uncertainties(self) -> tuple[float | None, ...]:
+        """Each value's bound: ``bounds`` where measured, the residuals otherwise."""
+        return self.residuals if self.bounds is None else self.bounds
 
 
 @dataclass(frozen=True)
@@ -192,6 +203,8 @@ class LambdaMin(Section):
     residual: float | None
     converged: bool
     n_products: int
+    bound: float | None = field(default=None, metadata=_OPTIONAL)
+    """The residual plus the products' own error (as :attr:`Eigenvalues.bounds`)."""
 
     @classmethod
     def of(cls, result: EigenResult) -> LambdaMin:
@@ -201,7 +214,32 @@ class LambdaMin(Section):
             residual=float(result.residuals[0]),
             converged=bool(result.converged[0]),
             n_products=result.n_products,
+            bound=float(result.bounds[0]) if result.product_error else None,
         )
+
+    @property
+    def uncertainty(self) -> float | None:
+        """The value's bound: ``bound`` where measured, the residual otherwise."""
+        return self.residual if self.bound is None else self.bound
+
+
+@dataclass(frozen=True)
+class ProductErrorFigures(Section):
+    """How far the analysis dtype's products are from float64 ones, on v₁ (docs/engine.md)."""
+
+    absolute: float
+    """‖(H_op − H₆₄)v₁‖, added to every eigenvalue's residual in its bound."""
+    relative: float
+    """The same over ‖H v₁‖."""
+    method: str
+    """``float64`` (a product of a float64 copy of the model) or ``reordered`` (a second product
+    in another summation order, scaled as docs/engine.md calibrates it)."""
+    dtype: str
+
+    @classmethod
+    def of(cls, error: ProductError) -> ProductErrorFigures:
+        """The section of a measured product error."""
+        return cls(**asdict(error))
 
 
 @dataclass(frozen=True)
@@ -515,6 +553,8 @@ class Results(Section):
     ``empirical-fisher``); reports written before it lack it, and are of the Hessian."""
     adaptive_sharpness: AdaptiveSharpness | None = field(default=None, metadata=_OPTIONAL)
     """``--adaptive-sharpness`` (absent when not measured, and in older reports)."""
+    product_error: ProductErrorFigures | None = field(default=None, metadata=_OPTIONAL)
+    """The products' own error (absent in float64 runs, where it is not measured)."""
 
     @classmethod
     def of(cls, analysis: Analysis) -> Results:
@@ -551,6 +591,9 @@ class Results(Section):
             adaptive_sharpness=None
             if analysis.adaptive_sharpness is None
             else AdaptiveSharpness.of(analysis.adaptive_sharpness),
+            product_error=None
+            if analysis.product_error is None
+            else ProductErrorFigures.of(analysis.product_error),
         )
 
 
@@ -622,12 +665,12 @@ class Report(Section):
         found = {
             "lambda_max": _reading(
                 r.lambda_max,
-                r.eigenvalues.residuals[0],
+                r.eigenvalues.uncertainties[0],
                 **spread("lambda_max", s and s.eigenvalues[0], "eigenvalues"),
             ),
             "lambda_min": _reading(
                 r.lambda_min.value,
-                r.lambda_min.residual,
+                r.lambda_min.uncertainty,
                 **spread("lambda_min", s and s.lambda_min, "lambda_min"),
             ),
             "trace": None

@@ -16,8 +16,8 @@ from sharpscope.report.document import Inputs, Layer, Report, Results, Trace
 HELP = {
     "summary": "loss: the mean over the analysed samples; ‖∇L‖: the norm of its gradient "
     "(0 at a critical point)",
-    "eigenvalues": "λ: Hessian eigenvalues, each within ‖Hv − λv‖ of a true one; converged: "
-    "‖Hv − λv‖ ≤ tol·|λ_max|",
+    "eigenvalues": "λ: Hessian eigenvalues, each within ‖Hv − λv‖ (plus, below float64, the "
+    "products' own error) of a true one; converged: that bound ≤ tol·|λ_max|",
     "curvature": "λ_max: curvature of the sharpest direction; trace = Σλ, an estimate ± its "
     "standard error",
     "alignment": f"|cos(ĝ, v₁)| < {POOR:g}: SAM's perturbation is poorly aligned with v₁, "
@@ -87,7 +87,8 @@ def _eigenvalues(results: Results, dtype: str | None) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("λ", justify="right")
-    table.add_column("‖Hv − λv‖", justify="right")
+    bounded = eig.bounds is not None  # the products' own error is in the bounds
+    table.add_column("‖Hv − λv‖ + product error" if bounded else "‖Hv − λv‖", justify="right")
     table.add_column("converged")
     s = results.sampling
     if s is not None:
@@ -95,13 +96,13 @@ def _eigenvalues(results: Results, dtype: str | None) -> Table:
     if s is not None and s.bias is not None:
         table.add_column("bias", justify="right")
     spread = [None] * len(eig.values) if s is None else list(s.eigenvalues)
-    rows = zip(eig.values, eig.residuals, eig.converged, spread, strict=True)
+    rows = zip(eig.values, eig.uncertainties, eig.converged, spread, strict=True)
     for i, (value, residual, ok, se) in enumerate(rows, 1):
         cells = [str(i), _num(value, 6), _bound(residual, floor), "yes" if ok else "[red]no[/red]"]
         table.add_row(*cells, *_data_cells(results, se, "eigenvalues", i - 1))
     low = results.lambda_min
     flag = "yes" if low.converged else "[red]no[/red]"
-    cells = ["min", _num(low.value, 6), _bound(low.residual, floor), flag]
+    cells = ["min", _num(low.value, 6), _bound(low.uncertainty, floor), flag]
     table.add_row(*cells, *_data_cells(results, s and s.lambda_min, "lambda_min"))
     return table
 

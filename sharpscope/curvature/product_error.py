@@ -1,0 +1,120 @@
+"""How far a float32 operator's products are from the model's float64 Hessian: measured once per
+run on one vector and folded into the eigenvalue bounds and ``converged`` flags (docs/engine.md).
+
+For a unit v and λ̂ its Rayleigh quotient, the residual ‖H₃₂v − λ̂v‖ bounds λ̂'s distance to an
+eigenvalue of the float32 operator; ‖H₆₄v − λ̂v‖ ≤ ‖H₃₂v − λ̂v‖ + ‖(H₃₂ − H₆₄)v‖ bounds its
+distance to one of the model's Hessian. The second term is what this module measures.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from sharpscope.curvature.operator import CurvatureOperator
+from sharpscope.curvature.results import EigenResult
+from sharpscope.curvature.vectors import norm
+from sharpscope.structures import sample_count, split
+
+FLOAT64_SHARE = 8
+"""The float64 reference is taken when the float64 copy of the model's parameters and buffers
+takes at most 1/8 of the free memory (the rest for its gradient graph and one batch's float64
+activations, no graph cached across batches), or when the free memory is unknown."""
+
+PROXY_FACTOR = 10.0
+"""The reordered product's difference, times this, stands for the float64 one. Calibrated on
+ResNet-shaped CNNs (docs/engine.md): the difference was 0.73–0.87 of the float64 measure where
+float32 rounding is the only error (CPU), 0.22 where the convolutions compute in bfloat16 (as
+TF32 ones do on a GPU), whose per-sample rounding another batch order repeats."""
+
+FAILURES = (RuntimeError, TypeError, ValueError, NotImplementedError, copy.Error)
+"""What a model that cannot run in float64 (or on half batches) raises."""
+
+
+@dataclass(frozen=True)
+class ProductError:
+    """‖(H_op − H₆₄)v‖ for one unit v (``absolute``), over ‖Hv‖ (``relative``), and how it was
+    measured: ``float64`` (a product of a float64 copy) or ``reordered`` (a second product in
+    another summation order, times :data:`PROXY_FACTOR`)."""
+
+    absolute: float
+    relative: float
+    method: str
+    dtype: str
+    """The operator's dtype (``float32``)."""
+
+    def widened(self, result: EigenResult, tol: float, scale: float) -> EigenResult:
+        """``result`` with this error in its bounds, and converged only where the bound meets
+        ``tol`` · ``scale`` (the spectral scale the solver used)."""
+        bounds = result.residuals + self.absolute
+        return replace(
+            result,
+            product_error=self.absolute,
+            converged=result.converged & (bounds <= tol * scale),
+        )
+
+    def notes(self, tol: float, scale: float) -> list[str]:
+        """One note when the error alone exceeds the tolerance: the bounds cannot meet it."""
+        if self.absolute <= tol * scale:
+            return []
+        return [
+            f"{self.dtype} products are {self.relative:.1e} (relative) away from float64 ones "
+            f"({self.method} measure), above tol={tol:g}: the eigenvalues are expected within "
+            f"{self.absolute:.2g} of the model's, not the tolerance; use `dtype` float64"
+        ]
+
+
+def product_error(
+    op: CurvatureOperator, v: torch.Tensor, available: int | None
+) -> ProductError | None:
+    """The error of ``op``'s products on the unit vector ``v``, by a float64 product when its copy
+    of the model fits in ``available`` bytes (:data:`FLOAT64_SHARE`), by the reordered proxy
+    otherwise; None for a float64 operator (nothing to measure). Two products, counted on ``op``."""
+    if op.dtype == torch.float64:
+        return None
+    image = op.matvec(v)
+    scale = max(norm(image), torch.finfo(torch.float64).tiny)
+    op.n_products += 1
+    if _float64_fits(op, available):
+        try:
+            difference = norm(image.double() - _wide(op).matvec(v.double()))
+            return ProductError(difference, difference / scale, "float64", _name(op.dtype))
+        except FAILURES:
+            pass
+    other = op.restricted(batches=_reordered(op), cache_graph=False)
+    difference = PROXY_FACTOR * norm((other.matvec(v) - image).double())
+    return ProductError(difference, difference / scale, "reordered", _name(op.dtype))
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _float64_fits(op: CurvatureOperator, available: int | None) -> bool:
+    tensors = [*op.model.parameters(), *op.model.buffers()]
+    wide = 8 * sum(t.numel() for t in tensors if t.is_floating_point())
+    return available is None or FLOAT64_SHARE * wide <= available
+
+
+def _wide(op: CurvatureOperator) -> CurvatureOperator:
+    """The same operator on a float64 copy of the model (inputs are cast as they are placed)."""
+    model = copy.deepcopy(op.model).double()
+    settings = {**op._settings(), "cache_graph": False}
+    return type(op)(model, op.loss_fn, op.batches, list(op.space.names), **settings)
+
+
+def _reordered(op: CurvatureOperator) -> list[tuple[Any, Any]]:
+    """The batches in reverse order, each cut in two halves unless BatchNorm uses batch
+    statistics (whose function depends on the batch)."""
+    reordered = []
+    for inputs, targets in reversed(op.batches):
+        samples = sample_count(inputs, "inputs")
+        if op.batch_stats or samples < 2:
+            reordered.append((inputs, targets))
+            continue
+        half = (samples + 1) // 2
+        reordered += list(zip(split(inputs, half), split(targets, half), strict=True))
+    return reordered
