@@ -132,14 +132,20 @@ def test_each_threshold_flags_the_model(report, saved, option, figure, direction
 
 def scaled(report: dict[str, Any], factor: float) -> dict[str, Any]:
     """The report of a model whose every eigenvalue is ``factor`` times this one's, on the same
-    data: the eigenvalues, their residuals, their spread and their per-shard figures."""
+    data: the eigenvalues, their residuals and bounds (float32: with the products' error), their
+    spread and their per-shard figures."""
     scaled = copy.deepcopy(report)
     results = scaled["results"]
     eig, low = results["eigenvalues"], results["lambda_min"]
-    eig["values"] = [factor * v for v in eig["values"]]
-    eig["residuals"] = [factor * r for r in eig["residuals"]]
+    for key in ("values", "residuals", "bounds"):
+        if key in eig:
+            eig[key] = [factor * v for v in eig[key]]
     results["lambda_max"] = eig["values"][0]
-    low["value"], low["residual"] = factor * low["value"], factor * low["residual"]
+    for key in ("value", "residual", "bound"):
+        if key in low:
+            low[key] *= factor
+    if "product_error" in results:
+        results["product_error"]["absolute"] *= factor
     sampling = results["sampling"]
     sampling["eigenvalues"] = [factor * se for se in sampling["eigenvalues"]]
     sampling["lambda_min"] *= factor
@@ -190,9 +196,7 @@ def test_a_rise_past_max_increase_fails_and_one_within_passes(report, tmp_path, 
     first = verdict(result)["checks"][0]
     assert (first["metric"], first["status"]) == ("lambda_max", "fail" if code else "pass")
     assert first["spread"] is None  # the figures on the data given: the solvers' bounds only
-    assert first["uncertainty"] == pytest.approx(
-        report["results"]["eigenvalues"]["residuals"][0] * rise
-    )
+    assert first["uncertainty"] == pytest.approx(bound(report["results"]["eigenvalues"]) * rise)
 
 
 def test_sigmas_compares_with_the_baseline_on_the_paired_difference(report, tmp_path):
@@ -215,7 +219,7 @@ def test_sigmas_compares_with_the_baseline_on_the_paired_difference(report, tmp_
     unpaired = (1.3**2 + 1) ** 0.5 * report["results"]["sampling"]["eigenvalues"][0]
     assert first["spread"] < 0.5 * 2 * unpaired  # far less than either report's own spread
     assert first["uncertainty"] == pytest.approx(
-        first["spread"] + 1.3 * report["results"]["eigenvalues"]["residuals"][0]
+        first["spread"] + 1.3 * bound(report["results"]["eigenvalues"])
     )
     assert (result.exit_code, first["status"]) == (1, "fail")
 
@@ -259,13 +263,20 @@ def test_a_model_a_tenth_of_a_percent_past_max_eigenvalue_fails(tight, ratio, co
     assert verdict(result)["checks"][0]["status"] == ("fail" if code else "pass")
 
 
+def bound(eig: dict[str, Any]) -> float:
+    """λ_max's bound, which the gate reads: the residual, plus the products' error below float64."""
+    return eig.get("bounds", eig["residuals"])[0]
+
+
 def set_lambda_max(report: dict[str, Any], value: float, residual: float) -> None:
-    """λ_max and its residual, without the data uncertainty (as with ``--shards 0``), so that
-    the residual alone is its margin."""
+    """λ_max and its residual, without the data uncertainty (as with ``--shards 0``) and with
+    the products' error set to 0 (float32 reports), so that the residual alone is its margin."""
     report["results"]["sampling"] = None
     eig = report["results"]["eigenvalues"]
     report["results"]["lambda_max"] = eig["values"][0] = value
     eig["residuals"][0] = residual
+    if "bounds" in eig:
+        eig["bounds"][0] = residual
 
 
 @pytest.mark.parametrize(("excess", "code", "status"), [(0.5, 0, "noise"), (2.0, 1, "fail")])

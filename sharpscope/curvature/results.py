@@ -84,7 +84,7 @@ class EigenResult:
 
     @property
     def bounds(self) -> torch.Tensor:
-        """Per pair, ``residuals`` + ``product_error``: how far λ can be from an exact eigenvalue."""
+        """Per pair, ``residuals`` + ``product_error``: how far λ can be from an exact one."""
         return self.residuals + self.product_error
 
     @property

@@ -16,8 +16,8 @@ from sharpscope.report.document import Inputs, Layer, Report, Results, Trace
 HELP = {
     "summary": "loss: the mean over the analysed samples; ‖∇L‖: the norm of its gradient "
     "(0 at a critical point)",
-    "eigenvalues": "λ: Hessian eigenvalues, each within ‖Hv − λv‖ (plus, below float64, the "
-    "products' own error) of a true one; converged: that bound ≤ tol·|λ_max|",
+    "eigenvalues": "λ: Hessian eigenvalues, each within its bound of a true one; converged: "
+    "bound ≤ tol·|λ_max|",
     "curvature": "λ_max: curvature of the sharpest direction; trace = Σλ, an estimate ± its "
     "standard error",
     "alignment": f"|cos(ĝ, v₁)| < {POOR:g}: SAM's perturbation is poorly aligned with v₁, "
