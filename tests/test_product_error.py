@@ -6,14 +6,20 @@ keep their flags."""
 from __future__ import annotations
 
 import copy
+import json
 
+import jsonschema
 import pytest
 import torch
+from test_report import INPUTS, assert_schema_order
 from torch import nn
 
 import sharpscope as ss
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
+from sharpscope.analysis.gate import Thresholds, gate
 from sharpscope.curvature.product_error import PROXY_FACTOR, product_error
+from sharpscope.report.document import Inputs, Report
+from sharpscope.report.schema import report_schema
 
 
 class LowPrecisionConv(nn.Conv2d):
@@ -149,3 +155,32 @@ def test_float64_runs_are_unchanged():
         ss.HessianOperator(model, LOSS, wide), 3, 1, 1e-8, CONFIG["max_iter"]
     )[0]
     assert torch.equal(direct.eigenvalues, result.top.eigenvalues)
+
+
+def test_the_report_records_the_error_and_the_gate_reads_the_bounds(cnn):
+    model, batches, _ = cnn
+    result = analyze(model, LOSS, batches, AnalyzeConfig(tol=1e-4, **CONFIG))
+    report = Report.from_analysis(result, Inputs.from_json({**INPUTS, "dtype": "float32"}))
+    document = json.loads(report.dumps())
+    jsonschema.validate(document, report_schema())
+    assert_schema_order(document, report_schema())
+    error, top = document["results"]["product_error"], result.top
+    assert error["method"] == "float64" and error["dtype"] == "float32"
+    assert error["absolute"] == result.product_error.absolute
+    assert document["results"]["eigenvalues"]["bounds"] == top.bounds.tolist()
+    assert document["results"]["lambda_min"]["bound"] == float(result.bottom.bounds[0])
+    readings = Report.from_json(document).gate_input().readings
+    assert readings["lambda_max"].uncertainty == float(top.bounds[0]) > float(top.residuals[0])
+    assert readings["lambda_min"].uncertainty == float(result.bottom.bounds[0])
+    limit = float(top.eigenvalues[0] - top.residuals[0]) - 1e-3  # past it by more than the residual
+    [check] = gate(Report.from_json(document).gate_input(), Thresholds(max_eigenvalue=limit))
+    assert check.status == "noise"  # but not by more than the bound
+
+
+def test_hessian_eigs_bounds_contain_the_float64_eigenvalues(cnn):
+    model, batches, reference = cnn
+    settings = ss.SolveSettings(tol=1e-4, max_iter=60)
+    result = ss.hessian_eigs(model, LOSS, batches, k=3, settings=settings)
+    distance = (result.eigenvalues - reference.eigenvalues).abs()
+    assert (distance <= result.bounds).all() and (distance > result.residuals).any()
+    assert not result.converged.any() and result.product_error > 0

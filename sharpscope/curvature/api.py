@@ -8,10 +8,12 @@ from typing import Any, Literal
 
 from torch import nn
 
+from sharpscope.analysis.plan import available_memory
 from sharpscope.batches import LossFn
 from sharpscope.curvature.density import slq
 from sharpscope.curvature.hvp import Backend, HessianOperator
 from sharpscope.curvature.lanczos import Which
+from sharpscope.curvature.product_error import product_error
 from sharpscope.curvature.results import DensityResult, EigenResult, Progress, TraceResult
 from sharpscope.curvature.solvers import SolveSettings, solver
 from sharpscope.curvature.trace import hutchinson, hutchpp
@@ -46,9 +48,15 @@ def hessian_eigs(
     progress: Progress | None = None,
 ) -> EigenResult:
     """Top (or bottom, or largest-magnitude) ``k`` Hessian eigenpairs of the mean loss over
-    ``batches``, by the solver ``method`` names (see :data:`SOLVERS`) with its ``settings``."""
+    ``batches``, by the solver ``method`` names (see :data:`SOLVERS`) with its ``settings``; below
+    float64 the products' own error is in the bounds and ``converged`` flags (two products)."""
     op = _operator(model, loss_fn, batches, params, backend, batch_stats)
-    return solver(method).eigs(op, k, which, settings or SolveSettings(), progress)
+    settings = settings or SolveSettings()
+    result = solver(method).eigs(op, k, which, settings, progress)
+    error = product_error(op, result.eigenvectors[0], available_memory(op.device))
+    if error is None:
+        return result
+    return error.widened(result, settings.tol, float(result.eigenvalues.abs().max()))
 
 
 def hessian_trace(
