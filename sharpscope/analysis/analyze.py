@@ -361,6 +361,8 @@ def _planned(
         if bounded_cost.vectors < cost.vectors:  # the solver keeps the bound
             settings, cost, chosen = bounded, bounded_cost, bounded.max_basis
     products = {"eigenpairs": cost.products}
+    if op.dtype != torch.float64:  # the products' own error, on v₁ (product_error)
+        products["product-error"] = 2
     if config.trace:
         budget = trace_budget(config.trace_samples, cost.products)
         products["trace"] = method.trace_products(budget)
