@@ -102,7 +102,7 @@ def test_every_check_passes(report, saved):
         "--min-alignment", 0,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    for label in ("λ_max", "λ_min", "trace", "SAM sharpness", "|cos(ĝ, v₁)|"):
+    for label in ("λ_max", "λ_min", "trace", "SAM sharpness", "|cos(ĝ_B, v₁)|"):
         assert label in result.stdout
     assert "PASS: 5 of 5 checks passed" in result.stdout
     assert result.stderr == ""
@@ -115,7 +115,7 @@ def test_every_check_passes(report, saved):
         ("--min-eigenvalue", lambda r: r["lambda_min"]["value"], "min"),
         ("--max-trace", lambda r: r["trace"]["estimate"], "max"),
         ("--max-sam-sharpness", lambda r: r["alignment"]["sam_sharpness"], "max"),
-        ("--min-alignment", lambda r: r["alignment"]["cos_full"], "min"),
+        ("--min-alignment", lambda r: r["alignment"]["cos_batches"]["mean"], "min"),
     ],
 )
 def test_each_threshold_flags_the_model(report, saved, option, figure, direction):
@@ -412,7 +412,7 @@ def test_github_annotations_and_step_summary(report, tmp_path):
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
     env = {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(summary)}
-    limit = report["results"]["alignment"]["cos_full"] + 0.5
+    limit = report["results"]["alignment"]["cos_batches"]["mean"] + 0.5
     result = check(saved, "--max-eigenvalue", 1, "--min-alignment", limit, env=env)
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
@@ -422,12 +422,12 @@ def test_github_annotations_and_step_summary(report, tmp_path):
         "::warning title=sharpscope check%3A λ_max ≤ 1::λ_max = 1.0005 ± 0.001"
     )
     assert error.startswith(
-        f"::error title=sharpscope check%3A |cos(ĝ%2C v₁)| ≥ {limit:g}::|cos(ĝ, v₁)| = "
+        f"::error title=sharpscope check%3A |cos(ĝ_B%2C v₁)| ≥ {limit:g}::|cos(ĝ_B, v₁)| = "
     )
     text = summary.read_text()
     assert text.startswith("earlier step\n")
     assert "### sharpscope check: FAIL: 1 of 2 checks flagged the model" in text
-    assert "| \\|cos(ĝ, v₁)\\| |" in text and "⚠️ pass (within noise)" in text
+    assert "| \\|cos(ĝ_B, v₁)\\| |" in text and "⚠️ pass (within noise)" in text
     as_json = check(saved, "--max-eigenvalue", 1, "--json", env=env)
     assert json.loads(as_json.stdout)["verdict"] == "pass"
     assert as_json.stderr.startswith("::warning title=")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from sharpscope.analysis.alignment import MinibatchCosines
 from sharpscope.analysis.analyze import Analysis, AnalyzeConfig, analyze
 from sharpscope.analysis.gate import METRICS, Reading
 from sharpscope.analysis.sampling import jackknife_se
@@ -187,6 +188,9 @@ def test_the_gate_reads_each_of_its_figures(analysed):
         ),
         replicates["cos_full"],
     )  # a cosine's bias may have either sign
+    b = results.alignment.cos_batches
+    assert b.count >= 2 and b.std_error > 0
+    assert gated.readings["cos_batches"] == Reading(b.mean, b.std_error)  # the verdict's figure
     assert gated.shard_weights == replicates["weights"]
     assert len(replicates["weights"]) == sampling.shards
     assert sum(replicates["weights"]) == pytest.approx(1.0)
@@ -246,7 +250,7 @@ def test_table_shows_figures_and_verdict(analysed):
     console.print(render(report))
     text = console.export_text()
     assert f"{result.lambda_max:.6g}" in text
-    assert report.results.verdict in text.replace("\n", " ")
+    assert report.results.verdict in " ".join(text.split())  # however the line wraps
     assert "Per-layer" in text and "SAM alignment" in text
 
 
@@ -329,7 +333,7 @@ NUMBER = r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 PRINTED_INTERVALS = (
     rf"({NUMBER}) \[({NUMBER}), ({NUMBER})\]",  # a figure and its spread
     rf"({NUMBER}) ± {NUMBER} \(95 %: ({NUMBER}) to ({NUMBER})\)",  # the trace's estimate
-    rf"= ({NUMBER}) may lie anywhere in \[({NUMBER}), ({NUMBER})\]",  # the spread's note
+    rf"({NUMBER}) ± {NUMBER} \[({NUMBER})–({NUMBER})\]",  # the minibatches' mean, SE, range
 )
 
 
@@ -367,16 +371,45 @@ def test_every_printed_interval_holds_its_point(analysed):
         ),
     )
     found += printed_intervals(skewed)
-    assert any("may lie anywhere" in n for n in skewed.results.notes)
+    assert any("crosses the cut-off 0.1" in n for n in skewed.results.notes)
     for point, low, high in found:
         assert low <= point <= high, (point, low, high)
 
 
 def _straddling_note(analysis: Analysis) -> list[str]:
-    """The spread's note for an alignment whose spread crosses 0.1."""
-    straddling = replace(
-        analysis,
-        alignment=replace(analysis.alignment, cos_full=0.104),
-        sampling=replace(analysis.sampling, cos_full=0.0201),
-    )
+    """The note for an alignment whose minibatches' mean ± 2 SE crosses 0.1."""
+    cosines = MinibatchCosines.of([0.06, 0.15, 0.09, 0.13], [0.5] * 4, 16)
+    straddling = replace(analysis, alignment=replace(analysis.alignment, cos_batches=cosines))
     return spread_notes(straddling)
+
+
+def test_the_minibatch_alignment_survives_a_json_round_trip(analysed):
+    _, report = analysed
+    b = report.results.alignment.cos_batches
+    saved = json.loads(report.dumps())["results"]["alignment"]["cos_batches"]
+    assert saved["values"] == pytest.approx(list(b.values), abs=0, rel=0)
+    assert (saved["count"], saved["batch_size"]) == (len(b.values), 16)
+    assert saved["std_error"] == pytest.approx(float(torch.tensor(b.values).std() / b.count**0.5))
+    again = Report.from_json(json.loads(report.dumps())).results.alignment.cos_batches
+    assert again == b
+    # a single minibatch writes no std_error (never 0), and a report without the new keys (older
+    # ones) still reads, with no standard error to gate on
+    alone = replace(b, count=1, std_error=None, values=b.values[:1])
+    document = json.loads(
+        replace(
+            report,
+            results=replace(
+                report.results, alignment=replace(report.results.alignment, cos_batches=alone)
+            ),
+        ).dumps()
+    )
+    assert "std_error" not in document["results"]["alignment"]["cos_batches"]
+    for key in ("std_error", "batch_size", "values", "eigen_sam_mean"):
+        document["results"]["alignment"]["cos_batches"].pop(key, None)
+    older = Report.from_json(document)
+    assert older.results.alignment.cos_batches.std_error is None
+    assert older.gate_input().readings["cos_batches"].uncertainty is None
+    console = Console(record=True, width=200)
+    console.print(render(older))
+    row = next(line for line in console.export_text().splitlines() if "|cos(ĝ_B" in line)
+    assert "1 minibatch" in row and "(no SE)" in row and "±" not in row

@@ -9,6 +9,7 @@ estimate must account for the bias the plain interval misses."""
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import replace
 from functools import cache
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from sharpscope.analysis.alignment import MinibatchCosines
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
 from sharpscope.analysis.gate import GateInput, Reading, Thresholds, gate
 from sharpscope.analysis.sampling import (
@@ -197,21 +199,25 @@ def test_too_few_samples_for_two_shards_leave_it_out_with_a_note():
     assert any("spread over other samples was not estimated" in note for note in a.notes)
 
 
-def test_the_verdict_is_decisive_and_a_note_says_when_the_spread_could_change_it():
+def test_the_verdict_is_decisive_and_a_note_says_when_other_minibatches_could_change_it():
     model = nn.Linear(4, 1, bias=False).double()
     a = analyze(model, resolve_loss("mse"), sample(0), AnalyzeConfig(k=1, trace=False))
     assert a.num_samples == N and a.sampling.bias is None  # the bias re-solve is opt-in
+    values = [0.05, 0.19, 0.08, 0.16]  # mean 0.12, SE 0.0324: 2 SE reach below 0.1
     straddling = replace(
-        a,
-        alignment=replace(a.alignment, cos_full=0.12),
-        sampling=replace(a.sampling, cos_full=0.02),
+        a, alignment=replace(a.alignment, cos_batches=MinibatchCosines.of(values, values, 8))
     )
+    # the full-data figure no longer decides, whatever its spread
     assert "partly aligned" in verdict(straddling) and "uncertain" not in verdict(straddling)
     (note,) = spread_notes(straddling)
-    half = a.sampling.multiplier * 0.02  # reaches 0.12 − half < 0.1 on the low side
-    needed = math.ceil(N * (half / 0.02) ** 2)  # the excursion shrinks as 1/√n
-    assert "across the cut-off 0.1;" in note and f"about {needed:,} samples" in note
-    clear = replace(straddling, sampling=replace(a.sampling, cos_full=0.001))
+    se = statistics.stdev(values) / 2
+    needed = math.ceil(4 * (2 * se / 0.02) ** 2)  # the excursion shrinks as 1/√minibatches
+    assert "crosses the cut-off 0.1;" in note
+    assert f"about {8 * needed:,} samples ({needed:,} minibatches of 8)" in note
+    values = [0.11, 0.13, 0.12, 0.12]
+    clear = replace(
+        a, alignment=replace(a.alignment, cos_batches=MinibatchCosines.of(values, values, 8))
+    )
     assert "partly aligned" in verdict(clear) and spread_notes(clear) == []
 
 
@@ -254,7 +260,7 @@ def test_the_paired_jackknife_cancels_what_both_figures_share():
 
 
 def gated(reading: Reading, sigmas: float | None) -> str:
-    report = GateInput({"cos_full": reading}, 2, 1, (), {})
+    report = GateInput({"cos_batches": reading}, 2, 1, (), {})
     thresholds = Thresholds(min_alignment=0.35)
     if sigmas is not None:
         thresholds = replace(thresholds, sigmas=sigmas)
@@ -263,13 +269,21 @@ def gated(reading: Reading, sigmas: float | None) -> str:
 
 
 def test_the_gate_widens_by_sigmas_data_standard_errors_only_when_asked():
-    assert gated(Reading(0.3, None, 0.05), 2.0).startswith("noise: |cos(ĝ, v₁)| = 0.3 ± 0.1")
+    assert gated(Reading(0.3, None, 0.05), 2.0).startswith("noise: |cos(ĝ_B, v₁)| = 0.3 ± 0.1")
     assert gated(Reading(0.3, None, 0.05), 0.0).startswith("fail")
     assert gated(Reading(0.3, None, 0.05), None).startswith(
-        "fail: |cos(ĝ, v₁)| = 0.3 (no uncertainty estimate)"
+        "fail: |cos(ĝ_B, v₁)| = 0.3 (no uncertainty estimate)"
     )  # by default: the figure on the data given
     unknown = gated(Reading(0.3, None, None), 2.0)
-    assert unknown.startswith("fail: |cos(ĝ, v₁)| = 0.3 (no uncertainty estimate)")
+    assert unknown.startswith("fail: |cos(ĝ_B, v₁)| = 0.3 (no uncertainty estimate)")
+
+
+def test_min_alignment_gates_the_minibatch_mean_within_two_of_its_standard_errors():
+    """The verdict's figure, its SE over minibatches an estimator's (like the trace's Hutch++):
+    0.3 ± 2·0.03 reaches 0.36, past 0.35: within noise; ± 2·0.02 reaches 0.34: flagged."""
+    assert gated(Reading(0.3, 0.03), None).startswith("noise: |cos(ĝ_B, v₁)| = 0.3 ± 0.06")
+    assert gated(Reading(0.3, 0.02), None).startswith("fail: |cos(ĝ_B, v₁)| = 0.3 ± 0.04")
+    assert gated(Reading(0.36, 0.02), None).startswith("pass")
 
 
 def _mlp_batches(lengths: tuple[int, ...] = (16, 16, 16, 16)) -> tuple[nn.Module, list]:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sharpscope import distributed
+from sharpscope.batches import batch_size
 from sharpscope.curvature import CurvatureOperator, HessianOperator
 from sharpscope.curvature.vectors import abs_cosine, dot, norm
 from sharpscope.optim.perturbations import eigen_sam_perturbation, sam_perturbation
@@ -24,27 +25,42 @@ def subspace_share(u: torch.Tensor, basis: torch.Tensor) -> float:
 
 
 @dataclass
-class Distribution:
-    """Summary of a sample of values: count, mean, extremes and quantiles (5, 25, 50, 75, 95 %)."""
+class MinibatchCosines:
+    """|cos(ĝ_B, v₁)| of SAM's own perturbation, one minibatch gradient ĝ_B at a time (Luo et al.
+    measure it so): the mean over the full minibatches of ``batch_size`` samples, its standard
+    error over them (None with fewer than two), the extremes, quantiles and each value, and the
+    same mean for Eigen-SAM's ε_B."""
 
+    batch_size: int
     count: int
     mean: float
+    std_error: float | None
     min: float
     max: float
     quantiles: dict[str, float]
+    values: tuple[float, ...]
+    eigen_sam_mean: float
+    """The mean over the same minibatches of |cos(ε_B, v₁)|, ε_B = ρ(ĝ_B + α s v⊥)."""
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> Distribution:
+    def of(
+        cls, values: Sequence[float], eigen_sam: Sequence[float], batch_size: int
+    ) -> MinibatchCosines:
+        """The summary of per-minibatch |cos| ``values`` (and Eigen-SAM's, in the same order)."""
         t = torch.tensor(list(values), dtype=torch.float64)
         qs = torch.quantile(t, torch.tensor(QUANTILES, dtype=torch.float64))
         return cls(
+            batch_size=batch_size,
             count=len(t),
             mean=float(t.mean()),
+            std_error=float(t.std() / math.sqrt(len(t))) if len(t) > 1 else None,
             min=float(t.min()),
             max=float(t.max()),
             quantiles={
                 f"q{round(q * 100):02d}": float(v) for q, v in zip(QUANTILES, qs, strict=True)
             },
+            values=tuple(float(v) for v in t),
+            eigen_sam_mean=float(torch.tensor(list(eigen_sam), dtype=torch.float64).mean()),
         )
 
 
@@ -56,8 +72,8 @@ class Alignment:
     alpha: float
     cos_full: float
     """|cos(ĝ, v₁)| for the full-data gradient."""
-    cos_batches: Distribution | None
-    """|cos(ĝ_b, v₁)| over minibatch gradients (None with a single batch)."""
+    cos_batches: MinibatchCosines
+    """|cos(ĝ_B, v₁)| over the minibatch gradients SAM perturbs along: what the verdict reads."""
     topk_share: float
     """‖P_k ĝ‖: the share of ĝ in the span of the top-k eigenvectors."""
     sam_sharpness: float
@@ -67,16 +83,21 @@ class Alignment:
     sam_sharpness_taylor: float
     """ρ‖g‖ + ½ρ² ĝᵀHĝ, its second-order Taylor prediction."""
     eigen_sam_cos: float
-    """|cos(ε, v₁)| for Eigen-SAM's ε = ρ(ĝ + α s v⊥) at this ``rho`` and ``alpha``."""
+    """|cos(ε, v₁)| for Eigen-SAM's ε = ρ(ĝ + α s v⊥) at this ``rho`` and ``alpha``, from the
+    full-data gradient (its minibatch mean is in ``cos_batches``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def batch_cosines(op: CurvatureOperator, v1: torch.Tensor) -> list[float]:
-    """|cos(ĝ_b, v₁)| for the gradient of each of ``op``'s batches on its own; when ``op`` is
-    distributed, those of all ranks' batches, in rank order, on every rank."""
-    values = []
+def minibatch_cosines(
+    op: CurvatureOperator, v1: torch.Tensor, rho: float, alpha: float
+) -> MinibatchCosines:
+    """|cos(ĝ_B, v₁)| and Eigen-SAM's |cos(ε_B, v₁)| for the gradient of each of ``op``'s full
+    minibatches on its own (those of the largest batch's size: a last, shorter one is left out),
+    over all ranks' batches when ``op`` is distributed; the one batch when there is only one.
+    Costs one gradient per batch (together, one pass over the data)."""
+    found = []
     for batch in op.batches:
         single = HessianOperator(
             op.model,
@@ -87,10 +108,14 @@ def batch_cosines(op: CurvatureOperator, v1: torch.Tensor) -> list[float]:
             cache_graph=False,
             distributed=False,
         )
-        values.append(abs_cosine(single.gradient(), v1))
-    if not op.distributed:
-        return values
-    return [value for rank_values in distributed.all_gather(values) for value in rank_values]
+        g = single.gradient()
+        eigen = abs_cosine(eigen_sam_perturbation(g, v1, rho, alpha), v1) if norm(g) > 0 else 0.0
+        found.append((batch_size(batch), abs_cosine(g, v1), eigen))
+    if op.distributed:
+        found = [item for rank_items in distributed.all_gather(found) for item in rank_items]
+    size = max(item[0] for item in found)
+    full = [item for item in found if item[0] == size]
+    return MinibatchCosines.of([c for _, c, _ in full], [e for _, _, e in full], size)
 
 
 def sam_alignment(
@@ -109,12 +134,11 @@ def sam_alignment(
     base = op.loss()
     eps = sam_perturbation(g, rho)
     eigen_eps = eigen_sam_perturbation(g, v1, rho, alpha)
-    cosines = batch_cosines(op, v1) if op.num_batches > 1 else None
     return Alignment(
         rho=rho,
         alpha=alpha,
         cos_full=abs_cosine(g, v1),
-        cos_batches=Distribution.of(cosines) if cosines else None,
+        cos_batches=minibatch_cosines(op, v1, rho, alpha),
         topk_share=subspace_share(g, eigenvectors),
         sam_sharpness=op.loss(eps) - base,
         sam_sharpness_quadratic=0.5 * rho**2 * curvature,

@@ -1,58 +1,80 @@
-"""A one-line, plain-language reading of an analysis, and a note when the spread could change it."""
+"""A one-line, plain-language reading of an analysis, and a note when the minibatches' standard
+error could change it."""
 
 from __future__ import annotations
 
+from sharpscope.analysis.alignment import MinibatchCosines
 from sharpscope.analysis.analyze import Analysis
-from sharpscope.analysis.sampling import bias_range, interval, rounded_outward, samples_to_settle
+from sharpscope.analysis.gate import ESTIMATOR_SIGMAS
+from sharpscope.analysis.sampling import samples_to_settle
 
 POOR, GOOD = 0.1, 0.5
-"""|cos(ĝ, v₁)| below POOR is poorly aligned, above GOOD well aligned, partly in between."""
+"""|cos(ĝ_B, v₁)| below POOR is poorly aligned, above GOOD well aligned, partly in between."""
+
+
+def alignment_figure(b: MinibatchCosines) -> str:
+    """The figure the verdict reads, e.g. ``|cos(ĝ_B, v₁)| = 0.40 ± 0.031, mean ± SE over 11
+    minibatches of 128``; a single minibatch is said to have no standard error."""
+    if b.std_error is None:
+        return f"|cos(ĝ_B, v₁)| = {b.mean:.2f}, one minibatch of {b.batch_size}: no standard error"
+    return (
+        f"|cos(ĝ_B, v₁)| = {b.mean:.2f} ± {b.std_error:.2g}, mean ± SE over {b.count} "
+        f"minibatches of {b.batch_size}"
+    )
 
 
 def verdict(analysis: Analysis) -> str:
-    """What the SAM alignment on the data given says, e.g. "SAM perturbation is poorly aligned
-    ... (|cos| = 0.04)": always a verdict; the spread over other samples never changes it (see
-    :func:`spread_notes`)."""
+    """What SAM's alignment on the data given says, read from its own perturbations: the mean
+    |cos(ĝ_B, v₁)| over the minibatches of the training batch size, e.g. "SAM perturbation is
+    poorly aligned ... (|cos(ĝ_B, v₁)| = 0.04 ± 0.01, ...)": always a verdict; the standard error
+    never changes it (see :func:`spread_notes`)."""
     a = analysis.alignment
     if a is None:
         return "The gradient is zero: SAM's perturbation, and its alignment, are undefined here."
-    cos = a.cos_full
+    b = a.cos_batches
+    cos, eigen, figure = b.mean, b.eigen_sam_mean, alignment_figure(b)
     if cos < POOR:
         return (
-            f"SAM perturbation is poorly aligned with the top eigenvector (|cos| = {cos:.2f}): "
-            f"SAM barely regularises λ_max here; Eigen-SAM would raise it to {a.eigen_sam_cos:.2f} "
+            f"SAM perturbation is poorly aligned with the top eigenvector ({figure}): SAM "
+            f"barely regularises λ_max here; Eigen-SAM would raise it to {eigen:.2f} "
             f"(α = {a.alpha:g})."
         )
     if cos < GOOD:
         return (
-            f"SAM perturbation is partly aligned with the top eigenvector (|cos| = {cos:.2f}); "
-            f"Eigen-SAM would give {a.eigen_sam_cos:.2f} (α = {a.alpha:g})."
+            f"SAM perturbation is partly aligned with the top eigenvector ({figure}); "
+            f"Eigen-SAM would give {eigen:.2f} (α = {a.alpha:g})."
         )
-    return f"SAM perturbation is well aligned with the top eigenvector (|cos| = {cos:.2f})."
+    return f"SAM perturbation is well aligned with the top eigenvector ({figure})."
 
 
 def spread_notes(analysis: Analysis) -> list[str]:
-    """One note when the 95 % interval of |cos(ĝ, v₁)| over other samples of this size crosses
-    a cut-off of the verdict: which, and about how many samples would keep it on one side
-    (:func:`~sharpscope.analysis.sampling.samples_to_settle`); none otherwise."""
-    a, s = analysis.alignment, analysis.sampling
-    if a is None or s is None or s.cos_full is None:
+    """One note when other minibatches could change the alignment verdict, only where more data
+    would settle it: the mean ± :data:`~sharpscope.analysis.gate.ESTIMATOR_SIGMAS` standard
+    errors crosses a cut-off (which, and about how many samples would keep it on one side), or a
+    single minibatch has no standard error; none otherwise."""
+    a = analysis.alignment
+    if a is None:
         return []
-    cos = a.cos_full
-    bias = bias_range(s.bias and s.bias.cos_full, s.bias_factor, signed=False)
-    low, high = interval(cos, s.cos_full, s.multiplier, None, bias)
+    b = a.cos_batches
+    if b.std_error is None:
+        return [
+            f"the alignment is of one minibatch of {b.batch_size} samples, so how much it varies "
+            f"between SAM's minibatches is unknown: analyze at least {2 * b.batch_size:,} "
+            "samples for a standard error"
+        ]
+    cos, reach = b.mean, ESTIMATOR_SIGMAS * b.std_error
+    low, high = cos - reach, cos + reach
     crossed = [cut for cut in (POOR, GOOD) if low < cut <= high and cut != cos]
     if not crossed:
         return []
     needed = max(
-        samples_to_settle(analysis.num_samples, cos, high if cut > cos else low, cut) or 0
-        for cut in crossed
+        samples_to_settle(b.count, cos, high if cut > cos else low, cut) or 0 for cut in crossed
     )
-    shown_low, shown_high = rounded_outward(max(low, 0.0), min(high, 1.0))
     cuts = " and ".join(f"{c:g}" for c in crossed)
     return [
-        f"the spread could change the alignment verdict: over other samples of this size "
-        f"|cos(ĝ, v₁)| = {cos:.3g} may lie anywhere in [{shown_low:.2g}, {shown_high:.2g}] "
-        f"(95 %), across the cut-off{'s' if len(crossed) > 1 else ''} {cuts}; about "
-        f"{needed:,} samples from the same data would settle it (the spread shrinks as 1/√n)"
+        f"other minibatches could change the alignment verdict: |cos(ĝ_B, v₁)| = {cos:.3g} ± "
+        f"{reach:.2g} ({ESTIMATOR_SIGMAS:g} SE over {b.count} minibatches) crosses the "
+        f"cut-off{'s' if len(crossed) > 1 else ''} {cuts}; about {needed * b.batch_size:,} "
+        f"samples ({needed:,} minibatches of {b.batch_size}) would settle it (the SE shrinks as "
+        "1/√minibatches)"
     ]

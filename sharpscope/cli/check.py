@@ -67,7 +67,10 @@ MaxAdaptiveSharpness = _limit(
     "Flag the model when the adaptive sharpness (--adaptive-sharpness) exceeds this (by more "
     "than 2 Monte-Carlo SE for the average case)."
 )
-MinAlignment = _limit("Flag the model when |cos(ĝ, v₁)| (full-data gradient) is below this.")
+MinAlignment = _limit(
+    "Flag the model when SAM's alignment, the mean |cos(ĝ_B, v₁)| over minibatches, is below "
+    "this by more than 2 SE."
+)
 
 
 def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:

@@ -291,7 +291,9 @@ class Density(Section):
 
 @dataclass(frozen=True)
 class BatchCosines(Section):
-    """|cos(ĝ_b, v₁)| over the minibatch gradients: count, mean, extremes and quantiles."""
+    """|cos(ĝ_B, v₁)| over the full minibatches' gradients, SAM's own perturbations (see
+    :class:`~sharpscope.analysis.alignment.MinibatchCosines`): the figure the verdict and
+    `check --min-alignment` read is ``mean`` ± ``std_error``."""
 
     count: int
     mean: float
@@ -299,6 +301,17 @@ class BatchCosines(Section):
     max: float
     quantiles: dict[str, float]
     """``q05``, ``q25``, ``q50``, ``q75``, ``q95``."""
+    std_error: float | None = field(default=None, metadata=_OPTIONAL)
+    """The standard error of ``mean`` over the minibatches; absent with fewer than two (and in
+    older reports)."""
+    batch_size: int | None = field(default=None, metadata=_OPTIONAL)
+    """Samples per minibatch (absent in older reports, whose minibatches included a last,
+    shorter one)."""
+    values: tuple[float, ...] | None = field(default=None, metadata=_OPTIONAL)
+    """Each minibatch's |cos(ĝ_B, v₁)|, in data order (absent in older reports)."""
+    eigen_sam_mean: float | None = field(default=None, metadata=_OPTIONAL)
+    """The mean of Eigen-SAM's |cos(ε_B, v₁)| over the same minibatches (absent in older
+    reports)."""
 
 
 @dataclass(frozen=True)
@@ -686,6 +699,9 @@ class Report(Section):
             "cos_full": None
             if a is None
             else _reading(a.cos_full, None, **spread("cos_full", s and s.cos_full, "cos_full")),
+            "cos_batches": None
+            if a is None or (b := a.cos_batches) is None
+            else _reading(b.mean, b.std_error),
             "adaptive_sharpness": None
             if (h := r.adaptive_sharpness) is None
             else _reading(h.value, h.std_error, h.sampling, replicates=h.replicates),

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from sharpscope.analysis.sampling import UNIT, rounded_outward
 from sharpscope.analysis.verdict import GOOD, POOR
-from sharpscope.report.document import Inputs, Layer, Report, Results, Trace
+from sharpscope.report.document import BatchCosines, Inputs, Layer, Report, Results, Trace
 
 HELP = {
     "summary": "loss: the mean over the analysed samples; ‖∇L‖: the norm of its gradient "
@@ -20,7 +20,7 @@ HELP = {
     "bound ≤ tol·|λ_max|",
     "curvature": "λ_max: curvature of the sharpest direction; trace = Σλ, an estimate ± its "
     "standard error",
-    "alignment": f"|cos(ĝ, v₁)| < {POOR:g}: SAM's perturbation is poorly aligned with v₁, "
+    "alignment": f"ĝ_B: a minibatch's gradient, as SAM uses; |cos| < {POOR:g}: poorly aligned, "
     f"{POOR:g}–{GOOD:g} partly, ≥ {GOOD:g} well",
     "adaptive_sharpness": "worst: max L(w + δ) − L(w) over ‖δ ⊘ |w|‖ ≤ ρ by ascent (a lower "
     "bound); average: its mean over δ = ρ|w|⊙z; adaptive: invariant to rescaling layers",
@@ -198,17 +198,13 @@ def _alignment(results: Results) -> Table | None:
     table.add_column(style="bold")
     table.add_column(justify="right")
     s = results.sampling
+    batches = a.cos_batches
+    if batches is not None:
+        table.add_row(*_minibatch_rows(batches))
     table.add_row(
         "|cos(ĝ, v₁)|, full-data gradient",
         _with_interval(results, a.cos_full, s and s.cos_full, 3, UNIT, "cos_full"),
     )
-    batches = a.cos_batches
-    if batches is not None:
-        q = batches.quantiles
-        table.add_row(
-            f"|cos(ĝ_b, v₁)|, {batches.count} minibatches: mean [5–95 %]",
-            f"{_num(batches.mean, 3)} [{_num(q['q05'], 2)}–{_num(q['q95'], 2)}]",
-        )
     table.add_row(
         "‖P_k ĝ‖, ĝ's share in the top-k eigenspace",
         _with_interval(results, a.topk_share, s and s.topk_share, 3, UNIT, "topk_share"),
@@ -219,8 +215,27 @@ def _alignment(results: Results) -> Table | None:
     )
     table.add_row("  predicted ρ‖g‖ + ½ρ²ĝᵀHĝ", _num(a.sam_sharpness_taylor))
     table.add_row("  of which curvature ½ρ²ĝᵀHĝ", _num(a.sam_sharpness_quadratic))
-    table.add_row(f"|cos(ε, v₁)|, Eigen-SAM α = {a.alpha:g}", _num(a.eigen_sam_cos, 3))
+    if batches is not None and batches.eigen_sam_mean is not None:
+        table.add_row(
+            f"|cos(ε_B, v₁)|, Eigen-SAM α = {a.alpha:g}, minibatch mean",
+            _num(batches.eigen_sam_mean, 3),
+        )
+    table.add_row(f"|cos(ε, v₁)|, Eigen-SAM α = {a.alpha:g}, full data", _num(a.eigen_sam_cos, 3))
     return table
+
+
+def _minibatch_rows(b: BatchCosines) -> tuple[str, str]:
+    """SAM's alignment over its minibatches, the verdict's figure: ``mean ± SE [min–max]``; a
+    single minibatch is marked as without a standard error, never shown ± 0."""
+    size = "" if b.batch_size is None else f" of {b.batch_size}"
+    spread = "no SE" if b.std_error is None else f"± {b.std_error:.2g}"
+    if b.count < 2:
+        return f"|cos(ĝ_B, v₁)|, 1 minibatch{size}", f"{_num(b.mean, 3)} ({spread})"
+    low, high = rounded_outward(b.min, b.max)
+    return (
+        f"|cos(ĝ_B, v₁)|, mean ± SE over {b.count} minibatches{size} [min–max]",
+        f"{_num(b.mean, 3)} {spread} [{_num(low, 2)}–{_num(high, 2)}]",
+    )
 
 
 def _adaptive(results: Results) -> Table | None:
