@@ -197,7 +197,8 @@ def test_torchrun_analyze_equals_one_process(checkpoint, sizes):
         ("trace", "std_error"),
         *[("alignment", name) for name in ("cos_full", "topk_share", "sam_sharpness")],
         *[("alignment", name) for name in ("sam_sharpness_quadratic", "eigen_sam_cos")],
-        *[("alignment", "cos_batches", name) for name in ("mean", "min", "max")],
+        *[("alignment", "cos_batches", name) for name in ("mean", "min", "max", "std_error")],
+        ("alignment", "cos_batches", "eigen_sam_mean"),
         *[("alignment", "cos_batches", "quantiles", q) for q in ("q05", "q50", "q95")],
     ]
     for path in figures:
@@ -208,7 +209,8 @@ def test_torchrun_analyze_equals_one_process(checkpoint, sizes):
     for a, b in zip(one["eigenvalues"]["values"], two["eigenvalues"]["values"], strict=True):
         assert close(a, b), (a, b)
     assert one["num_samples"] == two["num_samples"]
-    assert one["alignment"]["cos_batches"]["count"] == two["alignment"]["cos_batches"]["count"]
+    for key in ("count", "batch_size"):  # the ranks' minibatches pooled, the shorter one left out
+        assert one["alignment"]["cos_batches"][key] == two["alignment"]["cos_batches"][key]
     assert one["trace"]["n_samples"] == two["trace"]["n_samples"]
 
 
