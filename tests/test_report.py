@@ -392,6 +392,14 @@ def test_the_minibatch_alignment_survives_a_json_round_trip(analysed):
     assert saved["std_error"] == pytest.approx(float(torch.tensor(b.values).std() / b.count**0.5))
     again = Report.from_json(json.loads(report.dumps())).results.alignment.cos_batches
     assert again == b
+    console = Console(record=True, width=200)
+    console.print(render(report))
+    lines = console.export_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if "|cos(ĝ_B" in line)
+    row = lines[first]
+    assert "full-data gradient" in lines[first + 1]  # the verdict's figure first, then full data
+    assert f"mean ± SE over {b.count} minibatches of 16 [min–max]" in row
+    assert f"{b.mean:.3g} ± {b.std_error:.2g} [" in row
     # a single minibatch writes no std_error (never 0), and a report without the new keys (older
     # ones) still reads, with no standard error to gate on
     alone = replace(b, count=1, std_error=None, values=b.values[:1])

@@ -233,7 +233,7 @@ def _minibatch_rows(b: BatchCosines) -> tuple[str, str]:
         return f"|cos(ĝ_B, v₁)|, 1 minibatch{size}", f"{_num(b.mean, 3)} ({spread})"
     low, high = rounded_outward(b.min, b.max)
     return (
-        f"|cos(ĝ_B, v₁)|, mean ± SE over {b.count} minibatches{size} [min–max]",
+        escape(f"|cos(ĝ_B, v₁)|, mean ± SE over {b.count} minibatches{size} [min–max]"),
         f"{_num(b.mean, 3)} {spread} [{_num(low, 2)}–{_num(high, 2)}]",
     )
 
