@@ -13,9 +13,10 @@ STYLE = {"pass": "green", "noise": "yellow", "fail": "bold red"}
 
 CAPTION = (
     "A check fails only when the value, measured on the data given, is past its limit by more "
-    "than the solver's uncertainty: the residual ‖Hv − λv‖ for eigenvalues, 2 standard errors "
-    "for the trace's estimate; with --sigmas N, plus N standard errors of the spread over other "
-    "samples of this size (of the paired difference against a baseline)."
+    "than its uncertainty: the residual ‖Hv − λv‖ for eigenvalues, 2 standard errors for the "
+    "trace's estimate and for the alignment's mean over minibatches; with --sigmas N, plus N "
+    "standard errors of the spread over other samples of this size (of the paired difference "
+    "against a baseline)."
 )
 
 
