@@ -27,7 +27,7 @@ import bench_engine
 import torch
 
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
-from sharpscope.analysis.sampling import bias_range, interval
+from sharpscope.analysis.intervals import bias_range, interval
 from sharpscope.io.data import subset_indices
 
 FIGURES = ("lambda_max", "lambda_min", "trace", "cos_full", "sam_sharpness")

@@ -22,9 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sharpscope.errors import InputError
-from sharpscope.launch import launched_by_torchrun
-
-DEFAULT_TIMEOUT_S = 600.0
+from sharpscope.launch import DEFAULT_TIMEOUT_S, launched_by_torchrun
 
 
 class RankError(InputError):

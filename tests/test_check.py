@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-from sharpscope.analysis.sampling import jackknife_se
+from sharpscope.analysis.intervals import jackknife_se
 from sharpscope.cli.app import app
 from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.models import ModelSpec, build_model

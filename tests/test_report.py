@@ -16,7 +16,7 @@ from rich.console import Console
 from sharpscope.analysis.alignment import MinibatchCosines
 from sharpscope.analysis.analyze import Analysis, AnalyzeConfig, analyze
 from sharpscope.analysis.gate import METRICS, Reading
-from sharpscope.analysis.sampling import jackknife_se
+from sharpscope.analysis.intervals import jackknife_se
 from sharpscope.analysis.verdict import spread_notes
 from sharpscope.io.checkpoints import file_sha256
 from sharpscope.io.eigenvectors import load_eigenvectors

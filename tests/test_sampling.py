@@ -20,10 +20,8 @@ from torch import nn
 from sharpscope.analysis.alignment import MinibatchCosines
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
 from sharpscope.analysis.gate import GateInput, Reading, Thresholds, gate
-from sharpscope.analysis.sampling import (
-    SHARD_TOL,
+from sharpscope.analysis.intervals import (
     Figures,
-    Resolve,
     bias_range,
     deleted_means,
     interval,
@@ -32,10 +30,14 @@ from sharpscope.analysis.sampling import (
     paired_se,
     rounded_outward,
     samples_to_settle,
+    t_quantile,
+)
+from sharpscope.analysis.sampling import (
+    SHARD_TOL,
+    Resolve,
     sampling_errors,
     shard_operators,
     static_batch,
-    t_quantile,
 )
 from sharpscope.analysis.verdict import spread_notes, verdict
 from sharpscope.curvature import HessianOperator, lanczos_extremes

@@ -23,9 +23,10 @@ from sharpscope.io.models import ModelSpec, build_model
 from sharpscope.optim import EigenSAM
 from sharpscope.training.metrics import CSV, JSONL, MetricsLog, read_rows
 from sharpscope.training.optimizers import OptimizerSettings, build_optimizer, build_scheduler
+from sharpscope.training.options import DEFAULT_EPOCHS
 from sharpscope.training.order import DataOrder
 from sharpscope.training.plan import DEFAULTS, RunOptions, new_run, resume_run
-from sharpscope.training.run_config import DEFAULT_EPOCHS, RunConfig, resumed
+from sharpscope.training.run_config import RunConfig, resumed
 from sharpscope.training.run_dir import LATEST, MARKER, MODEL, STEP_KEY, TRAINER, RunDir
 from sharpscope.training.state import (
     capture_rng,

@@ -32,21 +32,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from sharpscope.analysis.sampling import (
-    deleted_means,
-    interval,
-    jackknife_se,
-    shard_losses,
-    t_quantile,
-)
+from sharpscope.analysis.intervals import deleted_means, interval, jackknife_se, t_quantile
+from sharpscope.analysis.sampling import shard_losses
 from sharpscope.batches import LossFn
+from sharpscope.choices import ADAPTIVE_KINDS, ADAPTIVE_NORMS
 from sharpscope.curvature import HessianOperator, Progress
 from sharpscope.errors import InputError, check_choice, check_finite_fields
 
 Kind = Literal["worst", "average"]
 Norm = Literal["l2", "linf"]
-KINDS: tuple[str, ...] = ("worst", "average")
-NORMS: tuple[str, ...] = ("l2", "linf")
+KINDS, NORMS = ADAPTIVE_KINDS, ADAPTIVE_NORMS
 
 
 @dataclass(frozen=True)

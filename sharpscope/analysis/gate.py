@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from sharpscope.analysis.sampling import paired_se
+from sharpscope.analysis.intervals import paired_se
 from sharpscope.errors import InputError, check_finite_fields
 
 Kind = Literal["max", "min", "max-increase"]

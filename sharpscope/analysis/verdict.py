@@ -3,10 +3,14 @@ error could change it."""
 
 from __future__ import annotations
 
-from sharpscope.analysis.alignment import MinibatchCosines
-from sharpscope.analysis.analyze import Analysis
+from typing import TYPE_CHECKING
+
 from sharpscope.analysis.gate import ESTIMATOR_SIGMAS
-from sharpscope.analysis.sampling import samples_to_settle
+from sharpscope.analysis.intervals import samples_to_settle
+
+if TYPE_CHECKING:
+    from sharpscope.analysis.alignment import MinibatchCosines
+    from sharpscope.analysis.analyze import Analysis
 
 POOR, GOOD = 0.1, 0.5
 """|cos(ĝ_B, v₁)| below POOR is poorly aligned, above GOOD well aligned, partly in between."""

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import grad, jvp
 
 from sharpscope.batches import LossFn
+from sharpscope.choices import BACKENDS
 from sharpscope.curvature.attention import derivatives_explained
 from sharpscope.curvature.operator import CurvatureOperator
 from sharpscope.curvature.vectors import norm
@@ -19,7 +20,6 @@ FUNC_CHECK_ULPS = 200
 """How far (in units of the dtype's epsilon, relative) forward-over-reverse's first product may
 be from double backward's before it is refused; rounding gives 1-3 units on the test models."""
 Backend = Literal["double-backward", "forward-over-reverse"]
-BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse")
 
 
 class HessianOperator(CurvatureOperator):

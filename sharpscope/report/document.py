@@ -11,21 +11,21 @@ import platform
 import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from sharpscope import __version__
-from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessResult
-from sharpscope.analysis.alignment import Alignment
-from sharpscope.analysis.analyze import Analysis, LayerEigen
 from sharpscope.analysis.gate import GateInput, Reading
-from sharpscope.analysis.sampling import COSINES, SamplingErrors, bias_range, interval
+from sharpscope.analysis.intervals import COSINES, SamplingErrors, bias_range, interval
 from sharpscope.analysis.verdict import spread_notes, verdict
-from sharpscope.curvature import DensityResult, EigenResult, TraceResult
-from sharpscope.curvature.product_error import ProductError
 from sharpscope.report.json_report import dumps
 from sharpscope.report.schema import REANALYZE, SCHEMA_VERSION, NotAReport, check_report
+
+if TYPE_CHECKING:  # a report is read, explained and gated without torch
+    from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessResult
+    from sharpscope.analysis.alignment import Alignment
+    from sharpscope.analysis.analyze import Analysis, LayerEigen
+    from sharpscope.curvature import DensityResult, EigenResult, TraceResult
+    from sharpscope.curvature.product_error import ProductError
 
 S = TypeVar("S", bound="Section")
 
@@ -115,6 +115,8 @@ class DataInput(Section):
 
 def current_versions() -> dict[str, str]:
     """The versions of sharpscope, torch and Python running now."""
+    import torch  # only where an analysis ran, so torch is loaded already
+
     return {
         "sharpscope": __version__,
         "torch": torch.__version__,

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from sharpscope.analysis.sampling import UNIT, rounded_outward
+from sharpscope.analysis.intervals import UNIT, rounded_outward
 from sharpscope.analysis.verdict import GOOD, POOR
 from sharpscope.report.document import BatchCosines, Inputs, Layer, Report, Results, Trace
 

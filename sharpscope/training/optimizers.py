@@ -12,9 +12,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from sharpscope.batches import LossFn
 from sharpscope.optim import ASAM, SAM, EigenEstimate, EigenSAM
-
-DEFAULT_RHO: dict[str, float] = {"sgd": 0.0, "sam": 0.05, "asam": 0.5, "eigen-sam": 0.05}
-"""ρ when none is given: SAM's and Eigen-SAM's usual 0.05, ASAM's 0.5 (about 10× larger)."""
+from sharpscope.training.options import SCHEDULES
 
 
 class StepHook(Protocol):
@@ -61,12 +59,6 @@ class OptimizerSettings:
     eig_every: int
     eig_steps: int
     seed: int
-
-
-OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "asam", "eigen-sam")
-SCHEDULES: tuple[str, ...] = ("constant", "cosine")
-"""The optimizer and schedule names; :class:`~sharpscope.training.run_config.RunConfig` checks
-a run's, so the builders below take them as valid."""
 
 
 def build_optimizer(model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:

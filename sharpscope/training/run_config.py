@@ -7,17 +7,14 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
-from sharpscope.curvature import CURVATURES
+from sharpscope.choices import CURVATURE_NAMES
 from sharpscope.errors import InputError, check_choice, check_finite_fields
-from sharpscope.training.optimizers import OPTIMIZERS, SCHEDULES, OptimizerSettings
+from sharpscope.training.optimizers import OptimizerSettings
+from sharpscope.training.options import OPTIMIZERS, PRECISIONS, SCHEDULES
 
-DEFAULT_EPOCHS = 10
 LAYOUTS: tuple[str, ...] = ("safetensors", "pretrained")
 """How a run writes its model: ``model.safetensors`` with the model spec in its metadata, or a
 Hugging Face save_pretrained folder (a run started from one without `model`)."""
-PRECISIONS: tuple[str, ...] = ("float32", "bf16")
-"""How the training passes compute: in the weights' dtype, or under bfloat16 autocast (weights,
-gradients and the tracker's and Eigen-SAM's products stay float32)."""
 CHANGEABLE: tuple[str, ...] = ("steps", "epochs", "track_every", "save_every", "keep", "device")
 """Settings a resumed run may change: how long it runs, how often it records and saves, where.
 Every other setting changes the trained weights or the tracked figures, so it is fixed."""
@@ -86,7 +83,7 @@ class RunConfig:
         check_choice("layout", self.layout, LAYOUTS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("curvature", self.curvature, CURVATURES)
+        check_choice("curvature", self.curvature, CURVATURE_NAMES)
         check_choice("precision", self.precision, PRECISIONS)
         if self.precision == "bf16" and self.dtype != "float32":
             raise InputError(

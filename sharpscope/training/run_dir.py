@@ -35,10 +35,10 @@ from sharpscope import __version__
 from sharpscope.errors import InputError
 from sharpscope.io.atomic import atomic_folder, check_can_create, write_text_atomic
 from sharpscope.training.metrics import CSV, JSONL, TENSORBOARD
+from sharpscope.training.options import MARKER
 from sharpscope.training.run_config import RunConfig
 from sharpscope.training.state import save_trainer_state
 
-MARKER = ".sharpscope-run"
 CONFIG = "config.json"
 LATEST = "latest"
 MODEL = "model.safetensors"

@@ -1,0 +1,18 @@
+"""The names a user chooses among (solvers, curvature matrices, backends, dtypes), without the
+code behind them: the command line declares and checks its options with these before it imports
+torch (the modules that implement each name check that they match: tests/test_startup.py)."""
+
+from __future__ import annotations
+
+SOLVER_NAMES: tuple[str, ...] = ("lanczos", "power", "pyhessian")
+"""The eigen-solvers of :data:`sharpscope.curvature.SOLVERS`."""
+CURVATURE_NAMES: tuple[str, ...] = ("hessian", "ggn", "fisher", "empirical-fisher")
+"""The matrices of :data:`sharpscope.curvature.CURVATURES`."""
+BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse")
+"""How the Hessian's products are taken (:class:`sharpscope.curvature.HessianOperator`)."""
+ADAPTIVE_KINDS: tuple[str, ...] = ("worst", "average")
+"""The adaptive sharpness's cases (:mod:`sharpscope.analysis.adaptive_sharpness`)."""
+ADAPTIVE_NORMS: tuple[str, ...] = ("l2", "linf")
+"""Its balls."""
+DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
+"""The floating-point types a model can be analysed in (``--dtype``)."""
