@@ -9,10 +9,6 @@ import torch
 from test_check import FAST, check, make_checkpoint, one_error_line
 from typer.testing import CliRunner
 
-import sharpscope.cli.analyze as analyze_module
-import sharpscope.cli.check as check_module
-import sharpscope.cli.finetune as finetune_module
-import sharpscope.cli.landscape as landscape_module
 from sharpscope.cli.app import app
 from sharpscope.errors import InputError
 from sharpscope.io.architectures import mlp
@@ -29,7 +25,7 @@ def no_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the analysis ran before the bad output was refused")
 
-    monkeypatch.setattr(analyze_module, "analyze", refuse)
+    monkeypatch.setattr("sharpscope.analysis.analyze.analyze", refuse)
 
 
 def analyze(*args: object) -> object:
@@ -69,8 +65,7 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the inputs were loaded before the bad output was refused")
 
-    for module in (analyze_module, check_module, finetune_module, landscape_module):
-        monkeypatch.setattr(module, "load_inputs", refuse)
+    monkeypatch.setattr("sharpscope.cli.loading.load_inputs", refuse)  # imported as they run
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
@@ -96,7 +91,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(
 ):
     """Each output is probed (a file created and deleted there) before any work: no raw
     FileNotFoundError after the analysis."""
-    monkeypatch.setattr("sharpscope.cli.demo.fit", lambda *a, **k: pytest.fail("demo trained"))
+    monkeypatch.setattr("sharpscope.training.fit.fit", lambda *a, **k: pytest.fail("demo trained"))
     ckpt = make_checkpoint(tmp_path)
     line = [str(ckpt) if a == "{ckpt}" else str(a) for a in args]
     result = CliRunner().invoke(app, line)

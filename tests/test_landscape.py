@@ -237,7 +237,7 @@ def test_every_option_reaches_the_library(monkeypatch, tmp_path):
         seen["config"] = config
         raise InputError("stop")
 
-    monkeypatch.setattr(landscape_module, "load_inputs", load)
+    monkeypatch.setattr("sharpscope.cli.loading.load_inputs", load)
     monkeypatch.setattr(landscape_module, "run_landscape", run)
     options = [
         *["--directions", "eigen", "--span", "0.3", "--points", "7", "--grid", "5"],

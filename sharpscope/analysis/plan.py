@@ -32,6 +32,8 @@ class Plan:
     """Free memory on the operator's device; None where it cannot be read."""
     chosen_max_basis: int | None = None
     """The Lanczos bound chosen because the whole basis would not fit (None: none chosen)."""
+    threads: int = 1
+    """torch's intra-op CPU threads when the product was timed (``torch.get_num_threads()``)."""
 
     @property
     def most_products(self) -> int:

@@ -1,16 +1,18 @@
-"""``sharpscope analyze``: sharpness and SAM-alignment report for a checkpoint on some data."""
+"""``sharpscope analyze``: sharpness and SAM-alignment report for a checkpoint on some data.
+
+The modules that need torch are imported where the command runs, after its options are checked:
+``--help`` and a bad option never load torch (tests/test_startup.py)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sharpscope import distributed
-from sharpscope.analysis.analyze import Analysis, AnalyzeConfig, analyze
-from sharpscope.analysis.plan import Plan
+from sharpscope.analysis.config import AnalyzeConfig
+from sharpscope.choices import DTYPE_NAMES
 from sharpscope.cli import options as opt
 from sharpscope.cli.common import (
     DistTimeout,
@@ -18,14 +20,19 @@ from sharpscope.cli.common import (
     command_scope,
     info,
     print_json,
+    set_threads,
     stdout,
 )
 from sharpscope.cli.flags import as_flags
-from sharpscope.cli.loading import Loaded, load_inputs
+from sharpscope.errors import check_choice
+from sharpscope.launch import DEFAULT_TIMEOUT_S
 from sharpscope.report.document import Report
-from sharpscope.report.outdir import check_out_dir, write_out_dir
-from sharpscope.report.plan_line import plan_line
 from sharpscope.report.table import print_report
+
+if TYPE_CHECKING:
+    from sharpscope.analysis.analyze import Analysis
+    from sharpscope.analysis.plan import Plan
+    from sharpscope.cli.loading import Loaded
 
 DEFAULTS = AnalyzeConfig()
 
@@ -89,6 +96,10 @@ def analysis_config(
 
 def run_analysis(loaded: Loaded, config: AnalyzeConfig, quiet: bool) -> tuple[Analysis, Report]:
     """Run the pipeline with progress bars (rank 0's only); return the analysis and its report."""
+    from sharpscope import distributed
+    from sharpscope.analysis.analyze import analyze
+    from sharpscope.report.plan_line import plan_line
+
     shown = not quiet and distributed.is_main()
     with ProgressBars(shown) as bars:
 
@@ -165,7 +176,8 @@ def analyze_command(
             rich_help_panel=opt.RUN,
         ),
     ] = None,
-    dist_timeout: DistTimeout = distributed.DEFAULT_TIMEOUT_S,
+    dist_timeout: DistTimeout = DEFAULT_TIMEOUT_S,
+    threads: opt.Threads = None,
     quiet: opt.Quiet = False,
     debug: opt.Debug = False,
 ) -> None:
@@ -213,8 +225,14 @@ def analyze_command(
             per_layer=per_layer,
             slices=out is not None,
         )
+        check_choice("dtype", dtype, DTYPE_NAMES)
+        from sharpscope import distributed  # torch, from here on
+        from sharpscope.cli.loading import load_inputs
+        from sharpscope.report.outdir import check_out_dir
+
         if out is not None:
             check_out_dir(out)
+        set_threads(threads)
         loaded = load_inputs(
             checkpoint,
             data,
@@ -244,6 +262,8 @@ def _render(
     report: Report, analysis: Analysis, loaded: Loaded, json_out: bool, out: Path | None
 ) -> None:
     """Print the report (as JSON or tables) and write the --out folder."""
+    from sharpscope.report.outdir import write_out_dir
+
     if json_out:
         print_json(report.dumps())
     else:

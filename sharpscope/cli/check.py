@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from sharpscope.analysis.analyze import AnalyzeConfig
+from sharpscope.analysis.config import AnalyzeConfig
 from sharpscope.analysis.gate import Thresholds, data_differences, gate
+from sharpscope.choices import DTYPE_NAMES
 from sharpscope.cli import options as opt
 from sharpscope.cli.analyze import DEFAULTS, analysis_config, run_analysis
-from sharpscope.cli.common import errors_as_exit, fail, info, print_json, stderr, stdout
+from sharpscope.cli.common import (
+    errors_as_exit,
+    fail,
+    info,
+    print_json,
+    set_threads,
+    stderr,
+    stdout,
+)
 from sharpscope.cli.config_file import (
     CODE_PARAMS,
     Config,
@@ -29,8 +36,7 @@ from sharpscope.cli.config_file import (
     settings_of,
 )
 from sharpscope.cli.flags import as_flags
-from sharpscope.cli.loading import Loaded, load_inputs
-from sharpscope.errors import InputError
+from sharpscope.errors import InputError, check_choice
 from sharpscope.report.baseline import (
     check_baseline_target,
     is_report_file,
@@ -194,6 +200,7 @@ def check_command(
     seed: opt.Seed = DEFAULTS.seed,
     dtype: opt.Dtype = opt.DTYPE,
     device: opt.Device = opt.DEVICE,
+    threads: opt.Threads = None,
     json_out: Annotated[
         bool,
         typer.Option(
@@ -281,8 +288,7 @@ def check_command(
             adaptive_steps=adaptive_steps,
             adaptive_scale=adaptive_scale,
         )
-        load = partial(
-            load_inputs,
+        loading = dict(
             model=model,
             model_args=model_arg,
             trust_pickle=trust_pickle,
@@ -305,7 +311,7 @@ def check_command(
             check_baseline_target(baseline)
         if junit is not None:
             check_junit_target(junit)
-        report = _report(source, data, load, analysis, quiet, thresholds)
+        report = _report(source, data, loading, analysis, quiet, thresholds, threads)
         gated = report.gate_input()
         checks = gate(gated, thresholds, base, allow_different_data)
         differences = ", ".join(data_differences(gated, base)) if base is not None else ""
@@ -371,13 +377,16 @@ def _plan(thresholds: Thresholds, baseline: Path | None, update: bool) -> Thresh
 def _report(
     source: Path,
     data: str | None,
-    load: Callable[[Path, str], Loaded],
+    loading: dict[str, Any],
     config: AnalyzeConfig,
     quiet: bool,
     thresholds: Thresholds,
+    threads: int | None,
 ) -> Report:
-    """``source`` read as a report, or the report of analyzing it as a checkpoint on ``data``
-    (refused before the analysis when it would not measure a figure ``thresholds`` gate)."""
+    """``source`` read as a report (without torch), or the report of analyzing it as a checkpoint
+    on ``data`` with :func:`~sharpscope.cli.loading.load_inputs`'s ``loading`` options on
+    ``threads`` (refused before the analysis when it would not measure a figure ``thresholds``
+    gate)."""
     if not source.exists():
         raise InputError(f"{source} does not exist: give a report.json or a checkpoint")
     if is_report_file(source):
@@ -392,5 +401,9 @@ def _report(
             "--max-adaptive-sharpness needs the adaptive sharpness measured: add "
             "--adaptive-sharpness worst (or average)"
         )
-    _, report = run_analysis(load(source, data), config, quiet)
+    check_choice("dtype", loading["dtype"], DTYPE_NAMES)
+    from sharpscope.cli.loading import load_inputs  # torch: only to analyze a checkpoint
+
+    set_threads(threads)
+    _, report = run_analysis(load_inputs(source, data, **loading), config, quiet)
     return report

@@ -1,13 +1,17 @@
-"""What every command shares: error handling, devices and dtypes, progress bars."""
+"""What every command shares: error handling, torch's threads, progress bars.
+
+Torch-free at import, so that help, option errors and gating a saved report never load torch:
+:mod:`sharpscope.distributed` is consulted only once it is loaded (a process group, or a
+:class:`~sharpscope.distributed.RankError`, exists only then)."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -21,15 +25,13 @@ from rich.progress import (
 )
 from rich.table import Column
 
-from sharpscope import distributed
 from sharpscope.cli.flags import as_flags
 from sharpscope.cli.options import RUN
 from sharpscope.errors import InputError
+from sharpscope.launch import launched_by_torchrun
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 DistTimeout = Annotated[
     float,
@@ -60,13 +62,20 @@ def fail(message: str, everywhere: bool = True) -> typer.Exit:
     rank raised together) only rank 0 prints it, and every rank waits until it has.
     """
     line = " ".join(str(message).split())
-    if distributed.is_distributed():
-        line = f"rank {distributed.rank()}: {line}"
-    if everywhere or distributed.is_main():
+    group = _group()
+    if group is not None:
+        line = f"rank {group.rank()}: {line}"
+    if everywhere or group is None or group.is_main():
         stderr.print(f"[bold red]error:[/bold red] {escape(line)}", markup=True, highlight=False)
-    if not everywhere:
-        distributed.barrier()  # the others wait for rank 0's line: torchrun stops all at one exit
+    if not everywhere and group is not None:
+        group.barrier()  # the others wait for rank 0's line: torchrun stops all at one exit
     return typer.Exit(2)
+
+
+def _group() -> ModuleType | None:
+    """:mod:`sharpscope.distributed` when this process is in a process group, else None."""
+    distributed = sys.modules.get("sharpscope.distributed")
+    return distributed if distributed is not None and distributed.is_distributed() else None
 
 
 @contextlib.contextmanager
@@ -82,7 +91,9 @@ def errors_as_exit(debug: bool) -> Iterator[None]:
     except InputError as exc:
         if debug:
             raise
-        raise fail(as_flags(str(exc)), not isinstance(exc, distributed.RankError)) from None
+        distributed = sys.modules.get("sharpscope.distributed")
+        together = distributed is not None and isinstance(exc, distributed.RankError)
+        raise fail(as_flags(str(exc)), not together) from None
     except Exception as exc:
         if debug:
             raise
@@ -95,7 +106,14 @@ def errors_as_exit(debug: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def command_scope(debug: bool, dist_timeout: float) -> Iterator[None]:
     """:func:`errors_as_exit` for a command that joins torchrun's process group when launched so
-    (destroyed at the end); errors are printed while the rank is still known."""
+    (destroyed at the end); errors are printed while the rank is still known. Outside torchrun
+    it is :func:`errors_as_exit` alone (and imports no torch)."""
+    if not launched_by_torchrun():
+        with errors_as_exit(debug):
+            yield
+        return
+    from sharpscope import distributed  # torch: only where torchrun started the process
+
     with errors_as_exit(debug), distributed.launched(dist_timeout), errors_as_exit(debug):
         try:
             yield
@@ -109,30 +127,13 @@ def command_scope(debug: bool, dist_timeout: float) -> Iterator[None]:
             ) from exc
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise InputError(f"unknown --device {spec!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {spec}: CUDA is not available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise InputError(f"--device {spec}: only {count} CUDA device(s) are visible")
-    elif device.type != "cpu":
-        raise InputError(f"unsupported --device {spec!r}; use auto, cpu, cuda or cuda:N")
-    return device
+def set_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads to ``threads`` (``--threads``); None leaves torch's default."""
+    if threads is None:
+        return
+    import torch  # only where a command computes: it loads torch next anyway
 
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """``float32`` or ``float64``."""
-    if name not in DTYPES:
-        raise InputError(f"unknown --dtype {name!r}; use float32 or float64")
-    return DTYPES[name]
+    torch.set_num_threads(threads)
 
 
 class ProgressBars:

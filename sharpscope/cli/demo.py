@@ -1,4 +1,5 @@
-"""``sharpscope demo``: train a small model on the bundled digits data, then analyze it."""
+"""``sharpscope demo``: train a small model on the bundled digits data, then analyze it (torch is
+imported when it runs, not for its help)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,15 @@ import shlex
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
-from sharpscope.analysis.analyze import AnalyzeConfig
+from sharpscope.analysis.config import AnalyzeConfig
 from sharpscope.cli import options as opt
 from sharpscope.cli.analyze import run_analysis
-from sharpscope.cli.common import errors_as_exit, info, stdout
-from sharpscope.cli.loading import load_inputs
+from sharpscope.cli.common import errors_as_exit, info, set_threads, stdout
 from sharpscope.errors import InputError
-from sharpscope.io.checkpoints import save_checkpoint
-from sharpscope.io.data import load_data
-from sharpscope.io.models import ModelSpec, build_model
-from sharpscope.report.outdir import check_out_dir, write_out_dir
 from sharpscope.report.table import print_report
 from sharpscope.stopwatch import Stopwatch
-from sharpscope.training.fit import fit
 
 CHECKPOINT = "digits-mlp.safetensors"
 
@@ -48,6 +42,7 @@ def demo_command(
     ] = Path("sharpscope-demo"),
     steps: Annotated[int, typer.Option(help="Training steps (Adam, batch 128).")] = 300,
     seed: opt.Seed = 0,
+    threads: opt.Threads = None,
     quiet: opt.Quiet = False,
     debug: opt.Debug = False,
 ) -> None:
@@ -64,7 +59,17 @@ def demo_command(
     with errors_as_exit(debug):
         if steps < 1:
             raise InputError(f"--steps must be at least 1, got {steps}")
+        import torch
+
+        from sharpscope.cli.loading import load_inputs
+        from sharpscope.io.checkpoints import save_checkpoint
+        from sharpscope.io.data import load_data
+        from sharpscope.io.models import ModelSpec, build_model
+        from sharpscope.report.outdir import check_out_dir, write_out_dir
+        from sharpscope.training.fit import fit
+
         check_out_dir(out)
+        set_threads(threads)
         torch.manual_seed(seed)
         spec = ModelSpec("mlp", {})
         model = build_model(spec)

@@ -1,5 +1,6 @@
 """``sharpscope finetune``: fine-tune a checkpoint with SGD, SAM, ASAM or Eigen-SAM, tracking λ_max
-and the SAM alignment, with checkpoints that resume exactly (docs/finetune.md)."""
+and the SAM alignment, with checkpoints that resume exactly (docs/finetune.md). torch is imported
+when it runs, not for its help."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sharpscope import distributed
+from sharpscope.choices import CURVATURE_NAMES
 from sharpscope.cli import options as opt
 from sharpscope.cli.common import (
     DistTimeout,
@@ -19,30 +20,27 @@ from sharpscope.cli.common import (
     fail,
     info,
     print_json,
+    set_threads,
     stderr,
     stdout,
 )
-from sharpscope.cli.loading import data_fingerprint, load_inputs
-from sharpscope.curvature import CURVATURES
-from sharpscope.io.models import ModelSpec, parse_model_args
-from sharpscope.io.pretrained import tokenizer_files
-from sharpscope.report.finetune_summary import summary, summary_table
-from sharpscope.report.training_plot import plot_training
-from sharpscope.report.training_progress import TrainingProgress
-from sharpscope.training.optimizers import DEFAULT_RHO, OPTIMIZERS, SCHEDULES
-from sharpscope.training.plan import (
+from sharpscope.launch import DEFAULT_TIMEOUT_S
+from sharpscope.training.options import (
+    DEFAULT_EPOCHS,
+    DEFAULT_RHO,
     DEFAULTS,
+    MARKER,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
     RunOptions,
-    default_out,
-    new_run,
-    resume_run,
-    validation_data,
 )
-from sharpscope.training.run import Inputs, Outcome, Watch, finetune
-from sharpscope.training.run_config import DEFAULT_EPOCHS, PRECISIONS, RunConfig
-from sharpscope.training.run_dir import MARKER, PLOT, RunDir, model_path
-from sharpscope.training.selection import split_globs
-from sharpscope.training.signals import StopRequest
+
+if TYPE_CHECKING:
+    from sharpscope.training.run import Outcome
+    from sharpscope.training.run_config import RunConfig
+    from sharpscope.training.run_dir import RunDir
+    from sharpscope.training.signals import StopRequest
 
 OPTIMIZE = "Optimizer"
 TRACK = "Tracking"
@@ -187,7 +185,7 @@ def finetune_command(
     ) = None,
     curvature: _setting(
         str,
-        f"The matrix whose λ_max is tracked: {', '.join(CURVATURES)} (see analyze)",
+        f"The matrix whose λ_max is tracked: {', '.join(CURVATURE_NAMES)} (see analyze)",
         TRACK,
         DEFAULTS.curvature,
     ) = None,
@@ -233,7 +231,8 @@ def finetune_command(
             "--json", help="Print the summary as JSON on stdout.", rich_help_panel=opt.RUN
         ),
     ] = False,
-    dist_timeout: DistTimeout = distributed.DEFAULT_TIMEOUT_S,
+    dist_timeout: DistTimeout = DEFAULT_TIMEOUT_S,
+    threads: opt.Threads = None,
     quiet: opt.Quiet = False,
     debug: opt.Debug = False,
 ) -> None:
@@ -260,6 +259,18 @@ def finetune_command(
       143  stopped by SIGTERM, the same way
     """
     with command_scope(debug, dist_timeout):
+        from sharpscope import distributed  # torch, from here on
+        from sharpscope.cli.loading import data_fingerprint, load_inputs
+        from sharpscope.io.models import ModelSpec, parse_model_args
+        from sharpscope.io.pretrained import tokenizer_files
+        from sharpscope.report.training_plot import plot_training
+        from sharpscope.report.training_progress import TrainingProgress
+        from sharpscope.training.plan import default_out, new_run, resume_run, validation_data
+        from sharpscope.training.run import Inputs, Watch, finetune
+        from sharpscope.training.run_dir import PLOT
+        from sharpscope.training.selection import split_globs
+        from sharpscope.training.signals import StopRequest
+
         options = RunOptions(
             data=data,
             split=split,
@@ -309,6 +320,7 @@ def finetune_command(
                     trust_code=trust_code,
                 )
         new = plan.resume_from is None
+        set_threads(threads)
         loaded = load_inputs(
             plan.weights,
             plan.config.data,
@@ -375,6 +387,9 @@ def _report(
     outcome: Outcome, folder: RunDir, config: RunConfig, stop: StopRequest, json_out: bool
 ) -> None:
     """Print the summary (rank 0) or the reason the run ended early, and exit with its code."""
+    from sharpscope import distributed
+    from sharpscope.training.run_dir import model_path
+
     if outcome.status == "diverged":
         raise fail(
             f"{outcome.problem}: training stopped; the last good checkpoint is "
@@ -392,6 +407,8 @@ def _summarise(
     outcome: Outcome, folder: RunDir, config: RunConfig, stop: StopRequest, json_out: bool
 ) -> None:
     """The summary table (or JSON), or where a stopped run can continue."""
+    from sharpscope.report.finetune_summary import summary, summary_table
+
     doc = summary(outcome, folder, config)
     if json_out:
         print_json(json.dumps(doc, indent=2) + "\n")

@@ -28,6 +28,7 @@ FLAGS: dict[str, str] = {
     "device": "--device",
     "dtype": "--dtype",
     "timeout_s": "--dist-timeout",
+    "threads": "--threads",
     # analysis (sharpscope.analysis.analyze.AnalyzeConfig)
     "k": "--top-k",
     "method": "--method",

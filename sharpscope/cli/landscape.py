@@ -1,5 +1,5 @@
 """``sharpscope landscape``: the loss on a line and a grid around a checkpoint's weights, as a PNG
-and as JSON."""
+and as JSON (torch and matplotlib are imported when it runs, not for its help)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,22 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sharpscope import distributed
-from sharpscope.analysis.landscape import KINDS, Landscape, LandscapeConfig, landscape
+from sharpscope.analysis.landscape_config import KINDS, LandscapeConfig
+from sharpscope.choices import DTYPE_NAMES
 from sharpscope.cli import options as opt
-from sharpscope.cli.common import DistTimeout, ProgressBars, command_scope, info
-from sharpscope.cli.loading import Loaded, check_world, load_inputs
-from sharpscope.errors import InputError
+from sharpscope.cli.common import DistTimeout, ProgressBars, command_scope, info, set_threads
+from sharpscope.errors import InputError, check_choice
 from sharpscope.io.atomic import check_can_create
 from sharpscope.io.file_sets import replace_files
-from sharpscope.report.landscape_document import landscape_document, landscape_json
-from sharpscope.report.plots import plot_landscape
+from sharpscope.launch import DEFAULT_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from sharpscope.analysis.landscape import Landscape
+    from sharpscope.cli.loading import Loaded
 
 DEFAULTS = LandscapeConfig()
 LANDSCAPE = "Landscape"
@@ -69,6 +71,9 @@ def check_outputs(folder: Path, force: bool) -> None:
 
 def run_landscape(loaded: Loaded, config: LandscapeConfig, quiet: bool) -> Landscape:
     """Evaluate the landscape with progress bars (rank 0's only)."""
+    from sharpscope import distributed
+    from sharpscope.analysis.landscape import landscape
+
     with ProgressBars(not quiet and distributed.is_main()) as bars:
         result = landscape(loaded.model, loaded.loss_fn, loaded.batches, config, progress=bars)
         bars.finish()
@@ -78,6 +83,9 @@ def run_landscape(loaded: Loaded, config: LandscapeConfig, quiet: bool) -> Lands
 def write_outputs(folder: Path, result: Landscape, loaded: Loaded) -> list[Path]:
     """Write landscape.json and landscape.png as one set (:func:`replace_files`: an interrupted
     write leaves the previous pair); return their paths."""
+    from sharpscope.report.landscape_document import landscape_document, landscape_json
+    from sharpscope.report.plots import plot_landscape
+
     inputs = replace(loaded.description, config=dict(result.config.__dict__))
     document = landscape_document(result, inputs)
     json_name, png_name = OUTPUTS
@@ -154,7 +162,8 @@ def landscape_command(
             rich_help_panel=opt.RUN,
         ),
     ] = False,
-    dist_timeout: DistTimeout = distributed.DEFAULT_TIMEOUT_S,
+    dist_timeout: DistTimeout = DEFAULT_TIMEOUT_S,
+    threads: opt.Threads = None,
     quiet: opt.Quiet = False,
     debug: opt.Debug = False,
 ) -> None:
@@ -189,6 +198,11 @@ def landscape_command(
             batch_stats=batch_stats,
         )
         check_outputs(out, force)
+        check_choice("dtype", dtype, DTYPE_NAMES)
+        from sharpscope import distributed  # torch, from here on
+        from sharpscope.cli.loading import check_world, load_inputs
+
+        set_threads(threads)
         loaded = load_inputs(
             checkpoint,
             data,

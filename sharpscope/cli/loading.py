@@ -12,8 +12,8 @@ from torch import nn
 
 from sharpscope import distributed
 from sharpscope.batches import LossFn, move_to
-from sharpscope.cli.common import resolve_device, resolve_dtype
-from sharpscope.errors import InputError
+from sharpscope.choices import DTYPE_NAMES
+from sharpscope.errors import InputError, check_choice
 from sharpscope.io.checkpoints import Checkpoint, load_model
 from sharpscope.io.data import DataBundle, batches, check_targets, load_data
 from sharpscope.io.losses import BuiltinLoss, loss_name, resolve_loss
@@ -194,3 +194,28 @@ def check_world(loaded: Loaded) -> None:
     distributed.check_same(
         "data (--data, --split, --samples, --seed)", loaded.description.data.fingerprint
     )
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise InputError(f"unknown --device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec}: CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise InputError(f"--device {spec}: only {count} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise InputError(f"unsupported --device {spec!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``float32`` or ``float64``."""
+    check_choice("dtype", name, DTYPE_NAMES)
+    return getattr(torch, name)

@@ -1,4 +1,5 @@
-"""Typer option declarations shared by the commands that load a model and data."""
+"""Typer option declarations shared by the commands that load a model and data (torch-free:
+help and option errors never load torch)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from sharpscope.curvature import BACKENDS, CURVATURES
-from sharpscope.curvature.solvers import SOLVERS
+from sharpscope.choices import BACKENDS, CURVATURE_NAMES, DTYPE_NAMES, SOLVER_NAMES
 
 LOAD = "Model and data"
 RUN = "Run"
@@ -133,7 +133,17 @@ Loss = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN)]
-Dtype = Annotated[str, typer.Option(help="float32 or float64.", rich_help_panel=RUN)]
+Dtype = Annotated[str, typer.Option(help=f"{' or '.join(DTYPE_NAMES)}.", rich_help_panel=RUN)]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        help="torch's intra-op CPU threads (per rank under torchrun). Default: torch's own (the "
+        "cores, or OMP_NUM_THREADS); on a busy machine fewer can be faster.",
+        rich_help_panel=RUN,
+        min=1,
+        show_default=False,
+    ),
+]
 Seed = Annotated[
     int, typer.Option(help="Seed for data subsets and random vectors.", rich_help_panel=RUN)
 ]
@@ -150,7 +160,7 @@ TopK = Annotated[
     int, typer.Option("--top-k", "-k", help="How many top eigenpairs.", rich_help_panel=HESSIAN)
 ]
 Method = Annotated[
-    str, typer.Option(help=f"Eigen-solver: {', '.join(SOLVERS)}.", rich_help_panel=HESSIAN)
+    str, typer.Option(help=f"Eigen-solver: {', '.join(SOLVER_NAMES)}.", rich_help_panel=HESSIAN)
 ]
 Tol = Annotated[
     float,
@@ -220,7 +230,7 @@ Backend = Annotated[
 Curvature = Annotated[
     str,
     typer.Option(
-        help=f"The matrix analysed: {', '.join(CURVATURES)} (fisher: labels drawn from the "
+        help=f"The matrix analysed: {', '.join(CURVATURE_NAMES)} (fisher: labels drawn from the "
         "model, seeded by --seed; empirical-fisher: the data's labels). See docs/engine.md.",
         rich_help_panel=HESSIAN,
     ),

@@ -29,7 +29,8 @@ def _figures(value: float) -> str:
 
 def plan_line(plan: Plan) -> str:
     """E.g. ``plan: 77,850 parameters, 1,024 samples in 8 batches; at most 320 products
-    (eigenpairs 200, trace 120), ≈ 12 ms each: ≤ 3.8 s; Lanczos vectors ≤ 62 MB of 20 GB free``.
+    (eigenpairs 200, trace 120), ≈ 12 ms each on 2 CPU threads: ≤ 3.8 s; Lanczos vectors ≤ 62 MB
+    of 20 GB free``.
     Parameter names are in backticks (the CLI shows them as options)."""
     stages = ", ".join(f"{name} {count:,}" for name, count in plan.products.items())
     memory = f"solver vectors ≤ {sizes(plan.basis_bytes)}"
@@ -43,6 +44,7 @@ def plan_line(plan: Plan) -> str:
     return (
         f"plan: {plan.num_params:,} parameters, {plan.num_samples:,} samples in "
         f"{plan.num_batches:,} batch(es); at most {plan.most_products:,} products ({stages}), "
-        f"≈ {duration(plan.seconds_per_product)} each: ≤ "
+        f"≈ {duration(plan.seconds_per_product)} each on {plan.threads} CPU thread"
+        f"{'s' if plan.threads != 1 else ''}: ≤ "
         f"{duration(plan.most_products * plan.seconds_per_product)}; {memory}"
     )

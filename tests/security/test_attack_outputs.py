@@ -200,7 +200,9 @@ def test_an_interrupted_landscape_out_leaves_the_previous_pair(checkpoint, tmp_p
     out = tmp_path / "out"
     assert cli("landscape", checkpoint, *LANDSCAPE, "--out", out).exit_code == 0
     snap = Snapshot(out)
-    monkeypatch.setattr("sharpscope.cli.landscape.landscape_json", interrupt)  # after the PNG
+    monkeypatch.setattr(
+        "sharpscope.report.landscape_document.landscape_json", interrupt
+    )  # after the PNG
     result = cli("landscape", checkpoint, *LANDSCAPE, "--out", out, "--force", "--seed", 2)
     assert result.exit_code == 130, result.output
     snap.assert_unchanged()
