@@ -98,8 +98,8 @@ def captured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
         seen["config"] = config
         raise Stop("stop")
 
+    monkeypatch.setattr("sharpscope.cli.loading.load_inputs", load)  # imported as they run
     for module in (analyze_module, check_module):
-        monkeypatch.setattr(module, "load_inputs", load)
         monkeypatch.setattr(module, "run_analysis", run)
     (tmp_path / "model.pt").write_bytes(b"not a report")
     return seen
