@@ -42,7 +42,7 @@ from torch import nn
 
 import sharpscope
 from sharpscope import HessianOperator, lanczos
-from sharpscope.cli.common import resolve_device
+from sharpscope.cli.loading import resolve_device
 from sharpscope.errors import InputError
 
 LOSS = F.cross_entropy

@@ -43,7 +43,7 @@ import time
 import torch
 
 from sharpscope import HessianOperator, lanczos
-from sharpscope.cli.common import resolve_device
+from sharpscope.cli.loading import resolve_device
 from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.curvature.groups import param_groups
 from sharpscope.errors import InputError

@@ -22,7 +22,6 @@ from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner, Result
 
-from sharpscope.cli import finetune as finetune_cli
 from sharpscope.cli.app import app
 from sharpscope.cli.flags import FLAGS
 from sharpscope.errors import InputError
@@ -444,7 +443,7 @@ def test_every_run_setting_comes_from_its_own_option(
         ran.append(config)
         raise InputError("not trained")
 
-    monkeypatch.setattr(finetune_cli, "finetune", run_instead)
+    monkeypatch.setattr("sharpscope.training.run.finetune", run_instead)  # imported as it runs
     checkpoint = finetune_files["checkpoint"]
     command_line = ["finetune", str(checkpoint), *args, "--out", str(tmp_path / "run"), "-q"]
     one_error(CliRunner().invoke(app, command_line), "not trained")

@@ -20,7 +20,7 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-import sharpscope.cli.analyze
+import sharpscope.cli.loading
 from sharpscope.cli.app import app
 from sharpscope.io.architectures import mlp
 from sharpscope.io.data import load_data, subset_indices
@@ -269,9 +269,9 @@ def test_without_the_hf_extra(folder, tmp_path, monkeypatch, module):
     tokenizer folder given; datasets missing: a datasets folder."""
     checkpoint = tmp_path / "mlp.pt"
     torch.save(mlp().state_dict(), checkpoint)
-    load = sharpscope.cli.analyze.load_inputs
+    load = sharpscope.cli.loading.load_inputs  # analyze imports it as it runs
     monkeypatch.setattr(
-        sharpscope.cli.analyze, "load_inputs", lambda *a, **k: load(*a, **k, tokenizer=folder)
+        sharpscope.cli.loading, "load_inputs", lambda *a, **k: load(*a, **k, tokenizer=folder)
     )
     data = write("dataset" if module == "datasets" else "jsonl", tmp_path, ROWS)
     monkeypatch.setitem(sys.modules, module, None)
