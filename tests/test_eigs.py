@@ -6,8 +6,16 @@ import importlib
 
 import pytest
 import torch
+from conftest import Shared
 
-from sharpscope.curvature import HessianOperator, MatrixOperator, lanczos, power_iteration
+from sharpscope.curvature import (
+    HessianOperator,
+    MatrixOperator,
+    SolveSettings,
+    hessian_eigs,
+    lanczos,
+    power_iteration,
+)
 from sharpscope.curvature.lanczos import LanczosProcess, lanczos_extremes
 from sharpscope.curvature.power import rayleigh
 
@@ -34,7 +42,8 @@ def test_lanczos_top5_and_bottom2_match_dense(problem):
     op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
     top = lanczos(op, k=5, tol=1e-10)
     _check_pairs(top, evals.flip(0)[:5], evecs.flip(1)[:, :5], problem.hessian)
-    assert top.n_products == op.n_products < op.size
+    assert top.n_products == op.n_products  # the multiplicity check's products included
+    assert top.n_products - top.multiplicity.products < op.size
     bottom = lanczos(op, k=2, which="smallest", tol=1e-10)
     _check_pairs(bottom, evals[:2], evecs[:, :2], problem.hessian)
     assert bottom.eigenvalues[0] < 0
@@ -243,3 +252,104 @@ def test_bad_arguments(solver, mlp):
         solver(op, k=0)
     with pytest.raises(ValueError, match="v0"):
         solver(op, v0=torch.zeros(3, dtype=torch.float64))
+
+
+# --- repeated eigenvalues: every copy, as a dense eigendecomposition has it ----------------------
+
+
+def _symmetric(size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(size, size, generator=g, dtype=torch.float64)
+    return (a + a.T) / 2
+
+
+def _close_to_dense(result, dense: torch.Tensor, k: int, which: str = "largest", rel=1e-10):
+    """The ``k`` values at ``which`` end equal the dense ones (copies included) to ``rel``·‖H‖."""
+    evals = torch.linalg.eigvalsh(dense)
+    expected = evals.flip(0)[:k] if which == "largest" else evals[:k]
+    scale = float(evals.abs().max())
+    torch.testing.assert_close(result.eigenvalues, expected, rtol=0, atol=rel * scale)
+    assert result.all_converged
+
+
+def test_lanczos_finds_triple_eigenvalues_of_a_block_diagonal_operator():
+    """blockdiag(A, A, A): every eigenvalue three times; one Krylov sequence holds one copy."""
+    a = _symmetric(10, 0)
+    matrix = torch.block_diag(a, a, a)
+    op = MatrixOperator(matrix)
+    top = lanczos(op, k=7, tol=1e-10)
+    _close_to_dense(top, matrix, 7)
+    check = top.multiplicity
+    assert check.complete and check.starts >= 3 and 0 < check.products < top.n_products
+    assert str(check).startswith("multiplicity checked:")
+    bottom = lanczos(op, k=4, which="smallest", tol=1e-10)
+    _close_to_dense(bottom, matrix, 4, "smallest")
+    both = lanczos_extremes(op, 5, 3, tol=1e-10, max_iter=2000)
+    _close_to_dense(both[0], matrix, 5)
+    _close_to_dense(both[1], matrix, 3, "smallest")
+
+
+@pytest.mark.parametrize("max_basis", [9, 14])
+def test_thick_restarts_keep_the_copies(max_basis):
+    a = _symmetric(12, 1)
+    matrix = torch.block_diag(a, a, a)
+    top = lanczos(MatrixOperator(matrix), k=5, tol=1e-10, max_basis=max_basis, max_iter=3000)
+    _close_to_dense(top, matrix, 5)
+    assert top.multiplicity.complete
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol", "rel"), [(torch.float64, 1e-10, 1e-9), (torch.float32, 1e-4, 2e-4)]
+)
+def test_near_multiplicities_come_out_with_their_copies(dtype, tol, rel):
+    """Eigenvalues 1e-8 apart (one value in float32): each one a pair of the top-k."""
+    g = torch.Generator().manual_seed(2)
+    q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
+    values = torch.rand(60, generator=g, dtype=torch.float64)
+    values[:6] = torch.tensor([3.0, 3.0 + 1e-8, 3.0 + 2e-8, 2.0, 2.0 + 1e-8, 1.5])
+    matrix = (q * values) @ q.T
+    top = lanczos(MatrixOperator(matrix.to(dtype)), k=6, tol=tol)
+    expected = torch.linalg.eigvalsh(matrix).flip(0)[:6]
+    torch.testing.assert_close(top.eigenvalues, expected, rtol=0, atol=rel * 3.0)
+    assert top.all_converged and top.multiplicity.complete
+
+
+def _dense_block(model, loss_fn, inputs, targets, prefix: str) -> torch.Tensor:
+    """The Hessian over the parameters named ``prefix``… by autograd double backward."""
+    named = model.named_parameters()
+    params = [p for n, p in named if n.startswith(prefix) and p.requires_grad]
+    grads = torch.autograd.grad(loss_fn(model(inputs), targets), params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    rows = [torch.autograd.grad(g, params, retain_graph=True) for g in flat]
+    return torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
+
+
+@pytest.mark.parametrize("outputs", [2, 3, 4])
+def test_an_mse_head_has_every_eigenvalue_outputs_times(outputs):
+    """The output Linear's block under MSE is (ΣxxT) ⊗ I_D: each eigenvalue D times."""
+    torch.manual_seed(outputs)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, outputs)
+    ).double()
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randn(20, outputs, dtype=torch.float64)
+    loss = torch.nn.functional.mse_loss
+    dense = _dense_block(model, loss, x, y, "2.")
+    settings = SolveSettings(tol=1e-10)
+    top = hessian_eigs(model, loss, [(x, y)], k=5, params="2.*", settings=settings)
+    _close_to_dense(top, dense, 5)
+    assert top.multiplicity.complete
+    assert torch.allclose(top.eigenvalues[0], top.eigenvalues[outputs - 1], rtol=1e-10)
+
+
+def test_a_tied_weight_mlps_head_keeps_its_copies():
+    """A layer applied twice (a shared weight); the MSE head's block repeats each value 3 times,
+    and the whole Hessian's top-k matches too."""
+    torch.manual_seed(0)
+    model = Shared().double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    loss = torch.nn.functional.mse_loss
+    settings = SolveSettings(tol=1e-10)
+    head = hessian_eigs(model, loss, [(x, y)], k=6, params="head.*", settings=settings)
+    _close_to_dense(head, _dense_block(model, loss, x, y, "head."), 6)
+    whole = hessian_eigs(model, loss, [(x, y)], k=6, settings=settings)
+    _close_to_dense(whole, _dense_block(model, loss, x, y, ""), 6)

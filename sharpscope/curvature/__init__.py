@@ -12,6 +12,7 @@ from sharpscope.curvature.power import power_iteration
 from sharpscope.curvature.results import (
     DensityResult,
     EigenResult,
+    MultiplicityCheck,
     Progress,
     Subspace,
     TraceResult,
@@ -39,6 +40,7 @@ __all__ = [
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
+    "MultiplicityCheck",
     "ParamSpace",
     "Progress",
     "SolveSettings",

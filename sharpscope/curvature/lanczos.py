@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from sharpscope.curvature.linop import LinearOperator
-from sharpscope.curvature.results import EigenResult, Progress, Subspace
+from sharpscope.curvature.results import EigenResult, MultiplicityCheck, Progress, Subspace
 from sharpscope.curvature.vectors import (
     dot,
     norm,
@@ -119,7 +119,12 @@ class LanczosProcess:
             self._next = w / beta
             return
         self.beta = 0.0
-        fresh = random_vectors(1, self.op.size, q, self.generator)[0]
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """Continue from a random vector orthogonal to the basis (a new Krylov sequence)."""
+        like = torch.empty(0, dtype=self.op.dtype, device=self.op.device)
+        fresh = random_vectors(1, self.op.size, like, self.generator)[0]
         fresh = orthogonalize(fresh, self.vectors)
         self._next = fresh / norm(fresh)
 
@@ -148,6 +153,17 @@ class LanczosProcess:
         self._t.zero_()
         self._t[:n, :n] = torch.diag(theta[keep])
         self._arrow = self.beta * coords[-1, :]
+
+    def lock(self, keep: torch.Tensor) -> None:
+        """Keep only the (converged) Ritz vectors ``keep`` and continue from a fresh random vector
+        orthogonal to them: every later vector is reorthogonalised against them, so the run goes
+        on as Lanczos on the operator deflated by them, finding copies of their eigenvalues that
+        their Krylov sequence could not hold. Their couplings to the residual (at most their
+        residuals) are dropped."""
+        self.restart(keep)
+        self._arrow = None
+        self.beta = 0.0
+        self._fresh()
 
 
 def select(theta: torch.Tensor, k: int, which: Which) -> torch.Tensor:
@@ -271,30 +287,60 @@ def _solve(
     if max_basis is not None and max_basis < total + 2:
         sizes = " + ".join(["k"] if len(wants) == 1 else [str(k) for k, _ in wants])
         raise ValueError(f"max_basis must be at least {sizes} + 2 = {total + 2}, got {max_basis}")
-    max_iter = max(total, max_iter if max_basis is not None else min(max_iter, op.size))
+    max_iter = max(total, max_iter)
     first = start_vector(op, generator, v0)
-    process = LanczosProcess(op, first, generator, max_basis, keep_images, limit=max_iter)
+    limit = min(max_iter, op.size)  # a basis never holds more
+    process = LanczosProcess(op, first, generator, max_basis, keep_images, limit=limit)
     histories: list[list[list[float]]] = [[] for _ in wants]
+    checked = [k >= 2 for k, _ in wants]  # one value needs no copies
+    starts, check_from, locked, scale = 0, 0, None, 0.0
+    complete = not any(checked)
     while True:
         process.step()
         theta, s, residuals = process.ritz()
-        picks = [select(theta, k, which) for k, which in wants]
-        for history, wanted in zip(histories, picks, strict=True):
-            history.append(theta[wanted].tolist())
-        scale = theta.abs().max()
+        # while checking, one more pair at a checked end: the best the fresh start has found
+        picks = [
+            select(theta, k + (locked is not None and c), which)
+            for (k, which), c in zip(wants, checked, strict=True)
+        ]
+        for history, wanted, (k, _) in zip(histories, picks, wants, strict=True):
+            history.append(theta[wanted[:k]].tolist())
+        scale = max(scale, float(theta.abs().max()))  # of the whole run: a lock shrinks T
         converged = [residuals[wanted] <= tol * scale for wanted in picks]
         if progress is not None:
             progress("lanczos", process.steps, max_iter)
         done = all(
-            len(wanted) == k and bool(ok.all())
+            len(wanted) >= k and bool(ok.all())
             for (k, _), wanted, ok in zip(wants, picks, converged, strict=True)
         )
-        if done or process.exhausted or process.steps >= max_iter:
+        if process.exhausted:
+            complete = True  # the basis spans the whole space: every copy is in it
+            break
+        if done and not complete:
+            tops = torch.cat([theta[p[:k]] for p, (k, _) in zip(picks, wants, strict=True)])
+            if locked is not None and bool(((tops - locked).abs() <= tol * scale).all()):
+                complete = True  # the last fresh start found no further copy
+            elif total < op.size:
+                keep = torch.unique(
+                    torch.cat([p[:k] for p, (k, _) in zip(picks, wants, strict=True)])
+                )
+                if locked is None:
+                    check_from = op.n_products
+                process.lock(keep)
+                locked, starts = tops, starts + 1
+                continue
+        if done or process.steps >= max_iter:
             break
         if max_basis is not None and process.count >= max_basis:
-            extra = (max_basis - total) // (2 * len(wants))
-            kept = [select(theta, k + extra, which) for k, which in wants]
+            extra = (max_basis - sum(len(p) for p in picks)) // (2 * len(wants))
+            kept = [
+                select(theta, len(p) + extra, which)
+                for p, (_, which) in zip(picks, wants, strict=True)
+            ]
             process.restart(torch.unique(torch.cat(kept)))
+    picks = [wanted[:k] for wanted, (k, _) in zip(picks, wants, strict=True)]
+    converged = [ok[:k] for ok, (k, _) in zip(converged, wants, strict=True)]
+    check = MultiplicityCheck(starts, complete, op.n_products - check_from if starts else 0)
     found = []
     for wanted, ok in zip(picks, converged, strict=True):
         coords = s[:, wanted].to(dtype=op.dtype, device=op.device)
@@ -327,8 +373,9 @@ def _solve(
             history=history,
             subspace=subspace,
             images=images,
+            multiplicity=check if c else None,
         )
-        for (_, which), (vectors, values, errors, ok, images), history in zip(
-            wants, found, histories, strict=True
+        for c, (_, which), (vectors, values, errors, ok, images), history in zip(
+            checked, wants, found, histories, strict=True
         )
     ]

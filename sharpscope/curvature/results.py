@@ -53,6 +53,42 @@ class Subspace:
         return f"Subspace({len(self.basis)} vectors, trace {_figure(self.trace)})"
 
 
+@dataclass(frozen=True)
+class MultiplicityCheck:
+    """How a solve made sure its eigenvalues come with their multiplicity: after its pairs first
+    converged it locked them and started again from fresh random directions orthogonal to them,
+    until a start found no further copy within the tolerance (a single Krylov sequence holds only
+    one copy of a repeated eigenvalue)."""
+
+    starts: int
+    """Extra random starts made; each but the last found a further copy or a missed value."""
+    complete: bool
+    """The last start found no further copy, or the basis spanned the whole space; False when
+    the product budget (or unconverged pairs) cut the check short."""
+    products: int
+    """Operator products the check cost (part of the solve's ``n_products``)."""
+
+    def __str__(self) -> str:
+        """One line for the report's notes."""
+        cost = _count(self.products, "product")
+        if not self.complete and self.starts == 0:
+            return "multiplicity not checked: the pairs did not converge"
+        if not self.complete:
+            return (
+                f"multiplicity not fully checked: the product budget ran out after "
+                f"{_count(self.starts, 'extra random start')} ({cost}); a repeated eigenvalue "
+                "may be missing copies, raise `max_iter`"
+            )
+        if self.starts == 0:
+            return "multiplicity checked: the Krylov basis spans the whole space"
+        if self.starts == 1:
+            return f"multiplicity checked: 1 extra random start found no further copy ({cost})"
+        return (
+            f"multiplicity checked: {self.starts} extra random starts, {self.starts - 1} of them "
+            f"finding further copies, the last none ({cost})"
+        )
+
+
 @dataclass(repr=False)
 class EigenResult:
     """Eigenpairs of an operator, with how far each is from converged.
@@ -81,6 +117,8 @@ class EigenResult:
     product_error: float = 0.0
     """‖(H_op − H₆₄)v‖ for a unit v, the products' own error (measured on float32 operators by
     :func:`~sharpscope.curvature.product_error.product_error`; 0 when not measured)."""
+    multiplicity: MultiplicityCheck | None = None
+    """How repeated eigenvalues were looked for (Lanczos with k ≥ 2); None when not needed."""
 
     @property
     def bounds(self) -> torch.Tensor:
