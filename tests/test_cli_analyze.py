@@ -36,6 +36,7 @@ from torch import nn
 from typer.testing import CliRunner, Result
 
 import sharpscope
+import sharpscope.io.losses
 from sharpscope.cli.app import app
 from sharpscope.errors import InputError
 from sharpscope.io.architectures import mlp
@@ -563,6 +564,28 @@ def test_per_layer_names_each_modules_type(made, name, extra):
     table = succeed(analyze(made / name, *extra, "--no-trace", "--per-layer")).stdout
     cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.splitlines()]
     assert ["1", "Linear", "1,040"] in [row[:3] for row in cells]
+
+
+def test_an_mse_heads_repeated_eigenvalues_keep_their_copies(made):
+    """The output layer's block under MSE repeats each eigenvalue once per output (10 here): the
+    top 12 are λ₁ ten times and λ₂ twice, as a dense float64 eigendecomposition has them."""
+    args = ("--params", "3.*", "--loss", "mse", "--top-k", "12", "--tol", "1e-10")
+    doc = report(made / "ours.safetensors", "--no-trace", *args, "--dtype", "float64")
+    inputs, targets = digits64()
+    model = copy.deepcopy(made.model).double()
+    params = [model[3].weight, model[3].bias]
+    loss = sharpscope.io.losses.mse(model(inputs.double()), targets)
+    grads = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
+    rows = [torch.autograd.grad(g, params, retain_graph=True) for g in grads]
+    dense = torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
+    expected = torch.linalg.eigvalsh(dense).flip(0)[:12]
+    eigen = doc["results"]["eigenvalues"]
+    found = torch.tensor(eigen["values"], dtype=torch.float64)
+    torch.testing.assert_close(found, expected, rtol=0, atol=1e-10 * float(expected[0]))
+    assert all(eigen["converged"]) and eigen["multiplicity"]["complete"]
+    assert eigen["multiplicity"]["note"] in doc["results"]["notes"]
+    table = succeed(analyze(made / "ours.safetensors", "--no-trace", *args, "--dtype", "float64"))
+    assert "multiplicity checked" in table.stdout
 
 
 def test_params_globs_restrict_the_parameters(made):

@@ -421,3 +421,40 @@ def test_the_minibatch_alignment_survives_a_json_round_trip(analysed):
     console.print(render(older))
     row = next(line for line in console.export_text().splitlines() if "|cos(ĝ_B" in line)
     assert "1 minibatch" in row and "(no SE)" in row and "±" not in row
+
+
+def test_the_report_says_how_multiplicity_was_checked(analysed):
+    """Lanczos' extra random start (its products in the totals): in the JSON and the notes."""
+    result, report = analysed
+    check = result.top.multiplicity
+    assert check is not None and check.complete and check.starts >= 1
+    assert 0 < check.products < result.top.n_products
+    document = json.loads(report.dumps())["results"]
+    shown = document["eigenvalues"]["multiplicity"]
+    assert shown == {
+        "starts": check.starts,
+        "complete": True,
+        "products": check.products,
+        "note": str(check),
+    }
+    assert str(check) in document["notes"]
+    console = Console(record=True, width=400)
+    console.print(render(report))
+    assert f"note: {check}" in console.export_text()
+
+
+def test_batch_statistics_carry_a_note_that_the_batch_size_matters(cnn):
+    """BatchNorm on each batch's statistics: another batch size, another Hessian."""
+    config = AnalyzeConfig(k=1, batch_stats=True, trace=False, shards=0)
+    small, large = (analyze(cnn.model, cnn.loss_fn, cnn.split(n), config) for n in (8, 48))
+    assert abs(small.lambda_max - large.lambda_max) > 1e-3 * large.lambda_max
+    note = next(n for n in small.notes if "batch_stats" in n)
+    assert "depend on `batch_size`" in note
+    inputs = Inputs.from_json({**INPUTS, "config": dict(config.__dict__)})
+    report = Report.from_analysis(small, inputs)
+    assert note in json.loads(report.dumps())["results"]["notes"]
+    console = Console(record=True, width=400)
+    console.print(render(report))
+    assert f"note: {note}" in console.export_text()
+    plain = analyze(cnn.model, cnn.loss_fn, cnn.split(8), replace(config, batch_stats=False))
+    assert not any("batch_stats" in n for n in plain.notes)

@@ -47,6 +47,12 @@ from sharpscope.errors import InputError
 from sharpscope.optim.perturbations import sam_perturbation
 from sharpscope.stopwatch import Stopwatch
 
+BATCH_STATS_NOTE = (
+    "with `batch_stats` the figures depend on `batch_size` (BatchNorm normalises each batch by "
+    "its own statistics); compare only runs with the same batch size"
+)
+"""The note of every run on batch statistics: its curvature is that of per-batch losses."""
+
 
 @dataclass
 class LayerEigen:
@@ -366,6 +372,8 @@ def analyze(
     watch = Stopwatch()
     notes: list[str] = []
     op = _operator(model, loss_fn, batches, config)
+    if config.batch_stats:
+        notes.append(BATCH_STATS_NOTE)
     if config.curvature != "hessian" and config.backend != "double-backward":
         notes.append(
             f"`backend` {config.backend} applies to the Hessian only, not the {op.curvature}"
@@ -394,6 +402,7 @@ def analyze(
         top, bottom = method.extremes(
             op, config.k, 1, settings, _staged(progress, "top-k and λ_min")
         )
+    notes += [str(r.multiplicity) for r in (top, bottom) if r.multiplicity is not None]
     subspace, top, bottom = (
         top.subspace,
         replace(top, subspace=None),

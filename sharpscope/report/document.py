@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # a report is read, explained and gated without torch
     from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessResult
     from sharpscope.analysis.alignment import Alignment
     from sharpscope.analysis.analyze import Analysis, LayerEigen
-    from sharpscope.curvature import DensityResult, EigenResult, TraceResult
+    from sharpscope.curvature import DensityResult, EigenResult, MultiplicityCheck, TraceResult
     from sharpscope.curvature.product_error import ProductError
 
 S = TypeVar("S", bound="Section")
@@ -157,6 +157,24 @@ class Inputs(Section):
 
 
 @dataclass(frozen=True)
+class Multiplicity(Section):
+    """How the solve looked for further copies of its eigenvalues (see
+    :class:`~sharpscope.curvature.results.MultiplicityCheck`)."""
+
+    starts: int
+    complete: bool
+    products: int
+    note: str
+
+    @classmethod
+    def of(cls, check: MultiplicityCheck | None) -> Multiplicity | None:
+        """The section of a solve's check; None when it made none."""
+        if check is None:
+            return None
+        return cls(check.starts, check.complete, check.products, str(check))
+
+
+@dataclass(frozen=True)
 class Eigenvalues(Section):
     """The top eigenpairs' values, residuals ‖Hv − λv‖ and convergence, and their cost."""
 
@@ -174,6 +192,8 @@ class Eigenvalues(Section):
     """Per pair, the residual plus the products' own error (``product_error``): how far the value
     can be from an eigenvalue of the model's exact matrix; None where that error was not measured
     (float64 runs, older reports): the residuals are the bounds then."""
+    multiplicity: Multiplicity | None = field(default=None, metadata=_OPTIONAL)
+    """How repeated eigenvalues were looked for (Lanczos); absent when not."""
 
     @classmethod
     def of(cls, result: EigenResult) -> Eigenvalues:
@@ -189,6 +209,7 @@ class Eigenvalues(Section):
             seconds=result.seconds,
             history=tuple(tuple(row) for row in result.history),
             bounds=tuple(result.bounds.tolist()) if result.product_error else None,
+            multiplicity=Multiplicity.of(result.multiplicity),
         )
 
     @property
