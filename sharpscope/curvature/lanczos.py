@@ -208,7 +208,11 @@ def lanczos(
 
     Stops when every wanted Ritz pair has ‖Hy − θy‖ ≤ ``tol`` · max|θ| (the spectral scale seen so
     far), after ``max_iter`` products, or when the space is exhausted. ``converged`` says, per pair,
-    whether its residual met the tolerance. ``max_basis`` (at least k + 2) bounds the vectors
+    whether its residual met the tolerance. For ``k`` ≥ 2 the converged pairs are then locked and
+    the run goes on from fresh random vectors orthogonal to them until one finds no further copy
+    of their eigenvalues (:meth:`LanczosProcess.lock`; the result's ``multiplicity`` says how it
+    went), so a repeated eigenvalue comes with its multiplicity; those products count in
+    ``max_iter`` and ``n_products``. ``max_basis`` (at least k + 2) bounds the vectors
     held in memory: a full basis restarts thickly from its k + (max_basis − k) // 2 most wanted
     Ritz vectors; None keeps every vector (fewest products). With ``verify`` (one more product per
     pair) each returned unit vector's eigenvalue is its Rayleigh quotient and its residual the
