@@ -298,20 +298,25 @@ def test_thick_restarts_keep_the_copies(max_basis):
     assert top.multiplicity.complete
 
 
-@pytest.mark.parametrize(
-    ("dtype", "tol", "rel"), [(torch.float64, 1e-10, 1e-9), (torch.float32, 1e-4, 2e-4)]
-)
-def test_near_multiplicities_come_out_with_their_copies(dtype, tol, rel):
-    """Eigenvalues 1e-8 apart (one value in float32): each one a pair of the top-k."""
-    g = torch.Generator().manual_seed(2)
-    q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
-    values = torch.rand(60, generator=g, dtype=torch.float64)
-    values[:6] = torch.tensor([3.0, 3.0 + 1e-8, 3.0 + 2e-8, 2.0, 2.0 + 1e-8, 1.5])
-    matrix = (q * values) @ q.T
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-7), (torch.float32, 1e-4)])
+def test_near_multiplicities_come_out_with_their_copies(dtype, tol):
+    """blockdiag(A, A + 1e-8·I, A + 2e-8·I): triples 1e-8 apart (one value in float32), each
+    found three times to the tolerance (without the fresh starts: 32 % of λ₁ off in float64).
+    A pair mixing a locked vector with a copy inherits the locked one's dropped coupling: its
+    flag and residual stay the true ones (docs/engine.md, repeated eigenvalues)."""
+    a = _symmetric(12, 0)
+    eye = torch.eye(12, dtype=torch.float64)
+    matrix = torch.block_diag(a, a + 1e-8 * eye, a + 2e-8 * eye)
     top = lanczos(MatrixOperator(matrix.to(dtype)), k=6, tol=tol)
     expected = torch.linalg.eigvalsh(matrix).flip(0)[:6]
-    torch.testing.assert_close(top.eigenvalues, expected, rtol=0, atol=rel * 3.0)
-    assert top.all_converged and top.multiplicity.complete
+    scale = float(expected[0])
+    torch.testing.assert_close(top.eigenvalues, expected, rtol=0, atol=tol * scale)
+    assert top.multiplicity.complete and top.multiplicity.starts >= 1
+    vectors = top.eigenvectors.double()
+    true = (vectors @ matrix - top.eigenvalues[:, None] * vectors).norm(dim=1)
+    torch.testing.assert_close(top.residuals, true, rtol=1e-3, atol=1e-6 * scale)
+    assert bool((top.residuals <= 2 * tol * scale).all())
+    assert torch.equal(top.converged, top.residuals <= tol * scale)
 
 
 def _dense_block(model, loss_fn, inputs, targets, prefix: str) -> torch.Tensor:
