@@ -33,7 +33,7 @@ from sharpscope.analysis.intervals import (
     noise_corrected_se,
 )
 from sharpscope.batches import loss_weight
-from sharpscope.curvature import CurvatureOperator, EigenResult
+from sharpscope.curvature import CurvatureOperator, EigenResult, Progress
 from sharpscope.curvature.lanczos import lanczos_extremes
 from sharpscope.curvature.vectors import abs_cosine, dot, norm, orthogonalize, random_vectors
 from sharpscope.optim.perturbations import sam_perturbation
@@ -209,6 +209,7 @@ def sampling_errors(
     resolve: Resolve | None = None,
     trace_probes: int = 0,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> SamplingErrors | None:
     """The jackknife standard errors of the top-k eigenvalues (rows of ``eigenvectors``), λ_min
     (of ``min_vector``) and, given the full-data ``gradient`` and the SAM perturbation
@@ -216,13 +217,18 @@ def sampling_errors(
     sharpness; with ``trace_probes``, of the trace; with ``resolve`` and the ``full`` figures,
     their split-sample bias. Costs one product per eigenvector and per probe, one gradient and
     two losses, each spread over the shards, and with ``resolve`` one eigen-solve spread over
-    them. None when the data makes fewer than two shards."""
+    them; ``progress`` hears of each shard done. None when the data makes fewer than two
+    shards."""
     parts = shard_operators(op, shards)
     if len(parts) < 2:
         return None
     weights = [p.num_terms / op.num_terms for p in parts]
     vectors = torch.cat([eigenvectors, min_vector[None]])
-    found = [_shard(p, vectors, gradient, epsilon, resolve, trace_probes, seed) for p in parts]
+    found = []
+    for part in parts:
+        found.append(_shard(part, vectors, gradient, epsilon, resolve, trace_probes, seed))
+        if progress is not None:
+            progress("spread", len(found), len(parts))
     n_products = round(sum(w * p.n_products for w, p in zip(weights, parts, strict=True)))
     replicates = [deleted_means(q, weights) for q in zip(*(s.rayleigh for s in found), strict=True)]
     kept = {"weights": weights, "lambda_max": replicates[0], "lambda_min": replicates[-1]}

@@ -7,10 +7,13 @@ Torch-free at import, so that help, option errors and gating a saved report neve
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
-from types import ModuleType
-from typing import Annotated
+from types import FrameType, ModuleType
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -136,16 +139,53 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-class ProgressBars:
-    """Rich progress bars on stderr, one per estimator task, fed by the estimators' callbacks.
+class Interrupts:
+    """Within the block, SIGTERM interrupts as Ctrl-C does (a :class:`KeyboardInterrupt`, so a
+    command can save what it finished); :attr:`exit_code` is then 143, else 130 (128 + the
+    signal, as ``finetune`` exits). The previous handler is back after the first signal."""
 
-    A line is the task, a fixed-width bar, products done/budget, time elapsed and time left:
-    it fits in 80 columns for task names up to 15 characters and budgets up to 7 digits.
+    def __init__(self) -> None:
+        self.signum = signal.SIGINT
+        self._previous: Any = None
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._interrupt)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signal.Signals(signum)
+        self._restore()
+        raise KeyboardInterrupt
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal that interrupted: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + int(self.signum)
+
+
+class ProgressBars:
+    """Progress on stderr, one task per estimator stage, fed by the estimators' callbacks.
+
+    On a terminal, rich bars: the task, a fixed-width bar, products done/budget, time elapsed
+    and time left; a line fits in 80 columns for task names up to 15 characters and budgets up to
+    7 digits. Elsewhere (a log file, CI), one plain line per task as it ends: what it did and
+    its time, so a redirected stderr shows each stage when it finishes rather than at the end.
     """
 
     def __init__(self, enabled: bool, console: Console | None = None) -> None:
         """Bars on ``console`` (stderr by default); ``enabled=False`` shows nothing."""
         self.enabled = enabled and sys.stderr is not None
+        self._console = console or stderr
+        self._bars = self.enabled and self._console.is_terminal
         self._progress = Progress(
             TextColumn("{task.description}", table_column=Column(width=15, no_wrap=True)),
             BarColumn(bar_width=25),
@@ -153,11 +193,13 @@ class ProgressBars:
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
-            console=console or stderr,
+            console=self._console,
             transient=False,
-            disable=not self.enabled,
+            disable=not self._bars,
         )
         self._tasks: dict[str, int] = {}
+        self._open: tuple[str, float] | None = None
+        """The task whose line is still to be printed (no bars), and when it started."""
 
     def __enter__(self) -> ProgressBars:
         self._progress.__enter__()
@@ -167,14 +209,23 @@ class ProgressBars:
         self._progress.__exit__(*exc)
 
     def __call__(self, task: str, done: int, total: int) -> None:
-        """The estimators' ``progress(task, done, total)``; a new task closes the earlier bars."""
+        """The estimators' ``progress(task, done, total)``; a new task closes the earlier ones."""
         if task not in self._tasks:
             self.finish()
             self._tasks[task] = self._progress.add_task(task, total=total)
+            self._open = (task, time.perf_counter())
         self._progress.update(self._tasks[task], completed=done, total=total)
 
     def finish(self) -> None:
-        """Mark every bar complete (estimators that converge early stop short of their budget)."""
+        """Mark every bar complete (estimators that converge early stop short of their budget);
+        without bars, print the line of the task that was still open."""
+        if self._open is not None and self.enabled and not self._bars:
+            name, start = self._open
+            bar = self._progress.tasks[self._tasks[name]]
+            seconds = time.perf_counter() - start
+            line = f"{name}: {int(bar.completed):,}/{int(bar.total or 0):,} in {seconds:.1f} s"
+            self._console.print(line, markup=False, highlight=False)
         for task_id in self._tasks.values():
             task = self._progress.tasks[task_id]
             self._progress.update(task_id, total=task.completed, completed=task.completed)
+        self._open = None
