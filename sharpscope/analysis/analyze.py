@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +21,7 @@ from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.config import AnalyzeConfig
 from sharpscope.analysis.intervals import Figures, SamplingErrors, rounded_outward
 from sharpscope.analysis.metrics import accuracy
-from sharpscope.analysis.plan import Plan, available_memory, fitting_basis
+from sharpscope.analysis.plan import TYPICAL_LANCZOS, Plan, available_memory, fitting_basis
 from sharpscope.analysis.sampling import SHARD_TOL, TRACE_PROBES, Resolve, sampling_errors
 from sharpscope.batches import LossFn
 from sharpscope.curvature import (
@@ -99,6 +100,8 @@ class Analysis:
     per_layer: list[LayerEigen]
     timings: dict[str, float]
     n_products: int
+    stage_products: dict[str, int] = field(default_factory=dict)
+    """Products per stage of ``timings`` (the spread's in full-data products)."""
     notes: list[str] = field(default_factory=list)
     slices: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
     """Direction name -> (step sizes t, loss at w + t·direction)."""
@@ -107,10 +110,24 @@ class Analysis:
     product_error: ProductError | None = None
     """The products' own error, in ``top``'s and ``bottom``'s bounds (None: float64, not
     measured)."""
+    interrupted: str | None = None
+    """The stage an interrupt stopped (the later ones did not run); None: the analysis is
+    complete."""
 
     @property
     def lambda_max(self) -> float:
         return float(self.top.eigenvalues[0])
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or a signal raised as it) during :func:`analyze`, with the :class:`Analysis` of the
+    stages that finished (``partial``; None before the eigenvalues were) and the ``stage`` it
+    stopped."""
+
+    def __init__(self, partial: Analysis | None, stage: str | None) -> None:
+        super().__init__(stage)
+        self.partial = partial
+        self.stage = stage
 
 
 def _staged(progress: Progress | None, stage: str) -> Progress | None:
@@ -118,6 +135,16 @@ def _staged(progress: Progress | None, stage: str) -> Progress | None:
     if progress is None:
         return None
     return lambda _task, done, total: progress(stage, done, total)
+
+
+@contextlib.contextmanager
+def _one_step(progress: Progress | None, stage: str) -> Iterator[None]:
+    """Progress for a stage without steps of its own: begun, then done."""
+    if progress is not None:
+        progress(stage, 0, 1)
+    yield
+    if progress is not None:
+        progress(stage, 1, 1)
 
 
 def _module_types(model: nn.Module) -> dict[str, str]:
@@ -278,6 +305,7 @@ def _planned(
         num_samples=op.num_samples,
         num_batches=op.num_batches,
         products=products,
+        typical=typical_products(products, method, config.trace_samples),
         seconds_per_product=seconds,
         vector_bytes=vector_bytes,
         vectors=cost.vectors,
@@ -286,6 +314,24 @@ def _planned(
         threads=torch.get_num_threads(),
     )
     return plan, settings, image if grad_norm > 0 else None
+
+
+def typical_products(
+    products: dict[str, int], method: Solver, trace_samples: int
+) -> dict[str, int]:
+    """The products each stage typically takes, given the most each may (``products``): a
+    Lanczos solve :data:`TYPICAL_LANCZOS` (the eigen stage, the bias's re-solves), the trace its
+    budget of that; the rest, and every stage of the other solvers, their bound."""
+    typical = dict(products)
+    if method.name != "lanczos":
+        return typical
+    for stage in ("eigenpairs", "bias"):
+        if stage in typical:
+            typical[stage] = min(typical[stage], TYPICAL_LANCZOS)
+    if "trace" in typical:
+        budget = method.trace_products(trace_budget(trace_samples, typical["eigenpairs"]))
+        typical["trace"] = min(typical["trace"], budget)
+    return typical
 
 
 def _trace_notes(trace: TraceResult, tol: float) -> list[str]:
@@ -318,6 +364,7 @@ def _sampling(
     bottom: EigenResult,
     gradient: torch.Tensor,
     alignment: Alignment | None,
+    progress: Progress | None,
 ) -> SamplingErrors | None:
     """The figures' data uncertainty over ``config.shards`` shards, with the trace's when it is
     estimated and the figures' sample-size bias when ``config.bias`` (the shards' re-solves
@@ -350,6 +397,7 @@ def _sampling(
         resolve,
         TRACE_PROBES if config.trace else 0,
         config.seed,
+        progress,
     )
 
 
@@ -369,9 +417,9 @@ def analyze(
     """
     config = config or AnalyzeConfig()
     method = solver(config.method)
-    watch = Stopwatch()
     notes: list[str] = []
     op = _operator(model, loss_fn, batches, config)
+    watch = Stopwatch(lambda: op.n_products)
     if config.batch_stats:
         notes.append(BATCH_STATS_NOTE)
     if config.curvature != "hessian" and config.backend != "double-backward":
@@ -383,121 +431,140 @@ def analyze(
             f"`method` {method.name} runs in one process only; use "
             + " or ".join(name for name, s in SOLVERS.items() if not s.single_process)
         )
-    with watch.stage("gradient"):
-        loss = _finite_loss(op)
-        gradient = op.gradient()
-        acc = accuracy(model, batches, op.dtype, op.device, config.batch_stats, op.distributed)
-    grad_norm = norm(gradient)
-    with watch.stage("plan"):
-        plan, settings, h_g_hat = _planned(op, config, method, gradient, grad_norm)
-    if plan.chosen_max_basis is not None:
-        notes.append(
-            f"the whole Lanczos basis would not fit in memory: `max_basis` {settings.max_basis} "
-            "was chosen (thick restarts)"
-        )
-    if on_plan is not None:
-        on_plan(plan)
-    before = op.n_products
-    with watch.stage("eigenvalues"):
-        top, bottom = method.extremes(
-            op, config.k, 1, settings, _staged(progress, "top-k and λ_min")
-        )
-    notes += [str(r.multiplicity) for r in (top, bottom) if r.multiplicity is not None]
-    subspace, top, bottom = (
-        top.subspace,
-        replace(top, subspace=None),
-        replace(bottom, subspace=None),
-    )
-    with watch.stage("eigenvalues"):  # the float32 products' own error, on v₁
-        error = product_error(op, top.eigenvectors[0], plan.available_bytes)
-    if error is not None:
-        scale = float(torch.cat([top.eigenvalues, bottom.eigenvalues]).abs().max())
-        top, bottom = (
-            error.widened(top, config.tol, scale),
-            error.widened(bottom, config.tol, scale),
-        )
-        notes += error.notes(config.tol, scale)
-    trace = None
-    if config.trace:
-        with watch.stage("trace"):
-            budget = trace_budget(config.trace_samples, op.n_products - before)
-            staged = _staged(progress, "trace")
-            trace = method.trace(op, config.trace_tol, budget, config.seed, staged, subspace)
-        notes += _trace_notes(trace, config.trace_tol)
-    del subspace  # the Krylov basis: free it before the later stages
-    density = None
-    if config.density:
-        with watch.stage("density"):
-            if method.density_note is not None:
-                notes.append(method.density_note)
-            density = slq(
-                op,
-                config.density_vectors,
-                config.density_iter,
-                config.seed,
-                _staged(progress, "density"),
-            )
-    with watch.stage("alignment"):
-        alignment, why = _alignment(op, top, grad_norm, config, h_g_hat)
-        notes += why
-    sampling = None
-    if config.shards:
-        with watch.stage("sampling"):
-            sampling = _sampling(op, config, settings, top, bottom, gradient, alignment)
-        if sampling is None:
-            notes.append(
-                "the spread over other samples was not estimated: the samples make fewer than 2 "
-                "shards (with `batch_stats`, or a model exported for one batch size, a shard is "
-                "a whole batch); analyze more samples"
-            )
+    top = bottom = None
+    error: ProductError | None = None
+    trace: TraceResult | None = None
+    density: DensityResult | None = None
+    alignment: Alignment | None = None
+    sampling: SamplingErrors | None = None
     slices: dict[str, tuple[list[float], list[float]]] = {}
-    if config.slices:
-        with watch.stage("slices"):
-            slices = _slices(op, top, gradient, grad_norm, config.rho)
-    sharpness = None
-    wanted = config.sharpness_settings()
-    if wanted is not None:
-        with watch.stage("adaptive_sharpness"):
-            sharpness = adaptive_sharpness(
-                model,
-                loss_fn,
-                batches,
-                wanted,
-                params=config.params,
-                exclude=config.exclude,
-                batch_stats=config.batch_stats,
-                shards=config.shards,
-                progress=progress,
-            )
+    sharpness: AdaptiveSharpnessResult | None = None
     per_layer: list[LayerEigen] = []
-    if config.per_layer:
-        with watch.stage("per_layer"):
-            per_layer = _per_layer(op, config, method, settings, progress)
-    notes += _convergence_notes(top, bottom, config.tol)
-    return Analysis(
-        loss=loss,
-        accuracy=acc,
-        grad_norm=grad_norm,
-        num_samples=op.num_samples,
-        num_batches=op.num_batches,
-        curvature=op.curvature,
-        param_names=op.space.names,
-        param_shapes=tuple(tuple(shape) for shape in op.space.shapes),
-        num_params=op.size,
-        top=top,
-        bottom=bottom,
-        trace=trace,
-        density=density,
-        alignment=alignment,
-        sampling=sampling,
-        per_layer=per_layer,
-        timings=watch.timings,
-        n_products=op.n_products + (sampling.n_products if sampling else 0),
-        notes=notes,
-        slices=slices,
-        adaptive_sharpness=sharpness,
-        product_error=error,
-    )
+
+    def result(interrupted: str | None = None) -> Analysis:
+        """The analysis of the stages run so far (``interrupted``: the one stopped)."""
+        return Analysis(
+            loss=loss,
+            accuracy=acc,
+            grad_norm=grad_norm,
+            num_samples=op.num_samples,
+            num_batches=op.num_batches,
+            curvature=op.curvature,
+            param_names=op.space.names,
+            param_shapes=tuple(tuple(shape) for shape in op.space.shapes),
+            num_params=op.size,
+            top=top,
+            bottom=bottom,
+            trace=trace,
+            density=density,
+            alignment=alignment,
+            sampling=sampling,
+            per_layer=per_layer,
+            timings=watch.timings,
+            n_products=op.n_products + (sampling.n_products if sampling else 0),
+            stage_products={
+                **watch.counts,
+                **({"sampling": sampling.n_products} if sampling else {}),
+            },
+            notes=notes + _convergence_notes(top, bottom, config.tol),
+            slices=slices,
+            adaptive_sharpness=sharpness,
+            product_error=error,
+            interrupted=interrupted,
+        )
+
+    try:
+        with watch.stage("gradient"), _one_step(progress, "loss and gradient"):
+            loss = _finite_loss(op)
+            gradient = op.gradient()
+            acc = accuracy(model, batches, op.dtype, op.device, config.batch_stats, op.distributed)
+        grad_norm = norm(gradient)
+        with watch.stage("plan"):
+            plan, settings, h_g_hat = _planned(op, config, method, gradient, grad_norm)
+        if plan.chosen_max_basis is not None:
+            notes.append(
+                "the whole Lanczos basis would not fit in memory: `max_basis` "
+                f"{settings.max_basis} was chosen (thick restarts)"
+            )
+        if on_plan is not None:
+            on_plan(plan)
+        before = op.n_products
+        with watch.stage("eigenvalues"):
+            top, bottom = method.extremes(
+                op, config.k, 1, settings, _staged(progress, "top-k and λ_min")
+            )
+        notes += [str(r.multiplicity) for r in (top, bottom) if r.multiplicity is not None]
+        subspace, top, bottom = (
+            top.subspace,
+            replace(top, subspace=None),
+            replace(bottom, subspace=None),
+        )
+        with watch.stage("eigenvalues"):  # the float32 products' own error, on v₁
+            error = product_error(op, top.eigenvectors[0], plan.available_bytes)
+        if error is not None:
+            scale = float(torch.cat([top.eigenvalues, bottom.eigenvalues]).abs().max())
+            top, bottom = (
+                error.widened(top, config.tol, scale),
+                error.widened(bottom, config.tol, scale),
+            )
+            notes += error.notes(config.tol, scale)
+        if config.trace:
+            with watch.stage("trace"):
+                budget = trace_budget(config.trace_samples, op.n_products - before)
+                staged = _staged(progress, "trace")
+                trace = method.trace(op, config.trace_tol, budget, config.seed, staged, subspace)
+            notes += _trace_notes(trace, config.trace_tol)
+        del subspace  # the Krylov basis: free it before the later stages
+        if config.density:
+            with watch.stage("density"):
+                if method.density_note is not None:
+                    notes.append(method.density_note)
+                density = slq(
+                    op,
+                    config.density_vectors,
+                    config.density_iter,
+                    config.seed,
+                    _staged(progress, "density"),
+                )
+        with watch.stage("alignment"), _one_step(progress, "alignment"):
+            alignment, why = _alignment(op, top, grad_norm, config, h_g_hat)
+            notes += why
+        if config.shards:
+            with watch.stage("sampling"):
+                sampling = _sampling(
+                    op, config, settings, top, bottom, gradient, alignment, progress
+                )
+            if sampling is None:
+                notes.append(
+                    "the spread over other samples was not estimated: the samples make fewer "
+                    "than 2 shards (with `batch_stats`, or a model exported for one batch size, "
+                    "a shard is a whole batch); analyze more samples"
+                )
+        if config.slices:
+            with watch.stage("slices"):
+                slices = _slices(op, top, gradient, grad_norm, config.rho)
+        wanted = config.sharpness_settings()
+        if wanted is not None:
+            with watch.stage("adaptive_sharpness"):
+                sharpness = adaptive_sharpness(
+                    model,
+                    loss_fn,
+                    batches,
+                    wanted,
+                    params=config.params,
+                    exclude=config.exclude,
+                    batch_stats=config.batch_stats,
+                    shards=config.shards,
+                    progress=progress,
+                )
+        if config.per_layer:
+            with watch.stage("per_layer"):
+                per_layer = _per_layer(op, config, method, settings, progress)
+    except KeyboardInterrupt:
+        stage = watch.running
+        raise Interrupted(None if bottom is None else result(stage), stage) from None
+
+    return result()
 
 
 def loss_slice(

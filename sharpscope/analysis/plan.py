@@ -11,6 +11,10 @@ import torch
 MEMINFO = Path("/proc/meminfo")
 BASIS_SHARE = 0.5
 """The share of the free memory the eigen-solver's vectors may take before the basis is bounded."""
+TYPICAL_LANCZOS = 50
+"""The products one Lanczos solve of the top-k and λ_min typically takes at the default tolerance:
+43–57 on the digits MLP for k = 1 to 10, about 30 on the benchmark CNN (docs/benchmarks.md, "Cost
+of a default analyze"); its bound, ``max_iter``, is about 4 times more."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,9 @@ class Plan:
     num_batches: int
     products: dict[str, int]
     """Stage -> the most products it may take (solvers that converge stop sooner)."""
+    typical: dict[str, int]
+    """Stage -> the products it typically takes (:data:`TYPICAL_LANCZOS`; a stage of a fixed
+    count, or without a known typical count, its bound)."""
     seconds_per_product: float
     """One product, timed on the operator before the eigen stage."""
     vector_bytes: int
@@ -39,6 +46,21 @@ class Plan:
     def most_products(self) -> int:
         """All stages' most products together."""
         return sum(self.products.values())
+
+    @property
+    def typical_products(self) -> int:
+        """All stages' typical products together."""
+        return sum(self.typical.values())
+
+    @property
+    def most_seconds(self) -> float:
+        """The longest the long stages may take, at the measured time per product."""
+        return self.most_products * self.seconds_per_product
+
+    @property
+    def typical_seconds(self) -> float:
+        """What the long stages typically take, at the measured time per product."""
+        return self.typical_products * self.seconds_per_product
 
     @property
     def basis_bytes(self) -> int:

@@ -16,6 +16,7 @@ from sharpscope.choices import DTYPE_NAMES
 from sharpscope.cli import options as opt
 from sharpscope.cli.common import (
     DistTimeout,
+    Interrupts,
     ProgressBars,
     command_scope,
     info,
@@ -95,7 +96,8 @@ def analysis_config(
 
 
 def run_analysis(loaded: Loaded, config: AnalyzeConfig, quiet: bool) -> tuple[Analysis, Report]:
-    """Run the pipeline with progress bars (rank 0's only); return the analysis and its report."""
+    """Run the pipeline with progress bars (rank 0's only); return the analysis and its report.
+    Interrupted, it raises :class:`Interrupted` with the finished stages' analysis."""
     from sharpscope import distributed
     from sharpscope.analysis.analyze import analyze
     from sharpscope.report.plan_line import plan_line
@@ -111,8 +113,13 @@ def run_analysis(loaded: Loaded, config: AnalyzeConfig, quiet: bool) -> tuple[An
             loaded.model, loaded.loss_fn, loaded.batches, config, progress=bars, on_plan=show_plan
         )
         bars.finish()
+    return analysis, report_of(analysis, loaded, config)
+
+
+def report_of(analysis: Analysis, loaded: Loaded, config: AnalyzeConfig) -> Report:
+    """The report of ``analysis`` of the loaded inputs with ``config``."""
     inputs = replace(loaded.description, config=dict(config.__dict__))
-    return analysis, Report.from_analysis(analysis, inputs)
+    return Report.from_analysis(analysis, inputs)
 
 
 def analyze_command(
@@ -185,7 +192,8 @@ def analyze_command(
 
     Under torchrun every rank takes its share of the batches and rank 0 reports.
 
-    Exit code 0 when done, 2 on bad input (one line on stderr), 130 on Ctrl-C.
+    Exit code 0 when done, 2 on bad input (one line on stderr), 130 on Ctrl-C and 143 on
+    SIGTERM, after printing (and writing to --out) a partial report of the finished stages.
 
     Examples:
 
@@ -253,9 +261,39 @@ def analyze_command(
             dtype=dtype,
             shard=True,
         )
-        analysis, report = run_analysis(loaded, config, quiet)
+        with Interrupts() as interrupts:
+            try:
+                analysis, report = run_analysis(loaded, config, quiet)
+            except KeyboardInterrupt as stop:
+                _save_partial(stop, loaded, config, json_out, out)
+                raise typer.Exit(interrupts.exit_code) from None
         if distributed.is_main():
             _render(report, analysis, loaded, json_out, out)
+
+
+def _save_partial(
+    stop: KeyboardInterrupt, loaded: Loaded, config: AnalyzeConfig, json_out: bool, out: Path | None
+) -> None:
+    """After an interrupt: the report of the finished stages, printed and written to ``out``
+    (marked partial), and a line on stderr saying what finished."""
+    from sharpscope import distributed
+    from sharpscope.analysis.analyze import Interrupted
+
+    partial = stop.partial if isinstance(stop, Interrupted) else None
+    stage = stop.stage if isinstance(stop, Interrupted) else None
+    if not distributed.is_main():
+        return
+    during = f" during {stage}" if stage else ""
+    if partial is None:
+        info(f"interrupted{during}: no results yet (the eigenvalues had not finished)")
+        return
+    report = report_of(partial, loaded, config)
+    _render(report, partial, loaded, json_out, out)
+    finished = ", ".join(report.partial.finished) if report.partial else ""
+    info(
+        f"interrupted{during}: the report holds only the stages that finished ({finished}) "
+        "and says so (`partial`)"
+    )
 
 
 def _render(

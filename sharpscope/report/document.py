@@ -642,6 +642,24 @@ class Timings(Section):
     n_products: int
 
 
+@dataclass(frozen=True)
+class Partial(Section):
+    """What an interrupted analysis finished: its report holds these stages' results only."""
+
+    interrupted: str | None
+    """The stage the interrupt stopped (None: between stages)."""
+    finished: tuple[str, ...]
+    """The stages that ran to the end, in order."""
+
+    @classmethod
+    def of(cls, analysis: Analysis) -> Partial | None:
+        """None for a complete analysis."""
+        if analysis.interrupted is None:
+            return None
+        stopped = analysis.interrupted
+        return cls(stopped, tuple(stage for stage in analysis.timings if stage != stopped))
+
+
 # --- the document --------------------------------------------------------------------------------
 
 
@@ -655,6 +673,8 @@ class Report(Section):
     inputs: Inputs
     results: Results
     timings: Timings
+    partial: Partial | None = field(default=None, metadata=_OPTIONAL)
+    """Set when the analysis was interrupted: the report holds the finished stages only."""
 
     @classmethod
     def from_analysis(cls, analysis: Analysis, inputs: Inputs) -> Report:
@@ -667,6 +687,7 @@ class Report(Section):
             timings=Timings(
                 sum(analysis.timings.values()), dict(analysis.timings), analysis.n_products
             ),
+            partial=Partial.of(analysis),
         )
 
     @classmethod

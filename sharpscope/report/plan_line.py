@@ -28,10 +28,10 @@ def _figures(value: float) -> str:
 
 
 def plan_line(plan: Plan) -> str:
-    """E.g. ``plan: 77,850 parameters, 1,024 samples in 8 batches; at most 320 products
-    (eigenpairs 200, trace 120), ≈ 12 ms each on 2 CPU threads: ≤ 3.8 s; Lanczos vectors ≤ 62 MB
-    of 20 GB free``.
-    Parameter names are in backticks (the CLI shows them as options)."""
+    """E.g. ``plan: 77,850 parameters, 1,024 samples in 8 batches; at most 322 products
+    (eigenpairs 206, trace 100, sampling 16), ≈ 15 ms each on 2 CPU threads: typically ≈ 1.7 s,
+    at most 4.8 s; Lanczos vectors ≤ 62 MB of 20 GB free``. Parameter names are in backticks (the
+    CLI shows them as options)."""
     stages = ", ".join(f"{name} {count:,}" for name, count in plan.products.items())
     memory = f"solver vectors ≤ {sizes(plan.basis_bytes)}"
     if plan.available_bytes is not None:
@@ -41,10 +41,12 @@ def plan_line(plan: Plan) -> str:
             f"; the whole basis would not fit, so `max_basis` {plan.chosen_max_basis} is used "
             "(thick restarts: more products; set `max_basis` to choose)"
         )
+    most = duration(plan.most_seconds)
+    typical = duration(plan.typical_seconds)
+    time = f"at most {most}" if typical == most else f"typically ≈ {typical}, at most {most}"
     return (
         f"plan: {plan.num_params:,} parameters, {plan.num_samples:,} samples in "
         f"{plan.num_batches:,} batch(es); at most {plan.most_products:,} products ({stages}), "
         f"≈ {duration(plan.seconds_per_product)} each on {plan.threads} CPU thread"
-        f"{'s' if plan.threads != 1 else ''}: ≤ "
-        f"{duration(plan.most_products * plan.seconds_per_product)}; {memory}"
+        f"{'s' if plan.threads != 1 else ''}: {time}; {memory}"
     )
