@@ -1,32 +1,55 @@
-"""What a default `sharpscope analyze` costs, and how much of it is the eigen-solve.
+"""What a default `sharpscope analyze` costs: its stages, the spread's share, and the plan line.
 
-Run by hand: ``python benchmarks/bench_analyze.py [--out FILE]``. Uses the two workloads of
-``bench_engine.py`` (the digits MLP and the CIFAR-shaped CNN), each with the analyze defaults:
-1024 samples in batches of 128, top-5 by Lanczos (tol 1e-4), λ_min, Hutch++ trace, SAM alignment.
+Run by hand: ``python benchmarks/bench_analyze.py [--out FILE]``. Three workloads, each with the
+analyze defaults (top-5 by Lanczos at tol 1e-4, λ_min, Hutch++ trace, SAM alignment, the spread
+over 8 shards without the opt-in bias):
+
+- the demo: the MLP ``sharpscope demo`` trains (300 Adam steps), on all 1,437 training digits;
+- the digits MLP of ``bench_engine.py`` on 1024 digits in batches of 128;
+- the CIFAR-shaped CNN of ``bench_engine.py`` on 1024 synthetic images in batches of 128.
+
+For each: products and seconds per stage, the spread's share of both (target ≤ 30 % of the
+products), and the plan line's typical and worst-case estimates against the actual time.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import bench_engine
 import torch
 
-from sharpscope import HessianOperator, lanczos
-from sharpscope.analysis.analyze import AnalyzeConfig, analyze
+from sharpscope.analysis.analyze import Analysis, AnalyzeConfig, analyze
+from sharpscope.analysis.plan import Plan
 from sharpscope.io.checkpoints import save_checkpoint
+from sharpscope.io.data import load_data
 from sharpscope.io.models import ModelSpec, build_model
+from sharpscope.report.plan_line import duration
+from sharpscope.training.fit import fit
 
 SAMPLES, BATCH = 1024, 128
-SOLVE_STAGES = ("eigenvalues", "lambda_min", "trace")
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def batches_of(workload: bench_engine.Workload) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def demo() -> tuple[str, torch.nn.Module, Batches]:
+    """The demo's model, trained as ``sharpscope demo`` trains it, and all 1,437 train digits."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("mlp", {}))
+    train = load_data("digits", split="train")
+    fit(model, train.inputs, train.targets, steps=300, seed=0)
+    model.eval()
+    batches = list(zip(train.inputs.split(BATCH), train.targets.split(BATCH), strict=True))
+    return "the demo's MLP (`sharpscope demo`), 1,437 digits", model, batches
+
+
+def batches_of(workload: bench_engine.Workload) -> Batches:
     """The analyze default's data: 1024 samples in batches of 128 (the CNN's are synthetic)."""
     if workload.key == "mlp":
         from sklearn.datasets import load_digits
@@ -41,79 +64,87 @@ def batches_of(workload: bench_engine.Workload) -> list[tuple[torch.Tensor, torc
     return list(zip(x.split(BATCH), y.split(BATCH), strict=True))
 
 
-def bare_solve(workload: bench_engine.Workload, batches: list) -> tuple[float, int]:
-    """Wall time and products of operator construction plus top-5 Lanczos alone."""
-    start = time.perf_counter()
-    op = HessianOperator(workload.model, torch.nn.functional.cross_entropy, batches)
-    result = lanczos(op, k=5, tol=1e-4)
-    return time.perf_counter() - start, result.n_products
+def engine(build: Callable[[], bench_engine.Workload]) -> tuple[str, torch.nn.Module, Batches]:
+    """A ``bench_engine`` workload on :func:`batches_of`'s data."""
+    workload = build()
+    return f"{workload.title}, {SAMPLES} samples", workload.model, batches_of(workload)
 
 
-def cli_wall(workload: bench_engine.Workload) -> float:
-    """Wall time of ``sharpscope analyze CKPT --data digits --json`` in a fresh process."""
-    spec = ModelSpec("mlp", {"activation": "tanh"})
-    model = build_model(spec)
-    values = workload.model.state_dict().values()
-    model.load_state_dict(dict(zip(model.state_dict(), values, strict=True)))
+def cli_wall(model: torch.nn.Module) -> float:
+    """Seconds of ``sharpscope analyze CKPT --data digits --samples 0 --json --quiet`` in a fresh
+    process on the demo's model (imports, loading and report included)."""
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "mlp.safetensors"
-        save_checkpoint(path, model, spec)
+        path = Path(folder) / "demo.safetensors"
+        save_checkpoint(path, model, ModelSpec("mlp", {}))
         command = [sys.executable, "-m", "sharpscope", "analyze", str(path), "--data", "digits"]
         start = time.perf_counter()
-        subprocess.run([*command, "--json", "--quiet"], check=True, capture_output=True)
+        command += ["--samples", "0", "--json", "--quiet"]
+        subprocess.run(command, check=True, capture_output=True)
         return time.perf_counter() - start
 
 
-def measure(workload: bench_engine.Workload) -> list[str]:
-    """One Markdown section for a workload."""
-    batches = batches_of(workload)
-    bare, bare_products = bare_solve(workload, batches)
+def measure(title: str, model: torch.nn.Module, batches: Batches) -> tuple[list[str], Analysis]:
+    """One Markdown section for a workload, and its analysis."""
+    plans: list[Plan] = []
     start = time.perf_counter()
-    result = analyze(workload.model, torch.nn.functional.cross_entropy, batches, AnalyzeConfig())
+    result = analyze(
+        model, torch.nn.functional.cross_entropy, batches, AnalyzeConfig(), on_plan=plans.append
+    )
     total = time.perf_counter() - start
-    solve = sum(result.timings.get(stage, 0.0) for stage in SOLVE_STAGES)
+    (plan,) = plans
+    after_plan = total - sum(result.timings[s] for s in ("gradient", "plan"))
+    spread, spread_s = result.stage_products["sampling"], result.timings["sampling"]
     lines = [
-        f"## {workload.title}",
+        f"### {title}",
         "",
-        f"- {workload.n_params:,} parameters, {SAMPLES} samples in {len(batches)} batches",
-        f"- bare eigen-solve (operator + top-5 Lanczos): {bare:.2f} s, {bare_products} products",
-        f"- default analyze (in process): {total:.2f} s, {result.n_products} products; "
-        f"eigen-solve stages ({', '.join(SOLVE_STAGES)}) {solve:.2f} s = "
-        f"**{100 * solve / total:.0f} %** of it",
+        f"- {result.num_params:,} parameters, {result.num_samples:,} samples in "
+        f"{result.num_batches} batches; analyze (in process) {total:.2f} s, "
+        f"{result.n_products} products",
+        f"- **the spread: {100 * spread / result.n_products:.0f} % of the products** "
+        f"({spread} of {result.n_products}), {100 * spread_s / total:.0f} % of the time "
+        f"({spread_s:.2f} s of {total:.2f} s)",
+        f"- plan line: ≈ {duration(plan.seconds_per_product)} per product, typically "
+        f"≈ {duration(plan.typical_seconds)} ({plan.typical_products} products), at most "
+        f"{duration(plan.most_seconds)} ({plan.most_products}); the stages after it took "
+        f"{duration(after_plan)}: typical / actual = "
+        f"**{plan.typical_seconds / after_plan:.2f}**, bound / actual = "
+        f"{plan.most_seconds / after_plan:.1f}",
         "",
-        "| stage | seconds | share |",
-        "| --- | ---: | ---: |",
+        "| stage | products | seconds | share of the time |",
+        "| --- | ---: | ---: | ---: |",
     ]
     lines += [
-        f"| {stage} | {seconds:.3f} | {100 * seconds / total:.1f} % |"
+        f"| {stage} | {result.stage_products.get(stage, 0)} | {seconds:.3f} | "
+        f"{100 * seconds / total:.1f} % |"
         for stage, seconds in result.timings.items()
     ]
-    if workload.key == "mlp":
-        wall = cli_wall(workload)
-        lines += [
-            "",
-            f"- whole command `sharpscope analyze CKPT --data digits --json` in a fresh process "
-            f"(imports, loading, report): {wall:.2f} s; the eigen-solve stages are "
-            f"{100 * solve / wall:.0f} % of that (Python and torch start-up dominate the rest)",
-        ]
-    return [*lines, ""]
+    return [*lines, ""], result
 
 
 def main() -> None:
-    """Measure both workloads and print (or write) the Markdown."""
+    """Measure the workloads and print (or write) the Markdown."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also write the Markdown here")
     args = parser.parse_args()
     command = "python benchmarks/bench_analyze.py" + (f" --out {args.out}" if args.out else "")
     lines = [
-        "# Cost of a default `sharpscope analyze`",
-        "",
         f"- command: `{command}`",
-        f"- torch {torch.__version__}, {torch.get_num_threads()} CPU threads",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"load average before: {os.getloadavg()[0]:.1f}",
+        "",
+    ]
+    title, model, batches = demo()
+    section, _ = measure(title, model, batches)
+    lines += section
+    wall = cli_wall(model)
+    lines += [
+        f"- the whole command `sharpscope analyze CKPT --data digits --samples 0 --json` on the "
+        f"demo's model in a fresh process (imports, loading, report): {wall:.2f} s",
         "",
     ]
     for build in (bench_engine.build_mlp, bench_engine.build_cnn):
-        lines += measure(build())
+        lines += measure(*engine(build))[0]
+    lines.append(f"- load average after: {os.getloadavg()[0]:.1f}")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -291,8 +291,8 @@ def _save_partial(
     _render(report, partial, loaded, json_out, out)
     finished = ", ".join(report.partial.finished) if report.partial else ""
     info(
-        f"interrupted{during}: the report holds only the stages that finished ({finished}) "
-        "and says so (`partial`)"
+        f"interrupted{during}: the report holds only the stages that finished ({finished}), "
+        'marked "partial"'
     )
 
 
