@@ -127,28 +127,36 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the Markdown here")
     args = parser.parse_args()
     command = "python benchmarks/bench_analyze.py" + (f" --out {args.out}" if args.out else "")
-    lines = [
-        f"- command: `{command}`",
-        f"- torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-        f"load average before: {os.getloadavg()[0]:.1f}",
-        "",
-    ]
+    lines: list[str] = []
+
+    def add(new: list[str]) -> None:
+        """Keep and print ``new`` at once: a workload's section appears when it is measured."""
+        lines.extend(new)
+        print("\n".join(new), flush=True)
+
+    add(
+        [
+            f"- command: `{command}`",
+            f"- torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+            f"load average before: {os.getloadavg()[0]:.1f}",
+            "",
+        ]
+    )
     title, model, batches = demo()
-    section, _ = measure(title, model, batches)
-    lines += section
+    add(measure(title, model, batches)[0])
     wall = cli_wall(model)
-    lines += [
-        f"- the whole command `sharpscope analyze CKPT --data digits --samples 0 --json` on the "
-        f"demo's model in a fresh process (imports, loading, report): {wall:.2f} s",
-        "",
-    ]
+    add(
+        [
+            f"- the whole command `sharpscope analyze CKPT --data digits --samples 0 --json` on "
+            f"the demo's model in a fresh process (imports, loading, report): {wall:.2f} s",
+            "",
+        ]
+    )
     for build in (bench_engine.build_mlp, bench_engine.build_cnn):
-        lines += measure(*engine(build))[0]
-    lines.append(f"- load average after: {os.getloadavg()[0]:.1f}")
-    text = "\n".join(lines)
-    print(text)
+        add(measure(*engine(build))[0])
+    add([f"- load average after: {os.getloadavg()[0]:.1f}"])
     if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+        args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
