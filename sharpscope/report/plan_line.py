@@ -29,7 +29,7 @@ def _figures(value: float) -> str:
 
 def plan_line(plan: Plan) -> str:
     """E.g. ``plan: 77,850 parameters, 1,024 samples in 8 batches; at most 322 products
-    (eigenpairs 206, trace 100, sampling 16), ≈ 15 ms each on 2 CPU threads: typically ≈ 1.7 s,
+    (eigenpairs 206, trace 100, sampling 16), ≈ 15 ms each on 2 CPU threads: typically ≈ 1.6 s,
     at most 4.8 s; Lanczos vectors ≤ 62 MB of 20 GB free``. Parameter names are in backticks (the
     CLI shows them as options)."""
     stages = ", ".join(f"{name} {count:,}" for name, count in plan.products.items())
