@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from sharpscope.structures import leaves
+from sharpscope.structures import leaves, map_tensors
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 """``loss_fn(outputs, targets)``: the mean loss of a batch, a scalar tensor."""
@@ -67,14 +67,11 @@ def logits_of(outputs: Any) -> Any:
 
 
 def move_to(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """Move tensors (also nested in tuples, lists, dicts) to a device; cast floats to ``dtype``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device=device, dtype=dtype if obj.is_floating_point() else None)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(move_to(o, device, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: move_to(v, device, dtype) for k, v in obj.items()}
-    return obj
+    """Move tensors (also nested in tuples, lists and any mapping: a dict, a tokenizer's
+    ``BatchEncoding``) to a device; cast floats to ``dtype``."""
+    return map_tensors(
+        lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None), obj
+    )
 
 
 def batch_size(batch: tuple[Any, Any]) -> int:

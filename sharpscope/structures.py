@@ -5,6 +5,7 @@ per-sample operations every layer needs: counting, indexing, splitting and joini
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -24,6 +25,57 @@ def call_model(model: nn.Module, inputs: Any, params: Mapping[str, Tensor] | Non
     return functional_call(model, dict(params), tuple(args), kwargs)
 
 
+INPUT_STYLES: tuple[str, ...] = ("auto", "kwargs", "single")
+"""How mapping inputs reach a model: ``kwargs`` (``model(**inputs)``), ``single``
+(``model(inputs)``, one positional argument), or ``auto``: from the ``forward`` signature."""
+
+
+def input_style(model: nn.Module, inputs: Any, style: str = "auto") -> str:
+    """``kwargs`` or ``single`` for mapping ``inputs`` (``kwargs`` for any other inputs, which do
+    not depend on it); ``auto`` reads ``model.forward``'s signature: the fields as keywords when
+    they name its parameters (or it takes ``**kwargs`` and needs no positional argument), else
+    the mapping as one argument when it needs exactly one, else an :class:`InputError`."""
+    if style not in INPUT_STYLES:
+        choices = ", ".join(INPUT_STYLES)
+        raise InputError(f"unknown `input_style` {style!r}; choose one of {choices}")
+    if style != "auto" or not isinstance(inputs, Mapping):
+        return "kwargs" if style == "auto" else style
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a scripted or compiled forward: keep the keywords
+        return "kwargs"
+    kinds = inspect.Parameter
+    named = {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+    required = [p for p in params if p.default is p.empty and p.kind not in _VARIADIC]
+    positional = [p for p in params if p.kind in (*_POSITIONAL, kinds.VAR_POSITIONAL)]
+    keys = {str(key) for key in inputs}
+    needed = {p.name for p in required}
+    if keys <= named and needed <= keys:
+        return "kwargs"
+    if any(p.kind == kinds.VAR_KEYWORD for p in params) and not needed:
+        return "kwargs"
+    if positional and len(required) <= 1 and all(p.kind in _POSITIONAL for p in required):
+        return "single"
+    shown = ", ".join(p.name for p in params)
+    raise InputError(
+        f"cannot tell how to pass the input fields {', '.join(sorted(keys))} to "
+        f"{type(model).__name__}.forward({shown}): neither as its keyword arguments nor as one "
+        "mapping argument; pass `input_style` kwargs or single"
+    )
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def styled(batches: Sequence[tuple[Any, Any]], style: str) -> list[tuple[Any, Any]]:
+    """``batches`` whose mapping inputs, with ``style`` single, are wrapped in a one-entry tuple,
+    so that :func:`call_model` passes each mapping as one positional argument."""
+    if style != "single":
+        return list(batches)
+    return [((x,), y) if isinstance(x, Mapping) else (x, y) for x, y in batches]
+
+
 def _arguments(inputs: Any) -> tuple[Sequence[Any], dict[str, Any]]:
     if isinstance(inputs, Mapping):
         return (), dict(inputs)
@@ -37,10 +89,24 @@ def map_tensors(fn: Callable[[Tensor], Any], inputs: Any) -> Any:
     if isinstance(inputs, Tensor):
         return fn(inputs)
     if isinstance(inputs, Mapping):
-        return {key: map_tensors(fn, value) for key, value in inputs.items()}
+        return _remapped(inputs, {key: map_tensors(fn, value) for key, value in inputs.items()})
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(map_tensors(fn, value) for value in inputs)
     return inputs
+
+
+def _remapped(mapping: Mapping[Any, Any], values: dict[Any, Any]) -> Mapping[Any, Any]:
+    """``values`` in a mapping of ``mapping``'s type where it can be copied and written (a
+    ``UserDict``, a tokenizer's ``BatchEncoding``), else as a dict."""
+    if type(mapping) is dict or not isinstance(mapping, MutableMapping):
+        return values
+    try:
+        out = copy.copy(mapping)
+        for key, value in values.items():
+            out[key] = value
+    except Exception:
+        return values
+    return out
 
 
 def leaves(inputs: Any, name: str = "inputs") -> list[tuple[str, Tensor]]:
@@ -100,7 +166,7 @@ def concat(parts: Sequence[Any]) -> Any:
     if isinstance(first, Tensor):
         return torch.cat(list(parts))
     if isinstance(first, Mapping):
-        return {key: concat([p[key] for p in parts]) for key in first}
+        return _remapped(first, {key: concat([p[key] for p in parts]) for key in first})
     if isinstance(first, (tuple, list)):
         return type(first)(concat([p[i] for p in parts]) for i in range(len(first)))
     return first

@@ -158,7 +158,7 @@ def shard_operators(op: CurvatureOperator, shards: int) -> list[CurvatureOperato
     shards empty on every rank left out; each keeps its own graph for its products."""
     groups = _shard_batches(op, shards)
     return [
-        op.restricted(group, cache_graph=op.cache_graph)
+        op.restricted(group, cache_graph=op.cache_graph, total_terms=op.total_terms)
         for group, count in zip(groups, _shard_terms(op, groups), strict=True)
         if count > 0
     ]
@@ -168,7 +168,7 @@ def shard_losses(
     op: CurvatureOperator, shards: int, delta: torch.Tensor | None = None
 ) -> tuple[list[float], list[float]]:
     """The weights (shares of the terms) of the shards of :func:`shard_operators`, in order, and
-    their mean losses at the weights + ``delta``: what those operators' ``loss`` gives, from one
+    their losses (a summed loss scaled to all the data) at the weights + ``delta``: what those operators' ``loss`` gives, from one
     forward per batch (:meth:`CurvatureOperator.chunk_losses`) and one all-reduce."""
     cuts = _cuts(op, shards)
     found = op.chunk_losses([size for size, _ in cuts], delta)
@@ -177,7 +177,7 @@ def shard_losses(
         for j, (piece, loss) in enumerate(zip(_pieces(batch, size), losses, strict=True)):
             units = loss_weight(op.loss_fn, piece)
             terms[first + j] += units
-            sums[first + j] += units * loss
+            sums[first + j] += loss * (units if op.reduction == "mean" else op.total_terms)
     both = terms + sums
     both = distributed.sum_floats(both) if op.distributed else both
     kept = [j for j in range(shards) if both[j] > 0]

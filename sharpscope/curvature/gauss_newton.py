@@ -47,28 +47,9 @@ class OutputSpaceOperator(CurvatureOperator):
     _loss_graph = False
     """Whether ``M`` differentiates the loss's gradient in the logits once more."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        batches: Iterable[tuple[Any, Any]],
-        params: Sequence[str] | str | None = None,
-        *,
-        exclude: Sequence[str] | str | None = None,
-        batch_stats: bool = False,
-        cache_graph: bool = True,
-        distributed: bool | None = None,
-    ) -> None:
-        super().__init__(
-            model,
-            loss_fn,
-            batches,
-            params,
-            exclude=exclude,
-            batch_stats=batch_stats,
-            cache_graph=cache_graph,
-            distributed=distributed,
-        )
+    def __init__(self, *args: Any, **options: Any) -> None:
+        """As :class:`~sharpscope.curvature.operator.CurvatureOperator`."""
+        super().__init__(*args, **options)
         self._cache: list[_Linearized] | None = None
 
     def release(self) -> None:
@@ -123,7 +104,8 @@ class OutputSpaceOperator(CurvatureOperator):
                 if live
                 else (None,) * len(self.space.params)
             )
-        return _Linearized(weight, self.units[index], z, a, list(ja), zd, gz)
+        units = self.units[index] if self.reduction == "mean" else 1
+        return _Linearized(weight, units, z, a, list(ja), zd, gz)
 
     def _local_matvec(self, vs: list[torch.Tensor]) -> torch.Tensor:
         """This rank's ``Σ_b w_b J_bᵀ M_b J_b v``."""
@@ -178,14 +160,16 @@ class GGNOperator(OutputSpaceOperator):
 class EmpiricalFisherOperator(OutputSpaceOperator):
     """The empirical Fisher of the mean loss over all of ``batches``: ``(1/T) Σ_t g_t g_tᵀ`` over
     its T terms (samples, or labelled tokens of a token loss), ``g_t`` the gradient of term t's
-    loss at the data's labels. A user's loss must average one term per sample (a term's logits
-    are then a sample's outputs). Not the Hessian's approximation the Fisher is, and singular
+    loss at the data's labels (of the total loss, with ``reduction`` sum: ``Σ_t g_t g_tᵀ``).
+    A user's loss must average (or sum) one term per sample (a term's logits are then a sample's
+    outputs). Not the Hessian's approximation the Fisher is, and singular
     at a perfect fit (Kunstner et al. 2019)."""
 
     curvature = "empirical-fisher"
 
     def _output_product(self, state: _Linearized, u: torch.Tensor) -> torch.Tensor:
-        """``T_b Σ_t r_t r_tᵀ u_t``: ``r_t = T_b·gz`` on term t's logits is its loss's gradient."""
+        """``T_b Σ_t r_t r_tᵀ u_t``: ``r_t = T_b·gz`` on term t's logits is its loss's gradient
+        (``T_b`` is 1 for a summed loss)."""
         if isinstance(self.loss_fn, LikelihoodLoss):
             dims = self.loss_fn.term_dims(state.gz)
         else:
@@ -212,27 +196,17 @@ class FisherOperator(EmpiricalFisherOperator):
         batches: Iterable[tuple[Any, Any]],
         params: Sequence[str] | str | None = None,
         *,
-        exclude: Sequence[str] | str | None = None,
         seed: int = 0,
-        batch_stats: bool = False,
-        cache_graph: bool = True,
-        distributed: bool | None = None,
+        **options: Any,
     ) -> None:
+        """As :class:`~sharpscope.curvature.operator.CurvatureOperator`; ``seed`` seeds the
+        draws."""
         if not isinstance(loss_fn, LikelihoodLoss):
             raise InputError(
                 "the fisher draws labels from the model's predictive distribution, which only a "
                 "built-in `loss` defines; use the empirical-fisher or the ggn with this loss"
             )
-        super().__init__(
-            model,
-            loss_fn,
-            batches,
-            params,
-            exclude=exclude,
-            batch_stats=batch_stats,
-            cache_graph=cache_graph,
-            distributed=distributed,
-        )
+        super().__init__(model, loss_fn, batches, params, **options)
         self.seed = seed
 
     def _settings(self) -> dict[str, Any]:

@@ -45,12 +45,11 @@ class HessianOperator(CurvatureOperator):
         batches: Iterable[tuple[Any, Any]],
         params: Sequence[str] | str | None = None,
         *,
-        exclude: Sequence[str] | str | None = None,
         backend: Backend = "double-backward",
-        batch_stats: bool = False,
         cache_graph: bool = True,
-        distributed: bool | None = None,
+        **options: Any,
     ) -> None:
+        """As :class:`~sharpscope.curvature.operator.CurvatureOperator`, with the ``backend``."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         super().__init__(
@@ -58,10 +57,8 @@ class HessianOperator(CurvatureOperator):
             loss_fn,
             batches,
             params,
-            exclude=exclude,
-            batch_stats=batch_stats,
             cache_graph=cache_graph and backend == "double-backward",
-            distributed=distributed,
+            **options,
         )
         self.backend = backend
         self._functional_checked = False

@@ -15,7 +15,27 @@ from sharpscope.batches import LossFn, batch_size, loss_weight, move_to
 from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.curvature.batchnorm import batchnorm_layers, freeze_batchnorm_stats
 from sharpscope.curvature.params import ParamSpace, select_params
-from sharpscope.structures import call_model, sample_count, split, split_outputs
+from sharpscope.errors import InputError
+from sharpscope.io.user_code import one_line
+from sharpscope.structures import (
+    call_model,
+    concat,
+    leaves,
+    sample_count,
+    split,
+    split_outputs,
+    styled,
+)
+from sharpscope.structures import input_style as input_style_for
+
+REDUCTIONS = ("mean", "sum")
+"""How a loss reduces a batch: its mean over the batch's terms, or their sum."""
+PROBE_TOL = 1e-3
+"""How far (relative) a batch's loss may be from its halves' combination and still fit it."""
+
+
+def _close(value: float, fit: float) -> bool:
+    return abs(value - fit) <= PROBE_TOL * max(abs(value), abs(fit), 1e-30)
 
 
 @contextlib.contextmanager
@@ -48,12 +68,19 @@ class CurvatureOperator:
     """A curvature matrix of the mean loss over all of ``batches``, as a linear operator; a
     subclass says which matrix by its ``_local_matvec`` (and ``curvature``, its name).
 
-    ``loss_fn(model(inputs), targets)`` must return the mean loss of a batch; the model is called
-    as :func:`~sharpscope.structures.call_model` does (``model(**inputs)`` for a dict). The
-    operator weights each batch by the number of terms its mean is over
-    (:func:`~sharpscope.batches.loss_weight`: samples, or predicted tokens for a token loss), so
-    one batch of 256 and four of 64 give the same matrix, and so do batches with different
-    numbers of tokens. Vectors are flat, in the order of
+    ``loss_fn(model(inputs), targets)`` must return the loss of a batch reduced as ``reduction``
+    says: its ``mean`` (default) or its ``sum``; the model is called as
+    :func:`~sharpscope.structures.call_model` does (``model(**inputs)`` for a mapping, or with
+    ``input_style`` single ``model(inputs)``; ``auto`` reads ``forward``'s signature,
+    :func:`~sharpscope.structures.input_style`). For a mean the operator weights each batch by
+    the number of terms its mean is over (:func:`~sharpscope.batches.loss_weight`: samples, or
+    predicted tokens for a token loss) and is the matrix of the mean loss over all batches; for a
+    sum every batch weighs 1 and it is the matrix of the total loss. Either way one batch of 256
+    and four of 64 give the same matrix. When built, the operator runs the model and the loss on
+    the first batch (an :class:`~sharpscope.errors.InputError` if they cannot run), and a loss
+    that does not say its reduction (a ``reduction`` attribute, as torch's and the built-in
+    losses have) on the batch's two halves too: a loss that sums where ``reduction`` says mean,
+    or the reverse, is refused. Vectors are flat, in the order of
     :class:`~sharpscope.curvature.params.ParamSpace`, over the parameters that the globs
     ``params`` select less those ``exclude`` leaves out (see :func:`select_params`).
 
@@ -79,11 +106,21 @@ class CurvatureOperator:
         batch_stats: bool = False,
         cache_graph: bool = True,
         distributed: bool | None = None,
+        reduction: str = "mean",
+        input_style: str = "auto",
+        total_terms: int | None = None,
+        validate: bool = True,
     ) -> None:
+        if reduction not in REDUCTIONS:
+            raise InputError(f"unknown `reduction` {reduction!r}; choose one of mean, sum")
         self.model = model
         self.loss_fn = loss_fn
         self.space: ParamSpace = select_params(model, params, exclude)
         self.batches = list(batches)
+        if self.batches:
+            style = input_style_for(model, self.batches[0][0], input_style)
+            self.batches = styled(self.batches, style)
+        self.reduction = reduction
         self.distributed = _distributed.is_distributed() if distributed is None else distributed
         self.units = [loss_weight(loss_fn, b) for b in self.batches]
         """The terms each local batch's mean loss is over."""
@@ -96,10 +133,19 @@ class CurvatureOperator:
             )
         self.num_terms = total
         """The terms the mean loss is over, on all ranks: samples, or labelled tokens."""
-        self.weights = [u / total for u in self.units]
+        self.total_terms = total if total_terms is None else total_terms
+        """With ``reduction`` sum, the terms of the data the sum stands for: a shard's operator
+        (:func:`~sharpscope.analysis.sampling.shard_operators`) scales its sum to all the data."""
+        self.weights = (
+            [u / total for u in self.units]
+            if reduction == "mean"
+            else [self.total_terms / total] * len(self.units)
+        )
         self.batch_stats = batch_stats
         self.cache_graph = cache_graph
         self.n_products = 0
+        if validate and self.batches:
+            self._check_first_batch()
 
     def restricted(
         self,
@@ -124,7 +170,59 @@ class CurvatureOperator:
             "batch_stats": self.batch_stats,
             "cache_graph": self.cache_graph,
             "distributed": self.distributed,
+            "reduction": self.reduction,
+            "input_style": "kwargs",  # the batches are styled already
+            "validate": False,
         }
+
+    def _check_first_batch(self) -> None:
+        """Run the model and the loss on the first batch, so that data the model cannot take
+        fails here, and compare a loss of unknown reduction on two halves with ``reduction``."""
+        inputs, targets = self.batches[0]
+        if len(self.batches) > 1 and batch_size(self.batches[0]) < 2:
+            with contextlib.suppress(Exception):  # ragged batches: probe the first one alone
+                inputs = concat([inputs, self.batches[1][0]])
+                targets = concat([targets, self.batches[1][1]])
+        with torch.no_grad():
+            whole = self._probe_loss(inputs, targets)
+            declared = getattr(self.loss_fn, "reduction", None)
+            if declared in REDUCTIONS or batch_size((inputs, targets)) < 2:
+                if declared in REDUCTIONS and declared != self.reduction:
+                    raise InputError(
+                        f"the `loss` returns the {declared} of a batch but `reduction` is "
+                        f"{self.reduction}; pass `reduction` {declared}"
+                    )
+                return
+            half = (batch_size((inputs, targets)) + 1) // 2
+            parts = list(zip(split(inputs, half), split(targets, half), strict=True))
+            losses = [self._probe_loss(x, y) for x, y in parts]
+        counts = [loss_weight(self.loss_fn, part) for part in parts]
+        fits = {
+            "mean": sum(c * v for c, v in zip(counts, losses, strict=True)) / max(sum(counts), 1),
+            "sum": sum(losses),
+        }
+        other = "sum" if self.reduction == "mean" else "mean"
+        if not _close(whole, fits[self.reduction]) and _close(whole, fits[other]):
+            shown = ", ".join(f"{v:.6g}" for v in losses)
+            raise InputError(
+                f"the `loss` returns the {other} of a batch, not its {self.reduction} (the first "
+                f"batch's loss is {whole:.6g}, its halves' {shown}); pass `reduction` {other}"
+            )
+
+    def _probe_loss(self, inputs: Any, targets: Any) -> float:
+        """The loss of one batch (no graph), an :class:`InputError` if the model cannot run."""
+        inputs, targets = (move_to(t, self.device, self.dtype) for t in (inputs, targets))
+        with curvature_mode(self.model, self.batch_stats):
+            try:
+                outputs = call_model(self.model, inputs)
+            except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+                fields = ", ".join(f"{k} {tuple(t.shape)}" for k, t in leaves(inputs))
+                raise InputError(
+                    f"the model cannot run on the first batch ({fields}): {one_line(exc)}; check "
+                    "that the data fits the model (a forward that takes the input mapping as one "
+                    "argument: pass `input_style` single)"
+                ) from None
+            return float(self._checked_loss(self.loss_fn(outputs, targets)))
 
     def _global_counts(self, counts: list[int]) -> list[int]:
         """Counts summed over all ranks (one all-reduce when distributed)."""

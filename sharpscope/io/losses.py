@@ -1,9 +1,11 @@
 """Loss specs: ``auto``, ``cross-entropy`` (``ce``), ``mse``, ``causal-lm``, ``masked-lm``,
 ``pkg.module:function`` or ``file.py:function``.
 
-Every loss returns the mean over the batch, as the curvature engine requires: over its samples,
-or over its labelled tokens for the built-in token losses (whose ``count`` says how many, so that
-batches are weighted by it: :func:`sharpscope.batches.loss_weight`).
+A loss returns the mean over the batch (``reduction`` mean, the default): over its samples, or
+over its labelled tokens for the built-in token losses (whose ``count`` says how many, so that
+batches are weighted by it: :func:`sharpscope.batches.loss_weight`); or, with ``reduction`` sum,
+the sum over them. A built-in loss reduces as asked and says so in its ``reduction``; a user's
+loss is checked by the curvature operator on the halves of a batch.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ class BuiltinLoss:
     counter: Callable[[Tensor], int]
     """The terms ``fn``'s batch mean is over, from the targets."""
     num_classes: int | None = None
+    reduction: str = "mean"
+    """``mean`` over the batch's terms, or ``sum`` (the mean times :meth:`count`)."""
 
     def __call__(self, outputs: Any, targets: Tensor) -> Tensor:
         logits = logits_of(outputs)
@@ -124,7 +128,8 @@ class BuiltinLoss:
             )
         if self.num_classes is not None and self.per_sample:
             _check_width(logits, self.num_classes)
-        return self.fn(logits, targets)
+        mean = self.fn(logits, targets)
+        return mean if self.reduction == "mean" else mean * self.count(targets)
 
     @property
     def per_sample(self) -> bool:
@@ -221,15 +226,19 @@ def default_loss(model: Any) -> str:
     return "mse" if regression else "cross-entropy"
 
 
-def resolve_loss(spec: str = "cross-entropy", num_classes: int | None = None) -> LossFn:
-    """The mean-reduced loss ``(outputs, targets) -> scalar`` a loss spec names (``auto`` must be
-    resolved by :func:`loss_name` first). With the data's ``num_classes``, a built-in loss
-    refuses outputs narrower than the classes. Built-in losses read the logits of the outputs;
-    a user's loss receives them raw."""
+def resolve_loss(
+    spec: str = "cross-entropy", num_classes: int | None = None, reduction: str = "mean"
+) -> LossFn:
+    """The loss ``(outputs, targets) -> scalar`` a loss spec names (``auto`` must be resolved by
+    :func:`loss_name` first): a built-in loss reduced by ``reduction`` (mean or sum), a user's as
+    it is. With the data's ``num_classes``, a built-in loss refuses outputs narrower than the
+    classes. Built-in losses read the logits of the outputs; a user's loss receives them raw."""
     key = _canonical(spec)
+    if reduction not in ("mean", "sum"):
+        raise InputError(f"unknown `reduction` {reduction!r}; choose one of mean, sum")
     if key in BUILTIN_LOSSES:
         fn, counter = BUILTIN_LOSSES[key]
-        return BuiltinLoss(key, fn, counter, num_classes)
+        return BuiltinLoss(key, fn, counter, num_classes, reduction)
     if key == AUTO:
         raise ValueError("`loss` auto depends on the model: resolve it with loss_name first")
     if is_object_spec(spec):
@@ -248,7 +257,8 @@ def _check_width(logits: Tensor, num_classes: int) -> None:
 
 def _user_loss(spec: str) -> LossFn:
     """A user's loss function, or a loss class (e.g. ``torch.nn:SmoothL1Loss``) made with no
-    arguments; its result is checked to be a scalar."""
+    arguments; its result is checked to be a scalar. The ``reduction`` a torch loss states
+    (``mean`` or ``sum``) is kept as the wrapper's."""
     loss: Any = import_object(spec, "`loss`")
     if isinstance(loss, type):
         try:
@@ -275,8 +285,11 @@ def _user_loss(spec: str) -> LossFn:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise InputError(
                 f"`loss` {spec} returned {shape}, not a scalar tensor; it must return the mean "
-                "loss of the batch (reduction='mean')"
+                "loss of the batch (or its sum, with `reduction` sum)"
             )
         return value.reshape(())
 
+    stated = getattr(loss, "reduction", None)
+    if stated in ("mean", "sum"):
+        checked.reduction = stated  # type: ignore[attr-defined]
     return checked
