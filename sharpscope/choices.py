@@ -16,3 +16,5 @@ ADAPTIVE_NORMS: tuple[str, ...] = ("l2", "linf")
 """Its balls."""
 DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
 """The floating-point types a model can be analysed in (``--dtype``)."""
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+"""How a loss reduces a batch (``--reduction``; :class:`sharpscope.curvature.CurvatureOperator`)."""

@@ -56,6 +56,8 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--max-length": ("33",),
     "--batch-size": ("5",),
     "--loss": ("mse",),
+    "--reduction": ("sum",),
+    "--input-style": ("single",),
     "--device": ("cpu",),
     "--dtype": ("float64",),
 }
@@ -64,7 +66,7 @@ CONFIG = {
     **dict(k=3, method="power", tol=1e-5, max_iter=17, max_basis=9, trace=False, shards=5),
     **dict(bias=True),
     **dict(params=["a.*"], exclude=["a.b*"], batch_stats=True, backend="forward-over-reverse"),
-    **dict(curvature="ggn"),
+    **dict(curvature="ggn", reduction="sum"),
     **dict(rho=0.07, alpha=0.3, seed=4),
     **dict(adaptive_sharpness="average", adaptive_norm="linf", adaptive_rho=0.3),
     **dict(adaptive_steps=7, adaptive_scale=False),
@@ -74,6 +76,7 @@ LOADING = {
     **dict(split="test"),
     **dict(state_prefix="net."),
     **dict(samples=7, batch_size=5, seed=4, loss="mse", device="cpu", dtype="float64"),
+    **dict(reduction="sum", input_style="single"),
     **dict(text_field="sentence1,sentence2", label_field="class", max_length=33),
 }
 

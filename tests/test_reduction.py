@@ -61,3 +61,53 @@ def test_stated_reductions_are_trusted_and_checked(mlp: Problem) -> None:
     )
     with pytest.raises(InputError, match="pass `reduction` mean"):
         HessianOperator(mlp.model, resolve_loss("ce"), mlp.batches, reduction="sum")
+
+
+LOSSES = (
+    "import torch.nn.functional as F\n"
+    "def summed(outputs, targets):\n    return F.cross_entropy(outputs, targets, reduction='sum')\n"
+)
+
+
+@pytest.fixture
+def cli_case(tmp_path, monkeypatch):
+    """A checkpoint of ``mlp(hidden=(6,))`` on digits, a module with a summed loss, and the dense
+    float64 Hessian of the total loss over the 14 samples analyzed."""
+    from sharpscope.io.architectures import mlp as make_mlp
+    from sharpscope.io.checkpoints import save_checkpoint
+    from sharpscope.io.data import load_data
+    from sharpscope.io.models import ModelSpec
+
+    (tmp_path / "sumloss.py").write_text(LOSSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model = make_mlp(hidden=(6,))
+    save_checkpoint(tmp_path / "m.safetensors", model, ModelSpec("mlp", {"hidden": (6,)}))
+    data = load_data("digits", samples=14, seed=0)
+    inputs = data.inputs.double()
+    truth = dense_hessian(model.double(), summed_ce, inputs, data.targets)
+    return tmp_path / "m.safetensors", float(torch.linalg.eigvalsh(truth)[-1])
+
+
+@pytest.mark.parametrize("size", ["1", "3", "7", "14"])
+def test_cli_sum_loss_equals_the_dense_hessian(cli_case, size: str) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from sharpscope.cli.app import app
+
+    path, truth = cli_case
+    args = ["analyze", str(path), "--data", "digits", "--samples", "14", "--batch-size", size]
+    args += ["--loss", "sumloss:summed", "--reduction", "sum", "--dtype", "float64", "--top-k", "1"]
+    args += ["--tol", "1e-10", "--shards", "0", "--no-trace", "--json", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["results"]["eigenvalues"]["values"][0] == pytest.approx(truth, rel=1e-9)
+    assert doc["inputs"]["config"]["reduction"] == "sum"
+    refused = CliRunner().invoke(app, [a for a in args if a not in ("--reduction", "sum")])
+    assert refused.exit_code == 2
+    assert refused.stderr.startswith("error: ") and len(refused.stderr.splitlines()) == 1
+    assert "the --loss returns the sum of a batch" in refused.stderr
+    assert "pass --reduction sum" in refused.stderr

@@ -122,13 +122,15 @@ def adaptive_sharpness(
     params: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     batch_stats: bool = False,
+    reduction: str = "mean",
     shards: int = 8,
     start: torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> AdaptiveSharpnessResult:
-    """The sharpness ``settings`` describe of the mean loss over ``batches`` (the parameters the
-    globs select), with its data uncertainty over ``shards`` shards (0: none). The model runs in
-    eval mode (BatchNorm buffers untouched) and its weights are restored bit for bit.
+    """The sharpness ``settings`` describe of the mean loss over ``batches`` (the total loss with
+    ``reduction`` sum; the parameters the globs select), with its data uncertainty over
+    ``shards`` shards (0: none). The model runs in eval mode (BatchNorm buffers untouched) and
+    its weights are restored bit for bit.
     ``start``: the worst case's first iterate u (flat, projected onto the ball; default 0);
     ``progress`` hears of each step or draw."""
     settings = settings or AdaptiveSharpnessSettings()
@@ -141,6 +143,7 @@ def adaptive_sharpness(
         params,
         exclude=exclude,
         batch_stats=batch_stats,
+        reduction=reduction,
         cache_graph=False,
     )
     return sharpness_of(op, settings, shards, start, progress)

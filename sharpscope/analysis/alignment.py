@@ -107,6 +107,8 @@ def minibatch_cosines(
             batch_stats=op.batch_stats,
             cache_graph=False,
             distributed=False,
+            reduction=op.reduction,
+            validate=False,
         )
         g = single.gradient()
         eigen = abs_cosine(eigen_sam_perturbation(g, v1, rho, alpha), v1) if norm(g) > 0 else 0.0

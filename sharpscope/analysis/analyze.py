@@ -216,6 +216,7 @@ def _operator(
             config.params,
             exclude=config.exclude,
             batch_stats=config.batch_stats,
+            reduction=config.reduction,
             **options,
         )
     except ValueError as exc:
@@ -554,6 +555,7 @@ def analyze(
                     params=config.params,
                     exclude=config.exclude,
                     batch_stats=config.batch_stats,
+                    reduction=config.reduction,
                     shards=config.shards,
                     progress=progress,
                 )

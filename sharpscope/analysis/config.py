@@ -13,6 +13,7 @@ from sharpscope.choices import (
     ADAPTIVE_NORMS,
     BACKENDS,
     CURVATURE_NAMES,
+    REDUCTIONS,
     SOLVER_NAMES,
 )
 from sharpscope.errors import InputError, check_choice, check_finite_fields
@@ -52,6 +53,9 @@ class AnalyzeConfig:
     curvature: str = "hessian"
     """The matrix analysed: a name of :data:`~sharpscope.curvature.CURVATURES`."""
     batch_stats: bool = False
+    reduction: str = "mean"
+    """How the loss reduces a batch, ``mean`` or ``sum``: the curvature of the mean or the total
+    loss (:class:`~sharpscope.curvature.operator.CurvatureOperator`)."""
     params: Sequence[str] | None = None
     """Globs of the parameters to analyze; None: all trainable ones."""
     exclude: Sequence[str] | None = None
@@ -78,6 +82,7 @@ class AnalyzeConfig:
         check_choice("method", self.method, SOLVER_NAMES)
         check_choice("backend", self.backend, BACKENDS)
         check_choice("curvature", self.curvature, CURVATURE_NAMES)
+        check_choice("reduction", self.reduction, REDUCTIONS)
         for name in ("k", "max_iter", "trace_samples", "density_vectors", "density_iter"):
             if getattr(self, name) < 1:
                 raise InputError(f"`{name}` must be at least 1, got {getattr(self, name)}")

@@ -168,8 +168,9 @@ def shard_losses(
     op: CurvatureOperator, shards: int, delta: torch.Tensor | None = None
 ) -> tuple[list[float], list[float]]:
     """The weights (shares of the terms) of the shards of :func:`shard_operators`, in order, and
-    their losses (a summed loss scaled to all the data) at the weights + ``delta``: what those operators' ``loss`` gives, from one
-    forward per batch (:meth:`CurvatureOperator.chunk_losses`) and one all-reduce."""
+    their losses (a summed loss scaled to all the data) at the weights + ``delta``: what those
+    operators' ``loss`` gives, from one forward per batch
+    (:meth:`CurvatureOperator.chunk_losses`) and one all-reduce."""
     cuts = _cuts(op, shards)
     found = op.chunk_losses([size for size, _ in cuts], delta)
     terms, sums = [0.0] * shards, [0.0] * shards

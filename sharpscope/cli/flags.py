@@ -25,6 +25,8 @@ FLAGS: dict[str, str] = {
     "batch_size": "--batch-size",
     "seed": "--seed",
     "loss": "--loss",
+    "reduction": "--reduction",
+    "input_style": "--input-style",
     "device": "--device",
     "dtype": "--dtype",
     "timeout_s": "--dist-timeout",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from sharpscope.io.models import ModelSpec, parse_model_args
 from sharpscope.io.tokenizer import TextSpec
 from sharpscope.io.user_code import one_line
 from sharpscope.report.document import CheckpointInput, DataInput, Inputs, ModelInput
-from sharpscope.structures import call_model, leaves
+from sharpscope.structures import call_model, leaves, styled
+from sharpscope.structures import input_style as resolve_style
 
 
 @dataclass
@@ -82,7 +84,9 @@ def _check_positions(model: nn.Module, inputs: Any, source: str) -> None:
     """Refuse token sequences longer than a Hugging Face model's position embeddings."""
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
-    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    if isinstance(inputs, tuple) and len(inputs) == 1:  # one mapping argument (`input_style`)
+        inputs = inputs[0]
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
     if isinstance(limit, int) and limit > 0 and ids is not None and ids.shape[-1] > limit:
         raise InputError(
             f"--data {source} has sequences of {ids.shape[-1]} tokens but the model has "
@@ -108,6 +112,8 @@ def load_inputs(
     max_length: int | None = None,
     tokenizer: Path | None = None,
     loss: str = "auto",
+    reduction: str = "mean",
+    input_style: str = "auto",
     device: str = "auto",
     dtype: str = "float32",
     shard: bool = False,
@@ -116,7 +122,9 @@ def load_inputs(
 
     ``samples`` of 0 or None means all of the split (``--samples 0``). Text data is tokenized
     with the tokenizer of the save_pretrained folder ``tokenizer`` (default: ``checkpoint``), if
-    it is a folder.
+    it is a folder. ``reduction`` is how the loss reduces a batch (a built-in loss reduces so);
+    ``input_style`` how a mapping of input fields reaches the model
+    (:func:`sharpscope.structures.input_style`: chosen from the model's ``forward`` for auto).
 
     With ``shard``, under torch.distributed, every rank loads and checks the same model and data,
     then keeps its contiguous block of the batches (:func:`sharpscope.distributed.shard`); a
@@ -140,8 +148,9 @@ def load_inputs(
         text = TextSpec(folder if folder.is_dir() else None, text_field, label_field, max_length)
         bundle = load_data(data, split=split, samples=samples, seed=seed, text=text)
         pieces = batches(bundle, batch_size)
+        pieces = styled(pieces, resolve_style(net, pieces[0][0], input_style))
         loss = loss_name(loss, net)
-        loss_fn = resolve_loss(loss, bundle.num_classes)
+        loss_fn = resolve_loss(loss, bundle.num_classes, reduction)
         _probe(net, bundle, pieces[0], loss_fn, torch_device, torch_dtype)
         used_spec = spec or ckpt.model_spec
         fingerprint = data_fingerprint(bundle)

@@ -17,6 +17,7 @@ SAM = "SAM alignment"
 ADAPTIVE = "Adaptive sharpness"
 
 SPLIT, BATCH_SIZE, SAMPLES, LOSS = "train", 128, 1024, "auto"
+REDUCTION, INPUT_STYLE = "mean", "auto"
 TEXT_FIELD, LABEL_FIELD = "text", "label"
 DTYPE, DEVICE = "float32", "auto"
 """Defaults of the loading options, shared by every command."""
@@ -129,6 +130,23 @@ Loss = Annotated[
     typer.Option(
         help="auto (by model type), cross-entropy, mse, causal-lm, masked-lm, or "
         "pkg.module:function.",
+        rich_help_panel=LOAD,
+    ),
+]
+Reduction = Annotated[
+    str,
+    typer.Option(
+        help="How the loss reduces a batch: mean (the curvature of the mean loss) or sum (of the "
+        "total loss; a built-in loss then sums). A --loss function is checked on the halves of "
+        "a batch.",
+        rich_help_panel=LOAD,
+    ),
+]
+InputStyle = Annotated[
+    str,
+    typer.Option(
+        help="How a mapping of input fields reaches the model: kwargs (model(**fields)), single "
+        "(model(fields), one argument), or auto (from the model's forward signature).",
         rich_help_panel=LOAD,
     ),
 ]

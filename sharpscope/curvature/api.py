@@ -28,9 +28,18 @@ def _operator(
     params: Sequence[str] | str | None,
     backend: Backend,
     batch_stats: bool,
+    reduction: str,
+    input_style: str,
 ) -> HessianOperator:
     return HessianOperator(
-        model, loss_fn, batches, params, backend=backend, batch_stats=batch_stats
+        model,
+        loss_fn,
+        batches,
+        params,
+        backend=backend,
+        batch_stats=batch_stats,
+        reduction=reduction,
+        input_style=input_style,
     )
 
 
@@ -44,13 +53,17 @@ def hessian_eigs(
     params: Sequence[str] | str | None = None,
     backend: Backend = "double-backward",
     batch_stats: bool = False,
+    reduction: str = "mean",
+    input_style: str = "auto",
     settings: SolveSettings | None = None,
     progress: Progress | None = None,
 ) -> EigenResult:
     """Top (or bottom, or largest-magnitude) ``k`` Hessian eigenpairs of the mean loss over
-    ``batches``, by the solver ``method`` names (see :data:`SOLVERS`) with its ``settings``; below
-    float64 the products' own error is in the bounds and ``converged`` flags (two products)."""
-    op = _operator(model, loss_fn, batches, params, backend, batch_stats)
+    ``batches`` (the total, with ``reduction`` sum; ``input_style``: how mapping inputs reach the
+    model, see :class:`~sharpscope.curvature.operator.CurvatureOperator`), by the solver
+    ``method`` names (see :data:`SOLVERS`) with its ``settings``; below float64 the products' own
+    error is in the bounds and ``converged`` flags (two products)."""
+    op = _operator(model, loss_fn, batches, params, backend, batch_stats, reduction, input_style)
     settings = settings or SolveSettings()
     result = solver(method).eigs(op, k, which, settings, progress)
     error = product_error(op, result.eigenvectors[0], available_memory(op.device))
@@ -67,13 +80,18 @@ def hessian_trace(
     params: Sequence[str] | str | None = None,
     backend: Backend = "double-backward",
     batch_stats: bool = False,
+    reduction: str = "mean",
+    input_style: str = "auto",
     **options: Any,
 ) -> TraceResult:
     """Estimated Hessian trace with its standard error; ``options`` go to the estimator."""
     estimator = {"hutch++": hutchpp, "hutchinson": hutchinson}.get(method)
     if estimator is None:
         raise ValueError(f"unknown method {method!r}; choose hutch++ or hutchinson")
-    return estimator(_operator(model, loss_fn, batches, params, backend, batch_stats), **options)
+    return estimator(
+        _operator(model, loss_fn, batches, params, backend, batch_stats, reduction, input_style),
+        **options,
+    )
 
 
 def spectral_density(
@@ -83,7 +101,12 @@ def spectral_density(
     params: Sequence[str] | str | None = None,
     backend: Backend = "double-backward",
     batch_stats: bool = False,
+    reduction: str = "mean",
+    input_style: str = "auto",
     **options: Any,
 ) -> DensityResult:
     """Hessian spectral density by stochastic Lanczos quadrature; ``options`` go to :func:`slq`."""
-    return slq(_operator(model, loss_fn, batches, params, backend, batch_stats), **options)
+    return slq(
+        _operator(model, loss_fn, batches, params, backend, batch_stats, reduction, input_style),
+        **options,
+    )

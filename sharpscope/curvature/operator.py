@@ -12,6 +12,7 @@ from torch import nn
 
 from sharpscope import distributed as _distributed
 from sharpscope.batches import LossFn, batch_size, loss_weight, move_to
+from sharpscope.choices import REDUCTIONS
 from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.curvature.batchnorm import batchnorm_layers, freeze_batchnorm_stats
 from sharpscope.curvature.params import ParamSpace, select_params
@@ -28,8 +29,6 @@ from sharpscope.structures import (
 )
 from sharpscope.structures import input_style as input_style_for
 
-REDUCTIONS = ("mean", "sum")
-"""How a loss reduces a batch: its mean over the batch's terms, or their sum."""
 PROBE_TOL = 1e-3
 """How far (relative) a batch's loss may be from its halves' combination and still fit it."""
 

@@ -140,7 +140,12 @@ class EigenSAM(SAM):
         device = next(iter(names)).device.type
         with torch.enable_grad(), torch.autocast(device, enabled=False):
             op = HessianOperator(
-                self.model, self.loss_fn, batches, params=trainable, batch_stats=self.batch_stats
+                self.model,
+                self.loss_fn,
+                batches,
+                params=trainable,
+                batch_stats=self.batch_stats,
+                validate=False,  # the training loop runs the model on its batches already
             )
             result = lanczos(
                 op,

@@ -259,6 +259,7 @@ class SharpnessTracker:
             self.probe,
             self.params,
             batch_stats=self.batch_stats,
+            validate=False,  # training runs the model on the data; the loss is taken as it is
             **seeded,
         )
 
