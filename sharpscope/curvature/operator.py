@@ -269,7 +269,7 @@ class CurvatureOperator:
     def _checked_loss(self, loss: torch.Tensor) -> torch.Tensor:
         if loss.ndim != 0:
             raise ValueError(
-                f"the loss must be a scalar (mean over the batch), got {tuple(loss.shape)}"
+                f"the loss must be a scalar (the batch's mean or sum), got {tuple(loss.shape)}"
             )
         return loss
 
