@@ -103,3 +103,49 @@ def test_an_undecidable_signature_is_refused() -> None:
 
     with pytest.raises(InputError, match=r"cannot tell how to pass .*pass `input_style`"):
         input_style(TwoPositional(), _mapped()[0][0])
+
+
+MODELS = (
+    "from torch import nn\n"
+    "class One(nn.Module):\n"
+    "    def __init__(self):\n        super().__init__()\n        self.lin = nn.Linear(4, 3)\n"
+    "    def forward(self, batch):\n        return self.lin(batch['x'] * batch['scale'])\n"
+    "def one():\n    return One()\n"
+    "def data():\n    import torch\n    return torch.load(__file__[:-3] + '.pt')\n"
+)
+
+
+def test_cli_input_style(tmp_path, monkeypatch) -> None:
+    """A one-argument forward on mapping data: ``auto`` and ``--input-style single`` give the
+    operator's λ_max; ``--input-style kwargs`` fails in one line before any solve."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sharpscope.cli.app import app
+    from sharpscope.curvature import lanczos
+    from sharpscope.io.checkpoints import save_checkpoint
+    from sharpscope.io.models import ModelSpec
+    from sharpscope.structures import concat
+
+    (tmp_path / "mapmods.py").write_text(MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    model = OneArgument()
+    save_checkpoint(tmp_path / "m.safetensors", model, ModelSpec("mapmods:one", {}))
+    data = _mapped(12)
+    inputs, targets = concat([x for x, _ in data]), concat([y for _, y in data])
+    torch.save((dict(inputs), targets), tmp_path / "mapmods.pt")
+    op = HessianOperator(model.double(), resolve_loss("ce"), [(inputs, targets)])
+    truth = float(lanczos(op, k=1, tol=1e-12).eigenvalues[0])
+    base = ["analyze", str(tmp_path / "m.safetensors"), "--data", "mapmods:data"]
+    base += ["--model", "mapmods:one", "--dtype", "float64", "--top-k", "1", "--tol", "1e-10"]
+    base += ["--shards", "0", "--no-trace", "--json", "--quiet", "--batch-size", "5"]
+    for style in ("auto", "single"):
+        result = CliRunner().invoke(app, [*base, "--input-style", style])
+        assert result.exit_code == 0, result.stderr
+        value = json.loads(result.stdout)["results"]["eigenvalues"]["values"][0]
+        assert value == pytest.approx(truth, rel=1e-9)
+    refused = CliRunner().invoke(app, [*base, "--input-style", "kwargs"])
+    assert refused.exit_code == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert "--input-style single" in refused.stderr

@@ -70,9 +70,10 @@ def _probe(
             finally:
                 model.train(was_training)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        hint = " (or pass --input-style single)" if isinstance(inputs, Mapping) else ""
         raise InputError(
             f"the model cannot run on {shape} from --data {data.source}: "
-            f"{one_line(exc)}; check that --data matches the model"
+            f"{one_line(exc)}; check that --data matches the model{hint}"
         ) from None
     if isinstance(loss_fn, BuiltinLoss) and loss_fn.per_sample:
         check_targets(data, outputs)
