@@ -71,6 +71,7 @@ def test_the_same_checkpoint_and_settings_pass(made):
         (["--rho", "0.1"], ["--rho 0.05 vs 0.1"]),
         (["--dtype", "float64"], ["--dtype float32 vs float64"]),
         (["--loss", "mse"], ["--loss cross-entropy vs mse"]),
+        (["--reduction", "sum"], ["--reduction mean vs sum"]),
         (["--split", "test"], ["--data fingerprint"]),
     ],
 )

@@ -144,6 +144,7 @@ DATA_SETTINGS = {
     "rho": "`rho`",
     "dtype": "`dtype`",
     "loss": "`loss`",
+    "reduction": "`reduction`",
     "data": "the `data` fingerprint",
     "adaptive_sharpness": "`adaptive_sharpness`",
     "adaptive_norm": "`adaptive_norm`",

@@ -149,6 +149,7 @@ class Inputs(Section):
             "rho": config.get("rho"),
             "dtype": self.dtype,
             "loss": self.loss,
+            "reduction": config.get("reduction"),
         }
         return {key: value for key, value in found.items() if value is not None}
 
