@@ -111,3 +111,13 @@ def test_cli_sum_loss_equals_the_dense_hessian(cli_case, size: str) -> None:
     assert refused.stderr.startswith("error: ") and len(refused.stderr.splitlines()) == 1
     assert "the --loss returns the sum of a batch" in refused.stderr
     assert "pass --reduction sum" in refused.stderr
+
+
+def test_landscape_of_a_sum_is_the_total(mlp: Problem) -> None:
+    from sharpscope.analysis.landscape import LandscapeConfig, landscape
+
+    config = LandscapeConfig(points=3, grid=3, reduction="sum")
+    found = landscape(mlp.model, summed_ce, mlp.split(5), config)
+    with torch.no_grad():
+        total = float(summed_ce(mlp.model(mlp.inputs), mlp.targets))
+    assert found.centre_loss == pytest.approx(total, rel=1e-12)

@@ -113,15 +113,19 @@ def landscape(
 ) -> Landscape:
     """The loss of ``model`` around its weights along ``config``'s directions, each point the
     mean over all of ``batches`` weighted as the Hessian weights it
-    (:func:`~sharpscope.batches.loss_weight`), in curvature mode (eval, or BatchNorm on batch
-    statistics with ``batch_stats``). The weights are restored bit for bit after each point.
+    (:func:`~sharpscope.batches.loss_weight`; the total with ``reduction`` sum), in curvature
+    mode (eval, or BatchNorm on batch statistics with ``batch_stats``). The weights are restored
+    bit for bit after each point.
 
     Under torch.distributed every rank passes all of the data (see the module's docstring).
     ``progress("landscape", done, total)`` counts this rank's evaluations.
     """
     config = config or LandscapeConfig()
     options: dict[str, Any] = dict(
-        exclude=config.exclude, batch_stats=config.batch_stats, cache_graph=False
+        exclude=config.exclude,
+        batch_stats=config.batch_stats,
+        reduction=config.reduction,
+        cache_graph=False,
     )
     evaluate = HessianOperator(model, loss_fn, batches, config.params, distributed=False, **options)
     if config.directions == "eigen":

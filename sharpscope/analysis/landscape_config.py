@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from sharpscope.choices import REDUCTIONS
 from sharpscope.errors import InputError, check_choice, check_finite_fields
 
 Kind = Literal["random", "eigen"]
@@ -34,10 +35,13 @@ class LandscapeConfig:
     exclude: Sequence[str] | None = None
     """Globs of the parameters that move (see :func:`~sharpscope.curvature.select_params`)."""
     batch_stats: bool = False
+    reduction: str = "mean"
+    """How the loss reduces a batch: ``mean``, or ``sum`` (every point the total loss)."""
 
     def __post_init__(self) -> None:
         check_finite_fields(self)
         check_choice("directions", self.directions, KINDS)
+        check_choice("reduction", self.reduction, REDUCTIONS)
         if not self.span > 0:
             raise InputError(f"`span` must be positive, got {self.span}")
         for name in ("points", "grid"):

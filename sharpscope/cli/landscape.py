@@ -41,6 +41,7 @@ def landscape_config(
     params: Sequence[str] | None,
     exclude: Sequence[str] | None,
     batch_stats: bool,
+    reduction: str,
 ) -> LandscapeConfig:
     """The :class:`LandscapeConfig` that the options of ``landscape`` describe."""
     return LandscapeConfig(
@@ -54,6 +55,7 @@ def landscape_config(
         params=params,
         exclude=exclude,
         batch_stats=batch_stats,
+        reduction=reduction,
     )
 
 
@@ -113,6 +115,8 @@ def landscape_command(
     label_field: opt.LabelField = opt.LABEL_FIELD,
     max_length: opt.MaxLength = None,
     loss: opt.Loss = opt.LOSS,
+    reduction: opt.Reduction = opt.REDUCTION,
+    input_style: opt.InputStyle = opt.INPUT_STYLE,
     directions: Annotated[
         str,
         typer.Option(
@@ -170,7 +174,7 @@ def landscape_command(
     """The loss around a checkpoint's weights on a line and a 2-D grid, as a PNG (line, contours,
     surface) and as JSON.
 
-    Every point is the mean loss over all of --samples.
+    Every point is the mean loss over all of --samples (the total with --reduction sum).
 
     Under torchrun every rank evaluates its share of the points on all data; rank 0 writes files.
 
@@ -196,6 +200,7 @@ def landscape_command(
             params=params,
             exclude=exclude,
             batch_stats=batch_stats,
+            reduction=reduction,
         )
         check_outputs(out, force)
         check_choice("dtype", dtype, DTYPE_NAMES)
@@ -219,6 +224,8 @@ def landscape_command(
             label_field=label_field,
             max_length=max_length,
             loss=loss,
+            reduction=reduction,
+            input_style=input_style,
             device=device,
             dtype=dtype,
         )
