@@ -121,3 +121,23 @@ def test_landscape_of_a_sum_is_the_total(mlp: Problem) -> None:
     with torch.no_grad():
         total = float(summed_ce(mlp.model(mlp.inputs), mlp.targets))
     assert found.centre_loss == pytest.approx(total, rel=1e-12)
+
+
+def test_a_model_of_one_batch_size_skips_the_halves(mlp: Problem) -> None:
+    """An exported model runs at its batch size only: the halves are not tried, the first batch
+    is (and a model that cannot take it still fails)."""
+
+    class Fixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = mlp.model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] != 8:
+                raise RuntimeError(f"exported for batch size 8, got {x.shape[0]}")
+            return self.inner(x)
+
+    op = HessianOperator(Fixed(), summed_ce, mlp.split(8), reduction="sum")
+    assert op.loss() > 0
+    with pytest.raises(InputError, match="cannot run on the first batch"):
+        HessianOperator(Fixed(), summed_ce, mlp.split(4), reduction="sum")

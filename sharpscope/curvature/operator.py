@@ -177,24 +177,21 @@ class CurvatureOperator:
     def _check_first_batch(self) -> None:
         """Run the model and the loss on the first batch, so that data the model cannot take
         fails here, and compare a loss of unknown reduction on two halves with ``reduction``."""
-        inputs, targets = self.batches[0]
-        if len(self.batches) > 1 and batch_size(self.batches[0]) < 2:
-            with contextlib.suppress(Exception):  # ragged batches: probe the first one alone
-                inputs = concat([inputs, self.batches[1][0]])
-                targets = concat([targets, self.batches[1][1]])
         with torch.no_grad():
-            whole = self._probe_loss(inputs, targets)
+            first = self._probe_loss(*self.batches[0])
             declared = getattr(self.loss_fn, "reduction", None)
-            if declared in REDUCTIONS or batch_size((inputs, targets)) < 2:
-                if declared in REDUCTIONS and declared != self.reduction:
+            if declared in REDUCTIONS:
+                if declared != self.reduction:
                     raise InputError(
                         f"the `loss` returns the {declared} of a batch but `reduction` is "
                         f"{self.reduction}; pass `reduction` {declared}"
                     )
                 return
-            half = (batch_size((inputs, targets)) + 1) // 2
-            parts = list(zip(split(inputs, half), split(targets, half), strict=True))
-            losses = [self._probe_loss(x, y) for x, y in parts]
+            try:
+                whole, parts = self._halves(first)
+                losses = [self._probe_loss(x, y) for x, y in parts]
+            except (InputError, RuntimeError, ValueError, IndexError):  # fixed batch size, ragged
+                return
         counts = [loss_weight(self.loss_fn, part) for part in parts]
         fits = {
             "mean": sum(c * v for c, v in zip(counts, losses, strict=True)) / max(sum(counts), 1),
@@ -204,9 +201,22 @@ class CurvatureOperator:
         if not _close(whole, fits[self.reduction]) and _close(whole, fits[other]):
             shown = ", ".join(f"{v:.6g}" for v in losses)
             raise InputError(
-                f"the `loss` returns the {other} of a batch, not its {self.reduction} (the first "
-                f"batch's loss is {whole:.6g}, its halves' {shown}); pass `reduction` {other}"
+                f"the `loss` returns the {other} of a batch, not its {self.reduction} (a batch's "
+                f"loss is {whole:.6g}, its halves' {shown}); pass `reduction` {other}"
             )
+
+    def _halves(self, first: float) -> tuple[float, list[tuple[Any, Any]]]:
+        """A batch's loss and its two halves: the first batch's (whose loss is ``first``), or,
+        when it holds one sample, the first two batches joined and each of them."""
+        inputs, targets = self.batches[0]
+        n = batch_size(self.batches[0])
+        if n >= 2:
+            half = (n + 1) // 2
+            return first, list(zip(split(inputs, half), split(targets, half), strict=True))
+        if len(self.batches) < 2:
+            raise ValueError("one sample: no halves")
+        joined = (concat([inputs, self.batches[1][0]]), concat([targets, self.batches[1][1]]))
+        return self._probe_loss(*joined), self.batches[:2]
 
     def _probe_loss(self, inputs: Any, targets: Any) -> float:
         """The loss of one batch (no graph), an :class:`InputError` if the model cannot run."""
