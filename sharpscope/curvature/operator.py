@@ -64,8 +64,9 @@ def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None
 
 
 class CurvatureOperator:
-    """A curvature matrix of the mean loss over all of ``batches``, as a linear operator; a
-    subclass says which matrix by its ``_local_matvec`` (and ``curvature``, its name).
+    """A curvature matrix of the mean loss over all of ``batches`` (or of the total loss, with
+    ``reduction`` sum), as a linear operator; a subclass says which matrix by its
+    ``_local_matvec`` (and ``curvature``, its name).
 
     ``loss_fn(model(inputs), targets)`` must return the loss of a batch reduced as ``reduction``
     says: its ``mean`` (default) or its ``sum``; the model is called as
