@@ -244,7 +244,7 @@ def test_every_option_reaches_the_library(monkeypatch, tmp_path):
         *["--tol", "1e-6", "--max-iter", "17", "--params", "a.*", "--exclude", "a.b*"],
         *["--batch-stats", "--seed", "4", "--model", "mlp", "--model-arg", "hidden=(8,)"],
         *["--trust-pickle", "--trust-code", "--split", "test", "--samples", "7"],
-        *["--batch-size", "5"],
+        *["--batch-size", "5", "--reduction", "sum", "--input-style", "single"],
         *["--state-prefix", "net."],
         *["--text-field", "t", "--label-field", "c", "--max-length", "33", "--loss", "mse"],
         *["--device", "cpu", "--dtype", "float64", "--out", str(tmp_path / "o")],
@@ -253,7 +253,7 @@ def test_every_option_reaches_the_library(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "stop" in result.stderr, result.stderr
     assert seen["config"] == LandscapeConfig(
         **dict(directions="eigen", span=0.3, points=7, grid=5, seed=4, tol=1e-6, max_iter=17),
-        **dict(params=["a.*"], exclude=["a.b*"], batch_stats=True),
+        **dict(params=["a.*"], exclude=["a.b*"], batch_stats=True, reduction="sum"),
     )
     assert seen["load"] == {
         **dict(model="mlp", model_args=["hidden=(8,)"], trust_pickle=True, trust_code=True),
@@ -261,6 +261,7 @@ def test_every_option_reaches_the_library(monkeypatch, tmp_path):
         **dict(state_prefix="net."),
         **dict(samples=7, batch_size=5, seed=4, loss="mse", device="cpu", dtype="float64"),
         **dict(text_field="t", label_field="c", max_length=33),
+        **dict(reduction="sum", input_style="single"),
     }
     defaults = LandscapeConfig()
     assert all(
