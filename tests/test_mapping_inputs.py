@@ -149,3 +149,21 @@ def test_cli_input_style(tmp_path, monkeypatch) -> None:
     refused = CliRunner().invoke(app, [*base, "--input-style", "kwargs"])
     assert refused.exit_code == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
     assert "--input-style single" in refused.stderr
+
+
+def test_a_tokenizers_batch_encoding_gives_the_dict_results(tmp_path) -> None:
+    from tiny_tokenizer import save_tokenizer
+
+    tokenizer = save_tokenizer(tmp_path)
+    texts = ["the cat sat on the mat", "a dog ran", "the big red dog is not bad", "a cat ."]
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    assert isinstance(encoded, BatchEncoding)
+    labels = torch.tensor([0, 1, 2, 1])
+    model = bert().double()
+    loss = resolve_loss("ce")
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    want = HessianOperator(model, loss, [(dict(encoded), labels)]).matvec(v)
+    op = HessianOperator(model, loss, [(encoded, labels)])
+    assert torch.equal(op.matvec(v), want)
+    moved = move_to(encoded, torch.device("cpu"), torch.float64)
+    assert isinstance(moved, BatchEncoding) and moved.input_ids.dtype == torch.long
