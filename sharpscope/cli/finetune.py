@@ -338,6 +338,7 @@ def finetune_command(
             # a folder run's step folders carry the tokenizer; else the folder it started from
             tokenizer=None if plan.config.layout == "pretrained" else Path(plan.config.checkpoint),
             loss=plan.config.loss,
+            input_style="kwargs",  # the training loop passes a mapping's fields as keywords
             device=plan.config.device,
             dtype=plan.config.dtype,
             shard=True,
