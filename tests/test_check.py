@@ -463,3 +463,16 @@ def test_schema_check_agrees_with_jsonschema(report, edit):
     edit(report)
     expected = jsonschema.Draft202012Validator(report_schema()).is_valid(report)
     assert (schema_problem(report) is None) == expected
+
+
+def test_a_partial_report_is_not_gated(report, tmp_path):
+    """An interrupted analysis's report lacks the later stages: gating it, or comparing with it
+    as a baseline, is refused in one line instead of passing on figures never measured."""
+    complete = write(tmp_path / "complete.json", report)
+    report["partial"] = {"interrupted": "sampling", "finished": ["gradient", "eigenvalues"]}
+    partial = write(tmp_path / "partial.json", report)
+    result = check(partial, "--max-eigenvalue", 1e9)
+    one_error_line(result, "partial.json is a partial report", "during sampling", "eigenvalues")
+    result = check(complete, "--baseline", partial, "--max-increase", "10%")
+    one_error_line(result, "partial.json is a partial report")
+    assert check(complete, "--max-eigenvalue", 1e9).exit_code == 0

@@ -17,7 +17,6 @@ import torch
 from test_finetune import assert_same, latest_step, ok, one_error, sharpscope, started, wait_for
 from typer.testing import CliRunner
 
-from sharpscope.cli import finetune as finetune_cli
 from sharpscope.cli.app import app
 from sharpscope.curvature import HessianOperator, lanczos
 from sharpscope.io.checkpoints import load_model
@@ -132,12 +131,13 @@ def test_the_run_s_folders_load_with_from_pretrained_and_analyze_as_the_model_in
     hf_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     trained: list[torch.nn.Module] = []
+    finetune = training_run.finetune
 
     def keep_model(folder, config, inputs, resume_from, watch):
         trained.append(inputs.model)
-        return training_run.finetune(folder, config, inputs, resume_from, watch)
+        return finetune(folder, config, inputs, resume_from, watch)
 
-    monkeypatch.setattr(finetune_cli, "finetune", keep_model)
+    monkeypatch.setattr(training_run, "finetune", keep_model)  # the command imports it when run
     run = tmp_path / "run"
     args = command(hf_files, run, "--steps", 6, "--optimizer", "sam", "--dtype", "float64")
     summary = json.loads(in_process([*args, "--json"]).stdout)

@@ -214,6 +214,7 @@ def test_the_gate_reads_each_of_its_figures(analysed):
         "rho": AnalyzeConfig().rho,
         "dtype": "float64",
         "loss": "cross-entropy",
+        "reduction": "mean",
         "adaptive_sharpness": "average",
         "adaptive_norm": "l2",
         "adaptive_rho": 0.1,

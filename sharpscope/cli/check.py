@@ -45,7 +45,7 @@ from sharpscope.report.baseline import (
 )
 from sharpscope.report.check_result import check_result
 from sharpscope.report.checks_table import print_checks
-from sharpscope.report.document import Report, read_report
+from sharpscope.report.document import Report, gateable, read_report
 from sharpscope.report.github import publish
 from sharpscope.report.json_report import dumps
 from sharpscope.report.junit import check_junit_target, write_junit
@@ -311,7 +311,7 @@ def check_command(
             dtype=dtype,
         )
         relative = baseline is not None and thresholds.max_increase is not None
-        base = read_baseline(baseline).gate_input() if relative else None
+        base = gateable(read_baseline(baseline), baseline).gate_input() if relative else None
         if update_baseline and baseline is not None:  # outputs: before a long analysis
             check_baseline_target(baseline)
         if junit is not None:
@@ -395,7 +395,7 @@ def _report(
     if not source.exists():
         raise InputError(f"{source} does not exist: give a report.json or a checkpoint")
     if is_report_file(source):
-        return read_report(source)
+        return gateable(read_report(source), source)
     if data is None:
         raise InputError(
             f"{source} is not a JSON report, so it is analyzed as a checkpoint, which needs "

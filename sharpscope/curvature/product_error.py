@@ -9,6 +9,7 @@ distance to one of the model's Hessian. The second term is what this module meas
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -101,7 +102,9 @@ def _float64_fits(op: CurvatureOperator, available: int | None) -> bool:
 
 def _wide(op: CurvatureOperator) -> CurvatureOperator:
     """The same operator on a float64 copy of the model (inputs are cast as they are placed)."""
-    model = copy.deepcopy(op.model).double()
+    with warnings.catch_warnings():  # deep-copying a TorchScript module reads non-leaf .grad
+        warnings.filterwarnings("ignore", "The .grad attribute of a Tensor that is not a leaf")
+        model = copy.deepcopy(op.model).double()
     settings = {**op._settings(), "cache_graph": False}
     return type(op)(model, op.loss_fn, op.batches, list(op.space.names), **settings)
 

@@ -17,6 +17,7 @@ from sharpscope import __version__
 from sharpscope.analysis.gate import GateInput, Reading
 from sharpscope.analysis.intervals import COSINES, SamplingErrors, bias_range, interval
 from sharpscope.analysis.verdict import spread_notes, verdict
+from sharpscope.errors import InputError
 from sharpscope.report.json_report import dumps
 from sharpscope.report.schema import REANALYZE, SCHEMA_VERSION, NotAReport, check_report
 
@@ -796,6 +797,19 @@ def _reading(
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+def gateable(report: Report, path: Path) -> Report:
+    """``report``, refused in one line when it is partial: an interrupted analysis lacks the
+    stages after the interrupt, so a gate on it would pass or fail on what was never measured."""
+    if report.partial is None:
+        return report
+    during = f" during {report.partial.interrupted}" if report.partial.interrupted else ""
+    finished = ", ".join(report.partial.finished) or "no stage"
+    raise InputError(
+        f"{path} is a partial report (its analysis was interrupted{during}; it holds {finished} "
+        "only): gate a complete report, analyzing again to the end"
+    )
 
 
 def read_report(path: Path, remake: str = REANALYZE) -> Report:
