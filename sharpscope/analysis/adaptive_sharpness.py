@@ -63,7 +63,7 @@ class AdaptiveSharpnessSettings:
         check_finite_fields(self)
         check_choice("kind", self.kind, KINDS)
         check_choice("norm", self.norm, NORMS)
-        if not (self.rho > 0 and math.isfinite(self.rho)):
+        if not self.rho > 0:
             raise InputError(f"`rho` must be positive, got {self.rho:g}")
         if self.steps < 1:
             raise InputError(f"`steps` must be at least 1, got {self.steps}")

@@ -3,7 +3,6 @@ without importing torch (so that the command line refuses a bad option before it
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -96,7 +95,7 @@ class AnalyzeConfig:
         if self.adaptive_sharpness is not None:
             check_choice("adaptive_sharpness", self.adaptive_sharpness, ADAPTIVE_KINDS)
         check_choice("adaptive_norm", self.adaptive_norm, ADAPTIVE_NORMS)
-        if not (self.adaptive_rho > 0 and math.isfinite(self.adaptive_rho)):
+        if not self.adaptive_rho > 0:
             raise InputError(f"`adaptive_rho` must be positive, got {self.adaptive_rho}")
         if self.adaptive_steps < 1:
             raise InputError(f"`adaptive_steps` must be at least 1, got {self.adaptive_steps}")
