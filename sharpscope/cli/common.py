@@ -94,8 +94,8 @@ def errors_as_exit(debug: bool) -> Iterator[None]:
     except InputError as exc:
         if debug:
             raise
-        distributed = sys.modules.get("sharpscope.distributed")
-        together = distributed is not None and isinstance(exc, distributed.RankError)
+        group = _group()
+        together = group is not None and isinstance(exc, group.RankError)
         raise fail(as_flags(str(exc)), not together) from None
     except Exception as exc:
         if debug:
