@@ -55,13 +55,19 @@ def verdict(result: Result) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def one_error_line(result: Result, *words: str) -> None:
-    """Exit 2 with one ``error:`` line on stderr that says each of ``words``."""
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+def refused(exit_code: int, stderr: str, *words: str) -> None:
+    """Exit 2 with exactly one ``error:`` line on stderr that says each of ``words`` (of an
+    in-process run or a subprocess alike)."""
+    lines = stderr.strip().splitlines()
+    assert exit_code == 2, (exit_code, stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+def one_error_line(result: Result, *words: str) -> None:
+    """:func:`refused` for a CliRunner result."""
+    refused(result.exit_code, result.stderr, *words)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
+from test_check import one_error_line as one_error
 from typer.testing import CliRunner, Result
 
 from sharpscope.cli.app import app
@@ -305,15 +306,6 @@ def test_analyze_reads_a_finetune_checkpoint_without_model(straight: Callable):
     args = ["analyze", str(checkpoint), "--data", "digits", "--samples", "64", "-k", "1"]
     result = CliRunner().invoke(app, [*args, "--no-trace", "--quiet", "--json"])
     assert result.exit_code == 0, result.output
-
-
-def one_error(result: Result, *words: str) -> None:
-    """Exit 2 with one ``error:`` line on stderr that says each of ``words``."""
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 def test_a_resume_refuses_changed_settings(straight: Callable, tmp_path: Path):

@@ -155,12 +155,3 @@ def run_sharpscope(
         env=guard.env(**env),
         check=False,
     )
-
-
-def refused(exit_code: int, stderr: str, *words: str) -> None:
-    """Exit 2 with exactly one ``error:`` line on stderr that says each of ``words``."""
-    lines = stderr.strip().splitlines()
-    assert exit_code == 2, (exit_code, stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_check import FAST, make_checkpoint
+from test_check import FAST, make_checkpoint, refused
 
-from security.attack import Snapshot, cli, refused, run_sharpscope
+from security.attack import Snapshot, cli, run_sharpscope
 from sharpscope.optim import SAM, EigenSAM
 
 

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_check import FAST, make_checkpoint
+from test_check import FAST, make_checkpoint, refused
 from torch import nn
 
-from security.attack import Snapshot, cli, refused, run_sharpscope
+from security.attack import Snapshot, cli, run_sharpscope
 from sharpscope.cli.config_file import find_config
 from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import SPEC_KEY, load_model, read_checkpoint

@@ -23,8 +23,9 @@ import tiny_hf
 import tiny_tokenizer
 import torch
 import transformers
+from test_check import refused
 
-from security.attack import NetworkGuard, Snapshot, cli, refused, run_sharpscope
+from security.attack import NetworkGuard, Snapshot, cli, run_sharpscope
 from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.models import ModelSpec, build_model
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from test_check import FAST, make_checkpoint
+from test_check import FAST, make_checkpoint, refused
 
-from security.attack import Snapshot, cli, refused
+from security.attack import Snapshot, cli
 
 
 class Payload:

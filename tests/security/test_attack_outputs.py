@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import tiny_hf
 import torch
-from test_check import FAST, make_checkpoint
+from test_check import FAST, make_checkpoint, refused
 
-from security.attack import NetworkGuard, Snapshot, cli, refused
+from security.attack import NetworkGuard, Snapshot, cli
 from sharpscope.io.file_sets import replace_files
 from sharpscope.report import outdir
 from sharpscope.training.run_dir import MARKER
