@@ -199,3 +199,23 @@ def test_the_note_asks_for_more_samples_only_when_the_se_could_change_the_verdic
     assert "crosses the cut-off 0.5" in note
     # 4 · (2·0.0736/0.05)² = 34.7 → 35 minibatches of 64
     assert "about 2,240 samples (35 minibatches of 64)" in note
+
+
+
+def test_the_note_does_not_ask_for_more_samples_than_the_split_holds():
+    def notes(values: list[float], split_size: int | None) -> list[str]:
+        cosines = MinibatchCosines.of(values, values, 64)
+        alignment = type("A", (), {"cos_batches": cosines})()
+        return spread_notes(type("R", (), {"alignment": alignment})(), split_size)
+
+    straddling = [0.3, 0.6, 0.35, 0.55]  # settling it takes 2,240 samples (above)
+    (enough,) = notes(straddling, 2240)
+    assert "about 2,240 samples (35 minibatches of 64) would settle it" in enough
+    (short,) = notes(straddling, 2239)
+    assert "crosses the cut-off 0.5" in short and "would settle" not in short
+    assert "about 2,240 samples, more than the 2,239 the split holds" in short
+    (one,) = notes([0.3], 127)
+    assert "the split holds 127 samples, fewer than the 128 that two minibatches take" in one
+    assert "analyze at least" not in one
+    (one,) = notes([0.3], 128)
+    assert one.endswith("analyze at least 128 samples for a standard error")

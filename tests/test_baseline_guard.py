@@ -49,6 +49,7 @@ def base(made: tuple[Path, Path, dict[str, Any]]) -> dict[str, Any]:
 def test_the_report_says_what_was_analysed_and_on_which_data(base):
     data = base["inputs"]["data"]
     assert len(data["fingerprint"]) == 16 and data["num_samples"] == 64
+    assert data["split_size"] == 1437  # the digits train split, of which 64 were analysed
     tensors = [(p["name"], tuple(p["shape"])) for p in base["results"]["parameters"]]
     assert tensors == [("1.weight", (16, 64)), ("1.bias", (16,)), ("3.weight", (10, 16)),
                        ("3.bias", (10,))]  # fmt: skip

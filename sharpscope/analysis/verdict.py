@@ -51,20 +51,26 @@ def verdict(analysis: Analysis) -> str:
     return f"SAM perturbation is well aligned with the top eigenvector ({figure})."
 
 
-def spread_notes(analysis: Analysis) -> list[str]:
-    """One note when other minibatches could change the alignment verdict, only where more data
-    would settle it: the mean ± :data:`~sharpscope.analysis.gate.ESTIMATOR_SIGMAS` standard
-    errors crosses a cut-off (which, and about how many samples would keep it on one side), or a
-    single minibatch has no standard error; none otherwise."""
+def spread_notes(analysis: Analysis, split_size: int | None = None) -> list[str]:
+    """One note when other minibatches could change the alignment verdict: the mean ±
+    :data:`~sharpscope.analysis.gate.ESTIMATOR_SIGMAS` standard errors crosses a cut-off (which,
+    and about how many samples would keep it on one side — or that the split of ``split_size``
+    samples holds too few to), or a single minibatch has no standard error; none otherwise."""
     a = analysis.alignment
     if a is None:
         return []
     b = a.cos_batches
     if b.std_error is None:
+        wanted = 2 * b.batch_size
+        advice = (
+            f"analyze at least {wanted:,} samples for a standard error"
+            if split_size is None or split_size >= wanted
+            else f"the split holds {split_size:,} samples, fewer than the {wanted:,} that two "
+            "minibatches take"
+        )
         return [
             f"the alignment is of one minibatch of {b.batch_size} samples, so how much it varies "
-            f"between SAM's minibatches is unknown: analyze at least {2 * b.batch_size:,} "
-            "samples for a standard error"
+            f"between SAM's minibatches is unknown: {advice}"
         ]
     cos, reach = b.mean, ESTIMATOR_SIGMAS * b.std_error
     low, high = cos - reach, cos + reach
@@ -75,10 +81,16 @@ def spread_notes(analysis: Analysis) -> list[str]:
         samples_to_settle(b.count, cos, high if cut > cos else low, cut) or 0 for cut in crossed
     )
     cuts = " and ".join(f"{c:g}" for c in crossed)
+    wanted = needed * b.batch_size
+    settle = (
+        f"about {wanted:,} samples ({needed:,} minibatches of {b.batch_size}) would settle it "
+        "(the SE shrinks as 1/√minibatches)"
+        if split_size is None or split_size >= wanted
+        else f"settling it would take about {wanted:,} samples, more than the {split_size:,} the "
+        "split holds: on this data the verdict stays this close to the cut-off"
+    )
     return [
         f"other minibatches could change the alignment verdict: |cos(ĝ_B, v₁)| = {cos:.3g} ± "
         f"{reach:.2g} ({ESTIMATOR_SIGMAS:g} SE over {b.count} minibatches) crosses the "
-        f"cut-off{'s' if len(crossed) > 1 else ''} {cuts}; about {needed * b.batch_size:,} "
-        f"samples ({needed:,} minibatches of {b.batch_size}) would settle it (the SE shrinks as "
-        "1/√minibatches)"
+        f"cut-off{'s' if len(crossed) > 1 else ''} {cuts}; {settle}"
     ]

@@ -166,6 +166,7 @@ def load_inputs(
                 batch_size=batch_size,
                 seed=seed,
                 fingerprint=fingerprint,
+                split_size=bundle.split_size,
             ),
             loss=loss,
             dtype=dtype,

@@ -56,6 +56,8 @@ class DataBundle:
     """The split loaded; ``all`` for a single-split source."""
     splits: tuple[str, ...] = ()
     """The named splits the source offers (empty for a single-split source)."""
+    split_size: int | None = None
+    """How many samples the split holds (the bundle may be a subset of them)."""
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -82,7 +84,9 @@ def load_data(
     inputs = _checked_inputs(inputs, idx, source.name)
     targets, num_classes = _checked_targets(targets, table.num_classes, idx, source.name)
     source_text = _describe(source, loaded, len(idx), table.size, samples)
-    return DataBundle(inputs, targets, num_classes, source_text, loaded, source.splits)
+    return DataBundle(
+        inputs, targets, num_classes, source_text, loaded, source.splits, table.size
+    )
 
 
 def open_source(spec: str, text: TextSpec | None = None) -> Source:

@@ -112,6 +112,8 @@ class DataInput(Section):
     fingerprint: str
     """A hash of the loaded inputs and targets (:func:`sharpscope.cli.loading.data_fingerprint`):
     the CI gate compares it with its baseline's."""
+    split_size: int | None = field(default=None, metadata=_OPTIONAL)
+    """How many samples the split holds (``num_samples`` of them were analysed)."""
 
 
 def current_versions() -> dict[str, str]:
@@ -595,8 +597,8 @@ class Results(Section):
     """The products' own error (absent in float64 runs, where it is not measured)."""
 
     @classmethod
-    def of(cls, analysis: Analysis) -> Results:
-        """The results of an analysis."""
+    def of(cls, analysis: Analysis, split_size: int | None = None) -> Results:
+        """The results of an analysis of a split of ``split_size`` samples (None: unknown)."""
         trace, lam_max, alignment = analysis.trace, analysis.lambda_max, analysis.alignment
         return cls(
             loss=analysis.loss,
@@ -624,7 +626,7 @@ class Results(Section):
                 for name, (steps, losses) in analysis.slices.items()
             },
             verdict=verdict(analysis),
-            notes=tuple(analysis.notes + spread_notes(analysis)),
+            notes=tuple(analysis.notes + spread_notes(analysis, split_size)),
             curvature=analysis.curvature,
             adaptive_sharpness=None
             if analysis.adaptive_sharpness is None
@@ -685,7 +687,7 @@ class Report(Section):
             schema_version=SCHEMA_VERSION,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             inputs=inputs,
-            results=Results.of(analysis),
+            results=Results.of(analysis, inputs.data and inputs.data.split_size),
             timings=Timings(
                 sum(analysis.timings.values()), dict(analysis.timings), analysis.n_products
             ),
