@@ -141,6 +141,8 @@ def test_an_accurate_float32_product_keeps_its_converged_flags():
     assert result.top.all_converged and result.bottom.all_converged
     assert not any("`dtype` float64" in note for note in result.notes)
     assert result.top.product_error == error.absolute > 0
+    # its two products are a stage of their own, as the plan line lists them
+    assert result.stage_products["product-error"] == 2 and "product-error" in result.timings
 
 
 def test_float64_runs_are_unchanged():
@@ -150,6 +152,7 @@ def test_float64_runs_are_unchanged():
     config = AnalyzeConfig(tol=1e-8, **CONFIG)
     result = analyze(model, LOSS, wide, config)
     assert result.product_error is None and result.top.product_error == 0
+    assert "product-error" not in result.timings and "product-error" not in result.stage_products
     assert torch.equal(result.top.bounds, result.top.residuals) and result.top.all_converged
     direct = ss.lanczos_extremes(
         ss.HessianOperator(model, LOSS, wide), 3, 1, 1e-8, CONFIG["max_iter"]

@@ -500,8 +500,9 @@ def analyze(
             replace(top, subspace=None),
             replace(bottom, subspace=None),
         )
-        with watch.stage("eigenvalues"):  # the float32 products' own error, on v₁
-            error = product_error(op, top.eigenvectors[0], plan.available_bytes)
+        if "product-error" in plan.products:  # the float32 products' own error, on v₁
+            with watch.stage("product-error"):
+                error = product_error(op, top.eigenvectors[0], plan.available_bytes)
         if error is not None:
             scale = float(torch.cat([top.eigenvalues, bottom.eigenvalues]).abs().max())
             top, bottom = (
