@@ -201,7 +201,6 @@ def test_the_note_asks_for_more_samples_only_when_the_se_could_change_the_verdic
     assert "about 2,240 samples (35 minibatches of 64)" in note
 
 
-
 def test_the_note_does_not_ask_for_more_samples_than_the_split_holds():
     def notes(values: list[float], split_size: int | None) -> list[str]:
         cosines = MinibatchCosines.of(values, values, 64)

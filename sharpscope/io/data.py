@@ -84,9 +84,7 @@ def load_data(
     inputs = _checked_inputs(inputs, idx, source.name)
     targets, num_classes = _checked_targets(targets, table.num_classes, idx, source.name)
     source_text = _describe(source, loaded, len(idx), table.size, samples)
-    return DataBundle(
-        inputs, targets, num_classes, source_text, loaded, source.splits, table.size
-    )
+    return DataBundle(inputs, targets, num_classes, source_text, loaded, source.splits, table.size)
 
 
 def open_source(spec: str, text: TextSpec | None = None) -> Source:
