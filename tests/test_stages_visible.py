@@ -113,13 +113,13 @@ def test_an_interrupt_writes_the_finished_stages_marked_partial(
     for doc in (printed, saved):
         assert doc["partial"] == {
             "interrupted": "sampling",
-            "finished": ["gradient", "plan", "eigenvalues", "trace", "alignment"],
+            "finished": ["gradient", "plan", "eigenvalues", "product-error", "trace", "alignment"],
         }
         for figure in ("eigenvalues", "lambda_min", "trace"):
             assert untimed(doc["results"][figure]) == untimed(complete["results"][figure])
     assert "partial" not in complete
     assert "interrupted during sampling" in result.stderr
-    assert "gradient, plan, eigenvalues, trace, alignment" in result.stderr
+    assert "gradient, plan, eigenvalues, product-error, trace, alignment" in result.stderr
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
