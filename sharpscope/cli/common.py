@@ -9,11 +9,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from types import FrameType, ModuleType
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -32,6 +31,7 @@ from sharpscope.cli.flags import as_flags
 from sharpscope.cli.options import RUN
 from sharpscope.errors import InputError
 from sharpscope.launch import launched_by_torchrun
+from sharpscope.signal_handlers import SignalHandlers
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
@@ -139,32 +139,21 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-class Interrupts:
+class Interrupts(SignalHandlers):
     """Within the block, SIGTERM interrupts as Ctrl-C does (a :class:`KeyboardInterrupt`, so a
     command can save what it finished); :attr:`exit_code` is then 143, else 130 (128 + the
     signal, as ``finetune`` exits). The previous handler is back after the first signal."""
 
+    signals = (signal.SIGTERM,)
+
     def __init__(self) -> None:
+        super().__init__()
         self.signum = signal.SIGINT
-        self._previous: Any = None
 
-    def __enter__(self) -> Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._interrupt)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
-
-    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+    def handle(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signal.Signals(signum)
-        self._restore()
+        self.restore()
         raise KeyboardInterrupt
-
-    def _restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
 
     @property
     def exit_code(self) -> int:

@@ -13,15 +13,12 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from sharpscope.io.atomic import atomic_folder
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from sharpscope.signal_handlers import SignalHandlers
 
 
 def replace_files(
@@ -50,26 +47,21 @@ def replace_files(
     return [folder / name for name in names]
 
 
-class _Signals:
+class _Signals(SignalHandlers):
     """Within the block, the first SIGINT or SIGTERM raises :class:`KeyboardInterrupt` (so the
     temporary files are removed), and after :meth:`hold` signals wait; at the end the previous
     handlers are back and a held signal, or a SIGTERM that interrupted, is sent again to them."""
 
     def __init__(self) -> None:
-        self._previous: dict[signal.Signals, Any] = {}
+        super().__init__()
         self._holding = False
         self._again: list[int] = []
-
-    def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in _SIGNALS}
-        return self
 
     def hold(self) -> None:
         """From now on a signal waits until the end of the block."""
         self._holding = True
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def handle(self, signum: int, frame: FrameType | None) -> None:
         interrupt = not self._holding
         self._holding = True  # a second signal waits for the clean-up
         if signum != signal.SIGINT or not interrupt:
@@ -78,7 +70,6 @@ class _Signals:
             raise KeyboardInterrupt
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self.restore()
         for signum in self._again[:1]:
             signal.raise_signal(signum)

@@ -4,39 +4,25 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
-from typing import Any
 
-STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+from sharpscope.signal_handlers import SignalHandlers
 
 
-class StopRequest:
+class StopRequest(SignalHandlers):
     """Within the block, the first SIGINT or SIGTERM is only noted (``signum``; calling the
     object says whether one came) so that a loop can save and stop cleanly; the previous
     handlers are put back at once, so a second signal interrupts or terminates as usual."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.signum: int | None = None
-        self._previous: dict[signal.Signals, Any] = {}
 
     def __call__(self) -> bool:
         return self.signum is not None
 
-    def __enter__(self) -> StopRequest:
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._note)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
-
-    def _note(self, signum: int, frame: FrameType | None) -> None:
+    def handle(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
-        self._restore()
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        self.restore()
 
     @property
     def name(self) -> str:
