@@ -29,6 +29,7 @@ from torch import nn
 
 from sharpscope import HessianOperator
 from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessSettings, adaptive_sharpness
+from sharpscope.curvature import Objective
 
 LOSS = nn.functional.cross_entropy
 MEASURES = (
@@ -100,7 +101,7 @@ def main() -> None:
         reference = importlib.import_module("sharpness")
     workload = bench_engine.build_cnn()
     batches = bench_analyze.batches_of(workload)
-    op = HessianOperator(workload.model, LOSS, batches, cache_graph=False)
+    op = HessianOperator(Objective(workload.model, LOSS, batches), cache_graph=False)
     gradient, _ = timed(op.loss_and_gradient, 1)
     command = "python benchmarks/bench_adaptive_sharpness.py" + (
         " --reference DIR" if reference else ""

@@ -33,7 +33,7 @@ from bench_engine import build_cnn, build_mlp
 from bench_transformers import build
 
 from sharpscope import HessianOperator
-from sharpscope.curvature import EmpiricalFisherOperator, FisherOperator, GGNOperator
+from sharpscope.curvature import EmpiricalFisherOperator, FisherOperator, GGNOperator, Objective
 from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.io.losses import resolve_loss
 
@@ -119,10 +119,12 @@ def timed_rounds(
 def run(key: str, repeats: int) -> list[str]:
     model, batches, description = workload(key)
     ours = {
-        "sharpscope HessianOperator": HessianOperator(model, CE, batches),
-        "sharpscope GGNOperator": GGNOperator(model, CE, batches),
-        "sharpscope FisherOperator (drawn labels)": FisherOperator(model, CE, batches),
-        "sharpscope EmpiricalFisherOperator": EmpiricalFisherOperator(model, CE, batches),
+        "sharpscope HessianOperator": HessianOperator(Objective(model, CE, batches)),
+        "sharpscope GGNOperator": GGNOperator(Objective(model, CE, batches)),
+        "sharpscope FisherOperator (drawn labels)": FisherOperator(Objective(model, CE, batches)),
+        "sharpscope EmpiricalFisherOperator": EmpiricalFisherOperator(
+            Objective(model, CE, batches)
+        ),
     }
     size = ours["sharpscope GGNOperator"].size
     v = torch.randn(size, generator=torch.Generator().manual_seed(0))

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sharpscope import HessianOperator, distributed
+from sharpscope.curvature import Objective
 from sharpscope.io.architectures import mlp
 
 FEATURES = 3072
@@ -65,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
     with distributed.launched():
         torch.manual_seed(0)
         model = mlp(in_features=FEATURES, hidden=tuple(args.hidden), num_classes=CLASSES)
-        op = HessianOperator(model, F.cross_entropy, shard_batches(args))
+        op = HessianOperator(Objective(model, F.cross_entropy, shard_batches(args)))
         v = torch.randn(op.size, generator=torch.Generator().manual_seed(1))
         start = time.perf_counter()
         op.matvec(v)  # builds the cached graph

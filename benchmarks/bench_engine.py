@@ -43,6 +43,7 @@ from torch import nn
 import sharpscope
 from sharpscope import HessianOperator, lanczos
 from sharpscope.cli.loading import resolve_device
+from sharpscope.curvature import Objective, SolveSettings
 from sharpscope.errors import InputError
 
 LOSS = F.cross_entropy
@@ -375,7 +376,7 @@ def product_costs(
         ("sharpscope double-backward, graph built fresh", {"cache_graph": False}),
         ("sharpscope forward-over-reverse", {"backend": "forward-over-reverse"}),
     ]:
-        op = HessianOperator(w.model, LOSS, w.batches, **options)
+        op = HessianOperator(Objective(w.model, LOSS, w.batches), **options)
         rows.append((label, partial(op.matvec, v), torch.Tensor.detach))
     if peers.pyhessian is not None:
         pyh = peers.pyhessian
@@ -435,8 +436,8 @@ def sharpscope_config(w: Workload, k: int, tol: float, backend: str) -> Config:
 
     def run(seed: int) -> Outcome:
         start = time.perf_counter()
-        op = HessianOperator(w.model, LOSS, w.batches, backend=backend)
-        result = lanczos(op, k=k, tol=tol, seed=seed)
+        op = HessianOperator(Objective(w.model, LOSS, w.batches), backend=backend)
+        result = lanczos(op, k, settings=SolveSettings(tol=tol, seed=seed))
         sync(w.device)
         seconds = time.perf_counter() - start
         return Outcome(
@@ -543,8 +544,8 @@ def bench_workload(w: Workload, repeats: int, peers: Peers, eigen: bool = True) 
     top-1 and top-5 tables."""
     log(f"[{w.key}] float64 reference")
     model64 = copy.deepcopy(w.model).double()
-    op64 = HessianOperator(model64, LOSS, [(w.inputs.double(), w.targets)])
-    ref = lanczos(op64, k=REFERENCE_K, tol=REFERENCE_TOL, max_iter=500)
+    op64 = HessianOperator(Objective(model64, LOSS, [(w.inputs.double(), w.targets)]))
+    ref = lanczos(op64, REFERENCE_K, settings=SolveSettings(tol=REFERENCE_TOL, max_iter=500))
     reference = ref.eigenvalues.tolist()
     v = torch.randn(w.n_params, generator=torch.Generator().manual_seed(1)).to(w.device)
     exact_hv = op64.matvec(v.double())

@@ -19,6 +19,7 @@ import bench_engine
 import torch
 
 from sharpscope import HessianOperator, lanczos
+from sharpscope.curvature import Objective, SolveSettings
 
 BASES = (None, 30, 20, 12, 8)
 
@@ -27,7 +28,9 @@ def main() -> None:
     """Solve with each basis size and print the table."""
     workload = bench_engine.build_mlp()
     op = HessianOperator(
-        workload.model, torch.nn.functional.cross_entropy, bench_analyze.batches_of(workload)
+        Objective(
+            workload.model, torch.nn.functional.cross_entropy, bench_analyze.batches_of(workload)
+        )
     )
     print(f"MLP on digits, {op.size:,} parameters, torch {torch.__version__}\n")
     print("| solve | max_basis | products | seconds | vectors held | max rel. error | converged |")
@@ -36,7 +39,9 @@ def main() -> None:
         reference = None
         for m in BASES:
             start = time.perf_counter()
-            result = lanczos(op, k=k, which=which, tol=1e-4, max_basis=m, max_iter=2000)
+            result = lanczos(
+                op, k, which=which, settings=SolveSettings(tol=1e-4, max_iter=2000, max_basis=m)
+            )
             seconds = time.perf_counter() - start
             reference = result.eigenvalues if reference is None else reference
             scale = float(reference.abs().max())

@@ -27,6 +27,7 @@ from torch import nn
 
 from sharpscope import HessianOperator, hutchpp, lanczos_extremes
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
+from sharpscope.curvature import Objective, SolveSettings
 from sharpscope.curvature.results import TraceResult
 from sharpscope.curvature.solvers import HUTCHPP_SKETCH, TRACE_BUDGET_SHARE, trace_budget
 from sharpscope.curvature.trace import deflated_trace
@@ -70,17 +71,33 @@ def seeded_runs(op: HessianOperator, seeds: int) -> dict[str, list[Run]]:
     for seed in range(seeds):
         start = op.n_products
         top, _ = lanczos_extremes(
-            op, DEFAULTS.k, 1, DEFAULTS.tol, DEFAULTS.max_iter, seed, keep_subspace=True
+            op,
+            DEFAULTS.k,
+            k_smallest=1,
+            keep_subspace=True,
+            settings=SolveSettings(tol=DEFAULTS.tol, max_iter=DEFAULTS.max_iter, seed=seed),
         )
         eigen = op.n_products - start
         budget = trace_budget(DEFAULTS.trace_samples, eigen)
         tol = DEFAULTS.trace_tol
         runs["deflated"].append(
-            Run(eigen, deflated_trace(op, top.subspace, tol, budget, seed=seed))
+            Run(
+                eigen,
+                deflated_trace(
+                    op, top.subspace, settings=SolveSettings(tol=tol, max_iter=budget, seed=seed)
+                ),
+            )
         )
         samples = max(2, budget - 2 * HUTCHPP_SKETCH)
         runs["hutch++, same budget"].append(
-            Run(eigen, hutchpp(op, HUTCHPP_SKETCH, tol, samples, seed=seed))
+            Run(
+                eigen,
+                hutchpp(
+                    op,
+                    sketch=HUTCHPP_SKETCH,
+                    settings=SolveSettings(tol=tol, max_iter=samples, seed=seed),
+                ),
+            )
         )
     return runs
 
@@ -116,7 +133,7 @@ def mlp_section(seeds: int, given: float | None) -> list[str]:
     start = time.perf_counter()
     exact = float64_trace(workload.model, batches) if given is None else given
     exact_seconds = time.perf_counter() - start
-    op = HessianOperator(workload.model, LOSS, batches)
+    op = HessianOperator(Objective(workload.model, LOSS, batches))
     runs = seeded_runs(op, seeds)
     eigen = [r.eigen_products for r in runs["deflated"]]
     return [
@@ -261,8 +278,10 @@ def reference_top5(model: nn.Module, batches: list) -> list[float]:
 
     twin = copy.deepcopy(model).double().eval()
     wide = [(x.double(), y) for x, y in batches]
-    op = HessianOperator(twin, LOSS, wide)
-    top, _ = lanczos_extremes(op, 5, 1, 1e-10, 400, 0)
+    op = HessianOperator(Objective(twin, LOSS, wide))
+    top, _ = lanczos_extremes(
+        op, 5, k_smallest=1, settings=SolveSettings(tol=1e-10, max_iter=400, seed=0)
+    )
     return sorted(top.eigenvalues.tolist(), reverse=True)
 
 

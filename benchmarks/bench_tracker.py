@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import build_cnn
 
 from sharpscope import HessianOperator, SharpnessTracker, lanczos
+from sharpscope.curvature import Objective, SolveSettings
 
 LOSS = nn.functional.cross_entropy
 EVERY = 100
@@ -188,7 +189,9 @@ def train(
 def relative_error(model: nn.Module, probe: list, value: float) -> float:
     """|λ − λ_max| / λ_max against a Lanczos solve to :data:`REFERENCE_TOL` on ``probe``."""
     reference = lanczos(
-        HessianOperator(model, LOSS, probe), k=1, tol=REFERENCE_TOL, max_iter=200
+        HessianOperator(Objective(model, LOSS, probe)),
+        1,
+        settings=SolveSettings(tol=REFERENCE_TOL, max_iter=200),
     ).eigenvalues[0]
     return abs(value - float(reference)) / abs(float(reference))
 

@@ -44,6 +44,7 @@ import torch
 
 from sharpscope import HessianOperator, lanczos
 from sharpscope.cli.loading import resolve_device
+from sharpscope.curvature import Objective, SolveSettings
 from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.curvature.groups import param_groups
 from sharpscope.errors import InputError
@@ -115,10 +116,10 @@ def costs(key: str, device: str) -> dict:
     """Gradient and product seconds (median of 3, after one warm-up each)."""
     model, batches = build(key, device)
     loss = loss_of(model)
-    fresh = HessianOperator(model, loss, batches, cache_graph=False)
+    fresh = HessianOperator(Objective(model, loss, batches), cache_graph=False)
     fresh.gradient()
     gradient = median_seconds(fresh.gradient, device)
-    op = HessianOperator(model, loss, batches)
+    op = HessianOperator(Objective(model, loss, batches))
     v = torch.randn(op.size, device=device)
     op.matvec(v)  # builds the graph later products reuse
     product = median_seconds(lambda: op.matvec(v), device)
@@ -134,9 +135,9 @@ def costs(key: str, device: str) -> dict:
 def solve(key: str, device: str, max_basis: int | None, tol: float, max_iter: int = 200) -> dict:
     """A top-1 Lanczos solve: seconds, products, λ_max and this process's peak memory."""
     model, batches = build(key, device)
-    op = HessianOperator(model, loss_of(model), batches)
+    op = HessianOperator(Objective(model, loss_of(model), batches))
     start = time.perf_counter()
-    result = lanczos(op, k=1, tol=tol, max_basis=max_basis, max_iter=max_iter)
+    result = lanczos(op, 1, settings=SolveSettings(tol=tol, max_iter=max_iter, max_basis=max_basis))
     sync(device)
     return {
         "seconds": time.perf_counter() - start,
@@ -150,9 +151,11 @@ def solve(key: str, device: str, max_basis: int | None, tol: float, max_iter: in
 def reference(key: str, device: str) -> dict:
     """λ_max of a float64 copy at tol 1e-9 (a bounded basis keeps float64 vectors in memory)."""
     model, batches = build(key, device, torch.float64)
-    op = HessianOperator(model, loss_of(model), batches)
+    op = HessianOperator(Objective(model, loss_of(model), batches))
     start = time.perf_counter()
-    result = lanczos(op, k=1, tol=REFERENCE_TOL, max_iter=400, max_basis=REFERENCE_BASIS)
+    result = lanczos(
+        op, 1, settings=SolveSettings(tol=REFERENCE_TOL, max_iter=400, max_basis=REFERENCE_BASIS)
+    )
     sync(device)
     return {
         "lambda_max": float(result.eigenvalues[0]),
@@ -291,9 +294,8 @@ def product_errors(key: str, device: str) -> dict:
     products["finite differences float64"] = finite_difference_hvp(model64, batches64, v)
     del model64, batches64
     model, batches = build(key, device)
-    products["sharpscope float32"] = HessianOperator(model, loss_of(model), batches).matvec(
-        v.float()
-    )
+    op = HessianOperator(Objective(model, loss_of(model), batches))
+    products["sharpscope float32"] = op.matvec(v.float())
     if importlib.util.find_spec("curvlinops") is not None:
         with twice_differentiable():
             for name, dtype in (("float32", torch.float32), ("float64", torch.float64)):

@@ -17,7 +17,7 @@ from sharpscope.analysis.adaptive_sharpness import (
     adaptive_sharpness,
     sharpness_of,
 )
-from sharpscope.curvature import HessianOperator, hessian_eigs
+from sharpscope.curvature import HessianOperator, Objective, hessian_eigs
 from sharpscope.errors import InputError
 from sharpscope.optim.perturbations import asam_perturbation
 
@@ -73,7 +73,8 @@ def test_adaptive_figures_survive_a_function_preserving_rescaling(settings):
     if settings.kind == "average":
         assert second.std_error == pytest.approx(first.std_error, abs=1e-6, rel=1e-6)
     top = [
-        float(hessian_eigs(m, F.cross_entropy, batches, k=1).eigenvalues[0]) for m in (model, other)
+        float(hessian_eigs(Objective(m, F.cross_entropy, batches), k=1).eigenvalues[0])
+        for m in (model, other)
     ]
     assert abs(top[1] - top[0]) > 0.1 * abs(top[0])  # the Hessian sees the rescaling
     plain = AdaptiveSharpnessSettings(settings.kind, settings.norm, settings.rho, adaptive=False)
@@ -112,7 +113,7 @@ def _trust_region(g: torch.Tensor, h: torch.Tensor, rho: float) -> float:
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_worst_case_l2_equals_the_trust_region_solution_on_a_quadratic(adaptive):
     model, batches = _quadratic()
-    op = HessianOperator(model, F.mse_loss, batches, cache_graph=False)
+    op = HessianOperator(Objective(model, F.mse_loss, batches), cache_graph=False)
     g, h = op.gradient(), torch.stack([op.matvec(e) for e in torch.eye(4, dtype=D)])
     t = model.weight.detach().reshape(-1).abs() if adaptive else torch.ones(4, dtype=D)
     rho = 0.3 if adaptive else 0.5
@@ -130,7 +131,7 @@ def test_worst_case_l2_equals_the_trust_region_solution_on_a_quadratic(adaptive)
 def test_worst_case_linf_reaches_the_best_vertex_of_a_quadratic():
     """A convex function's maximum over a box is at a vertex: enumerate all 16."""
     model, batches = _quadratic()
-    op = HessianOperator(model, F.mse_loss, batches, cache_graph=False)
+    op = HessianOperator(Objective(model, F.mse_loss, batches), cache_graph=False)
     rho = 0.2
     best = (
         max(
@@ -148,7 +149,7 @@ def test_worst_case_linf_reaches_the_best_vertex_of_a_quadratic():
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_the_ascent_never_ends_below_its_starting_perturbation(norm):
     model, batches = _mlp(), _data()
-    op = HessianOperator(model, F.cross_entropy, batches, cache_graph=False)
+    op = HessianOperator(Objective(model, F.cross_entropy, batches), cache_graph=False)
     generator = torch.Generator().manual_seed(3)
     for trial in range(3):
         start = torch.randn(op.size, generator=generator, dtype=D)
@@ -165,7 +166,7 @@ def test_the_ascent_never_ends_below_its_starting_perturbation(norm):
 
 def test_the_first_step_is_asams_perturbation():
     model, batches = _mlp(), _data()
-    op = HessianOperator(model, F.cross_entropy, batches, cache_graph=False)
+    op = HessianOperator(Objective(model, F.cross_entropy, batches), cache_graph=False)
     w = torch.cat([p.detach().reshape(-1) for p in op.space.params])
     epsilon = asam_perturbation(op.gradient(), w, 0.4, 0.01)
     settings = AdaptiveSharpnessSettings("worst", "l2", rho=0.4, steps=1, eta=0.01)

@@ -16,7 +16,7 @@ from sharpscope.analysis.alignment import (
 )
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
 from sharpscope.analysis.verdict import spread_notes, verdict
-from sharpscope.curvature import HessianOperator
+from sharpscope.curvature import HessianOperator, Objective
 from sharpscope.optim.perturbations import eigen_sam_perturbation, sam_perturbation
 
 A = torch.diag(torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64))
@@ -174,7 +174,7 @@ def test_minibatch_alignment_equals_a_hand_computation():
         eigen.append(abs(float(eps @ v1 / eps.norm())))
     mean = sum(cosines) / 4
     se = math.sqrt(sum((c - mean) ** 2 for c in cosines) / 3 / 4)
-    op = HessianOperator(model, nn.functional.cross_entropy, batches)
+    op = HessianOperator(Objective(model, nn.functional.cross_entropy, batches))
     got = minibatch_cosines(op, v1, rho, alpha)
     assert (got.count, got.batch_size) == (4, 8)
     assert got.values == pytest.approx(cosines, abs=1e-12, rel=0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sharpscope as ss
+from sharpscope.curvature import Objective
 from sharpscope.errors import InputError
 
 NO_TORCH = """
@@ -56,31 +57,31 @@ def test_every_exported_name_resolves():
 def test_hessian_eigs_by_each_solver_matches_the_dense_hessian(mlp, method):
     exact = torch.linalg.eigvalsh(mlp.hessian)
     settings = ss.SolveSettings(tol=1e-10, max_iter=300)
-    top = ss.hessian_eigs(
-        mlp.model, mlp.loss_fn, mlp.batches, k=3, method=method, settings=settings
-    )
-    bottom = ss.hessian_eigs(mlp.model, mlp.loss_fn, mlp.batches, k=1, which="smallest")
+    objective = ss.Objective(mlp.model, mlp.loss_fn, mlp.batches)
+    top = ss.hessian_eigs(objective, k=3, method=method, settings=settings)
+    bottom = ss.hessian_eigs(objective, k=1, which="smallest")
     torch.testing.assert_close(top.eigenvalues, exact.flip(0)[:3], rtol=1e-7, atol=0)
     torch.testing.assert_close(bottom.eigenvalues, exact[:1], rtol=1e-6, atol=0)
 
 
 def test_an_unknown_solver_names_the_parameter(mlp):
     with pytest.raises(InputError, match="unknown `method` 'qr'; choose one of lanczos, power"):
-        ss.hessian_eigs(mlp.model, mlp.loss_fn, mlp.batches, method="qr")
+        ss.hessian_eigs(ss.Objective(mlp.model, mlp.loss_fn, mlp.batches), method="qr")
 
 
 def test_hessian_trace_and_density_agree_with_the_dense_hessian(mlp):
     exact = float(torch.trace(mlp.hessian))
-    trace = ss.hessian_trace(mlp.model, mlp.loss_fn, mlp.batches, tol=1e-3, max_samples=200)
+    objective = ss.Objective(mlp.model, mlp.loss_fn, mlp.batches)
+    trace = ss.hessian_trace(objective, settings=ss.SolveSettings(tol=1e-3, max_iter=200))
     assert abs(trace.estimate - exact) <= 3 * trace.std_error
-    density = ss.spectral_density(mlp.model, mlp.loss_fn, mlp.batches, n_vectors=2, n_iter=30)
+    density = ss.spectral_density(objective, n_vectors=2, n_iter=30)
     eigenvalues = torch.linalg.eigvalsh(mlp.hessian)
     for nodes in density.nodes:
         assert nodes.min() >= eigenvalues[0] - 1e-8 and nodes.max() <= eigenvalues[-1] + 1e-8
 
 
 def test_sam_alignment_is_the_cosine_with_the_dense_top_eigenvector(mlp):
-    op = ss.HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
+    op = ss.HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches))
     vectors = torch.linalg.eigh(mlp.hessian).eigenvectors.flip(1)[:, :2].T.contiguous()
     result = ss.sam_alignment(op, vectors, rho=0.05, alpha=0.2)
     g = op.gradient()

@@ -17,7 +17,14 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sharpscope.curvature import BACKENDS, HessianOperator, lanczos_extremes, select_params
+from sharpscope.curvature import (
+    BACKENDS,
+    HessianOperator,
+    Objective,
+    SolveSettings,
+    lanczos_extremes,
+    select_params,
+)
 from sharpscope.errors import InputError
 from sharpscope.optim import EigenSAM
 from sharpscope.training.tracking import SharpnessTracker, Tracker, evaluate
@@ -140,7 +147,7 @@ def _assert_eigenvalues(got: torch.Tensor, expected: torch.Tensor, rel: float) -
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_products_match_the_dense_hessian(problem, backend):
     model, batch, hessian = problem
-    op = HessianOperator(model, F.cross_entropy, [batch], backend=backend)
+    op = HessianOperator(Objective(model, F.cross_entropy, [batch]), backend=backend)
     for seed in range(3):
         v = _random(op.size, seed)
         torch.testing.assert_close(op.matvec(v), hessian @ v, rtol=0, atol=1e-12)
@@ -150,8 +157,10 @@ def test_products_match_the_dense_hessian(problem, backend):
 def test_lanczos_extremes_match_the_dense_eigenvalues(problem, backend):
     model, batch, hessian = problem
     evals = torch.linalg.eigvalsh(hessian)
-    op = HessianOperator(model, F.cross_entropy, [batch], backend=backend)
-    top, bottom = lanczos_extremes(op, 5, 2, tol=1e-10, max_iter=op.size)
+    op = HessianOperator(Objective(model, F.cross_entropy, [batch]), backend=backend)
+    top, bottom = lanczos_extremes(
+        op, 5, k_smallest=2, settings=SolveSettings(tol=1e-10, max_iter=op.size)
+    )
     _assert_eigenvalues(top.eigenvalues, evals.flip(0)[:5], 1e-8)
     _assert_eigenvalues(bottom.eigenvalues, evals[:2], 1e-8)
 
@@ -169,9 +178,17 @@ def test_sdpa_and_eager_attention_give_the_same_eigenvalues(name):
     eager = TWINS[name](True).double().eval()
     eager.load_state_dict(sdpa.state_dict())
     batch = _data()
-    top, bottom = lanczos_extremes(HessianOperator(sdpa, F.cross_entropy, [batch]), 5, 2, tol=1e-10)
+    top, bottom = lanczos_extremes(
+        HessianOperator(Objective(sdpa, F.cross_entropy, [batch])),
+        5,
+        k_smallest=2,
+        settings=SolveSettings(tol=1e-10),
+    )
     top_eager, bottom_eager = lanczos_extremes(
-        HessianOperator(eager, F.cross_entropy, [batch]), 5, 2, tol=1e-10
+        HessianOperator(Objective(eager, F.cross_entropy, [batch])),
+        5,
+        k_smallest=2,
+        settings=SolveSettings(tol=1e-10),
     )
     _assert_eigenvalues(top.eigenvalues, top_eager.eigenvalues, 1e-10)
     _assert_eigenvalues(bottom.eigenvalues, bottom_eager.eigenvalues, 1e-10)
@@ -180,7 +197,7 @@ def test_sdpa_and_eager_attention_give_the_same_eigenvalues(name):
 def test_attention_settings_come_back_after_a_product():
     fastpath = torch.backends.mha.get_fastpath_enabled()
     flash = torch.backends.cuda.flash_sdp_enabled()
-    op = HessianOperator(_built("encoder"), F.cross_entropy, [_data()])
+    op = HessianOperator(Objective(_built("encoder"), F.cross_entropy, [_data()]))
     op.matvec(_random(op.size, 0))
     assert torch.backends.mha.get_fastpath_enabled() == fastpath
     assert torch.backends.cuda.flash_sdp_enabled() == flash
@@ -189,7 +206,7 @@ def test_attention_settings_come_back_after_a_product():
 def test_the_shifted_loss_is_the_differentiated_loss():
     """Without grad, eval-mode ``nn.TransformerEncoder`` would zero padded positions."""
     model, batch = Encoder(masked=True, layers=2).double().eval(), _data()
-    op = HessianOperator(model, F.cross_entropy, [batch])
+    op = HessianOperator(Objective(model, F.cross_entropy, [batch]))
     assert op.loss(torch.zeros(op.size, dtype=F64)) == pytest.approx(op.loss(), rel=1e-12)
 
 
@@ -197,7 +214,7 @@ def test_probe_metrics_see_the_differentiated_loss():
     """finetune's probe/validation metrics (and analyze's accuracy, in the same mode) run no-grad
     forwards: they too must not take the padded fast path, or they describe another function."""
     model, batch = Encoder(masked=True, layers=2).double().eval(), _data()
-    op = HessianOperator(model, F.cross_entropy, [batch])
+    op = HessianOperator(Objective(model, F.cross_entropy, [batch]))
     loss, _ = evaluate(model, F.cross_entropy, [batch])
     assert loss == pytest.approx(op.loss(), rel=1e-12)
     with torch.no_grad():
@@ -280,7 +297,7 @@ class CustomKernel(nn.Module):
     ids=["flash-double-backward", "flash-forward-over-reverse", "custom-op"],
 )
 def test_a_kernel_without_the_derivative_is_one_input_error(model, backend, message):
-    op = HessianOperator(model.double(), F.cross_entropy, [_data()], backend=backend)
+    op = HessianOperator(Objective(model.double(), F.cross_entropy, [_data()]), backend=backend)
     with pytest.raises(InputError) as caught:
         op.matvec(_random(op.size, 0))
     assert str(caught.value) == message
@@ -288,7 +305,8 @@ def test_a_kernel_without_the_derivative_is_one_input_error(model, backend, mess
 
 def test_custom_function_under_forward_over_reverse_is_one_input_error():
     op = HessianOperator(
-        CustomKernel().double(), F.cross_entropy, [_data()], backend="forward-over-reverse"
+        Objective(CustomKernel().double(), F.cross_entropy, [_data()]),
+        backend="forward-over-reverse",
     )
     with pytest.raises(InputError, match=r"^torch\.func cannot differentiate a custom") as caught:
         op.matvec(_random(op.size, 0))

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sharpscope.curvature import BACKENDS, HessianOperator, curvature_mode
+from sharpscope.curvature import BACKENDS, HessianOperator, Objective, curvature_mode
 from sharpscope.errors import InputError
 from sharpscope.io import checkpoints
 from sharpscope.io.architectures import cnn
@@ -250,7 +250,7 @@ def test_format_from_content_not_suffix(files, model, batch, kind, container, fm
 def _hvp(
     module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], backend: str = "double-backward"
 ) -> torch.Tensor:
-    op = HessianOperator(module, F.cross_entropy, [batch], backend=backend)
+    op = HessianOperator(Objective(module, F.cross_entropy, [batch]), backend=backend)
     v = torch.randn(op.size, generator=torch.Generator().manual_seed(2))
     return op.matvec(v)
 

@@ -38,6 +38,7 @@ from typer.testing import CliRunner, Result
 import sharpscope
 import sharpscope.io.losses
 from sharpscope.cli.app import app
+from sharpscope.curvature import Objective, SolveSettings
 from sharpscope.errors import InputError
 from sharpscope.io.architectures import mlp
 from sharpscope.io.checkpoints import save_checkpoint
@@ -102,8 +103,10 @@ def top_eigenvalue(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     """The reference: float64 Lanczos on the mean cross-entropy over all the samples."""
     model = copy.deepcopy(model).double()
     batch = [(inputs.double(), targets)]
-    op = sharpscope.HessianOperator(model, nn.functional.cross_entropy, batch)
-    return float(sharpscope.lanczos(op, k=1, tol=1e-9, max_iter=400).eigenvalues[0])
+    op = sharpscope.HessianOperator(Objective(model, nn.functional.cross_entropy, batch))
+    return float(
+        sharpscope.lanczos(op, 1, settings=SolveSettings(tol=1e-9, max_iter=400)).eigenvalues[0]
+    )
 
 
 def close(value: float, reference: float, rel: float = REL) -> bool:
@@ -458,7 +461,7 @@ def test_out_folder(made, tmp_path):
     model = copy.deepcopy(made.model).double()
     inputs, targets = digits64()
     op = sharpscope.HessianOperator(
-        model, nn.functional.cross_entropy, [(inputs.double(), targets)]
+        Objective(model, nn.functional.cross_entropy, [(inputs.double(), targets)])
     )
     residual = torch.linalg.vector_norm(op.matvec(flat[0]) - values[0] * flat[0])
     assert float(residual) <= 1e-3 * values[0]  # v1 is the top eigenvector of the same Hessian

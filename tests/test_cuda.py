@@ -19,7 +19,7 @@ from test_transformers import bert_truth, token_data
 from typer.testing import CliRunner
 
 from sharpscope.cli.app import app
-from sharpscope.curvature import HessianOperator, lanczos
+from sharpscope.curvature import HessianOperator, Objective, SolveSettings, lanczos
 from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.losses import resolve_loss
 from sharpscope.io.models import ModelSpec, build_model
@@ -53,9 +53,9 @@ def check_transformer(device: str, dtype: torch.dtype) -> None:
     model, inputs, labels = bert_problem()
     model = model.to(device=device, dtype=dtype).eval()
     batch = ({k: v.to(device) for k, v in inputs.items()}, labels.to(device))
-    op = HessianOperator(model, resolve_loss("cross-entropy"), [batch])
+    op = HessianOperator(Objective(model, resolve_loss("cross-entropy"), [batch]))
     tol = 1e-10 if dtype == torch.float64 else 1e-5
-    result = lanczos(op, k=3, tol=tol)
+    result = lanczos(op, 3, settings=SolveSettings(tol=tol))
     assert result.all_converged
     rel = 1e-8 if dtype == torch.float64 else 1e-4
     scale = float(truth.abs().max())

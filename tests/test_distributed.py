@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sharpscope import HessianOperator, distributed, lanczos
+from sharpscope import HessianOperator, Objective, distributed, lanczos
 from sharpscope.analysis.sampling import shard_losses
 
 torch.manual_seed(0)
@@ -67,8 +67,9 @@ def main():
         rank = distributed.rank()
         mine = [pieces[i] for i in distributed.shard(len(pieces))]
         for kwargs in [{}, {"cache_graph": False}, {"backend": "forward-over-reverse"}]:
-            ours = HessianOperator(model, F.cross_entropy, mine, **kwargs)
-            one = HessianOperator(model, F.cross_entropy, pieces, distributed=False, **kwargs)
+            objective = Objective(model, F.cross_entropy, mine)
+            ours = HessianOperator(objective, **kwargs)
+            one = HessianOperator(objective.replace(batches=pieces, distributed=False), **kwargs)
             assert ours.distributed and (ours.num_samples, ours.num_batches) == (67, 7)
             for a, b in [
                 (ours.matvec(v), one.matvec(v)),

@@ -11,6 +11,7 @@ from conftest import Shared
 from sharpscope.curvature import (
     HessianOperator,
     MatrixOperator,
+    Objective,
     SolveSettings,
     hessian_eigs,
     lanczos,
@@ -39,12 +40,12 @@ def _check_pairs(result, eigenvalues, eigenvectors, op_matrix, rel=1e-8):
 
 def test_lanczos_top5_and_bottom2_match_dense(problem):
     evals, evecs = torch.linalg.eigh(problem.hessian)
-    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
-    top = lanczos(op, k=5, tol=1e-10)
+    op = HessianOperator(Objective(problem.model, problem.loss_fn, problem.batches))
+    top = lanczos(op, 5, settings=SolveSettings(tol=1e-10))
     _check_pairs(top, evals.flip(0)[:5], evecs.flip(1)[:, :5], problem.hessian)
     assert top.n_products == op.n_products  # the multiplicity check's products included
     assert top.n_products - top.multiplicity.products < op.size
-    bottom = lanczos(op, k=2, which="smallest", tol=1e-10)
+    bottom = lanczos(op, 2, which="smallest", settings=SolveSettings(tol=1e-10))
     _check_pairs(bottom, evals[:2], evecs[:, :2], problem.hessian)
     assert bottom.eigenvalues[0] < 0
 
@@ -52,14 +53,19 @@ def test_lanczos_top5_and_bottom2_match_dense(problem):
 def test_lanczos_largest_magnitude(cnn):
     evals = torch.linalg.eigvalsh(cnn.hessian)
     expected = evals[torch.argsort(evals.abs(), descending=True)[:3]]
-    result = lanczos(MatrixOperator(cnn.hessian), k=3, which="magnitude", tol=1e-10)
+    result = lanczos(
+        MatrixOperator(cnn.hessian), 3, which="magnitude", settings=SolveSettings(tol=1e-10)
+    )
     torch.testing.assert_close(result.eigenvalues, expected, rtol=1e-8, atol=0)
     assert (result.eigenvalues < 0).any()
 
 
 def test_lanczos_is_deterministic_for_a_seed(mlp):
-    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
-    a, b = lanczos(op, k=3, seed=7), lanczos(op, k=3, seed=7)
+    op = HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches))
+    a, b = (
+        lanczos(op, 3, settings=SolveSettings(seed=7)),
+        lanczos(op, 3, settings=SolveSettings(seed=7)),
+    )
     assert torch.equal(a.eigenvalues, b.eigenvalues)
     assert torch.equal(a.eigenvectors, b.eigenvectors)
     assert a.history == b.history
@@ -67,8 +73,8 @@ def test_lanczos_is_deterministic_for_a_seed(mlp):
 
 
 def test_lanczos_reports_non_convergence(mlp):
-    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
-    result = lanczos(op, k=5, tol=1e-12, max_iter=6)
+    op = HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches))
+    result = lanczos(op, 5, settings=SolveSettings(tol=1e-12, max_iter=6))
     assert result.n_iterations == 6 and result.n_products == 6 + 5  # + one check per pair
     assert not result.all_converged
     assert (result.residuals > 1e-12 * result.eigenvalues.abs().max()).any()
@@ -82,7 +88,7 @@ def test_lanczos_continues_past_an_invariant_subspace():
     q, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=torch.float64))
     values = torch.tensor([5.0, 5.0, 5.0, 2.0] + [1.0] * 26, dtype=torch.float64)
     matrix = q @ torch.diag(values) @ q.T
-    result = lanczos(MatrixOperator(matrix), k=4, tol=1e-10)
+    result = lanczos(MatrixOperator(matrix), 4, settings=SolveSettings(tol=1e-10))
     assert result.n_products > 3
     assert float(result.eigenvalues[0]) == pytest.approx(5.0, rel=1e-12)
     for value, vector in zip(result.eigenvalues, result.eigenvectors, strict=True):
@@ -97,12 +103,17 @@ def test_thick_restarts_keep_the_dense_answer_in_a_bounded_basis(problem, max_ba
     """With at most ``max_basis`` vectors held (k + 2 and more), top-5 and bottom-2 still match
     the dense eigendecomposition: values to 1e-8, vectors, honest residuals."""
     evals, evecs = torch.linalg.eigh(problem.hessian)
-    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
-    top = lanczos(op, k=5, tol=1e-10, max_basis=max_basis, max_iter=2000)
+    op = HessianOperator(Objective(problem.model, problem.loss_fn, problem.batches))
+    top = lanczos(op, 5, settings=SolveSettings(tol=1e-10, max_iter=2000, max_basis=max_basis))
     _check_pairs(top, evals.flip(0)[:5], evecs.flip(1)[:, :5], problem.hessian)
-    bottom = lanczos(op, k=2, which="smallest", tol=1e-10, max_basis=max_basis, max_iter=2000)
+    bottom = lanczos(
+        op,
+        2,
+        which="smallest",
+        settings=SolveSettings(tol=1e-10, max_iter=2000, max_basis=max_basis),
+    )
     _check_pairs(bottom, evals[:2], evecs[:, :2], problem.hessian)
-    full = lanczos(op, k=5, tol=1e-10)
+    full = lanczos(op, 5, settings=SolveSettings(tol=1e-10))
     assert top.n_products > full.n_products  # restarts cost products, never accuracy
 
 
@@ -112,10 +123,10 @@ def test_kept_images_verify_the_pairs_without_a_product(problem, max_basis):
     quotient, true residual and image Hv come from the basis's products: one product fewer per
     pair than the verifying product, the same dense answer."""
     evals, evecs = torch.linalg.eigh(problem.hessian)
-    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
-    options = dict(k=5, tol=1e-10, max_basis=max_basis, max_iter=2000)
-    kept = lanczos(op, keep_images=True, **options)  # type: ignore[arg-type]
-    checked = lanczos(op, **options)  # type: ignore[arg-type]
+    op = HessianOperator(Objective(problem.model, problem.loss_fn, problem.batches))
+    settings = SolveSettings(tol=1e-10, max_iter=2000, max_basis=max_basis)
+    kept = lanczos(op, 5, settings=settings, keep_images=True)
+    checked = lanczos(op, 5, settings=settings)
     assert kept.n_products == checked.n_products - 5 and checked.images is None
     _check_pairs(kept, evals.flip(0)[:5], evecs.flip(1)[:, :5], problem.hessian)
     expected = kept.eigenvectors @ problem.hessian  # H symmetric: rows H v
@@ -125,10 +136,10 @@ def test_kept_images_verify_the_pairs_without_a_product(problem, max_basis):
 def test_rayleigh_is_one_lanczos_step_with_its_image(problem):
     """One product from v: the Rayleigh quotient, the true residual and Hv, as Lanczos returns
     them after one kept step; a short Lanczos run allocates only the rows it can use."""
-    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    op = HessianOperator(Objective(problem.model, problem.loss_fn, problem.batches))
     v = torch.randn(op.size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     fast = rayleigh(op, 3 * v, tol=1e-10)
-    step = lanczos(op, k=1, max_iter=1, v0=v, keep_images=True, tol=1e-10)
+    step = lanczos(op, 1, v0=v, keep_images=True, settings=SolveSettings(tol=1e-10, max_iter=1))
     unit = v / v.norm()
     exact = float(unit @ problem.hessian @ unit)
     assert fast.n_products == step.n_products == 1
@@ -182,38 +193,40 @@ def test_both_ends_from_one_run_match_dense(problem, max_basis):
     """lanczos_extremes: top-5 and bottom-2 to 1e-8 from one run (bounded or not), in fewer
     products than two runs; both results report that run's products."""
     evals, evecs = torch.linalg.eigh(problem.hessian)
-    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
-    top, bottom = lanczos_extremes(op, 5, 2, tol=1e-10, max_iter=2000, max_basis=max_basis)
+    op = HessianOperator(Objective(problem.model, problem.loss_fn, problem.batches))
+    top, bottom = lanczos_extremes(
+        op, 5, k_smallest=2, settings=SolveSettings(tol=1e-10, max_iter=2000, max_basis=max_basis)
+    )
     _check_pairs(top, evals.flip(0)[:5], evecs.flip(1)[:, :5], problem.hessian)
     _check_pairs(bottom, evals[:2], evecs[:, :2], problem.hessian)
     assert top.n_products == bottom.n_products == op.n_products
     assert (top.which, bottom.which) == ("largest", "smallest")
     if max_basis is None:
-        apart = lanczos(op, k=5, tol=1e-10).n_products
-        apart += lanczos(op, k=2, which="smallest", tol=1e-10).n_products
+        apart = lanczos(op, 5, settings=SolveSettings(tol=1e-10)).n_products
+        apart += lanczos(op, 2, which="smallest", settings=SolveSettings(tol=1e-10)).n_products
         assert top.n_products < apart
     with pytest.raises(ValueError, match="max_basis must be at least 5 \\+ 2 \\+ 2 = 9"):
-        lanczos_extremes(op, 5, 2, max_basis=8)
+        lanczos_extremes(op, 5, k_smallest=2, settings=SolveSettings(max_basis=8))
 
 
 def test_max_basis_below_k_plus_2_is_refused(mlp):
-    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
+    op = HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches))
     with pytest.raises(ValueError, match="max_basis must be at least k \\+ 2 = 5"):
-        lanczos(op, k=3, max_basis=4)
+        lanczos(op, 3, settings=SolveSettings(max_basis=4))
 
 
 def test_lanczos_warm_start_converges_at_once(mlp):
     evals, evecs = torch.linalg.eigh(mlp.hessian)
-    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
-    result = lanczos(op, k=1, tol=1e-6, v0=evecs[:, -1])
+    op = HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches))
+    result = lanczos(op, 1, v0=evecs[:, -1], settings=SolveSettings(tol=1e-6))
     assert result.n_products <= 2
     assert float(result.eigenvalues[0]) == pytest.approx(float(evals[-1]), rel=1e-10)
 
 
 def test_power_iteration_matches_dense(problem):
     evals, evecs = torch.linalg.eigh(problem.hessian)
-    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
-    result = power_iteration(op, k=2, tol=1e-9, max_iter=3000)
+    op = HessianOperator(Objective(problem.model, problem.loss_fn, problem.batches))
+    result = power_iteration(op, 2, settings=SolveSettings(tol=1e-9, max_iter=3000))
     _check_pairs(result, evals.flip(0)[:2], evecs.flip(1)[:, :2], problem.hessian, rel=1e-8)
 
 
@@ -222,22 +235,30 @@ def test_power_iteration_largest_is_never_a_negative_dominant_eigenvalue():
     values = torch.tensor([-4.0, 1.5, 1.0, 0.5, -0.2], dtype=torch.float64)
     matrix = torch.diag(values)
     largest = power_iteration(
-        MatrixOperator(matrix), k=1, which="largest", tol=1e-10, max_iter=2000
+        MatrixOperator(matrix), 1, which="largest", settings=SolveSettings(tol=1e-10, max_iter=2000)
     )
     assert float(largest.eigenvalues[0]) == pytest.approx(1.5, rel=1e-9)
     magnitude = power_iteration(
-        MatrixOperator(matrix), k=1, which="magnitude", tol=1e-10, max_iter=2000
+        MatrixOperator(matrix),
+        1,
+        which="magnitude",
+        settings=SolveSettings(tol=1e-10, max_iter=2000),
     )
     assert float(magnitude.eigenvalues[0]) == pytest.approx(-4.0, rel=1e-9)
     smallest = power_iteration(
-        MatrixOperator(-matrix), k=1, which="smallest", tol=1e-10, max_iter=2000
+        MatrixOperator(-matrix),
+        1,
+        which="smallest",
+        settings=SolveSettings(tol=1e-10, max_iter=2000),
     )
     assert float(smallest.eigenvalues[0]) == pytest.approx(-1.5, rel=1e-9)
 
 
 def test_power_iteration_reports_non_convergence():
     matrix = torch.diag(torch.tensor([1.0, 0.999, 0.5], dtype=torch.float64))
-    result = power_iteration(MatrixOperator(matrix), k=1, tol=1e-10, max_iter=20)
+    result = power_iteration(
+        MatrixOperator(matrix), 1, settings=SolveSettings(tol=1e-10, max_iter=20)
+    )
     assert result.n_products == 20
     assert not result.all_converged
     assert float(result.residuals[0]) > 1e-10
@@ -277,14 +298,14 @@ def test_lanczos_finds_triple_eigenvalues_of_a_block_diagonal_operator():
     a = _symmetric(10, 0)
     matrix = torch.block_diag(a, a, a)
     op = MatrixOperator(matrix)
-    top = lanczos(op, k=7, tol=1e-10)
+    top = lanczos(op, 7, settings=SolveSettings(tol=1e-10))
     _close_to_dense(top, matrix, 7)
     check = top.multiplicity
     assert check.complete and check.starts >= 3 and 0 < check.products < top.n_products
     assert str(check).startswith("multiplicity checked:")
-    bottom = lanczos(op, k=4, which="smallest", tol=1e-10)
+    bottom = lanczos(op, 4, which="smallest", settings=SolveSettings(tol=1e-10))
     _close_to_dense(bottom, matrix, 4, "smallest")
-    both = lanczos_extremes(op, 5, 3, tol=1e-10, max_iter=2000)
+    both = lanczos_extremes(op, 5, k_smallest=3, settings=SolveSettings(tol=1e-10, max_iter=2000))
     _close_to_dense(both[0], matrix, 5)
     _close_to_dense(both[1], matrix, 3, "smallest")
 
@@ -293,7 +314,11 @@ def test_lanczos_finds_triple_eigenvalues_of_a_block_diagonal_operator():
 def test_thick_restarts_keep_the_copies(max_basis):
     a = _symmetric(12, 1)
     matrix = torch.block_diag(a, a, a)
-    top = lanczos(MatrixOperator(matrix), k=5, tol=1e-10, max_basis=max_basis, max_iter=3000)
+    top = lanczos(
+        MatrixOperator(matrix),
+        5,
+        settings=SolveSettings(tol=1e-10, max_iter=3000, max_basis=max_basis),
+    )
     _close_to_dense(top, matrix, 5)
     assert top.multiplicity.complete
 
@@ -307,7 +332,7 @@ def test_near_multiplicities_come_out_with_their_copies(dtype, tol):
     a = _symmetric(12, 0)
     eye = torch.eye(12, dtype=torch.float64)
     matrix = torch.block_diag(a, a + 1e-8 * eye, a + 2e-8 * eye)
-    top = lanczos(MatrixOperator(matrix.to(dtype)), k=6, tol=tol)
+    top = lanczos(MatrixOperator(matrix.to(dtype)), 6, settings=SolveSettings(tol=tol))
     expected = torch.linalg.eigvalsh(matrix).flip(0)[:6]
     scale = float(expected[0])
     torch.testing.assert_close(top.eigenvalues, expected, rtol=0, atol=tol * scale)
@@ -340,7 +365,7 @@ def test_an_mse_head_has_every_eigenvalue_outputs_times(outputs):
     loss = torch.nn.functional.mse_loss
     dense = _dense_block(model, loss, x, y, "2.")
     settings = SolveSettings(tol=1e-10)
-    top = hessian_eigs(model, loss, [(x, y)], k=5, params="2.*", settings=settings)
+    top = hessian_eigs(Objective(model, loss, [(x, y)], "2.*"), k=5, settings=settings)
     _close_to_dense(top, dense, 5)
     assert top.multiplicity.complete
     assert torch.allclose(top.eigenvalues[0], top.eigenvalues[outputs - 1], rtol=1e-10)
@@ -354,7 +379,7 @@ def test_a_tied_weight_mlps_head_keeps_its_copies():
     x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
     loss = torch.nn.functional.mse_loss
     settings = SolveSettings(tol=1e-10)
-    head = hessian_eigs(model, loss, [(x, y)], k=6, params="head.*", settings=settings)
+    head = hessian_eigs(Objective(model, loss, [(x, y)], "head.*"), k=6, settings=settings)
     _close_to_dense(head, _dense_block(model, loss, x, y, "head."), 6)
-    whole = hessian_eigs(model, loss, [(x, y)], k=6, settings=settings)
+    whole = hessian_eigs(Objective(model, loss, [(x, y)]), k=6, settings=settings)
     _close_to_dense(whole, _dense_block(model, loss, x, y, ""), 6)

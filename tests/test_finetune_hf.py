@@ -18,7 +18,7 @@ from test_finetune import assert_same, latest_step, ok, one_error, sharpscope, s
 from typer.testing import CliRunner
 
 from sharpscope.cli.app import app
-from sharpscope.curvature import HessianOperator, lanczos
+from sharpscope.curvature import HessianOperator, Objective, SolveSettings, lanczos
 from sharpscope.io.checkpoints import load_model
 from sharpscope.io.losses import resolve_loss
 from sharpscope.training import run as training_run
@@ -156,8 +156,10 @@ def test_the_run_s_folders_load_with_from_pretrained_and_analyze_as_the_model_in
     analyzed = json.loads((report / "report.json").read_text())["results"]["eigenvalues"]
     data = torch.load(hf_files["data"], weights_only=True)
     batch = ({k: data[k] for k in ("input_ids", "attention_mask")}, data["labels"])
-    op = HessianOperator(model.eval(), resolve_loss("cross-entropy"), [batch])
-    in_memory = lanczos(op, k=1, which="largest", tol=1e-10, max_iter=200, seed=0)
+    op = HessianOperator(Objective(model.eval(), resolve_loss("cross-entropy"), [batch]))
+    in_memory = lanczos(
+        op, 1, which="largest", settings=SolveSettings(tol=1e-10, max_iter=200, seed=0)
+    )
     assert analyzed["values"][0] == pytest.approx(float(in_memory.eigenvalues[0]), rel=1e-8)
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import sharpscope as ss
+from sharpscope.curvature import Objective, SolveSettings
 from sharpscope.curvature.vectors import dot, norm
 
 TOL = 1e-5
@@ -36,10 +37,10 @@ def test_float32_pairs_meet_the_tolerance_and_report_the_true_residual():
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
     wide = copy.deepcopy(model).double()
     wide_batches = [(x.double(), y) for x, y in batches]
-    op32 = ss.HessianOperator(model, nn.functional.cross_entropy, batches)
-    op64 = ss.HessianOperator(wide, nn.functional.cross_entropy, wide_batches)
-    top = ss.lanczos(op32, k=3, tol=TOL, max_iter=150)
-    reference = ss.lanczos(op64, k=3, tol=1e-10, max_iter=300)
+    op32 = ss.HessianOperator(Objective(model, nn.functional.cross_entropy, batches))
+    op64 = ss.HessianOperator(Objective(wide, nn.functional.cross_entropy, wide_batches))
+    top = ss.lanczos(op32, 3, settings=SolveSettings(tol=TOL, max_iter=150))
+    reference = ss.lanczos(op64, 3, settings=SolveSettings(tol=1e-10, max_iter=300))
     assert top.all_converged and reference.all_converged
     scale = float(reference.eigenvalues.abs().max())
     assert (top.eigenvalues - reference.eigenvalues).abs().max() <= TOL * scale

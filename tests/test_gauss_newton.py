@@ -23,6 +23,8 @@ from sharpscope.curvature import (
     FisherOperator,
     GGNOperator,
     HessianOperator,
+    Objective,
+    SolveSettings,
     deflated_trace,
     hutchpp,
     lanczos,
@@ -103,9 +105,9 @@ def test_ggn_and_fisher_match_dense_references(name, mlp, cnn):
         FisherOperator: _fisher_reference(model, x, _drawn(model, x, y)),
     }
     for kind, reference in references.items():
-        op = kind(model, CE, problem.split(20))
+        op = kind(Objective(model, CE, problem.split(20)))
         torch.testing.assert_close(_dense(op), reference, rtol=0, atol=1e-12)
-        found = lanczos(op, k=5, tol=1e-10, max_iter=op.size).eigenvalues
+        found = lanczos(op, 5, settings=SolveSettings(tol=1e-10, max_iter=op.size)).eigenvalues
         torch.testing.assert_close(found, _top(reference), rtol=1e-8, atol=0)
 
 
@@ -121,9 +123,9 @@ def test_ggn_equals_the_hessian_of_a_linear_model_with_mse():
     model = nn.Linear(4, 3).double()
     x, y = torch.randn(30, 4, dtype=torch.float64), torch.randn(30, 3, dtype=torch.float64)
     batches = list(zip(x.split(8), y.split(8), strict=True))
-    ggn = _dense(GGNOperator(model, MSE, batches))
+    ggn = _dense(GGNOperator(Objective(model, MSE, batches)))
     torch.testing.assert_close(
-        ggn, _dense(HessianOperator(model, MSE, batches)), rtol=0, atol=1e-14
+        ggn, _dense(HessianOperator(Objective(model, MSE, batches))), rtol=0, atol=1e-14
     )
     assert torch.linalg.eigvalsh(ggn).min() > 0
 
@@ -132,9 +134,9 @@ def test_ggn_equals_the_hessian_of_a_linear_model_with_mse():
 def test_batch_splits_and_caching_leave_the_operator_unchanged(kind, cnn):
     v = torch.randn(select_params(cnn.model).size, generator=torch.Generator().manual_seed(3))
     v = v.double()
-    whole = kind(cnn.model, CE, cnn.batches).matvec(v)
+    whole = kind(Objective(cnn.model, CE, cnn.batches)).matvec(v)
     for size, cache in ((7, True), (16, False), (1, True)):
-        op = kind(cnn.model, CE, cnn.split(size), cache_graph=cache)
+        op = kind(Objective(cnn.model, CE, cnn.split(size)), cache_graph=cache)
         torch.testing.assert_close(op.matvec(v), whole, rtol=0, atol=1e-13)
         torch.testing.assert_close(op.matvec(v), whole, rtol=0, atol=1e-13)
         assert op.n_products == 2
@@ -152,12 +154,17 @@ def test_token_losses_weight_tokens_not_batches():
     pieces = [(ids[:2], labels[:2]), (ids[2:], labels[2:])]
     v = torch.randn(select_params(model).size, generator=gen, dtype=torch.float64)
     for kind in (GGNOperator, FisherOperator, EmpiricalFisherOperator):
-        whole = kind(model, loss, [(ids, labels)]).matvec(v)
-        torch.testing.assert_close(kind(model, loss, pieces).matvec(v), whole, rtol=0, atol=1e-13)
+        whole = kind(Objective(model, loss, [(ids, labels)])).matvec(v)
+        torch.testing.assert_close(
+            kind(Objective(model, loss, pieces)).matvec(v), whole, rtol=0, atol=1e-13
+        )
     # the GGN of a model linear in its (output-layer) weights is that block's Hessian
-    ggn = GGNOperator(model, loss, pieces, "2.*")
+    ggn = GGNOperator(Objective(model, loss, pieces, "2.*"))
     torch.testing.assert_close(
-        _dense(ggn), _dense(HessianOperator(model, loss, pieces, "2.*")), rtol=0, atol=1e-14
+        _dense(ggn),
+        _dense(HessianOperator(Objective(model, loss, pieces, "2.*"))),
+        rtol=0,
+        atol=1e-14,
     )
 
 
@@ -175,24 +182,29 @@ def test_ggn_of_a_dict_input_transformer_matches_its_dense_reference():
     for name, p in model.named_parameters():
         p.requires_grad_(any(name.startswith(g[:-1]) for g in params))
     reference = _ggn_reference(model, inputs)
-    op = GGNOperator(model, CE, [(inputs, targets)])
+    op = GGNOperator(Objective(model, CE, [(inputs, targets)]))
     torch.testing.assert_close(_dense(op), reference, rtol=0, atol=1e-12)
-    found = lanczos(op, k=5, tol=1e-10, max_iter=op.size).eigenvalues
+    found = lanczos(op, 5, settings=SolveSettings(tol=1e-10, max_iter=op.size)).eigenvalues
     torch.testing.assert_close(found, _top(reference), rtol=1e-8, atol=0)
 
 
 @pytest.mark.parametrize("kind", [HessianOperator, GGNOperator, FisherOperator])
 def test_every_estimator_works_on_every_operator(kind, mlp):
-    op = kind(mlp.model, CE, mlp.split(32))
+    op = kind(Objective(mlp.model, CE, mlp.split(32)))
     dense = _dense(op)
     exact = torch.linalg.eigvalsh(dense)
-    top, bottom = lanczos_extremes(op, k=3, tol=1e-9, max_iter=op.size, keep_subspace=True)
+    top, bottom = lanczos_extremes(
+        op, 3, keep_subspace=True, settings=SolveSettings(tol=1e-9, max_iter=op.size)
+    )
     torch.testing.assert_close(top.eigenvalues, exact.flip(0)[:3], rtol=1e-7, atol=0)
     assert abs(float(bottom.eigenvalues[0]) - float(exact[0])) < 1e-8 * float(exact[-1])
-    power = power_iteration(op, k=1, tol=1e-7, max_iter=2000).eigenvalues[0]
+    power = power_iteration(op, 1, settings=SolveSettings(tol=1e-7, max_iter=2000)).eigenvalues[0]
     assert abs(float(power) - float(exact[-1])) < 1e-5 * float(exact[-1])
     trace = float(dense.trace())
-    for estimate in (hutchpp(op, tol=1e-3), deflated_trace(op, top.subspace, tol=1e-3)):
+    for estimate in (
+        hutchpp(op, settings=SolveSettings(tol=1e-3, max_iter=100)),
+        deflated_trace(op, top.subspace, settings=SolveSettings(tol=1e-3, max_iter=100)),
+    ):
         low, high = estimate.interval
         assert low <= trace <= high or abs(estimate.estimate - trace) < 1e-6 * trace
     density = slq(op, n_vectors=2, n_iter=op.size)
@@ -203,15 +215,17 @@ def test_every_estimator_works_on_every_operator(kind, mlp):
 
 def test_the_true_fisher_needs_a_builtin_loss(mlp):
     with pytest.raises(Exception, match="built-in `loss`"):
-        FisherOperator(mlp.model, nn.functional.cross_entropy, mlp.batches)
+        FisherOperator(Objective(mlp.model, nn.functional.cross_entropy, mlp.batches))
     # the empirical Fisher takes any per-sample loss
-    plain = EmpiricalFisherOperator(mlp.model, nn.functional.cross_entropy, mlp.batches)
+    plain = EmpiricalFisherOperator(Objective(mlp.model, nn.functional.cross_entropy, mlp.batches))
     torch.testing.assert_close(_dense(plain), _fisher_reference(mlp.model, mlp.inputs, mlp.targets))
 
 
 def test_restricted_keeps_the_kind_and_its_settings(mlp):
-    op = FisherOperator(mlp.model, CE, mlp.split(16), seed=3)
-    part = op.restricted(mlp.split(16)[:2], ["2.*"], cache_graph=False)
+    op = FisherOperator(Objective(mlp.model, CE, mlp.split(16)), seed=3)
+    part = op.replace(
+        op.objective.replace(batches=mlp.split(16)[:2], params=["2.*"]), cache_graph=False
+    )
     assert type(part) is FisherOperator and part.seed == 3 and not part.cache_graph
     assert set(CURVATURES) == {"hessian", "ggn", "fisher", "empirical-fisher"}
 
@@ -289,8 +303,10 @@ def test_masked_lm_ggn_and_fisher_over_labelled_tokens_match_dense_references():
     residual = torch.softmax(z, dim=1) - nn.functional.one_hot(y, 7)
     grads = torch.einsum("nc,ncp->np", residual, jac)
     pieces = [(ids[:2], labels[:2]), (ids[2:], labels[2:])]
-    torch.testing.assert_close(_dense(GGNOperator(model, loss, pieces)), ggn, rtol=0, atol=1e-13)
-    fisher = _dense(EmpiricalFisherOperator(model, loss, pieces))
+    torch.testing.assert_close(
+        _dense(GGNOperator(Objective(model, loss, pieces))), ggn, rtol=0, atol=1e-13
+    )
+    fisher = _dense(EmpiricalFisherOperator(Objective(model, loss, pieces)))
     torch.testing.assert_close(fisher, grads.T @ grads / len(y), rtol=0, atol=1e-13)
 
 

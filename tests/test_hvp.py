@@ -10,7 +10,7 @@ from conftest import Shared
 from torch import nn
 from torch.func import functional_call
 
-from sharpscope.curvature import BACKENDS, HessianOperator, select_params
+from sharpscope.curvature import BACKENDS, HessianOperator, Objective, select_params
 
 
 def _random(n: int, seed: int = 1) -> torch.Tensor:
@@ -21,7 +21,9 @@ def _random(n: int, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("cache_graph", [True, False])
 def test_products_match_dense_hessian(problem, backend, cache_graph):
     op = HessianOperator(
-        problem.model, problem.loss_fn, problem.batches, backend=backend, cache_graph=cache_graph
+        Objective(problem.model, problem.loss_fn, problem.batches),
+        backend=backend,
+        cache_graph=cache_graph,
     )
     for seed in range(3):
         v = _random(op.size, seed)
@@ -32,7 +34,8 @@ def test_products_match_dense_hessian(problem, backend, cache_graph):
 def test_backends_agree_on_split_batches(cnn):
     v = _random(cnn.hessian.shape[0])
     results = [
-        HessianOperator(cnn.model, cnn.loss_fn, cnn.split(7), backend=b).matvec(v) for b in BACKENDS
+        HessianOperator(Objective(cnn.model, cnn.loss_fn, cnn.split(7)), backend=b).matvec(v)
+        for b in BACKENDS
     ]
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-12)
 
@@ -45,16 +48,16 @@ def test_one_batch_equals_uneven_batches():
     y = torch.randint(0, 4, (256,))
     loss = nn.CrossEntropyLoss()
     v = _random(sum(p.numel() for p in model.parameters()))
-    whole = HessianOperator(model, loss, [(x, y)]).matvec(v)
+    whole = HessianOperator(Objective(model, loss, [(x, y)])).matvec(v)
     for sizes in ([64] * 4, [100, 100, 56], [1, 255]):
         pieces = list(zip(x.split(sizes), y.split(sizes), strict=True))
         for backend in BACKENDS:
-            got = HessianOperator(model, loss, pieces, backend=backend).matvec(v)
+            got = HessianOperator(Objective(model, loss, pieces), backend=backend).matvec(v)
             torch.testing.assert_close(got, whole, rtol=0, atol=1e-10)
 
 
 def test_gradient_and_loss_are_the_full_data_mean(mlp):
-    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.split(10))
+    op = HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.split(10)))
     loss = mlp.loss_fn(mlp.model(mlp.inputs), mlp.targets)
     expected = torch.autograd.grad(loss, list(mlp.model.parameters()))
     torch.testing.assert_close(op.gradient(), torch.cat([g.reshape(-1) for g in expected]))
@@ -79,7 +82,7 @@ def test_mode_buffers_and_grad_untouched(cnn, backend, batch_stats):
         p.grad = torch.full_like(p, 0.5)
     before = _state(model)
     op = HessianOperator(
-        model, cnn.loss_fn, cnn.split(16), backend=backend, batch_stats=batch_stats
+        Objective(model, cnn.loss_fn, cnn.split(16), batch_stats=batch_stats), backend=backend
     )
     op.matvec(_random(op.size))
     op.gradient()
@@ -114,7 +117,9 @@ def test_batch_stats_uses_batch_statistics(cnn):
     truth = torch.autograd.functional.hessian(loss_of, flat)
     v = _random(flat.numel())
     for backend in BACKENDS:
-        op = HessianOperator(cnn.model, cnn.loss_fn, cnn.batches, batch_stats=True, backend=backend)
+        op = HessianOperator(
+            Objective(cnn.model, cnn.loss_fn, cnn.batches, batch_stats=True), backend=backend
+        )
         hv = op.matvec(v)
         torch.testing.assert_close(hv, truth @ v, rtol=0, atol=1e-12)
     assert not torch.allclose(hv, cnn.hessian @ v)
@@ -122,7 +127,7 @@ def test_batch_stats_uses_batch_statistics(cnn):
 
 def test_parameter_subset_by_glob(mlp):
     space = select_params(mlp.model)
-    sub = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches, params=["2.*"])
+    sub = HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches, params=["2.*"]))
     assert sub.space.names == ("2.weight", "2.bias")
     offsets = torch.cumsum(torch.tensor((0, *space.numels)), 0)
     start = int(offsets[2])
@@ -152,26 +157,28 @@ def test_flatten_unflatten_round_trip(mlp):
 
 def test_bad_input_is_refused(mlp):
     with pytest.raises(ValueError, match="no data"):
-        HessianOperator(mlp.model, mlp.loss_fn, [])
+        HessianOperator(Objective(mlp.model, mlp.loss_fn, []))
     with pytest.raises(ValueError, match="unknown backend"):
-        HessianOperator(mlp.model, mlp.loss_fn, mlp.batches, backend="magic")
+        HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches), backend="magic")
     with pytest.raises(ValueError, match="no trainable parameters matching"):
-        HessianOperator(mlp.model, mlp.loss_fn, mlp.batches, params="nope.*")
-    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
+        HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches, params="nope.*"))
+    op = HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches))
     with pytest.raises(ValueError, match="flat vector of length 75"):
         op.matvec(torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="scalar"):  # when built: the first batch is run
         HessianOperator(
-            mlp.model,
-            lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"),
-            mlp.batches,
+            Objective(
+                mlp.model,
+                lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"),
+                mlp.batches,
+            )
         )
 
 
 def test_float32_products_are_close(mlp):
     model = mlp.model.float()
     try:
-        op = HessianOperator(model, mlp.loss_fn, mlp.batches)
+        op = HessianOperator(Objective(model, mlp.loss_fn, mlp.batches))
         assert op.dtype == torch.float32
         v = _random(op.size)
         hv = op.matvec(v)
@@ -182,7 +189,7 @@ def test_float32_products_are_close(mlp):
 
 
 def test_loss_at_shifted_weights_restores_them_exactly(mlp):
-    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.split(20))
+    op = HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.split(20)))
     v = _random(op.size)
     before = [p.detach().clone() for p in mlp.model.parameters()]
     hv = op.matvec(v)

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import BatchEncoding
 
 from sharpscope.batches import move_to
-from sharpscope.curvature import HessianOperator
+from sharpscope.curvature import HessianOperator, Objective, SolveSettings
 from sharpscope.errors import InputError
 from sharpscope.io.losses import resolve_loss
 from sharpscope.structures import input_style
@@ -44,8 +44,8 @@ def test_mapping_batches_give_the_dict_results(kind: type) -> None:
     model = bert().double()
     loss = resolve_loss("ce")
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    want = HessianOperator(model, loss, _text_batches(dict)).matvec(v)
-    got = HessianOperator(model, loss, _text_batches(kind)).matvec(v)
+    want = HessianOperator(Objective(model, loss, _text_batches(dict))).matvec(v)
+    got = HessianOperator(Objective(model, loss, _text_batches(kind))).matvec(v)
     assert torch.equal(got, want)
 
 
@@ -85,15 +85,17 @@ def test_a_one_argument_forward_is_chosen_and_matches_keywords() -> None:
     assert input_style(fields, data[0][0]) == "kwargs"
     loss = resolve_loss("ce")
     v = torch.randn(15, dtype=torch.float64)
-    want = HessianOperator(fields, loss, data).matvec(v)
+    want = HessianOperator(Objective(fields, loss, data)).matvec(v)
     for style in ("auto", "single"):
-        got = HessianOperator(single, loss, data, input_style=style).matvec(v)
+        got = HessianOperator(Objective(single, loss, data, input_style=style)).matvec(v)
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
 def test_a_model_that_cannot_take_the_data_fails_when_built() -> None:
     with pytest.raises(InputError, match=r"cannot run on the first batch.*`input_style` single"):
-        HessianOperator(OneArgument().double(), resolve_loss("ce"), _mapped(), input_style="kwargs")
+        HessianOperator(
+            Objective(OneArgument().double(), resolve_loss("ce"), _mapped(), input_style="kwargs")
+        )
 
 
 def test_an_undecidable_signature_is_refused() -> None:
@@ -136,8 +138,8 @@ def test_cli_input_style(tmp_path, monkeypatch) -> None:
     data = _mapped(12)
     inputs, targets = concat([x for x, _ in data]), concat([y for _, y in data])
     torch.save((dict(inputs), targets), tmp_path / "mapmods.pt")
-    op = HessianOperator(model.double(), resolve_loss("ce"), [(inputs, targets)])
-    truth = float(lanczos(op, k=1, tol=1e-12).eigenvalues[0])
+    op = HessianOperator(Objective(model.double(), resolve_loss("ce"), [(inputs, targets)]))
+    truth = float(lanczos(op, 1, settings=SolveSettings(tol=1e-12)).eigenvalues[0])
     base = ["analyze", str(tmp_path / "m.safetensors"), "--data", "mapmods:data"]
     base += ["--model", "mapmods:one", "--dtype", "float64", "--top-k", "1", "--tol", "1e-10"]
     base += ["--shards", "0", "--no-trace", "--json", "--quiet", "--batch-size", "5"]
@@ -162,8 +164,8 @@ def test_a_tokenizers_batch_encoding_gives_the_dict_results(tmp_path) -> None:
     model = bert().double()
     loss = resolve_loss("ce")
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    want = HessianOperator(model, loss, [(dict(encoded), labels)]).matvec(v)
-    op = HessianOperator(model, loss, [(encoded, labels)])
+    want = HessianOperator(Objective(model, loss, [(dict(encoded), labels)])).matvec(v)
+    op = HessianOperator(Objective(model, loss, [(encoded, labels)]))
     assert torch.equal(op.matvec(v), want)
     moved = move_to(encoded, torch.device("cpu"), torch.float64)
     assert isinstance(moved, BatchEncoding) and moved.input_ids.dtype == torch.long

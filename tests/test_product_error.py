@@ -17,6 +17,7 @@ from torch import nn
 import sharpscope as ss
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
 from sharpscope.analysis.gate import Thresholds, gate
+from sharpscope.curvature import Objective, SolveSettings
 from sharpscope.curvature.product_error import PROXY_FACTOR, product_error
 from sharpscope.report.document import Inputs, Report
 from sharpscope.report.schema import report_schema
@@ -82,7 +83,11 @@ CONFIG = {"k": 3, "trace": False, "shards": 0, "max_iter": 60}
 def cnn():
     model, batches = resnet(), _data()
     wide = copy.deepcopy(model).double()
-    reference = ss.lanczos(ss.HessianOperator(wide, LOSS, batches), k=3, tol=1e-10, max_iter=200)
+    reference = ss.lanczos(
+        ss.HessianOperator(Objective(wide, LOSS, batches)),
+        3,
+        settings=SolveSettings(tol=1e-10, max_iter=200),
+    )
     assert reference.all_converged
     return model, batches, reference
 
@@ -90,7 +95,7 @@ def cnn():
 def test_the_float32_products_of_the_test_model_are_inaccurate(cnn):
     model, batches, _ = cnn
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
-    op = ss.HessianOperator(model, LOSS, batches)
+    op = ss.HessianOperator(Objective(model, LOSS, batches))
     v = torch.randn(op.size, generator=torch.Generator().manual_seed(3))
     error = product_error(op, v / v.norm(), None)
     assert error is not None and error.method == "float64" and error.relative > 1e-3
@@ -117,7 +122,7 @@ def test_every_float32_bound_contains_the_float64_eigenvalue(cnn, tol):
 def test_the_reordered_proxy_is_calibrated_on_the_float64_measure():
     """Where float32 rounding is the only error, the proxy (reordered product × PROXY_FACTOR)
     covers the float64 measure; it cannot see a kernel's systematic rounding (docs/engine.md)."""
-    op = ss.HessianOperator(resnet(32, 2, nn.Conv2d), LOSS, _data())
+    op = ss.HessianOperator(Objective(resnet(32, 2, nn.Conv2d), LOSS, _data()))
     v = torch.randn(op.size, generator=torch.Generator().manual_seed(4))
     exact = product_error(op, v / v.norm(), None)
     proxy = product_error(op, v / v.norm(), 0)  # no memory for the float64 copy
@@ -155,7 +160,10 @@ def test_float64_runs_are_unchanged():
     assert "product-error" not in result.timings and "product-error" not in result.stage_products
     assert torch.equal(result.top.bounds, result.top.residuals) and result.top.all_converged
     direct = ss.lanczos_extremes(
-        ss.HessianOperator(model, LOSS, wide), 3, 1, 1e-8, CONFIG["max_iter"]
+        ss.HessianOperator(Objective(model, LOSS, wide)),
+        3,
+        k_smallest=1,
+        settings=SolveSettings(tol=1e-8, max_iter=CONFIG["max_iter"]),
     )[0]
     assert torch.equal(direct.eigenvalues, result.top.eigenvalues)
 
@@ -183,7 +191,7 @@ def test_the_report_records_the_error_and_the_gate_reads_the_bounds(cnn):
 def test_hessian_eigs_bounds_contain_the_float64_eigenvalues(cnn):
     model, batches, reference = cnn
     settings = ss.SolveSettings(tol=1e-4, max_iter=60)
-    result = ss.hessian_eigs(model, LOSS, batches, k=3, settings=settings)
+    result = ss.hessian_eigs(ss.Objective(model, LOSS, batches), k=3, settings=settings)
     distance = (result.eigenvalues - reference.eigenvalues).abs()
     assert (distance <= result.bounds).all() and (distance > result.residuals).any()
     assert not result.converged.any() and result.product_error > 0

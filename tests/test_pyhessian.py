@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from sharpscope.curvature import HessianOperator, hutchinson, lanczos
+from sharpscope.curvature import HessianOperator, Objective, SolveSettings, hutchinson, lanczos
 
 pyhessian = pytest.importorskip("pyhessian")
 
@@ -20,7 +20,11 @@ def test_top_eigenvalue_agrees_with_pyhessian(name, request):
     torch.manual_seed(0)
     theirs = pyhessian.hessian(model, problem.loss_fn, data=(inputs, problem.targets), cuda=False)
     values, _ = theirs.eigenvalues(maxIter=1000, tol=1e-6, top_n=2)
-    ours = lanczos(HessianOperator(problem.model, problem.loss_fn, problem.batches), k=2, tol=1e-8)
+    ours = lanczos(
+        HessianOperator(Objective(problem.model, problem.loss_fn, problem.batches)),
+        2,
+        settings=SolveSettings(tol=1e-8),
+    )
     truth = torch.linalg.eigvalsh(problem.hessian).flip(0)[:2]
     for i in range(2):
         # PyHessian stops on a 1e-6 relative change of λ in float32; 1e-4 is well inside that.
@@ -36,7 +40,8 @@ def test_trace_agrees_with_pyhessian(mlp):
     )
     samples = theirs.trace(maxIter=200, tol=0.0)
     ours = hutchinson(
-        HessianOperator(mlp.model, mlp.loss_fn, mlp.batches), tol=0.0, max_samples=200
+        HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches)),
+        settings=SolveSettings(tol=0.0, max_iter=200),
     )
     theirs_error = float(torch.tensor(samples).std()) / len(samples) ** 0.5
     combined = (theirs_error**2 + ours.std_error**2) ** 0.5

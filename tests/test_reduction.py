@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import Problem, dense_hessian
 
-from sharpscope.curvature import EmpiricalFisherOperator, GGNOperator, HessianOperator
+from sharpscope.curvature import EmpiricalFisherOperator, GGNOperator, HessianOperator, Objective
 from sharpscope.errors import InputError
 from sharpscope.io.losses import resolve_loss
 
@@ -25,7 +25,7 @@ def dense(op: HessianOperator) -> torch.Tensor:
 def test_sum_loss_is_the_hessian_of_the_total(mlp: Problem, size: int | None) -> None:
     data = mlp.batches if size is None else mlp.split(size)
     truth = dense_hessian(mlp.model, summed_ce, mlp.inputs, mlp.targets)
-    op = HessianOperator(mlp.model, summed_ce, data, reduction="sum")
+    op = HessianOperator(Objective(mlp.model, summed_ce, data, reduction="sum"))
     assert torch.allclose(dense(op), truth, atol=1e-10 * truth.abs().max())
     with torch.no_grad():
         total = float(summed_ce(mlp.model(mlp.inputs), mlp.targets))
@@ -36,31 +36,35 @@ def test_builtin_sum_is_the_mean_times_the_terms(mlp: Problem) -> None:
     """A built-in loss sums as asked; the GGN and the empirical Fisher follow."""
     n = len(mlp.targets)
     for kind in (HessianOperator, GGNOperator, EmpiricalFisherOperator):
-        mean = kind(mlp.model, resolve_loss("ce"), mlp.split(5))
-        total = kind(mlp.model, resolve_loss("ce", reduction="sum"), mlp.split(9), reduction="sum")
+        mean = kind(Objective(mlp.model, resolve_loss("ce"), mlp.split(5)))
+        total = kind(
+            Objective(mlp.model, resolve_loss("ce", reduction="sum"), mlp.split(9), reduction="sum")
+        )
         v = torch.randn(mean.size, dtype=torch.float64)
         assert torch.allclose(total.matvec(v), n * mean.matvec(v), rtol=1e-10, atol=1e-12)
 
 
 def test_a_sum_declared_mean_is_refused(mlp: Problem) -> None:
     with pytest.raises(InputError, match=r"returns the sum of a batch.*pass `reduction` sum"):
-        HessianOperator(mlp.model, summed_ce, mlp.split(8))
+        HessianOperator(Objective(mlp.model, summed_ce, mlp.split(8)))
     with pytest.raises(InputError, match=r"returns the mean of a batch.*pass `reduction` mean"):
-        HessianOperator(mlp.model, mlp.loss_fn, mlp.split(8), reduction="sum")
+        HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.split(8), reduction="sum"))
 
 
 def test_a_batch_of_one_is_probed_with_the_next(mlp: Problem) -> None:
     with pytest.raises(InputError, match="pass `reduction` sum"):
-        HessianOperator(mlp.model, summed_ce, mlp.split(1))
+        HessianOperator(Objective(mlp.model, summed_ce, mlp.split(1)))
 
 
 def test_stated_reductions_are_trusted_and_checked(mlp: Problem) -> None:
     """torch's losses and the built-ins say how they reduce: no probe, a mismatch refused."""
     HessianOperator(
-        mlp.model, torch.nn.CrossEntropyLoss(reduction="sum"), mlp.batches, reduction="sum"
+        Objective(
+            mlp.model, torch.nn.CrossEntropyLoss(reduction="sum"), mlp.batches, reduction="sum"
+        )
     )
     with pytest.raises(InputError, match="pass `reduction` mean"):
-        HessianOperator(mlp.model, resolve_loss("ce"), mlp.batches, reduction="sum")
+        HessianOperator(Objective(mlp.model, resolve_loss("ce"), mlp.batches, reduction="sum"))
 
 
 LOSSES = (
@@ -137,7 +141,7 @@ def test_a_model_of_one_batch_size_skips_the_halves(mlp: Problem) -> None:
                 raise RuntimeError(f"exported for batch size 8, got {x.shape[0]}")
             return self.inner(x)
 
-    op = HessianOperator(Fixed(), summed_ce, mlp.split(8), reduction="sum")
+    op = HessianOperator(Objective(Fixed(), summed_ce, mlp.split(8), reduction="sum"))
     assert op.loss() > 0
     with pytest.raises(InputError, match="cannot run on the first batch"):
-        HessianOperator(Fixed(), summed_ce, mlp.split(4), reduction="sum")
+        HessianOperator(Objective(Fixed(), summed_ce, mlp.split(4), reduction="sum"))

@@ -11,6 +11,7 @@ import torch
 from sharpscope.curvature import (
     EigenResult,
     MatrixOperator,
+    SolveSettings,
     TraceResult,
     hutchinson,
     hutchpp,
@@ -52,7 +53,7 @@ def trace_result(estimate: float, std_error: float, n: int = 10) -> TraceResult:
 
 @pytest.mark.parametrize("estimator", [hutchinson, hutchpp])
 def test_trace_summary_gives_estimate_standard_error_and_cost(op, estimator):
-    result = estimator(op, tol=1e-3, max_samples=40, seed=1)
+    result = estimator(op, settings=SolveSettings(tol=1e-3, max_iter=40, seed=1))
     text = summary(result)
     assert text.startswith("TraceResult(estimate=")
     shown, error = figure(text, "estimate="), figure(text, " ± ")
@@ -84,7 +85,7 @@ def test_trace_summary_without_a_spread_or_a_standard_error():
 
 
 def test_eigen_summary_gives_eigenvalues_residual_and_cost(op):
-    result = lanczos(op, k=3, tol=1e-8, seed=0)
+    result = lanczos(op, 3, settings=SolveSettings(tol=1e-8, seed=0))
     assert result.all_converged
     text = summary(result)
     assert text.startswith("EigenResult(k=3 largest, eigenvalues=[10, 7, 5], max residual ")
@@ -96,7 +97,7 @@ def test_eigen_summary_gives_eigenvalues_residual_and_cost(op):
 
 
 def test_eigen_summary_elides_many_eigenvalues_and_counts_the_unconverged(op):
-    result = lanczos(op, k=8, which="smallest", max_iter=3, seed=0)
+    result = lanczos(op, 8, which="smallest", settings=SolveSettings(max_iter=3, seed=0))
     text = summary(result)
     done = int(result.converged.sum())
     assert done < 8 and f"{done} of 8 converged" in text

@@ -40,7 +40,7 @@ from sharpscope.analysis.sampling import (
     static_batch,
 )
 from sharpscope.analysis.verdict import spread_notes, verdict
-from sharpscope.curvature import HessianOperator, lanczos_extremes
+from sharpscope.curvature import HessianOperator, Objective, SolveSettings, lanczos_extremes
 from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import load_model
 from sharpscope.io.losses import resolve_loss
@@ -298,13 +298,13 @@ def _mlp_batches(lengths: tuple[int, ...] = (16, 16, 16, 16)) -> tuple[nn.Module
 def test_a_shard_joins_its_chunks_into_batches_with_the_same_samples_and_hessian():
     model, batches = _mlp_batches()
     loss = resolve_loss("cross-entropy")
-    op = HessianOperator(model, loss, batches)
+    op = HessianOperator(Objective(model, loss, batches))
     parts = shard_operators(op, 4)
     v = torch.randn(op.size, dtype=torch.float64)
     for j, part in enumerate(parts):
         assert part.num_batches == 1 and part.num_samples == 16  # 4 chunks of 4, joined
         chunks = [(x[4 * j : 4 * j + 4], y[4 * j : 4 * j + 4]) for x, y in batches]
-        alone = HessianOperator(model, loss, chunks)  # the same samples, one batch each
+        alone = HessianOperator(Objective(model, loss, chunks))  # the same samples, one batch each
         assert torch.allclose(part.matvec(v), alone.matvec(v), rtol=1e-12, atol=1e-14)
 
 
@@ -315,7 +315,7 @@ def test_chunks_of_other_shapes_are_not_joined():
         (torch.randint(0, 7, (8, length)), torch.randn(8, dtype=torch.float64))
         for length in (5, 5, 3)
     ]
-    op = HessianOperator(model, resolve_loss("mse"), batches)
+    op = HessianOperator(Objective(model, resolve_loss("mse"), batches))
     parts = shard_operators(op, 4)
     assert [p.num_batches for p in parts] == [2] * 4  # length-5 chunks joined, length-3 apart
     assert [p.num_samples for p in parts] == [6] * 4
@@ -335,8 +335,10 @@ class _MeanTokens(nn.Module):
 
 def test_the_warm_loose_shard_solves_give_the_tight_solves_bias_for_fewer_products():
     model, batches = _mlp_batches((32, 32, 32, 32))
-    op = HessianOperator(model, resolve_loss("cross-entropy"), batches)
-    top, bottom = lanczos_extremes(op, 3, 1, tol=1e-10, max_iter=200)
+    op = HessianOperator(Objective(model, resolve_loss("cross-entropy"), batches))
+    top, bottom = lanczos_extremes(
+        op, 3, k_smallest=1, settings=SolveSettings(tol=1e-10, max_iter=200)
+    )
     vectors, low = top.eigenvectors, bottom.eigenvectors[0]
     full = Figures(top.eigenvalues.tolist(), float(bottom.eigenvalues[0]))
     gradient = op.gradient()

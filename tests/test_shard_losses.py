@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sharpscope.analysis.sampling import shard_losses, shard_operators
-from sharpscope.curvature import HessianOperator
+from sharpscope.curvature import HessianOperator, Objective
 from sharpscope.structures import split_outputs
 
 D = torch.float64
@@ -71,7 +71,9 @@ def _batches(sizes=(16, 16, 11)) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def test_shard_losses_equal_the_shards_own_losses(kind, shards, batch_stats):
     torch.manual_seed(6)
     model = Net(kind, norm=batch_stats).to(D)
-    op = HessianOperator(model, _loss, _batches(), batch_stats=batch_stats, cache_graph=False)
+    op = HessianOperator(
+        Objective(model, _loss, _batches(), batch_stats=batch_stats), cache_graph=False
+    )
     delta = 0.1 * torch.randn(op.size, generator=torch.Generator().manual_seed(7), dtype=D)
     parts = shard_operators(op, shards)
     for shift in (None, delta):
@@ -91,7 +93,7 @@ def test_one_forward_per_batch_when_the_outputs_cut_by_sample(kind, forwards):
     """Outputs holding the batch's loss cannot be cut: the first batch's forward is spent
     finding that out, then every chunk gets its own (16, 16 and 11 samples in chunks of 2)."""
     model = Net(kind).to(D)
-    op = HessianOperator(model, _loss, _batches(), cache_graph=False)
+    op = HessianOperator(Objective(model, _loss, _batches()), cache_graph=False)
     model.calls = 0  # the check of the first batch when the operator is built
     shard_losses(op, 8)
     assert model.calls == forwards

@@ -10,6 +10,8 @@ import torch
 from sharpscope.curvature import (
     HessianOperator,
     MatrixOperator,
+    Objective,
+    SolveSettings,
     hutchinson,
     hutchpp,
     lanczos_extremes,
@@ -21,8 +23,8 @@ from sharpscope.curvature.vectors import random_vectors
 
 @pytest.mark.parametrize("estimator", [hutchinson, hutchpp])
 def test_trace_within_three_standard_errors(problem, estimator):
-    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
-    result = estimator(op, tol=1e-3, max_samples=200, seed=3)
+    op = HessianOperator(Objective(problem.model, problem.loss_fn, problem.batches))
+    result = estimator(op, settings=SolveSettings(tol=1e-3, max_iter=200, seed=3))
     exact = float(problem.hessian.trace())
     assert 0 < result.std_error < math.inf
     assert abs(result.estimate - exact) <= 3 * result.std_error
@@ -31,7 +33,7 @@ def test_trace_within_three_standard_errors(problem, estimator):
 
 
 def test_hutchinson_standard_error_is_the_sample_standard_error(mlp):
-    result = hutchinson(MatrixOperator(mlp.hessian), tol=0.0, max_samples=50)
+    result = hutchinson(MatrixOperator(mlp.hessian), settings=SolveSettings(tol=0.0, max_iter=50))
     assert not result.converged
     assert result.n_samples == 50
     assert result.estimate == pytest.approx(float(result.samples.mean()), rel=1e-12)
@@ -40,7 +42,7 @@ def test_hutchinson_standard_error_is_the_sample_standard_error(mlp):
 
 def test_trace_stops_once_the_standard_error_is_small(mlp):
     op = MatrixOperator(mlp.hessian)
-    loose = hutchinson(op, tol=0.5, min_samples=10, max_samples=500)
+    loose = hutchinson(op, min_samples=10, settings=SolveSettings(tol=0.5, max_iter=500))
     assert loose.converged
     assert loose.n_samples == 10
     assert loose.std_error <= 0.5 * abs(loose.estimate)
@@ -64,8 +66,8 @@ def test_hutchpp_has_lower_error_than_hutchinson_on_a_spiked_spectrum():
         ]
     )
     op = MatrixOperator(q @ torch.diag(values) @ q.T)
-    plain = hutchinson(op, tol=0.0, max_samples=40)
-    sketched = hutchpp(op, sketch=10, tol=0.0, max_samples=20)
+    plain = hutchinson(op, settings=SolveSettings(tol=0.0, max_iter=40))
+    sketched = hutchpp(op, sketch=10, settings=SolveSettings(tol=0.0, max_iter=20))
     assert sketched.n_products == plain.n_products
     assert sketched.std_error < plain.std_error / 10
     assert abs(sketched.estimate - float(values.sum())) <= 3 * sketched.std_error
@@ -90,7 +92,7 @@ def test_slq_moments_are_exact_quadrature(mlp):
 
 
 def test_slq_mean_estimates_trace_over_n(problem):
-    op = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    op = HessianOperator(Objective(problem.model, problem.loss_fn, problem.batches))
     density = slq(op, n_vectors=30, n_iter=20, seed=1)
     per_vector = torch.tensor(
         [
@@ -136,8 +138,10 @@ def mlp_hessian(mlp) -> torch.Tensor:
 
 
 def test_the_krylov_basis_is_traced_exactly(mlp, mlp_hessian):
-    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
-    top, bottom = lanczos_extremes(op, 5, 1, tol=1e-4, keep_subspace=True)
+    op = HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches))
+    top, bottom = lanczos_extremes(
+        op, 5, k_smallest=1, keep_subspace=True, settings=SolveSettings(tol=1e-4)
+    )
     basis = top.subspace.basis
     assert bottom.subspace is top.subspace and 0 < len(basis) < op.size
     assert top.subspace.trace == pytest.approx(float((basis @ mlp_hessian @ basis.T).trace()))
@@ -148,17 +152,21 @@ def test_reusing_the_eigen_stage_takes_fewer_products_than_hutchpp(mlp, mlp_hess
     """Same standard-error target: the deflated remainder has less variance than Hutch++'s, and
     its exactly traced part costs no product (the eigen stage paid for it)."""
     exact = float(mlp_hessian.trace())
-    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batches)
-    top, _ = lanczos_extremes(op, 5, 1, tol=1e-4, keep_subspace=True)
-    reused = deflated_trace(op, top.subspace, tol=0.05, max_products=200, seed=1)
-    plain = hutchpp(op, tol=0.05, max_samples=200, seed=1)
+    op = HessianOperator(Objective(mlp.model, mlp.loss_fn, mlp.batches))
+    top, _ = lanczos_extremes(
+        op, 5, k_smallest=1, keep_subspace=True, settings=SolveSettings(tol=1e-4)
+    )
+    reused = deflated_trace(
+        op, top.subspace, settings=SolveSettings(tol=0.05, max_iter=200, seed=1)
+    )
+    plain = hutchpp(op, settings=SolveSettings(tol=0.05, max_iter=200, seed=1))
     assert reused.converged and plain.converged
     assert reused.n_products < plain.n_products / 2
     assert reused.std_error <= 0.05 * abs(reused.estimate)
     low, high = reused.interval
     assert low < exact < high
-    fixed = deflated_trace(op, top.subspace, tol=0.0, max_products=60, seed=2)
-    sketched = hutchpp(op, sketch=10, tol=0.0, max_samples=40, seed=2)
+    fixed = deflated_trace(op, top.subspace, settings=SolveSettings(tol=0.0, max_iter=60, seed=2))
+    sketched = hutchpp(op, sketch=10, settings=SolveSettings(tol=0.0, max_iter=40, seed=2))
     assert fixed.n_products == sketched.n_products == 60
     assert fixed.std_error < sketched.std_error / 1.3
 
@@ -171,8 +179,12 @@ def test_the_95_percent_interval_covers_the_exact_trace(mlp_hessian):
     op = MatrixOperator(mlp_hessian)
     covered = 0
     for seed in range(100):
-        top, _ = lanczos_extremes(op, 5, 1, tol=1e-2, seed=seed, keep_subspace=True)
-        result = deflated_trace(op, top.subspace, tol=0.0, max_products=20, seed=seed)
+        top, _ = lanczos_extremes(
+            op, 5, k_smallest=1, keep_subspace=True, settings=SolveSettings(tol=1e-2, seed=seed)
+        )
+        result = deflated_trace(
+            op, top.subspace, settings=SolveSettings(tol=0.0, max_iter=20, seed=seed)
+        )
         low, high = result.interval
         covered += low <= exact <= high
     assert covered >= 90
@@ -192,10 +204,14 @@ def test_stopping_on_the_standard_error_keeps_the_intervals_coverage():
         ]
     )
     op = MatrixOperator(q @ torch.diag(values) @ q.T)
-    top, _ = lanczos_extremes(op, 3, 1, tol=1e-2, keep_subspace=True)
+    top, _ = lanczos_extremes(
+        op, 3, k_smallest=1, keep_subspace=True, settings=SolveSettings(tol=1e-2)
+    )
     exact, covered, stopped = float(values.sum()), 0, 0
     for seed in range(100):
-        result = deflated_trace(op, top.subspace, tol=0.01, max_products=60, seed=seed)
+        result = deflated_trace(
+            op, top.subspace, settings=SolveSettings(tol=0.01, max_iter=60, seed=seed)
+        )
         low, high = result.interval
         covered += low <= exact <= high
         stopped += result.converged and result.n_samples < 60
@@ -207,8 +223,8 @@ def test_the_standard_error_is_the_gaussian_probe_one(mlp_hessian):
     """SE² = 2·mean‖PHPz‖²/n: the variance of a Gaussian probe's quadratic form, which bounds the
     Rademacher one (the two differ by 2·Σ B_ii², B = PHP)."""
     op = MatrixOperator(mlp_hessian)
-    top, _ = lanczos_extremes(op, 5, 1, keep_subspace=True)
-    result = deflated_trace(op, top.subspace, tol=0.0, max_products=30, seed=4)
+    top, _ = lanczos_extremes(op, 5, k_smallest=1, keep_subspace=True)
+    result = deflated_trace(op, top.subspace, settings=SolveSettings(tol=0.0, max_iter=30, seed=4))
     basis = top.subspace.basis
     projector = torch.eye(op.size, dtype=basis.dtype) - basis.T @ basis
     deflated = projector @ mlp_hessian @ projector
@@ -226,8 +242,8 @@ def test_the_standard_error_is_the_gaussian_probe_one(mlp_hessian):
 
 def test_the_budget_stops_the_trace_unconverged(mlp_hessian):
     op = MatrixOperator(mlp_hessian)
-    top, _ = lanczos_extremes(op, 5, 1, keep_subspace=True)
-    result = deflated_trace(op, top.subspace, tol=1e-6, max_products=7)
+    top, _ = lanczos_extremes(op, 5, k_smallest=1, keep_subspace=True)
+    result = deflated_trace(op, top.subspace, settings=SolveSettings(tol=1e-6, max_iter=7))
     assert not result.converged
     assert result.n_products == result.n_samples == 7
     low, high = result.interval

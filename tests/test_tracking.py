@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sharpscope import SharpnessTracker
-from sharpscope.curvature import FisherOperator, GGNOperator, lanczos
+from sharpscope.curvature import FisherOperator, GGNOperator, Objective, SolveSettings, lanczos
 from sharpscope.errors import InputError
 from sharpscope.io.losses import resolve_loss
 from sharpscope.optim import EigenSAM
@@ -101,7 +101,11 @@ def test_the_ggn_tracker_measures_the_ggn_operator_s_lambda_max():
         model, CE, batches, curvature="ggn", tol=1e-10, products=None, max_iter=200
     )
     m = tracked.measure(step=3)
-    reference = lanczos(GGNOperator(model, CE, batches), k=1, tol=1e-10, max_iter=200, seed=1)
+    reference = lanczos(
+        GGNOperator(Objective(model, CE, batches)),
+        1,
+        settings=SolveSettings(tol=1e-10, max_iter=200, seed=1),
+    )
     dense = float(torch.linalg.eigvalsh(dense_ggn(model, batches))[-1])
     assert m.curvature == "ggn" and m.row()["curvature"] == "ggn" and m.lambda_max_converged
     assert m.lambda_max == pytest.approx(float(reference.eigenvalues[0]), rel=1e-9, abs=1e-12)
@@ -117,8 +121,8 @@ def test_the_fisher_tracker_draws_its_labels_with_its_seed():
     fisher = dict(curvature="fisher", products=None, **settings)
     m = SharpnessTracker(model, ce, batches, seed=5, **fisher).measure()  # type: ignore[arg-type]
     other = SharpnessTracker(model, ce, batches, seed=6, **fisher).measure()  # type: ignore[arg-type]
-    seeded = FisherOperator(model, ce, batches, seed=5)
-    reference = float(lanczos(seeded, k=1, **settings).eigenvalues[0])  # type: ignore[arg-type]
+    seeded = FisherOperator(Objective(model, ce, batches), seed=5)
+    reference = float(lanczos(seeded, 1, settings=SolveSettings(**settings)).eigenvalues[0])
     assert m.curvature == "fisher"
     assert m.lambda_max == pytest.approx(reference, rel=1e-9)
     assert abs(other.lambda_max - m.lambda_max) > 1e-6  # other draws, another matrix

@@ -22,7 +22,7 @@ from torch.func import functional_call
 from typer.testing import CliRunner
 
 from sharpscope.cli.app import app
-from sharpscope.curvature import HessianOperator, lanczos, select_params
+from sharpscope.curvature import HessianOperator, Objective, SolveSettings, lanczos, select_params
 from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.errors import InputError
 from sharpscope.io.data import load_data
@@ -282,8 +282,10 @@ def test_forward_over_reverse_is_refused_where_wrong(name):
             else token_data()["labels"]
         )
     loss = resolve_loss(loss_name("auto", model))
-    exact = HessianOperator(model, loss, [(inputs, targets)])
-    functional = HessianOperator(model, loss, [(inputs, targets)], backend="forward-over-reverse")
+    exact = HessianOperator(Objective(model, loss, [(inputs, targets)]))
+    functional = HessianOperator(
+        Objective(model, loss, [(inputs, targets)]), backend="forward-over-reverse"
+    )
     v = torch.randn(exact.size, dtype=torch.float64)
     truth = exact.matvec(v)
     if name.startswith("bert"):
@@ -297,8 +299,10 @@ def test_bottom_two_by_the_api():
     data = token_data()
     inputs = {k: data[k] for k in ("input_ids", "attention_mask")}
     model = tiny_hf.bert().double().eval()
-    op = HessianOperator(model, resolve_loss("cross-entropy"), [(inputs, data["labels"])])
-    bottom = lanczos(op, k=2, which="smallest", tol=1e-10, max_iter=400)
+    op = HessianOperator(
+        Objective(model, resolve_loss("cross-entropy"), [(inputs, data["labels"])])
+    )
+    bottom = lanczos(op, 2, which="smallest", settings=SolveSettings(tol=1e-10, max_iter=400))
     truth = bert_truth()
     assert bottom.eigenvalues.tolist() == pytest.approx(truth[:2].tolist(), rel=1e-8)
 

@@ -36,7 +36,7 @@ from sharpscope.analysis.intervals import deleted_means, interval, jackknife_se,
 from sharpscope.analysis.sampling import shard_losses
 from sharpscope.batches import LossFn
 from sharpscope.choices import ADAPTIVE_KINDS, ADAPTIVE_NORMS
-from sharpscope.curvature import HessianOperator, Progress
+from sharpscope.curvature import HessianOperator, Objective, Progress
 from sharpscope.errors import InputError, check_choice, check_finite_fields
 
 Kind = Literal["worst", "average"]
@@ -136,7 +136,7 @@ def adaptive_sharpness(
     settings = settings or AdaptiveSharpnessSettings()
     if shards == 1 or shards < 0:
         raise InputError(f"`shards` must be 0 (off) or at least 2, got {shards}")
-    op = HessianOperator(
+    objective = Objective(
         model,
         loss_fn,
         batches,
@@ -144,8 +144,8 @@ def adaptive_sharpness(
         exclude=exclude,
         batch_stats=batch_stats,
         reduction=reduction,
-        cache_graph=False,
     )
+    op = HessianOperator(objective, cache_graph=False)
     return sharpness_of(op, settings, shards, start, progress)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from sharpscope import distributed
 from sharpscope.batches import batch_size
-from sharpscope.curvature import CurvatureOperator, HessianOperator
+from sharpscope.curvature import CurvatureOperator
 from sharpscope.curvature.vectors import abs_cosine, dot, norm
 from sharpscope.optim.perturbations import eigen_sam_perturbation, sam_perturbation
 
@@ -99,16 +99,8 @@ def minibatch_cosines(
     Costs one gradient per batch (together, one pass over the data)."""
     found = []
     for batch in op.batches:
-        single = HessianOperator(
-            op.model,
-            op.loss_fn,
-            [batch],
-            list(op.space.names),
-            batch_stats=op.batch_stats,
-            cache_graph=False,
-            distributed=False,
-            reduction=op.reduction,
-            validate=False,
+        single = op.replace(
+            op.objective.replace(batches=[batch], distributed=False), cache_graph=False
         )
         g = single.gradient()
         eigen = abs_cosine(eigen_sam_perturbation(g, v1, rho, alpha), v1) if norm(g) > 0 else 0.0

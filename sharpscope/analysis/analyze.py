@@ -25,12 +25,13 @@ from sharpscope.analysis.plan import TYPICAL_LANCZOS, Plan, available_memory, fi
 from sharpscope.analysis.sampling import SHARD_TOL, TRACE_PROBES, Resolve, sampling_errors
 from sharpscope.batches import LossFn
 from sharpscope.curvature import (
-    CURVATURES,
     CurvatureOperator,
     DensityResult,
     EigenResult,
+    Objective,
     Progress,
     TraceResult,
+    curvature_operator,
     slq,
 )
 from sharpscope.curvature.groups import param_groups
@@ -170,7 +171,7 @@ def _per_layer(
     types = _module_types(op.model)
     groups = param_groups(op.space.names, types)
     for group in groups:
-        block = op.restricted(params=group.params)
+        block = op.replace(op.objective.replace(params=group.params))
         result = method.eigs(block, 1, "largest", settings, None)
         owners = dict.fromkeys(types[n.rpartition(".")[0]] for n in group.params)
         layers.append(
@@ -205,19 +206,18 @@ def _operator(
             "`backend` forward-over-reverse cannot differentiate a TorchScript model "
             "(torch.func does not run scripted modules); use `backend` double-backward"
         )
-    options: dict[str, Any] = {"backend": config.backend} if hessian else {}
-    if config.curvature == "fisher":
-        options["seed"] = config.seed
+    objective = Objective(
+        model,
+        loss_fn,
+        batches,
+        config.params,
+        exclude=config.exclude,
+        batch_stats=config.batch_stats,
+        reduction=config.reduction,
+    )
     try:
-        return CURVATURES[config.curvature](
-            model,
-            loss_fn,
-            batches,
-            config.params,
-            exclude=config.exclude,
-            batch_stats=config.batch_stats,
-            reduction=config.reduction,
-            **options,
+        return curvature_operator(
+            config.curvature, objective, backend=config.backend, seed=config.seed
         )
     except ValueError as exc:
         raise InputError(f"{exc} (parameter names: see docs/engine.md)") from None
@@ -514,7 +514,8 @@ def analyze(
             with watch.stage("trace"):
                 budget = trace_budget(config.trace_samples, op.n_products - before)
                 staged = _staged(progress, "trace")
-                trace = method.trace(op, config.trace_tol, budget, config.seed, staged, subspace)
+                traced = SolveSettings(config.trace_tol, budget, config.seed)
+                trace = method.trace(op, traced, staged, subspace)
             notes += _trace_notes(trace, config.trace_tol)
         del subspace  # the Krylov basis: free it before the later stages
         if config.density:
@@ -523,10 +524,10 @@ def analyze(
                     notes.append(method.density_note)
                 density = slq(
                     op,
-                    config.density_vectors,
-                    config.density_iter,
-                    config.seed,
-                    _staged(progress, "density"),
+                    n_vectors=config.density_vectors,
+                    n_iter=config.density_iter,
+                    seed=config.seed,
+                    progress=_staged(progress, "density"),
                 )
         with watch.stage("alignment"), _one_step(progress, "alignment"):
             alignment, why = _alignment(op, top, grad_norm, config, h_g_hat)

@@ -21,7 +21,14 @@ from torch import nn
 from sharpscope import distributed
 from sharpscope.analysis.landscape_config import Kind, LandscapeConfig
 from sharpscope.batches import LossFn
-from sharpscope.curvature import HessianOperator, ParamSpace, Progress, lanczos
+from sharpscope.curvature import (
+    HessianOperator,
+    Objective,
+    ParamSpace,
+    Progress,
+    SolveSettings,
+    lanczos,
+)
 from sharpscope.curvature.vectors import random_vectors
 
 FILTER_EPS = 1e-10
@@ -92,9 +99,8 @@ def eigen_directions(
     op: HessianOperator, config: LandscapeConfig, progress: Progress | None
 ) -> Directions:
     """The top two Hessian eigenvectors (unit vectors) by Lanczos."""
-    top = lanczos(
-        op, k=2, tol=config.tol, max_iter=config.max_iter, seed=config.seed, progress=progress
-    )
+    settings = SolveSettings(tol=config.tol, max_iter=config.max_iter, seed=config.seed)
+    top = lanczos(op, 2, settings=settings, progress=progress)
     return Directions(
         "eigen",
         top.eigenvectors,
@@ -121,16 +127,19 @@ def landscape(
     ``progress("landscape", done, total)`` counts this rank's evaluations.
     """
     config = config or LandscapeConfig()
-    options: dict[str, Any] = dict(
+    objective = Objective(
+        model,
+        loss_fn,
+        batches,
+        config.params,
         exclude=config.exclude,
         batch_stats=config.batch_stats,
         reduction=config.reduction,
-        cache_graph=False,
     )
-    evaluate = HessianOperator(model, loss_fn, batches, config.params, distributed=False, **options)
+    evaluate = HessianOperator(objective.replace(distributed=False), cache_graph=False)
     if config.directions == "eigen":
         mine = [batches[i] for i in distributed.shard(len(batches))]
-        hessian = HessianOperator(model, loss_fn, mine, config.params, **options)
+        hessian = HessianOperator(objective.replace(batches=mine), cache_graph=False)
         directions = eigen_directions(hessian, config, progress)
     else:
         directions = random_directions(evaluate.space, config.seed)

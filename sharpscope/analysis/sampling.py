@@ -35,6 +35,7 @@ from sharpscope.analysis.intervals import (
 from sharpscope.batches import loss_weight
 from sharpscope.curvature import CurvatureOperator, EigenResult, Progress
 from sharpscope.curvature.lanczos import lanczos_extremes
+from sharpscope.curvature.solve_settings import SolveSettings
 from sharpscope.curvature.vectors import abs_cosine, dot, norm, orthogonalize, random_vectors
 from sharpscope.optim.perturbations import sam_perturbation
 from sharpscope.structures import concat, leaves, sample_count, split
@@ -62,16 +63,8 @@ class Resolve:
 
     def extremes(self, part: CurvatureOperator) -> tuple[EigenResult, EigenResult]:
         """The shard's top and bottom pairs (Ritz estimates: no checking products)."""
-        return lanczos_extremes(
-            part,
-            1,
-            1,
-            self.tol,
-            self.max_iter,
-            v0=self.start,
-            max_basis=self.max_basis,
-            verify=False,
-        )
+        settings = SolveSettings(self.tol, self.max_iter, max_basis=self.max_basis)
+        return lanczos_extremes(part, 1, settings=settings, v0=self.start, verify=False)
 
 
 TRACE_PROBES = 10
@@ -158,7 +151,7 @@ def shard_operators(op: CurvatureOperator, shards: int) -> list[CurvatureOperato
     shards empty on every rank left out; each keeps its own graph for its products."""
     groups = _shard_batches(op, shards)
     return [
-        op.restricted(group, cache_graph=op.cache_graph, total_terms=op.total_terms)
+        op.replace(op.objective.replace(batches=group, total_terms=op.total_terms))
         for group, count in zip(groups, _shard_terms(op, groups), strict=True)
         if count > 0
     ]

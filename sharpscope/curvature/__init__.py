@@ -6,9 +6,11 @@ from sharpscope.curvature.gauss_newton import EmpiricalFisherOperator, FisherOpe
 from sharpscope.curvature.hvp import BACKENDS, HessianOperator
 from sharpscope.curvature.lanczos import lanczos, lanczos_extremes
 from sharpscope.curvature.linop import LinearOperator, MatrixOperator
+from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.operator import CurvatureOperator, curvature_mode
 from sharpscope.curvature.params import ParamSpace, select_params
 from sharpscope.curvature.power import power_iteration
+from sharpscope.curvature.registry import CURVATURES, curvature_operator
 from sharpscope.curvature.results import (
     DensityResult,
     EigenResult,
@@ -17,15 +19,9 @@ from sharpscope.curvature.results import (
     Subspace,
     TraceResult,
 )
-from sharpscope.curvature.solvers import SOLVERS, SolveSettings
+from sharpscope.curvature.solve_settings import SolveSettings
+from sharpscope.curvature.solvers import SOLVERS
 from sharpscope.curvature.trace import deflated_trace, hutchinson, hutchpp
-
-CURVATURES: dict[str, type[CurvatureOperator]] = {
-    op.curvature: op
-    for op in (HessianOperator, GGNOperator, FisherOperator, EmpiricalFisherOperator)
-}
-"""Each curvature matrix by its name: ``hessian``, ``ggn``, ``fisher`` (labels drawn from the
-model), ``empirical-fisher`` (the data's labels)."""
 
 __all__ = [
     "BACKENDS",
@@ -41,12 +37,14 @@ __all__ = [
     "LinearOperator",
     "MatrixOperator",
     "MultiplicityCheck",
+    "Objective",
     "ParamSpace",
     "Progress",
     "SolveSettings",
     "Subspace",
     "TraceResult",
     "curvature_mode",
+    "curvature_operator",
     "deflated_trace",
     "hessian_eigs",
     "hessian_trace",

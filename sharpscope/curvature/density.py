@@ -14,6 +14,7 @@ from sharpscope.curvature.vectors import random_vectors
 
 def slq(
     op: LinearOperator,
+    *,
     n_vectors: int = 4,
     n_iter: int = 80,
     seed: int = 0,
@@ -23,6 +24,27 @@ def slq(
 
     Each run gives Gauss quadrature nodes (Ritz values) and weights (squared first components of
     the Ritz vectors); their average is the density estimate (see :class:`DensityResult`).
+
+    Args:
+        op: A symmetric operator, as :func:`~sharpscope.curvature.lanczos.lanczos` takes.
+        n_vectors: How many random start vectors (quadratures to average).
+        n_iter: Lanczos steps from each (at most the operator's size).
+        seed: The seed of the start vectors.
+        progress: Called as ``progress("slq", steps, n_vectors * n_iter)`` after each step.
+
+    Returns:
+        A :class:`~sharpscope.curvature.results.DensityResult`.
+
+    Raises:
+        ValueError: ``n_vectors`` or ``n_iter`` below 1.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> density = slq(op, n_vectors=2)
+        >>> round(density.mean * op.size, 6)  # n · the mean eigenvalue is the trace
+        2.0
     """
     if n_vectors < 1 or n_iter < 1:
         raise ValueError("n_vectors and n_iter must be at least 1")

@@ -8,16 +8,16 @@ graph that is kept for all batches with ``cache_graph``; no product runs a forwa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from sharpscope.batches import LikelihoodLoss, LossFn, logits_of
+from sharpscope.batches import LikelihoodLoss, logits_of
 from sharpscope.curvature.attention import derivatives_explained
 from sharpscope.curvature.label_draws import per_sample_draw, sample_seeds
+from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.operator import CurvatureOperator, curvature_mode
 from sharpscope.errors import InputError
 from sharpscope.structures import call_model
@@ -46,11 +46,7 @@ class OutputSpaceOperator(CurvatureOperator):
 
     _loss_graph = False
     """Whether ``M`` differentiates the loss's gradient in the logits once more."""
-
-    def __init__(self, *args: Any, **options: Any) -> None:
-        """As :class:`~sharpscope.curvature.operator.CurvatureOperator`."""
-        super().__init__(*args, **options)
-        self._cache: list[_Linearized] | None = None
+    _cache: list[_Linearized] | None = None
 
     def release(self) -> None:
         """Free the cached graphs (they are rebuilt on the next product)."""
@@ -188,29 +184,25 @@ class FisherOperator(EmpiricalFisherOperator):
     cross-entropy and mse."""
 
     curvature = "fisher"
+    settings = (*EmpiricalFisherOperator.settings, "seed")
 
     def __init__(
         self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        batches: Iterable[tuple[Any, Any]],
-        params: Sequence[str] | str | None = None,
+        objective: Objective,
         *,
         seed: int = 0,
-        **options: Any,
+        cache_graph: bool = True,
+        validate: bool = True,
     ) -> None:
-        """As :class:`~sharpscope.curvature.operator.CurvatureOperator`; ``seed`` seeds the
-        draws."""
-        if not isinstance(loss_fn, LikelihoodLoss):
+        """The Fisher of ``objective``'s loss, its labels drawn by ``seed``; ``cache_graph`` and
+        ``validate`` as :class:`~sharpscope.curvature.operator.CurvatureOperator` says."""
+        if not isinstance(objective.loss_fn, LikelihoodLoss):
             raise InputError(
                 "the fisher draws labels from the model's predictive distribution, which only a "
                 "built-in `loss` defines; use the empirical-fisher or the ggn with this loss"
             )
-        super().__init__(model, loss_fn, batches, params, **options)
+        super().__init__(objective, cache_graph=cache_graph, validate=validate)
         self.seed = seed
-
-    def _settings(self) -> dict[str, Any]:
-        return {**super()._settings(), "seed": self.seed}
 
     def _curvature_targets(self, logits: torch.Tensor, inputs: Any, index: int) -> torch.Tensor:
         targets = self.batches[index][1]

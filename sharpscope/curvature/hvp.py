@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
-from torch import nn
 from torch.func import grad, jvp
 
-from sharpscope.batches import LossFn
 from sharpscope.choices import BACKENDS
 from sharpscope.curvature.attention import derivatives_explained
+from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.operator import CurvatureOperator
 from sharpscope.curvature.vectors import norm
 from sharpscope.errors import InputError
@@ -37,35 +35,28 @@ class HessianOperator(CurvatureOperator):
     """
 
     curvature = "hessian"
+    settings = (*CurvatureOperator.settings, "backend")
+    _graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+    _functional_checked = False
 
     def __init__(
         self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        batches: Iterable[tuple[Any, Any]],
-        params: Sequence[str] | str | None = None,
+        objective: Objective,
         *,
         backend: Backend = "double-backward",
         cache_graph: bool = True,
-        **options: Any,
+        validate: bool = True,
     ) -> None:
-        """As :class:`~sharpscope.curvature.operator.CurvatureOperator`, with the ``backend``."""
+        """The Hessian of ``objective``'s loss, its products by ``backend``; ``cache_graph`` and
+        ``validate`` as :class:`~sharpscope.curvature.operator.CurvatureOperator` says."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         super().__init__(
-            model,
-            loss_fn,
-            batches,
-            params,
+            objective,
             cache_graph=cache_graph and backend == "double-backward",
-            **options,
+            validate=validate,
         )
         self.backend = backend
-        self._functional_checked = False
-        self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-
-    def _settings(self) -> dict[str, Any]:
-        return {**super()._settings(), "backend": self.backend}
 
     def _second(
         self, grads: list[torch.Tensor], vs: list[torch.Tensor], retain: bool

@@ -9,6 +9,7 @@ import torch
 
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, MultiplicityCheck, Progress, Subspace
+from sharpscope.curvature.solve_settings import EIGEN_SETTINGS, SolveSettings
 from sharpscope.curvature.vectors import (
     dot,
     norm,
@@ -194,13 +195,11 @@ def start_vector(
 def lanczos(
     op: LinearOperator,
     k: int = 5,
+    *,
     which: Which = "largest",
-    tol: float = 1e-4,
-    max_iter: int = 200,
-    seed: int = 0,
+    settings: SolveSettings = EIGEN_SETTINGS,
     v0: torch.Tensor | None = None,
     progress: Progress | None = None,
-    max_basis: int | None = None,
     verify: bool = True,
     keep_images: bool = False,
 ) -> EigenResult:
@@ -214,64 +213,93 @@ def lanczos(
     went), so a repeated eigenvalue comes with its multiplicity; those products count in
     ``max_iter`` and ``n_products``. ``max_basis`` (at least k + 2) bounds the vectors
     held in memory: a full basis restarts thickly from its k + (max_basis − k) // 2 most wanted
-    Ritz vectors; None keeps every vector (fewest products). With ``verify`` (one more product per
-    pair) each returned unit vector's eigenvalue is its Rayleigh quotient and its residual the
-    true ‖Hv − λv‖, so both hold in float32 too; without, they are the Ritz estimates. With
-    ``keep_images`` the basis's products are kept (a second basis of memory) and give the same
-    verified figures and each vector's image Hv (the result's ``images``) with no product more.
+    Ritz vectors; None keeps every vector (fewest products).
+
+    Args:
+        op: A symmetric operator (``matvec``, ``size``, ``dtype``, ``device``, ``n_products``).
+        k: How many eigenpairs.
+        which: ``largest``, ``smallest`` or ``magnitude``.
+        settings: ``tol``, ``max_iter``, ``seed`` and ``max_basis`` (:class:`SolveSettings`).
+        v0: A start vector (warm start) instead of a seeded random one.
+        progress: Called as ``progress("lanczos", products, max_iter)`` after each product.
+        verify: One more product per pair makes each returned unit vector's eigenvalue its
+            Rayleigh quotient and its residual the true ‖Hv − λv‖ (so both hold in float32
+            too); without, they are the Ritz estimates.
+        keep_images: Keep the basis's products (a second basis of memory): the same verified
+            figures and each vector's image Hv (the result's ``images``) with no product more.
+
+    Returns:
+        An :class:`~sharpscope.curvature.results.EigenResult`, most extreme pair first.
+
+    Raises:
+        ValueError: ``k`` below 1, an unknown ``which``, a ``max_basis`` below k + 2, or a
+            ``v0`` of the wrong length or zero.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> lanczos(op, 2).eigenvalues.tolist()
+        [3.0, 1.0]
     """
-    return _solve(
-        op,
-        [(k, which)],
-        tol,
-        max_iter,
-        seed,
-        v0,
-        progress,
-        max_basis,
-        verify,
-        keep_images=keep_images,
-    )[0]
+    return _solve(op, [(k, which)], settings, v0, progress, verify, keep_images=keep_images)[0]
 
 
 def lanczos_extremes(
     op: LinearOperator,
     k: int = 5,
+    *,
     k_smallest: int = 1,
-    tol: float = 1e-4,
-    max_iter: int = 200,
-    seed: int = 0,
+    settings: SolveSettings = EIGEN_SETTINGS,
+    v0: torch.Tensor | None = None,
     progress: Progress | None = None,
-    max_basis: int | None = None,
     verify: bool = True,
     keep_subspace: bool = False,
-    v0: torch.Tensor | None = None,
     keep_images: bool = False,
 ) -> tuple[EigenResult, EigenResult]:
     """The ``k`` largest and the ``k_smallest`` smallest eigenpairs from one Lanczos run, which
     stops when both ends meet :func:`lanczos`' tolerance: fewer products than two runs, as both
     ends converge in the same Krylov space. Both results report that run's products and time;
-    ``max_basis`` must be at least k + k_smallest + 2 and keeps Ritz vectors from both ends;
-    ``verify`` as in :func:`lanczos`. With ``keep_subspace`` both results carry the final Krylov
-    basis as their ``subspace`` (for :func:`~sharpscope.curvature.trace.deflated_trace`);
-    ``v0`` warm-starts it as in :func:`lanczos` (e.g. the sum of earlier extreme vectors),
-    ``keep_images`` as there."""
+    ``settings.max_basis`` must be at least k + k_smallest + 2 and keeps Ritz vectors from both
+    ends.
+
+    Args:
+        op: A symmetric operator, as :func:`lanczos` takes.
+        k: How many of the largest eigenpairs.
+        k_smallest: How many of the smallest eigenpairs.
+        settings: ``tol``, ``max_iter``, ``seed`` and ``max_basis`` (:class:`SolveSettings`).
+        v0: A start vector, as in :func:`lanczos` (e.g. the sum of earlier extreme vectors).
+        progress: Called as ``progress("lanczos", products, max_iter)`` after each product.
+        verify: As in :func:`lanczos`.
+        keep_subspace: Both results carry the final Krylov basis as their ``subspace`` (for
+            :func:`~sharpscope.curvature.trace.deflated_trace`).
+        keep_images: As in :func:`lanczos`.
+
+    Returns:
+        The largest and the smallest pairs, two :class:`~sharpscope.curvature.results.EigenResult`.
+
+    Raises:
+        ValueError: As :func:`lanczos`.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> top, bottom = lanczos_extremes(op, 1)
+        >>> top.eigenvalues.tolist(), bottom.eigenvalues.tolist()
+        ([3.0], [-2.0])
+    """
     wants: list[tuple[int, Which]] = [(k, "largest"), (k_smallest, "smallest")]
-    top, bottom = _solve(
-        op, wants, tol, max_iter, seed, v0, progress, max_basis, verify, keep_subspace, keep_images
-    )
+    top, bottom = _solve(op, wants, settings, v0, progress, verify, keep_subspace, keep_images)
     return top, bottom
 
 
 def _solve(
     op: LinearOperator,
     wants: list[tuple[int, Which]],
-    tol: float,
-    max_iter: int,
-    seed: int,
+    settings: SolveSettings,
     v0: torch.Tensor | None,
     progress: Progress | None,
-    max_basis: int | None,
     verify: bool,
     keep_subspace: bool = False,
     keep_images: bool = False,
@@ -283,9 +311,10 @@ def _solve(
         raise ValueError("k must be at least 1")
     for _, which in wants:
         select(torch.zeros(1), 1, which)
+    tol, max_iter, max_basis = settings.tol, settings.max_iter, settings.max_basis
     start = time.perf_counter()
     products = op.n_products
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     wants = [(min(k, op.size), which) for k, which in wants]
     total = sum(k for k, _ in wants)
     if max_basis is not None and max_basis < total + 2:

@@ -4,8 +4,8 @@ parameters and flat vectors, counted and all-reduced products, the gradient and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, ClassVar
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from sharpscope.batches import LossFn, batch_size, loss_weight, move_to
 from sharpscope.choices import REDUCTIONS
 from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.curvature.batchnorm import batchnorm_layers, freeze_batchnorm_stats
+from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.params import ParamSpace, select_params
 from sharpscope.errors import InputError
 from sharpscope.io.user_code import one_line
@@ -28,6 +29,8 @@ from sharpscope.structures import (
     styled,
 )
 from sharpscope.structures import input_style as input_style_for
+
+_Op = TypeVar("_Op", bound="CurvatureOperator")
 
 PROBE_TOL = 1e-3
 """How far (relative) a batch's loss may be from its halves' combination and still fit it."""
@@ -64,9 +67,10 @@ def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None
 
 
 class CurvatureOperator:
-    """A curvature matrix of the mean loss over all of ``batches`` (or of the total loss, with
-    ``reduction`` sum), as a linear operator; a subclass says which matrix by its
-    ``_local_matvec`` (and ``curvature``, its name).
+    """A curvature matrix of an :class:`~sharpscope.curvature.objective.Objective`'s loss (the
+    mean loss over all its batches, or the total loss with ``reduction`` sum), as a linear
+    operator; a subclass says which matrix by its one product method (``_local_matvec``, or
+    ``_output_product`` of an output-space matrix) and its name, ``curvature``.
 
     ``loss_fn(model(inputs), targets)`` must return the loss of a batch reduced as ``reduction``
     says: its ``mean`` (default) or its ``sum``; the model is called as
@@ -76,11 +80,11 @@ class CurvatureOperator:
     the number of terms its mean is over (:func:`~sharpscope.batches.loss_weight`: samples, or
     predicted tokens for a token loss) and is the matrix of the mean loss over all batches; for a
     sum every batch weighs 1 and it is the matrix of the total loss. Either way one batch of 256
-    and four of 64 give the same matrix. When built, the operator runs the model and the loss on
-    the first batch (an :class:`~sharpscope.errors.InputError` if they cannot run), and a loss
-    that does not say its reduction (a ``reduction`` attribute, as torch's and the built-in
-    losses have) on the batch's two halves too: a loss that sums where ``reduction`` says mean,
-    or the reverse, is refused. Vectors are flat, in the order of
+    and four of 64 give the same matrix. When built (with ``validate``), the operator runs the
+    model and the loss on the first batch (an :class:`~sharpscope.errors.InputError` if they
+    cannot run), and a loss that does not say its reduction (a ``reduction`` attribute, as
+    torch's and the built-in losses have) on the batch's two halves too: a loss that sums where
+    ``reduction`` says mean, or the reverse, is refused. Vectors are flat, in the order of
     :class:`~sharpscope.curvature.params.ParamSpace`, over the parameters that the globs
     ``params`` select less those ``exclude`` leaves out (see :func:`select_params`).
 
@@ -94,35 +98,31 @@ class CurvatureOperator:
 
     curvature: ClassVar[str]
     """The matrix's name in reports (``hessian``, ``ggn``, ...)."""
+    settings: ClassVar[tuple[str, ...]] = ("cache_graph",)
+    """The operator's own keyword arguments besides the objective, each kept as the attribute of
+    its name: what :meth:`replace` carries over and :func:`curvature_operator` passes."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        batches: Iterable[tuple[Any, Any]],
-        params: Sequence[str] | str | None = None,
-        *,
-        exclude: Sequence[str] | str | None = None,
-        batch_stats: bool = False,
-        cache_graph: bool = True,
-        distributed: bool | None = None,
-        reduction: str = "mean",
-        input_style: str = "auto",
-        total_terms: int | None = None,
-        validate: bool = True,
+        self, objective: Objective, *, cache_graph: bool = True, validate: bool = True
     ) -> None:
-        if reduction not in REDUCTIONS:
-            raise InputError(f"unknown `reduction` {reduction!r}; choose one of mean, sum")
-        self.model = model
-        self.loss_fn = loss_fn
-        self.space: ParamSpace = select_params(model, params, exclude)
-        self.batches = list(batches)
-        if self.batches:
-            style = input_style_for(model, self.batches[0][0], input_style)
-            self.batches = styled(self.batches, style)
-        self.reduction = reduction
-        self.distributed = _distributed.is_distributed() if distributed is None else distributed
-        self.units = [loss_weight(loss_fn, b) for b in self.batches]
+        model = objective.model
+        self.space: ParamSpace = select_params(model, objective.params, objective.exclude)
+        batches = list(objective.batches)
+        style = objective.input_style
+        if batches:
+            style = input_style_for(model, batches[0][0], style)
+        self.objective = objective.replace(
+            batches=styled(batches, style),
+            params=self.space.names,
+            exclude=None,
+            input_style=style,
+            distributed=_distributed.is_distributed()
+            if objective.distributed is None
+            else objective.distributed,
+        )
+        """The objective as resolved: its parameters by name, its batches styled, its input style
+        and distribution decided (what :meth:`replace` starts from)."""
+        self.units = [loss_weight(self.loss_fn, b) for b in self.batches]
         """The terms each local batch's mean loss is over."""
         samples = sum(batch_size(b) for b in self.batches)
         counts = self._global_counts([samples, sum(self.units), len(self.batches)])
@@ -133,47 +133,70 @@ class CurvatureOperator:
             )
         self.num_terms = total
         """The terms the mean loss is over, on all ranks: samples, or labelled tokens."""
-        self.total_terms = total if total_terms is None else total_terms
+        self.total_terms = total if objective.total_terms is None else objective.total_terms
         """With ``reduction`` sum, the terms of the data the sum stands for: a shard's operator
         (:func:`~sharpscope.analysis.sampling.shard_operators`) scales its sum to all the data."""
         self.weights = (
             [u / total for u in self.units]
-            if reduction == "mean"
+            if self.reduction == "mean"
             else [self.total_terms / total] * len(self.units)
         )
-        self.batch_stats = batch_stats
         self.cache_graph = cache_graph
         self.n_products = 0
         if validate and self.batches:
             self._check_first_batch()
 
-    def restricted(
-        self,
-        batches: Sequence[tuple[Any, Any]] | None = None,
-        params: Sequence[str] | None = None,
-        **changes: Any,
-    ) -> CurvatureOperator:
-        """The same kind of operator, with the same settings but ``changes`` (keyword arguments of
-        the constructor), on other ``batches`` or over other ``params`` (names or globs)."""
-        settings = {**self._settings(), **changes}
-        return type(self)(
-            self.model,
-            self.loss_fn,
-            self.batches if batches is None else batches,
-            list(self.space.names) if params is None else params,
-            **settings,
-        )
+    @property
+    def model(self) -> nn.Module:
+        return self.objective.model
 
-    def _settings(self) -> dict[str, Any]:
-        """The constructor's keyword arguments that made this operator (``exclude`` aside)."""
-        return {
-            "batch_stats": self.batch_stats,
-            "cache_graph": self.cache_graph,
-            "distributed": self.distributed,
-            "reduction": self.reduction,
-            "input_style": "kwargs",  # the batches are styled already
-            "validate": False,
-        }
+    @property
+    def loss_fn(self) -> LossFn:
+        return self.objective.loss_fn
+
+    @property
+    def batches(self) -> Sequence[tuple[Any, Any]]:
+        """The objective's batches, mapping inputs styled for :func:`call_model`."""
+        return self.objective.batches  # type: ignore[return-value]
+
+    @property
+    def reduction(self) -> str:
+        return self.objective.reduction
+
+    @property
+    def batch_stats(self) -> bool:
+        return self.objective.batch_stats
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.objective.distributed)
+
+    def replace(self: _Op, objective: Objective | None = None, **settings: Any) -> _Op:
+        """The same kind of operator on another objective or with other settings.
+
+        Args:
+            objective: The new operator's objective (default: this one's, as resolved; derive
+                one with ``op.objective.replace(batches=...)``).
+            **settings: Settings of this kind (:attr:`settings`) to change; the rest are kept.
+
+        Returns:
+            A new operator (the first batch is not run again); this one is unchanged.
+
+        Examples:
+            >>> import torch
+            >>> from sharpscope.curvature import HessianOperator, Objective
+            >>> model = torch.nn.Linear(3, 1)
+            >>> data = [(torch.randn(8, 3), torch.randn(8, 1))]
+            >>> op = HessianOperator(Objective(model, torch.nn.functional.mse_loss, data))
+            >>> op.replace(op.objective.replace(params="bias"), cache_graph=False).size
+            1
+        """
+        kept = {name: getattr(self, name) for name in self.settings}
+        return type(self)(
+            self.objective if objective is None else objective,
+            **{**kept, **settings},
+            validate=False,
+        )
 
     def _check_first_batch(self) -> None:
         """Run the model and the loss on the first batch, so that data the model cannot take

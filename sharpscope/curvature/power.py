@@ -9,6 +9,7 @@ import torch
 from sharpscope.curvature.lanczos import Which, select, start_vector
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, Progress
+from sharpscope.curvature.solve_settings import EIGEN_SETTINGS, SolveSettings
 from sharpscope.curvature.vectors import (
     dot,
     norm,
@@ -25,10 +26,9 @@ def _wrong_side(value: float, which: Which) -> bool:
 def power_iteration(
     op: LinearOperator,
     k: int = 1,
+    *,
     which: Which = "largest",
-    tol: float = 1e-4,
-    max_iter: int = 100,
-    seed: int = 0,
+    settings: SolveSettings = EIGEN_SETTINGS,
     v0: torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> EigenResult:
@@ -38,13 +38,36 @@ def power_iteration(
     max|λ| seen, or for ``max_iter`` products. Plain power iteration finds the largest |λ|; when
     that has the wrong sign for ``which``, the operator is shifted by it (H − λI) and the pair is
     iterated again, so ``"largest"`` never returns a negative eigenvalue by mistake.
+
+    Args:
+        op: A symmetric operator, as :func:`~sharpscope.curvature.lanczos.lanczos` takes.
+        k: How many eigenpairs.
+        which: ``largest``, ``smallest`` or ``magnitude``.
+        settings: ``tol``, ``max_iter`` (products per pair) and ``seed`` (:class:`SolveSettings`;
+            ``max_basis`` is not used).
+        v0: The first pair's start vector instead of a seeded random one.
+        progress: Called as ``progress("power", products, k * max_iter)`` after each product.
+
+    Returns:
+        An :class:`~sharpscope.curvature.results.EigenResult`, in the order found.
+
+    Raises:
+        ValueError: ``k`` below 1, an unknown ``which``, or a ``v0`` of the wrong length or zero.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> round(float(power_iteration(op, settings=SolveSettings(tol=1e-10)).eigenvalues[0]), 6)
+        3.0
     """
     if k < 1:
         raise ValueError("k must be at least 1")
     select(torch.zeros(1), 1, which)
     start = time.perf_counter()
     products = op.n_products
-    generator = torch.Generator().manual_seed(seed)
+    tol, max_iter = settings.tol, settings.max_iter
+    generator = torch.Generator().manual_seed(settings.seed)
     k = min(k, op.size)
     like = torch.empty(0, dtype=op.dtype, device=op.device)
     found = torch.empty(0, op.size, dtype=op.dtype, device=op.device)

@@ -85,7 +85,7 @@ def product_error(
             return ProductError(difference, difference / scale, "float64", _name(op.dtype))
         except FAILURES:
             pass
-    other = op.restricted(batches=_reordered(op), cache_graph=False)
+    other = op.replace(op.objective.replace(batches=_reordered(op)), cache_graph=False)
     difference = PROXY_FACTOR * norm((other.matvec(v) - image).double())
     return ProductError(difference, difference / scale, "reordered", _name(op.dtype))
 
@@ -105,8 +105,7 @@ def _wide(op: CurvatureOperator) -> CurvatureOperator:
     with warnings.catch_warnings():  # deep-copying a TorchScript module reads non-leaf .grad
         warnings.filterwarnings("ignore", "The .grad attribute of a Tensor that is not a leaf")
         model = copy.deepcopy(op.model).double()
-    settings = {**op._settings(), "cache_graph": False}
-    return type(op)(model, op.loss_fn, op.batches, list(op.space.names), **settings)
+    return op.replace(op.objective.replace(model=model), cache_graph=False)
 
 
 def _reordered(op: CurvatureOperator) -> list[tuple[Any, Any]]:

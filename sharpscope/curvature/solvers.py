@@ -3,6 +3,7 @@ used by the analyze pipeline and by :func:`sharpscope.hessian_eigs`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.power import power_iteration
 from sharpscope.curvature.pyhessian_bridge import pyhessian_eigs, pyhessian_trace
 from sharpscope.curvature.results import EigenResult, Progress, Subspace, TraceResult
+from sharpscope.curvature.solve_settings import SolveSettings
 from sharpscope.curvature.trace import deflated_trace, hutchpp
 from sharpscope.errors import check_choice
 
@@ -19,22 +21,11 @@ HUTCHPP_SKETCH = 10
 """Hutch++'s sketch size: 2 × 10 products for the exactly traced part."""
 
 
-@dataclass(frozen=True)
-class SolveSettings:
-    """How precisely to solve: the residual tolerance (relative to |λ_max|), the most products
-    per solve, the seed of the random start, and Lanczos' memory bound (None: unbounded)."""
-
-    tol: float = 1e-4
-    max_iter: int = 200
-    seed: int = 0
-    max_basis: int | None = None
-
-
 Eigs = Callable[[LinearOperator, int, Which, SolveSettings, Progress | None], EigenResult]
 Extremes = Callable[
     [LinearOperator, int, int, SolveSettings, Progress | None], tuple[EigenResult, EigenResult]
 ]
-Trace = Callable[[LinearOperator, float, int, int, Progress | None, Subspace | None], TraceResult]
+Trace = Callable[[LinearOperator, SolveSettings, Progress | None, Subspace | None], TraceResult]
 
 
 TRACE_BUDGET_SHARE = 0.8
@@ -69,9 +60,9 @@ class Solver:
     """``extremes(op, k, k_smallest, settings, progress)``: the top ``k`` and the bottom
     ``k_smallest`` pairs, as cheaply as the solver can."""
     trace: Trace
-    """``trace(op, tol, max_products, seed, progress, subspace)``: the trace with its standard
-    error, in at most ``max_products`` products, deflating the eigen stage's ``subspace`` when
-    there is one."""
+    """``trace(op, settings, progress, subspace)``: the trace with its standard error at
+    ``settings.tol``, in at most ``settings.max_iter`` products, deflating the eigen stage's
+    ``subspace`` when there is one."""
     cost: Callable[[int, int, SolveSettings], Cost]
     """``cost(k, k_smallest, settings)``: the most an ``extremes`` solve may take."""
     trace_products: Callable[[int], int]
@@ -86,32 +77,23 @@ class Solver:
 def _lanczos_eigs(
     op: LinearOperator, k: int, which: Which, s: SolveSettings, progress: Progress | None
 ) -> EigenResult:
-    return lanczos(
-        op, k, which, s.tol, s.max_iter, s.seed, progress=progress, max_basis=s.max_basis
-    )
+    return lanczos(op, k, which=which, settings=s, progress=progress)
 
 
 def _lanczos_extremes(
     op: LinearOperator, k: int, k_smallest: int, s: SolveSettings, progress: Progress | None
 ) -> tuple[EigenResult, EigenResult]:
     return lanczos_extremes(
-        op,
-        k,
-        k_smallest,
-        s.tol,
-        s.max_iter,
-        s.seed,
-        progress=progress,
-        max_basis=s.max_basis,
-        keep_subspace=True,
+        op, k, k_smallest=k_smallest, settings=s, progress=progress, keep_subspace=True
     )
 
 
 def _power_eigs(
     op: LinearOperator, k: int, which: Which, s: SolveSettings, progress: Progress | None
 ) -> EigenResult:
-    """Power iteration with ``max_iter`` products per pair."""
-    return power_iteration(op, k, which, s.tol, s.max_iter * k, s.seed, progress=progress)
+    """Power iteration with ``max_iter`` · k products per pair."""
+    per_pair = dataclasses.replace(s, max_iter=s.max_iter * k)
+    return power_iteration(op, k, which=which, settings=per_pair, progress=progress)
 
 
 def _pyhessian_eigs(
@@ -129,31 +111,19 @@ def _hutchpp_samples(max_products: int) -> int:
 
 
 def _deflated_or_hutchpp(
-    op: LinearOperator,
-    tol: float,
-    max_products: int,
-    seed: int,
-    progress: Progress | None,
-    subspace: Subspace | None,
+    op: LinearOperator, s: SolveSettings, progress: Progress | None, subspace: Subspace | None
 ) -> TraceResult:
     """The deflated trace on the eigen stage's basis when it kept one, Hutch++ otherwise."""
     if subspace is not None:
-        return deflated_trace(
-            op, subspace, tol=tol, max_products=max_products, seed=seed, progress=progress
-        )
-    samples = _hutchpp_samples(max_products)
-    return hutchpp(op, HUTCHPP_SKETCH, tol=tol, max_samples=samples, seed=seed, progress=progress)
+        return deflated_trace(op, subspace, settings=s, progress=progress)
+    samples = dataclasses.replace(s, max_iter=_hutchpp_samples(s.max_iter))
+    return hutchpp(op, sketch=HUTCHPP_SKETCH, settings=samples, progress=progress)
 
 
 def _pyhessian_trace(
-    op: LinearOperator,
-    tol: float,
-    max_products: int,
-    seed: int,
-    progress: Progress | None,
-    subspace: Subspace | None,
+    op: LinearOperator, s: SolveSettings, progress: Progress | None, subspace: Subspace | None
 ) -> TraceResult:
-    return pyhessian_trace(op, tol, max_products, seed)  # type: ignore[arg-type]
+    return pyhessian_trace(op, s.tol, s.max_iter, s.seed)  # type: ignore[arg-type]
 
 
 def _lanczos_cost(k: int, k_smallest: int, s: SolveSettings) -> Cost:

@@ -3,6 +3,7 @@ eigen-solve's Krylov basis, each with a standard-error stopping rule."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -10,6 +11,7 @@ import torch
 
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import Progress, Subspace, TraceResult
+from sharpscope.curvature.solve_settings import TRACE_SETTINGS, SolveSettings
 from sharpscope.curvature.vectors import dot, random_vectors
 
 
@@ -30,22 +32,24 @@ def _sample_until(
     op: LinearOperator,
     offset: float,
     project: torch.Tensor | None,
-    generator: torch.Generator,
-    tol: float,
+    settings: SolveSettings,
     min_samples: int,
-    max_samples: int,
     progress: Progress | None,
     task: str,
     floor: float = 0.0,
-    bounded: bool = False,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, float, bool]:
     """Draw Rademacher quadratic forms zᵀBz, B = PHP with P = I − ``project``ᵀ``project`` (or H),
-    until the standard error of ``offset`` + their mean is at most ``tol`` times its magnitude;
-    the samples, that standard error (see :func:`_standard_error`; ``bounded``: from ‖Bz‖²) and
-    whether it was reached."""
+    until the standard error of ``offset`` + their mean is at most ``tol`` times its magnitude,
+    or ``max_iter`` of them; the samples, that standard error (see :func:`_standard_error`: from
+    ‖Bz‖² when there is a ``project``ion) and whether it was reached. The probes come from
+    ``generator`` (default: a new one seeded by ``settings.seed``)."""
+    tol, max_samples = settings.tol, settings.max_iter
+    if generator is None:
+        generator = torch.Generator().manual_seed(settings.seed)
     like = torch.empty(0, dtype=op.dtype, device=op.device)
     samples: list[float] = []
-    images: list[float] | None = [] if bounded else None
+    images: list[float] | None = None if project is None else []
     error, converged = math.inf, False
     while len(samples) < max_samples:
         z = random_vectors(1, op.size, like, generator, "rademacher")[0]
@@ -90,29 +94,41 @@ def _result(
 
 def hutchinson(
     op: LinearOperator,
-    tol: float = 1e-2,
-    max_samples: int = 100,
+    *,
+    settings: SolveSettings = TRACE_SETTINGS,
     min_samples: int = 10,
-    seed: int = 0,
     progress: Progress | None = None,
 ) -> TraceResult:
     """Hutchinson's estimate of tr(H) = E[zᵀHz], z Rademacher; stops once the standard error is at
-    most ``tol`` · |estimate| (after ``min_samples``) or after ``max_samples`` products."""
+    most ``tol`` · |estimate| (after ``min_samples``) or after ``max_iter`` samples (products).
+
+    Args:
+        op: A symmetric operator, as :func:`~sharpscope.curvature.lanczos.lanczos` takes.
+        settings: ``tol``, ``max_iter`` (the most samples) and ``seed`` (:class:`SolveSettings`).
+        min_samples: The fewest samples before the standard error may stop it.
+        progress: Called as ``progress("hutchinson", samples, max_iter)`` after each sample.
+
+    Returns:
+        A :class:`~sharpscope.curvature.results.TraceResult` with its standard error.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> hutchinson(op).estimate  # a diagonal matrix: every Rademacher probe is exact
+        2.0
+    """
     start, products = time.perf_counter(), op.n_products
-    generator = torch.Generator().manual_seed(seed)
-    sampled = _sample_until(
-        op, 0.0, None, generator, tol, min_samples, max_samples, progress, "hutchinson"
-    )
+    sampled = _sample_until(op, 0.0, None, settings, min_samples, progress, "hutchinson")
     return _result(0.0, sampled, op, products, start, "hutchinson")
 
 
 def hutchpp(
     op: LinearOperator,
+    *,
     sketch: int = 10,
-    tol: float = 1e-2,
-    max_samples: int = 100,
+    settings: SolveSettings = TRACE_SETTINGS,
     min_samples: int = 10,
-    seed: int = 0,
     progress: Progress | None = None,
 ) -> TraceResult:
     """Hutch++: the trace of H on a ``sketch``-dimensional range sketch, computed exactly (2·sketch
@@ -121,9 +137,26 @@ def hutchpp(
     The sketch captures the few large outlier eigenvalues of a Hessian, which dominate
     Hutchinson's variance; the standard error is that of the remainder, as in
     :func:`deflated_trace`.
+
+    Args:
+        op: A symmetric operator, as :func:`~sharpscope.curvature.lanczos.lanczos` takes.
+        sketch: The sketch's dimension (at most the operator's size).
+        settings: ``tol``, ``max_iter`` (the most samples after the sketch) and ``seed``.
+        min_samples: The fewest samples before the standard error may stop it.
+        progress: Called as ``progress("hutch++", samples, max_iter)``.
+
+    Returns:
+        A :class:`~sharpscope.curvature.results.TraceResult` with its standard error.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> round(hutchpp(op).estimate, 10)  # the sketch spans all three dimensions
+        2.0
     """
     start, products = time.perf_counter(), op.n_products
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     like = torch.empty(0, dtype=op.dtype, device=op.device)
     sketch = max(1, min(sketch, op.size))
     probes = random_vectors(sketch, op.size, like, generator, "rademacher")
@@ -131,18 +164,9 @@ def hutchpp(
     basis = torch.linalg.qr(images.T).Q.T
     exact = sum(dot(q, op.matvec(q)) for q in basis)
     if progress is not None:
-        progress("hutch++", 0, max_samples)
+        progress("hutch++", 0, settings.max_iter)
     sampled = _sample_until(
-        op,
-        exact,
-        basis,
-        generator,
-        tol,
-        min_samples,
-        max_samples,
-        progress,
-        "hutch++",
-        bounded=True,
+        op, exact, basis, settings, min_samples, progress, "hutch++", generator=generator
     )
     return _result(exact, sampled, op, products, start, "hutch++")
 
@@ -156,10 +180,9 @@ def rounding_bound(subspace: Subspace, dtype: torch.dtype) -> float:
 def deflated_trace(
     op: LinearOperator,
     subspace: Subspace,
-    tol: float = 1e-2,
-    max_products: int = 100,
+    *,
+    settings: SolveSettings = TRACE_SETTINGS,
     min_samples: int = 10,
-    seed: int = 0,
     progress: Progress | None = None,
 ) -> TraceResult:
     """tr(H) = tr(QᵀHQ) + tr(PHP), P = I − QQᵀ, with Q an eigen-solve's orthonormal basis: the
@@ -169,24 +192,38 @@ def deflated_trace(
     error is √(2·mean‖PHPz‖²/n) (docs/engine.md), with :func:`rounding_bound` in quadrature: the
     exact one for Gaussian probes, an upper bound for Rademacher ones, and far less noisy than the
     samples' own spread, so stopping on it keeps the 95 % interval's coverage. It stops once that
-    is at most ``tol`` · |estimate| (after ``min_samples``), or after ``max_products`` samples,
+    is at most ``tol`` · |estimate| (after ``min_samples``), or after ``max_iter`` samples,
     unconverged. Each sample costs one product and two projections.
+
+    Args:
+        op: A symmetric operator, as :func:`~sharpscope.curvature.lanczos.lanczos` takes.
+        subspace: The eigen-solve's basis (``lanczos_extremes(..., keep_subspace=True)``).
+        settings: ``tol``, ``max_iter`` (the most samples, at least 2) and ``seed``.
+        min_samples: The fewest samples before the standard error may stop it.
+        progress: Called as ``progress("deflated", samples, max_iter)`` after each sample.
+
+    Returns:
+        A :class:`~sharpscope.curvature.results.TraceResult` with its standard error.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator, lanczos_extremes
+        >>> op = MatrixOperator(torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64)))
+        >>> top, _ = lanczos_extremes(op, 2, keep_subspace=True)
+        >>> round(deflated_trace(op, top.subspace).estimate, 6)
+        21.0
     """
     start, products = time.perf_counter(), op.n_products
-    generator = torch.Generator().manual_seed(seed)
     floor = rounding_bound(subspace, op.dtype)
-    budget = max(2, max_products)
+    budget = dataclasses.replace(settings, max_iter=max(2, settings.max_iter))
     sampled = _sample_until(
         op,
         subspace.trace,
         subspace.basis,
-        generator,
-        tol,
-        min(min_samples, budget),
         budget,
+        min(min_samples, budget.max_iter),
         progress,
         "deflated",
         floor,
-        bounded=True,
     )
     return _result(subspace.trace, sampled, op, products, start, "deflated")

@@ -14,7 +14,7 @@ from torch.amp import GradScaler
 from torch.optim import Optimizer
 
 from sharpscope.batches import LossFn
-from sharpscope.curvature import HessianOperator, ParamSpace, lanczos
+from sharpscope.curvature import HessianOperator, Objective, ParamSpace, SolveSettings, lanczos
 from sharpscope.optim.perturbations import eigen_sam_step
 from sharpscope.optim.sam import SAM, Active
 
@@ -139,20 +139,15 @@ class EigenSAM(SAM):
         trainable = [glob.escape(names[p]) for p in names if p.requires_grad]
         device = next(iter(names)).device.type
         with torch.enable_grad(), torch.autocast(device, enabled=False):
-            op = HessianOperator(
-                self.model,
-                self.loss_fn,
-                batches,
-                params=trainable,
-                batch_stats=self.batch_stats,
-                validate=False,  # the training loop runs the model on its batches already
+            objective = Objective(
+                self.model, self.loss_fn, batches, trainable, batch_stats=self.batch_stats
             )
+            # the training loop runs the model on its batches already: no validation
+            op = HessianOperator(objective, validate=False)
             result = lanczos(
                 op,
                 k=1,
-                which="largest",
-                max_iter=self.eig_steps,
-                seed=self.seed + self.global_step,
+                settings=SolveSettings(max_iter=self.eig_steps, seed=self.seed + self.global_step),
                 v0=self._warm_start(op.space),
                 verify=False,  # the refresh's budget is eig_steps products: Ritz estimates
             )

@@ -17,7 +17,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sharpscope import distributed
 from sharpscope.batches import LossFn, correct_count, loss_weight
-from sharpscope.curvature import CURVATURES, CurvatureOperator, curvature_mode, hutchpp, lanczos
+from sharpscope.curvature import (
+    CURVATURES,
+    CurvatureOperator,
+    Objective,
+    SolveSettings,
+    curvature_mode,
+    curvature_operator,
+    hutchpp,
+    lanczos,
+)
 from sharpscope.curvature.lanczos import lanczos_extremes, start_vector
 from sharpscope.curvature.params import ParamSpace
 from sharpscope.curvature.power import rayleigh
@@ -211,13 +220,12 @@ class SharpnessTracker:
             op.release()
             traced = None
             if self.trace:
+                samples = self.trace_samples - 2 * TRACE_SKETCH
                 traced = hutchpp(
                     op,
-                    TRACE_SKETCH,
-                    tol=0.0,
-                    max_samples=self.trace_samples - 2 * TRACE_SKETCH,
+                    sketch=TRACE_SKETCH,
+                    settings=SolveSettings(tol=0.0, max_iter=samples, seed=self.seed),
                     min_samples=2,
-                    seed=self.seed,
                 )
                 op.release()
         v1 = top.eigenvectors[0]
@@ -252,16 +260,11 @@ class SharpnessTracker:
 
     def _operator(self) -> CurvatureOperator:
         """The probe set's ``curvature`` matrix (the true Fisher's labels drawn by ``seed``)."""
-        seeded = {"seed": self.seed} if self.curvature == "fisher" else {}
-        return CURVATURES[self.curvature](
-            self.model,
-            self.loss_fn,
-            self.probe,
-            self.params,
-            batch_stats=self.batch_stats,
-            validate=False,  # training runs the model on the data; the loss is taken as it is
-            **seeded,
+        objective = Objective(
+            self.model, self.loss_fn, self.probe, self.params, batch_stats=self.batch_stats
         )
+        # training runs the model on the data; the loss is taken as it is: no validation
+        return curvature_operator(self.curvature, objective, seed=self.seed, validate=False)
 
     def _eigen(self, op: CurvatureOperator) -> tuple[Any, Any, bool]:
         """λ_max's (and λ_min's, if asked) Lanczos results (one product: the start's Rayleigh
@@ -272,11 +275,12 @@ class SharpnessTracker:
         if budget == 1 and not self.lambda_min:
             first = start_vector(op, torch.Generator().manual_seed(self.seed), start)
             return rayleigh(op, first, self.tol), None, start is not None
-        kwargs = dict(tol=self.tol, max_iter=budget, seed=self.seed, v0=start, keep_images=True)
+        settings = SolveSettings(tol=self.tol, max_iter=budget, seed=self.seed)
         if self.lambda_min:
-            top, bottom = lanczos_extremes(op, k=1, k_smallest=1, **kwargs)  # type: ignore[arg-type]
+            top, bottom = lanczos_extremes(op, 1, settings=settings, v0=start, keep_images=True)
             return top, bottom, start is not None
-        return lanczos(op, k=1, which="largest", **kwargs), None, start is not None  # type: ignore[arg-type]
+        top = lanczos(op, 1, settings=settings, v0=start, keep_images=True)
+        return top, None, start is not None
 
     def _start(self, size: int) -> torch.Tensor | None:
         """The warm start: the last v₁ moved one power step on (plus the last λ_min vector when

@@ -1,0 +1,84 @@
+"""The problem a curvature matrix describes, declared once and shared by every operator: the
+model, its loss, the data and its weighting, the parameters, the BatchNorm mode, the ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from sharpscope.batches import LossFn
+from sharpscope.choices import REDUCTIONS
+from sharpscope.errors import InputError
+
+
+@dataclass(frozen=True, eq=False)
+class Objective:
+    """The loss whose curvature an operator is: ``loss_fn(model(inputs), targets)`` over all of
+    ``batches``, in the parameters ``params`` select, as
+    :class:`~sharpscope.curvature.operator.CurvatureOperator` describes.
+
+    Args:
+        model: The network; its parameters are read in place, never copied.
+        loss_fn: ``loss_fn(outputs, targets)``: a batch's loss, reduced as ``reduction`` says.
+        batches: ``(inputs, targets)`` pairs (any iterable; kept as a tuple). Inputs may be
+            tensors, tuples or mappings (``input_style`` says how a mapping reaches the model).
+        params: Globs of parameter names to take the curvature over (None: all trainable).
+        exclude: Globs of parameter names to leave out of ``params``' selection.
+        batch_stats: BatchNorm normalises with each batch's statistics instead of its running
+            ones (which stay untouched).
+        reduction: ``mean`` (the loss is each batch's mean) or ``sum`` (its sum).
+        input_style: ``auto``, ``kwargs`` or ``single``: a mapping input as keyword arguments or
+            as one argument (:func:`~sharpscope.structures.input_style`).
+        distributed: Each rank holds its own shard of the batches and the operator is that of
+            all of them (None: when a torch.distributed process group is initialised).
+        total_terms: With ``reduction`` sum, the terms of the data the sum stands for (None: the
+            batches' own); a shard's operator scales its sum to all the data.
+
+    Raises:
+        InputError: ``reduction`` is neither mean nor sum.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> data = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+        >>> objective = Objective(model, torch.nn.functional.cross_entropy, data, params="weight")
+        >>> objective.replace(batch_stats=True).batch_stats
+        True
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    batches: Iterable[tuple[Any, Any]]
+    params: Sequence[str] | str | None = None
+    exclude: Sequence[str] | str | None = None
+    batch_stats: bool = False
+    reduction: str = "mean"
+    input_style: str = "auto"
+    distributed: bool | None = None
+    total_terms: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise InputError(f"unknown `reduction` {self.reduction!r}; choose one of mean, sum")
+        object.__setattr__(self, "batches", tuple(self.batches))
+
+    def replace(self, **changes: Any) -> Objective:
+        """This objective with the fields ``changes`` names set to other values.
+
+        Args:
+            **changes: Field names and their new values.
+
+        Returns:
+            A new :class:`Objective`; this one is unchanged.
+
+        Examples:
+            >>> import torch
+            >>> objective = Objective(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss, [])
+            >>> objective.replace(reduction="sum").reduction
+            'sum'
+        """
+        return dataclasses.replace(self, **changes)
