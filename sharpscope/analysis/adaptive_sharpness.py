@@ -47,14 +47,32 @@ KINDS, NORMS = ADAPTIVE_KINDS, ADAPTIVE_NORMS
 @dataclass(frozen=True)
 class AdaptiveSharpnessSettings:
     """What to measure: the kind, the ball's norm and radius ρ (relative to |w| + η when
-    ``adaptive``), the ascent steps or draws, the step size (None: ρ) and the seed."""
+    ``adaptive``), the ascent steps or draws, the step size (None: ρ) and the seed.
+
+    Attributes:
+        kind: ``worst`` (the largest loss increase found in the ball) or ``average`` (its mean).
+        norm: The ball's norm, ``l2`` or ``linf``.
+        rho: The ball's radius ρ.
+        adaptive: The ball is scaled by |w| + η, per element (Kwon et al. 2021).
+        steps: Worst case: gradient-ascent steps; average case: random draws.
+        step_size: The ascent's step (None: ρ).
+        eta: The offset η of the scaling.
+        seed: The seed of the draws (and of the worst case's random restarts).
+
+    Raises:
+        InputError: An unknown ``kind`` or ``norm``, a non-finite figure, ``rho`` or
+            ``step_size`` not positive, ``steps`` below 1, a negative ``eta``.
+
+    Examples:
+        >>> AdaptiveSharpnessSettings(kind="average", rho=0.05).steps
+        20
+    """
 
     kind: Kind = "worst"
     norm: Norm = "l2"
     rho: float = 0.1
     adaptive: bool = True
     steps: int = 20
-    """Worst case: gradient-ascent steps; average case: random draws."""
     step_size: float | None = None
     eta: float = 0.0
     seed: int = 0
@@ -75,30 +93,48 @@ class AdaptiveSharpnessSettings:
 
 @dataclass(frozen=True)
 class AdaptiveSharpnessResult:
-    """A sharpness figure, its uncertainties and its cost."""
+    """A sharpness figure, its uncertainties and its cost.
+
+    Attributes:
+        settings: What was measured.
+        value: The worst (found) or mean loss increase L(w + δ) − L(w).
+        loss: L(w), on the same samples.
+        std_error: The Monte-Carlo standard error over the draws (average case; None for the
+            worst case).
+        sampling: The data's jackknife standard error (None: not estimated).
+        shards: The shards of that jackknife (None: not estimated).
+        history: Worst case: the loss increase at each iterate (u = 0 first); average case:
+            each draw's.
+        perturbation_norm: ‖u‖_p = ‖δ ⊘ (|w| + η)‖_p of the worst case's found δ (≤ ρ); None for
+            the average case.
+        n_gradients: Full-data gradients taken.
+        n_losses: Full-data losses taken (shard losses counted together as one full loss).
+        seconds: The wall-clock time.
+        replicates: The value without shard j, for every shard j, whose spread :attr:`sampling`
+            is (None: not estimated): a paired comparison with another model on the same
+            shards jackknifes them.
+
+    Examples:
+        >>> import torch
+        >>> data = [(torch.randn(16, 3), torch.randn(16, 1))]
+        >>> model = torch.nn.Linear(3, 1)
+        >>> result = adaptive_sharpness(model, torch.nn.functional.mse_loss, data, shards=0)
+        >>> result.value >= 0, len(result.history) == result.settings.steps + 1
+        (True, True)
+    """
 
     settings: AdaptiveSharpnessSettings
     value: float
-    """The worst (found) or mean loss increase L(w + δ) − L(w)."""
     loss: float
-    """L(w), on the same samples."""
     std_error: float | None
-    """The Monte-Carlo standard error over the draws (average case; None for the worst case)."""
     sampling: float | None
-    """The data's jackknife standard error (None: not estimated)."""
     shards: int | None
-    """The shards of that jackknife (None: not estimated)."""
     history: tuple[float, ...]
-    """Worst case: the loss increase at each iterate (u = 0 first); average case: each draw's."""
     perturbation_norm: float | None
-    """‖u‖_p = ‖δ ⊘ (|w| + η)‖_p of the worst case's found δ (≤ ρ); None for the average case."""
     n_gradients: int
     n_losses: int
-    """Full-data gradients and losses (shard losses counted together as one full loss)."""
     seconds: float
     replicates: tuple[float, ...] | None = None
-    """The value without shard j, for every shard j, whose spread :attr:`sampling` is (None: not
-    estimated): a paired comparison with another model on the same shards jackknifes them."""
 
     @property
     def multiplier(self) -> float | None:
@@ -131,8 +167,35 @@ def adaptive_sharpness(
     ``reduction`` sum; the parameters the globs select), with its data uncertainty over
     ``shards`` shards (0: none). The model runs in eval mode (BatchNorm buffers untouched) and
     its weights are restored bit for bit.
-    ``start``: the worst case's first iterate u (flat, projected onto the ball; default 0);
-    ``progress`` hears of each step or draw."""
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(model(inputs), targets)``, a batch's loss reduced as ``reduction``.
+        batches: The ``(inputs, targets)`` pairs.
+        settings: What to measure (:class:`AdaptiveSharpnessSettings`; default: its defaults).
+        params: Globs of the parameters to perturb (None: all trainable).
+        exclude: Globs of parameters to leave out of those.
+        batch_stats: BatchNorm on each batch's statistics.
+        reduction: ``mean`` or ``sum``, as the loss reduces a batch.
+        shards: Shards of the data's jackknife (0: none, else at least 2).
+        start: The worst case's first iterate u (flat, projected onto the ball; default 0).
+        progress: Hears of each step or draw.
+
+    Returns:
+        An :class:`AdaptiveSharpnessResult`.
+
+    Raises:
+        InputError: ``shards`` is 1 or negative, or the data cannot run through the model.
+
+    Examples:
+        >>> import torch
+        >>> data = [(torch.randn(16, 3), torch.randn(16, 1))]
+        >>> settings = AdaptiveSharpnessSettings(kind="average", steps=4)
+        >>> result = adaptive_sharpness(torch.nn.Linear(3, 1), torch.nn.functional.mse_loss,
+        ...                             data, settings, shards=0)
+        >>> len(result.history), result.std_error is not None
+        (4, True)
+    """
     settings = settings or AdaptiveSharpnessSettings()
     if shards == 1 or shards < 0:
         raise InputError(f"`shards` must be 0 (off) or at least 2, got {shards}")

@@ -66,25 +66,43 @@ class MinibatchCosines:
 
 @dataclass
 class Alignment:
-    """SAM alignment figures at one point w (see paper.md, "The paper's finding")."""
+    """SAM alignment figures at one point w (see paper.md, "The paper's finding").
+
+    Attributes:
+        rho: SAM's radius ρ.
+        alpha: Eigen-SAM's α.
+        cos_full: |cos(ĝ, v₁)| for the full-data gradient.
+        cos_batches: |cos(ĝ_B, v₁)| over the minibatch gradients SAM perturbs along: what the
+            verdict reads.
+        topk_share: ‖P_k ĝ‖: the share of ĝ in the span of the top-k eigenvectors.
+        sam_sharpness: L(w + ρĝ) − L(w), measured.
+        sam_sharpness_quadratic: ½ρ² ĝᵀHĝ, its curvature term.
+        sam_sharpness_taylor: ρ‖g‖ + ½ρ² ĝᵀHĝ, its second-order Taylor prediction.
+        eigen_sam_cos: |cos(ε, v₁)| for Eigen-SAM's ε = ρ(ĝ + α s v⊥) at this ``rho`` and
+            ``alpha``, from the full-data gradient (its minibatch mean is in ``cos_batches``).
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import HessianOperator, Objective, lanczos
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.randn(2, 32, 3, dtype=torch.float64)
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> data = [(x[:16], y[:16, :1]), (x[16:], y[16:, :1])]
+        >>> op = HessianOperator(Objective(model, torch.nn.functional.mse_loss, data))
+        >>> figures = sam_alignment(op, lanczos(op, 2).eigenvectors, rho=0.05, alpha=0.2)
+        >>> 0 <= figures.cos_full <= 1 and figures.cos_batches.count == 2
+        True
+    """
 
     rho: float
     alpha: float
     cos_full: float
-    """|cos(ĝ, v₁)| for the full-data gradient."""
     cos_batches: MinibatchCosines
-    """|cos(ĝ_B, v₁)| over the minibatch gradients SAM perturbs along: what the verdict reads."""
     topk_share: float
-    """‖P_k ĝ‖: the share of ĝ in the span of the top-k eigenvectors."""
     sam_sharpness: float
-    """L(w + ρĝ) − L(w), measured."""
     sam_sharpness_quadratic: float
-    """½ρ² ĝᵀHĝ, its curvature term."""
     sam_sharpness_taylor: float
-    """ρ‖g‖ + ½ρ² ĝᵀHĝ, its second-order Taylor prediction."""
     eigen_sam_cos: float
-    """|cos(ε, v₁)| for Eigen-SAM's ε = ρ(ĝ + α s v⊥) at this ``rho`` and ``alpha``, from the
-    full-data gradient (its minibatch mean is in ``cos_batches``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,7 +138,28 @@ def sam_alignment(
     h_g_hat: torch.Tensor | None = None,
 ) -> Alignment:
     """All alignment figures for the top eigenvectors (rows, λ₁ first); costs one product (none
-    when ``h_g_hat``, the product H·ĝ, is given) and one gradient per batch."""
+    when ``h_g_hat``, the product H·ĝ, is given) and one gradient per batch.
+
+    Args:
+        op: The curvature operator (its loss, gradient and batches are used too).
+        eigenvectors: The top eigenvectors, one per row, λ₁ first.
+        rho: SAM's radius ρ.
+        alpha: Eigen-SAM's α.
+        h_g_hat: H·ĝ when already known (saves a product).
+
+    Returns:
+        The :class:`Alignment` figures.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import HessianOperator, Objective, lanczos
+        >>> x, y = torch.randn(2, 16, 3, dtype=torch.float64)
+        >>> op = HessianOperator(Objective(torch.nn.Linear(3, 1).double(),
+        ...                                torch.nn.functional.mse_loss, [(x, y[:, :1])]))
+        >>> figures = sam_alignment(op, lanczos(op, 2).eigenvectors, rho=0.05, alpha=0.2)
+        >>> figures.sam_sharpness > 0
+        True
+    """
     g = op.gradient()
     v1 = eigenvectors[0]
     g_hat = g / norm(g)

@@ -414,7 +414,33 @@ def analyze(
     ``curvature`` the config names); under
     torch.distributed, ``batches`` is this rank's share and every rank gets all ranks' results.
 
-    ``on_plan`` receives the run's cost once one product has been timed, before the eigen stage.
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(model(inputs), targets)``, a batch's loss.
+        batches: The ``(inputs, targets)`` pairs (this rank's share under torch.distributed).
+        config: What to compute and how precisely (:class:`AnalyzeConfig`; default: its
+            defaults, as ``sharpscope analyze`` without options).
+        progress: Called as ``progress(task, done, total)`` through the stages.
+        on_plan: Receives the run's cost once one product has been timed, before the eigen
+            stage.
+
+    Returns:
+        The :class:`Analysis`: eigenvalues, trace, density, alignment, spread and notes.
+
+    Raises:
+        InputError: Settings that do not fit the model or the data (one line, naming the
+            parameter).
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> data = [(torch.randn(32, 4), torch.randint(0, 3, (32,)))]
+        >>> config = AnalyzeConfig(k=2, density=False, shards=0)
+        >>> result = analyze(model, nn.functional.cross_entropy, data, config)
+        >>> result.top.all_converged, result.num_params, result.trace is not None
+        (True, 67, True)
     """
     config = config or AnalyzeConfig()
     method = solver(config.method)

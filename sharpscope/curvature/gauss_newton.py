@@ -141,7 +141,27 @@ class GGNOperator(OutputSpaceOperator):
     ``batches``, ``H_b`` the Hessian of batch b's mean loss in its logits (by double backward, so
     any twice-differentiable loss of the logits): positive semi-definite when the loss is convex
     in the logits (cross-entropy, mse), and the Hessian less the terms of the model's own
-    curvature. Data, weighting and parameters as :class:`HessianOperator`."""
+    curvature. Data, weighting and parameters as :class:`HessianOperator`.
+
+    Args:
+        objective: The model, loss, data and parameters (:class:`Objective`).
+        cache_graph: Keep each batch's linearisation for all products.
+        validate: Run the model and the loss on the first batch now.
+
+    Raises:
+        InputError: The model's outputs are no tensor (nor logits); as
+            :class:`CurvatureOperator` otherwise.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import HessianOperator, Objective
+        >>> model = torch.nn.Linear(3, 1).double()  # linear in its weights: GGN = Hessian
+        >>> x, y = torch.randn(2, 5, 3, dtype=torch.float64)
+        >>> objective = Objective(model, torch.nn.functional.mse_loss, [(x, y[:, :1])])
+        >>> v = torch.randn(4, dtype=torch.float64)
+        >>> torch.allclose(GGNOperator(objective) @ v, HessianOperator(objective) @ v)
+        True
+    """
 
     curvature = "ggn"
     _loss_graph = True
@@ -159,7 +179,28 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     loss at the data's labels (of the total loss, with ``reduction`` sum: ``Σ_t g_t g_tᵀ``).
     A user's loss must average (or sum) one term per sample (a term's logits are then a sample's
     outputs). Not the Hessian's approximation the Fisher is, and singular
-    at a perfect fit (Kunstner et al. 2019)."""
+    at a perfect fit (Kunstner et al. 2019).
+
+    Args:
+        objective: The model, loss, data and parameters (:class:`Objective`).
+        cache_graph: Keep each batch's linearisation for all products.
+        validate: Run the model and the loss on the first batch now.
+
+    Raises:
+        InputError: As :class:`GGNOperator`.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import Objective
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> x = torch.eye(2, dtype=torch.float64)
+        >>> objective = Objective(model, torch.nn.functional.mse_loss, [(x, x[:, :1])])
+        >>> g = [2 * (model(x[i]) - x[i, :1]) * x[i] for i in range(2)]  # each sample's gradient
+        >>> fisher = sum(torch.outer(gi, gi) for gi in g) / 2
+        >>> v = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        >>> torch.allclose(EmpiricalFisherOperator(objective) @ v, fisher @ v)
+        True
+    """
 
     curvature = "empirical-fisher"
 
@@ -181,7 +222,29 @@ class FisherOperator(EmpiricalFisherOperator):
     predictive distribution instead of the data's, one draw per term, seeded by ``seed`` and the
     sample's content (docs/engine.md). A built-in loss only, as the draw needs the distribution
     the loss is the negative log-likelihood of. Its expectation over the draws is the GGN for
-    cross-entropy and mse."""
+    cross-entropy and mse.
+
+    Args:
+        objective: The model, a built-in loss (:func:`~sharpscope.io.losses.resolve_loss`),
+            the data and the parameters (:class:`Objective`).
+        seed: The seed of the label draws.
+        cache_graph: Keep each batch's linearisation for all products.
+        validate: Run the model and the loss on the first batch now.
+
+    Raises:
+        InputError: The loss is not a built-in one; as :class:`GGNOperator` otherwise.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import Objective
+        >>> from sharpscope.io.losses import resolve_loss
+        >>> data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+        >>> objective = Objective(torch.nn.Linear(3, 2), resolve_loss("cross-entropy"), data)
+        >>> v = torch.ones(8)
+        >>> fisher = FisherOperator(objective, seed=1)  # the same draws for the same seed
+        >>> torch.equal(fisher @ v, FisherOperator(objective, seed=1) @ v)
+        True
+    """
 
     curvature = "fisher"
     settings = (*EmpiricalFisherOperator.settings, "seed")
@@ -194,8 +257,6 @@ class FisherOperator(EmpiricalFisherOperator):
         cache_graph: bool = True,
         validate: bool = True,
     ) -> None:
-        """The Fisher of ``objective``'s loss, its labels drawn by ``seed``; ``cache_graph`` and
-        ``validate`` as :class:`~sharpscope.curvature.operator.CurvatureOperator` says."""
         if not isinstance(objective.loss_fn, LikelihoodLoss):
             raise InputError(
                 "the fisher draws labels from the model's predictive distribution, which only a "

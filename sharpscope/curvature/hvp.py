@@ -32,6 +32,25 @@ class HessianOperator(CurvatureOperator):
     Every forward runs under :func:`~sharpscope.curvature.attention.twice_differentiable`
     (attention on torch's math kernel, which has second derivatives); a product through an
     operation without the derivative its backend needs raises a one-line ``InputError``.
+
+    Args:
+        objective: The model, loss, data and parameters (:class:`Objective`).
+        backend: ``double-backward`` or ``forward-over-reverse``.
+        cache_graph: Keep the gradient graph for all products (double backward only).
+        validate: Run the model and the loss on the first batch now.
+
+    Raises:
+        ValueError: An unknown ``backend``; as :class:`CurvatureOperator` otherwise.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import Objective
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> objective = Objective(model, torch.nn.functional.mse_loss, [(x, x[:, :1])])
+        >>> op = HessianOperator(objective)
+        >>> torch.allclose(op @ torch.tensor([1.0, 0.0]), (x.T @ x)[:, 0])  # H = 2·XᵀX/2
+        True
     """
 
     curvature = "hessian"
@@ -47,8 +66,6 @@ class HessianOperator(CurvatureOperator):
         cache_graph: bool = True,
         validate: bool = True,
     ) -> None:
-        """The Hessian of ``objective``'s loss, its products by ``backend``; ``cache_graph`` and
-        ``validate`` as :class:`~sharpscope.curvature.operator.CurvatureOperator` says."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         super().__init__(

@@ -9,7 +9,19 @@ import torch
 
 @runtime_checkable
 class LinearOperator(Protocol):
-    """A symmetric linear operator on flat vectors: ``matvec``, ``size``, ``dtype``, ``device``."""
+    """A symmetric linear operator on flat vectors: what every estimator takes.
+
+    Attributes:
+        n_products: How many products it has taken (estimators report their share).
+        size: The length of its flat vectors.
+        dtype: Its vectors' dtype.
+        device: Its vectors' device.
+
+    Examples:
+        >>> import torch
+        >>> isinstance(MatrixOperator(torch.eye(2)), LinearOperator)
+        True
+    """
 
     n_products: int
 
@@ -26,7 +38,20 @@ class LinearOperator(Protocol):
 
 
 class MatrixOperator:
-    """A symmetric matrix held densely, counting its products like :class:`HessianOperator`."""
+    """A symmetric matrix held densely, counting its products like :class:`HessianOperator`.
+
+    Args:
+        matrix: A square (symmetric) matrix.
+
+    Raises:
+        ValueError: ``matrix`` is not square.
+
+    Examples:
+        >>> import torch
+        >>> op = MatrixOperator(torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
+        >>> op.matvec(torch.tensor([1.0, 0.0])).tolist(), op.n_products
+        ([2.0, 1.0], 1)
+    """
 
     def __init__(self, matrix: torch.Tensor) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:

@@ -50,6 +50,22 @@ def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None
     their running statistics untouched. Every forward whose loss a curvature figure describes
     (products, gradients, losses, accuracy, probe and validation metrics) runs in this mode, so
     they all see one function.
+
+    Args:
+        model: The model to switch.
+        batch_stats: BatchNorm layers on the batch's statistics instead of their running ones.
+
+    Returns:
+        A context manager; leaving it restores every module's mode.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> with curvature_mode(model, batch_stats=True):
+        ...     model.training, model[1].training
+        (False, True)
+        >>> model.training
+        True
     """
     modes = [(m, m.training) for m in model.modules()]
     with contextlib.ExitStack() as undo:
@@ -94,6 +110,25 @@ class CurvatureOperator:
     and the operator is that of all ranks' batches together: weights use the global count, and
     ``matvec``, ``gradient`` and ``loss`` all-reduce their weighted local sums (one all-reduce
     each), so every rank gets the same result.
+
+    Args:
+        objective: The model, loss, data, parameters and their settings (:class:`Objective`).
+        cache_graph: Keep what products reuse for all batches.
+        validate: Run the model and the loss on the first batch now.
+
+    Raises:
+        InputError: The model or the loss cannot run on the first batch, or the loss reduces
+            otherwise than ``reduction`` says.
+        ValueError: No data, or ``params`` / ``exclude`` select no parameter.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import HessianOperator, Objective
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> data = [(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 1))]
+        >>> op = HessianOperator(Objective(model, torch.nn.functional.mse_loss, data))
+        >>> op.shape, op.matvec(torch.tensor([1.0, 1.0])).tolist()  # H = diag(1, 4)
+        ((2, 2), [1.0, 4.0])
     """
 
     curvature: ClassVar[str]

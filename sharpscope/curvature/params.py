@@ -17,7 +17,20 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ParamSpace:
-    """The selected parameters of a model: names, tensors and their place in a flat vector."""
+    """The selected parameters of a model: names, tensors and their place in a flat vector.
+
+    Attributes:
+        names: The parameters' names, in flat-vector order.
+        params: The parameters themselves (not copies).
+
+    Examples:
+        >>> import torch
+        >>> space = select_params(torch.nn.Linear(3, 2))
+        >>> space.names, space.size
+        (('weight', 'bias'), 8)
+        >>> {n: tuple(t.shape) for n, t in space.unflatten(torch.arange(8.0)).items()}
+        {'weight': (2, 3), 'bias': (2,)}
+    """
 
     names: tuple[str, ...]
     params: tuple[nn.Parameter, ...]
@@ -90,6 +103,26 @@ def select_params(
 
     Each is one glob or a list of globs (``fnmatch``, e.g. ``"fc.*"``). Every ``exclude`` glob
     must match a parameter that ``include`` selects, and one parameter at least must remain.
+
+    Args:
+        model: The model whose parameters to select.
+        include: Globs of the names to keep (None: all that require grad).
+        exclude: Globs of the names to leave out of those.
+
+    Returns:
+        The selection as a :class:`ParamSpace`.
+
+    Raises:
+        ValueError: Nothing selected, an ``exclude`` glob that matches nothing, or parameters
+            of mixed dtypes or devices.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        >>> select_params(model, "1.*").names
+        ('1.weight', '1.bias')
+        >>> select_params(model, exclude="*.bias").names
+        ('0.weight', '1.weight')
     """
     include, exclude = _globs(include), _globs(exclude)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -41,13 +41,25 @@ def _with_error(value: float, error: float) -> str:
 @dataclass(frozen=True, repr=False)
 class Subspace:
     """An orthonormal basis (rows) an eigen-solve built, with tr(QᵀHQ) known without a product:
-    the exactly traced part of a deflated trace estimate."""
+    the exactly traced part of a deflated trace estimate.
+
+    Attributes:
+        basis: The orthonormal vectors Q, one per row.
+        trace: tr(QᵀHQ): the trace of the projected matrix T (Lanczos: Σ of its Ritz values).
+        scale: The largest |Ritz value|, for the rounding bound of :attr:`trace`.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator, lanczos_extremes
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> top, _ = lanczos_extremes(op, 1, keep_subspace=True)
+        >>> round(top.subspace.trace, 6), len(top.subspace.basis)
+        (2.0, 3)
+    """
 
     basis: torch.Tensor
     trace: float
-    """tr(QᵀHQ): the trace of the projected matrix T (Lanczos: Σ of its Ritz values)."""
     scale: float
-    """The largest |Ritz value|, for the rounding bound of :attr:`trace`."""
 
     def __repr__(self) -> str:
         return f"Subspace({len(self.basis)} vectors, trace {_figure(self.trace)})"
@@ -58,15 +70,27 @@ class MultiplicityCheck:
     """How a solve made sure its eigenvalues come with their multiplicity: after its pairs first
     converged it locked them and started again from fresh random directions orthogonal to them,
     until a start found no further copy within the tolerance (a single Krylov sequence holds only
-    one copy of a repeated eigenvalue)."""
+    one copy of a repeated eigenvalue).
+
+    Attributes:
+        starts: Extra random starts made; each but the last found a further copy or a missed
+            value.
+        complete: The last start found no further copy, or the basis spanned the whole space;
+            False when the product budget (or unconverged pairs) cut the check short.
+        products: Operator products the check cost (part of the solve's ``n_products``).
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator, lanczos
+        >>> op = MatrixOperator(torch.diag(torch.tensor([2.0, 2.0, 1.0, 0.5], dtype=torch.float64)))
+        >>> check = lanczos(op, 2).multiplicity
+        >>> check.complete
+        True
+    """
 
     starts: int
-    """Extra random starts made; each but the last found a further copy or a missed value."""
     complete: bool
-    """The last start found no further copy, or the basis spanned the whole space; False when
-    the product budget (or unconverged pairs) cut the check short."""
     products: int
-    """Operator products the check cost (part of the solve's ``n_products``)."""
 
     def __str__(self) -> str:
         """One line for the report's notes."""
@@ -96,6 +120,36 @@ class EigenResult:
     ``eigenvectors[i]`` is a unit flat vector; ``residuals[i]`` is ‖Hv − λv‖ for it, with the
     operator's products; ``bounds[i]`` adds their own error (``product_error``), so it bounds the
     distance from λ to an eigenvalue of the model's exact matrix.
+
+    Attributes:
+        eigenvalues: The eigenvalues (float64), most extreme first.
+        eigenvectors: One unit flat vector per row.
+        residuals: ‖Hv − λv‖ per pair.
+        converged: Per pair, whether its residual met the tolerance.
+        n_products: Operator products the solve took.
+        n_iterations: Its iterations.
+        seconds: Its wall-clock time.
+        method: The solver's name.
+        which: ``largest``, ``smallest`` or ``magnitude``.
+        history: Per iteration, the current estimates of the wanted eigenvalues (convergence
+            plots).
+        subspace: The Krylov basis the pairs came from, when the solve was asked to keep it (a
+            deflated trace reuses it); None otherwise.
+        images: ``images[i]`` = H ``eigenvectors[i]``, when the solve kept its products; None
+            otherwise.
+        product_error: ‖(H_op − H₆₄)v‖ for a unit v, the products' own error (measured on float32
+            operators by :func:`~sharpscope.curvature.product_error.product_error`; 0 when not
+            measured).
+        multiplicity: How repeated eigenvalues were looked for (Lanczos with k ≥ 2); None when
+            not needed.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator, lanczos
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> result = lanczos(op, 2)
+        >>> result.all_converged, [round(v, 6) for v in result.eigenvalues.tolist()]
+        (True, [3.0, 1.0])
     """
 
     eigenvalues: torch.Tensor
@@ -108,17 +162,10 @@ class EigenResult:
     method: str
     which: str
     history: list[list[float]] = field(default_factory=list)
-    """Per iteration, the current estimates of the wanted eigenvalues (convergence plots)."""
     subspace: Subspace | None = None
-    """The Krylov basis the pairs came from, when the solve was asked to keep it (a deflated
-    trace reuses it); None otherwise."""
     images: torch.Tensor | None = None
-    """``images[i]`` = H ``eigenvectors[i]``, when the solve kept its products; None otherwise."""
     product_error: float = 0.0
-    """‖(H_op − H₆₄)v‖ for a unit v, the products' own error (measured on float32 operators by
-    :func:`~sharpscope.curvature.product_error.product_error`; 0 when not measured)."""
     multiplicity: MultiplicityCheck | None = None
-    """How repeated eigenvalues were looked for (Lanczos with k ≥ 2); None when not needed."""
 
     @property
     def bounds(self) -> torch.Tensor:
@@ -147,7 +194,26 @@ class EigenResult:
 
 @dataclass(repr=False)
 class TraceResult:
-    """A stochastic trace estimate and its standard error."""
+    """A stochastic trace estimate and its standard error.
+
+    Attributes:
+        estimate: The estimated trace.
+        std_error: Its standard error (inf with fewer than two samples).
+        n_samples: The random probes drawn.
+        n_products: Operator products taken (a sketch's too).
+        seconds: The wall-clock time.
+        method: ``hutchinson``, ``hutch++`` or ``deflated``.
+        converged: Whether the standard error met the tolerance.
+        samples: Each probe's quadratic form.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator, hutchinson
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> result = hutchinson(op)
+        >>> result.estimate, result.std_error, result.converged
+        (2.0, 0.0, True)
+    """
 
     estimate: float
     std_error: float
@@ -188,7 +254,23 @@ class TraceResult:
 
 @dataclass(repr=False)
 class DensityResult:
-    """Stochastic Lanczos quadrature: per starting vector, Ritz values (nodes) and their weights."""
+    """Stochastic Lanczos quadrature: per starting vector, Ritz values (nodes) and their weights.
+
+    Attributes:
+        nodes: Per starting vector, the Ritz values (Gauss quadrature nodes).
+        weights: Per starting vector, the nodes' weights (each set sums to 1).
+        size: The operator's size n.
+        n_products: Operator products taken.
+        seconds: The wall-clock time.
+
+    Examples:
+        >>> import torch
+        >>> from sharpscope.curvature import MatrixOperator, slq
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> density = slq(op, n_vectors=1)
+        >>> sorted(round(v, 6) for v in density.nodes[0].tolist())
+        [-2.0, 1.0, 3.0]
+    """
 
     nodes: list[torch.Tensor]
     weights: list[torch.Tensor]

@@ -42,6 +42,37 @@ class EigenSAM(SAM):
     ``loss_fn(model(inputs), targets)`` on that step's batch (given by :meth:`refresh` before the
     step), warm-started from the previous ``v``. ``v`` is paired with parameters by name in
     ``model``.
+
+    Args:
+        base_optimizer: The optimizer that steps from w with the gradient at w + ε.
+        rho: The radius ρ (every param group's ``sam_rho``).
+        alpha: The weight α of the eigenvector's component (``sam_alpha``).
+        model: The model; its parameters are named for ``v``.
+        loss_fn: ``loss_fn(model(inputs), targets)``, the loss whose Hessian gives ``v``.
+        eig_every: Refresh ``v`` every this many global steps.
+        eig_steps: Lanczos products per refresh.
+        batch_stats: BatchNorm on batch statistics in the Hessian's products.
+        seed: The seed of the first refresh's random start.
+
+    Raises:
+        ValueError: ``eig_every`` or ``eig_steps`` below 1, or as :class:`SAM`.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1)
+        >>> loss_fn = torch.nn.functional.mse_loss
+        >>> base = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> opt = EigenSAM(base, model=model, loss_fn=loss_fn, eig_every=1, eig_steps=3)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> def closure():
+        ...     loss = loss_fn(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(2):
+        ...     _ = opt.refresh(x, y)  # due from the second step on
+        ...     _ = opt.step(closure)
+        >>> sorted(opt.eigenvector)
+        ['bias', 'weight']
     """
 
     def __init__(

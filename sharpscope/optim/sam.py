@@ -66,6 +66,28 @@ class SAM(Optimizer):
 
     The norm is taken over all parameters that have a gradient; ρ is per param group. Give
     ``model`` to keep BatchNorm running statistics out of the second forward pass.
+
+    Args:
+        base_optimizer: The optimizer that steps from w with the gradient at w + ε.
+        rho: The radius ρ of the perturbation (every param group's ``sam_rho``).
+        model: The model whose BatchNorm statistics the second pass leaves untouched.
+
+    Raises:
+        TypeError: ``base_optimizer`` is no torch optimizer (or is a SAM already).
+        ValueError: ``rho`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> def closure():
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = opt.step(closure)  # the loss at w; w moved by SGD with the gradient at w + ε
+        >>> opt.global_step
+        1
     """
 
     _step_supports_amp_scaling = True
@@ -261,7 +283,31 @@ class SAM(Optimizer):
 
 class ASAM(SAM):
     """Adaptive SAM: ε = ρ T²g/‖Tg‖ with T = diag(|w| + η), per element, over every parameter
-    (``sam_rho``, ``sam_eta`` per group); ρ is typically about 10× SAM's."""
+    (``sam_rho``, ``sam_eta`` per group); ρ is typically about 10× SAM's.
+
+    Args:
+        base_optimizer: The optimizer that steps from w with the gradient at w + ε.
+        rho: The radius ρ (every param group's ``sam_rho``).
+        eta: The offset η of the scaling T (``sam_eta``).
+        model: The model whose BatchNorm statistics the second pass leaves untouched.
+
+    Raises:
+        TypeError: As :class:`SAM`.
+        ValueError: ``rho`` or ``eta`` is negative or not finite.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = ASAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5, eta=0.01)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> def closure():
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = opt.step(closure)
+        >>> opt.param_groups[0]["sam_eta"]
+        0.01
+    """
 
     def __init__(
         self,

@@ -140,6 +140,42 @@ class SharpnessTracker:
     :func:`~sharpscope.training.sinks.as_sinks`: a list, a ``.jsonl`` path, a TensorBoard writer,
     a callable, or a tuple of them). Under torch.distributed every rank calls it with its share of
     the probe set, all get the same figures, and rank 0 alone logs.
+
+    Args:
+        model: The model in training (a DistributedDataParallel's module is used).
+        loss_fn: ``loss_fn(model(inputs), targets)``, a batch's mean loss.
+        probe_batches: The fixed ``(inputs, targets)`` probe set.
+        every: Measure every this many steps.
+        lambda_min: Also λ_min.
+        trace: Also the trace (Hutch++).
+        alignment: Also |cos(ĝ, v₁)|.
+        eigen_sam: An :class:`~sharpscope.optim.EigenSAM` whose estimate to compare with v₁.
+        tol: The relative residual a measurement converges at.
+        products: The most products per measurement (None: solve to ``tol``).
+        max_iter: The most products when ``products`` is None.
+        trace_samples: The trace's products.
+        seed: The seed of the first start and of the Fisher's label draws.
+        params: Globs of the parameters (None: all that require grad).
+        batch_stats: BatchNorm on each batch's statistics.
+        warm_start: Start each measurement from the last one's vector.
+        curvature: The matrix: ``hessian``, ``ggn``, ``fisher`` or ``empirical-fisher``.
+        log: Where each row goes (:func:`~sharpscope.training.sinks.as_sinks`).
+
+    Raises:
+        InputError: An unknown ``curvature``.
+        ValueError: A setting out of range, an empty probe set, or an ``eigen_sam`` that is no
+            Eigen-SAM.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1)
+        >>> probe = [(torch.randn(16, 3), torch.randn(16, 1))]
+        >>> rows = []
+        >>> tracker = SharpnessTracker(model, torch.nn.functional.mse_loss, probe, every=1,
+        ...                            products=None, log=rows)
+        >>> measured = tracker.measure(step=1)
+        >>> measured.lambda_max > 0, measured.lambda_max_converged, len(rows)
+        (True, True, 1)
     """
 
     def __init__(
