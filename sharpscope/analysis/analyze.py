@@ -28,13 +28,13 @@ from sharpscope.curvature import (
     CurvatureOperator,
     DensityResult,
     EigenResult,
-    Objective,
     Progress,
     TraceResult,
     curvature_operator,
     slq,
 )
 from sharpscope.curvature.groups import param_groups
+from sharpscope.curvature.objective import configured_objective
 from sharpscope.curvature.product_error import ProductError, product_error
 from sharpscope.curvature.solvers import (
     SOLVERS,
@@ -206,15 +206,7 @@ def _operator(
             "`backend` forward-over-reverse cannot differentiate a TorchScript model "
             "(torch.func does not run scripted modules); use `backend` double-backward"
         )
-    objective = Objective(
-        model,
-        loss_fn,
-        batches,
-        config.params,
-        exclude=config.exclude,
-        batch_stats=config.batch_stats,
-        reduction=config.reduction,
-    )
+    objective = configured_objective(model, loss_fn, batches, config)
     try:
         return curvature_operator(
             config.curvature, objective, backend=config.backend, seed=config.seed

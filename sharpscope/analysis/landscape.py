@@ -23,12 +23,12 @@ from sharpscope.analysis.landscape_config import Kind, LandscapeConfig
 from sharpscope.batches import LossFn
 from sharpscope.curvature import (
     HessianOperator,
-    Objective,
     ParamSpace,
     Progress,
     SolveSettings,
     lanczos,
 )
+from sharpscope.curvature.objective import configured_objective
 from sharpscope.curvature.vectors import random_vectors
 
 FILTER_EPS = 1e-10
@@ -127,15 +127,7 @@ def landscape(
     ``progress("landscape", done, total)`` counts this rank's evaluations.
     """
     config = config or LandscapeConfig()
-    objective = Objective(
-        model,
-        loss_fn,
-        batches,
-        config.params,
-        exclude=config.exclude,
-        batch_stats=config.batch_stats,
-        reduction=config.reduction,
-    )
+    objective = configured_objective(model, loss_fn, batches, config)
     evaluate = HessianOperator(objective.replace(distributed=False), cache_graph=False)
     if config.directions == "eigen":
         mine = [batches[i] for i in distributed.shard(len(batches))]

@@ -6,13 +6,22 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
 from sharpscope.batches import LossFn
 from sharpscope.choices import REDUCTIONS
 from sharpscope.errors import InputError
+
+
+class ObjectiveSettings(Protocol):
+    """What a command's settings say of the objective: the parameters, BatchNorm, reduction."""
+
+    params: Sequence[str] | str | None
+    exclude: Sequence[str] | str | None
+    batch_stats: bool
+    reduction: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,3 +91,32 @@ class Objective:
             'sum'
         """
         return dataclasses.replace(self, **changes)
+
+
+def configured_objective(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[tuple[Any, Any]],
+    settings: ObjectiveSettings,
+) -> Objective:
+    """The objective of ``model``, ``loss_fn`` and ``batches`` over the parameters, in the
+    BatchNorm mode and with the reduction that ``settings`` (a command's config) give.
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(outputs, targets)``, a batch's loss.
+        batches: The ``(inputs, targets)`` pairs.
+        settings: Any object with ``params``, ``exclude``, ``batch_stats`` and ``reduction``.
+
+    Returns:
+        The :class:`Objective`.
+    """
+    return Objective(
+        model,
+        loss_fn,
+        batches,
+        settings.params,
+        exclude=settings.exclude,
+        batch_stats=settings.batch_stats,
+        reduction=settings.reduction,
+    )
