@@ -314,6 +314,16 @@ def test_custom_function_under_forward_over_reverse_is_one_input_error():
     assert str(caught.value).endswith("use `backend` double-backward")
 
 
+def test_torch_funcs_zero_tensor_error_under_forward_over_reverse_is_one_input_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    batch = (torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))
+    op = HessianOperator(Objective(model, F.mse_loss, [batch]), backend="forward-over-reverse")
+    with pytest.raises(InputError, match=r"^torch\.func cannot take the forward-over") as caught:
+        op.matvec(_random(op.size, 0))
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).endswith("use `backend` double-backward")
+
+
 def test_eigen_sam_refresh_on_an_encoder_layer():
     model, batch = _built("encoder"), _data()
     opt = EigenSAM(

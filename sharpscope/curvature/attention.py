@@ -27,6 +27,8 @@ _NO_SECOND = (
 )
 _NO_FORWARD = re.compile(r"Trying to use forward AD with (\S+) that does not support it")
 _NO_FUNC = re.compile(r"custom autograd\.Function|autograd\.Function with functorch")
+_ZERO_TENSORS = re.compile(r"ZeroTensors are immutable")
+"""torch.func's forward-over-reverse fails so on some losses' backward (mse_loss on torch 2.13)."""
 _ATTENTION = re.compile(r"attention|attn|sdp", re.IGNORECASE)
 _BACKEND_FIX = "`backend` forward-over-reverse needs one; use `backend` double-backward"
 
@@ -63,6 +65,12 @@ def missing_derivative(exc: RuntimeError) -> InputError | None:
         return InputError(
             f"the model's `{found.group(1)}` has no forward-mode derivative in torch; "
             + _BACKEND_FIX
+        )
+    if _ZERO_TENSORS.search(text):
+        return InputError(
+            "torch.func cannot take the forward-over-reverse product through this model and loss "
+            "(\"ZeroTensors are immutable\", a torch.func error, e.g. with mse_loss); "
+            "use `backend` double-backward"
         )
     if _NO_FUNC.search(text):
         first = text.splitlines()[0]
