@@ -69,7 +69,7 @@ def missing_derivative(exc: RuntimeError) -> InputError | None:
     if _ZERO_TENSORS.search(text):
         return InputError(
             "torch.func cannot take the forward-over-reverse product through this model and loss "
-            "(\"ZeroTensors are immutable\", a torch.func error, e.g. with mse_loss); "
+            '("ZeroTensors are immutable", a torch.func error, e.g. with mse_loss); '
             "use `backend` double-backward"
         )
     if _NO_FUNC.search(text):
