@@ -122,3 +122,11 @@ def test_the_typical_count_is_lanczos_own_and_never_above_the_bound(mlp):
     assert result.n_products / 2 <= plan.typical_products <= 2 * result.n_products
     _, power = _run(mlp, AnalyzeConfig(k=2, method="power", max_iter=20, trace=False))
     assert power.typical == power.products  # no typical count known: the bound
+
+
+def test_power_iteration_keeps_to_the_products_the_plan_bounds(mlp):
+    # a tolerance it cannot reach: every pair runs to --max-iter
+    config = AnalyzeConfig(k=2, method="power", tol=1e-14, max_iter=20, trace=False, shards=0)
+    result, plan = _run(mlp, config)
+    assert plan.products["eigenpairs"] == 20 * 3  # max_iter for each of the top 2 and λ_min
+    assert result.stage_products["eigenvalues"] == plan.products["eigenpairs"]

@@ -91,9 +91,9 @@ def _lanczos_extremes(
 def _power_eigs(
     op: LinearOperator, k: int, which: Which, s: SolveSettings, progress: Progress | None
 ) -> EigenResult:
-    """Power iteration with ``max_iter`` · k products per pair."""
-    per_pair = dataclasses.replace(s, max_iter=s.max_iter * k)
-    return power_iteration(op, k, which=which, settings=per_pair, progress=progress)
+    """Power iteration with at most ``max_iter`` products per pair (as :func:`_power_cost`
+    plans)."""
+    return power_iteration(op, k, which=which, settings=s, progress=progress)
 
 
 def _pyhessian_eigs(
