@@ -16,65 +16,147 @@ from sharpscope.choices import (
     SOLVER_NAMES,
 )
 from sharpscope.errors import InputError, check_choice, check_finite_fields
+from sharpscope.io.load_spec import RUN
+from sharpscope.settings import setting
 
 if TYPE_CHECKING:
     from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessSettings
-    from sharpscope.curvature.hvp import Backend
     from sharpscope.curvature.solvers import SolveSettings
 Method = Literal["lanczos", "power", "pyhessian"]
+HESSIAN = "Hessian"
+SAM = "SAM alignment"
+ADAPTIVE = "Adaptive sharpness"
 
 
 @dataclass(frozen=True)
 class AnalyzeConfig:
     """What to compute, and how precisely; checked when made (an :class:`InputError` naming the
-    parameter)."""
+    parameter). Each field is declared with its help and flag
+    (:func:`~sharpscope.settings.setting`).
 
-    k: int = 5
-    method: Method = "lanczos"
-    tol: float = 1e-4
-    max_iter: int = 200
-    max_basis: int | None = None
-    """Lanczos: at most this many vectors in memory (thick restarts); None keeps them all."""
-    seed: int = 0
-    trace: bool = True
-    trace_tol: float = 4e-3
-    """The trace's target standard error, relative: 2.5 SE within 1 %, so that the estimate lands
-    within 1 % for about 99 % of seeds (at 0.5 % it was 95 %)."""
-    trace_samples: int = 100
-    density: bool = False
-    density_vectors: int = 4
-    density_iter: int = 80
-    per_layer: bool = False
-    rho: float = 0.05
-    alpha: float = 0.2
-    backend: Backend = "double-backward"
-    """How Hessian-vector products are taken (the Hessian's only)."""
-    curvature: str = "hessian"
-    """The matrix analysed: a name of :data:`~sharpscope.curvature.CURVATURES`."""
-    batch_stats: bool = False
-    reduction: str = "mean"
-    """How the loss reduces a batch, ``mean`` or ``sum``: the curvature of the mean or the total
-    loss (:class:`~sharpscope.curvature.operator.CurvatureOperator`)."""
-    params: Sequence[str] | None = None
-    """Globs of the parameters to analyze; None: all trainable ones."""
-    exclude: Sequence[str] | None = None
-    """Globs of parameters left out of those ``params`` selects; None: none."""
-    slices: bool = False
-    """Also measure the loss along v₁ and along ĝ, at 21 points in ±2ρ (for plots)."""
-    shards: int = 8
-    """Disjoint shards of the samples for the data uncertainty (a jackknife); 0 leaves it out."""
-    adaptive_sharpness: str | None = None
-    """Also measure the worst- or average-case sharpness (``worst``, ``average``); None: not."""
-    adaptive_norm: str = "l2"
-    """Its ball's norm (``l2``, ``linf``; the average case: Gaussian or uniform draws)."""
-    adaptive_rho: float = 0.1
-    adaptive_steps: int = 20
-    """Its ascent steps (worst case) or random draws (average case)."""
-    adaptive_scale: bool = True
-    """Scale the ball by |w| (adaptive sharpness); False: the plain ball."""
-    bias: bool = False
-    """Also estimate the figures' sample-size bias by solving them on each shard (about one more
-    eigen-solve in all); the spread's intervals then allow for it (docs/engine.md)."""
+    Example:
+        >>> AnalyzeConfig(k=3, trace=False).max_iter
+        200
+    """
+
+    k: int = setting(
+        5, help="How many top eigenpairs.", flag="--top-k", short="-k", common=True, panel=HESSIAN
+    )
+    method: Method = setting(
+        "lanczos", help=f"Eigen-solver: {', '.join(SOLVER_NAMES)}.", panel=HESSIAN
+    )
+    tol: float = setting(
+        1e-4, help="Stop when every residual ‖Hv − λv‖ ≤ tol·|λ_max|.", panel=HESSIAN
+    )
+    max_iter: int = setting(
+        200,
+        help="Most Hessian-vector products per solve. Lanczos then takes one more per returned "
+        "pair, which measures its true residual.",
+        common=True,
+        panel=HESSIAN,
+    )
+    max_basis: int | None = setting(
+        None,
+        help="Lanczos: keep at most this many vectors of the model's size in memory (thick "
+        "restarts; more products, raise --max-iter). Default: all.",
+        panel=HESSIAN,
+    )
+    seed: int = setting(0, help="Seed for data subsets and random vectors.", panel=RUN)
+    trace: bool = setting(
+        True, help="Estimate the trace (Hutch++).", common=True, panel=HESSIAN, negatable=True
+    )
+    trace_tol: float = setting(
+        4e-3,
+        help="The trace's target standard error, relative: 2.5 SE within 1 %, so that the "
+        "estimate lands within 1 % for about 99 % of seeds (at 0.5 % it was 95 %).",
+        cli=False,
+    )
+    trace_samples: int = setting(100, help="The trace's most Hutch++ samples.", cli=False)
+    density: bool = setting(
+        False, help="Estimate the spectral density (SLQ).", common=True, panel=HESSIAN
+    )
+    density_vectors: int = setting(4, help="The density's SLQ start vectors.", cli=False)
+    density_iter: int = setting(80, help="The density's Lanczos steps per vector.", cli=False)
+    per_layer: bool = setting(
+        False, help="Top eigenvalue of each module's block.", common=True, panel=HESSIAN
+    )
+    rho: float = setting(0.05, help="SAM radius ρ.", panel=SAM)
+    alpha: float = setting(0.2, help="Eigen-SAM's α.", panel=SAM)
+    backend: str = setting(
+        "double-backward",
+        help=f"HVP backend: {', '.join(BACKENDS)} (the Hessian's products only).",
+        panel=HESSIAN,
+    )
+    curvature: str = setting(
+        "hessian",
+        help=f"The matrix analysed: {', '.join(CURVATURE_NAMES)}. Fisher: labels drawn from the "
+        "model, seeded by --seed; empirical-fisher: the data's labels. See docs/engine.md.",
+        common=True,
+        panel=HESSIAN,
+    )
+    batch_stats: bool = setting(
+        False,
+        help="BatchNorm on batch statistics (train mode) instead of running statistics.",
+        panel=HESSIAN,
+    )
+    reduction: str = setting(
+        "mean",
+        help="How the loss reduces a batch: mean (the curvature of the mean loss) or sum (of the "
+        "total loss; a built-in loss then sums). A --loss function is checked on the halves of "
+        "a batch.",
+        panel=HESSIAN,
+    )
+    params: Sequence[str] | None = setting(
+        None,
+        help="Only parameters whose name matches this glob (repeatable, e.g. 'fc.*').",
+        common=True,
+        panel=HESSIAN,
+    )
+    exclude: Sequence[str] | None = setting(
+        None,
+        help="Leave out parameters whose name matches this glob (repeatable; after --params), "
+        "e.g. '*word_embeddings*'.",
+        panel=HESSIAN,
+    )
+    slices: bool = setting(
+        False,
+        help="Also measure the loss along v₁ and along ĝ, at 21 points in ±2ρ (for plots).",
+        cli=False,
+    )
+    shards: int = setting(
+        8,
+        help="Disjoint shards of the samples for each figure's spread over other samples of "
+        "this size (a jackknife: about top-k + 11 more products); 0 = off.",
+        panel=HESSIAN,
+    )
+    adaptive_sharpness: str | None = setting(
+        None,
+        help="Also measure the adaptive sharpness: worst or average. The worst-case (ascent) or "
+        "average-case (random draws) L(w+δ) − L(w) over ‖δ/|w|‖ ≤ ρ (Andriushchenko et al. "
+        "2023).",
+        common=True,
+        panel=ADAPTIVE,
+    )
+    adaptive_norm: str = setting(
+        "l2", help="Its ball: l2 or linf (average case: Gaussian or uniform draws).", panel=ADAPTIVE
+    )
+    adaptive_rho: float = setting(0.1, help="Its radius ρ.", panel=ADAPTIVE)
+    adaptive_steps: int = setting(
+        20, help="Its ascent steps (worst) or random draws (average).", panel=ADAPTIVE
+    )
+    adaptive_scale: bool = setting(
+        True,
+        help="Scale the ball by |w| (adaptive: invariant to rescaling layers); off: a plain ball.",
+        panel=ADAPTIVE,
+        negatable=True,
+    )
+    bias: bool = setting(
+        False,
+        help="Also estimate each figure's sample-size bias by solving it on every shard (about "
+        "one more eigen-solve); the spread's intervals then allow for it.",
+        panel=HESSIAN,
+        negatable=True,
+    )
 
     def __post_init__(self) -> None:
         check_finite_fields(self)

@@ -36,28 +36,71 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from sharpscope.analysis.intervals import paired_se
 from sharpscope.errors import InputError, check_finite_fields
+from sharpscope.settings import setting
 
 Kind = Literal["max", "min", "max-increase"]
 Status = Literal["pass", "noise", "fail"]
 
 
+THRESHOLDS = "Thresholds"
+BASELINE = "Baseline"
+
+
+def _limit(text: str) -> Any:
+    """A threshold: None leaves its check out."""
+    return setting(None, help=text, common=True, panel=THRESHOLDS)
+
+
 @dataclass(frozen=True)
 class Thresholds:
-    """Limits to gate a report on; ``None`` leaves that check out."""
+    """Limits to gate a report on; ``None`` leaves that check out.
 
-    max_eigenvalue: float | None = None
-    min_eigenvalue: float | None = None
-    max_trace: float | None = None
-    max_sam_sharpness: float | None = None
-    min_alignment: float | None = None
-    max_adaptive_sharpness: float | None = None
-    max_increase: float | None = None
+    Example:
+        >>> Thresholds(max_eigenvalue=40.0, max_increase=0.1).sigmas
+        0.0
+    """
+
+    max_eigenvalue: float | None = _limit(
+        "Most λ_max allowed. The model is flagged when λ_max exceeds it by more than its residual."
+    )
+    min_eigenvalue: float | None = _limit(
+        "Least λ_min allowed (strong negative curvature). The model is flagged when λ_min is "
+        "below it by more than its residual."
+    )
+    max_trace: float | None = _limit(
+        "Most trace allowed. The model is flagged when the trace exceeds it by more than 2 SE "
+        "of its estimate."
+    )
+    max_sam_sharpness: float | None = _limit("Most SAM sharpness L(w+ρĝ) − L(w) allowed.")
+    min_alignment: float | None = _limit(
+        "Least SAM alignment allowed. The alignment is the mean |cos(ĝ_B, v₁)| over minibatches; "
+        "the model is flagged when it is below the limit by more than 2 SE."
+    )
+    max_adaptive_sharpness: float | None = _limit(
+        "Most adaptive sharpness allowed (measured with --adaptive-sharpness). The model is "
+        "flagged when it exceeds the limit (by more than 2 Monte-Carlo SE for the average case)."
+    )
+    max_increase: float | None = setting(
+        None,
+        help="Most increase of λ_max, trace, SAM or adaptive sharpness over --baseline: 10% or "
+        "0.1.",
+        common=True,
+        panel=BASELINE,
+        kind="fraction",
+    )
     """Largest allowed increase over the baseline, as a fraction (0.1 = 10 %)."""
-    sigmas: float = 0.0
+    sigmas: float = setting(
+        0.0,
+        help="Also allow this many standard errors of each figure's spread over other samples of "
+        "this size (paired with --baseline); 0 gates the model on the data given, with the "
+        "solver's bounds only.",
+        panel=THRESHOLDS,
+    )
     """How many of the spread's standard errors (over other samples of this size) to add to each
     figure's uncertainty; 0 gates the figures on the data given, with the solver's bounds."""
 
@@ -67,6 +110,34 @@ class Thresholds:
             raise InputError(f"`sigmas` must be at least 0, got {self.sigmas:g}")
         if self.max_increase is not None and not self.max_increase >= 0:
             raise InputError(f"`max_increase` must be at least 0, got {self.max_increase:g}")
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """The baseline report a gate compares with, and what it does with it."""
+
+    baseline: Path | None = setting(
+        None,
+        help="A report of the same architecture to compare with (--max-increase). The "
+        "recommended gate, since absolute sharpness is not comparable across architectures.",
+        common=True,
+        panel=BASELINE,
+    )
+    update_baseline: bool = setting(
+        False,
+        help="Write this report to the --baseline file instead of comparing with it. Atomically; "
+        "it never overwrites a file that is not a sharpscope report.",
+        common=True,
+        panel=BASELINE,
+        in_file=False,
+    )
+    allow_different_data: bool = setting(
+        False,
+        help="Compare with a baseline measured on other data (its fingerprint, --samples, "
+        "--seed, --rho, --dtype or --loss differ) instead of refusing it.",
+        panel=BASELINE,
+        in_file=False,
+    )
 
 
 ESTIMATOR_SIGMAS = 2.0
