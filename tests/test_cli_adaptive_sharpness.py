@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessSettings, adaptive_sharpness
 from sharpscope.cli.app import app
 from sharpscope.cli.loading import load_inputs
+from sharpscope.io.load_spec import LoadSpec
 from sharpscope.report.schema import report_schema
 
 WORST = ["--adaptive-sharpness", "worst", "--adaptive-rho", "0.2", "--adaptive-steps", "5"]
@@ -39,7 +40,7 @@ def test_analyze_reports_the_library_figure_with_its_interval(made):
     assert figure["rho"] == 0.2 and figure["n_gradients"] == 5 and figure["std_error"] is None
     low, high = figure["interval"]
     assert low < figure["value"] < high and figure["shards"] == 8
-    loaded = load_inputs(checkpoint, "digits", samples=64, seed=0)
+    loaded = load_inputs(LoadSpec(checkpoint, "digits", samples=64, seed=0))
     expected = adaptive_sharpness(
         loaded.model, F.cross_entropy, loaded.batches, AdaptiveSharpnessSettings(rho=0.2, steps=5)
     )

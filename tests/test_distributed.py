@@ -332,6 +332,7 @@ def test_torchrun_landscape_equals_one_process(checkpoint, tmp_path, kind):
     data) equal to rounding."""
     from sharpscope.analysis.landscape import LandscapeConfig, landscape
     from sharpscope.cli.loading import load_inputs
+    from sharpscope.io.load_spec import LoadSpec
 
     sizes = {"samples": 96, "batch_size": 16, "dtype": "float64"}
     settings = {"directions": kind, "span": 0.5, "points": 5, "grid": 3}
@@ -340,7 +341,8 @@ def test_torchrun_landscape_equals_one_process(checkpoint, tmp_path, kind):
     done = sharpscope([*args, "--out", str(tmp_path)], 2)
     assert done.returncode == 0, done.stderr
     two = json.loads((tmp_path / "landscape.json").read_text(encoding="utf-8"))
-    loaded = load_inputs(checkpoint, "digits", model="mlp", model_args=MLP16[3:], **sizes)
+    spec = LoadSpec(checkpoint, "digits", model="mlp", model_args=MLP16[3:], **sizes)
+    loaded = load_inputs(spec)
     one = landscape(loaded.model, loaded.loss_fn, loaded.batches, LandscapeConfig(**settings))
     grid = [v for row in two["grid"]["loss"] for v in row]
     ours = [two["centre_loss"], *two["line"]["loss"], *grid]

@@ -21,6 +21,7 @@ from sharpscope.cli.app import app
 from sharpscope.curvature import select_params
 from sharpscope.errors import InputError
 from sharpscope.io.architectures import mlp
+from sharpscope.io.load_spec import LoadSpec
 from sharpscope.report.landscape_document import landscape_schema
 
 RUNNER = CliRunner()
@@ -230,8 +231,8 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, extra, expected)
 def test_every_option_reaches_the_library(monkeypatch, tmp_path):
     seen: dict[str, Any] = {}
 
-    def load(checkpoint: Path, data: str, **kwargs: Any) -> None:
-        seen["load"] = kwargs
+    def load(spec: LoadSpec, **kwargs: Any) -> None:
+        seen["load"] = spec
 
     def run(loaded: Any, config: LandscapeConfig, quiet: bool) -> None:
         seen["config"] = config
@@ -255,14 +256,16 @@ def test_every_option_reaches_the_library(monkeypatch, tmp_path):
         **dict(directions="eigen", span=0.3, points=7, grid=5, seed=4, tol=1e-6, max_iter=17),
         **dict(params=["a.*"], exclude=["a.b*"], batch_stats=True, reduction="sum"),
     )
-    assert seen["load"] == {
+    assert seen["load"] == LoadSpec(
+        Path("model.pt"),
+        "digits",
         **dict(model="mlp", model_args=["hidden=(8,)"], trust_pickle=True, trust_code=True),
         **dict(split="test"),
         **dict(state_prefix="net."),
         **dict(samples=7, batch_size=5, seed=4, loss="mse", device="cpu", dtype="float64"),
         **dict(text_field="t", label_field="c", max_length=33),
         **dict(reduction="sum", input_style="single"),
-    }
+    )
     defaults = LandscapeConfig()
     assert all(
         getattr(seen["config"], name) != getattr(defaults, name)

@@ -30,9 +30,9 @@ class Subcommand:
     def load(self, name: str) -> Any:
         """The Click command Typer builds from the function."""
         app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-        app.command(name, cls=PlainCommand)(
-            getattr(importlib.import_module(self.module), self.function)
-        )
+        function = getattr(importlib.import_module(self.module), self.function)
+        epilog = getattr(function, "epilog", None)
+        app.command(name, cls=PlainCommand, epilog=epilog)(function)
         command = typer.main.get_command(app)
         command.name = name
         return command
@@ -58,6 +58,11 @@ COMMANDS: dict[str, Subcommand] = {
         "sharpscope.cli.landscape",
         "landscape_command",
         "Loss on a line and a 2-D grid around the weights (PNG and JSON).",
+    ),
+    "config": Subcommand(
+        "sharpscope.cli.config_command",
+        "config_command",
+        "Every setting of a command: config key, default, meaning.",
     ),
     "demo": Subcommand(
         "sharpscope.cli.demo",

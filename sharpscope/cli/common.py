@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Iterator
 from types import FrameType, ModuleType
-from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -28,23 +27,12 @@ from rich.progress import (
 from rich.table import Column
 
 from sharpscope.cli.flags import as_flags
-from sharpscope.cli.options import RUN
 from sharpscope.errors import InputError
 from sharpscope.launch import launched_by_torchrun
 from sharpscope.signal_handlers import SignalHandlers
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
-
-DistTimeout = Annotated[
-    float,
-    typer.Option(
-        "--dist-timeout",
-        help="Under torchrun: seconds a collective may wait for the other ranks before failing.",
-        rich_help_panel=RUN,
-        min=0.001,
-    ),
-]
 
 
 def info(message: str) -> None:

@@ -2,28 +2,30 @@
 
 The file is found from the current folder upwards, up to the repository root (the folder that
 holds ``.git``) or the user's home, never above (outside both, only the current folder is
-searched); in each folder a ``sharpscope.toml`` (top-level keys) comes before a
-``pyproject.toml`` with a ``[tool.sharpscope]`` table. Keys are the long option names of
-``sharpscope check`` without the dashes (``max-eigenvalue = 40``); the command line overrides them.
+searched); in each folder a ``sharpscope.toml`` comes before a ``pyproject.toml`` with a
+``[tool.sharpscope]`` table. Each command reads its own table, ``[analyze]`` in sharpscope.toml
+(``[tool.sharpscope.analyze]`` in pyproject.toml), whose keys are its long option names without
+the dashes (``top-k = 3``); ``check`` also reads the top-level keys (its table wins). The command
+line overrides them.
 
-A file found by search was not chosen by the user, so the code specs in it (:data:`CODE_PARAMS`
-of the ``pkg.module:function`` or ``file.py:function`` form) are refused unless it is chosen
-with ``--config`` or code is trusted (:func:`refuse_searched_code`).
+A file found by search was not chosen by the user, so the code specs in it (settings declared
+with ``code``, of the ``pkg.module:function`` or ``file.py:function`` form) are refused unless it
+is chosen with ``--config`` or code is trusted (:func:`refuse_searched_code`).
 """
 
 from __future__ import annotations
 
 import difflib
 import sys
-import types
-import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
+from sharpscope.cli.declarations import COMMANDS
 from sharpscope.errors import InputError
 from sharpscope.io.user_code import is_object_spec
+from sharpscope.settings import Declaration
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,76 +67,32 @@ class Setting:
         return value
 
 
-NUMBER = Setting((int, float), "a number")
-INTEGER = Setting((int,), "an integer")
-TEXT = Setting((str,), "a string")
-FLAG = Setting((bool,), "true or false")
-TEXTS = Setting((list,), "an array of strings", items=str)
-PATH = Setting((str,), "a path (relative to the config file's folder)", relative="always")
-DATA = Setting((str,), "a data spec (a name, a path or pkg.module:function)", relative="if-present")
-FRACTION = Setting((int, float, str), 'a fraction (0.1) or a percentage ("10%")')
-
-NOT_SETTINGS = frozenset(
-    {
-        "config",
-        "json_out",
-        "quiet",
-        "debug",
-        "update_baseline",
-        "trust_pickle",
-        "trust_code",
-        "allow_different_data",
-    }
-)
-"""Options of ``check`` that a config file cannot set: the config file itself, how the result is
-shown, writing the baseline, trusting pickles and comparing with a baseline of other data
-(explicit choices every time)."""
-
-_BY_TYPE: dict[Any, Setting] = {
-    int: INTEGER,
-    float: NUMBER,
-    str: TEXT,
-    bool: FLAG,
-    Path: PATH,
-    list[str]: TEXTS,
+KINDS: dict[str, Setting] = {
+    "number": Setting((int, float), "a number"),
+    "integer": Setting((int,), "an integer"),
+    "text": Setting((str,), "a string"),
+    "flag": Setting((bool,), "true or false"),
+    "texts": Setting((list,), "an array of strings", items=str),
+    "path": Setting((str,), "a path (relative to the config file's folder)", relative="always"),
+    "data": Setting(
+        (str,), "a data spec (a name, a path or pkg.module:function)", relative="if-present"
+    ),
+    "fraction": Setting((int, float, str), 'a fraction (0.1) or a percentage ("10%")'),
 }
-CODE_PARAMS: tuple[str, ...] = ("data", "model", "loss")
-"""Options whose value may name a user's function, which runs when it is loaded."""
+"""How a config file writes each kind of setting (:data:`sharpscope.settings.KINDS`)."""
 
-_SPECIAL = {"data": DATA, "max_increase": FRACTION}
-"""Options whose text is more than a string: a data spec, a fraction or a percentage."""
-
-
-class Command(Protocol):
-    """A Click command, as Typer builds it (``ctx.command``)."""
-
-    params: list[Any]
+TOP_LEVEL = "check"
+"""The command that also reads the top-level keys (the only one that had a config file before
+the per-command tables)."""
 
 
-def settings_of(command: Command, function: Callable[..., Any]) -> dict[str, Setting]:
-    """Config key (the long option name without dashes) -> setting, for every option of
-    ``command`` (built by Typer from ``function``) but :data:`NOT_SETTINGS`."""
-    hints = typing.get_type_hints(function, include_extras=True)
-    settings = {}
-    for param in command.params:
-        if param.param_type_name != "option" or param.name in NOT_SETTINGS:
-            continue
-        long = next(opt for opt in param.opts if opt.startswith("--"))
-        kind = _plain(hints[param.name])
-        settings[long.removeprefix("--")] = replace(
-            _SPECIAL.get(param.name) or _BY_TYPE[kind], param=param.name
-        )
-    return settings
-
-
-def _plain(hint: Any) -> Any:
-    """The type under ``Annotated[...]`` and ``... | None``."""
-    if typing.get_origin(hint) is typing.Annotated:
-        hint = typing.get_args(hint)[0]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return hint
+def settings_for(declarations: Iterable[Declaration]) -> dict[str, Setting]:
+    """Config key -> setting, for every declaration a config file may set."""
+    return {
+        d.option.key: replace(KINDS[d.kind], param=d.name)
+        for d in declarations
+        if d.option.in_file and d.option.cli
+    }
 
 
 _TOML_TYPES = {
@@ -158,16 +116,24 @@ class Config:
 
 
 Settings = Mapping[str, Setting]
-"""Config key -> what it accepts and the parameter it sets (:func:`settings_of`)."""
+"""Config key -> what it accepts and the parameter it sets (:func:`settings_for`)."""
 
 
-def load_config(settings: Settings, path: Path | None = None, start: Path | None = None) -> Config:
-    """The config at ``path``, else the one :func:`find_config` finds from ``start`` (default:
-    the current folder); an empty :class:`Config` when there is none."""
+def load_config(
+    settings: Settings,
+    path: Path | None = None,
+    start: Path | None = None,
+    command: str = TOP_LEVEL,
+) -> Config:
+    """``command``'s settings in the config at ``path``, else in the one :func:`find_config`
+    finds from ``start`` (default: the current folder); an empty :class:`Config` when there is
+    none."""
     if path is not None:
-        return read_config(path, settings)
+        return read_config(path, settings, command)
     found = find_config(start or Path.cwd())
-    return Config() if found is None else replace(read_config(found, settings), searched=True)
+    if found is None:
+        return Config()
+    return replace(read_config(found, settings, command), searched=True)
 
 
 def find_config(start: Path) -> Path | None:
@@ -199,16 +165,16 @@ def _home() -> Path | None:
         return None
 
 
-def refuse_searched_code(config: Config, taken: list[str]) -> None:
-    """Refuse the code specs of a config file found by search among the options ``taken`` from
-    it (not given on the command line): whoever can write a file in a parent folder chose them.
-    """
+def refuse_searched_code(config: Config, taken: Iterable[str]) -> None:
+    """Refuse the code specs among the settings ``taken`` from a config file found by search (not
+    given on the command line; those that may name code): whoever can write a file in a parent
+    folder chose them."""
     if not config.searched:
         return
     named = [
         f"{param.replace('_', '-')} = {config.options[param]!r}"
-        for param in CODE_PARAMS
-        if param in taken and is_object_spec(str(config.options.get(param, "")))
+        for param in taken
+        if is_object_spec(str(config.options.get(param, "")))
     ]
     if named:
         raise InputError(
@@ -218,17 +184,29 @@ def refuse_searched_code(config: Config, taken: list[str]) -> None:
         )
 
 
-def read_config(path: Path, settings: Settings) -> Config:
-    """The options a config file sets; every problem is an :class:`InputError` naming the file
-    and the key."""
+def read_config(path: Path, settings: Settings, command: str = TOP_LEVEL) -> Config:
+    """The options a config file sets for ``command`` (its table, and for :data:`TOP_LEVEL` the
+    top-level keys too); every problem is an :class:`InputError` naming the file and the key."""
     table = _sharpscope_table(path) if path.name == "pyproject.toml" else _read_toml(path)
     if table is None:
         raise InputError(f"{path} has no {TABLE} table; add one, or pass a sharpscope.toml")
     where = f"{path} ({TABLE})" if path.name == "pyproject.toml" else str(path)
+    tables = {k for k, v in table.items() if isinstance(v, dict)}
+    for name in tables - set(COMMANDS):
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"did you mean [{close[0]}]?" if close else f"tables: {', '.join(COMMANDS)}"
+        raise InputError(f"{where}: unknown table [{name}]; {hint}")
+    top = {k: v for k, v in table.items() if k not in tables}
+    own = table.get(command, {})
+    if not isinstance(own, dict):
+        raise InputError(f"{where}: {command!r} must be a table, got {_toml_type(own)}")
+    sources = [(where, top)] if command == TOP_LEVEL else []
+    sources.append((f"{where} [{command}]", own))
     options = {}
-    for key, value in table.items():
-        setting = _setting(where, settings, key)
-        options[setting.param] = _value(where, path.parent, key, setting, value)
+    for place, keys in sources:
+        for key, value in keys.items():
+            setting = _setting(place, settings, key)
+            options[setting.param] = _value(place, path.parent, key, setting, value)
     return Config(path, options)
 
 

@@ -10,14 +10,20 @@ from typing import Annotated
 import typer
 
 from sharpscope.analysis.config import AnalyzeConfig
-from sharpscope.cli import options as opt
 from sharpscope.cli.analyze import run_analysis
 from sharpscope.cli.common import errors_as_exit, info, set_threads, stdout
+from sharpscope.cli.declarations import Session
+from sharpscope.cli.generate import option_of
 from sharpscope.errors import InputError
+from sharpscope.io.load_spec import LoadSpec
 from sharpscope.report.table import print_report
 from sharpscope.stopwatch import Stopwatch
 
 CHECKPOINT = "digits-mlp.safetensors"
+Seed = option_of(LoadSpec, "seed")
+Threads = option_of(Session, "threads")
+Quiet = option_of(Session, "quiet")
+Debug = option_of(Session, "debug")
 
 
 def _seconds(value: float) -> str:
@@ -41,10 +47,10 @@ def demo_command(
         Path, typer.Option("--out", help="Folder for the checkpoint, report and plots.")
     ] = Path("sharpscope-demo"),
     steps: Annotated[int, typer.Option(help="Training steps (Adam, batch 128).")] = 300,
-    seed: opt.Seed = 0,
-    threads: opt.Threads = None,
-    quiet: opt.Quiet = False,
-    debug: opt.Debug = False,
+    seed: Seed = 0,
+    threads: Threads = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Train an MLP on scikit-learn's digits (offline, seconds), save it, and analyze it.
 
@@ -85,7 +91,7 @@ def demo_command(
         with watch.stage("save"):
             save_checkpoint(checkpoint, model, spec)
         with watch.stage("load"):
-            loaded = load_inputs(checkpoint, "digits", seed=seed, samples=None, device="cpu")
+            loaded = load_inputs(LoadSpec(checkpoint, "digits", seed=seed, samples=0, device="cpu"))
         config = AnalyzeConfig(seed=seed, density=True, slices=True)
         with watch.stage("analyze"):
             analysis, report = run_analysis(loaded, config, quiet)

@@ -17,6 +17,7 @@ from sharpscope.choices import DTYPE_NAMES
 from sharpscope.errors import InputError, check_choice
 from sharpscope.io.checkpoints import Checkpoint, load_model
 from sharpscope.io.data import DataBundle, batches, check_targets, load_data
+from sharpscope.io.load_spec import LoadSpec
 from sharpscope.io.losses import BuiltinLoss, loss_name, resolve_loss
 from sharpscope.io.models import ModelSpec, parse_model_args
 from sharpscope.io.tokenizer import TextSpec
@@ -95,35 +96,13 @@ def _check_positions(model: nn.Module, inputs: Any, source: str) -> None:
         )
 
 
-def load_inputs(
-    checkpoint: Path,
-    data: str,
-    *,
-    model: str | None = None,
-    model_args: list[str] | None = None,
-    trust_pickle: bool = False,
-    trust_code: bool = False,
-    state_prefix: str | None = None,
-    split: str = "train",
-    samples: int | None = None,
-    batch_size: int = 128,
-    seed: int = 0,
-    text_field: str = "text",
-    label_field: str = "label",
-    max_length: int | None = None,
-    tokenizer: Path | None = None,
-    loss: str = "auto",
-    reduction: str = "mean",
-    input_style: str = "auto",
-    device: str = "auto",
-    dtype: str = "float32",
-    shard: bool = False,
-) -> Loaded:
-    """Load and check everything a command needs; every problem is an :class:`InputError`.
+def load_inputs(spec: LoadSpec, *, tokenizer: Path | None = None, shard: bool = False) -> Loaded:
+    """Load and check everything a command needs (:class:`LoadSpec`); every problem is an
+    :class:`InputError`.
 
-    ``samples`` of 0 or None means all of the split (``--samples 0``). Text data is tokenized
-    with the tokenizer of the save_pretrained folder ``tokenizer`` (default: ``checkpoint``), if
-    it is a folder. ``reduction`` is how the loss reduces a batch (a built-in loss reduces so);
+    ``samples`` of 0 means all of the split (``--samples 0``). Text data is tokenized with the
+    tokenizer of the save_pretrained folder ``tokenizer`` (default: the checkpoint), if it is a
+    folder. ``reduction`` is how the loss reduces a batch (a built-in loss reduces so);
     ``input_style`` how a mapping of input fields reaches the model
     (:func:`sharpscope.structures.input_style`: chosen from the model's ``forward`` for auto).
 
@@ -131,29 +110,42 @@ def load_inputs(
     then keeps its contiguous block of the batches (:func:`sharpscope.distributed.shard`); a
     failure or a disagreement on any rank raises on all of them.
     """
-    samples = samples or None
+    checkpoint, data, seed, batch_size, dtype = (
+        spec.checkpoint,
+        str(spec.data),
+        spec.seed,
+        spec.batch_size,
+        spec.dtype,
+    )
+    if checkpoint is None:
+        raise InputError("pass a `checkpoint`")
+    samples = spec.samples or None
     with distributed.together("loading the model and data"):
-        torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-        spec = ModelSpec(model, parse_model_args(model_args or [])) if model else None
-        if spec is None and model_args:
+        torch_device, torch_dtype = resolve_device(spec.device), resolve_dtype(dtype)
+        given = (
+            ModelSpec(spec.model, parse_model_args(spec.model_args or [])) if spec.model else None
+        )
+        if given is None and spec.model_args:
             raise InputError("--model-arg needs --model (the factory the arguments are for)")
         net, ckpt = load_model(
             checkpoint,
-            spec,
-            trust_pickle=trust_pickle,
-            state_prefix=state_prefix,
-            trust_code=trust_code,
+            given,
+            trust_pickle=spec.trust_pickle,
+            state_prefix=spec.state_prefix,
+            trust_code=spec.trust_code,
         )
         net = net.to(device=torch_device, dtype=torch_dtype)
         folder = tokenizer or checkpoint
-        text = TextSpec(folder if folder.is_dir() else None, text_field, label_field, max_length)
-        bundle = load_data(data, split=split, samples=samples, seed=seed, text=text)
+        text = TextSpec(
+            folder if folder.is_dir() else None, spec.text_field, spec.label_field, spec.max_length
+        )
+        bundle = load_data(data, split=spec.split, samples=samples, seed=seed, text=text)
         pieces = batches(bundle, batch_size)
-        pieces = styled(pieces, resolve_style(net, pieces[0][0], input_style))
-        loss = loss_name(loss, net)
-        loss_fn = resolve_loss(loss, bundle.num_classes, reduction)
+        pieces = styled(pieces, resolve_style(net, pieces[0][0], spec.input_style))
+        loss = loss_name(spec.loss, net)
+        loss_fn = resolve_loss(loss, bundle.num_classes, spec.reduction)
         _probe(net, bundle, pieces[0], loss_fn, torch_device, torch_dtype)
-        used_spec = spec or ckpt.model_spec
+        used_spec = given or ckpt.model_spec
         fingerprint = data_fingerprint(bundle)
         description = Inputs(
             checkpoint=CheckpointInput(str(checkpoint), ckpt.sha256, ckpt.format),
