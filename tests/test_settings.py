@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from test_check import FAST, make_checkpoint, one_error_line
+from test_startup import run_fresh
 from typer.testing import CliRunner
 
 import sharpscope.cli.analyze as analyze_module
@@ -303,6 +304,12 @@ def test_config_lists_every_setting_and_help_the_common_ones(command):
             assert f"  {item.option.key}" in listing, item.name
         listed = re.search(rf"│ {re.escape(item.option.flag)}\s", shown) is not None
         assert listed == item.option.common, item.name
+
+
+def test_config_and_a_bad_set_import_no_torch(tmp_path):
+    assert run_fresh("config", "analyze")[:2] == ("", 0)
+    loaded, code, stderr = run_fresh("analyze", "x.pt", "--data", "digits", "--set", "nope=1")
+    assert (loaded, code) == ("", 2) and "unknown key 'nope'" in stderr
 
 
 def test_config_of_an_unknown_command():
