@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from sharpscope.analysis.config import AnalyzeConfig
 from sharpscope.analysis.gate import BaselineSettings, Thresholds
@@ -14,6 +15,11 @@ from sharpscope.io.load_spec import RUN, LoadSpec
 from sharpscope.launch import DEFAULT_TIMEOUT_S
 from sharpscope.settings import Declaration, declared, setting
 from sharpscope.training.options import MARKER, SAVE, RunOptions
+
+
+def _json(text: str) -> Any:
+    """``--json``: what the command prints as JSON on stdout (a choice made each time)."""
+    return setting(False, help=text, flag="--json", common=True, panel=RUN, in_file=False)
 
 
 @dataclass(frozen=True)
@@ -69,28 +75,14 @@ class AnalyzeOutputs:
         common=True,
         panel=RUN,
     )
-    json_out: bool = setting(
-        False,
-        help="Print the report as JSON on stdout.",
-        flag="--json",
-        common=True,
-        panel=RUN,
-        in_file=False,
-    )
+    json_out: bool = _json("Print the report as JSON on stdout.")
 
 
 @dataclass(frozen=True)
 class CheckOutputs:
     """Where ``check`` writes."""
 
-    json_out: bool = setting(
-        False,
-        help="Print the verdict, the checks and the figures as JSON on stdout.",
-        flag="--json",
-        common=True,
-        panel=RUN,
-        in_file=False,
-    )
+    json_out: bool = _json("Print the verdict, the checks and the figures as JSON on stdout.")
     junit: Path | None = setting(
         None,
         help="Also write the checks as JUnit XML to this file. One testcase per check.",
@@ -142,14 +134,7 @@ class FinetuneOutputs:
         panel=SAVE,
         in_file=False,
     )
-    json_out: bool = setting(
-        False,
-        help="Print the summary as JSON on stdout.",
-        flag="--json",
-        common=True,
-        panel=RUN,
-        in_file=False,
-    )
+    json_out: bool = _json("Print the summary as JSON on stdout.")
 
 
 @dataclass(frozen=True)
