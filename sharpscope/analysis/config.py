@@ -50,8 +50,8 @@ class AnalyzeConfig:
     )
     max_iter: int = setting(
         200,
-        help="Most Hessian-vector products per solve (power: per pair). Lanczos then takes one "
-        "more per returned pair, which measures its true residual.",
+        help="Most Hessian-vector products per solve. Power iteration: per pair. Lanczos then "
+        "takes one more per returned pair, which measures its true residual.",
         common=True,
         panel=HESSIAN,
     )
