@@ -3,13 +3,17 @@ the command's ``--help``/``--version`` import no torch until a name or a command
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import sharpscope as ss
+from sharpscope import version
 from sharpscope.curvature import Objective
 from sharpscope.errors import InputError
 
@@ -51,6 +55,24 @@ def test_every_exported_name_resolves():
     assert set(ss.__all__) <= set(dir(ss))
     with pytest.raises(AttributeError, match="no attribute 'lanczoz'"):
         _ = ss.lanczoz
+
+
+def test_the_version_has_one_source():
+    """pyproject.toml reads sharpscope/version.py (the installed metadata says the same), and the
+    package root re-exports it."""
+    assert importlib.metadata.version("sharpscope") == version.__version__ == ss.__version__
+
+
+def test_no_module_imports_a_name_from_the_lazy_package_root():
+    """Inside the package, ``from sharpscope import X`` imports only submodules: a name of the
+    lazy root (as ``__version__`` once was) would be an upward import."""
+    root = Path(ss.__file__).parent
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == "sharpscope" and not node.level:
+                for name in (alias.name for alias in node.names):
+                    submodule = (root / f"{name}.py").is_file() or (root / name).is_dir()
+                    assert submodule, f"{path.relative_to(root)} imports {name} from the root"
 
 
 @pytest.mark.parametrize("method", ["lanczos", "power"])

@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-from sharpscope import __version__
 from sharpscope.cli.help_format import PlainCommand, PlainGroup
 from sharpscope.launch import launched_by_torchrun
+from sharpscope.version import __version__
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from sharpscope.io.state_dicts import (
     select_prefix,
 )
 from sharpscope.io.unpickler import refuse_unsafe_unpickler
+from sharpscope.version import __version__
 
 FORMATS: tuple[str, ...] = (
     "state_dict",
@@ -159,8 +160,6 @@ def save_checkpoint(
 ) -> None:
     """Write the model's parameters and buffers as safetensors, atomically, with ``spec`` in the
     metadata so that :func:`load_model` rebuilds the model without being told the spec."""
-    from sharpscope import __version__
-
     tensors = savable_state(model)
     stored = {**(metadata or {}), SPEC_KEY: spec.to_json(), VERSION_KEY: __version__}
     try:

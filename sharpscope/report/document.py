@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from sharpscope import __version__
 from sharpscope.analysis.gate import GateInput, Reading
 from sharpscope.analysis.intervals import COSINES, SamplingErrors, bias_range, interval
 from sharpscope.analysis.verdict import spread_notes, verdict
 from sharpscope.errors import InputError
 from sharpscope.report.json_report import dumps
 from sharpscope.report.schema import REANALYZE, SCHEMA_VERSION, NotAReport, check_report
+from sharpscope.version import __version__
 
 if TYPE_CHECKING:  # a report is read, explained and gated without torch
     from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessResult

@@ -31,13 +31,13 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from sharpscope import __version__
 from sharpscope.errors import InputError
 from sharpscope.io.atomic import atomic_folder, check_can_create, write_text_atomic
 from sharpscope.training.metrics import CSV, JSONL, TENSORBOARD
 from sharpscope.training.options import MARKER
 from sharpscope.training.run_config import RunConfig
 from sharpscope.training.state import save_trainer_state
+from sharpscope.version import __version__
 
 CONFIG = "config.json"
 LATEST = "latest"
