@@ -10,33 +10,12 @@ from typing import Any
 
 import jsonschema
 import pytest
-import torch
+from tiny_cli import FAST, analyze_report, make_checkpoint, one_error_line
 from typer.testing import CliRunner, Result
 
 from sharpscope.analysis.intervals import jackknife_se
 from sharpscope.cli.app import app
-from sharpscope.io.checkpoints import save_checkpoint
-from sharpscope.io.models import ModelSpec, build_model
 from sharpscope.report.schema import report_schema, schema_problem
-
-FAST = ["--data", "digits", "--samples", "64", "--top-k", "2", "--quiet"]
-"""Analysis options that keep a run on the tiny model well under a second."""
-
-
-def make_checkpoint(folder: Path) -> Path:
-    """An untrained MLP with one hidden layer of 16, saved with its model spec."""
-    torch.manual_seed(0)
-    spec = ModelSpec("mlp", {"hidden": (16,)})
-    path = folder / "tiny.safetensors"
-    save_checkpoint(path, build_model(spec), spec)
-    return path
-
-
-def analyze_report(checkpoint: Path) -> dict[str, Any]:
-    """``sharpscope analyze --json`` of the checkpoint on a 64-sample digits subset."""
-    result = CliRunner().invoke(app, ["analyze", str(checkpoint), *FAST, "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
 
 
 def check(*args: Any, env: dict[str, str] | None = None) -> Result:
@@ -53,21 +32,6 @@ def verdict(result: Result) -> dict[str, Any]:
     """The ``--json`` result of a run."""
     assert result.exit_code in (0, 1), result.output
     return json.loads(result.stdout)
-
-
-def refused(exit_code: int, stderr: str, *words: str) -> None:
-    """Exit 2 with exactly one ``error:`` line on stderr that says each of ``words`` (of an
-    in-process run or a subprocess alike)."""
-    lines = stderr.strip().splitlines()
-    assert exit_code == 2, (exit_code, stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-
-
-def one_error_line(result: Result, *words: str) -> None:
-    """:func:`refused` for a CliRunner result."""
-    refused(result.exit_code, result.stderr, *words)
 
 
 @pytest.fixture(scope="module")

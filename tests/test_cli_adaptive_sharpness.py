@@ -10,8 +10,9 @@ from typing import Any
 
 import jsonschema
 import pytest
-from test_check import FAST, check, make_checkpoint, one_error_line, verdict, write
+from test_check import check, verdict, write
 from test_check import isolated as isolated
+from tiny_cli import FAST, make_checkpoint, one_error_line
 from torch.nn import functional as F
 from typer.testing import CliRunner
 

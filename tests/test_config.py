@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 import test_check
-from test_check import check, one_error_line, write
+from test_check import check, write
+from tiny_cli import one_error_line
 
 from sharpscope.cli.app import COMMANDS
 from sharpscope.cli.config_file import find_config, load_config
@@ -169,7 +170,7 @@ def test_a_missing_config_file_is_one_line_exit_2(saved, repo):
 
 
 def test_config_supplies_the_analysis_settings(made, repo):
-    checkpoint, report = made  # made with the settings of test_check.FAST
+    checkpoint, report = made  # made with the settings of tiny_cli.FAST
     toml = 'data = "digits"\nsamples = 64\ntop-k = 2\nmax-eigenvalue = 100\n'
     (repo / "sharpscope.toml").write_text(toml)
     result = check(checkpoint, "--quiet", "--json")

@@ -15,7 +15,7 @@ import pytest
 import tiny_hf
 import torch
 from safetensors.torch import load_file
-from test_transformers import bert_truth, token_data
+from tiny_hf_truth import bert_truth, token_data
 from typer.testing import CliRunner
 
 from sharpscope.cli.app import app

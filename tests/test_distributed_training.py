@@ -315,7 +315,7 @@ def test_hf_trainer_ddp_callback_equals_one_process_on_the_final_weights(tmp_pat
     from sharpscope.integrations.hf_callback import labelled
     from sharpscope.io.losses import loss_name, resolve_loss
 
-    ranks = _run(tmp_path, HF_RUN, 2, str(tmp_path), str(Path(__file__).parent))
+    ranks = _run(tmp_path, HF_RUN, 2, str(tmp_path), str(Path(tiny_hf.__file__).parent))
     assert len(ranks) == 2 and ranks[0]["last"] == ranks[1]["last"] and ranks[0]["world"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "rank0.jsonl", "script.py"]
     for rank in ranks:  # trainer.log keeps the row on every rank; its integrations report on 0

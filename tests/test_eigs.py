@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import Shared
+from ground_truth import Shared
 
 from sharpscope.curvature import (
     HessianOperator,

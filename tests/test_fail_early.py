@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_check import FAST, check, make_checkpoint, one_error_line
+from test_check import check
+from tiny_cli import FAST, make_checkpoint, one_error_line
 from typer.testing import CliRunner
 
 from sharpscope.cli.app import app

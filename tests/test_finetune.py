@@ -20,7 +20,7 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
-from test_check import one_error_line as one_error
+from tiny_cli import one_error_line as one_error
 from typer.testing import CliRunner, Result
 
 from sharpscope.cli.app import app

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import Shared
+from ground_truth import Shared
 from torch import nn
 from torch.func import functional_call
 

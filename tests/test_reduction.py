@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Problem, dense_hessian
+from ground_truth import Problem, dense_hessian
 
 from sharpscope.curvature import EmpiricalFisherOperator, GGNOperator, HessianOperator, Objective
 from sharpscope.errors import InputError

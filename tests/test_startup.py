@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_check import FAST, analyze_report, make_checkpoint
+from tiny_cli import FAST, analyze_report, make_checkpoint
 from typer.testing import CliRunner
 
 from sharpscope import choices

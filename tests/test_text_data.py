@@ -27,7 +27,7 @@ from sharpscope.io.data import load_data, subset_indices
 from sharpscope.io.tokenizer import TextSpec
 
 RUNNER = CliRunner()
-FACTORIES = str(Path(__file__).with_name("tiny_hf.py"))
+FACTORIES = tiny_hf.__file__
 SENTENCES = [
     "the cat sat on the mat .",
     "a dog ran",

@@ -9,7 +9,6 @@ BERT on this torch (``test_forward_over_reverse_is_refused_where_wrong``).
 from __future__ import annotations
 
 import json
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -18,61 +17,18 @@ import pytest
 import tiny_hf
 import torch
 from safetensors.torch import save_file
-from torch.func import functional_call
+from tiny_hf_truth import L, N, bert_truth, dense, hessian, token_data
 from typer.testing import CliRunner
 
 from sharpscope.cli.app import app
 from sharpscope.curvature import HessianOperator, Objective, SolveSettings, lanczos, select_params
-from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.errors import InputError
 from sharpscope.io.data import load_data
 from sharpscope.io.losses import loss_name, resolve_loss
 
 RUNNER = CliRunner()
-FACTORIES = str(Path(__file__).with_name("tiny_hf.py"))
-N, L = 12, 7
+FACTORIES = tiny_hf.__file__
 EXACT = ["--dtype", "float64", "--tol", "1e-10", "--samples", "0", "--no-trace", "--top-k", "5"]
-
-
-def token_data(seed: int = 1) -> dict[str, torch.Tensor]:
-    """``N`` sequences of ``L`` token ids, the last 0-2 positions padded, and 3-class labels."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, tiny_hf.VOCAB, (N, L), generator=g)
-    mask = torch.ones(N, L, dtype=torch.int64)
-    for i in range(N):
-        mask[i, L - i % 3 :] = 0
-    labels = torch.randint(0, 3, (N,), generator=g)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def dense(model: torch.nn.Module, loss: str, inputs: dict[str, Any], targets: torch.Tensor):
-    """Eigenvalues (ascending) of the float64 Hessian of ``loss`` over all the data as one batch."""
-    return torch.linalg.eigvalsh(hessian(model, loss, inputs, targets))
-
-
-def hessian(
-    model: torch.nn.Module, loss: str, inputs: dict[str, Any], targets: torch.Tensor
-) -> torch.Tensor:
-    """The float64 Hessian of ``loss`` over all the data as one batch, in flat-vector order."""
-    model = model.double().eval()
-    fn = resolve_loss(loss)
-    space = select_params(model)
-    flat = torch.cat([p.detach().reshape(-1) for p in space.params])
-
-    def loss_of(w: torch.Tensor) -> torch.Tensor:
-        return fn(functional_call(model, space.unflatten(w), (), inputs), targets)
-
-    with twice_differentiable():
-        hessian = torch.autograd.functional.hessian(loss_of, flat)
-    assert torch.allclose(hessian, hessian.T, atol=1e-12)
-    return hessian
-
-
-@cache
-def bert_truth() -> torch.Tensor:
-    data = token_data()
-    inputs = {k: data[k] for k in ("input_ids", "attention_mask")}
-    return dense(tiny_hf.bert(), "cross-entropy", inputs, data["labels"])
 
 
 def analyze(tmp_path: Path, model: torch.nn.Module, factory: str, data: str, *extra: str) -> dict:

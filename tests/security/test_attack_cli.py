@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_check import FAST, make_checkpoint, refused
+from tiny_cli import FAST, make_checkpoint, refused
 
 from security.attack import Snapshot, cli, run_sharpscope
 from sharpscope.optim import SAM, EigenSAM

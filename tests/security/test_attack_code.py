@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_check import FAST, make_checkpoint, refused
+from tiny_cli import FAST, make_checkpoint, refused
 from torch import nn
 
 from security.attack import Snapshot, cli, run_sharpscope

@@ -23,7 +23,7 @@ import tiny_hf
 import tiny_tokenizer
 import torch
 import transformers
-from test_check import refused
+from tiny_cli import refused
 
 from security.attack import NetworkGuard, Snapshot, cli, run_sharpscope
 from sharpscope.io.checkpoints import save_checkpoint

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from test_check import FAST, make_checkpoint, refused
+from tiny_cli import FAST, make_checkpoint, refused
 
 from security.attack import Snapshot, cli
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import tiny_hf
 import torch
-from test_check import FAST, make_checkpoint, refused
+from tiny_cli import FAST, make_checkpoint, refused
 
 from security.attack import NetworkGuard, Snapshot, cli
 from sharpscope.io.file_sets import replace_files

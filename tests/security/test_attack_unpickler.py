@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_check import FAST, make_checkpoint, refused
+from tiny_cli import FAST, make_checkpoint, refused
 
 from security.attack import Snapshot, cli
 from sharpscope.io.unpickler import unpickler_is_safe
