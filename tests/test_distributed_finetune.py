@@ -20,13 +20,10 @@ import test_distributed
 import torch
 from safetensors.torch import load_file
 from test_distributed import TIMEOUT_S, finished, launch, sharpscope
-from test_trainer import config
 from typer.testing import CliRunner
 
 from sharpscope.cli.app import app
-from sharpscope.errors import InputError
 from sharpscope.training.metrics import read_rows
-from sharpscope.training.run_config import RunConfig
 
 world_data = test_distributed.world_data  # a fixture: data that rank 1 can be told to spoil
 REL = 1e-8
@@ -239,14 +236,3 @@ def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes(
     done = finished(uninterrupted)
     assert done.returncode == 0, done.stderr
     assert_close(weights(run), weights(straight), 0.0)  # bit for bit
-
-
-def test_per_rank_sam_is_a_run_setting_that_older_configs_lack():
-    stored = json.loads(config(per_rank_sam=True).to_json())
-    assert RunConfig.from_json(json.dumps(stored), "c.json").per_rank_sam
-    del stored["per_rank_sam"]
-    assert not RunConfig.from_json(json.dumps(stored), "c.json").per_rank_sam
-    with pytest.raises(
-        InputError, match=r"`per_rank_sam` needs a SAM-style optimizer \(sam, asam or eigen-sam\)"
-    ):
-        config(optimizer="sgd", per_rank_sam=True)

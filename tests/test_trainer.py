@@ -311,6 +311,17 @@ def test_bad_settings_are_refused(changes: dict[str, Any], message: str):
         config(**changes)
 
 
+def test_per_rank_sam_is_a_run_setting_that_older_configs_lack():
+    stored = json.loads(config(per_rank_sam=True).to_json())
+    assert RunConfig.from_json(json.dumps(stored), "c.json").per_rank_sam
+    del stored["per_rank_sam"]
+    assert not RunConfig.from_json(json.dumps(stored), "c.json").per_rank_sam
+    with pytest.raises(
+        InputError, match=r"`per_rank_sam` needs a SAM-style optimizer \(sam, asam or eigen-sam\)"
+    ):
+        config(optimizer="sgd", per_rank_sam=True)
+
+
 def writer(model: nn.Module, spec: ModelSpec, step: int) -> Callable[[Path], None]:
     """What a run writes of its model into a checkpoint folder (training.run.Saver)."""
     return lambda folder: save_checkpoint(folder / MODEL, model, spec, {STEP_KEY: str(step)})
