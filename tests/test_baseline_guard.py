@@ -12,11 +12,12 @@ from typing import Any
 import numpy
 import pytest
 import torch
+from test_check import check, verdict, write
+from tiny_cli import FAST, make_checkpoint, one_error_line
 
 from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.data import load_data
 from sharpscope.io.models import ModelSpec, build_model
-from tests.test_check import FAST, check, make_checkpoint, one_error_line, verdict, write
 
 RELATIVE = ["--max-increase", "10%"]
 
