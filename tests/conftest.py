@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,41 @@ from torch import nn
 from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.data import load_data
 from sharpscope.io.models import ModelSpec, build_model
+
+PROCESSES = ("python", "sharpscope", "torchrun")
+"""Names of the programs whose start makes a test ``integration``: sharpscope, torchrun or any
+Python script in a process of its own."""
+
+_running: list[pytest.Item] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Remember the running test (its fixtures included) for :func:`processes_are_integration`."""
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def processes_are_integration() -> Iterator[None]:
+    """A test (or a fixture of it) that starts a Python process must be marked ``integration``,
+    so that ``pytest -m "not integration"`` stays the fast in-process loop."""
+    start = subprocess.Popen.__init__
+
+    def checked(self: subprocess.Popen, args: object, *more: object, **options: object) -> None:
+        command = str(args).split() if isinstance(args, (str, Path)) else [*map(str, args)]
+        program = Path(command[0]).name
+        test = _running[-1] if _running else None
+        if program.startswith(PROCESSES) and test and not test.get_closest_marker("integration"):
+            raise AssertionError(f"{test.nodeid} starts {program}: mark it integration")
+        start(self, args, *more, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", checked)
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -34,6 +34,7 @@ def _imports_torch(body: str) -> bool:
     return run.stdout.strip().splitlines()[-1] == "True"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], []])
 def test_the_command_starts_without_torch(argv):
     body = (
@@ -44,6 +45,7 @@ def test_the_command_starts_without_torch(argv):
     assert not _imports_torch(body)
 
 
+@pytest.mark.integration
 def test_the_package_loads_its_names_on_first_use():
     assert not _imports_torch("import sharpscope")
     assert _imports_torch("import sharpscope\nsharpscope.lanczos")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 import sharpscope
@@ -17,6 +18,7 @@ def test_version_flag():
     assert result.output.strip() == f"sharpscope {sharpscope.__version__}"
 
 
+@pytest.mark.integration
 def test_python_dash_m_runs_the_same_app():
     out = subprocess.run(
         [sys.executable, "-m", "sharpscope", "--version"], capture_output=True, text=True

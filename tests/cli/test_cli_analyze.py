@@ -266,8 +266,8 @@ def write_pickle(path: Path, obj: object) -> None:
 
 
 def make_cifar10(root: Path, per_batch: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """A CIFAR-10 folder in the python-pickle layout (as tests/test_data.py builds one); returns
-    the training split's uint8 pixels (N x 3072) and labels."""
+    """A CIFAR-10 folder in the python-pickle layout (as tests/loading/test_data.py builds one);
+    returns the training split's uint8 pixels (N x 3072) and labels."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
     xs, ys = [], []
@@ -787,6 +787,7 @@ def runs(made: Made) -> dict[str, subprocess.CompletedProcess[str]]:
     return done
 
 
+@pytest.mark.integration
 def test_subprocess_success_exit_0_and_json(made, runs):
     ok = runs["ok"]
     assert ok.returncode == 0, ok.stderr
@@ -794,6 +795,7 @@ def test_subprocess_success_exit_0_and_json(made, runs):
     assert close(lambda_max(json.loads(ok.stdout)), made.reference)
 
 
+@pytest.mark.integration
 def test_subprocess_error_exit_2_without_traceback(runs):
     error = runs["error"]
     assert error.returncode == 2
@@ -804,6 +806,7 @@ def test_subprocess_error_exit_2_without_traceback(runs):
     assert "missing.pt not found" in lines[0]
 
 
+@pytest.mark.integration
 def test_subprocess_debug_shows_the_traceback(runs):
     debug = runs["debug"]
     assert debug.returncode == 1
@@ -843,6 +846,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     return Demo(out, result, saved, command, rerun, redone)
 
 
+@pytest.mark.integration
 def test_demo_writes_checkpoint_report_and_plots(demo):
     result = demo.result
     assert "Traceback" not in result.output
@@ -857,6 +861,7 @@ def test_demo_writes_checkpoint_report_and_plots(demo):
     assert "sharpscope analyze --help" in result.stdout
 
 
+@pytest.mark.integration
 def test_demo_verdict_is_a_verdict(demo):
     """Issue 25: the demo ended "alignment ... is uncertain ... analyze more samples to decide",
     though it already used every sample of its split."""
@@ -867,6 +872,7 @@ def test_demo_verdict_is_a_verdict(demo):
     assert "bias" not in demo.report["results"]["sampling"]  # the re-solve is opt-in
 
 
+@pytest.mark.integration
 def test_demo_states_how_long_each_stage_took(demo):
     lines = [s for s in demo.result.stderr.splitlines() if s.startswith("timings: ")]
     assert len(lines) == 1, demo.result.stderr
@@ -879,6 +885,7 @@ def test_demo_states_how_long_each_stage_took(demo):
     assert float(shown["analyze"]) >= 0.95 * sum(analysis.values())
 
 
+@pytest.mark.integration
 def test_demo_prints_a_follow_up_command_that_works(demo):
     checkpoint = demo.out / "digits-mlp.safetensors"
     assert demo.command[:3] == ["sharpscope", "analyze", str(checkpoint)]
@@ -923,6 +930,7 @@ def test_terminal_report_shows_the_checkpoint_path_verbatim(made):
     assert "run[best]/m.safetensors" in result.stdout
 
 
+@pytest.mark.integration
 def test_json_stays_plain_with_forced_colour(made, runs):
     forced = runs["forced-colour"]
     assert forced.returncode == 0, forced.stderr
@@ -944,6 +952,7 @@ def test_demo_with_zero_steps_is_handled(tmp_path):
     assert result.exit_code == 0 or "--steps" in error_line(result)
 
 
+@pytest.mark.integration
 def test_demo_follow_up_command_repeats_the_demo_analysis(demo):
     assert demo.rerun.exit_code == 0
     redone, first = demo.redone["results"], demo.report["results"]
@@ -951,6 +960,7 @@ def test_demo_follow_up_command_repeats_the_demo_analysis(demo):
     assert close(redone["lambda_max"], first["lambda_max"], 1e-3)
 
 
+@pytest.mark.integration
 def test_demo_follow_up_command_quotes_paths(demo):
     command = shlex.split(printed_command(demo.result.stdout))
     assert " " in str(demo.out)

@@ -56,12 +56,14 @@ def saved_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args", [(), *((name,) for name in COMMANDS)])
 def test_help_imports_neither_torch_nor_matplotlib(args):
     loaded, code, _ = run_fresh(*args, "--help")
     assert (loaded, code) == ("", 0)
 
 
+@pytest.mark.integration
 def test_gating_a_saved_report_imports_neither_torch_nor_matplotlib(saved_report):
     junit = saved_report.parent / "checks.xml"
     for args in (["--max-eigenvalue", 1e6], ["--max-eigenvalue", 1e-9, "--json", "--junit", junit]):
@@ -70,6 +72,7 @@ def test_gating_a_saved_report_imports_neither_torch_nor_matplotlib(saved_report
     assert junit.exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("option", "value"),
     [("--method", "foo"), ("--backend", "x"), ("--dtype", "float16"), ("--threads", "0")],

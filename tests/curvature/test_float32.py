@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -32,6 +33,7 @@ def test_reductions_hold_at_millions_of_elements():
     assert abs(norm(x) - exact) < 1e-6 and abs(dot(x, x) - exact**2) < 2e-6
 
 
+@pytest.mark.integration
 def test_float32_pairs_meet_the_tolerance_and_report_the_true_residual():
     model, batches = _problem()
     assert sum(p.numel() for p in model.parameters()) > 1_000_000

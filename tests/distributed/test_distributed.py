@@ -179,6 +179,7 @@ def world_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"{path}:data"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "sizes",
     [
@@ -215,6 +216,7 @@ def test_torchrun_analyze_equals_one_process(checkpoint, sizes):
     assert one["trace"]["n_samples"] == two["trace"]["n_samples"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("odd", "expected"),
     [
@@ -234,6 +236,7 @@ def test_a_misconfigured_world_fails_on_every_rank(checkpoint, world_data, odd, 
         assert "this rank cannot see the data" in errors[0]
 
 
+@pytest.mark.integration
 def test_operator_and_checks_on_2_ranks(tmp_path):
     script = tmp_path / "operator_check.py"
     script.write_text(OPERATOR_CHECK, encoding="utf-8")
@@ -242,6 +245,7 @@ def test_operator_and_checks_on_2_ranks(tmp_path):
     assert done.stdout.split() == ["ok", "2"]
 
 
+@pytest.mark.integration
 def test_a_stalled_rank_times_out_instead_of_hanging(checkpoint, world_data):
     args = ["analyze", str(checkpoint), "--data", world_data, *MLP16, "--dist-timeout", "3"]
     start = time.perf_counter()
@@ -300,6 +304,7 @@ main()
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("args", "code", "output"),
     [
@@ -325,6 +330,7 @@ def test_under_torchrun_the_cli_skips_finalisation_but_keeps_exit_handlers_and_c
         assert ("finalised" in done.stdout) == finalised, (extra, done.stdout)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["random", "eigen"])
 def test_torchrun_landscape_equals_one_process(checkpoint, tmp_path, kind):
     """Each rank evaluates its block of the 15 points on all the data: along the same random

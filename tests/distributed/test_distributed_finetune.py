@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from sharpscope.cli.app import app
 from sharpscope.training.metrics import read_rows
 
+pytestmark = pytest.mark.integration  # every test runs torchrun
 world_data = test_distributed.world_data  # a fixture: data that rank 1 can be told to spoil
 REL = 1e-8
 STEPS = 6

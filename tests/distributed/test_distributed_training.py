@@ -21,6 +21,7 @@ from torch import nn
 
 from sharpscope import SharpnessTracker
 
+pytestmark = pytest.mark.integration  # every test runs torchrun
 REL = 1e-9
 TRACKER_RUN = """
 # The tracker on this rank's share of the probe set, measuring every 2 steps of SGD under DDP

@@ -247,6 +247,7 @@ def test_fp16_resume_restores_the_grad_scaler(tmp_path: Path):
     assert torch.equal(flat(resumed.net), flat(whole.net))
 
 
+@pytest.mark.integration
 def test_importing_sharpscope_imports_no_framework():
     code = (
         "import sys, sharpscope, sharpscope.optim, sharpscope.integrations; sharpscope.SAM; "

@@ -92,6 +92,7 @@ def cnn():
     return model, batches, reference
 
 
+@pytest.mark.integration
 def test_the_float32_products_of_the_test_model_are_inaccurate(cnn):
     model, batches, _ = cnn
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
@@ -101,6 +102,7 @@ def test_the_float32_products_of_the_test_model_are_inaccurate(cnn):
     assert error is not None and error.method == "float64" and error.relative > 1e-3
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("tol", [1e-4, 3e-2])
 def test_every_float32_bound_contains_the_float64_eigenvalue(cnn, tol):
     model, batches, reference = cnn
@@ -168,6 +170,7 @@ def test_float64_runs_are_unchanged():
     assert torch.equal(direct.eigenvalues, result.top.eigenvalues)
 
 
+@pytest.mark.integration
 def test_the_report_records_the_error_and_the_gate_reads_the_bounds(cnn):
     model, batches, _ = cnn
     result = analyze(model, LOSS, batches, AnalyzeConfig(tol=1e-4, **CONFIG))
@@ -188,6 +191,7 @@ def test_the_report_records_the_error_and_the_gate_reads_the_bounds(cnn):
     assert check.status == "noise"  # but not by more than the bound
 
 
+@pytest.mark.integration
 def test_hessian_eigs_bounds_contain_the_float64_eigenvalues(cnn):
     model, batches, reference = cnn
     settings = ss.SolveSettings(tol=1e-4, max_iter=60)

@@ -28,6 +28,7 @@ def test_a_usage_error_is_one_line(args, words):
     assert "╭" not in result.stderr and "Usage:" not in result.stderr
 
 
+@pytest.mark.integration
 def test_a_usage_error_is_one_line_in_a_real_process(no_network):
     done = run_sharpscope("finetune", "x.pt", "--optimiser", "sam", guard=no_network)
     refused(done.returncode, done.stderr, "No such option: --optimiser", "--optimizer")

@@ -276,6 +276,7 @@ def test_torchscript_needs_trust_code(tmp_path, user):
         read_checkpoint(path)
 
 
+@pytest.mark.integration
 def test_trusted_torchscript_loads_without_warnings(tmp_path, no_network):
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(_digits_mlp()), path)
@@ -342,6 +343,7 @@ def test_a_pt2_graph_that_writes_a_file_needs_trust_code(user, in_branch):
     snap.assert_unchanged()
 
 
+@pytest.mark.integration
 def test_a_pt2_that_torch_cannot_read_is_one_error_line(tmp_path, no_network):
     """torch logs a traceback before it raises: only the error line reaches the terminal."""
     plain = _exported(tmp_path / "plain.pt2")

@@ -148,7 +148,17 @@ def cifar_folder(root: Path, test_batch: bytes) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("attack", list(ATTACKS))
+IN_A_PROCESS = ("read-past-the-buffer", "huge-bytes")
+"""The attacks that crashed or exhausted a process: tried in a real one."""
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        pytest.param(name, marks=pytest.mark.integration) if name in IN_A_PROCESS else name
+        for name in ATTACKS
+    ],
+)
 def test_a_hostile_cifar_batch_is_refused_in_one_line(tmp_path, cifar_mlp, no_network, attack):
     """The two attacks found (a segfault, 17 GB) in a subprocess; their variants in-process."""
     guard: NetworkGuard = no_network
@@ -156,7 +166,7 @@ def test_a_hostile_cifar_batch_is_refused_in_one_line(tmp_path, cifar_mlp, no_ne
     folder = cifar_folder(tmp_path, payload)
     snapshot = Snapshot(folder)
     args = ("analyze", cifar_mlp, "--data", folder, "--split", "test", "--quiet")
-    if attack in ("read-past-the-buffer", "huge-bytes"):
+    if attack in IN_A_PROCESS:
         done = run_sharpscope(*args, guard=guard)
         code, stderr = done.returncode, done.stderr
     else:

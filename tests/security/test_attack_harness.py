@@ -18,6 +18,7 @@ def test_an_in_process_connection_is_caught(no_network):
     no_network.calls.clear()  # this test's own attempt is the point; do not fail it
 
 
+@pytest.mark.integration
 def test_a_subprocess_connection_is_caught(no_network):
     code = "import socket\ntry: socket.getaddrinfo('huggingface.co', 443)\nexcept OSError: pass"
     subprocess.run([sys.executable, "-c", code], env=no_network.env(), check=True)

@@ -126,6 +126,7 @@ def test_finetune_and_its_step_folders(tmp_path):
     snapshot.assert_unchanged()
 
 
+@pytest.mark.integration
 def test_a_fresh_process_sets_the_offline_switches_before_importing(tmp_path, no_network):
     """In a new process nothing imported the Hugging Face libraries before sharpscope."""
     guard: NetworkGuard = no_network
@@ -147,6 +148,7 @@ def test_no_hub_kernel_replaces_a_layer(tmp_path):
     assert model.use_kernels is False
 
 
+@pytest.mark.integration
 def test_the_hub_libraries_are_offline_in_a_fresh_process(tmp_path, no_network):
     """The switches are set before sharpscope first imports transformers (and so
     huggingface_hub, which reads them once, at import)."""

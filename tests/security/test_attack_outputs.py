@@ -233,6 +233,7 @@ print("finished")
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("when", ["writing", "moving"])
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
 def test_a_signal_leaves_the_old_set_or_the_new_one(

@@ -156,6 +156,7 @@ def stopped(
         process.communicate()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("optimizer", ["sgd", "eigen-sam", "sam-bf16"])
 def test_n_steps_stop_and_n_more_equal_2n_straight(
     optimizer: str, stopped: Callable[[str], Path], straight: Callable
@@ -172,6 +173,7 @@ def test_n_steps_stop_and_n_more_equal_2n_straight(
         assert state["optimizer"]["sam"]["estimate"]["step"] == 20  # refreshed after the resume
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_signal_saves_a_checkpoint_and_the_run_resumes_exactly(
     sig: signal.Signals, finetune_files: dict[str, Path], straight: Callable, tmp_path: Path
@@ -196,6 +198,7 @@ def test_a_signal_saves_a_checkpoint_and_the_run_resumes_exactly(
     assert_same(weights(run), weights(straight("sgd")[0]))
 
 
+@pytest.mark.integration
 def test_after_a_kill_the_run_resumes_from_its_last_checkpoint(
     finetune_files: dict[str, Path], straight: Callable, tmp_path: Path
 ):
@@ -218,6 +221,7 @@ def test_after_a_kill_the_run_resumes_from_its_last_checkpoint(
     assert csv_steps == ["step", *map(str, range(2 * N + 1))]
 
 
+@pytest.mark.integration
 def test_a_diverging_loss_stops_with_one_error_and_keeps_the_last_good_checkpoint(
     finetune_files: dict[str, Path], tmp_path: Path
 ):
@@ -236,6 +240,7 @@ def test_a_diverging_loss_stops_with_one_error_and_keeps_the_last_good_checkpoin
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_an_exploding_loss_stops_at_the_tracking_step_that_sees_it(
     finetune_files: dict[str, Path], tmp_path: Path
 ):

@@ -184,6 +184,7 @@ def straight(
 RESUMED = ("--optimizer", "eigen-sam", "--eig-every", "3", "--params", "classifier.*,bert.pooler.*")
 
 
+@pytest.mark.integration
 def test_after_a_kill_a_partial_run_resumes_bit_identically(
     hf_files: dict[str, Path], straight: Callable[[], Path], tmp_path: Path
 ):

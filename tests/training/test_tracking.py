@@ -309,6 +309,7 @@ def test_rows_go_to_lists_jsonl_tensorboard_and_callables(tmp_path: Path):
     assert (tmp_path / "new" / "m.jsonl").read_text() == ""
 
 
+@pytest.mark.integration
 def test_importing_sharpscope_imports_no_training_framework():
     code = (
         "import sys, sharpscope, sharpscope.cli.app; sharpscope.SharpnessTracker; "
