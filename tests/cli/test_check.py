@@ -10,7 +10,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from tiny_cli import FAST, analyze_report, make_checkpoint, one_error_line
+from tiny_cli import FAST, one_error_line
 from typer.testing import CliRunner, Result
 
 from sharpscope.analysis.intervals import jackknife_se
@@ -34,17 +34,10 @@ def verdict(result: Result) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    folder = tmp_path_factory.mktemp("made")
-    checkpoint = make_checkpoint(folder)
-    return checkpoint, analyze_report(checkpoint)
-
-
 @pytest.fixture
-def report(made: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
+def report(tiny_analysis: tuple[Path, dict[str, Any]]) -> dict[str, Any]:
     """A fresh copy of the analysis report, to edit."""
-    return copy.deepcopy(made[1])
+    return copy.deepcopy(tiny_analysis[1])
 
 
 @pytest.fixture
@@ -211,9 +204,11 @@ def test_sigmas_needs_both_reports_per_shard_figures(report, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tight(made: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tight(
+    tiny_analysis: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A float64 report whose λ_max is solved to `--tol 1e-8`."""
-    checkpoint, _ = made
+    checkpoint, _ = tiny_analysis
     args = ["analyze", str(checkpoint), *FAST, "--dtype", "float64", "--tol", "1e-8", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -337,8 +332,8 @@ def test_usage_errors(saved, args, words):
     one_error_line(check(saved, *args), *words)
 
 
-def test_a_checkpoint_needs_data(made, tmp_path):
-    one_error_line(check(made[0], "--max-eigenvalue", 1), "--data")
+def test_a_checkpoint_needs_data(tiny_analysis, tmp_path):
+    one_error_line(check(tiny_analysis[0], "--max-eigenvalue", 1), "--data")
     one_error_line(check(tmp_path / "gone.pt", "--max-eigenvalue", 1), "gone.pt", "does not exist")
 
 
@@ -408,8 +403,8 @@ def test_no_annotations_outside_github_actions(saved):
     assert "::error" not in result.stdout
 
 
-def test_twice_on_the_same_checkpoint_gives_the_same_verdict_and_figures(made):
-    checkpoint, report = made
+def test_twice_on_the_same_checkpoint_gives_the_same_verdict_and_figures(tiny_analysis):
+    checkpoint, report = tiny_analysis
     args = [checkpoint, *FAST, "--seed", 0, "--max-eigenvalue", 1, "--max-trace", 100, "--json"]
     first, second = verdict(check(*args)), verdict(check(*args))
     assert first["verdict"] == second["verdict"]

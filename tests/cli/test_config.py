@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_check
 from test_check import check, write
 from tiny_cli import one_error_line
 
@@ -26,9 +25,6 @@ def read_config(path: Path):
     return read_with(path, SETTINGS)
 
 
-made = test_check.made  # a fixture: a checkpoint and its analysis report
-
-
 @pytest.fixture
 def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty repository folder, the current folder, outside GitHub Actions."""
@@ -39,8 +35,8 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def saved(made: tuple[Path, dict[str, Any]], repo: Path) -> Path:
-    return write(repo / "report.json", made[1])
+def saved(tiny_analysis: tuple[Path, dict[str, Any]], repo: Path) -> Path:
+    return write(repo / "report.json", tiny_analysis[1])
 
 
 def past(value: float) -> float:
@@ -138,8 +134,8 @@ def test_an_explicit_pyproject_needs_the_table(repo):
         read_config(path)
 
 
-def test_config_sets_defaults_and_the_command_line_wins(made, saved, repo):
-    lam = made[1]["results"]["lambda_max"]
+def test_config_sets_defaults_and_the_command_line_wins(tiny_analysis, saved, repo):
+    lam = tiny_analysis[1]["results"]["lambda_max"]
     pyproject(repo, f"max-eigenvalue = {past(lam)}")
     assert check(saved).exit_code == 1
     assert check(saved, "--max-eigenvalue", 2 * lam).exit_code == 0
@@ -150,8 +146,8 @@ def test_config_sets_defaults_and_the_command_line_wins(made, saved, repo):
     assert json.loads(result.stdout)["config"] == str(other)
 
 
-def test_config_is_found_from_a_subfolder(made, saved, repo, monkeypatch):
-    pyproject(repo, f"max-eigenvalue = {past(made[1]['results']['lambda_max'])}")
+def test_config_is_found_from_a_subfolder(tiny_analysis, saved, repo, monkeypatch):
+    pyproject(repo, f"max-eigenvalue = {past(tiny_analysis[1]['results']['lambda_max'])}")
     sub = repo / "src" / "pkg"
     sub.mkdir(parents=True)
     monkeypatch.chdir(sub)
@@ -169,8 +165,8 @@ def test_a_missing_config_file_is_one_line_exit_2(saved, repo):
     one_error_line(check(saved, "--config", repo / "nope.toml"), "nope.toml")
 
 
-def test_config_supplies_the_analysis_settings(made, repo):
-    checkpoint, report = made  # made with the settings of tiny_cli.FAST
+def test_config_supplies_the_analysis_settings(tiny_analysis, repo):
+    checkpoint, report = tiny_analysis  # analysed with the settings of tiny_cli.FAST
     toml = 'data = "digits"\nsamples = 64\ntop-k = 2\nmax-eigenvalue = 100\n'
     (repo / "sharpscope.toml").write_text(toml)
     result = check(checkpoint, "--quiet", "--json")

@@ -7,10 +7,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from tiny_cli import FAST, analyze_report, make_checkpoint
+from tiny_cli import FAST, make_checkpoint
 from typer.testing import CliRunner
 
 from sharpscope import choices
@@ -48,11 +49,13 @@ def run_fresh(*args: object, cwd: Path | None = None) -> tuple[str, int, str]:
 
 
 @pytest.fixture(scope="module")
-def saved_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def saved_report(
+    tiny_analysis: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     folder = tmp_path_factory.mktemp("startup")
     (folder / ".git").mkdir()  # no config file from above
     path = folder / "report.json"
-    path.write_text(json.dumps(analyze_report(make_checkpoint(folder))), encoding="utf-8")
+    path.write_text(json.dumps(tiny_analysis[1]), encoding="utf-8")
     return path
 
 
