@@ -2,7 +2,7 @@
 
 For each sample size the demo's digits MLP is analysed once (`sharpscope analyze --json`); the
 baseline is that report with every eigenvalue divided by 1 + r (its residuals, bounds, spread and
-per-shard figures too: tests/test_check.py's ``scaled``), i.e. a model whose λ_max is r lower on
+per-shard figures too: tests/cli/test_check.py's ``scaled``), i.e. a model whose λ_max is r lower on
 the same data. Bisection finds the smallest r that `sharpscope check REPORT --baseline BASE
 --max-increase 10%` fails (exit 1), with the default `--sigmas 0` (the data given, solver bounds)
 and with `--sigmas 2` (the paired spread). Target (issue 25): at most 12 % on all sizes.

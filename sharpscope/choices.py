@@ -1,6 +1,6 @@
 """The names a user chooses among (solvers, curvature matrices, backends, dtypes), without the
 code behind them: the command line declares and checks its options with these before it imports
-torch (the modules that implement each name check that they match: tests/test_startup.py)."""
+torch (the modules that implement each name check that they match: tests/cli/test_startup.py)."""
 
 from __future__ import annotations
 

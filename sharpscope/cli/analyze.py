@@ -1,7 +1,7 @@
 """``sharpscope analyze``: sharpness and SAM-alignment report for a checkpoint on some data.
 
 The modules that need torch are imported where the command runs, after its options are checked:
-``--help`` and a bad option never load torch (tests/test_startup.py)."""
+``--help`` and a bad option never load torch (tests/cli/test_startup.py)."""
 
 from __future__ import annotations
 
