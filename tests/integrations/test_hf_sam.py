@@ -17,6 +17,7 @@ from sharpscope.optim import SAM, EigenSAM, micro_batch_closure
 transformers = pytest.importorskip("transformers")
 from sharpscope.integrations.hf_sam import SAMTrainer, model_loss  # noqa: E402
 
+pytestmark = pytest.mark.integration  # real transformers.Trainer runs, end to end
 RHO, ALPHA, LR = 0.05, 0.3, 1e-2
 MICRO, ACCUMULATE = 4, 2
 

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from sharpscope.cli.app import app
 from sharpscope.io.architectures import cnn
 
+pytestmark = pytest.mark.integration  # real transformers and lightning Trainer runs, end to end
 N = 3
 """Steps between measurements and checkpoints; the runs take 2N steps."""
 EXACT = ["--samples", "0", "-k", "1", "--tol", "1e-10", "--no-trace", "--dtype", "float64"]

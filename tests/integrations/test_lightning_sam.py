@@ -21,6 +21,7 @@ from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
 from sharpscope.integrations.lightning_sam import SAMModuleMixin  # noqa: E402
 
+pytestmark = pytest.mark.integration  # real lightning.Trainer runs, end to end
 CE = nn.functional.cross_entropy
 MICRO, ACCUMULATE = 8, 2
 
@@ -247,7 +248,6 @@ def test_fp16_resume_restores_the_grad_scaler(tmp_path: Path):
     assert torch.equal(flat(resumed.net), flat(whole.net))
 
 
-@pytest.mark.integration
 def test_importing_sharpscope_imports_no_framework():
     code = (
         "import sys, sharpscope, sharpscope.optim, sharpscope.integrations; sharpscope.SAM; "
