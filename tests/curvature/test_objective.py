@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Problem
+from ground_truth import Problem
 
 from sharpscope.curvature import (
     CURVATURES,

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_check import FAST, make_checkpoint, one_error_line
 from test_startup import run_fresh
+from tiny_cli import FAST, make_checkpoint, one_error_line
 from typer.testing import CliRunner
 
 import sharpscope.cli.analyze as analyze_module
@@ -306,6 +306,7 @@ def test_config_lists_every_setting_and_help_the_common_ones(command):
         assert listed == item.option.common, item.name
 
 
+@pytest.mark.integration
 def test_config_and_a_bad_set_import_no_torch(tmp_path):
     assert run_fresh("config", "analyze")[:2] == ("", 0)
     loaded, code, stderr = run_fresh("analyze", "x.pt", "--data", "digits", "--set", "nope=1")
