@@ -118,12 +118,11 @@ def main() -> None:
         + (" ---: | ---: | ---: |" if reference else ""),
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)
+    objective = Objective(workload.model, LOSS, batches)
     for kind, norm, rho in MEASURES:
         settings = AdaptiveSharpnessSettings(kind, norm, rho)  # type: ignore[arg-type]
         print(f"{kind} {norm} ρ={rho}", file=sys.stderr, flush=True)
-        seconds, found = timed(
-            lambda s=settings: adaptive_sharpness(workload.model, LOSS, batches, s), args.repeats
-        )
+        seconds, found = timed(lambda s=settings: adaptive_sharpness(objective, s), args.repeats)
         low, high = found.interval
         row = (
             f"| {kind} {norm} | {rho:g} | {found.value:.4g} | [{low:.3g}, {high:.3g}] "

@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from torch import nn
 
 from sharpscope.analysis.intervals import deleted_means, interval, jackknife_se, t_quantile
 from sharpscope.analysis.sampling import shard_losses
-from sharpscope.batches import LossFn
 from sharpscope.choices import ADAPTIVE_KINDS, ADAPTIVE_NORMS
 from sharpscope.curvature import HessianOperator, Objective, Progress
 from sharpscope.errors import InputError, check_choice, check_finite_fields
@@ -116,9 +113,10 @@ class AdaptiveSharpnessResult:
 
     Examples:
         >>> import torch
+        >>> from sharpscope.curvature import Objective
         >>> data = [(torch.randn(16, 3), torch.randn(16, 1))]
-        >>> model = torch.nn.Linear(3, 1)
-        >>> result = adaptive_sharpness(model, torch.nn.functional.mse_loss, data, shards=0)
+        >>> objective = Objective(torch.nn.Linear(3, 1), torch.nn.functional.mse_loss, data)
+        >>> result = adaptive_sharpness(objective, shards=0)
         >>> result.value >= 0, len(result.history) == result.settings.steps + 1
         (True, True)
     """
@@ -150,33 +148,22 @@ class AdaptiveSharpnessResult:
 
 
 def adaptive_sharpness(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batches: list[tuple[Any, Any]],
+    objective: Objective,
     settings: AdaptiveSharpnessSettings | None = None,
     *,
-    params: Sequence[str] | str | None = None,
-    exclude: Sequence[str] | str | None = None,
-    batch_stats: bool = False,
-    reduction: str = "mean",
     shards: int = 8,
     start: torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> AdaptiveSharpnessResult:
-    """The sharpness ``settings`` describe of the mean loss over ``batches`` (the total loss with
-    ``reduction`` sum; the parameters the globs select), with its data uncertainty over
-    ``shards`` shards (0: none). The model runs in eval mode (BatchNorm buffers untouched) and
-    its weights are restored bit for bit.
+    """The sharpness ``settings`` describe of ``objective``'s loss (the mean over its batches, the
+    total with ``reduction`` sum; perturbing the parameters it selects), with its data
+    uncertainty over ``shards`` shards (0: none). The model runs in eval mode (BatchNorm buffers
+    untouched, or each batch's statistics with ``batch_stats``) and its weights are restored bit
+    for bit.
 
     Args:
-        model: The network.
-        loss_fn: ``loss_fn(model(inputs), targets)``, a batch's loss reduced as ``reduction``.
-        batches: The ``(inputs, targets)`` pairs.
+        objective: The model, loss, data and parameters (:class:`~sharpscope.curvature.Objective`).
         settings: What to measure (:class:`AdaptiveSharpnessSettings`; default: its defaults).
-        params: Globs of the parameters to perturb (None: all trainable).
-        exclude: Globs of parameters to leave out of those.
-        batch_stats: BatchNorm on each batch's statistics.
-        reduction: ``mean`` or ``sum``, as the loss reduces a batch.
         shards: Shards of the data's jackknife (0: none, else at least 2).
         start: The worst case's first iterate u (flat, projected onto the ball; default 0).
         progress: Hears of each step or draw.
@@ -189,25 +176,17 @@ def adaptive_sharpness(
 
     Examples:
         >>> import torch
+        >>> from sharpscope.curvature import Objective
         >>> data = [(torch.randn(16, 3), torch.randn(16, 1))]
+        >>> objective = Objective(torch.nn.Linear(3, 1), torch.nn.functional.mse_loss, data)
         >>> settings = AdaptiveSharpnessSettings(kind="average", steps=4)
-        >>> result = adaptive_sharpness(torch.nn.Linear(3, 1), torch.nn.functional.mse_loss,
-        ...                             data, settings, shards=0)
+        >>> result = adaptive_sharpness(objective, settings, shards=0)
         >>> len(result.history), result.std_error is not None
         (4, True)
     """
     settings = settings or AdaptiveSharpnessSettings()
     if shards == 1 or shards < 0:
         raise InputError(f"`shards` must be 0 (off) or at least 2, got {shards}")
-    objective = Objective(
-        model,
-        loss_fn,
-        batches,
-        params,
-        exclude=exclude,
-        batch_stats=batch_stats,
-        reduction=reduction,
-    )
     op = HessianOperator(objective, cache_graph=False)
     return sharpness_of(op, settings, shards, start, progress)
 

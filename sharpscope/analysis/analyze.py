@@ -568,14 +568,8 @@ def analyze(
         if wanted is not None:
             with watch.stage("adaptive_sharpness"):
                 sharpness = adaptive_sharpness(
-                    model,
-                    loss_fn,
-                    batches,
+                    configured_objective(model, loss_fn, batches, config),
                     wanted,
-                    params=config.params,
-                    exclude=config.exclude,
-                    batch_stats=config.batch_stats,
-                    reduction=config.reduction,
                     shards=config.shards,
                     progress=progress,
                 )

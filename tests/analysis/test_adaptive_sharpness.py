@@ -65,8 +65,8 @@ def test_adaptive_figures_survive_a_function_preserving_rescaling(settings):
     other = _rescaled(model, 3.0, 0.3)  # not powers of two: rounding differs
     x = torch.cat([b[0] for b in batches])
     assert torch.allclose(model(x), other(x), atol=1e-12)
-    first = adaptive_sharpness(model, F.cross_entropy, batches, settings, shards=4)
-    second = adaptive_sharpness(other, F.cross_entropy, batches, settings, shards=4)
+    first = adaptive_sharpness(Objective(model, F.cross_entropy, batches), settings, shards=4)
+    second = adaptive_sharpness(Objective(other, F.cross_entropy, batches), settings, shards=4)
     assert abs(first.value) > 1e-4
     assert second.value == pytest.approx(first.value, abs=1e-6, rel=1e-6)
     assert second.sampling == pytest.approx(first.sampling, abs=1e-6, rel=1e-6)
@@ -78,7 +78,10 @@ def test_adaptive_figures_survive_a_function_preserving_rescaling(settings):
     ]
     assert abs(top[1] - top[0]) > 0.1 * abs(top[0])  # the Hessian sees the rescaling
     plain = AdaptiveSharpnessSettings(settings.kind, settings.norm, settings.rho, adaptive=False)
-    moved = [adaptive_sharpness(m, F.cross_entropy, batches, plain).value for m in (model, other)]
+    moved = [
+        adaptive_sharpness(Objective(m, F.cross_entropy, batches), plain).value
+        for m in (model, other)
+    ]
     assert abs(moved[1] - moved[0]) > 0.1 * abs(moved[0])  # and so does the non-adaptive figure
 
 
@@ -119,11 +122,11 @@ def test_worst_case_l2_equals_the_trust_region_solution_on_a_quadratic(adaptive)
     rho = 0.3 if adaptive else 0.5
     expected = _trust_region(t * g, t[:, None] * h * t[None, :], rho)
     settings = AdaptiveSharpnessSettings("worst", "l2", rho=rho, adaptive=adaptive, steps=200)
-    found = adaptive_sharpness(model, F.mse_loss, batches, settings, shards=0)
+    found = adaptive_sharpness(Objective(model, F.mse_loss, batches), settings, shards=0)
     assert found.value == pytest.approx(expected, rel=1e-8)
     assert found.perturbation_norm == pytest.approx(rho, rel=1e-12)
     short = adaptive_sharpness(
-        model, F.mse_loss, batches, AdaptiveSharpnessSettings(rho=rho, adaptive=adaptive)
+        Objective(model, F.mse_loss, batches), AdaptiveSharpnessSettings(rho=rho, adaptive=adaptive)
     )
     assert 0.9 * expected < short.value <= expected * (1 + 1e-12)  # 20 steps: within 10 %
 
@@ -141,7 +144,7 @@ def test_worst_case_linf_reaches_the_best_vertex_of_a_quadratic():
         - op.loss()
     )
     settings = AdaptiveSharpnessSettings("worst", "linf", rho=rho, adaptive=False)
-    found = adaptive_sharpness(model, F.mse_loss, batches, settings, shards=0)
+    found = adaptive_sharpness(Objective(model, F.mse_loss, batches), settings, shards=0)
     assert found.value == pytest.approx(best, rel=1e-10)
     assert found.perturbation_norm == pytest.approx(rho, rel=1e-12)
 
@@ -197,7 +200,9 @@ def test_weights_buffers_and_modes_are_left_exactly_as_they_were(kind, batch_sta
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     settings = AdaptiveSharpnessSettings(kind, rho=0.2, steps=5)
-    found = adaptive_sharpness(model, F.cross_entropy, _data(), settings, batch_stats=batch_stats)
+    found = adaptive_sharpness(
+        Objective(model, F.cross_entropy, _data(), batch_stats=batch_stats), settings
+    )
     assert found.value != 0
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
@@ -207,12 +212,10 @@ def test_weights_buffers_and_modes_are_left_exactly_as_they_were(kind, batch_sta
 def test_average_case_is_seeded_and_carries_its_monte_carlo_error():
     model, batches = _mlp(), _data()
     settings = AdaptiveSharpnessSettings("average", rho=0.2, steps=16)
-    first = adaptive_sharpness(model, F.cross_entropy, batches, settings)
-    again = adaptive_sharpness(model, F.cross_entropy, batches, settings)
+    first = adaptive_sharpness(Objective(model, F.cross_entropy, batches), settings)
+    again = adaptive_sharpness(Objective(model, F.cross_entropy, batches), settings)
     other = adaptive_sharpness(
-        model,
-        F.cross_entropy,
-        batches,
+        Objective(model, F.cross_entropy, batches),
         AdaptiveSharpnessSettings("average", rho=0.2, steps=16, seed=1),
     )
     assert first.value == again.value and first.value != other.value
@@ -244,7 +247,7 @@ def test_progress_hears_of_each_step_or_draw(kind, expected):
     heard: list[tuple[str, int, int]] = []
     settings = AdaptiveSharpnessSettings(kind, steps=expected)
     adaptive_sharpness(
-        _mlp(), F.cross_entropy, _data(), settings, progress=lambda *a: heard.append(a)
+        Objective(_mlp(), F.cross_entropy, _data()), settings, progress=lambda *a: heard.append(a)
     )
     assert heard == [("adaptive sharpness", i, expected) for i in range(1, expected + 1)]
 
@@ -257,7 +260,7 @@ def test_the_shards_losses_cost_one_forward_per_batch(kind, forwards):
     model, calls = _mlp(), []
     model.register_forward_hook(lambda *_: calls.append(1))
     settings = AdaptiveSharpnessSettings(kind, steps=3)
-    adaptive_sharpness(model, F.cross_entropy, _data(), settings, shards=8)
+    adaptive_sharpness(Objective(model, F.cross_entropy, _data()), settings, shards=8)
     # 4 batches of 16, each cut into 8 shards of 2; and the operator's check of the first batch
     # when built (whole and halves: F.cross_entropy does not state its reduction)
     assert len(calls) == 3 + forwards * 4

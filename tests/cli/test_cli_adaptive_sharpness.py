@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessSettings, adaptive_sharpness
 from sharpscope.cli.app import app
 from sharpscope.cli.loading import load_inputs
+from sharpscope.curvature import Objective
 from sharpscope.io.load_spec import LoadSpec
 from sharpscope.report.schema import report_schema
 
@@ -42,9 +43,8 @@ def test_analyze_reports_the_library_figure_with_its_interval(made):
     low, high = figure["interval"]
     assert low < figure["value"] < high and figure["shards"] == 8
     loaded = load_inputs(LoadSpec(checkpoint, "digits", samples=64, seed=0))
-    expected = adaptive_sharpness(
-        loaded.model, F.cross_entropy, loaded.batches, AdaptiveSharpnessSettings(rho=0.2, steps=5)
-    )
+    objective = Objective(loaded.model, F.cross_entropy, loaded.batches)
+    expected = adaptive_sharpness(objective, AdaptiveSharpnessSettings(rho=0.2, steps=5))
     assert figure["value"] == pytest.approx(expected.value, rel=1e-5)
     assert figure["value"] > 0
 
