@@ -171,7 +171,7 @@ def train(
         if settings.pop("floor", False):
             tracker = BarePower(model, probe)
         else:
-            tracker = SharpnessTracker(model, LOSS, probe, every=EVERY, **settings)
+            tracker = SharpnessTracker(Objective(model, LOSS, probe), every=EVERY, **settings)
     order = torch.Generator().manual_seed(0)
     measured, seconds = [], 0.0
     for step in range(1, steps + 1):

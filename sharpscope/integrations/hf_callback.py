@@ -13,7 +13,7 @@ from sharpscope.batches import LossFn
 from sharpscope.io.losses import loss_name, resolve_loss
 from sharpscope.io.optional import require
 from sharpscope.training.sinks import scalars
-from sharpscope.training.tracking import Batch, SharpnessTracker
+from sharpscope.training.tracking import Batch, tracker_for
 
 _transformers = require("transformers", "sharpscope's Trainer callback")
 LABELS = "labels"
@@ -39,8 +39,9 @@ class SharpnessCallback(_transformers.TrainerCallback):
     them) or ``(inputs, targets)`` pairs; ``loss_fn(outputs, labels)`` defaults to the loss the
     model's task implies (cross-entropy for a classifier, next-token cross-entropy for a causal
     LM, ...). ``tracker_options`` go to the tracker (``lambda_min``, ``trace``, ``products``,
-    ``tol``, ``max_iter``, ``eigen_sam``, ``log``, ...). Under torch.distributed, give each rank
-    its share of the probe set.
+    ``tol``, ``max_iter``, ``eigen_sam``, ``log``, ...) or, naming a field of its
+    :class:`~sharpscope.curvature.Objective` (``params``, ``batch_stats``, ...), to that. Under
+    torch.distributed, give each rank its share of the probe set.
     """
 
     def __init__(
@@ -58,7 +59,7 @@ class SharpnessCallback(_transformers.TrainerCallback):
         probe = [labelled(b) for b in probe_batches]
         self.trainer = trainer
         self.prefix = prefix
-        self.tracker = SharpnessTracker(model, loss, probe, every, **tracker_options)
+        self.tracker = tracker_for(model, loss, probe, every, **tracker_options)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """Measure at a tracking step and log the figures through the Trainer."""

@@ -12,7 +12,7 @@ from typing import Any
 from sharpscope.batches import LossFn
 from sharpscope.io.optional import require
 from sharpscope.training.sinks import scalars
-from sharpscope.training.tracking import Batch, SharpnessTracker
+from sharpscope.training.tracking import Batch, SharpnessTracker, tracker_for
 
 _lightning = require("lightning", "sharpscope's Lightning callback")
 
@@ -24,7 +24,9 @@ class SharpnessCallback(_lightning.pytorch.Callback):
     logger of the trainer at its ``global_step``, whatever ``log_every_n_steps`` is.
 
     ``probe_batches`` are ``(inputs, targets)`` pairs; ``tracker_options`` go to the tracker
-    (``lambda_min``, ``trace``, ``products``, ``tol``, ``max_iter``, ``eigen_sam``, ``log``, ...).
+    (``lambda_min``, ``trace``, ``products``, ``tol``, ``max_iter``, ``eigen_sam``, ``log``, ...)
+    or, naming a field of its :class:`~sharpscope.curvature.Objective` (``params``,
+    ``batch_stats``, ...), to that.
     With gradient accumulation a step is measured once, after its last micro-batch. Under
     torch.distributed, give each rank its share of the probe set.
     """
@@ -49,7 +51,7 @@ class SharpnessCallback(_lightning.pytorch.Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Make the tracker for the module being fitted."""
         if self.tracker is None or self.tracker.model is not pl_module:
-            self.tracker = SharpnessTracker(
+            self.tracker = tracker_for(
                 pl_module, self.loss_fn, self.probe, self.every, **self.options
             )
 

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sharpscope import distributed
 from sharpscope.batches import LossFn, move_to
+from sharpscope.curvature import Objective
 from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.data import DataBundle, batches, subset_indices
@@ -249,9 +250,7 @@ def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
     probe = placed(train, subset_indices(len(train), config.probe_size, config.seed))
     held_out = placed(val, torch.arange(len(val))) if val is not None else None
     sharpness = SharpnessTracker(
-        inputs.model,
-        inputs.loss_fn,
-        probe,
+        Objective(inputs.model, inputs.loss_fn, probe),
         seed=config.seed,
         products=None,
         max_iter=config.track_iters,

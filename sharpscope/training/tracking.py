@@ -6,6 +6,7 @@ touching the training's state; :class:`Tracker` adds the probe and validation fi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -109,16 +110,15 @@ class Measurement:
 
 
 class SharpnessTracker:
-    """Measures the sharpness of ``model`` on the fixed ``probe_batches`` every ``every`` steps.
+    """Measures the sharpness of ``objective``'s model on its batches (a fixed probe set) every
+    ``every`` steps.
 
     λ_max is the top eigenvalue of the ``curvature`` matrix (a name of
     :data:`~sharpscope.curvature.CURVATURES`: ``hessian``, ``ggn``, ``fisher`` with labels drawn
-    from the model, seeded by ``seed``, or ``empirical-fisher``) of the mean loss over the probe
-    batches (each an
-    ``(inputs, targets)`` pair, ``loss_fn(model(inputs), targets)`` their mean loss), over the
-    parameters that ``params`` selects (globs; default: all that require grad), in eval mode
-    (BatchNorm on running statistics, or on each batch's with ``batch_stats``), as ``sharpscope
-    analyze`` measures it.
+    from the model, seeded by ``seed``, or ``empirical-fisher``) of the objective's loss (the mean
+    over the probe batches, each an ``(inputs, targets)`` pair), over the parameters it selects,
+    in eval mode (BatchNorm on running statistics, or on each batch's with its ``batch_stats``),
+    as ``sharpscope analyze`` measures it.
 
     A measurement takes at most ``products`` matrix-vector products (default 1, 1.8-3.9 % of the
     training at ``every=100`` with a probe set of half to one training batch) and refines across
@@ -142,9 +142,8 @@ class SharpnessTracker:
     the probe set, all get the same figures, and rank 0 alone logs.
 
     Args:
-        model: The model in training (a DistributedDataParallel's module is used).
-        loss_fn: ``loss_fn(model(inputs), targets)``, a batch's mean loss.
-        probe_batches: The fixed ``(inputs, targets)`` probe set.
+        objective: The model in training (a DistributedDataParallel's module is used), its loss,
+            the fixed probe batches and the parameters (:class:`~sharpscope.curvature.Objective`).
         every: Measure every this many steps.
         lambda_min: Also λ_min.
         trace: Also the trace (Hutch++).
@@ -155,8 +154,6 @@ class SharpnessTracker:
         max_iter: The most products when ``products`` is None.
         trace_samples: The trace's products.
         seed: The seed of the first start and of the Fisher's label draws.
-        params: Globs of the parameters (None: all that require grad).
-        batch_stats: BatchNorm on each batch's statistics.
         warm_start: Start each measurement from the last one's vector.
         curvature: The matrix: ``hessian``, ``ggn``, ``fisher`` or ``empirical-fisher``.
         log: Where each row goes (:func:`~sharpscope.training.sinks.as_sinks`).
@@ -168,11 +165,11 @@ class SharpnessTracker:
 
     Examples:
         >>> import torch
-        >>> model = torch.nn.Linear(3, 1)
+        >>> from sharpscope.curvature import Objective
         >>> probe = [(torch.randn(16, 3), torch.randn(16, 1))]
+        >>> objective = Objective(torch.nn.Linear(3, 1), torch.nn.functional.mse_loss, probe)
         >>> rows = []
-        >>> tracker = SharpnessTracker(model, torch.nn.functional.mse_loss, probe, every=1,
-        ...                            products=None, log=rows)
+        >>> tracker = SharpnessTracker(objective, every=1, products=None, log=rows)
         >>> measured = tracker.measure(step=1)
         >>> measured.lambda_max > 0, measured.lambda_max_converged, len(rows)
         (True, True, 1)
@@ -180,9 +177,7 @@ class SharpnessTracker:
 
     def __init__(
         self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        probe_batches: Iterable[Batch],
+        objective: Objective,
         every: int = 100,
         *,
         lambda_min: bool = False,
@@ -194,8 +189,6 @@ class SharpnessTracker:
         max_iter: int = 20,
         trace_samples: int = 30,
         seed: int = 0,
-        params: Sequence[str] | str | None = None,
-        batch_stats: bool = False,
         warm_start: bool = True,
         curvature: str = "hessian",
         log: object = None,
@@ -211,11 +204,12 @@ class SharpnessTracker:
             raise ValueError(f"`products` must be at least 1 (or None), got {products}")
         if eigen_sam is not None and not hasattr(eigen_sam, "eigenvector"):
             raise ValueError("`eigen_sam` must be an EigenSAM optimizer")
-        self.model = model.module if isinstance(model, DistributedDataParallel) else model
-        self.loss_fn = loss_fn
-        self.probe = list(probe_batches)
-        if not self.probe:
-            raise ValueError("`probe_batches` is empty: the tracker needs at least one batch")
+        if isinstance(objective.model, DistributedDataParallel):
+            objective = objective.replace(model=objective.model.module)
+        if not objective.batches:
+            raise ValueError("the objective's `batches` are empty: the tracker needs a batch")
+        self.objective = objective
+        self.model = objective.model
         self.every = every
         self.lambda_min = lambda_min
         self.trace = trace
@@ -226,8 +220,6 @@ class SharpnessTracker:
         self.max_iter = max_iter
         self.trace_samples = trace_samples
         self.seed = seed
-        self.params = params
-        self.batch_stats = batch_stats
         self.warm_start = warm_start
         self.curvature = curvature
         self.sinks: list[Sink] = as_sinks(log) if distributed.is_main() else []
@@ -296,11 +288,8 @@ class SharpnessTracker:
 
     def _operator(self) -> CurvatureOperator:
         """The probe set's ``curvature`` matrix (the true Fisher's labels drawn by ``seed``)."""
-        objective = Objective(
-            self.model, self.loss_fn, self.probe, self.params, batch_stats=self.batch_stats
-        )
         # training runs the model on the data; the loss is taken as it is: no validation
-        return curvature_operator(self.curvature, objective, seed=self.seed, validate=False)
+        return curvature_operator(self.curvature, self.objective, seed=self.seed, validate=False)
 
     def _eigen(self, op: CurvatureOperator) -> tuple[Any, Any, bool]:
         """λ_max's (and λ_min's, if asked) Lanczos results (one product: the start's Rayleigh
@@ -354,6 +343,19 @@ class SharpnessTracker:
         close_all(self.sinks)
 
 
+def tracker_for(
+    model: nn.Module, loss_fn: LossFn, probe_batches: Iterable[Batch], every: int, **options: Any
+) -> SharpnessTracker:
+    """A :class:`SharpnessTracker` of ``model``'s ``loss_fn`` on ``probe_batches`` (what the
+    training callbacks make): the ``options`` that name a field of
+    :class:`~sharpscope.curvature.Objective` (``params``, ``batch_stats``, ...) set the
+    objective, the rest go to the tracker."""
+    fields = {field.name for field in dataclasses.fields(Objective)}
+    problem = {k: v for k, v in options.items() if k in fields}
+    own = {k: v for k, v in options.items() if k not in fields}
+    return SharpnessTracker(Objective(model, loss_fn, probe_batches, **problem), every, **own)
+
+
 def _power_step(top: EigenResult, bottom: EigenResult | None) -> torch.Tensor | None:
     """The next measurement's start: (H − σ)v₁ normalised, from v₁'s image kept by this one
     (no product), σ = min(0, λ_min) when λ_min is tracked, else 0, so that a dominant negative end
@@ -397,7 +399,7 @@ class Tracker:
             raise ValueError("the tracker measures the model it was made for")
         start = time.perf_counter()
         top = self.sharpness.measure()
-        loss_fn, probe = self.sharpness.loss_fn, self.sharpness.probe
+        loss_fn, probe = self.sharpness.objective.loss_fn, self.sharpness.objective.batches
         with torch.random.fork_rng(devices=[]):
             probe_loss, probe_accuracy = evaluate(model, loss_fn, probe)
             val_loss, val_accuracy = (

@@ -350,7 +350,8 @@ def test_eigen_sam_refresh_on_an_encoder_layer():
 def test_tracker_on_each_attention_model(problem):
     model, batch, hessian = problem
     tracker = Tracker(
-        SharpnessTracker(model, F.cross_entropy, [batch], products=None, max_iter=80), None
+        SharpnessTracker(Objective(model, F.cross_entropy, [batch]), products=None, max_iter=80),
+        None,
     )
     figures = tracker(model)
     top = float(torch.linalg.eigvalsh(hessian)[-1])

@@ -19,7 +19,7 @@ import torch
 from test_distributed import finished, launch
 from torch import nn
 
-from sharpscope import SharpnessTracker
+from sharpscope import Objective, SharpnessTracker
 
 pytestmark = pytest.mark.integration  # every test runs torchrun
 REL = 1e-9
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sharpscope import SharpnessTracker, distributed
+from sharpscope import Objective, SharpnessTracker, distributed
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
@@ -50,7 +50,7 @@ def main():
         rows = []
         log = (rows, f"{sys.argv[1]}/rank{rank}.jsonl")
         options = dict(lambda_min=True, trace=True, trace_samples=12, max_iter=30, log=log)
-        tracker = SharpnessTracker(trained, F.cross_entropy, probe, every=2, **options)
+        tracker = SharpnessTracker(Objective(trained, F.cross_entropy, probe), every=2, **options)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         half = distributed.shard(16)
         measured = []
@@ -291,7 +291,7 @@ def test_lightning_ddp_callback_equals_one_process_on_the_final_weights(tmp_path
     final = torch.load(tmp_path / "final.pt", weights_only=True)
     net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     net.load_state_dict(final["net"])
-    alone = SharpnessTracker(net, nn.functional.cross_entropy, final["probe"]).measure(4)
+    alone = SharpnessTracker(Objective(net, nn.functional.cross_entropy, final["probe"])).measure(4)
     _same_figures(ranks[0], {k: v for k, v in alone.row().items() if k != "seconds"})
 
 
@@ -327,5 +327,5 @@ def test_hf_trainer_ddp_callback_equals_one_process_on_the_final_weights(tmp_pat
     model.load_state_dict(final["model"])
     loss = resolve_loss(loss_name("auto", model))
     probe = [labelled(b) for b in final["probe"]]
-    alone = SharpnessTracker(model, loss, probe).measure(2)
+    alone = SharpnessTracker(Objective(model, loss, probe)).measure(2)
     _same_figures(ranks[0]["last"], {k: v for k, v in alone.row().items() if k != "seconds"})

@@ -19,6 +19,7 @@ from sharpscope.io.losses import resolve_loss
 from sharpscope.optim import EigenSAM
 from sharpscope.training.metrics import read_rows
 from sharpscope.training.sinks import JsonlLog, TensorBoardLog
+from sharpscope.training.tracking import tracker_for
 
 CE = nn.functional.cross_entropy
 
@@ -55,9 +56,7 @@ def dense_hessian(model: nn.Module, batches: list) -> torch.Tensor:
 def test_figures_match_the_dense_hessian():
     model, batches = problem()
     tracker = SharpnessTracker(
-        model,
-        CE,
-        batches,
+        Objective(model, CE, batches),
         lambda_min=True,
         trace=True,
         tol=1e-8,
@@ -98,7 +97,7 @@ def dense_ggn(model: nn.Module, batches: list) -> torch.Tensor:
 def test_the_ggn_tracker_measures_the_ggn_operator_s_lambda_max():
     model, batches = problem()
     tracked = SharpnessTracker(
-        model, CE, batches, curvature="ggn", tol=1e-10, products=None, max_iter=200
+        Objective(model, CE, batches), curvature="ggn", tol=1e-10, products=None, max_iter=200
     )
     m = tracked.measure(step=3)
     reference = lanczos(
@@ -110,7 +109,9 @@ def test_the_ggn_tracker_measures_the_ggn_operator_s_lambda_max():
     assert m.curvature == "ggn" and m.row()["curvature"] == "ggn" and m.lambda_max_converged
     assert m.lambda_max == pytest.approx(float(reference.eigenvalues[0]), rel=1e-9, abs=1e-12)
     assert abs(m.lambda_max - dense) <= m.lambda_max_residual + 1e-12
-    hessian = SharpnessTracker(model, CE, batches, tol=1e-10, products=None, max_iter=200)
+    hessian = SharpnessTracker(
+        Objective(model, CE, batches), tol=1e-10, products=None, max_iter=200
+    )
     assert abs(hessian.measure().lambda_max - m.lambda_max) > 1e-6  # another matrix: 2e-4 apart
 
 
@@ -119,17 +120,19 @@ def test_the_fisher_tracker_draws_its_labels_with_its_seed():
     settings = dict(tol=1e-10, max_iter=200)
     ce = resolve_loss("cross-entropy")  # the fisher's draws need a built-in loss
     fisher = dict(curvature="fisher", products=None, **settings)
-    m = SharpnessTracker(model, ce, batches, seed=5, **fisher).measure()  # type: ignore[arg-type]
-    other = SharpnessTracker(model, ce, batches, seed=6, **fisher).measure()  # type: ignore[arg-type]
+    m = SharpnessTracker(Objective(model, ce, batches), seed=5, **fisher).measure()  # type: ignore[arg-type]
+    other = SharpnessTracker(Objective(model, ce, batches), seed=6, **fisher).measure()  # type: ignore[arg-type]
     seeded = FisherOperator(Objective(model, ce, batches), seed=5)
     reference = float(lanczos(seeded, 1, settings=SolveSettings(**settings)).eigenvalues[0])
     assert m.curvature == "fisher"
     assert m.lambda_max == pytest.approx(reference, rel=1e-9)
     assert abs(other.lambda_max - m.lambda_max) > 1e-6  # other draws, another matrix
-    empirical = SharpnessTracker(model, CE, batches, curvature="empirical-fisher").measure()
+    empirical = SharpnessTracker(
+        Objective(model, CE, batches), curvature="empirical-fisher"
+    ).measure()
     assert empirical.curvature == "empirical-fisher" and empirical.lambda_max > 0
     with pytest.raises(InputError, match="unknown `curvature` 'gauss-newton'"):
-        SharpnessTracker(model, CE, batches, curvature="gauss-newton")
+        SharpnessTracker(Objective(model, CE, batches), curvature="gauss-newton")
 
 
 def test_measuring_leaves_the_training_state_untouched():
@@ -141,7 +144,7 @@ def test_measuring_leaves_the_training_state_untouched():
     grads = [p.grad.clone() for p in model.parameters()]
     modes = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
-    tracker = SharpnessTracker(model, CE, batches, lambda_min=True, trace=True, every=2)
+    tracker = SharpnessTracker(Objective(model, CE, batches), lambda_min=True, trace=True, every=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert tracker(1) is None  # not a tracking step
         m = tracker(2)
@@ -150,7 +153,7 @@ def test_measuring_leaves_the_training_state_untouched():
     assert [m.training for m in model.modules()] == modes
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
-    outside = SharpnessTracker(model, CE, batches, lambda_min=True).measure()
+    outside = SharpnessTracker(Objective(model, CE, batches), lambda_min=True).measure()
     assert outside.lambda_max == pytest.approx(m.lambda_max, rel=1e-9)
 
 
@@ -159,8 +162,8 @@ def test_a_warm_start_takes_fewer_products_than_a_cold_one(lambda_min: bool):
     model, batches = problem()
     model.eval()  # no dropout: plain gradient descent on the probe loss
     options = dict(lambda_min=lambda_min, tol=1e-6, products=None, max_iter=200)
-    warm = SharpnessTracker(model, CE, batches, **options)
-    cold = SharpnessTracker(model, CE, batches, warm_start=False, **options)
+    warm = SharpnessTracker(Objective(model, CE, batches), **options)
+    cold = SharpnessTracker(Objective(model, CE, batches), warm_start=False, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     warm.measure(0)
     for step in range(1, 4):
@@ -185,7 +188,7 @@ def test_a_budget_refines_lambda_max_across_measurements_to_the_dense_one(
     hessian = dense_hessian(model, batches)
     eigenvalues = torch.linalg.eigvalsh(hessian)
     exact = float(eigenvalues[-1])
-    tracker = SharpnessTracker(model, CE, batches, products=products, tol=1e-6)
+    tracker = SharpnessTracker(Objective(model, CE, batches), products=products, tol=1e-6)
     measured = []
     for step in range(measurements):
         m = tracker.measure(step)
@@ -208,8 +211,8 @@ def test_one_product_by_budget_or_by_max_iter_is_the_same_measurement():
     """``products=1`` and a solve capped at ``max_iter=1`` (finetune's ``--track-iters 1``) take
     the same one-product path: identical rows, measurement after measurement."""
     model, batches = problem()
-    budget = SharpnessTracker(model, CE, batches, products=1)
-    capped = SharpnessTracker(model, CE, batches, products=None, max_iter=1)
+    budget = SharpnessTracker(Objective(model, CE, batches), products=1)
+    capped = SharpnessTracker(Objective(model, CE, batches), products=None, max_iter=1)
     for step in range(3):
         a, b = budget.measure(step).row(), capped.measure(step).row()
         del a["seconds"], b["seconds"]
@@ -219,7 +222,7 @@ def test_one_product_by_budget_or_by_max_iter_is_the_same_measurement():
 def test_a_budget_tracks_both_ends_with_true_residuals():
     model, batches = problem()
     hessian = dense_hessian(model, batches)
-    tracker = SharpnessTracker(model, CE, batches, products=3, lambda_min=True)
+    tracker = SharpnessTracker(Objective(model, CE, batches), products=3, lambda_min=True)
     for step in range(3):
         m = tracker.measure(step)
         assert m.eigen_products <= 3 and m.lambda_min is not None
@@ -230,15 +233,15 @@ def test_a_budget_tracks_both_ends_with_true_residuals():
             true = float(torch.linalg.vector_norm(hessian @ v - value * v))
             assert residual == pytest.approx(true, rel=1e-6, abs=1e-13)
     with pytest.raises(ValueError, match="`products` must be at least 1"):
-        SharpnessTracker(model, CE, batches, products=0)
+        SharpnessTracker(Objective(model, CE, batches), products=0)
 
 
 @pytest.mark.parametrize("products", [None, 2], ids=["solve", "budget"])
 def test_a_resumed_tracker_measures_as_an_uninterrupted_one(products: int | None):
     model, batches = problem()
-    straight = SharpnessTracker(model, CE, batches, products=products)
+    straight = SharpnessTracker(Objective(model, CE, batches), products=products)
     straight.measure(0)
-    resumed = SharpnessTracker(model, CE, batches, products=products)
+    resumed = SharpnessTracker(Objective(model, CE, batches), products=products)
     resumed.load_state_dict(straight.state_dict())
     with torch.no_grad():
         model[0].weight.mul_(1.01)
@@ -251,7 +254,7 @@ def test_eigen_sam_alignment_is_one_for_the_measured_eigenvector():
     model, batches = problem()
     optimizer = EigenSAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=CE)
     tracker = SharpnessTracker(
-        model, CE, batches, eigen_sam=optimizer, tol=1e-10, products=None, max_iter=200
+        Objective(model, CE, batches), eigen_sam=optimizer, tol=1e-10, products=None, max_iter=200
     )
     assert tracker.measure().esam_v1_alignment is None  # no estimate yet
     names = [n for n, _ in model.named_parameters()]
@@ -284,7 +287,7 @@ def test_rows_go_to_lists_jsonl_tensorboard_and_callables(tmp_path: Path):
         def close(self) -> None: ...
 
     tracker = SharpnessTracker(
-        model, CE, batches, every=1, log=(rows, str(path), Writer(), seen.append)
+        Objective(model, CE, batches), every=1, log=(rows, str(path), Writer(), seen.append)
     )
     tracker(3)
     tracker(4)
@@ -304,7 +307,7 @@ def test_rows_go_to_lists_jsonl_tensorboard_and_callables(tmp_path: Path):
     board.close()
     assert list((tmp_path / "board").glob("events.out.tfevents.*"))
     with pytest.raises(ValueError, match="a file log must be a"):
-        SharpnessTracker(model, CE, batches, log=str(tmp_path / "log.txt"))
+        SharpnessTracker(Objective(model, CE, batches), log=str(tmp_path / "log.txt"))
     JsonlLog(tmp_path / "new" / "m.jsonl").close()  # makes its folder
     assert (tmp_path / "new" / "m.jsonl").read_text() == ""
 
@@ -319,3 +322,22 @@ def test_importing_sharpscope_imports_no_training_framework():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_callbacks_tracker_routes_objective_fields_to_the_objective():
+    """tracker_for (both training callbacks) sends ``params`` and ``batch_stats`` to the
+    Objective and the rest to the tracker: the same figures as the tracker built by hand."""
+    model, batches = problem()
+    options = dict(params="0.*", batch_stats=True, products=None, tol=1e-10, max_iter=200)
+    made = tracker_for(model, CE, batches, 3, **options)
+    by_hand = SharpnessTracker(
+        Objective(model, CE, batches, params="0.*", batch_stats=True),
+        3,
+        products=None,
+        tol=1e-10,
+        max_iter=200,
+    )
+    assert made.every == 3 and made.objective.params == "0.*" and made.objective.batch_stats
+    assert made.measure().lambda_max == by_hand.measure().lambda_max
+    everything = SharpnessTracker(Objective(model, CE, batches), products=None, tol=1e-10)
+    assert abs(everything.measure().lambda_max - made.measure().lambda_max) > 1e-6

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from sharpscope.curvature import Objective
 from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import load_model, save_checkpoint
 from sharpscope.io.data import DataBundle
@@ -79,7 +80,9 @@ def session(
 
 def tracker(s: Session) -> Tracker:
     probe = [(s.data.inputs[:48], s.data.targets[:48])]
-    return Tracker(SharpnessTracker(s.model, CE, probe, seed=0, products=None, max_iter=10), None)
+    return Tracker(
+        SharpnessTracker(Objective(s.model, CE, probe), seed=0, products=None, max_iter=10), None
+    )
 
 
 def config(**changes: Any) -> RunConfig:
