@@ -35,6 +35,7 @@ from sharpscope.curvature import (
 )
 from sharpscope.curvature.groups import param_groups
 from sharpscope.curvature.objective import configured_objective
+from sharpscope.curvature.operator import check_adds_to_a_run
 from sharpscope.curvature.product_error import ProductError, product_error
 from sharpscope.curvature.solvers import (
     SOLVERS,
@@ -193,9 +194,14 @@ def _per_layer(
 
 
 def _operator(
-    model: nn.Module, loss_fn: LossFn, batches: list[tuple[Any, Any]], config: AnalyzeConfig
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: list[tuple[Any, Any]],
+    config: AnalyzeConfig,
+    checked: bool,
 ) -> CurvatureOperator:
-    """The chosen curvature matrix of the mean loss over ``batches`` for the chosen parameters."""
+    """The chosen curvature matrix of the mean loss over ``batches`` for the chosen parameters;
+    its first batch is run again only where that checks more than ``checked`` did."""
     hessian = config.curvature == "hessian"
     if (
         hessian
@@ -209,7 +215,11 @@ def _operator(
     objective = configured_objective(model, loss_fn, batches, config)
     try:
         return curvature_operator(
-            config.curvature, objective, backend=config.backend, seed=config.seed
+            config.curvature,
+            objective,
+            backend=config.backend,
+            seed=config.seed,
+            validate=not checked or check_adds_to_a_run(objective),
         )
     except ValueError as exc:
         raise InputError(f"{exc} (parameter names: see docs/engine.md)") from None
@@ -401,6 +411,8 @@ def analyze(
     config: AnalyzeConfig | None = None,
     progress: Progress | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    *,
+    checked: bool = False,
 ) -> Analysis:
     """Measure the sharpness of ``model`` on ``batches`` (the Hessian of their mean loss, or the
     ``curvature`` the config names); under
@@ -415,6 +427,10 @@ def analyze(
         progress: Called as ``progress(task, done, total)`` through the stages.
         on_plan: Receives the run's cost once one product has been timed, before the eigen
             stage.
+        checked: The first batch already ran through the model and the loss in eval mode
+            (:func:`~sharpscope.cli.loading.load_inputs` runs it): the operator does not run it
+            again unless that checks more (``batch_stats``, or a loss that does not state
+            ``reduction``).
 
     Returns:
         The :class:`Analysis`: eigenvalues, trace, density, alignment, spread and notes.
@@ -437,7 +453,7 @@ def analyze(
     config = config or AnalyzeConfig()
     method = solver(config.method)
     notes: list[str] = []
-    op = _operator(model, loss_fn, batches, config)
+    op = _operator(model, loss_fn, batches, config, checked)
     watch = Stopwatch(lambda: op.n_products)
     if config.batch_stats:
         notes.append(BATCH_STATS_NOTE)

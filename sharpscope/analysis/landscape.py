@@ -29,6 +29,7 @@ from sharpscope.curvature import (
     lanczos,
 )
 from sharpscope.curvature.objective import configured_objective
+from sharpscope.curvature.operator import check_adds_to_a_run
 from sharpscope.curvature.vectors import random_vectors
 
 FILTER_EPS = 1e-10
@@ -116,6 +117,8 @@ def landscape(
     batches: Sequence[tuple[Any, Any]],
     config: LandscapeConfig | None = None,
     progress: Progress | None = None,
+    *,
+    checked: bool = False,
 ) -> Landscape:
     """The loss of ``model`` around its weights along ``config``'s directions, each point the
     mean over all of ``batches`` weighted as the Hessian weights it
@@ -124,14 +127,23 @@ def landscape(
     bit for bit after each point.
 
     Under torch.distributed every rank passes all of the data (see the module's docstring).
-    ``progress("landscape", done, total)`` counts this rank's evaluations.
+    ``progress("landscape", done, total)`` counts this rank's evaluations. ``checked``: the
+    first batch already ran through the model and the loss in eval mode (as
+    :func:`~sharpscope.cli.loading.load_inputs` runs it), so it is run again only where that
+    checks more (see :func:`~sharpscope.analysis.analyze.analyze`).
     """
     config = config or LandscapeConfig()
     objective = configured_objective(model, loss_fn, batches, config)
-    evaluate = HessianOperator(objective.replace(distributed=False), cache_graph=False)
+    validate = not checked or check_adds_to_a_run(objective)
+    evaluate = HessianOperator(
+        objective.replace(distributed=False), cache_graph=False, validate=validate
+    )
     if config.directions == "eigen":
         mine = [batches[i] for i in distributed.shard(len(batches))]
-        hessian = HessianOperator(objective.replace(batches=mine), cache_graph=False)
+        # the same objective on this rank's share: checked once, by ``evaluate``
+        hessian = HessianOperator(
+            objective.replace(batches=mine), cache_graph=False, validate=False
+        )
         directions = eigen_directions(hessian, config, progress)
     else:
         directions = random_directions(evaluate.space, config.seed)

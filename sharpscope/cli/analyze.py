@@ -49,7 +49,13 @@ def run_analysis(loaded: Loaded, config: AnalyzeConfig, quiet: bool) -> tuple[An
                 info(as_flags(plan_line(plan)))
 
         analysis = analyze(
-            loaded.model, loaded.loss_fn, loaded.batches, config, progress=bars, on_plan=show_plan
+            loaded.model,
+            loaded.loss_fn,
+            loaded.batches,
+            config,
+            progress=bars,
+            on_plan=show_plan,
+            checked=True,  # load_inputs ran the first batch
         )
         bars.finish()
     return analysis, report_of(analysis, loaded, config)

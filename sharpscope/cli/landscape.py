@@ -42,7 +42,9 @@ def run_landscape(loaded: Loaded, config: LandscapeConfig, quiet: bool) -> Lands
     from sharpscope.analysis.landscape import landscape
 
     with ProgressBars(not quiet and distributed.is_main()) as bars:
-        result = landscape(loaded.model, loaded.loss_fn, loaded.batches, config, progress=bars)
+        result = landscape(  # load_inputs ran the first batch: checked
+            loaded.model, loaded.loss_fn, loaded.batches, config, progress=bars, checked=True
+        )
         bars.finish()
     return result
 

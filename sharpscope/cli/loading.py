@@ -55,7 +55,8 @@ def _probe(
     dtype: torch.dtype,
 ) -> None:
     """Run the model and the loss on one batch so that a data/model mismatch fails here, with a
-    clear message."""
+    clear message; the only run of a batch at loading (commands tell their operators it ran:
+    ``checked``)."""
     inputs, targets = first
     if isinstance(inputs, torch.Tensor):
         shape = f"inputs shaped {tuple(inputs.shape)}"
@@ -78,7 +79,7 @@ def _probe(
         ) from None
     if isinstance(loss_fn, BuiltinLoss) and loss_fn.per_sample:
         check_targets(data, outputs)
-    with torch.no_grad():
+    with torch.no_grad():  # a user's loss is checked to return a scalar (io/losses.py)
         loss_fn(outputs, move_to(targets, device, dtype))
 
 

@@ -36,6 +36,15 @@ PROBE_TOL = 1e-3
 """How far (relative) a batch's loss may be from its halves' combination and still fit it."""
 
 
+def check_adds_to_a_run(objective: Objective) -> bool:
+    """Whether an operator's first-batch check (``validate``) finds more than running the first
+    batch through the model and the loss in eval mode (as the command line's loading does): it
+    does in another mode (``batch_stats``) or for a loss that does not state ``reduction`` as its
+    own (whose halves it compares)."""
+    declared = getattr(objective.loss_fn, "reduction", None)
+    return objective.batch_stats or declared != objective.reduction
+
+
 def _close(value: float, fit: float) -> bool:
     return abs(value - fit) <= PROBE_TOL * max(abs(value), abs(fit), 1e-30)
 
