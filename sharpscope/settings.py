@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import types
 import typing
@@ -90,17 +91,52 @@ class Option:
 def setting(default: Any, **option: Any) -> Any:
     """A dataclass field whose default is ``default``, declared with how the user sets it:
     ``option`` holds the fields of :class:`Option` (``help`` at least; ``flag`` defaults to ``--``
-    and the field's name with dashes, filled in by :func:`declared`)."""
+    and the field's name with dashes, filled in by :func:`declared`). A ``default`` of
+    ``dataclasses.MISSING`` makes a field without a default, which needs a ``fallback``: the value
+    a caller who leaves it out gets (see :func:`optional_settings`)."""
+    if default is dataclasses.MISSING and "fallback" not in option:
+        raise ValueError("a setting without a default needs a fallback")
     return dataclasses.field(default=default, metadata={_KEY: Option(**option)})
 
 
-def like(owner: type, name: str, **changes: Any) -> Any:
-    """A field declared as ``owner``'s ``name`` (its help, flag and panel), with None as its
-    default (not given) and ``owner``'s default as its fallback; ``changes`` replace parts of it.
+def like(owner: type, name: str, default: Any = None, **changes: Any) -> Any:
+    """A field declared as ``owner``'s ``name`` (its help, flag and panel), with ``default``
+    (None: not given; ``dataclasses.MISSING``: none) and ``owner``'s default as its fallback;
+    ``changes`` replace parts of it."""
+    return _like(find(owner, name), default, **changes)
+
+
+def _like(found: Declaration, default: Any, **changes: Any) -> Any:
+    option = dataclasses.replace(found.option, fallback=found.shown_default, **changes)
+    return dataclasses.field(default=default, metadata={_KEY: option})
+
+
+def optional_settings(full: type) -> Any:
+    """Class decorator: the class becomes a frozen, keyword-only dataclass with the declared
+    settings of ``full``, each None when not given and with ``full``'s default as its fallback (as
+    :func:`like` declares them), and ``full`` as its attribute ``full``.
+
+    Example:
+        >>> @dataclass(frozen=True)
+        ... class Full:
+        ...     top_k: int = setting(5, help="How many eigenpairs.")
+        >>> @optional_settings(Full)
+        ... class Given:
+        ...     pass
+        >>> Given().top_k, fallbacks(Given), Given.full is Full
+        (None, {'top_k': 5}, True)
     """
-    found = find(owner, name)
-    option = dataclasses.replace(found.option, fallback=found.default, **changes)
-    return dataclasses.field(default=None, metadata={_KEY: option})
+
+    def make(cls: type) -> type:
+        annotations = inspect.get_annotations(cls)
+        for item in declared(full):
+            annotations[item.name] = item.hint | None
+            setattr(cls, item.name, _like(item, None))
+        cls.__annotations__ = annotations
+        cls.full = full  # type: ignore[attr-defined]
+        return dataclass(frozen=True, kw_only=True)(cls)
+
+    return make
 
 
 @dataclass(frozen=True)
