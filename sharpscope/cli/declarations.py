@@ -14,7 +14,8 @@ from sharpscope.analysis.landscape_config import LandscapeConfig
 from sharpscope.io.load_spec import RUN, LoadSpec
 from sharpscope.launch import DEFAULT_TIMEOUT_S
 from sharpscope.settings import Declaration, declared, setting
-from sharpscope.training.options import MARKER, SAVE, RunOptions
+from sharpscope.training.options import MARKER, SAVE
+from sharpscope.training.run_config import RunOptions
 
 
 def _json(text: str) -> Any:
@@ -201,10 +202,10 @@ COMMANDS: dict[str, Command] = {
     ),
     "finetune": Command(
         (
-            Part(RunOptions),
             Part(
                 LoadSpec, without=tuple(d.name for d in declared(LoadSpec) if d.name not in _LOADED)
             ),
+            Part(RunOptions),
             Part(FinetuneOutputs),
             Part(Session),
         )

@@ -14,11 +14,10 @@ import typer
 from sharpscope.cli.common import command_scope, fail, info, print_json, set_threads, stderr, stdout
 from sharpscope.cli.generate import Values, declared_command
 from sharpscope.io.load_spec import LoadSpec
-from sharpscope.training.options import RunOptions
+from sharpscope.training.run_config import RunConfig, RunOptions
 
 if TYPE_CHECKING:
     from sharpscope.training.run import Outcome
-    from sharpscope.training.run_config import RunConfig
     from sharpscope.training.run_dir import RunDir
     from sharpscope.training.signals import StopRequest
 
@@ -93,22 +92,13 @@ def finetune_command(
         run = plan.config
         load = LoadSpec(
             plan.weights,
-            run.data,
             model=model,  # on a resume, checked to be the run's own
             model_args=settings["model_args"],
             trust_pickle=settings["trust_pickle"],
             trust_code=trust_code,
             state_prefix=settings["state_prefix"] if plan.resume_from is None else None,
-            split=run.split,
-            batch_size=run.batch_size,
-            seed=run.seed,
-            text_field=run.text_field,
-            label_field=run.label_field,
-            max_length=run.max_length,
-            loss=run.loss,
             input_style="kwargs",  # the training loop passes a mapping's fields as keywords
-            device=run.device,
-            dtype=run.dtype,
+            **run.loading(),  # data, split, batch_size, seed, text and loss, device, dtype
         )
         # a folder run's step folders carry the tokenizer; else the folder it started from
         tokenizer = None if run.layout == "pretrained" else Path(run.checkpoint)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch import nn
@@ -12,7 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from sharpscope.batches import LossFn
 from sharpscope.optim import ASAM, SAM, EigenEstimate, EigenSAM
-from sharpscope.training.options import SCHEDULES
+from sharpscope.training.options import SCHEDULES, OptimizerSettings
 
 
 class StepHook(Protocol):
@@ -46,32 +45,17 @@ Built = tuple[Optimizer, StepHook]
 """An optimizer and its hook for the training loop."""
 
 
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """SGD with momentum and weight decay, optionally wrapped by SAM, ASAM or Eigen-SAM."""
-
-    name: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    rho: float
-    alpha: float
-    eig_every: int
-    eig_steps: int
-    seed: int
-
-
 def build_optimizer(model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
     """The optimizer ``s`` describes, over the model's trainable parameters, and its hook."""
     params = [p for p in model.parameters() if p.requires_grad]
     base = SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    if s.name == "sgd":
+    if s.optimizer == "sgd":
         return base, NoHook()
-    if s.name == "sam":
+    if s.optimizer == "sam":
         return SAM(base, s.rho, model=model), NoHook()
-    if s.name == "asam":
+    if s.optimizer == "asam":
         return ASAM(base, s.rho, model=model), NoHook()
-    assert s.name == "eigen-sam", f"not one of OPTIMIZERS: {s.name!r}"
+    assert s.optimizer == "eigen-sam", f"not one of OPTIMIZERS: {s.optimizer!r}"
     eigen = EigenSAM(
         base,
         s.rho,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,10 @@ from sharpscope.io.data import HELD_OUT, DataBundle, held_out_split, load_data, 
 from sharpscope.io.models import ModelSpec
 from sharpscope.io.tokenizer import TextSpec
 from sharpscope.io.user_code import is_object_spec
-from sharpscope.training.options import DEFAULT_EPOCHS, DEFAULT_RHO, DEFAULTS, RunOptions
-from sharpscope.training.run_config import RunConfig, resumed
+from sharpscope.settings import declared, fallbacks
+from sharpscope.training.options import DEFAULT_EPOCHS, DEFAULT_RHO
+from sharpscope.training.run_config import RunConfig, RunOptions, resumed
 from sharpscope.training.run_dir import CONFIG, RunDir, model_path
-
-CODE_SETTINGS: tuple[str, ...] = ("data", "val_data", "loss")
-"""Run settings that may name a user's function (the model spec is checked as it loads)."""
 
 
 @dataclass(frozen=True)
@@ -61,20 +59,22 @@ def default_out() -> Path:
 
 
 def new_run(checkpoint: Path | None, options: RunOptions, out: Path, force: bool = False) -> Plan:
-    """A new run from ``checkpoint`` with ``options`` (:data:`DEFAULTS` where not given), in the
-    folder ``out``, which rank 0 prepares and marks as the run's: it must be new, empty, a run
-    that never wrote a checkpoint, or with ``force`` a folder without any of the run's names
-    (see :meth:`RunDir.prepare_new`); never the checkpoint's own folder."""
+    """A new run from ``checkpoint`` with ``options`` (each setting's fallback where not given:
+    ``rho`` the optimizer's :data:`DEFAULT_RHO`, and :data:`DEFAULT_EPOCHS` without ``steps`` or
+    ``epochs``), in the folder ``out``, which rank 0 prepares and marks as the run's: it must be
+    new, empty, a run that never wrote a checkpoint, or with ``force`` a folder without any of the
+    run's names (see :meth:`RunDir.prepare_new`); never the checkpoint's own folder."""
     if checkpoint is None or options.data is None:
         raise InputError(
             "give a `checkpoint` and `data` for a new run, or `resume` to continue one"
         )
-    settings = {**asdict(DEFAULTS), **options.given()}
+    settings = {**fallbacks(type(options)), **options.given()}
     if options.steps is None and options.epochs is None:
         settings["epochs"] = DEFAULT_EPOCHS
     if options.rho is None:
         settings["rho"] = DEFAULT_RHO.get(settings["optimizer"], 0.0)
-    config = RunConfig(checkpoint=str(checkpoint), checkpoint_sha256="", model="", **settings)
+    full = type(options).full  # the stored settings these options give: RunConfig
+    config = full(checkpoint=str(checkpoint), checkpoint_sha256="", model="", **settings)
     if checkpoint.is_dir() and out.resolve().is_relative_to(checkpoint.resolve()):
         raise InputError(
             f"`out` {out} is inside the `checkpoint` folder {checkpoint}, which the run would "
@@ -129,11 +129,12 @@ def resume_run(
 
 
 def _refuse_stored_code(config: RunConfig, given: Mapping[str, Any], where: Path) -> None:
-    """Refuse a run whose settings name code (``pkg.module:function``, ``file.py:function``)
-    that the caller did not give again: a file in the run folder chose it."""
+    """Refuse a run whose settings name code (``pkg.module:function``, ``file.py:function``) in
+    a setting declared as code (the model spec is checked as it loads) that the caller did not
+    give again: a file in the run folder chose it."""
     named = [
         f"`{name}` {value}"
-        for name in CODE_SETTINGS
+        for name in (d.name for d in declared(type(config)) if d.option.code)
         if name not in given and isinstance(value := getattr(config, name), str)
         if is_object_spec(value)
     ]

@@ -94,7 +94,7 @@ def finetune(
     order = DataOrder(len(inputs.train), config.batch_size, config.seed)
     check_shares(order.batch_size, min(config.probe_size, len(inputs.train)))
     total = config.total_steps(order.steps_per_epoch)
-    optimizer, hook = build_optimizer(inputs.model, inputs.loss_fn, config.optimizer_settings())
+    optimizer, hook = build_optimizer(inputs.model, inputs.loss_fn, config)
     session = Session(
         inputs.model,
         inputs.loss_fn,

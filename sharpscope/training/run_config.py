@@ -1,4 +1,7 @@
-"""A fine-tuning run's settings, stored in its folder, and what a resume may change."""
+"""A fine-tuning run's settings, declared once: :class:`RunConfig` (the run's ``config.json``),
+:class:`RunOptions` (the same settings as a caller gives them, each None when not given), and
+what a resume may change. ``finetune``'s options, config keys and flag names are generated from
+these declarations (:mod:`sharpscope.cli.declarations`). Torch-free."""
 
 from __future__ import annotations
 
@@ -8,9 +11,20 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from sharpscope.choices import CURVATURE_NAMES
-from sharpscope.errors import InputError, check_choice, check_finite_fields
-from sharpscope.training.optimizers import OptimizerSettings
-from sharpscope.training.options import OPTIMIZERS, PRECISIONS, SCHEDULES
+from sharpscope.errors import InputError, check_choice
+from sharpscope.io.load_spec import LOAD, LoadSpec
+from sharpscope.settings import declared, like, optional_settings, setting
+from sharpscope.training.options import (
+    DEFAULT_EPOCHS,
+    OPTIMIZE,
+    PRECISIONS,
+    SAVE,
+    SCHEDULES,
+    TRACK,
+    OptimizerSettings,
+    check_signs,
+    stored,
+)
 
 LAYOUTS: tuple[str, ...] = ("safetensors", "pretrained")
 """How a run writes its model: ``model.safetensors`` with the model spec in its metadata, or a
@@ -20,60 +34,95 @@ CHANGEABLE: tuple[str, ...] = ("steps", "epochs", "track_every", "save_every", "
 Every other setting changes the trained weights or the tracked figures, so it is fixed."""
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines a fine-tuning run (``config.json`` in its folder)."""
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(OptimizerSettings):
+    """Everything that defines a fine-tuning run (``config.json`` in its folder): the optimizer's
+    settings and the run's own, each declared with its help and flag, and what the run derives
+    (the checkpoint, its hash, the model spec, the layout). A setting without a default is in
+    every stored config (one without it is refused) and its fallback is a new run's; a setting
+    added later defaults to what runs did before it, so that older configs still load.
+    """
 
     checkpoint: str
     checkpoint_sha256: str
     model: str
     """The model spec as JSON."""
-    data: str
-    split: str
-    val_data: str | None
-    loss: str
-    optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    rho: float
-    alpha: float
-    eig_every: int
-    eig_steps: int
-    schedule: str
-    batch_size: int
-    seed: int
-    dtype: str
-    probe_size: int
-    track_iters: int
-    steps: int | None
-    """The total number of steps, or None when ``epochs`` gives it."""
-    epochs: int | None
-    track_every: int
-    save_every: int
-    keep: int
-    device: str
-    per_rank_sam: bool = False
-    """Under torch.distributed: each rank perturbs with its own gradient (m-sharpness); absent
-    from the configs of earlier versions."""
-    text_field: str = "text"
-    """Text data: the text field(s), the label field and the longest sequence
-    (:class:`~sharpscope.io.tokenizer.TextSpec`); absent from the configs of earlier versions."""
-    label_field: str = "label"
-    max_length: int | None = None
-    params: tuple[str, ...] | None = None
-    """Globs of the parameters trained (:mod:`~sharpscope.training.selection`); None: all."""
-    freeze: tuple[str, ...] | None = None
-    """Globs of parameters left as they are; None: none."""
     layout: str = "safetensors"
     """The checkpoints' layout, one of :data:`LAYOUTS`."""
-    curvature: str = "hessian"
+    data: str = like(LoadSpec, "data", default=MISSING)
+    split: str = like(LoadSpec, "split", default=MISSING)
+    text_field: str = like(LoadSpec, "text_field", default="text")
+    label_field: str = like(LoadSpec, "label_field", default="label")
+    max_length: int | None = like(LoadSpec, "max_length", default=None)
+    """Text data: the text field(s), the label field and the longest sequence
+    (:class:`~sharpscope.io.tokenizer.TextSpec`); absent from the configs of earlier versions."""
+    val_data: str | None = stored(
+        None,
+        "Validation data spec (its held-out split if it has one, else all of it); default: the "
+        "held-out split of --data.",
+        LOAD,
+        kind="data",
+        code=True,
+    )
+    """None: the held-out split of ``data``, if it has one."""
+    loss: str = like(LoadSpec, "loss", default=MISSING)
+    per_rank_sam: bool = setting(
+        False,
+        help="Under torchrun: each rank perturbs with its own gradient (m-sharpness) instead of "
+        "the averaged one.",
+        panel=OPTIMIZE,
+    )
+    """Absent from the configs of earlier versions."""
+    params: tuple[str, ...] | None = setting(
+        None,
+        help="Train only the parameters whose name matches this glob (repeatable or "
+        "comma-separated, as for analyze), e.g. 'classifier.*'; default: all.",
+        panel=OPTIMIZE,
+    )
+    """Globs of the parameters trained (:mod:`~sharpscope.training.selection`); None: all."""
+    freeze: tuple[str, ...] | None = setting(
+        None,
+        help="Do not train the parameters whose name matches this glob (repeatable or "
+        "comma-separated), e.g. 'bert.embeddings.*'.",
+        panel=OPTIMIZE,
+    )
+    """Globs of parameters left as they are; None: none."""
+    schedule: str = stored("constant", f"Learning-rate schedule: {', '.join(SCHEDULES)}.", OPTIMIZE)
+    batch_size: int = like(LoadSpec, "batch_size", default=MISSING, common=True)
+    epochs: int | None = stored(
+        None, f"Passes over the data (default {DEFAULT_EPOCHS}); or --steps.", OPTIMIZE, common=True
+    )
+    steps: int | None = stored(None, "Total optimizer steps.", OPTIMIZE, common=True)
+    """The total number of steps, or None when ``epochs`` gives it."""
+    track_every: int = stored(
+        50, "Record λ_max, alignment, loss and accuracy every N steps.", TRACK
+    )
+    probe_size: int = stored(256, "Samples in the fixed probe batch λ_max is measured on.", TRACK)
+    track_iters: int = stored(
+        20, "Most Lanczos products per λ_max measurement (1: one product, the cheapest).", TRACK
+    )
+    save_every: int = stored(
+        100, "Write a checkpoint every N steps (and at the end or on a stop).", SAVE
+    )
+    keep: int = stored(3, "Keep the last N checkpoints.", SAVE)
+    device: str = like(LoadSpec, "device", default=MISSING)
+    dtype: str = like(LoadSpec, "dtype", default=MISSING)
+    curvature: str = setting(
+        "hessian",
+        help=f"The matrix whose λ_max is tracked: {', '.join(CURVATURE_NAMES)} (see analyze).",
+        panel=TRACK,
+    )
     """The matrix whose λ_max the rows track (:data:`~sharpscope.curvature.CURVATURES`)."""
-    precision: str = "float32"
+    precision: str = setting(
+        "float32",
+        help=f"Training passes: {', '.join(PRECISIONS)} (bf16: bfloat16 autocast of float32 "
+        "weights, whose gradients and λ_max products stay float32).",
+        panel=OPTIMIZE,
+    )
     """The training passes' precision, one of :data:`PRECISIONS`."""
 
     def __post_init__(self) -> None:
-        check_finite_fields(self)
+        super().__post_init__()
         for name in ("params", "freeze"):
             globs = getattr(self, name)
             if globs is not None:  # a JSON list when read back
@@ -81,7 +130,6 @@ class RunConfig:
                 if not globs or not all(isinstance(g, str) and g for g in globs):
                     raise InputError(f"`{name}` must be one or more non-empty globs, got {globs}")
         check_choice("layout", self.layout, LAYOUTS)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("curvature", self.curvature, CURVATURE_NAMES)
         check_choice("precision", self.precision, PRECISIONS)
@@ -95,33 +143,18 @@ class RunConfig:
         if (self.steps is None) == (self.epochs is None):
             both = ", not both" if self.steps is not None else ""
             raise InputError(f"give either `steps` or `epochs`{both}")
-        positive = ("lr", "eig_every", "eig_steps", "batch_size", "probe_size", "track_iters")
-        positive += ("steps", "epochs", "track_every", "save_every", "keep")
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise InputError(f"`{name}` must be positive, got {value}")
-        for name in ("momentum", "weight_decay", "rho", "alpha"):
-            if not getattr(self, name) >= 0:
-                raise InputError(f"`{name}` must be at least 0, got {getattr(self, name)}")
+        positive = ("batch_size", "probe_size", "track_iters", "steps", "epochs", "track_every")
+        check_signs(self, (*positive, "save_every", "keep"), ())
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """The step the run ends at."""
         return self.steps if self.steps is not None else self.epochs * steps_per_epoch  # type: ignore[operator]
 
-    def optimizer_settings(self) -> OptimizerSettings:
-        """The optimizer's part of the settings."""
-        return OptimizerSettings(
-            name=self.optimizer,
-            lr=self.lr,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            rho=self.rho,
-            alpha=self.alpha,
-            eig_every=self.eig_every,
-            eig_steps=self.eig_steps,
-            seed=self.seed,
-        )
+    def loading(self) -> dict[str, Any]:
+        """The settings it shares with :class:`~sharpscope.io.load_spec.LoadSpec` (the data, its
+        batches, the loss, the device...), by name: how the run loads its inputs."""
+        shared = {d.name for d in declared(LoadSpec)} & {d.name for d in declared(type(self))}
+        return {name: getattr(self, name) for name in shared}
 
     def to_json(self) -> str:
         """The settings as an indented JSON object."""
@@ -142,6 +175,22 @@ class RunConfig:
                 f"{where} is not a sharpscope fine-tuning config ({exc}); it was written by "
                 "another version or edited"
             ) from None
+
+
+@optional_settings(RunConfig)
+class RunOptions:
+    """The settings a caller gives a run: :class:`RunConfig`'s declared settings, each None when
+    not given; a new run takes each one's fallback
+    (:func:`~sharpscope.training.plan.new_run`), a resumed run its own.
+
+    Example:
+        >>> RunOptions(optimizer="sam", lr=0.05).given()
+        {'optimizer': 'sam', 'lr': 0.05}
+    """
+
+    def given(self) -> dict[str, Any]:
+        """The settings given (not None), by name."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
 
 
 def resumed(stored: RunConfig, given: Mapping[str, Any], where: str) -> RunConfig:

@@ -368,6 +368,7 @@ def test_a_declared_setting_is_everywhere(dummy, repo):
         "sharpscope.analysis.gate",
         "sharpscope.analysis.landscape_config",
         "sharpscope.training.options",
+        "sharpscope.training.run_config",
         "sharpscope.cli.generate",
     ],
 )

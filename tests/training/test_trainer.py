@@ -22,11 +22,12 @@ from sharpscope.io.checkpoints import load_model, save_checkpoint
 from sharpscope.io.data import DataBundle
 from sharpscope.io.models import ModelSpec, build_model
 from sharpscope.optim import EigenSAM
+from sharpscope.settings import fallbacks
 from sharpscope.training.metrics import CSV, JSONL, MetricsLog, read_rows
 from sharpscope.training.optimizers import OptimizerSettings, build_optimizer, build_scheduler
 from sharpscope.training.options import DEFAULT_EPOCHS
 from sharpscope.training.order import DataOrder
-from sharpscope.training.plan import DEFAULTS, RunOptions, new_run, resume_run
+from sharpscope.training.plan import RunOptions, new_run, resume_run
 from sharpscope.training.run_config import RunConfig, resumed
 from sharpscope.training.run_dir import LATEST, MARKER, MODEL, STEP_KEY, TRAINER, RunDir
 from sharpscope.training.state import (
@@ -59,7 +60,11 @@ def dropout_net() -> nn.Module:
 def session(
     model: nn.Module, name: str = "eigen-sam", total: int = 20, precision: str = "float32"
 ) -> Session:
-    settings = OptimizerSettings(name, 0.1, 0.9, 1e-4, 0.05, 0.2, 4, 3, 0)
+    settings = OptimizerSettings(
+        optimizer=name,
+        **dict(lr=0.1, momentum=0.9, weight_decay=1e-4, rho=0.05, alpha=0.2),
+        **dict(eig_every=4, eig_steps=3, seed=0),
+    )
     optimizer, hook = build_optimizer(model, CE, settings)
     scheduler = build_scheduler(optimizer, "cosine", total)
     order = DataOrder(96, 16, seed=0)
@@ -374,7 +379,8 @@ def test_a_new_run_takes_the_defaults_and_a_resumed_one_its_own_settings(tmp_pat
     assert plan.folder.path.is_dir() and plan.resume_from is None and plan.weights == start
     assert (plan.config.optimizer, plan.config.lr, plan.config.rho) == ("asam", 0.5, 0.5)
     assert (plan.config.steps, plan.config.epochs) == (None, DEFAULT_EPOCHS)
-    assert plan.config.momentum == DEFAULTS.momentum and plan.config.val_data is None
+    assert plan.config.momentum == fallbacks(RunOptions)["momentum"] == 0.9
+    assert plan.config.val_data is None
     config, _ = plan.loaded("ab", spec, pretrained=False)
     assert (config.checkpoint_sha256, config.model, config.layout) == (
         "ab",
