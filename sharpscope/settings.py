@@ -1,6 +1,6 @@
 """Settings declared once: :func:`setting` gives a dataclass field its default together with its
 help text, its command-line flag, its help panel and how a config file writes it. The command
-line (:mod:`sharpscope.cli.declared`), the config files, the flag names of error messages and the
+line (:mod:`sharpscope.cli.generate`), the config files, the flag names of error messages and the
 report's settings are all generated from these declarations; validation stays in each settings
 class's ``__post_init__``. Torch-free.
 
