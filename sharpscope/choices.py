@@ -8,7 +8,7 @@ SOLVER_NAMES: tuple[str, ...] = ("lanczos", "power", "pyhessian")
 """The eigen-solvers of :data:`sharpscope.curvature.SOLVERS`."""
 CURVATURE_NAMES: tuple[str, ...] = ("hessian", "ggn", "fisher", "empirical-fisher")
 """The matrices of :data:`sharpscope.curvature.CURVATURES`."""
-BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse")
+BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse", "finite-difference")
 """How the Hessian's products are taken (:class:`sharpscope.curvature.HessianOperator`)."""
 ADAPTIVE_KINDS: tuple[str, ...] = ("worst", "average")
 """The adaptive sharpness's cases (:mod:`sharpscope.analysis.adaptive_sharpness`)."""

@@ -10,7 +10,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from sharpscope.curvature import curvature_mode, select_params
+from sharpscope.curvature import BACKENDS, curvature_mode, select_params
+
+EXACT_BACKENDS = tuple(b for b in BACKENDS if b != "finite-difference")
+"""The backends exact to rounding (finite differences are checked at their own tolerance in
+tests/curvature/test_finite_difference.py)."""
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from torch.func import grad, jvp
 
 from sharpscope.choices import BACKENDS
@@ -17,7 +18,16 @@ from sharpscope.errors import InputError
 FUNC_CHECK_ULPS = 200
 """How far (in units of the dtype's epsilon, relative) forward-over-reverse's first product may
 be from double backward's before it is refused; rounding gives 1-3 units on the test models."""
-Backend = Literal["double-backward", "forward-over-reverse"]
+FD_SHRINK = 2.0
+"""The ratio of successive step sizes the finite-difference backend tries on its first product."""
+FD_RUNGS = 6
+"""How many step sizes it tries at most: cbrt(eps)-scaled (:meth:`HessianOperator._step`) down
+to 1/32 of it."""
+FD_MAX_ERROR = 1e-2
+"""The largest estimated relative error of a finite-difference product that is accepted: beyond
+it the gradient is not smooth along the direction (a ReLU network's kinks), so the differences
+are not a Hessian's products."""
+Backend = Literal["double-backward", "forward-over-reverse", "finite-difference"]
 
 
 class HessianOperator(CurvatureOperator):
@@ -28,6 +38,10 @@ class HessianOperator(CurvatureOperator):
     ``cache_graph`` (default) that graph is built once for all batches and reused by every
     product, which costs the memory of all batches' activations. ``"forward-over-reverse"`` uses
     ``torch.func.jvp`` of ``torch.func.grad`` and keeps nothing between products.
+    ``"finite-difference"`` takes the central difference of two gradients,
+    (g(w + h v) − g(w − h v)) / 2h (:meth:`_matvec_difference`): a gradient's memory and first
+    derivatives only, at a truncation and rounding error that its first product estimates
+    (:attr:`fd_error`).
 
     Every forward runs under :func:`~sharpscope.curvature.attention.twice_differentiable`
     (attention on torch's math kernel, which has second derivatives); a product through an
@@ -35,7 +49,7 @@ class HessianOperator(CurvatureOperator):
 
     Args:
         objective: The model, loss, data and parameters (:class:`Objective`).
-        backend: ``double-backward`` or ``forward-over-reverse``.
+        backend: ``double-backward``, ``forward-over-reverse`` or ``finite-difference``.
         cache_graph: Keep the gradient graph for all products (double backward only).
         validate: Run the model and the loss on the first batch now.
 
@@ -57,6 +71,13 @@ class HessianOperator(CurvatureOperator):
     settings = (*CurvatureOperator.settings, "backend")
     _graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
     _functional_checked = False
+    fd_error: float | None = None
+    """``finite-difference`` only: the estimated relative error of its products (Richardson, from
+    its first product at the chosen step and at twice it; None before the first product)."""
+    fd_scale: float | None = None
+    """``finite-difference`` only: the chosen step as a multiple of :meth:`_step`'s, set by the
+    first product, which tries up to :data:`FD_RUNGS` steps (2 gradients each) and keeps the one
+    of least estimated error."""
 
     def __init__(
         self,
@@ -107,6 +128,8 @@ class HessianOperator(CurvatureOperator):
 
     def _local_matvec(self, vs: list[torch.Tensor]) -> torch.Tensor:
         """This rank's weighted sum of the batches' Hessian-vector products."""
+        if self.backend == "finite-difference":
+            return self._matvec_difference(vs)
         if self.backend == "forward-over-reverse":
             product = self._matvec_functional(vs)
             if not self._functional_checked:
@@ -141,6 +164,82 @@ class HessianOperator(CurvatureOperator):
             grads = self._grad(loss, create_graph=True)
             total += torch.cat([h.reshape(-1) for h in self._second(grads, vs, False)])
         return total
+
+    def _held(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``vs`` with the rows that autograd holds constant set to 0: an ``nn.Embedding``'s
+        ``padding_idx`` row gets no gradient, so double backward's Hessian has no row or column
+        for it, and a step that moved it would differentiate another function."""
+        index = {id(p): i for i, p in enumerate(self.space.params)}
+        held = [
+            (index[id(m.weight)], m.padding_idx)
+            for m in self.model.modules()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None and id(m.weight) in index
+        ]
+        if not held:
+            return vs
+        vs = list(vs)
+        for i, row in held:
+            vs[i] = vs[i].clone()
+            vs[i][row] = 0
+        return vs
+
+    def _step(self, vs: list[torch.Tensor]) -> float:
+        """The finite-difference base step h for the direction ``vs``: cbrt(eps)·max(1, ‖w‖)/‖v‖
+        (the first product shrinks it by up to 32, :attr:`fd_scale`).
+
+        A central difference errs by about h²‖v‖³·|∇³L| (truncation) plus eps·‖g‖/h (rounding of
+        the gradients) and eps·‖w‖/(h‖v‖) (rounding of w ± hv), relative; h‖v‖ of order cbrt(eps)
+        balances the first two, each then of order eps^(2/3) (about 2e-5 in float32), and
+        scaling by ‖w‖ keeps the moved weights' rounding at that order too. It only depends on
+        the weights and ``vs``, so every rank takes the same step.
+        """
+        eps = torch.finfo(self.dtype).eps
+        weights = norm(torch.cat([p.detach().reshape(-1) for p in self.space.params]))
+        direction = norm(torch.cat([v.reshape(-1) for v in vs]))
+        return eps ** (1 / 3) * max(1.0, weights) / max(direction, torch.finfo(self.dtype).tiny)
+
+    def _local_gradient(self, delta: torch.Tensor) -> torch.Tensor:
+        """This rank's weighted gradient sum at the weights + ``delta``, restored bit for bit."""
+        total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        with self.shifted(delta):
+            for loss in self._batch_losses():
+                total += torch.cat([g.reshape(-1) for g in self._grad(loss, create_graph=False)])
+        return total
+
+    def _difference(self, v: torch.Tensor, h: float) -> torch.Tensor:
+        """(g(w + h v) − g(w − h v)) / 2h on this rank's batches."""
+        return (self._local_gradient(h * v) - self._local_gradient(-h * v)) / (2 * h)
+
+    def _matvec_difference(self, vs: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's product by a central difference of gradients: two gradients per product
+        once its first product has chosen the step (see :attr:`fd_scale`)."""
+        vs = self._held(vs)
+        v = torch.cat([t.reshape(-1) for t in vs])
+        h = self._step(vs)
+        if self.fd_scale is not None:
+            return self._difference(v, self.fd_scale * h)
+        # Truncation falls as h² and rounding grows as 1/h: shrink the step while the Richardson
+        # estimate of the error, the spread to the previous step over (r² − 1), falls.
+        tiny = torch.finfo(self.dtype).tiny
+        wider, best = self._difference(v, h), None
+        for rung in range(1, FD_RUNGS):
+            scale = FD_SHRINK**-rung
+            product = self._difference(v, scale * h)
+            spread = norm(self._reduced(wider - product)) / (FD_SHRINK**2 - 1)
+            error = spread / max(norm(self._reduced(product)), tiny)
+            if best is not None and error > best[0]:
+                break
+            best, wider = (error, scale, product), product
+        assert best is not None
+        error, self.fd_scale, product = best
+        if error > FD_MAX_ERROR:
+            raise InputError(
+                "`backend` finite-difference cannot take this model's Hessian: its gradient is "
+                "not smooth along the products' directions (estimated error "
+                f"{error:.1e}, relative; e.g. ReLU kinks); use `backend` double-backward"
+            )
+        self.fd_error = error
+        return product
 
     def _matvec_functional(self, vs: list[torch.Tensor]) -> torch.Tensor:
         names = self.space.names

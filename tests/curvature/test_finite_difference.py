@@ -1,0 +1,147 @@
+"""The finite-difference backend: central differences of gradients against exact double backward
+(and dense float64 Hessians), its error estimate, bit-identical weights after a solve, and a
+flash-attention kernel, which double backward cannot differentiate twice.
+
+CPU torch has no memory-efficient SDPA kernel, so only the flash kernel is tested here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny_hf
+import torch
+import torch.nn.functional as F
+from tiny_cli import FAST, make_checkpoint, refused
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from typer.testing import CliRunner
+
+from sharpscope.cli.app import app
+from sharpscope.curvature import HessianOperator, Objective, SolveSettings, lanczos
+from sharpscope.curvature.vectors import norm
+from sharpscope.errors import InputError
+from sharpscope.io.checkpoints import save_checkpoint
+from sharpscope.io.models import ModelSpec, build_model
+
+
+def _lm_loss(out, y):
+    return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+
+
+def _class_loss(out, y):
+    return F.cross_entropy(out.logits, y)
+
+
+def _objective(name: str, dtype: torch.dtype) -> Objective:
+    """A small model in ``dtype``, its loss and one batch: an MLP, the tiny BERT classifier
+    (whose word embeddings hold a ``padding_idx`` row) or the tiny GPT-2 causal LM."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, tiny_hf.VOCAB - 1, (4, 10), generator=g)
+    if name == "bert":
+        labels = torch.randint(0, 3, (4,), generator=g)
+        return Objective(tiny_hf.bert().to(dtype), _class_loss, [({"input_ids": ids}, labels)])
+    if name == "gpt2":
+        return Objective(tiny_hf.gpt2().to(dtype), _lm_loss, [({"input_ids": ids}, ids)])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    x = torch.randn(32, 6, generator=g, dtype=dtype)
+    return Objective(model, F.cross_entropy, [(x, torch.randint(0, 3, (32,), generator=g))])
+
+
+def _vector(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return norm(a - b) / norm(b)
+
+
+@pytest.mark.parametrize("name", ["mlp", "bert", "gpt2"])
+@pytest.mark.parametrize(("dtype", "rel"), [(torch.float32, 1e-4), (torch.float64, 1e-7)])
+def test_products_match_double_backward(name, dtype, rel):
+    objective = _objective(name, dtype)
+    exact = HessianOperator(objective, cache_graph=False)
+    fd = HessianOperator(objective, backend="finite-difference")
+    for seed in range(3):
+        v = _vector(exact.size, dtype, seed)
+        error = _relative(fd @ v, exact @ v)
+        assert error <= rel, (seed, error)
+        if seed == 0 and dtype == torch.float32:  # the estimate is of the first product
+            assert error / 10 <= fd.fd_error <= 10 * error, (error, fd.fd_error)
+    assert fd.n_products == 3 and fd.fd_scale is not None
+
+
+def test_products_match_the_dense_float64_hessian(problem):
+    op = HessianOperator(
+        Objective(problem.model, problem.loss_fn, problem.split(20)), backend="finite-difference"
+    )
+    for seed in range(2):
+        v = _vector(op.size, torch.float64, seed)
+        assert _relative(op @ v, problem.hessian @ v) <= 1e-7
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_lanczos_agrees_and_weights_are_bit_identical(name):
+    objective = _objective(name, torch.float64)
+    before = [p.detach().clone() for p in objective.model.parameters()]
+    settings = SolveSettings(tol=1e-8, max_iter=200)
+    fd = HessianOperator(objective, backend="finite-difference")
+    got = lanczos(fd, 2, settings=settings).eigenvalues
+    after = list(objective.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    want = lanczos(HessianOperator(objective), 2, settings=settings).eigenvalues
+    for g, w in zip(got.tolist(), want.tolist(), strict=True):
+        assert abs(g - w) <= 1e-5 * abs(w), (g, w)
+
+
+class KernelAttention(nn.Module):
+    """Self-attention on the SDPA kernel it is given (its own choice wins over the caller's)."""
+
+    def __init__(self, kernel: SDPBackend) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kernel = kernel
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in self.qkv(x).split(8, -1))
+        with sdpa_kernel(self.kernel):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(out.transpose(1, 2).flatten(2).mean(1))
+
+
+def test_flash_attention_kernel_is_accepted():
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 5, 8, generator=g), torch.randint(0, 3, (6,), generator=g))]
+    flash = Objective(KernelAttention(SDPBackend.FLASH_ATTENTION), F.cross_entropy, batches)
+    with pytest.raises(InputError, match="no second derivative"):
+        HessianOperator(flash) @ torch.ones(HessianOperator(flash).size)
+    math = Objective(KernelAttention(SDPBackend.MATH), F.cross_entropy, batches)
+    v = _vector(HessianOperator(math).size, torch.float32, 0)
+    got = HessianOperator(flash, backend="finite-difference") @ v
+    assert _relative(got, HessianOperator(math) @ v) <= 1e-4
+
+
+def _top(result) -> float:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["results"]["eigenvalues"]["values"][0]
+
+
+def test_command_line_backend(tmp_path):
+    """A smooth (tanh) MLP's λ_max agrees with double backward's; a ReLU MLP, whose gradient
+    jumps at its kinks, is refused in one line."""
+    torch.manual_seed(0)
+    spec = ModelSpec("mlp", {"hidden": (16,), "activation": "tanh"})
+    smooth = tmp_path / "tanh.safetensors"
+    save_checkpoint(smooth, build_model(spec), spec)
+    args = ["analyze", str(smooth), *FAST, "--no-trace", "--json"]
+    runner = CliRunner()
+    fd = _top(runner.invoke(app, [*args, "--backend", "finite-difference"]))
+    exact = _top(runner.invoke(app, args))
+    assert abs(fd - exact) <= 1e-4 * abs(exact)
+    relu = make_checkpoint(tmp_path)
+    result = runner.invoke(app, ["analyze", str(relu), *FAST, "--backend", "finite-difference"])
+    refused(result.exit_code, result.stderr, "--backend finite-difference", "not smooth", "ReLU")
