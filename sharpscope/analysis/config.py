@@ -84,7 +84,9 @@ class AnalyzeConfig:
     alpha: float = setting(0.2, help="Eigen-SAM's α.", panel=SAM)
     backend: str = setting(
         "double-backward",
-        help=f"HVP backend: {', '.join(BACKENDS)} (the Hessian's products only).",
+        help=f"HVP backend: {', '.join(BACKENDS)} (the Hessian's products only). "
+        "finite-difference: two gradients per product at a gradient's memory, any attention "
+        "kernel, smooth activations only; its error is estimated (docs/engine.md).",
         panel=HESSIAN,
     )
     curvature: str = setting(
