@@ -244,7 +244,7 @@ class HessianOperator(CurvatureOperator):
 
         def error(k: int) -> float:
             spread = norm(self._reduced(at(k + 1) - at(k))) / (FD_SHRINK**2 - 1)
-            return spread / max(norm(self._reduced(at(k))), tiny)
+            return spread / max(norm(self._reduced(at(k).clone())), tiny)  # reduced in place
 
         k, best = 0, error(0)
         step = -1 if error(-1) <= best else 1

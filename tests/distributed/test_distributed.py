@@ -82,6 +82,14 @@ def main():
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
                 gathered = distributed.all_gather(a.tolist())
                 assert all(g == gathered[0] for g in gathered), "ranks differ"
+        # Finite differences: the same step and error estimate on every rank, the exact product.
+        fd = HessianOperator(Objective(model, F.cross_entropy, mine), backend="finite-difference")
+        one = Objective(model, F.cross_entropy, pieces, distributed=False)
+        expected = HessianOperator(one, cache_graph=False).matvec(v)
+        product = fd.matvec(v)
+        torch.testing.assert_close(product, expected, rtol=1e-7, atol=1e-9)
+        gathered = distributed.all_gather([*product.tolist(), fd.fd_error, fd.fd_scale])
+        assert all(g == gathered[0] for g in gathered), "ranks differ"
         try:
             odd = nn.Linear(2, 2 + rank)
             distributed.check_same("model", distributed.model_fingerprint(odd))
