@@ -76,7 +76,7 @@ class HessianOperator(CurvatureOperator):
     its first product at the chosen step and at twice it; None before the first product)."""
     fd_scale: float | None = None
     """``finite-difference`` only: the chosen step as a multiple of :meth:`_step`'s, set by the
-    first product, which tries 3 to 2 + :data:`FD_RUNGS` steps (2 gradients each) and keeps the
+    first product, which tries 3 to 3 + :data:`FD_RUNGS` steps (2 gradients each) and keeps the
     one of least estimated error (:meth:`_chosen_step`)."""
 
     def __init__(
