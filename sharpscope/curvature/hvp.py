@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -12,7 +13,7 @@ from sharpscope.choices import BACKENDS
 from sharpscope.curvature.attention import derivatives_explained
 from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.operator import CurvatureOperator
-from sharpscope.curvature.vectors import norm
+from sharpscope.curvature.vectors import dot, norm
 from sharpscope.errors import InputError
 
 FUNC_CHECK_ULPS = 200
@@ -183,20 +184,22 @@ class HessianOperator(CurvatureOperator):
             vs[i][row] = 0
         return vs
 
-    def _step(self, vs: list[torch.Tensor]) -> float:
-        """The finite-difference base step h for the direction ``vs``: cbrt(eps)·max(1, ‖w‖)/‖v‖
+    def _step(self, v: torch.Tensor) -> float:
+        """The finite-difference base step h for the flat direction ``v``: cbrt(eps)·max(1, ‖w‖)/‖v‖
         (the first product scales it by 1/32 to 32, :attr:`fd_scale`).
 
         A central difference errs by about h²‖v‖³·|∇³L| (truncation) plus eps·‖g‖/h (rounding of
         the gradients) and eps·‖w‖/(h‖v‖) (rounding of w ± hv), relative; h‖v‖ of order cbrt(eps)
         balances the first two, each then of order eps^(2/3) (about 2e-5 in float32), and
         scaling by ‖w‖ keeps the moved weights' rounding at that order too. It only depends on
-        the weights and ``vs``, so every rank takes the same step.
+        the weights and ``v``, so every rank takes the same step. ‖w‖ is summed parameter by
+        parameter: no model-sized copy of the weights on every product.
         """
         eps = torch.finfo(self.dtype).eps
-        weights = norm(torch.cat([p.detach().reshape(-1) for p in self.space.params]))
-        direction = norm(torch.cat([v.reshape(-1) for v in vs]))
-        return eps ** (1 / 3) * max(1.0, weights) / max(direction, torch.finfo(self.dtype).tiny)
+        weights = math.sqrt(
+            sum(dot(w, w) for w in (p.detach().reshape(-1) for p in self.space.params))
+        )
+        return eps ** (1 / 3) * max(1.0, weights) / max(norm(v), torch.finfo(self.dtype).tiny)
 
     def _local_gradient(self, delta: torch.Tensor) -> torch.Tensor:
         """This rank's weighted gradient sum at the weights + ``delta``, restored bit for bit."""
@@ -215,7 +218,7 @@ class HessianOperator(CurvatureOperator):
         once its first product has chosen the step (see :attr:`fd_scale`)."""
         vs = self._held(vs)
         v = torch.cat([t.reshape(-1) for t in vs])
-        h = self._step(vs)
+        h = self._step(v)
         if self.fd_scale is not None:
             return self._difference(v, self.fd_scale * h)
         self.fd_scale, error, product = self._chosen_step(v, h)
