@@ -1,0 +1,71 @@
+"""A tiny Llama-style causal LM with a PEFT LoRA adapter, built from configs (no download): the
+model ``peft`` users fine-tune, for the tests of sharpscope on a ``PeftModel``."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+VOCAB, POSITIONS = 24, 12
+TARGETS = ("q_proj", "v_proj")
+"""The modules the adapter wraps (PEFT's default for Llama)."""
+
+
+class ExactRMSNorm(LlamaRMSNorm):
+    """Llama's RMSNorm in the input's dtype: Llama's own computes in float32, which puts float32
+    rounding into a float64 model's gradients (1e-7 relative) and spoils a float64 reference."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+
+
+def base(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A one-block Llama-style causal LM (RMSNorm, rotary positions, grouped-query attention, SiLU
+    gate; about 700 parameters), random init from a config, its norms :class:`ExactRMSNorm`."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=POSITIONS,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    for module in model.modules():
+        if isinstance(module, LlamaRMSNorm):
+            module.__class__ = ExactRMSNorm
+    return model
+
+
+def lora(dtype: torch.dtype = torch.float32, **options: object) -> PeftModel:
+    """:func:`base` with a rank-2 LoRA adapter on ``q_proj`` and ``v_proj``, its B matrices drawn
+    at random (PEFT's default zeros would make B's Hessian block degenerate); ``options`` go to
+    ``LoraConfig`` (``modules_to_save``, ...)."""
+    config = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        lora_dropout=0.0,
+        target_modules=list(TARGETS),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+        **options,
+    )
+    model = base(dtype)
+    torch.manual_seed(1)
+    return get_peft_model(model, config)
+
+
+def tokens(count: int = 4, length: int = 10, seed: int = 0) -> torch.Tensor:
+    """``count`` random sequences of ``length`` token ids."""
+    return torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def frozen_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that do not require grad (the frozen base)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
