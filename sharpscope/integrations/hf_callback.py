@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sharpscope.batches import LossFn
+from sharpscope.integrations.hf_forward import own_forward
 from sharpscope.io.losses import loss_name, resolve_loss
 from sharpscope.io.optional import require
 from sharpscope.training.sinks import scalars
@@ -33,7 +34,9 @@ def labelled(batch: Any) -> Batch:
 class SharpnessCallback(_transformers.TrainerCallback):
     """Runs a :class:`~sharpscope.training.tracking.SharpnessTracker` on ``trainer.model`` every
     ``every`` optimizer steps (after the step, before the Trainer logs or saves it) and logs its
-    numbers with ``trainer.log`` under ``prefix``.
+    numbers with ``trainer.log`` under ``prefix``. The products run in the parameters' dtype,
+    without the autocast that accelerate puts into the model's ``forward`` under ``bf16`` or
+    ``fp16``.
 
     ``probe_batches`` are collated batches (dicts with ``labels``, as the data collator makes
     them) or ``(inputs, targets)`` pairs; ``loss_fn(outputs, labels)`` defaults to the loss the
@@ -63,7 +66,8 @@ class SharpnessCallback(_transformers.TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """Measure at a tracking step and log the figures through the Trainer."""
-        measured = self.tracker(state.global_step)
+        with own_forward(self.tracker.model):  # not in the Trainer's bf16 or fp16 autocast
+            measured = self.tracker(state.global_step)
         if measured is not None:
             self.trainer.log(scalars(measured.row(), self.prefix))
         return control

@@ -16,9 +16,8 @@ the Trainer's ``scaler.pt`` the scale.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback
 
+from sharpscope.integrations.hf_forward import own_forward
 from sharpscope.optim import SAM, EigenSAM
 
 SAMFactory = Callable[[Optimizer, nn.Module], SAM]
@@ -94,7 +94,7 @@ class SAMTrainerMixin:
         there, averaged over the ranks once."""
         sam = self.sam
         if isinstance(sam, EigenSAM):
-            with _unpatched_forward(sam.model):
+            with own_forward(sam.model):
                 sam.refresh_batches([(self._prepare_inputs(b), b["labels"]) for b, _ in window])
         sam.first_step(zero_grad=True, scaler=self.accelerator.scaler)
         if sam.skipped:
@@ -121,22 +121,6 @@ class _SkippedSteps(TrainerCallback):
         optimizer = self.trainer.optimizer
         if self.trainer.sam.skipped and hasattr(optimizer, "_is_overflow"):
             optimizer._is_overflow = True
-
-
-@contextlib.contextmanager
-def _unpatched_forward(model: nn.Module) -> Iterator[None]:
-    """The model's own ``forward`` for a while: under mixed precision accelerate wraps it in
-    autocast, which would put Eigen-SAM's Hessian products in bf16."""
-    patched = model.__dict__.get("forward")
-    original = model.__dict__.get("_original_forward")
-    if patched is None or original is None:
-        yield
-        return
-    model.forward = original
-    try:
-        yield
-    finally:
-        model.forward = patched
 
 
 class SAMTrainer(SAMTrainerMixin, Trainer):
