@@ -15,6 +15,7 @@ from sharpscope.batches import LossFn, batch_size, loss_weight, move_to
 from sharpscope.choices import REDUCTIONS
 from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.curvature.batchnorm import batchnorm_layers, freeze_batchnorm_stats
+from sharpscope.curvature.forwards import own_forwards
 from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.params import ParamSpace, select_params
 from sharpscope.errors import InputError
@@ -52,8 +53,9 @@ def _close(value: float, fit: float) -> bool:
 @contextlib.contextmanager
 def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None]:
     """Put ``model`` in eval mode (BatchNorm on batch statistics if asked) with attention that can
-    be differentiated twice (:func:`~sharpscope.curvature.attention.twice_differentiable`), then
-    restore all modes and settings.
+    be differentiated twice (:func:`~sharpscope.curvature.attention.twice_differentiable`) and its
+    modules' own ``forward`` where accelerate patched in autocast
+    (:func:`~sharpscope.curvature.forwards.own_forwards`), then restore all modes and settings.
 
     With ``batch_stats`` the BatchNorm layers normalise with the statistics of the batch and leave
     their running statistics untouched. Every forward whose loss a curvature figure describes
@@ -80,6 +82,7 @@ def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None
     with contextlib.ExitStack() as undo:
         try:
             undo.enter_context(twice_differentiable())
+            undo.enter_context(own_forwards(model))
             model.eval()
             if batch_stats:
                 undo.callback(freeze_batchnorm_stats(model))

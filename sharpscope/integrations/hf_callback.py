@@ -10,7 +10,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sharpscope.batches import LossFn
-from sharpscope.integrations.hf_forward import own_forward
 from sharpscope.io.losses import loss_name, resolve_loss
 from sharpscope.io.optional import require
 from sharpscope.training.sinks import scalars
@@ -66,8 +65,7 @@ class SharpnessCallback(_transformers.TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """Measure at a tracking step and log the figures through the Trainer."""
-        with own_forward(self.tracker.model):  # not in the Trainer's bf16 or fp16 autocast
-            measured = self.tracker(state.global_step)
+        measured = self.tracker(state.global_step)
         if measured is not None:
             self.trainer.log(scalars(measured.row(), self.prefix))
         return control

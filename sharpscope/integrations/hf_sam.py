@@ -25,7 +25,6 @@ from torch import nn
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback
 
-from sharpscope.integrations.hf_forward import own_forward
 from sharpscope.optim import SAM, EigenSAM
 
 SAMFactory = Callable[[Optimizer, nn.Module], SAM]
@@ -94,8 +93,7 @@ class SAMTrainerMixin:
         there, averaged over the ranks once."""
         sam = self.sam
         if isinstance(sam, EigenSAM):
-            with own_forward(sam.model):
-                sam.refresh_batches([(self._prepare_inputs(b), b["labels"]) for b, _ in window])
+            sam.refresh_batches([(self._prepare_inputs(b), b["labels"]) for b, _ in window])
         sam.first_step(zero_grad=True, scaler=self.accelerator.scaler)
         if sam.skipped:
             return  # a non-finite gradient at w: nothing moved, and the step() skips
