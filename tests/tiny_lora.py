@@ -4,9 +4,14 @@ model ``peft`` users fine-tune, for the tests of sharpscope on a ``PeftModel``."
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from sharpscope.curvature import curvature_mode, select_params
 
 VOCAB, POSITIONS = 24, 12
 TARGETS = ("q_proj", "v_proj")
@@ -69,3 +74,23 @@ def tokens(count: int = 4, length: int = 10, seed: int = 0) -> torch.Tensor:
 def frozen_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the parameters that do not require grad (the frozen base)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def next_token_loss(outputs: object, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each position's logits against the next token."""
+    logits = outputs.logits[:, :-1]  # type: ignore[attr-defined]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def dense_hessian(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The Hessian of :func:`next_token_loss` on ``ids`` over the parameters that require grad,
+    by autograd double backward (eval mode, math attention kernel): the ground truth."""
+    space = select_params(model)
+    flat = torch.cat([p.detach().reshape(-1) for p in space.params])
+
+    def loss_of(w: torch.Tensor) -> torch.Tensor:
+        outputs = functional_call(model, space.unflatten(w), (), {"input_ids": ids})
+        return next_token_loss(outputs, ids)
+
+    with curvature_mode(model), sdpa_kernel(SDPBackend.MATH):
+        return torch.autograd.functional.hessian(loss_of, flat)

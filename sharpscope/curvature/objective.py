@@ -35,7 +35,8 @@ class Objective:
         loss_fn: ``loss_fn(outputs, targets)``: a batch's loss, reduced as ``reduction`` says.
         batches: ``(inputs, targets)`` pairs (any iterable; kept as a tuple). Inputs may be
             tensors, tuples or mappings (``input_style`` says how a mapping reaches the model).
-        params: Globs of parameter names to take the curvature over (None: all trainable).
+        params: Globs of parameter names to take the curvature over (None: all that require grad:
+            a PEFT model's adapter).
         exclude: Globs of parameter names to leave out of ``params``' selection.
         batch_stats: BatchNorm normalises with each batch's statistics instead of its running
             ones (which stay untouched).
@@ -48,7 +49,8 @@ class Objective:
             batches' own); a shard's operator scales its sum to all the data.
 
     Raises:
-        InputError: ``reduction`` is neither mean nor sum.
+        InputError: ``reduction`` is neither mean nor sum, or ``model`` holds a PEFT adapter
+            loaded for inference (frozen, so nothing to differentiate).
 
     Examples:
         >>> import torch
@@ -73,6 +75,12 @@ class Objective:
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
             raise InputError(f"unknown `reduction` {self.reduction!r}; choose one of mean, sum")
+        if _frozen_adapter(self.model):
+            raise InputError(
+                "the model's PEFT adapter is frozen (`PeftModel.from_pretrained` loads adapters "
+                "for inference) and nothing else requires grad, so there are no parameters to "
+                "take the curvature over: load it with `is_trainable=True`"
+            )
         object.__setattr__(self, "batches", tuple(self.batches))
 
     def replace(self, **changes: Any) -> Objective:
@@ -91,6 +99,11 @@ class Objective:
             'sum'
         """
         return dataclasses.replace(self, **changes)
+
+
+def _frozen_adapter(model: nn.Module) -> bool:
+    """Whether ``model`` holds a PEFT adapter (``peft_config``) and no parameter requires grad."""
+    return hasattr(model, "peft_config") and not any(p.requires_grad for p in model.parameters())
 
 
 def configured_objective(

@@ -6,29 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytest.importorskip("peft")
 import tiny_lora
+from peft import PeftModel
 
 from sharpscope import ASAM, SAM, EigenSAM
 from sharpscope.curvature import (
     HessianOperator,
     Objective,
     SolveSettings,
-    curvature_mode,
     lanczos,
-    select_params,
 )
 from sharpscope.curvature.vectors import norm
+from sharpscope.errors import InputError
 
-
-def _loss(outputs, labels):
-    """Next-token cross-entropy on the logits."""
-    logits = outputs.logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+_loss = tiny_lora.next_token_loss
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +30,7 @@ def peft64():
     model = tiny_lora.lora(torch.float64)
     ids = tiny_lora.tokens()
     batch = ({"input_ids": ids}, ids)
-    space = select_params(model)
-    flat = torch.cat([p.detach().reshape(-1) for p in space.params])
-
-    def loss_of(w: torch.Tensor) -> torch.Tensor:
-        outputs = functional_call(model, space.unflatten(w), (), {"input_ids": ids})
-        return _loss(outputs, ids)
-
-    with curvature_mode(model), sdpa_kernel(SDPBackend.MATH):
-        dense = torch.autograd.functional.hessian(loss_of, flat)
+    dense = tiny_lora.dense_hessian(model, ids)
     return model, batch, dense
 
 
@@ -123,3 +108,16 @@ def test_sam_steps_the_adapter_and_leaves_the_base_bit_identical(kind):
     if isinstance(optimizer, EigenSAM):
         assert sorted(optimizer.eigenvector) == sorted(adapter)
         assert optimizer.estimate is not None and optimizer.estimate.dtype == "float64"
+
+
+def test_a_saved_adapter_reloaded_trainable_has_the_same_eigenvalues(peft64, tmp_path):
+    model, batch, dense = peft64
+    model.save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(tiny_lora.base(torch.float64), tmp_path)
+    with pytest.raises(InputError, match="load it with `is_trainable=True`"):
+        Objective(frozen, _loss, [batch])
+    loaded = PeftModel.from_pretrained(tiny_lora.base(torch.float64), tmp_path, is_trainable=True)
+    op = HessianOperator(Objective(loaded, _loss, [batch]))
+    top = lanczos(op, k=1, settings=SolveSettings(tol=1e-12, max_iter=op.size))
+    expected = float(torch.linalg.eigvalsh(dense)[-1])
+    assert abs(float(top.eigenvalues[0]) - expected) <= 1e-8 * abs(expected)
