@@ -55,6 +55,11 @@ BATCH_STATS_NOTE = (
     "its own statistics); compare only runs with the same batch size"
 )
 """The note of every run on batch statistics: its curvature is that of per-batch losses."""
+MICRO_BATCH_NOTE = (
+    "with `micro_batch` no gradient graph is kept between products: each product ran every "
+    "chunk's forward and both backward passes again (one chunk's memory for that time)"
+)
+"""The note of a double-backward run in micro-batches: what its memory cost in time."""
 
 
 @dataclass
@@ -457,6 +462,8 @@ def analyze(
     watch = Stopwatch(lambda: op.n_products)
     if config.batch_stats:
         notes.append(BATCH_STATS_NOTE)
+    if config.micro_batch is not None and config.backend == "double-backward":
+        notes.append(MICRO_BATCH_NOTE)
     if config.curvature != "hessian" and config.backend != "double-backward":
         notes.append(
             f"`backend` {config.backend} applies to the Hessian only, not the {op.curvature}"

@@ -101,6 +101,18 @@ class AnalyzeConfig:
         help="BatchNorm on batch statistics (train mode) instead of running statistics.",
         panel=HESSIAN,
     )
+    micro_batch: int | None = setting(
+        None,
+        help="Run each batch's Hessian products in chunks of at most this many samples: the "
+        "same matrix at one chunk's memory; no graph is kept between products.",
+        panel=HESSIAN,
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        help="Hugging Face models: recompute each layer's activations in the backward pass "
+        "(non-reentrant) instead of keeping them.",
+        panel=HESSIAN,
+    )
     reduction: str = setting(
         "mean",
         help="How the loss reduces a batch: mean (the curvature of the mean loss) or sum (of the "
@@ -172,6 +184,8 @@ class AnalyzeConfig:
         for name in ("tol", "trace_tol", "rho"):
             if not getattr(self, name) > 0:
                 raise InputError(f"`{name}` must be positive, got {getattr(self, name)}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise InputError(f"`micro_batch` must be at least 1, got {self.micro_batch}")
         if self.shards == 1 or self.shards < 0:
             raise InputError(f"`shards` must be 0 (off) or at least 2, got {self.shards}")
         if not self.alpha >= 0:

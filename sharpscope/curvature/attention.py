@@ -34,21 +34,29 @@ _BACKEND_FIX = "`backend` forward-over-reverse needs one; use `backend` double-b
 
 
 @contextlib.contextmanager
-def twice_differentiable() -> Iterator[None]:
-    """Run scaled-dot-product attention on its math kernel, which has second derivatives, and the
-    ``nn.Transformer*`` layers on their Python path, so a forward computes the same function with
-    or without autograd recording; the previous settings come back afterwards.
+def python_layers() -> Iterator[None]:
+    """Run the ``nn.Transformer*`` layers on their Python path, so a forward computes the same
+    function with or without autograd recording; the previous setting comes back afterwards.
 
     Without grad, ``nn.TransformerEncoder`` in eval mode otherwise takes a fast path that zeroes
-    padded positions (a different loss than the one differentiated).
+    padded positions (a different loss than the one differentiated). Attention keeps the kernel
+    torch (or the caller's ``sdpa_kernel``) picks: what products of first derivatives only
+    (finite differences) run under.
     """
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
+        yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """:func:`python_layers`, with scaled-dot-product attention on its math kernel, which has
+    second derivatives; the previous settings come back afterwards."""
+    with python_layers(), sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def missing_derivative(exc: RuntimeError) -> InputError | None:

@@ -18,7 +18,7 @@ from sharpscope.batches import LikelihoodLoss, logits_of
 from sharpscope.curvature.attention import derivatives_explained
 from sharpscope.curvature.label_draws import per_sample_draw, sample_seeds
 from sharpscope.curvature.objective import Objective
-from sharpscope.curvature.operator import CurvatureOperator, curvature_mode
+from sharpscope.curvature.operator import CurvatureOperator
 from sharpscope.errors import InputError
 from sharpscope.structures import call_model
 
@@ -47,6 +47,16 @@ class OutputSpaceOperator(CurvatureOperator):
     _loss_graph = False
     """Whether ``M`` differentiates the loss's gradient in the logits once more."""
     _cache: list[_Linearized] | None = None
+
+    def __init__(
+        self, objective: Objective, *, cache_graph: bool = True, validate: bool = True
+    ) -> None:
+        if objective.micro_batch is not None:
+            raise InputError(
+                f"`micro_batch` applies to the Hessian's products, not the {self.curvature}'s "
+                "(one linearisation per batch); leave `micro_batch` unset"
+            )
+        super().__init__(objective, cache_graph=cache_graph, validate=validate)
 
     def release(self) -> None:
         """Free the cached graphs (they are rebuilt on the next product)."""
@@ -83,7 +93,7 @@ class OutputSpaceOperator(CurvatureOperator):
             self._cache = made
 
     def _linearize(self, index: int, weight: float, inputs: Any) -> _Linearized:
-        with curvature_mode(self.model, self.batch_stats):
+        with self.mode():
             z = self._logits(call_model(self.model, inputs))
         targets = self._curvature_targets(z, self.batches[index][0], index)
         targets = targets.to(z.device, z.dtype if targets.is_floating_point() else None)

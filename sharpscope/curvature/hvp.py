@@ -45,13 +45,18 @@ class HessianOperator(CurvatureOperator):
     (:attr:`fd_error`).
 
     Every forward runs under :func:`~sharpscope.curvature.attention.twice_differentiable`
-    (attention on torch's math kernel, which has second derivatives); a product through an
-    operation without the derivative its backend needs raises a one-line ``InputError``.
+    (attention on torch's math kernel, which has second derivatives), except with
+    ``finite-difference``, which needs first derivatives only and keeps the kernel torch (or the
+    caller's ``sdpa_kernel``) picks: flash, memory-efficient; a product through an operation
+    without the derivative its backend needs raises a one-line ``InputError``. With the
+    objective's ``micro_batch`` no graph is cached: each product runs every chunk's forward and
+    backward(s) anew, at the memory of one chunk.
 
     Args:
         objective: The model, loss, data and parameters (:class:`Objective`).
         backend: ``double-backward``, ``forward-over-reverse`` or ``finite-difference``.
-        cache_graph: Keep the gradient graph for all products (double backward only).
+        cache_graph: Keep the gradient graph for all products (double backward without
+            ``micro_batch`` only).
         validate: Run the model and the loss on the first batch now.
 
     Raises:
@@ -90,12 +95,26 @@ class HessianOperator(CurvatureOperator):
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if objective.checkpointing and backend == "forward-over-reverse":
+            raise InputError(
+                "`backend` forward-over-reverse cannot run through checkpointed layers "
+                "(torch.func does not support the saved-tensor hooks checkpointing uses); use "
+                "`backend` double-backward or leave `gradient_checkpointing` off"
+            )
+        self.backend = backend
         super().__init__(
             objective,
-            cache_graph=cache_graph and backend == "double-backward",
+            cache_graph=cache_graph
+            and backend == "double-backward"
+            and objective.micro_batch is None,
             validate=validate,
         )
-        self.backend = backend
+
+    @property
+    def second_order(self) -> bool:  # type: ignore[override]
+        """Whether products differentiate twice: all but ``finite-difference``'s, which run
+        under any attention kernel."""
+        return self.backend != "finite-difference"
 
     def _second(
         self, grads: list[torch.Tensor], vs: list[torch.Tensor], retain: bool
@@ -262,7 +281,7 @@ class HessianOperator(CurvatureOperator):
         primals = {n: p.detach() for n, p in zip(names, self.space.params, strict=True)}
         tangents = dict(zip(names, vs, strict=True))
         total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        for w, inputs, targets in self._placed():
+        for w, inputs, targets in self._pieces():
 
             def loss_of(
                 p: dict[str, torch.Tensor], x: Any = inputs, y: Any = targets

@@ -47,10 +47,15 @@ class Objective:
             all of them (None: when a torch.distributed process group is initialised).
         total_terms: With ``reduction`` sum, the terms of the data the sum stands for (None: the
             batches' own); a shard's operator scales its sum to all the data.
+        micro_batch: Run each batch in chunks of at most this many samples, weighted so that
+            the loss and every matrix stay those of the whole batch (None: whole batches).
+        checkpointing: Hugging Face activation checkpointing (non-reentrant) in every forward
+            (:func:`~sharpscope.curvature.checkpointing.checkpointed`).
 
     Raises:
-        InputError: ``reduction`` is neither mean nor sum, or ``model`` holds a PEFT adapter
-            loaded for inference (frozen, so nothing to differentiate).
+        InputError: ``reduction`` is neither mean nor sum, ``micro_batch`` is below 1, or
+            ``model`` holds a PEFT adapter loaded for inference (frozen, so nothing to
+            differentiate).
 
     Examples:
         >>> import torch
@@ -71,6 +76,8 @@ class Objective:
     input_style: str = "auto"
     distributed: bool | None = None
     total_terms: int | None = None
+    micro_batch: int | None = None
+    checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -81,6 +88,8 @@ class Objective:
                 "for inference) and nothing else requires grad, so there are no parameters to "
                 "take the curvature over: load it with `is_trainable=True`"
             )
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise InputError(f"`micro_batch` must be at least 1, got {self.micro_batch}")
         object.__setattr__(self, "batches", tuple(self.batches))
 
     def replace(self, **changes: Any) -> Objective:
@@ -113,7 +122,8 @@ def configured_objective(
     settings: ObjectiveSettings,
 ) -> Objective:
     """The objective of ``model``, ``loss_fn`` and ``batches`` over the parameters, in the
-    BatchNorm mode and with the reduction that ``settings`` (a command's config) give.
+    BatchNorm mode and with the reduction that ``settings`` (a command's config) give, and with
+    its memory levers (``micro_batch``, ``gradient_checkpointing``) where it has them.
 
     Args:
         model: The network.
@@ -132,4 +142,6 @@ def configured_objective(
         exclude=settings.exclude,
         batch_stats=settings.batch_stats,
         reduction=settings.reduction,
+        micro_batch=getattr(settings, "micro_batch", None),
+        checkpointing=getattr(settings, "gradient_checkpointing", False),
     )

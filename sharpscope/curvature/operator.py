@@ -13,8 +13,9 @@ from torch import nn
 from sharpscope import distributed as _distributed
 from sharpscope.batches import LossFn, batch_size, loss_weight, move_to
 from sharpscope.choices import REDUCTIONS
-from sharpscope.curvature.attention import twice_differentiable
+from sharpscope.curvature.attention import python_layers, twice_differentiable
 from sharpscope.curvature.batchnorm import batchnorm_layers, freeze_batchnorm_stats
+from sharpscope.curvature.checkpointing import checkpointed
 from sharpscope.curvature.forwards import own_forwards
 from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.params import ParamSpace, select_params
@@ -51,11 +52,20 @@ def _close(value: float, fit: float) -> bool:
 
 
 @contextlib.contextmanager
-def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None]:
+def curvature_mode(
+    model: nn.Module,
+    batch_stats: bool = False,
+    *,
+    second_order: bool = True,
+    checkpointing: bool = False,
+) -> Iterator[None]:
     """Put ``model`` in eval mode (BatchNorm on batch statistics if asked) with attention that can
-    be differentiated twice (:func:`~sharpscope.curvature.attention.twice_differentiable`) and its
-    modules' own ``forward`` where accelerate patched in autocast
-    (:func:`~sharpscope.curvature.forwards.own_forwards`), then restore all modes and settings.
+    be differentiated twice (:func:`~sharpscope.curvature.attention.twice_differentiable`; with
+    ``second_order`` off, on the kernel torch picks: :func:`~sharpscope.curvature.attention.
+    python_layers`), its modules' own ``forward`` where accelerate patched in autocast
+    (:func:`~sharpscope.curvature.forwards.own_forwards`), and its layers checkpointed if asked
+    (:func:`~sharpscope.curvature.checkpointing.checkpointed`), then restore all modes and
+    settings.
 
     With ``batch_stats`` the BatchNorm layers normalise with the statistics of the batch and leave
     their running statistics untouched. Every forward whose loss a curvature figure describes
@@ -65,6 +75,8 @@ def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None
     Args:
         model: The model to switch.
         batch_stats: BatchNorm layers on the batch's statistics instead of their running ones.
+        second_order: Attention on a kernel with second derivatives (the math kernel).
+        checkpointing: Hugging Face activation checkpointing, non-reentrant.
 
     Returns:
         A context manager; leaving it restores every module's mode.
@@ -79,19 +91,23 @@ def curvature_mode(model: nn.Module, batch_stats: bool = False) -> Iterator[None
         True
     """
     modes = [(m, m.training) for m in model.modules()]
+
+    def restore_modes() -> None:
+        for m, flag in modes:
+            m.training = flag
+
     with contextlib.ExitStack() as undo:
-        try:
-            undo.enter_context(twice_differentiable())
-            undo.enter_context(own_forwards(model))
-            model.eval()
-            if batch_stats:
-                undo.callback(freeze_batchnorm_stats(model))
-                for m in batchnorm_layers(model):
-                    m.train()
-            yield
-        finally:
-            for m, flag in modes:
-                m.training = flag
+        undo.callback(restore_modes)  # last, after what the others restore
+        undo.enter_context(twice_differentiable() if second_order else python_layers())
+        undo.enter_context(own_forwards(model))
+        model.eval()
+        if batch_stats:
+            undo.callback(freeze_batchnorm_stats(model))
+            for m in batchnorm_layers(model):
+                m.train()
+        if checkpointing:
+            undo.enter_context(checkpointed(model))
+        yield
 
 
 class CurvatureOperator:
@@ -117,11 +133,15 @@ class CurvatureOperator:
     ``params`` select less those ``exclude`` leaves out (see :func:`select_params`).
 
     With ``cache_graph`` (default) what products reuse is built once for all batches, which costs
-    the memory of all batches' activations. With ``distributed`` (default: when a
-    torch.distributed process group is initialised) each rank passes its own shard of the batches
-    and the operator is that of all ranks' batches together: weights use the global count, and
-    ``matvec``, ``gradient`` and ``loss`` all-reduce their weighted local sums (one all-reduce
-    each), so every rank gets the same result.
+    the memory of all batches' activations. The objective's ``micro_batch`` runs each batch in
+    chunks of at most that many samples (:meth:`_pieces`), each chunk's mean weighted by its
+    terms (the same matrix, to rounding), at the memory of one chunk where nothing is cached
+    (refused with BatchNorm on batch statistics, whose function the chunks would change). With
+    ``distributed`` (default: when a torch.distributed process group is initialised) each rank
+    passes its own shard of the batches and the operator is that of all ranks' batches
+    together: weights use the global count, and ``matvec``, ``gradient`` and ``loss``
+    all-reduce their weighted local sums (one all-reduce each), so every rank gets the same
+    result.
 
     Args:
         objective: The model, loss, data, parameters and their settings (:class:`Objective`).
@@ -129,8 +149,9 @@ class CurvatureOperator:
         validate: Run the model and the loss on the first batch now.
 
     Raises:
-        InputError: The model or the loss cannot run on the first batch, or the loss reduces
-            otherwise than ``reduction`` says.
+        InputError: The model or the loss cannot run on the first batch, the loss reduces
+            otherwise than ``reduction`` says, or ``micro_batch`` with BatchNorm on batch
+            statistics.
         ValueError: No data, or ``params`` / ``exclude`` select no parameter.
 
     Examples:
@@ -146,6 +167,8 @@ class CurvatureOperator:
     curvature: ClassVar[str]
     """The matrix's name in reports (``hessian``, ``ggn``, ...)."""
     settings: ClassVar[tuple[str, ...]] = ("cache_graph",)
+    second_order: bool = True
+    """Whether products differentiate twice (attention then runs on the math kernel)."""
     """The operator's own keyword arguments besides the objective, each kept as the attribute of
     its name: what :meth:`replace` carries over and :func:`curvature_operator` passes."""
 
@@ -190,6 +213,11 @@ class CurvatureOperator:
         )
         self.cache_graph = cache_graph
         self.n_products = 0
+        if objective.micro_batch is not None and self.batch_stats and batchnorm_layers(model):
+            raise InputError(
+                "`micro_batch` would change the function with `batch_stats`: BatchNorm then "
+                "normalises each chunk by its own statistics; leave `micro_batch` unset"
+            )
         if validate and self.batches:
             self._check_first_batch()
 
@@ -292,7 +320,7 @@ class CurvatureOperator:
     def _probe_loss(self, inputs: Any, targets: Any) -> float:
         """The loss of one batch (no graph), an :class:`InputError` if the model cannot run."""
         inputs, targets = (move_to(t, self.device, self.dtype) for t in (inputs, targets))
-        with curvature_mode(self.model, self.batch_stats):
+        with self.mode():
             try:
                 outputs = call_model(self.model, inputs)
             except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
@@ -338,6 +366,36 @@ class CurvatureOperator:
     def shape(self) -> tuple[int, int]:
         return (self.size, self.size)
 
+    def mode(self) -> contextlib.AbstractContextManager[None]:
+        """The :func:`curvature_mode` every forward and backward of this operator runs in."""
+        return curvature_mode(
+            self.model,
+            self.batch_stats,
+            second_order=self.second_order,
+            checkpointing=self.objective.checkpointing,
+        )
+
+    def _pieces(self) -> Iterator[tuple[float, Any, Any]]:
+        """As :meth:`_placed`, each batch cut into chunks of at most ``micro_batch`` samples: a
+        chunk's mean weighs its share of its batch's terms (a chunk without any, none), a chunk's
+        sum as its batch's, so the weighted chunks add up to the weighted batch."""
+        size = self.objective.micro_batch
+        for w, units, (inputs, targets) in zip(self.weights, self.units, self.batches, strict=True):
+            if size is None or batch_size((inputs, targets)) <= size:
+                chunks = [(inputs, targets)]
+            else:
+                chunks = list(zip(split(inputs, size), split(targets, size), strict=True))
+            for x, y in chunks:
+                share = 1.0
+                if self.reduction == "mean" and len(chunks) > 1:
+                    share = loss_weight(self.loss_fn, (x, y)) / units
+                if share > 0:
+                    yield (
+                        w * share,
+                        move_to(x, self.device, self.dtype),
+                        move_to(y, self.device, self.dtype),
+                    )
+
     def _placed(self) -> Iterator[tuple[float, Any, Any]]:
         """Each batch's weight, inputs and targets on the operator's device and dtype."""
         for w, (inputs, targets) in zip(self.weights, self.batches, strict=True):
@@ -358,13 +416,13 @@ class CurvatureOperator:
         self, inputs: Any, targets: Any, params: dict[str, torch.Tensor] | None
     ) -> torch.Tensor:
         """The mean loss of one batch, at the model's weights or at ``params`` (by name)."""
-        with curvature_mode(self.model, self.batch_stats):
+        with self.mode():
             outputs = call_model(self.model, inputs, params)
             return self._checked_loss(self.loss_fn(outputs, targets))
 
     def _batch_losses(self) -> Iterator[torch.Tensor]:
-        """The weighted loss of each batch, with autograd recording."""
-        for w, inputs, targets in self._placed():
+        """The weighted loss of each batch (or micro-batch), with autograd recording."""
+        for w, inputs, targets in self._pieces():
             yield w * self._batch_loss(inputs, targets, None)
 
     def _grad(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
@@ -395,7 +453,8 @@ class CurvatureOperator:
         v = v.to(device=self.device, dtype=self.dtype)
         vs = self.space.split(v)
         self.n_products += 1
-        return self._reduced(self._local_matvec(vs))
+        with self.mode():  # a checkpointed layer recomputes its forward in the backward
+            return self._reduced(self._local_matvec(vs))
 
     def _local_matvec(self, vs: list[torch.Tensor]) -> torch.Tensor:
         """This rank's weighted sum of the batches' products with ``vs`` (parameter-shaped)."""
@@ -413,9 +472,10 @@ class CurvatureOperator:
         (never from a cached graph), one forward and one backward pass per batch."""
         total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         value = 0.0
-        for loss in self._batch_losses():
-            value += float(loss.detach())
-            total += torch.cat([g.reshape(-1) for g in self._grad(loss, create_graph=False)])
+        with self.mode():
+            for loss in self._batch_losses():
+                value += float(loss.detach())
+                total += torch.cat([g.reshape(-1) for g in self._grad(loss, create_graph=False)])
         return self._reduced_float(value), self._reduced(total)
 
     def loss(self, delta: torch.Tensor | None = None) -> float:
@@ -426,7 +486,7 @@ class CurvatureOperator:
         dropped, as autograd refuses a graph whose weights were modified in place.
         """
         with torch.no_grad(), self.shifted(delta):
-            local = sum(w * float(self._batch_loss(x, y, None)) for w, x, y in self._placed())
+            local = sum(w * float(self._batch_loss(x, y, None)) for w, x, y in self._pieces())
         return self._reduced_float(local)
 
     def chunk_losses(
@@ -438,7 +498,7 @@ class CurvatureOperator:
         they cannot be (a loss the model computed), one forward per chunk."""
         found: list[list[float]] = []
         whole = True  # one forward per batch until the outputs refuse to be cut
-        with torch.no_grad(), self.shifted(delta), curvature_mode(self.model, self.batch_stats):
+        with torch.no_grad(), self.shifted(delta), self.mode():
             for size, (_, inputs, targets) in zip(sizes, self._placed(), strict=True):
                 samples = 0 if size is None else sample_count(inputs, "batch")
                 if size is None or size >= samples:
