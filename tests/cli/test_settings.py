@@ -49,6 +49,8 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--params": ("a.*",),
     "--exclude": ("a.b*",),
     "--batch-stats": (),
+    "--micro-batch": ("6",),
+    "--gradient-checkpointing": (),
     "--backend": ("forward-over-reverse",),
     "--curvature": ("ggn",),
     "--rho": ("0.07",),
@@ -81,7 +83,7 @@ CONFIG = {
     **dict(k=3, method="power", tol=1e-5, max_iter=17, max_basis=9, trace=False, shards=5),
     **dict(bias=True),
     **dict(params=["a.*"], exclude=["a.b*"], batch_stats=True, backend="forward-over-reverse"),
-    **dict(curvature="ggn", reduction="sum"),
+    **dict(curvature="ggn", reduction="sum", micro_batch=6, gradient_checkpointing=True),
     **dict(rho=0.07, alpha=0.3, seed=4),
     **dict(adaptive_sharpness="average", adaptive_norm="linf", adaptive_rho=0.3),
     **dict(adaptive_steps=7, adaptive_scale=False),
@@ -181,6 +183,7 @@ def test_check_forwards_every_option(captured):
 def test_the_config_file_reaches_the_same_settings(captured, repo):
     keys = [f"{flag[2:]} = {_toml(values)}" for flag, values in SHARED.items() if values]
     keys += ["trace = false", "bias = true", "batch-stats = true", 'data = "digits"']
+    keys += ["gradient-checkpointing = true"]
     keys += ["max-eigenvalue = 1", "adaptive-scale = false"]
     keys.remove("model-arg = 'hidden=(8,)'")
     keys.remove("params = 'a.*'")
