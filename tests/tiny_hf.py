@@ -10,6 +10,8 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -77,3 +79,20 @@ def vit(num_labels: int = 3) -> ViTForImageClassification:
         num_labels=num_labels,
     )
     return ViTForImageClassification(config)
+
+
+def llama() -> LlamaForCausalLM:
+    """A one-block Llama-style causal LM (RMSNorm, rotary positions, grouped-query attention,
+    SiLU gate), random init from a config."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=8,
+        intermediate_size=12,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=POSITIONS,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config)

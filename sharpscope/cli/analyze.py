@@ -36,12 +36,15 @@ if TYPE_CHECKING:
 
 def run_analysis(loaded: Loaded, config: AnalyzeConfig, quiet: bool) -> tuple[Analysis, Report]:
     """Run the pipeline with progress bars (rank 0's only); return the analysis and its report.
-    Interrupted, it raises :class:`Interrupted` with the finished stages' analysis."""
+    Of a LoRA adapter, the Hessian is over its trainable (LoRA) parameters unless ``params``
+    names others. Interrupted, it raises :class:`Interrupted` with the finished stages' analysis."""
     from sharpscope import distributed
     from sharpscope.analysis.analyze import analyze
     from sharpscope.report.plan_line import plan_line
 
     shown = not quiet and distributed.is_main()
+    if config.params is not None and loaded.checkpoint.adapter is not None:
+        loaded.model.requires_grad_(True)  # an adapter's `params` choose among its base too
     with ProgressBars(shown) as bars:
 
         def show_plan(plan: Plan) -> None:

@@ -182,7 +182,7 @@ class Command:
         return next(p for p in self.parts if issubclass(p.settings, base))
 
 
-_LOADED = ("model", "model_args", "trust_pickle", "trust_code", "state_prefix")
+_LOADED = ("model", "model_args", "trust_pickle", "trust_code", "state_prefix", "base")
 """The loading settings ``finetune`` takes as they are (the rest are run settings)."""
 
 COMMANDS: dict[str, Command] = {

@@ -97,13 +97,14 @@ def finetune_command(
             trust_pickle=settings["trust_pickle"],
             trust_code=trust_code,
             state_prefix=settings["state_prefix"] if plan.resume_from is None else None,
+            base=settings["base"],
             input_style="kwargs",  # the training loop passes a mapping's fields as keywords
             **run.loading(),  # data, split, batch_size, seed, text and loss, device, dtype
         )
         # a folder run's step folders carry the tokenizer; else the folder it started from
         tokenizer = None if run.layout == "pretrained" else Path(run.checkpoint)
         loaded = load_inputs(load, tokenizer=tokenizer, shard=True)
-        pretrained = loaded.checkpoint.format == "pretrained"
+        pretrained = loaded.checkpoint.format in ("pretrained", "adapter")  # written as folders
         config, spec = plan.loaded(loaded.checkpoint.sha256, loaded.spec, pretrained)
         tokenizer_from = plan.weights if spec is None else None
         if tokenizer_from is not None:

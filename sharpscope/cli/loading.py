@@ -20,6 +20,7 @@ from sharpscope.io.data import DataBundle, batches, check_targets, load_data
 from sharpscope.io.load_spec import LoadSpec
 from sharpscope.io.losses import BuiltinLoss, loss_name, resolve_loss
 from sharpscope.io.models import ModelSpec, parse_model_args
+from sharpscope.io.pretrained import tokenizer_files
 from sharpscope.io.tokenizer import TextSpec
 from sharpscope.io.user_code import one_line
 from sharpscope.report.document import CheckpointInput, DataInput, Inputs, ModelInput
@@ -134,9 +135,10 @@ def load_inputs(spec: LoadSpec, *, tokenizer: Path | None = None, shard: bool = 
             trust_pickle=spec.trust_pickle,
             state_prefix=spec.state_prefix,
             trust_code=spec.trust_code,
+            base=spec.base,
         )
         net = net.to(device=torch_device, dtype=torch_dtype)
-        folder = tokenizer or checkpoint
+        folder = tokenizer or _tokenizer_folder(checkpoint, ckpt)
         text = TextSpec(
             folder if folder.is_dir() else None, spec.text_field, spec.label_field, spec.max_length
         )
@@ -149,7 +151,7 @@ def load_inputs(spec: LoadSpec, *, tokenizer: Path | None = None, shard: bool = 
         used_spec = given or ckpt.model_spec
         fingerprint = data_fingerprint(bundle)
         description = Inputs(
-            checkpoint=CheckpointInput(str(checkpoint), ckpt.sha256, ckpt.format),
+            checkpoint=CheckpointInput(str(checkpoint), ckpt.sha256, ckpt.format, ckpt.adapter),
             model=ModelInput(None if used_spec is None else json.loads(used_spec.to_json())),
             data=DataInput(
                 spec=data,
@@ -181,6 +183,14 @@ def load_inputs(spec: LoadSpec, *, tokenizer: Path | None = None, shard: bool = 
         check_world(loaded)
         loaded.batches = [pieces[i] for i in distributed.shard(len(pieces))]
     return loaded
+
+
+def _tokenizer_folder(checkpoint: Path, ckpt: Checkpoint) -> Path:
+    """The folder whose tokenizer tokenizes text data: the checkpoint's, or an adapter's base
+    when the adapter folder holds no tokenizer."""
+    if ckpt.adapter is None or tokenizer_files(checkpoint):
+        return checkpoint
+    return Path(ckpt.adapter["base"])
 
 
 def data_fingerprint(bundle: DataBundle) -> str:

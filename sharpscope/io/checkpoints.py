@@ -35,6 +35,7 @@ from sharpscope.io.atomic import write_atomic
 from sharpscope.io.compiled import load_export, load_torchscript
 from sharpscope.io.load_errors import corrupt, few, first_line, pickle_refusal, refused_global
 from sharpscope.io.models import ModelSpec, build_model
+from sharpscope.io.peft_adapters import adapter_config, adapter_files, is_adapter
 from sharpscope.io.pretrained import weight_files
 from sharpscope.io.state_dicts import (
     WRAPPER_KEYS,
@@ -56,6 +57,7 @@ FORMATS: tuple[str, ...] = (
     "export",
     "module",
     "pretrained",
+    "adapter",
 )
 SPEC_KEY = "sharpscope.model_spec"
 VERSION_KEY = "sharpscope.version"
@@ -91,6 +93,9 @@ class Checkpoint:
     sha256: str = ""
     stripped_prefix: str = ""
     """Key prefix removed from every weight name (``module.`` of DataParallel, ``model.``)."""
+    adapter: dict[str, Any] | None = None
+    """Of a LoRA adapter put on its base by :func:`load_model`: its folder, rank, target modules
+    and base (:func:`~sharpscope.io.peft_adapters.describe`)."""
 
 
 def read_checkpoint(
@@ -101,6 +106,8 @@ def read_checkpoint(
     model holds (TorchScript; a .pt2 graph calling more than computations). Both can run any
     code: only for trusted files."""
     source = _existing(path)
+    if is_adapter(source):
+        return _read_adapter(source, trust_pickle)
     if source.is_dir():
         return _read_folder(source, trust_pickle)
     checkpoint = _READERS[detect_format(source)](source, Trust(trust_pickle, trust_code))
@@ -113,6 +120,7 @@ def load_model(
     trust_pickle: bool = False,
     state_prefix: str | None = None,
     trust_code: bool = False,
+    base: Path | None = None,
 ) -> tuple[nn.Module, Checkpoint]:
     """The model a checkpoint holds: its own module (``spec`` is then ignored), or the model built
     from ``spec`` (else the file's stored spec, else a ``pretrained`` folder's config) with the
@@ -121,8 +129,12 @@ def load_model(
     (:func:`~sharpscope.io.state_dicts.fit_prefix`: a Lightning ``.ckpt`` of a module holding
     the network as ``self.net``), or those under ``state_prefix`` (a name as stored). A stored
     spec that names code rather than a built-in architecture is refused unless ``trust_code``
-    (see :func:`read_checkpoint` for the formats it also allows)."""
+    (see :func:`read_checkpoint` for the formats it also allows). A PEFT LoRA adapter folder is
+    put on its base model (``base``, else the local folder its config names), which loads as
+    ``path`` would with the other arguments (:mod:`sharpscope.io.peft_adapters`)."""
     checkpoint = read_checkpoint(path, trust_pickle, trust_code)
+    if checkpoint.format == "adapter":
+        return _load_adapter(checkpoint, base, spec, trust_pickle, state_prefix, trust_code)
     if checkpoint.module is not None:
         return checkpoint.module, checkpoint
     if spec is None and checkpoint.format == "pretrained":
@@ -152,6 +164,28 @@ def load_model(
     return model, checkpoint
 
 
+def _load_adapter(
+    checkpoint: Checkpoint,
+    base: Path | None,
+    spec: ModelSpec | None,
+    trust_pickle: bool,
+    state_prefix: str | None,
+    trust_code: bool,
+) -> tuple[nn.Module, Checkpoint]:
+    """The LoRA adapter ``checkpoint`` on its base model, and the checkpoint with the adapter's
+    description (:func:`~sharpscope.io.peft_adapters.describe`) as its ``adapter``."""
+    from sharpscope.io.peft_adapters import base_folder, build_adapter, describe
+
+    config = adapter_config(checkpoint.path)
+    folder = base_folder(checkpoint.path, config, base)
+    if is_adapter(folder):
+        raise InputError(f"the base {folder} of {checkpoint.path} is itself an adapter folder")
+    base_model, _ = load_model(folder, spec, trust_pickle, state_prefix, trust_code)
+    assert checkpoint.state_dict is not None
+    model = build_adapter(base_model, config, checkpoint.state_dict, checkpoint.path, folder)
+    return model, replace(checkpoint, adapter=describe(checkpoint.path, config, folder))
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -172,9 +206,11 @@ def save_checkpoint(
 
 
 def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 :func:`read_checkpoint` reports: of a file's bytes, or of a save_pretrained
-    folder's weight files."""
+    """The sha256 :func:`read_checkpoint` reports: of a file's bytes, of a save_pretrained
+    folder's weight files, or of an adapter folder's config and weights."""
     source = _existing(path)
+    if is_adapter(source):
+        return files_sha256(adapter_files(source, trust_pickle=True))  # read, not unpickled
     return files_sha256(_folder_files(source)) if source.is_dir() else file_sha256(source)
 
 
@@ -196,8 +232,10 @@ def files_sha256(paths: Iterable[str | os.PathLike[str]]) -> str:
 def detect_format(path: str | os.PathLike[str]) -> str:
     """The container a file holds, from its bytes: ``"safetensors"``, ``"torch.save"`` (zip or
     legacy pickle), ``"torchscript"`` or ``"export"`` (a ``torch.export`` ``.pt2`` archive); of
-    a folder, ``"pretrained"`` (a save_pretrained folder)."""
+    a folder, ``"pretrained"`` (a save_pretrained folder) or ``"adapter"`` (a PEFT adapter)."""
     file = _existing(path)
+    if is_adapter(file):
+        return "adapter"
     if file.is_dir():
         _folder_files(file)
         return "pretrained"
@@ -277,6 +315,15 @@ def _zip_names(path: Path) -> list[str]:
 
 
 # --- save_pretrained folders (sharpscope.io.pretrained) ----------------------------------------
+
+
+def _read_adapter(folder: Path, trust_pickle: bool) -> Checkpoint:
+    """The weights of a PEFT adapter folder, as its file names them; the sha256 is of its config
+    and weight files."""
+    adapter_config(folder)  # a type sharpscope does not read is refused before its weights
+    files = adapter_files(folder, trust_pickle)
+    tensors = dict(_weights_in(files[1], trust_pickle))
+    return Checkpoint(folder, "adapter", tensors, sha256=files_sha256(files))
 
 
 def _read_folder(folder: Path, trust_pickle: bool) -> Checkpoint:

@@ -28,12 +28,20 @@ class LoadSpec:
     checkpoint: Path | None = setting(
         None,
         help="Model checkpoint: a state dict, .safetensors, .pt2, TorchScript, a pickled module, "
-        "or a save_pretrained folder (needs sharpscope\\[hf]). A state dict is a .pt/.pth/.bin "
-        "file; .pt2 a torch.export archive; TorchScript needs --trust-code and a pickled module "
-        "--trust-pickle; a Hugging Face save_pretrained folder needs the hf extra.",
+        "a save_pretrained folder (needs sharpscope\\[hf]) or a PEFT LoRA adapter folder (needs "
+        "sharpscope\\[peft]; see --base). A state dict is a .pt/.pth/.bin file; .pt2 a "
+        "torch.export archive; TorchScript needs --trust-code and a pickled module "
+        "--trust-pickle.",
         flag="CHECKPOINT",
         cli=False,
         in_file=False,
+    )
+    base: Path | None = setting(
+        None,
+        help="The base model of a PEFT LoRA adapter CHECKPOINT (a folder with "
+        "adapter_config.json; needs sharpscope\\[peft]): its save_pretrained folder. Default: "
+        "the adapter config's base_model_name_or_path when that is a local folder.",
+        panel=LOAD,
     )
     data: str | None = setting(
         None,

@@ -213,7 +213,9 @@ def _canonical(spec: str) -> str:
 def default_loss(model: Any) -> str:
     """The loss a Hugging Face model's task implies: next-token cross-entropy for a causal LM,
     masked-token cross-entropy for a masked LM, mse for a one-label (regression) sequence
-    classifier; cross-entropy otherwise."""
+    classifier; cross-entropy otherwise. A PEFT model's task is its base model's."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     name = type(model).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal-lm"

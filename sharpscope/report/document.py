@@ -89,6 +89,8 @@ class CheckpointInput(Section):
     path: str
     sha256: str
     format: str
+    adapter: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)
+    """Of a PEFT LoRA adapter: its folder, type, rank, alpha, target modules and base model."""
 
 
 @dataclass(frozen=True)

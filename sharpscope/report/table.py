@@ -58,6 +58,13 @@ def _summary(inputs: Inputs, results: Results) -> Table:
     table.add_column()
     checkpoint, data = inputs.checkpoint, inputs.data
     table.add_row("checkpoint", escape("—" if checkpoint is None else checkpoint.path))
+    adapter = None if checkpoint is None else checkpoint.adapter
+    if adapter is not None:
+        targets = ", ".join(adapter["target_modules"])
+        table.add_row(
+            "adapter",
+            escape(f"LoRA rank {adapter['rank']} on {targets}, base {adapter['base']}"),
+        )
     table.add_row("data", escape("—" if data is None else data.source))
     table.add_row("parameters", f"{results.num_params:,}")
     table.add_row("samples", f"{results.num_samples:,}")

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from tiny_cli import FAST, make_checkpoint, refused
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from sharpscope.cli.app import app
@@ -35,30 +34,13 @@ def _class_loss(out, y):
     return F.cross_entropy(out.logits, y)
 
 
-def _llama() -> LlamaForCausalLM:
-    """A one-block Llama-style causal LM (RMSNorm, rotary positions, grouped-query attention,
-    SiLU gate), random init from a config."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tiny_hf.VOCAB,
-        hidden_size=8,
-        intermediate_size=12,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=tiny_hf.POSITIONS,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config)
-
-
 def _objective(name: str, dtype: torch.dtype) -> Objective:
     """A small model in ``dtype``, its loss and one batch: an MLP, the tiny BERT classifier
     (whose word embeddings hold a ``padding_idx`` row), the tiny GPT-2 or a tiny Llama."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, tiny_hf.VOCAB - 1, (4, 10), generator=g)
     if name == "llama":
-        return Objective(_llama().to(dtype), _lm_loss, [({"input_ids": ids}, ids)])
+        return Objective(tiny_hf.llama().to(dtype), _lm_loss, [({"input_ids": ids}, ids)])
     if name == "bert":
         labels = torch.randint(0, 3, (4,), generator=g)
         return Objective(tiny_hf.bert().to(dtype), _class_loss, [({"input_ids": ids}, labels)])
