@@ -36,13 +36,6 @@ class LoadSpec:
         cli=False,
         in_file=False,
     )
-    base: Path | None = setting(
-        None,
-        help="The base model of a PEFT LoRA adapter CHECKPOINT (a folder with "
-        "adapter_config.json; needs sharpscope\\[peft]): its save_pretrained folder. Default: "
-        "the adapter config's base_model_name_or_path when that is a local folder.",
-        panel=LOAD,
-    )
     data: str | None = setting(
         None,
         help="Data: 'digits', a tensor or text file, a data folder, or pkg.module:function. "
@@ -92,6 +85,13 @@ class LoadSpec:
         help="Load the checkpoint's weights under this key prefix (e.g. 'ema.' of a Lightning "
         ".ckpt that holds two networks). Without it, one prefix shared by every weight is "
         "stripped when the rest of the names are the model's.",
+        panel=LOAD,
+    )
+    base: Path | None = setting(
+        None,
+        help="The base model of a PEFT LoRA adapter CHECKPOINT (a folder with "
+        "adapter_config.json; needs sharpscope\\[peft]): its save_pretrained folder. Default: "
+        "the adapter config's base_model_name_or_path when that is a local folder.",
         panel=LOAD,
     )
     split: str = setting("train", help="Data split.", panel=LOAD)

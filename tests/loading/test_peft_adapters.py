@@ -112,6 +112,16 @@ def test_a_merged_adapter_is_its_base_architecture(tmp_path):
     assert (a - b).norm() <= 1e-10 * b.norm(), ((a - b).norm(), b.norm())
 
 
+def test_check_gates_an_adapter(tmp_path):
+    adapter, _ = tiny_peft.write_adapter(tmp_path)
+    data = tiny_peft.write_tokens(tmp_path / "tokens.safetensors")
+    lam = _analyze(adapter, data, "--top-k", "1")["results"]["eigenvalues"]["values"][0]
+    for limit, code in ((2 * lam, 0), (lam / 2, 1)):
+        args = ["check", str(adapter), "--data", str(data), *QUIET, "--max-eigenvalue", limit]
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == code, result.output
+
+
 def _refused(tmp_path, *words, args=()):
     data = tiny_peft.write_tokens(tmp_path / "tokens.safetensors")
     result = CliRunner().invoke(

@@ -429,3 +429,35 @@ def test_a_folder_s_architectures_can_name_only_transformers_model_classes(tmp_p
     with pytest.raises(InputError, match="does not define"):
         load_model(folder)
     snap.assert_unchanged()
+
+
+# --- 6. a PEFT adapter config names a module to import -------------------------------------------
+
+
+def _megatron_adapter(tmp_path: Path, marker: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A LoRA adapter whose config asks peft to import ``megatron_core``: a module on the path
+    that creates ``marker`` when imported."""
+    pytest.importorskip("peft")
+    import tiny_peft
+
+    (tmp_path / "planted_megatron.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    adapter, _ = tiny_peft.write_adapter(tmp_path)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(
+        megatron_config={"tensor_model_parallel_size": 1}, megatron_core="planted_megatron"
+    )
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return adapter
+
+
+def test_an_adapter_config_naming_a_module_is_refused(tmp_path, user, marker, monkeypatch):
+    """peft imports the module ``megatron_core`` names (0.22 checks it against an allowlist,
+    older releases need not): sharpscope refuses the setting whatever peft is installed."""
+    adapter = _megatron_adapter(tmp_path, marker, monkeypatch)
+    tokens = tmp_path / "tokens.safetensors"
+    save_file({"input_ids": torch.zeros(4, 5, dtype=torch.long)}, str(tokens))
+    snap = Snapshot(user, adapter)
+    result = cli("analyze", adapter, "--data", tokens, "--quiet")
+    refused(result.exit_code, result.stderr, "megatron", "plain LoRA")
+    snap.assert_unchanged()
