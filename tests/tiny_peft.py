@@ -4,6 +4,7 @@ save_pretrained folders (no download), and causal-LM token data for them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import tiny_hf
 import torch
@@ -13,20 +14,23 @@ from safetensors.torch import save_file
 RANK, TARGETS = 2, ["q_proj", "v_proj"]
 
 
-def lora_model(dtype: torch.dtype = torch.float32):
-    """The tiny Llama with a rank-2 LoRA on q_proj and v_proj, its B matrices random (non-zero,
-    so that the adapter changes the function)."""
-    config = LoraConfig(r=RANK, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False)
+def lora_model(dtype: torch.dtype = torch.float32, **options: Any):
+    """The tiny Llama with a rank-2 LoRA on q_proj and v_proj (and LoraConfig ``options``), its B
+    matrices random (non-zero, so that the adapter changes the function)."""
+    config = LoraConfig(
+        r=RANK, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False, **options
+    )
     torch.manual_seed(1)
     return get_peft_model(tiny_hf.llama(), config).to(dtype)
 
 
-def write_adapter(root: Path, base_in_config: bool = True) -> tuple[Path, Path]:
-    """Save the base and its adapter under ``root``: (adapter folder, base folder); the adapter
-    config names the base when ``base_in_config``, else a Hub id."""
+def write_adapter(root: Path, base_in_config: bool = True, **options: Any) -> tuple[Path, Path]:
+    """Save the base and its adapter (:func:`lora_model` with ``options``) under ``root``:
+    (adapter folder, base folder); the adapter config names the base when ``base_in_config``,
+    else a Hub id."""
     base, adapter = root / "base", root / "adapter"
     tiny_hf.llama().save_pretrained(base)
-    model = lora_model()
+    model = lora_model(**options)
     model.peft_config["default"].base_model_name_or_path = (
         str(base) if base_in_config else "meta-llama/Llama-3.2-1B"
     )

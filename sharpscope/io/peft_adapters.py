@@ -180,7 +180,7 @@ def _check_weights(
     model: nn.Module, state: Mapping[str, torch.Tensor], result: Any, folder: Path, base: Path
 ) -> None:
     """Refuse adapter weights that peft did not use, or adapter parameters left without one."""
-    unexpected = [k for k in getattr(result, "unexpected_keys", ()) if "lora_" in k]
+    unexpected = list(getattr(result, "unexpected_keys", ()))
     given = set(state)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in trainable if n.replace(".default.", ".", 1) not in given]

@@ -69,6 +69,29 @@ def test_adapter_eigenvalues_match_a_dense_float64_hessian(tmp_path):
     assert torch.allclose(got, want, rtol=0, atol=1e-8), (got, want)
 
 
+def test_lora_options_are_read_as_peft_reads_them(tmp_path):
+    """rsLoRA scaling, rank and alpha patterns and a layer selection: the analysed model's loss
+    is the loss of the adapter as peft itself loads it."""
+    options = dict(
+        use_rslora=True,
+        rank_pattern={"v_proj": 1},
+        alpha_pattern={"q_proj": 3},
+        layers_to_transform=[0],
+    )
+    adapter, base = tiny_peft.write_adapter(tmp_path, **options)
+    data = tiny_peft.write_tokens(tmp_path / "tokens.safetensors")
+    report = _analyze(adapter, data, "--dtype", "float64", "--top-k", "1")
+    ids = load_file(str(data))["input_ids"]
+    with torch.no_grad():
+        want = _peft(adapter, base)(input_ids=ids, labels=ids).loss
+    assert report["results"]["loss"] == pytest.approx(float(want), rel=1e-6)
+    shapes = {p["name"]: p["shape"] for p in report["results"]["parameters"]}
+    assert shapes["base_model.model.model.layers.0.self_attn.v_proj.lora_A.default.weight"] == [
+        1,
+        8,
+    ]
+
+
 def test_params_still_override_the_adapter_default(tmp_path):
     adapter, _ = tiny_peft.write_adapter(tmp_path)
     data = tiny_peft.write_tokens(tmp_path / "tokens.safetensors")

@@ -166,3 +166,25 @@ def test_the_hub_libraries_are_offline_in_a_fresh_process(tmp_path, no_network):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True"]
+
+
+def test_a_lora_adapter_on_a_hostile_base_and_its_finetune(tmp_path):
+    """A PEFT adapter whose config names a Hub base, given a local base whose config names a Hub
+    kernel: analyze, finetune and its adapter step folders, with no socket call."""
+    pytest.importorskip("peft")
+    import tiny_peft
+
+    adapter, base = tiny_peft.write_adapter(tmp_path / "in", base_in_config=False)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "attn_implementation": KERNELS[0]}))
+    data = tiny_peft.write_tokens(tmp_path / "in" / "tokens.safetensors")
+    snapshot = Snapshot(tmp_path / "in")
+    with pytest.warns(UserWarning, match="torch's own attention"):
+        ok(cli("analyze", adapter, "--base", base, "--data", data, *FAST))
+    run = tmp_path / "run"
+    steps = ["--steps", "2", "--batch-size", "4", "--probe-size", "4", "--device", "cpu", "-q"]
+    ok(cli("finetune", adapter, "--base", base, "--data", data, "--out", run, *steps))
+    step = run / json.loads((run / "latest").read_text())["dir"]
+    assert (step / "adapter_model.safetensors").is_file()
+    ok(cli("analyze", step, "--data", data, *FAST))  # its config names the local base
+    snapshot.assert_unchanged()
