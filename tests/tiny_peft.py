@@ -3,6 +3,7 @@ save_pretrained folders (no download), and causal-LM token data for them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,12 @@ def write_adapter(root: Path, base_in_config: bool = True, **options: Any) -> tu
     base, adapter = root / "base", root / "adapter"
     tiny_hf.llama().save_pretrained(base)
     model = lora_model(**options)
-    model.peft_config["default"].base_model_name_or_path = (
-        str(base) if base_in_config else "meta-llama/Llama-3.2-1B"
-    )
+    model.peft_config["default"].base_model_name_or_path = str(base)
     model.save_pretrained(adapter)
+    if not base_in_config:  # written after saving: peft's save would look the id up
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "meta-llama/Llama-3.2-1B"
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
     return adapter, base
 
 
