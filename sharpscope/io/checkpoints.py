@@ -3,7 +3,8 @@
 The format is told from the file's content, never its suffix: safetensors (an 8-byte header
 length, then a JSON header), a ``torch.save`` zip or legacy pickle, a TorchScript archive, or a
 ``torch.export`` ``.pt2`` archive; a folder is a Hugging Face ``save_pretrained`` folder
-(:mod:`sharpscope.io.pretrained`). Nothing is unpickled beyond tensors unless the caller trusts
+(:mod:`sharpscope.io.pretrained`) or a PEFT LoRA adapter folder on its base model
+(:mod:`sharpscope.io.peft_adapters`). Nothing is unpickled beyond tensors unless the caller trusts
 the file (``trust_pickle``), and no code the file names or holds is imported or run unless the
 caller trusts it (``trust_code``): a stored model spec may name only a built-in architecture,
 and TorchScript archives load only then. Every failure raises
@@ -35,7 +36,14 @@ from sharpscope.io.atomic import write_atomic
 from sharpscope.io.compiled import load_export, load_torchscript
 from sharpscope.io.load_errors import corrupt, few, first_line, pickle_refusal, refused_global
 from sharpscope.io.models import ModelSpec, build_model
-from sharpscope.io.peft_adapters import adapter_config, adapter_files, is_adapter
+from sharpscope.io.peft_adapters import (
+    adapter_config,
+    adapter_files,
+    base_folder,
+    build_adapter,
+    describe,
+    is_adapter,
+)
 from sharpscope.io.pretrained import weight_files
 from sharpscope.io.state_dicts import (
     WRAPPER_KEYS,
@@ -174,8 +182,6 @@ def _load_adapter(
 ) -> tuple[nn.Module, Checkpoint]:
     """The LoRA adapter ``checkpoint`` on its base model, and the checkpoint with the adapter's
     description (:func:`~sharpscope.io.peft_adapters.describe`) as its ``adapter``."""
-    from sharpscope.io.peft_adapters import base_folder, build_adapter, describe
-
     config = adapter_config(checkpoint.path)
     folder = base_folder(checkpoint.path, config, base)
     if is_adapter(folder):
