@@ -19,6 +19,7 @@ from sharpscope.analysis.adaptive_sharpness import (
 )
 from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.config import AnalyzeConfig
+from sharpscope.analysis.critical_sharpness import CriticalSharpness, critical_sharpness
 from sharpscope.analysis.intervals import Figures, SamplingErrors, rounded_outward
 from sharpscope.analysis.metrics import accuracy
 from sharpscope.analysis.plan import TYPICAL_LANCZOS, Plan, available_memory, fitting_basis
@@ -116,6 +117,9 @@ class Analysis:
     """The worst- or average-case (adaptive) sharpness (None: not measured)."""
     product_error: ProductError | None = None
     """The products' own error, in ``top``'s and ``bottom``'s bounds (None: float64, not
+    measured)."""
+    critical_sharpness: CriticalSharpness | None = None
+    """The critical sharpness 2/η_c along −g, with the quadratic model's ĝᵀHĝ (None: not
     measured)."""
     interrupted: str | None = None
     """The stage an interrupt stopped (the later ones did not run); None: the analysis is
@@ -252,6 +256,23 @@ def _alignment(
     if grad_norm > 0:
         return sam_alignment(op, top.eigenvectors, config.rho, config.alpha, h_g_hat), []
     return None, ["the gradient is exactly zero: the SAM direction and its alignment are undefined"]
+
+
+def _critical(
+    op: CurvatureOperator,
+    gradient: torch.Tensor,
+    h_g_hat: torch.Tensor | None,
+    loss: float,
+    lambda_max: float,
+) -> CriticalSharpness:
+    """The critical sharpness along −g (SGD's update), its search started at 2/λ_max (where,
+    λ_c ≤ λ_max, a quadratic's loss still falls), with ĝᵀHĝ from the plan's product: the
+    quadratic model's λ_c along −g."""
+    eta = 2 / lambda_max if lambda_max > 0 else 1.0
+    found = critical_sharpness(op, -gradient, eta=eta, base_loss=loss)
+    if h_g_hat is None:
+        return found
+    return replace(found, quadratic=float(h_g_hat @ gradient) / norm(gradient))
 
 
 def _slices(
@@ -481,6 +502,7 @@ def analyze(
     sampling: SamplingErrors | None = None
     slices: dict[str, tuple[list[float], list[float]]] = {}
     sharpness: AdaptiveSharpnessResult | None = None
+    critical: CriticalSharpness | None = None
     per_layer: list[LayerEigen] = []
 
     def result(interrupted: str | None = None) -> Analysis:
@@ -511,6 +533,7 @@ def analyze(
             notes=notes + _convergence_notes(top, bottom, config.tol),
             slices=slices,
             adaptive_sharpness=sharpness,
+            critical_sharpness=critical,
             product_error=error,
             interrupted=interrupted,
         )
@@ -573,6 +596,9 @@ def analyze(
         with watch.stage("alignment"), _one_step(progress, "alignment"):
             alignment, why = _alignment(op, top, grad_norm, config, h_g_hat)
             notes += why
+        if config.critical_sharpness:
+            with watch.stage("critical_sharpness"), _one_step(progress, "critical sharpness"):
+                critical = _critical(op, gradient, h_g_hat, loss, float(top.eigenvalues[0]))
         if config.shards:
             with watch.stage("sampling"):
                 sampling = _sampling(

@@ -164,6 +164,13 @@ class AnalyzeConfig:
         panel=ADAPTIVE,
         negatable=True,
     )
+    critical_sharpness: bool = setting(
+        True,
+        help="Also the critical sharpness 2/η_c along −g (Kalra et al. 2026): the smallest "
+        "step that raises the loss, by a line search of about 8 forward passes.",
+        panel=HESSIAN,
+        negatable=True,
+    )
     bias: bool = setting(
         False,
         help="Also estimate each figure's sample-size bias by solving it on every shard (about "

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # a report is read, explained and gated without torch
     from sharpscope.analysis.adaptive_sharpness import AdaptiveSharpnessResult
     from sharpscope.analysis.alignment import Alignment
     from sharpscope.analysis.analyze import Analysis, LayerEigen
+    from sharpscope.analysis.critical_sharpness import CriticalSharpness
     from sharpscope.curvature import DensityResult, EigenResult, MultiplicityCheck, TraceResult
     from sharpscope.curvature.product_error import ProductError
 
@@ -518,6 +519,49 @@ class AdaptiveSharpness(Section):
 
 
 @dataclass(frozen=True)
+class CriticalSharpnessFigures(Section):
+    """The critical sharpness 2/η_c along ``direction`` (η_c: the smallest step that raises the
+    loss), as the interval [low, high] its line search bracketed, beside λ_max (docs/report.md)."""
+
+    direction: str
+    status: str
+    """``bracketed``, ``never-increases`` (λ_c < high), ``increases-at-once`` (λ_c > low) or
+    ``zero-direction`` (no gradient: none)."""
+    low: float | None
+    """2/η_hi (null: zero direction)."""
+    high: float | None
+    """2/η_lo (null: the loss rose at the smallest step, or a zero direction)."""
+    value: float | None
+    """The bracket's geometric middle (null unless ``bracketed``)."""
+    passes: int
+    """The forward passes the search took."""
+    quadratic: float | None
+    """ĝᵀHĝ: the quadratic model's λ_c along −g (null without a gradient)."""
+    ratio_to_lambda_max: float | None
+    """``value`` / λ_max: on a quadratic Σ λ_i c_i² / λ_max ≤ 1, c_i = cos(ĝ, v_i)."""
+    cos2_v1: float | None
+    """cos²(ĝ, v₁), the share of λ_max in that sum (null without the alignment)."""
+
+    @classmethod
+    def of(
+        cls, found: CriticalSharpness, lambda_max: float, cos_v1: float | None
+    ) -> CriticalSharpnessFigures:
+        """The section of a search, beside λ_max and |cos(ĝ, v₁)|."""
+        value = found.value
+        return cls(
+            direction=found.direction,
+            status=found.status,
+            low=_finite(found.low),
+            high=_finite(found.high),
+            value=value,
+            passes=found.passes,
+            quadratic=found.quadratic,
+            ratio_to_lambda_max=None if value is None or lambda_max == 0 else value / lambda_max,
+            cos2_v1=None if cos_v1 is None else cos_v1**2,
+        )
+
+
+@dataclass(frozen=True)
 class Layer(Section):
     """The top eigenvalue of one group's block of the Hessian (a module's parameters, or a
     transformer block's of one kind)."""
@@ -597,6 +641,8 @@ class Results(Section):
     """``--adaptive-sharpness`` (absent when not measured, and in older reports)."""
     product_error: ProductErrorFigures | None = field(default=None, metadata=_OPTIONAL)
     """The products' own error (absent in float64 runs, where it is not measured)."""
+    critical_sharpness: CriticalSharpnessFigures | None = field(default=None, metadata=_OPTIONAL)
+    """The critical sharpness along −g (absent when not measured, and in older reports)."""
 
     @classmethod
     def of(cls, analysis: Analysis, split_size: int | None = None) -> Results:
@@ -636,6 +682,9 @@ class Results(Section):
             product_error=None
             if analysis.product_error is None
             else ProductErrorFigures.of(analysis.product_error),
+            critical_sharpness=None
+            if (c := analysis.critical_sharpness) is None
+            else CriticalSharpnessFigures.of(c, lam_max, alignment and alignment.cos_full),
         )
 
 

@@ -11,7 +11,15 @@ from rich.text import Text
 
 from sharpscope.analysis.intervals import UNIT, rounded_outward
 from sharpscope.analysis.verdict import GOOD, POOR
-from sharpscope.report.document import BatchCosines, Inputs, Layer, Report, Results, Trace
+from sharpscope.report.document import (
+    BatchCosines,
+    CriticalSharpnessFigures,
+    Inputs,
+    Layer,
+    Report,
+    Results,
+    Trace,
+)
 
 HELP = {
     "summary": "loss: the mean over the analysed samples; ‖∇L‖: the norm of its gradient "
@@ -20,6 +28,8 @@ HELP = {
     "bound ≤ tol·|λ_max|",
     "curvature": "λ_max: curvature of the sharpest direction; trace = Σλ, an estimate ± its "
     "standard error",
+    "critical": "λ_c = 2/η_c, η_c the smallest step along −g that raises the loss (forward "
+    "passes only); on a quadratic it is ĝᵀHĝ ≤ λ_max",
     "alignment": f"ĝ_B: a minibatch's gradient, as SAM uses; |cos| < {POOR:g}: poorly aligned, "
     f"{POOR:g}–{GOOD:g} partly, ≥ {GOOD:g} well",
     "adaptive_sharpness": "worst: max L(w + δ) − L(w) over ‖δ ⊘ |w|‖ ≤ ρ by ascent (a lower "
@@ -185,7 +195,25 @@ def _curvature(results: Results) -> Table:
         )
     if results.density is not None:
         table.add_row("density mean (trace/n)", _num(results.density.mean))
+    if results.critical_sharpness is not None:
+        _critical_rows(table, results.critical_sharpness)
     return table
+
+
+def _critical_rows(table: Table, c: CriticalSharpnessFigures) -> None:
+    """λ_c as the interval its line search bracketed, and how far below λ_max and why."""
+    shown = {
+        "bracketed": _bracket(c.low, c.high, 3),
+        "never-increases": f"< {_num(c.high)} (the loss never rose)",
+        "increases-at-once": f"> {_num(c.low)} (the loss rose at the smallest step)",
+        "zero-direction": "— (the gradient is zero)",
+    }[c.status]
+    table.add_row(f"λ_c = 2/η_c along {c.direction}", f"{shown}, {c.passes} forward passes")
+    if c.quadratic is not None:
+        table.add_row("  quadratic model ĝᵀHĝ = Σ λ_i cos²(ĝ, v_i)", _num(c.quadratic))
+    if c.ratio_to_lambda_max is not None:
+        cos2 = "" if c.cos2_v1 is None else f", cos²(ĝ, v₁) = {_num(c.cos2_v1, 3)}"
+        table.add_row("  λ_c / λ_max", f"{_num(c.ratio_to_lambda_max, 3)}{cos2}")
 
 
 def _trace(trace: Trace) -> str:
@@ -314,6 +342,8 @@ def render(report: Report) -> Group:
             parts += [table, Text(HELP[name], style="dim")]
         if name == "curvature" and (results.curvature or "hessian") != "hessian":
             parts.append(Text(HELP["psd"].format(matrix=_matrix(results)), style="dim"))
+        if name == "curvature" and results.critical_sharpness is not None:
+            parts.append(Text(HELP["critical"], style="dim"))
     s = results.sampling
     data_help = (
         HELP["no_sampling"]

@@ -5,16 +5,25 @@ the documented bound."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
+import jsonschema
 import pytest
 import torch
 from ground_truth import Problem, dense_hessian
+from rich.console import Console
 from torch import nn
 
+from sharpscope.analysis.analyze import AnalyzeConfig, analyze
 from sharpscope.analysis.critical_sharpness import critical_sharpness, pass_bound
 from sharpscope.curvature import HessianOperator, Objective
 from sharpscope.errors import InputError
+from sharpscope.report.document import Results
+from sharpscope.report.json_report import dumps
+from sharpscope.report.schema import report_schema
+from sharpscope.report.table import _curvature
 
 D = torch.float64
 
@@ -149,3 +158,27 @@ def test_an_objective_is_accepted_and_bad_settings_refused(mlp: Problem) -> None
         critical_sharpness(objective, -g, eta=0.0)
     with pytest.raises(InputError, match="loss is nan"):
         critical_sharpness(objective, -g, base_loss=math.nan)
+
+
+def test_analyze_reports_it_beside_lambda_max(mlp: Problem) -> None:
+    """The figure of ``analyze``: λ_c's bracket, ĝᵀHĝ (the dense value), the ratio to λ_max and
+    cos²(ĝ, v₁); its report section fits the schema and a table row shows the interval."""
+    config = AnalyzeConfig(k=2, trace=False, shards=0)
+    analysis = analyze(mlp.model, mlp.loss_fn, mlp.batches, config)
+    found = analysis.critical_sharpness
+    assert found is not None and found.status == "bracketed" and found.direction == "-gradient"
+    g = _operator(mlp).gradient()
+    assert found.quadratic == pytest.approx(float(g @ mlp.hessian @ g / (g @ g)), rel=1e-8)
+    assert found.passes <= pass_bound(20, 0.05) - 1  # the base loss is analyze's own
+    section = Results.of(analysis).critical_sharpness
+    assert section.low == found.low and section.high == found.high
+    assert section.ratio_to_lambda_max == pytest.approx(found.value / analysis.lambda_max)
+    assert section.cos2_v1 == pytest.approx(analysis.alignment.cos_full**2)
+    schema = report_schema()["properties"]["results"]["properties"]["critical_sharpness"]
+    jsonschema.validate(json.loads(dumps(section.to_json())), schema)
+    console = Console(record=True, width=120)
+    console.print(_curvature(Results.of(analysis)))
+    text = console.export_text()
+    assert "λ_c = 2/η_c along -gradient" in text and "λ_c / λ_max" in text
+    off = analyze(mlp.model, mlp.loss_fn, mlp.batches, replace(config, critical_sharpness=False))
+    assert off.critical_sharpness is None and "critical_sharpness" not in off.timings

@@ -61,6 +61,7 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--adaptive-rho": ("0.3",),
     "--adaptive-steps": ("7",),
     "--no-adaptive-scale": (),
+    "--no-critical-sharpness": (),
     "--model": ("mlp",),
     "--model-arg": ("hidden=(8,)",),
     "--trust-pickle": (),
@@ -87,6 +88,7 @@ CONFIG = {
     **dict(rho=0.07, alpha=0.3, seed=4),
     **dict(adaptive_sharpness="average", adaptive_norm="linf", adaptive_rho=0.3),
     **dict(adaptive_steps=7, adaptive_scale=False),
+    **dict(critical_sharpness=False),
 }
 LOADING = LoadSpec(
     Path("model.pt"),
@@ -184,7 +186,7 @@ def test_the_config_file_reaches_the_same_settings(captured, repo):
     keys = [f"{flag[2:]} = {_toml(values)}" for flag, values in SHARED.items() if values]
     keys += ["trace = false", "bias = true", "batch-stats = true", 'data = "digits"']
     keys += ["gradient-checkpointing = true"]
-    keys += ["max-eigenvalue = 1", "adaptive-scale = false"]
+    keys += ["max-eigenvalue = 1", "adaptive-scale = false", "critical-sharpness = false"]
     keys.remove("model-arg = 'hidden=(8,)'")
     keys.remove("params = 'a.*'")
     keys.remove("exclude = 'a.b*'")
