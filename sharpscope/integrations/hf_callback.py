@@ -63,6 +63,14 @@ class SharpnessCallback(_transformers.TrainerCallback):
         self.prefix = prefix
         self.tracker = tracker_for(model, loss, probe, every, **tracker_options)
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """Before a tracking step, tell the tracker its learning rate (the critical measure's
+        direction is that step's update)."""
+        step, optimizer = state.global_step + 1, kwargs.get("optimizer")
+        if optimizer is not None and self.tracker.due(step):
+            self.tracker.step_started(step, optimizer.param_groups[0]["lr"])
+        return control
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """Measure at a tracking step and log the figures through the Trainer."""
         measured = self.tracker(state.global_step)

@@ -55,6 +55,13 @@ class SharpnessCallback(_lightning.pytorch.Callback):
                 pl_module, self.loss_fn, self.probe, self.every, **self.options
             )
 
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """Before a tracking step, tell the tracker its learning rate (the critical measure's
+        direction is that step's update)."""
+        step = trainer.global_step + 1
+        if self.tracker is not None and self.tracker.due(step):
+            self.tracker.step_started(step, optimizer.param_groups[0]["lr"])
+
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -13,6 +13,7 @@ from sharpscope.training.run_dir import RunDir, model_path
 
 FIGURES: tuple[tuple[str, str, str], ...] = (
     ("λ_max (probe batch)", "lambda_max", "{:.5g}"),
+    ("λ_c = 2/η_c (probe batch)", "lambda_c", "{:.4g}"),
     ("|cos(ĝ, v₁)| (probe batch)", "alignment", "{:.4f}"),
     ("probe loss", "probe_loss", "{:.4f}"),
     ("validation loss", "val_loss", "{:.4f}"),

@@ -1,4 +1,5 @@
-"""``training.png``: a fine-tuning run's loss, accuracy, λ_max and alignment over its steps."""
+"""``training.png``: a fine-tuning run's loss, accuracy, λ_max (and λ_c) and alignment over its
+steps."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
     (
         "λ_max",
         "λ_max (probe batch)",
-        (("lambda_max", "Lanczos"), ("esam_eigenvalue", "Eigen-SAM's estimate (minibatch)")),
+        (
+            ("lambda_max", "Lanczos"),
+            ("esam_eigenvalue", "Eigen-SAM's estimate (minibatch)"),
+            ("lambda_c", "critical sharpness 2/η_c"),
+        ),
     ),
     (
         "alignment",

@@ -60,8 +60,9 @@ class TrainingProgress:
         self._show(step)
 
     def record(self, row: dict[str, Any]) -> None:
-        """A metric row was recorded: show its λ_max, alignment and validation accuracy."""
-        shown = [("λ", row["lambda_max"], "{:.4g}"), ("cos", row["alignment"], "{:.2f}")]
+        """A metric row was recorded: show its λ_max, λ_c, alignment and validation accuracy."""
+        shown = [("λ", row["lambda_max"], "{:.4g}"), ("λ_c", row.get("lambda_c"), "{:.4g}")]
+        shown.append(("cos", row["alignment"], "{:.2f}"))
         shown.append(("val", row["val_accuracy"], "{:.1%}"))
         self._tracked = "".join(f" {k} {f.format(v)}" for k, v, f in shown if v is not None)
         self._show(row["step"])

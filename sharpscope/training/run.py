@@ -146,6 +146,7 @@ def finetune(
             record=record,
             save=saver,
             progress=lambda loss: watch.progress(session.step, loss),
+            step_started=track.sharpness.step_started,
             should_stop=lambda: distributed.any_rank(watch.should_stop()),
         )
         watch.started(session.step, total)
@@ -255,5 +256,6 @@ def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
         products=None,
         max_iter=config.track_iters,
         curvature=config.curvature,
+        measure=config.track_measure,
     )
     return Tracker(sharpness, held_out)

@@ -29,6 +29,9 @@ from sharpscope.training.options import (
 LAYOUTS: tuple[str, ...] = ("safetensors", "pretrained")
 """How a run writes its model: ``model.safetensors`` with the model spec in its metadata, or a
 Hugging Face save_pretrained folder (a run started from one without `model`)."""
+TRACK_MEASURES: tuple[str, ...] = ("lambda_max", "critical", "both")
+"""What a run's rows track: λ_max (Lanczos products), the critical sharpness (forward passes
+only, :mod:`~sharpscope.analysis.critical_sharpness`), or both."""
 CHANGEABLE: tuple[str, ...] = ("steps", "epochs", "track_every", "save_every", "keep", "device")
 """Settings a resumed run may change: how long it runs, how often it records and saves, where.
 Every other setting changes the trained weights or the tracked figures, so it is fixed."""
@@ -113,6 +116,13 @@ class RunConfig(OptimizerSettings):
         panel=TRACK,
     )
     """The matrix whose λ_max the rows track (:data:`~sharpscope.curvature.CURVATURES`)."""
+    track_measure: str = setting(
+        "lambda_max",
+        help="What rows track: lambda_max, critical (2/η_c along the last update: about 8 "
+        "forward passes, no product; for the largest models) or both.",
+        panel=TRACK,
+    )
+    """One of :data:`TRACK_MEASURES`; absent from the configs of earlier versions."""
     precision: str = setting(
         "float32",
         help=f"Training passes: {', '.join(PRECISIONS)} (bf16: bfloat16 autocast of float32 "
@@ -132,6 +142,7 @@ class RunConfig(OptimizerSettings):
         check_choice("layout", self.layout, LAYOUTS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("curvature", self.curvature, CURVATURE_NAMES)
+        check_choice("track_measure", self.track_measure, TRACK_MEASURES)
         check_choice("precision", self.precision, PRECISIONS)
         if self.precision == "bf16" and self.dtype != "float32":
             raise InputError(

@@ -1,12 +1,14 @@
 """Sharpness across training: :class:`SharpnessTracker` measures λ_max (and, if asked, λ_min,
-the trace and alignments) on a fixed probe set, refined from its last eigenvector, without
-touching the training's state; :class:`Tracker` adds the probe and validation figures of a
+the trace and alignments) on a fixed probe set, refined from its last eigenvector, or the
+forward-only critical sharpness along the last update, or both, without touching the training's
+state; :class:`Tracker` adds the probe and validation figures of a
 ``sharpscope finetune`` row."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -17,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sharpscope import distributed
+from sharpscope.analysis.critical_sharpness import CriticalSharpness, critical_sharpness
 from sharpscope.batches import LossFn, correct_count, loss_weight
 from sharpscope.curvature import (
     CURVATURES,
@@ -29,12 +32,13 @@ from sharpscope.curvature import (
     lanczos,
 )
 from sharpscope.curvature.lanczos import lanczos_extremes, start_vector
-from sharpscope.curvature.params import ParamSpace
+from sharpscope.curvature.params import ParamSpace, select_params
 from sharpscope.curvature.power import rayleigh
 from sharpscope.curvature.results import EigenResult
 from sharpscope.curvature.vectors import abs_cosine, norm
 from sharpscope.errors import check_choice
 from sharpscope.structures import call_model
+from sharpscope.training.run_config import TRACK_MEASURES
 from sharpscope.training.sinks import Sink, as_sinks, close_all
 
 Batch = tuple[Any, Any]
@@ -84,13 +88,14 @@ class Measurement:
     """
 
     step: int | None
-    lambda_max: float
-    lambda_max_residual: float
-    lambda_max_converged: bool
+    lambda_max: float | None
+    """None with the ``critical`` measure alone, as its residual, convergence and warm start."""
+    lambda_max_residual: float | None
+    lambda_max_converged: bool | None
     probe_loss: float
     n_products: int
     eigen_products: int
-    warm_start: bool
+    warm_start: bool | None
     product_dtype: str
     seconds: float
     lambda_min: float | None = None
@@ -103,6 +108,16 @@ class Measurement:
     esam_v1_alignment: float | None = None
     """|cos(v, v₁)| of the Eigen-SAM optimizer's eigenvector estimate v and the measured v₁."""
     curvature: str = "hessian"
+    lambda_c: float | None = None
+    """The critical sharpness 2/η_c, the middle of its bracket [``lambda_c_low``,
+    ``lambda_c_high``] (None unless bracketed; see
+    :mod:`~sharpscope.analysis.critical_sharpness`)."""
+    lambda_c_low: float | None = None
+    lambda_c_high: float | None = None
+    """None (infinite) when the loss rose at the search's smallest step."""
+    lambda_c_direction: str | None = None
+    """``update`` (the last step's parameter change over its learning rate) or ``-gradient``."""
+    lambda_c_passes: int | None = None
 
     def row(self) -> dict[str, Any]:
         """The figures as a flat dict (None where not measured)."""
@@ -134,6 +149,14 @@ class SharpnessTracker:
     ``trace_samples`` products more), |cos(ĝ, v₁)| (``alignment``, free) and, given an
     ``eigen_sam`` optimizer, how well its eigenvector estimate matches v₁.
 
+    With ``measure`` ``critical`` (or ``both``) it also measures the critical sharpness 2/η_c
+    (:mod:`~sharpscope.analysis.critical_sharpness`: forward passes only, about 8, where λ_max's
+    products are out of reach) along the training's own update: the parameter change of the step
+    that :meth:`step_started` was told of (the measuring step), over that step's learning rate;
+    without it (the callbacks' first measurement, a resumed run's) along −g of the probe set. Its
+    search starts from the last η_c. ``critical`` alone takes no product: no λ_max, alignment or
+    warm start then (None), and ``lambda_min`` and ``trace`` are refused.
+
     Measuring changes nothing of the training: modes, BatchNorm buffers, ``.grad``, the CPU and
     CUDA random streams and the parameters are as they were; products run outside any autocast,
     in the parameters' dtype. ``log`` receives each measurement's row (see
@@ -156,10 +179,11 @@ class SharpnessTracker:
         seed: The seed of the first start and of the Fisher's label draws.
         warm_start: Start each measurement from the last one's vector.
         curvature: The matrix: ``hessian``, ``ggn``, ``fisher`` or ``empirical-fisher``.
+        measure: ``lambda_max``, ``critical`` or ``both`` (:data:`TRACK_MEASURES`).
         log: Where each row goes (:func:`~sharpscope.training.sinks.as_sinks`).
 
     Raises:
-        InputError: An unknown ``curvature``.
+        InputError: An unknown ``curvature`` or ``measure``.
         ValueError: A setting out of range, an empty probe set, or an ``eigen_sam`` that is no
             Eigen-SAM.
 
@@ -191,9 +215,13 @@ class SharpnessTracker:
         seed: int = 0,
         warm_start: bool = True,
         curvature: str = "hessian",
+        measure: str = "lambda_max",
         log: object = None,
     ) -> None:
         check_choice("curvature", curvature, CURVATURES)
+        check_choice("measure", measure, TRACK_MEASURES)
+        if measure == "critical" and (lambda_min or trace):
+            raise ValueError("`lambda_min` and `trace` need `measure` lambda_max or both")
         if every < 1:
             raise ValueError(f"`every` must be at least 1, got {every}")
         if not tol > 0:
@@ -222,15 +250,27 @@ class SharpnessTracker:
         self.seed = seed
         self.warm_start = warm_start
         self.curvature = curvature
+        self.measure_eigen = measure != "critical"
+        self.measure_critical = measure != "lambda_max"
         self.sinks: list[Sink] = as_sinks(log) if distributed.is_main() else []
         self.last: Measurement | None = None
         self._top: torch.Tensor | None = None
         self._bottom: torch.Tensor | None = None
         self._next: torch.Tensor | None = None
+        self._eta: float | None = None
+        self._before: tuple[int, list[torch.Tensor], float] | None = None
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is a measuring step (a multiple of ``every``)."""
         return step % self.every == 0
+
+    def step_started(self, step: int, lr: float) -> None:
+        """Say that the optimizer step that makes ``step``, a step measured after, starts now, at
+        learning rate ``lr``: with the critical measure the tracked parameters are copied (one
+        copy, dropped by the measurement), so that its direction is that step's update."""
+        if self.measure_critical and lr > 0:
+            space = select_params(self.model, self.objective.params, self.objective.exclude)
+            self._before = (step, [p.detach().clone() for p in space.params], lr)
 
     def __call__(self, step: int) -> Measurement | None:
         """At a measuring step, :meth:`measure`; else nothing."""
@@ -239,14 +279,19 @@ class SharpnessTracker:
     def measure(self, step: int | None = None) -> Measurement:
         """Measure now, log the row (rank 0) and return it; ``step`` labels the row."""
         start = time.perf_counter()
+        top = bottom = warm = traced = gradient = critical = None
         with _untouched(self.model):
             op = self._operator()
-            top, bottom, warm = self._eigen(op)
+            if self.measure_eigen:
+                top, bottom, warm = self._eigen(op)
             eigen_products = op.n_products
-            gradient = op.gradient() if self.alignment else None
+            if (self.alignment and self.measure_eigen) or self.measure_critical:
+                gradient = op.gradient()
             probe_loss = op.loss()
             op.release()
-            traced = None
+            if self.measure_critical:
+                assert gradient is not None
+                critical = self._critical(op, step, gradient, probe_loss, top)
             if self.trace:
                 samples = self.trace_samples - 2 * TRACE_SKETCH
                 traced = hutchpp(
@@ -256,15 +301,24 @@ class SharpnessTracker:
                     min_samples=2,
                 )
                 op.release()
-        v1 = top.eigenvectors[0]
-        self._top = v1.detach().clone()
-        self._bottom = None if bottom is None else bottom.eigenvectors[0].detach().clone()
-        self._next = _power_step(top, bottom)
+        eigen = {}
+        if top is not None:
+            v1 = top.eigenvectors[0]
+            self._top = v1.detach().clone()
+            self._bottom = None if bottom is None else bottom.eigenvectors[0].detach().clone()
+            self._next = _power_step(top, bottom)
+            eigen = {
+                "lambda_max": float(top.eigenvalues[0]),
+                "lambda_max_residual": float(top.residuals[0]),
+                "lambda_max_converged": bool(top.converged[0]),
+                "alignment": None if gradient is None else abs_cosine(gradient, v1),
+                "esam_v1_alignment": self._esam_alignment(op.space, v1),
+            }
         measured = Measurement(
             step=step,
-            lambda_max=float(top.eigenvalues[0]),
-            lambda_max_residual=float(top.residuals[0]),
-            lambda_max_converged=bool(top.converged[0]),
+            lambda_max=eigen.get("lambda_max"),
+            lambda_max_residual=eigen.get("lambda_max_residual"),
+            lambda_max_converged=eigen.get("lambda_max_converged"),
             probe_loss=probe_loss,
             n_products=op.n_products,
             eigen_products=eigen_products,
@@ -276,15 +330,43 @@ class SharpnessTracker:
             lambda_min_converged=None if bottom is None else bool(bottom.converged[0]),
             trace=None if traced is None else traced.estimate,
             trace_error=None if traced is None else traced.std_error,
-            alignment=None if gradient is None else abs_cosine(gradient, v1),
-            esam_v1_alignment=self._esam_alignment(op.space, v1),
+            alignment=eigen.get("alignment") if self.alignment else None,
+            esam_v1_alignment=eigen.get("esam_v1_alignment"),
             curvature=self.curvature,
+            **_critical_fields(critical),
         )
         self.last = measured
         row = measured.row()
         for sink in self.sinks:
             sink(row)
         return measured
+
+    def _critical(
+        self,
+        op: CurvatureOperator,
+        step: int | None,
+        gradient: torch.Tensor,
+        loss: float,
+        top: EigenResult | None,
+    ) -> CriticalSharpness:
+        """The critical sharpness along the update of the step :meth:`step_started` was told of
+        (when it is ``step``, or ``step`` is None), else along −g; its search starts at the last
+        η_c, else at the update's learning rate, else at 2/λ_max, else at 1."""
+        before, self._before = self._before, None
+        direction, name, eta = -gradient, "-gradient", None
+        if before is not None and step in (None, before[0]):
+            params = op.space.params
+            change = [p.detach() - q for p, q in zip(params, before[1], strict=True)]
+            direction, name, eta = op.space.flatten(change) / before[2], "update", before[2]
+        if self._eta is not None:
+            eta = self._eta
+        elif eta is None:
+            lam = None if top is None else float(top.eigenvalues[0])
+            eta = 2 / lam if lam is not None and lam > 0 else 1.0
+        found = critical_sharpness(op, direction, name=name, eta=eta, base_loss=loss)
+        if found.status == "bracketed":
+            self._eta = math.sqrt(found.eta_low * found.eta_high)
+        return found
 
     def _operator(self) -> CurvatureOperator:
         """The probe set's ``curvature`` matrix (the true Fisher's labels drawn by ``seed``)."""
@@ -329,7 +411,7 @@ class SharpnessTracker:
 
     def state_dict(self) -> dict[str, Any]:
         """The warm-start vectors, so that a resumed run measures as an uninterrupted one."""
-        return {"top": self._top, "bottom": self._bottom, "next": self._next}
+        return {"top": self._top, "bottom": self._bottom, "next": self._next, "eta": self._eta}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Continue from :meth:`state_dict` (None: start cold; a state without ``next``, from
@@ -337,6 +419,7 @@ class SharpnessTracker:
         state = state or {}
         self._top, self._bottom = state.get("top"), state.get("bottom")
         self._next = state.get("next")
+        self._eta = state.get("eta")
 
     def close(self) -> None:
         """Close the file logs and TensorBoard writers this tracker opened."""
@@ -354,6 +437,19 @@ def tracker_for(
     problem = {k: v for k, v in options.items() if k in fields}
     own = {k: v for k, v in options.items() if k not in fields}
     return SharpnessTracker(Objective(model, loss_fn, probe_batches, **problem), every, **own)
+
+
+def _critical_fields(found: CriticalSharpness | None) -> dict[str, Any]:
+    """A measurement's critical-sharpness fields (all None when not measured)."""
+    if found is None:
+        return {}
+    return {
+        "lambda_c": found.value,
+        "lambda_c_low": found.low if math.isfinite(found.low) else None,
+        "lambda_c_high": found.high if math.isfinite(found.high) else None,
+        "lambda_c_direction": found.direction,
+        "lambda_c_passes": found.passes,
+    }
 
 
 def _power_step(top: EigenResult, bottom: EigenResult | None) -> torch.Tensor | None:
@@ -385,10 +481,10 @@ def _untouched(model: nn.Module) -> Iterator[None]:
 
 @dataclass
 class Tracker:
-    """A ``sharpscope finetune`` row's tracked figures: λ_max, its residual and |cos(ĝ, v₁)| from
-    ``sharpness`` (warm-started, see :class:`SharpnessTracker`), and loss and accuracy on its
-    probe batches and on ``val``. Under torch.distributed each rank holds its share of both, and
-    every figure is that of all ranks' data together."""
+    """A ``sharpscope finetune`` row's tracked figures: λ_max, its residual and |cos(ĝ, v₁)|, or
+    the critical sharpness λ_c, or both, from ``sharpness`` (see :class:`SharpnessTracker`), and
+    loss and accuracy on its probe batches and on ``val``. Under torch.distributed each rank
+    holds its share of both, and every figure is that of all ranks' data together."""
 
     sharpness: SharpnessTracker
     val: list[Batch] | None
@@ -408,6 +504,10 @@ class Tracker:
         return {
             "lambda_max": top.lambda_max,
             "lambda_residual": top.lambda_max_residual,
+            "lambda_c": top.lambda_c,
+            "lambda_c_low": top.lambda_c_low,
+            "lambda_c_high": top.lambda_c_high,
+            "lambda_c_direction": top.lambda_c_direction,
             "alignment": top.alignment,
             "curvature": top.curvature,
             "product_dtype": top.product_dtype,

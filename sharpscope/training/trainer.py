@@ -39,6 +39,10 @@ FIELDS: tuple[str, ...] = (
     "probe_accuracy",
     "lambda_max",
     "lambda_residual",
+    "lambda_c",
+    "lambda_c_low",
+    "lambda_c_high",
+    "lambda_c_direction",
     "alignment",
     "curvature",
     "product_dtype",
@@ -228,12 +232,14 @@ class Session:
 @dataclass
 class Hooks:
     """What the loop calls: ``record(row)`` at tracking steps, ``save()`` at checkpoint steps
-    (it may be called twice at one step), ``progress(loss)`` after each step, and
-    ``should_stop()`` before each step."""
+    (it may be called twice at one step), ``progress(loss)`` after each step,
+    ``step_started(step, lr)`` before each step a row is recorded after, and ``should_stop()``
+    before each step."""
 
     record: Callable[[dict[str, Any]], None]
     save: Callable[[], None]
     progress: Callable[[float], None] = lambda loss: None
+    step_started: Callable[[int, float], None] = lambda step, lr: None
     should_stop: Callable[[], bool] = lambda: False
 
 
@@ -248,13 +254,19 @@ def run(
     """Train until ``total_steps``; record a row (the session's figures and ``track(model)``)
     every ``track_every`` steps and checkpoint every ``save_every`` steps, both also at the
     end. On a stop request, checkpoint and return False; return True when done."""
+
+    def tracked(step: int) -> bool:
+        return step == total_steps or step % track_every == 0
+
     while session.step < total_steps:
         if hooks.should_stop():
             hooks.save()
             return False
+        if tracked(session.step + 1):
+            hooks.step_started(session.step + 1, session.optimizer.param_groups[0]["lr"])
         hooks.progress(session.train_step())
         last = session.step == total_steps
-        if last or session.step % track_every == 0:
+        if tracked(session.step):
             hooks.record({**session.take_row(), **track(session.model)})
         if last or session.step % save_every == 0:
             hooks.save()

@@ -69,8 +69,9 @@ class Tokens(torch.utils.data.Dataset):
         }
 
 
-def hf_run(out: Path, track: bool) -> tuple[Any, Any]:
-    """2N steps of SGD on the tiny BERT in float64 with a checkpoint every N steps."""
+def hf_run(out: Path, track: bool, **options: Any) -> tuple[Any, Any]:
+    """2N steps of SGD on the tiny BERT in float64 with a checkpoint every N steps (the tracker's
+    ``options``: :data:`TIGHT` unless given)."""
     from sharpscope.integrations.hf_callback import SharpnessCallback
 
     data = Tokens()
@@ -92,7 +93,7 @@ def hf_run(out: Path, track: bool) -> tuple[Any, Any]:
     trainer = transformers.Trainer(model=tiny_hf.bert().double(), args=args, train_dataset=data)
     callback = None
     if track:
-        callback = SharpnessCallback(trainer, [data.probe()], every=N, **TIGHT)
+        callback = SharpnessCallback(trainer, [data.probe()], every=N, **(options or TIGHT))
         trainer.add_callback(callback)
     trainer.train()
     return trainer, callback
@@ -153,7 +154,7 @@ class Classifier(lightning.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
 
 
-def lightning_run(out: Path, track: bool) -> tuple[Classifier, Any]:
+def lightning_run(out: Path, track: bool, **options: Any) -> tuple[Classifier, Any]:
     from sharpscope.integrations.lightning_callback import SharpnessCallback
 
     data = images()
@@ -163,7 +164,10 @@ def lightning_run(out: Path, track: bool) -> tuple[Classifier, Any]:
     )
     callbacks: list[Any] = [checkpoints]
     if track:
-        callbacks.append(SharpnessCallback(nn.functional.cross_entropy, probe, every=N, **TIGHT))
+        tracking = SharpnessCallback(
+            nn.functional.cross_entropy, probe, every=N, **(options or TIGHT)
+        )
+        callbacks.append(tracking)
     trainer = lightning.Trainer(
         max_steps=2 * N,
         accelerator="cpu",
@@ -205,3 +209,17 @@ def test_lightning_logs_the_lambda_max_that_analyze_finds_in_its_checkpoint(tmp_
     tracked = module.state_dict()
     for name, value in plain.state_dict().items():
         assert torch.equal(value, tracked[name]), name
+
+
+def test_the_callbacks_track_the_critical_sharpness_along_each_update(tmp_path: Path):
+    """``measure="critical"``: both callbacks tell the tracker of the tracking step's start, so
+    λ_c is measured along the step's own update, with no product."""
+    trainer, callback = hf_run(tmp_path / "hf", track=True, measure="critical")
+    rows = [row for row in trainer.state.log_history if "sharpness/lambda_c_low" in row]
+    assert [row["step"] for row in rows] == [N, 2 * N]
+    assert all(row["sharpness/n_products"] == 0 for row in rows)
+    assert callback.tracker.last.lambda_c_direction == "update"
+    _, trainer = lightning_run(tmp_path / "pl", track=True, measure="critical")
+    (tracking,) = (c for c in trainer.callbacks if hasattr(c, "tracker"))
+    last = tracking.tracker.last
+    assert last.step == 2 * N and last.lambda_c_direction == "update" and last.lambda_c_low > 0

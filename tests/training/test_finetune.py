@@ -383,6 +383,7 @@ def test_resuming_a_missing_folder_says_it_does_not_exist(tmp_path: Path):
         (["--lr", "-1"], "--lr must be positive"),
         (["--curvature", "hess"], "unknown --curvature 'hess'; choose one of hessian, ggn"),
         (["--precision", "fp16"], "unknown --precision 'fp16'; choose one of float32, bf16"),
+        (["--track-measure", "lambda_c"], "unknown --track-measure 'lambda_c'; choose one of"),
         (["--precision", "bf16", "--dtype", "float64"], "use --dtype float32 with it"),
     ],
 )
@@ -426,6 +427,7 @@ def test_every_run_setting_comes_from_its_own_option(
         **dict(eig_every=7, eig_steps=3, schedule="cosine", batch_size=16, track_every=4),
         **dict(probe_size=32, track_iters=5, save_every=6, keep=2, seed=3, device="cpu"),
         **dict(text_field="sentence", label_field="class", max_length=20, curvature="ggn"),
+        **dict(track_measure="both"),
         **dict(params=("1.*", "3.weight"), freeze=("1.bias",)),
         **variant,
     }

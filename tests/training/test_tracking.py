@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from typer.testing import CliRunner
 
 from sharpscope import SharpnessTracker
+from sharpscope.analysis.critical_sharpness import critical_sharpness
+from sharpscope.cli.app import app
 from sharpscope.curvature import FisherOperator, GGNOperator, Objective, SolveSettings, lanczos
 from sharpscope.errors import InputError
 from sharpscope.io.losses import resolve_loss
@@ -341,3 +344,62 @@ def test_the_callbacks_tracker_routes_objective_fields_to_the_objective():
     assert made.measure().lambda_max == by_hand.measure().lambda_max
     everything = SharpnessTracker(Objective(model, CE, batches), products=None, tol=1e-10)
     assert abs(everything.measure().lambda_max - made.measure().lambda_max) > 1e-6
+
+
+def test_the_critical_measure_follows_the_last_update_without_a_product():
+    """``critical``: λ_c along the step's own update (Δw/lr, here SGD with momentum) when told of
+    the step, else along −g; no product, so no λ_max; ``both`` measures both; the training state
+    is as it was."""
+    model, batches = problem()
+    objective = Objective(model, CE, batches)
+    rows: list[dict] = []
+    tracker = SharpnessTracker(objective, every=1, measure="critical", log=rows)
+    first = tracker.measure(step=0)
+    assert (first.lambda_c_direction, first.n_products, first.lambda_max) == ("-gradient", 0, None)
+    assert first.lambda_c_low <= first.lambda_c <= first.lambda_c_high
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in (1, 2):
+        tracker.step_started(step, optimizer.param_groups[0]["lr"])
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.zero_grad()
+        CE(model(batches[0][0]), batches[0][1]).backward()
+        optimizer.step()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        measured = tracker(step)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    change = zip(model.parameters(), before, strict=True)
+    update = torch.cat([(p.detach() - q).reshape(-1) for p, q in change])
+    expected = critical_sharpness(objective, update / 0.1, eta=0.1)
+    assert measured.lambda_c_direction == "update" and measured.lambda_c_passes > 0
+    assert (measured.lambda_c_low, measured.lambda_c_high) == pytest.approx(
+        (expected.low, expected.high), rel=0.06
+    )  # the same search from the last η_c, bracketed to 1.05 each
+    assert [r["lambda_c_direction"] for r in rows] == ["-gradient", "update", "update"]
+    both = SharpnessTracker(objective, measure="both").measure()
+    assert both.lambda_max is not None and both.lambda_c is not None and both.n_products > 0
+    with pytest.raises(InputError, match="`measure`"):
+        SharpnessTracker(objective, measure="lambda_c")
+    with pytest.raises(ValueError, match="`lambda_min`"):
+        SharpnessTracker(objective, measure="critical", lambda_min=True)
+
+
+def test_a_finetune_run_tracks_the_critical_sharpness_every_interval(
+    finetune_files: dict[str, Path], tmp_path: Path
+):
+    run = tmp_path / "run"
+    args = [
+        *("finetune", str(finetune_files["checkpoint"]), "--data", str(finetune_files["data"])),
+        *("--batch-size", "32", "--lr", "0.05", "--probe-size", "64", "--steps", "6"),
+        *("--track-every", "2", "--track-measure", "critical", "--out", str(run), "--quiet"),
+        *("--device", "cpu"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = read_rows(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 2, 4, 6]
+    assert all(r["lambda_c_low"] > 0 and r["lambda_c_high"] is not None for r in rows)
+    assert [r["lambda_c_direction"] for r in rows] == ["-gradient"] + ["update"] * 3
+    assert all(r["lambda_max"] is None for r in rows)
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"lambda_c", "lambda_c_low", "lambda_c_high", "lambda_c_direction"} <= set(header)
+    assert json.loads((run / "config.json").read_text())["track_measure"] == "critical"
