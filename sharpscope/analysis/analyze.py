@@ -265,9 +265,9 @@ def _critical(
     loss: float,
     lambda_max: float,
 ) -> CriticalSharpness:
-    """The critical sharpness along −g (SGD's update), its search started at 2/λ_max (where,
-    λ_c ≤ λ_max, a quadratic's loss still falls), with ĝᵀHĝ from the plan's product: the
-    quadratic model's λ_c along −g."""
+    """The critical sharpness along −g (SGD's update), its search started at 2/λ_max (on a
+    quadratic λ_c ≤ λ_max, so the loss still falls there), with ĝᵀHĝ from the plan's product:
+    the quadratic model's λ_c along −g."""
     eta = 2 / lambda_max if lambda_max > 0 else 1.0
     found = critical_sharpness(op, -gradient, eta=eta, base_loss=loss)
     if h_g_hat is None:
