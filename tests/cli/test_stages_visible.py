@@ -70,7 +70,14 @@ def test_the_cli_prints_a_line_per_stage_spread_included(checkpoint):
     assert result.exit_code == 0, result.stderr
     json.loads(result.stdout)
     stages = re.findall(r"^(.+): [\d,]+/[\d,]+ in \d+\.\d s$", result.stderr, re.M)
-    assert stages == ["loss and gradient", "top-k and λ_min", "trace", "alignment", "spread"]
+    assert stages == [
+        "loss and gradient",
+        "top-k and λ_min",
+        "trace",
+        "alignment",
+        "critical sharpness",
+        "spread",
+    ]
     assert re.search(r"^spread: 8/8 in \d+\.\d s$", result.stderr, re.M)
 
 
@@ -113,13 +120,21 @@ def test_an_interrupt_writes_the_finished_stages_marked_partial(
     for doc in (printed, saved):
         assert doc["partial"] == {
             "interrupted": "sampling",
-            "finished": ["gradient", "plan", "eigenvalues", "product-error", "trace", "alignment"],
+            "finished": [
+                "gradient",
+                "plan",
+                "eigenvalues",
+                "product-error",
+                "trace",
+                "alignment",
+                "critical_sharpness",
+            ],
         }
         for figure in ("eigenvalues", "lambda_min", "trace"):
             assert untimed(doc["results"][figure]) == untimed(complete["results"][figure])
     assert "partial" not in complete
     assert "interrupted during sampling" in result.stderr
-    assert "gradient, plan, eigenvalues, product-error, trace, alignment" in result.stderr
+    assert "product-error, trace, alignment, critical_sharpness" in result.stderr
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
