@@ -32,8 +32,8 @@ def hessian_eigs(
     progress: Progress | None = None,
 ) -> EigenResult:
     """The top (or bottom, or largest-magnitude) ``k`` Hessian eigenpairs of ``objective``'s
-    loss; below float64 the products' own error is in the bounds and ``converged`` flags (two
-    products).
+    loss; below float64, and with finite differences, the products' own error is in the bounds
+    and ``converged`` flags (:func:`~sharpscope.curvature.product_error.error_products`).
 
     Args:
         objective: The model, loss, data and parameters (:class:`Objective`).
@@ -63,7 +63,8 @@ def hessian_eigs(
     """
     op = HessianOperator(objective, backend=backend)
     result = solver(method).eigs(op, k, which, settings, progress)
-    error = product_error(op, result.eigenvectors[0], available_memory(op.device))
+    vectors = result.eigenvectors
+    error = product_error(op, vectors[0], available_memory(op.device), vectors[1:])
     if error is None:
         return result
     return error.widened(result, settings.tol, float(result.eigenvalues.abs().max()))

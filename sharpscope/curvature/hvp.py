@@ -146,8 +146,29 @@ class HessianOperator(CurvatureOperator):
         """Free the cached gradient graph (it is rebuilt on the next product)."""
         self._graph = None
 
+    def graph_bytes(self) -> int:
+        """The estimated bytes of the double-backward graph ``cache_graph`` keeps for this rank's
+        batches: the distinct storages autograd saves while the first batch's loss and gradient
+        (with ``create_graph``) are built, less the weights, plus the gradient, times the
+        batches. Builds and frees that one batch's graph (its memory, once)."""
+        weights = {p.untyped_storage().data_ptr() for p in self.space.params}
+        saved: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            grads = self._grad(next(self._batch_losses()), create_graph=True)
+        gradient = sum(g.numel() * g.element_size() for g in grads)
+        return (sum(saved.values()) + gradient) * len(self.batches)
+
     def _local_matvec(self, vs: list[torch.Tensor]) -> torch.Tensor:
-        """This rank's weighted sum of the batches' Hessian-vector products."""
+        """This rank's weighted sum of the batches' Hessian-vector products (of ``vs`` less the
+        rows autograd holds constant, :meth:`_held`)."""
+        vs = self._held(vs)
         if self.backend == "finite-difference":
             return self._matvec_difference(vs)
         if self.backend == "forward-over-reverse":
@@ -159,9 +180,9 @@ class HessianOperator(CurvatureOperator):
 
     def _check_functional(self, product: torch.Tensor, reference: torch.Tensor) -> None:
         """Refuse forward-over-reverse when its first product differs from double backward's on
-        the same vector beyond rounding: ``torch.func`` second derivatives are wrong through some
-        models' layers (BERT's among them on torch 2.13, docs/engine.md). Compared after the
-        all-reduce, so every rank decides alike."""
+        the same vector beyond rounding: a guard against ``torch.func`` second derivatives that
+        are wrong through a model's layers (none known once an embedding's padding row is held,
+        docs/engine.md). Compared after the all-reduce, so every rank decides alike."""
         difference = norm(self._reduced(product - reference))
         scale = norm(self._reduced(reference))
         tol = FUNC_CHECK_ULPS * torch.finfo(self.dtype).eps
@@ -188,7 +209,9 @@ class HessianOperator(CurvatureOperator):
     def _held(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``vs`` with the rows that autograd holds constant set to 0: an ``nn.Embedding``'s
         ``padding_idx`` row gets no gradient, so double backward's Hessian has no row or column
-        for it, and a step that moved it would differentiate another function."""
+        for it, while a finite-difference step or a forward-mode tangent that moved it would
+        differentiate another function (BERT's products by forward-over-reverse were 7e-2 off
+        through it, exact without it)."""
         index = {id(p): i for i, p in enumerate(self.space.params)}
         held = [
             (index[id(m.weight)], m.padding_idx)
@@ -235,7 +258,6 @@ class HessianOperator(CurvatureOperator):
     def _matvec_difference(self, vs: list[torch.Tensor]) -> torch.Tensor:
         """This rank's product by a central difference of gradients: two gradients per product
         once its first product has chosen the step (see :attr:`fd_scale`)."""
-        vs = self._held(vs)
         v = torch.cat([t.reshape(-1) for t in vs])
         h = self._step(v)
         if self.fd_scale is not None:
@@ -249,6 +271,20 @@ class HessianOperator(CurvatureOperator):
             )
         self.fd_error = error
         return product
+
+    def difference_error(self, v: torch.Tensor, image: torch.Tensor) -> float:
+        """``finite-difference`` only, after the first product: the Richardson estimate of
+        ‖(D − H)v‖ for the flat ``v`` whose product is ``image``, the spread to the product at
+        twice the step over r² − 1 (one product more, counted). On the vector itself: the first
+        product's :attr:`fd_error` was up to 16× below the error on another vector (docs/engine.md).
+        """
+        if self.fd_scale is None:
+            raise ValueError("difference_error needs a first product (it chooses the step)")
+        flat = torch.cat([t.reshape(-1) for t in self._held(self.space.split(v))])
+        step = FD_SHRINK * self.fd_scale * self._step(flat)
+        self.n_products += 1
+        wider = self._reduced(self._difference(flat, step))
+        return norm(wider - image) / (FD_SHRINK**2 - 1)
 
     def _chosen_step(self, v: torch.Tensor, h: float) -> tuple[float, float, torch.Tensor]:
         """The multiple r^k of ``h`` (r = :data:`FD_SHRINK`, |k| ≤ :data:`FD_RUNGS`) whose product

@@ -1,5 +1,7 @@
-"""How far a float32 operator's products are from the model's float64 Hessian: measured once per
-run on one vector and folded into the eigenvalue bounds and ``converged`` flags (docs/engine.md).
+"""How far an operator's products are from the model's float64 Hessian: measured once per run on
+one vector and folded into the eigenvalue bounds and ``converged`` flags (docs/engine.md). Two
+errors are counted: a float32 (or bfloat16) operator's rounding, and a finite-difference
+operator's truncation and rounding, which it estimates itself (``fd_error``).
 
 For a unit v and λ̂ its Rayleigh quotient, the residual ‖H₃₂v − λ̂v‖ bounds λ̂'s distance to an
 eigenvalue of the float32 operator; ‖H₆₄v − λ̂v‖ ≤ ‖H₃₂v − λ̂v‖ + ‖(H₃₂ − H₆₄)v‖ bounds its
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,14 +41,18 @@ FAILURES = (RuntimeError, TypeError, ValueError, NotImplementedError, copy.Error
 @dataclass(frozen=True)
 class ProductError:
     """‖(H_op − H₆₄)v‖ for one unit v (``absolute``), over ‖Hv‖ (``relative``), and how it was
-    measured: ``float64`` (a product of a float64 copy) or ``reordered`` (a second product in
-    another summation order, times :data:`PROXY_FACTOR`)."""
+    measured: ``float64`` (a product of a float64 copy), ``reordered`` (a second product in
+    another summation order, times :data:`PROXY_FACTOR`) or ``finite-difference`` (a float64
+    finite-difference operator: its own estimate alone)."""
 
     absolute: float
     relative: float
     method: str
     dtype: str
     """The operator's dtype (``float32``)."""
+    finite_difference: float | None = None
+    """A finite-difference operator's estimated relative error (``fd_error``), whose share
+    ``finite_difference``·‖Hv‖ is in ``absolute``; None for the other backends."""
 
     def widened(self, result: EigenResult, tol: float, scale: float) -> EigenResult:
         """``result`` with this error in its bounds, and converged only where the bound meets
@@ -61,33 +68,73 @@ class ProductError:
         """One note when the error alone exceeds the tolerance: the bounds cannot meet it."""
         if self.absolute <= tol * scale:
             return []
+        if self.method == "finite-difference":
+            what, remedy = "finite-difference products are", "`backend` double-backward"
+        elif (fd := self.finite_difference) is not None:
+            what = f"{self.dtype} finite-difference products (estimate {fd:.1e}) are"
+            remedy = "`backend` double-backward or `dtype` float64"
+        else:
+            what, remedy = f"{self.dtype} products are", "`dtype` float64"
         return [
-            f"{self.dtype} products are {self.relative:.1e} (relative) away from float64 ones "
+            f"{what} {self.relative:.1e} (relative) away from float64 ones "
             f"({self.method} measure), above tol={tol:g}: the eigenvalues are expected within "
-            f"{self.absolute:.2g} of the model's, not the tolerance; use `dtype` float64"
+            f"{self.absolute:.2g} of the model's, not the tolerance; use {remedy}"
         ]
 
 
+def error_products(op: CurvatureOperator, vectors: int = 1) -> int:
+    """The products :func:`product_error` takes on ``op`` for ``vectors`` unit vectors: below
+    float64 2 (the operator's and a float64 or reordered one); for a finite-difference operator
+    one more (at twice its step) and 2 per further vector; 0 for a float64 operator of the other
+    backends (nothing to measure)."""
+    difference = getattr(op, "backend", None) == "finite-difference"
+    narrow = op.dtype != torch.float64
+    return (narrow or difference) + narrow + (2 * vectors - 1 if difference else 0)
+
+
 def product_error(
-    op: CurvatureOperator, v: torch.Tensor, available: int | None
+    op: CurvatureOperator,
+    v: torch.Tensor,
+    available: int | None,
+    others: Sequence[torch.Tensor] = (),
 ) -> ProductError | None:
-    """The error of ``op``'s products on the unit vector ``v``, by a float64 product when its copy
-    of the model fits in ``available`` bytes (:data:`FLOAT64_SHARE`), by the reordered proxy
-    otherwise; None for a float64 operator (nothing to measure). Two products, counted on ``op``."""
-    if op.dtype == torch.float64:
+    """The error of ``op``'s products on the unit vector ``v``: below float64, by a float64
+    product when its copy of the model fits in ``available`` bytes (:data:`FLOAT64_SHARE`), by
+    the reordered proxy otherwise; for a finite-difference operator, plus the largest of its own
+    Richardson estimates on ``v`` and on the unit vectors ``others``
+    (:meth:`~sharpscope.curvature.HessianOperator.difference_error`: its error differs from
+    vector to vector). None where there is nothing to measure; the products
+    (:func:`error_products`) count on ``op``."""
+    if error_products(op) == 0:
         return None
     image = op.matvec(v)
     scale = max(norm(image), torch.finfo(torch.float64).tiny)
+    difference = getattr(op, "backend", None) == "finite-difference"
+    estimated, fd = 0.0, None
+    if difference:
+        estimates = [op.difference_error(u, op.matvec(u)) for u in others]  # type: ignore[attr-defined]
+        estimated = max([op.difference_error(v, image), *estimates])  # type: ignore[attr-defined]
+        fd = estimated / scale
+    if op.dtype == torch.float64:
+        return ProductError(estimated, estimated / scale, "finite-difference", "float64", fd)
     op.n_products += 1
+    measured, method = _measured(op, v, image, available)
+    total = measured + estimated
+    return ProductError(total, total / scale, method, _name(op.dtype), fd)
+
+
+def _measured(
+    op: CurvatureOperator, v: torch.Tensor, image: torch.Tensor, available: int | None
+) -> tuple[float, str]:
+    """‖(H_op − H₆₄)v‖ by a float64 product where it fits and runs, else by the reordered proxy,
+    with the method's name."""
     if _float64_fits(op, available):
         try:
-            difference = norm(image.double() - _wide(op).matvec(v.double()))
-            return ProductError(difference, difference / scale, "float64", _name(op.dtype))
+            return norm(image.double() - _wide(op).matvec(v.double())), "float64"
         except FAILURES:
             pass
     other = op.replace(op.objective.replace(batches=_reordered(op)), cache_graph=False)
-    difference = PROXY_FACTOR * norm((other.matvec(v) - image).double())
-    return ProductError(difference, difference / scale, "reordered", _name(op.dtype))
+    return PROXY_FACTOR * norm((other.matvec(v) - image).double()), "reordered"
 
 
 def _name(dtype: torch.dtype) -> str:
