@@ -10,11 +10,15 @@ CURVATURE_NAMES: tuple[str, ...] = ("hessian", "ggn", "fisher", "empirical-fishe
 """The matrices of :data:`sharpscope.curvature.CURVATURES`."""
 BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse", "finite-difference")
 """How the Hessian's products are taken (:class:`sharpscope.curvature.HessianOperator`)."""
+BACKEND_CHOICES: tuple[str, ...] = (*BACKENDS, "auto")
+"""The ``backend`` setting's values: a backend, or ``auto``, which chooses between double backward
+and finite differences by memory (:func:`sharpscope.analysis.plan.chosen_backend`)."""
 ADAPTIVE_KINDS: tuple[str, ...] = ("worst", "average")
 """The adaptive sharpness's cases (:mod:`sharpscope.analysis.adaptive_sharpness`)."""
 ADAPTIVE_NORMS: tuple[str, ...] = ("l2", "linf")
 """Its balls."""
-DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
-"""The floating-point types a model can be analysed in (``--dtype``)."""
+DTYPE_NAMES: tuple[str, ...] = ("float32", "float64", "bfloat16")
+"""The floating-point types a model can be analysed in (``--dtype``; bfloat16 only when asked:
+its products err by about 1e-2, docs/engine.md)."""
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 """How a loss reduces a batch (``--reduction``; :class:`sharpscope.curvature.CurvatureOperator`)."""

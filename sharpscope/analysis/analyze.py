@@ -22,7 +22,14 @@ from sharpscope.analysis.config import AnalyzeConfig
 from sharpscope.analysis.critical_sharpness import CriticalSharpness, critical_sharpness
 from sharpscope.analysis.intervals import Figures, SamplingErrors, rounded_outward
 from sharpscope.analysis.metrics import accuracy
-from sharpscope.analysis.plan import TYPICAL_LANCZOS, Plan, available_memory, fitting_basis
+from sharpscope.analysis.plan import (
+    TYPICAL_LANCZOS,
+    BackendChoice,
+    Plan,
+    available_memory,
+    chosen_backend,
+    fitting_basis,
+)
 from sharpscope.analysis.sampling import SHARD_TOL, TRACE_PROBES, Resolve, sampling_errors
 from sharpscope.batches import LossFn
 from sharpscope.curvature import (
@@ -37,7 +44,7 @@ from sharpscope.curvature import (
 from sharpscope.curvature.groups import param_groups
 from sharpscope.curvature.objective import configured_objective
 from sharpscope.curvature.operator import check_adds_to_a_run
-from sharpscope.curvature.product_error import ProductError, product_error
+from sharpscope.curvature.product_error import ProductError, error_products, product_error
 from sharpscope.curvature.solvers import (
     SOLVERS,
     TRACE_BUDGET_SHARE,
@@ -61,6 +68,12 @@ MICRO_BATCH_NOTE = (
     "chunk's forward and both backward passes again (one chunk's memory for that time)"
 )
 """The note of a double-backward run in micro-batches: what its memory cost in time."""
+BFLOAT16_NOTE = (
+    "`dtype` bfloat16: its products err by about 5e-3 relative (the tests' tiny GPT-2 and Llama, "
+    "docs/engine.md), which Lanczos cannot converge past: the figures are rough and their "
+    "bounds wide; use `dtype` float32 (the default, which widens bfloat16 weights)"
+)
+"""The note of every run asked for bfloat16 products."""
 
 
 @dataclass
@@ -116,8 +129,10 @@ class Analysis:
     adaptive_sharpness: AdaptiveSharpnessResult | None = None
     """The worst- or average-case (adaptive) sharpness (None: not measured)."""
     product_error: ProductError | None = None
-    """The products' own error, in ``top``'s and ``bottom``'s bounds (None: float64, not
-    measured)."""
+    """The products' own error, in ``top``'s and ``bottom``'s bounds (None: float64 double
+    backward or forward-over-reverse, not measured)."""
+    backend: BackendChoice | None = None
+    """The Hessian backend ``auto`` chose, and why (None: the config named one)."""
     critical_sharpness: CriticalSharpness | None = None
     """The critical sharpness 2/η_c along −g, with the quadratic model's ĝᵀHĝ (None: not
     measured)."""
@@ -208,9 +223,10 @@ def _operator(
     batches: list[tuple[Any, Any]],
     config: AnalyzeConfig,
     checked: bool,
-) -> CurvatureOperator:
-    """The chosen curvature matrix of the mean loss over ``batches`` for the chosen parameters;
-    its first batch is run again only where that checks more than ``checked`` did."""
+) -> tuple[CurvatureOperator, BackendChoice | None]:
+    """The chosen curvature matrix of the mean loss over ``batches`` for the chosen parameters,
+    and the Hessian backend ``auto`` chose (None: none was to choose); its first batch is run
+    again only where that checks more than ``checked`` did."""
     hessian = config.curvature == "hessian"
     if (
         hessian
@@ -222,16 +238,34 @@ def _operator(
             "(torch.func does not run scripted modules); use `backend` double-backward"
         )
     objective = configured_objective(model, loss_fn, batches, config)
+    auto = config.backend == "auto"
     try:
-        return curvature_operator(
+        op = curvature_operator(
             config.curvature,
             objective,
-            backend=config.backend,
+            backend="double-backward" if auto else config.backend,
             seed=config.seed,
             validate=not checked or check_adds_to_a_run(objective),
         )
     except ValueError as exc:
         raise InputError(f"{exc} (parameter names: see docs/engine.md)") from None
+    if not (hessian and auto):
+        return op, None
+    choice = _auto_backend(op)
+    if choice.backend != "double-backward":
+        op = op.replace(backend=choice.backend)
+    return op, choice
+
+
+def _auto_backend(op: CurvatureOperator) -> BackendChoice:
+    """``auto``'s choice for the Hessian operator ``op`` (double backward): rank 0's estimate of
+    its cached graph against rank 0's free memory, so that every rank chooses alike."""
+    try:
+        graph: int | None = op.graph_bytes()
+    except torch.OutOfMemoryError:
+        graph = None
+    available = available_memory(op.device)
+    return chosen_backend(*distributed.main_value((graph, available)))
 
 
 def _finite_loss(op: CurvatureOperator) -> float:
@@ -315,8 +349,8 @@ def _planned(
         if bounded_cost.vectors < cost.vectors:  # the solver keeps the bound
             settings, cost, chosen = bounded, bounded_cost, bounded.max_basis
     products = {"eigenpairs": cost.products}
-    if op.dtype != torch.float64:  # the products' own error, on v₁ (product_error)
-        products["product-error"] = 2
+    if measured := error_products(op, config.k + 1):  # the products' own error (product_error)
+        products["product-error"] = measured
     if config.trace:
         budget = trace_budget(config.trace_samples, cost.products)
         products["trace"] = method.trace_products(budget)
@@ -479,13 +513,15 @@ def analyze(
     config = config or AnalyzeConfig()
     method = solver(config.method)
     notes: list[str] = []
-    op = _operator(model, loss_fn, batches, config, checked)
+    op, backend = _operator(model, loss_fn, batches, config, checked)
     watch = Stopwatch(lambda: op.n_products)
     if config.batch_stats:
         notes.append(BATCH_STATS_NOTE)
     if config.micro_batch is not None and config.backend == "double-backward":
         notes.append(MICRO_BATCH_NOTE)
-    if config.curvature != "hessian" and config.backend != "double-backward":
+    if op.dtype == torch.bfloat16:
+        notes.append(BFLOAT16_NOTE)
+    if config.curvature != "hessian" and config.backend not in ("double-backward", "auto"):
         notes.append(
             f"`backend` {config.backend} applies to the Hessian only, not the {op.curvature}"
         )
@@ -535,6 +571,7 @@ def analyze(
             adaptive_sharpness=sharpness,
             critical_sharpness=critical,
             product_error=error,
+            backend=backend,
             interrupted=interrupted,
         )
 
@@ -546,6 +583,7 @@ def analyze(
         grad_norm = norm(gradient)
         with watch.stage("plan"):
             plan, settings, h_g_hat = _planned(op, config, method, gradient, grad_norm)
+        plan = replace(plan, backend=backend)
         if plan.chosen_max_basis is not None:
             notes.append(
                 "the whole Lanczos basis would not fit in memory: `max_basis` "
@@ -564,9 +602,10 @@ def analyze(
             replace(top, subspace=None),
             replace(bottom, subspace=None),
         )
-        if "product-error" in plan.products:  # the float32 products' own error, on v₁
+        if "product-error" in plan.products:  # the products' own error, on v₁
             with watch.stage("product-error"):
-                error = product_error(op, top.eigenvectors[0], plan.available_bytes)
+                others = [*top.eigenvectors[1:], bottom.eigenvectors[0]]
+                error = product_error(op, top.eigenvectors[0], plan.available_bytes, others)
         if error is not None:
             scale = float(torch.cat([top.eigenvalues, bottom.eigenvalues]).abs().max())
             top, bottom = (

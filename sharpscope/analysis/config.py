@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from sharpscope.choices import (
     ADAPTIVE_KINDS,
     ADAPTIVE_NORMS,
-    BACKENDS,
+    BACKEND_CHOICES,
     CURVATURE_NAMES,
     REDUCTIONS,
     SOLVER_NAMES,
@@ -84,9 +84,10 @@ class AnalyzeConfig:
     alpha: float = setting(0.2, help="Eigen-SAM's α.", panel=SAM)
     backend: str = setting(
         "double-backward",
-        help=f"HVP backend: {', '.join(BACKENDS)} (the Hessian's products only). "
+        help=f"HVP backend: {', '.join(BACKEND_CHOICES)} (the Hessian's products only). "
         "finite-difference: two gradients per product at a gradient's memory, any attention "
-        "kernel, smooth activations only; its error is estimated (docs/engine.md).",
+        "kernel, smooth activations only; its error is estimated and in the bounds. auto: "
+        "double-backward when its graph fits the free memory (docs/engine.md).",
         panel=HESSIAN,
     )
     curvature: str = setting(
@@ -182,7 +183,7 @@ class AnalyzeConfig:
     def __post_init__(self) -> None:
         check_finite_fields(self)
         check_choice("method", self.method, SOLVER_NAMES)
-        check_choice("backend", self.backend, BACKENDS)
+        check_choice("backend", self.backend, BACKEND_CHOICES)
         check_choice("curvature", self.curvature, CURVATURE_NAMES)
         check_choice("reduction", self.reduction, REDUCTIONS)
         for name in ("k", "max_iter", "trace_samples", "density_vectors", "density_iter"):

@@ -1,5 +1,6 @@
 """What an analysis will cost, known before its long stages: sizes, the most products each stage
-may take, the measured time of one product, and the memory of the eigen-solver's vectors."""
+may take, the measured time of one product, the memory of the eigen-solver's vectors, and the
+Hessian backend ``auto`` chooses for that memory."""
 
 from __future__ import annotations
 
@@ -11,10 +12,55 @@ import torch
 MEMINFO = Path("/proc/meminfo")
 BASIS_SHARE = 0.5
 """The share of the free memory the eigen-solver's vectors may take before the basis is bounded."""
+GRAPH_SAFETY = 3.5
+"""``auto`` takes double backward when this many times its graph's estimate
+(:meth:`~sharpscope.curvature.HessianOperator.graph_bytes`) fits the free memory: the peak while
+the graph is built and differentiated was 1.9 to 3.4 times the estimate on CPU (VmHWM; two MLPs
+and two GPT-2s, docs/engine.md, "backend auto")."""
 TYPICAL_LANCZOS = 50
 """The products one Lanczos solve of the top-k and λ_min typically takes at the default tolerance:
 43–57 on the digits MLP for k = 1 to 10, about 30 on the benchmark CNN (docs/benchmarks.md, "Cost
 of a default analyze"); its bound, ``max_iter``, is about 4 times more."""
+
+
+def sizes(count: float) -> str:
+    """Bytes as B, kB, MB, GB or TB (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} TB"
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The Hessian backend ``auto`` chose, from the double-backward graph's estimated bytes
+    (None: one batch's graph did not fit) and the free memory (None: unknown)."""
+
+    backend: str
+    graph_bytes: int | None
+    available_bytes: int | None
+
+    @property
+    def reason(self) -> str:
+        """Why, in words: ``the double-backward graph ≈ 9.1 GB would not fit 6.0 GB free``."""
+        if self.graph_bytes is None:
+            return "one batch's double-backward graph did not fit in memory"
+        graph = f"the double-backward graph ≈ {sizes(self.graph_bytes)}"
+        if self.available_bytes is None:
+            return f"{graph}; the free memory is unknown"
+        fits = "fits in" if self.backend == "double-backward" else "would not fit in"
+        return f"{graph} (× {GRAPH_SAFETY:g} at its peak) {fits} {sizes(self.available_bytes)} free"
+
+
+def chosen_backend(graph_bytes: int | None, available: int | None) -> BackendChoice:
+    """Double backward when :data:`GRAPH_SAFETY` times ``graph_bytes`` fits ``available`` (or
+    the free memory is unknown), else finite differences (a gradient's memory)."""
+    fits = graph_bytes is not None and (
+        available is None or GRAPH_SAFETY * graph_bytes <= available
+    )
+    backend = "double-backward" if fits else "finite-difference"
+    return BackendChoice(backend, graph_bytes, available)
 
 
 @dataclass(frozen=True)
@@ -41,6 +87,8 @@ class Plan:
     """The Lanczos bound chosen because the whole basis would not fit (None: none chosen)."""
     threads: int = 1
     """torch's intra-op CPU threads when the product was timed (``torch.get_num_threads()``)."""
+    backend: BackendChoice | None = None
+    """The Hessian backend ``auto`` chose, and why (None: a backend was named)."""
 
     @property
     def most_products(self) -> int:

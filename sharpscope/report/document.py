@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # a report is read, explained and gated without torch
     from sharpscope.analysis.alignment import Alignment
     from sharpscope.analysis.analyze import Analysis, LayerEigen
     from sharpscope.analysis.critical_sharpness import CriticalSharpness
+    from sharpscope.analysis.plan import BackendChoice
     from sharpscope.curvature import DensityResult, EigenResult, MultiplicityCheck, TraceResult
     from sharpscope.curvature.product_error import ProductError
 
@@ -139,6 +140,10 @@ class Inputs(Section):
     data: DataInput | None = field(default=None, metadata=_OPTIONAL)
     loss: str | None = field(default=None, metadata=_OPTIONAL)
     dtype: str | None = field(default=None, metadata=_OPTIONAL)
+    """The dtype of the analysis: of the model's weights and of its products."""
+    weights_dtype: str | None = field(default=None, metadata=_OPTIONAL)
+    """The floating dtype the checkpoint stores its weights in (``bfloat16``; ``mixed`` for
+    several), widened or narrowed to ``dtype`` for the analysis."""
     device: str | None = field(default=None, metadata=_OPTIONAL)
     config: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)
     """The :class:`~sharpscope.analysis.analyze.AnalyzeConfig` fields."""
@@ -255,21 +260,43 @@ class LambdaMin(Section):
 
 @dataclass(frozen=True)
 class ProductErrorFigures(Section):
-    """How far the analysis dtype's products are from float64 ones, on v₁ (docs/engine.md)."""
+    """How far the products are from the float64 Hessian's, on v₁: the analysis dtype's rounding
+    and the finite-difference backend's estimated error (docs/engine.md)."""
 
     absolute: float
     """‖(H_op − H₆₄)v₁‖, added to every eigenvalue's residual in its bound."""
     relative: float
     """The same over ‖H v₁‖."""
     method: str
-    """``float64`` (a product of a float64 copy of the model) or ``reordered`` (a second product
-    in another summation order, scaled as docs/engine.md calibrates it)."""
+    """``float64`` (a product of a float64 copy of the model), ``reordered`` (a second product
+    in another summation order, scaled as docs/engine.md calibrates it) or ``finite-difference``
+    (a float64 finite-difference run: its own estimate alone)."""
     dtype: str
+    finite_difference: float | None = field(default=None, metadata=_OPTIONAL)
+    """The finite-difference backend's estimated relative error (its first product's Richardson
+    estimate), included in ``absolute``; absent for the other backends."""
 
     @classmethod
     def of(cls, error: ProductError) -> ProductErrorFigures:
         """The section of a measured product error."""
         return cls(**asdict(error))
+
+
+@dataclass(frozen=True)
+class BackendFigures(Section):
+    """The Hessian backend ``--backend auto`` chose, and why (docs/engine.md)."""
+
+    backend: str
+    reason: str
+    graph_bytes: int | None
+    """The double-backward graph's estimated bytes (None: one batch's graph did not fit)."""
+    available_bytes: int | None
+    """The free memory it was held against (None: unknown)."""
+
+    @classmethod
+    def of(cls, choice: BackendChoice) -> BackendFigures:
+        """The section of ``auto``'s choice."""
+        return cls(choice.backend, choice.reason, choice.graph_bytes, choice.available_bytes)
 
 
 @dataclass(frozen=True)
@@ -640,9 +667,12 @@ class Results(Section):
     adaptive_sharpness: AdaptiveSharpness | None = field(default=None, metadata=_OPTIONAL)
     """``--adaptive-sharpness`` (absent when not measured, and in older reports)."""
     product_error: ProductErrorFigures | None = field(default=None, metadata=_OPTIONAL)
-    """The products' own error (absent in float64 runs, where it is not measured)."""
+    """The products' own error (absent in float64 runs, where it is not measured, but for the
+    finite-difference backend)."""
     critical_sharpness: CriticalSharpnessFigures | None = field(default=None, metadata=_OPTIONAL)
     """The critical sharpness along −g (absent when not measured, and in older reports)."""
+    backend: BackendFigures | None = field(default=None, metadata=_OPTIONAL)
+    """The Hessian backend ``auto`` chose, and why (absent when a backend was named)."""
 
     @classmethod
     def of(cls, analysis: Analysis, split_size: int | None = None) -> Results:
@@ -685,6 +715,7 @@ class Results(Section):
             critical_sharpness=None
             if (c := analysis.critical_sharpness) is None
             else CriticalSharpnessFigures.of(c, lam_max, alignment and alignment.cos_full),
+            backend=None if analysis.backend is None else BackendFigures.of(analysis.backend),
         )
 
 

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from sharpscope.analysis.plan import Plan
+from sharpscope.analysis.plan import Plan, sizes
 
-
-def sizes(count: float) -> str:
-    """Bytes as B, kB, MB, GB or TB (powers of 1000)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.3g} {unit}"
-        count /= 1000
-    return f"{count:.3g} TB"
+__all__ = ["duration", "plan_line", "sizes"]
 
 
 def duration(seconds: float) -> str:
@@ -44,6 +37,8 @@ def plan_line(plan: Plan) -> str:
     most = duration(plan.most_seconds)
     typical = duration(plan.typical_seconds)
     time = f"at most {most}" if typical == most else f"typically ≈ {typical}, at most {most}"
+    if plan.backend is not None:
+        memory += f"; `backend` {plan.backend.backend}: {plan.backend.reason}"
     return (
         f"plan: {plan.num_params:,} parameters, {plan.num_samples:,} samples in "
         f"{plan.num_batches:,} batch(es); at most {plan.most_products:,} products ({stages}), "
