@@ -21,6 +21,7 @@ from sharpscope.io.load_spec import LoadSpec
 from sharpscope.io.losses import BuiltinLoss, loss_name, resolve_loss
 from sharpscope.io.models import ModelSpec, parse_model_args
 from sharpscope.io.pretrained import tokenizer_files
+from sharpscope.io.state_dicts import stored_dtype
 from sharpscope.io.tokenizer import TextSpec
 from sharpscope.io.user_code import one_line
 from sharpscope.report.document import CheckpointInput, DataInput, Inputs, ModelInput
@@ -137,6 +138,7 @@ def load_inputs(spec: LoadSpec, *, tokenizer: Path | None = None, shard: bool = 
             trust_code=spec.trust_code,
             base=spec.base,
         )
+        stored = stored_dtype(net.state_dict() if ckpt.state_dict is None else ckpt.state_dict)
         net = net.to(device=torch_device, dtype=torch_dtype)
         folder = tokenizer or _tokenizer_folder(checkpoint, ckpt)
         text = TextSpec(
@@ -165,6 +167,7 @@ def load_inputs(spec: LoadSpec, *, tokenizer: Path | None = None, shard: bool = 
             ),
             loss=loss,
             dtype=dtype,
+            weights_dtype=stored,
             device=str(torch_device),
         )
         loaded = Loaded(
@@ -230,6 +233,6 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """``float32`` or ``float64``."""
+    """``float32``, ``float64`` or ``bfloat16``."""
     check_choice("dtype", name, DTYPE_NAMES)
     return getattr(torch, name)

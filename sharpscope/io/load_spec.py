@@ -140,7 +140,12 @@ class LoadSpec:
         panel=LOAD,
     )
     device: str = setting("auto", help="auto, cpu, cuda or cuda:N.", common=True, panel=RUN)
-    dtype: str = setting("float32", help=f"{' or '.join(DTYPE_NAMES)}.", panel=RUN)
+    dtype: str = setting(
+        "float32",
+        help=f"{', '.join(DTYPE_NAMES)}: of the weights and the products (bfloat16 weights are "
+        "widened to float32 unless bfloat16 is asked; its products err by about 1e-2).",
+        panel=RUN,
+    )
     seed: int = setting(0, help="Seed for data subsets and random vectors.", panel=RUN)
 
     def __post_init__(self) -> None:

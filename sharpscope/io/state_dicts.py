@@ -71,6 +71,13 @@ def in_dtype_of(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Modul
     return model.to(dtypes.pop()) if len(dtypes) == 1 else model
 
 
+def stored_dtype(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The one floating dtype of the stored weights (``bfloat16``), ``mixed`` for several, None
+    for none."""
+    dtypes = {str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else ("mixed" if dtypes else None)
+
+
 def restore_prefix(
     model: nn.Module, state: dict[str, torch.Tensor], stripped: str
 ) -> dict[str, torch.Tensor]:
