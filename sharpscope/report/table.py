@@ -129,15 +129,15 @@ def _eigenvalues(results: Results, dtype: str | None) -> Table:
 
 
 def _product_error(results: Results) -> str | None:
-    """The products' own error under the eigenvalues, e.g. ``product error ‖(H − H₆₄)v₁‖ ≤
-    3.1e-05 (2.1e-05 relative, float64 measure; finite-difference estimate 1.9e-05)``."""
+    """The products' own error under the eigenvalues, e.g. ``product error ≤ 3.1e-05 (2.1e-05 of
+    ‖Hv₁‖, float64 measure; finite-difference estimate 1.9e-05), in every bound``."""
     error = results.product_error
     if error is None:
         return None
     fd = error.finite_difference
     estimate = "" if fd is None else f"; finite-difference estimate {fd:.2g}"
     return (
-        f"product error ‖(H − H₆₄)v₁‖ ≤ {error.absolute:.2g} ({error.relative:.2g} relative, "
+        f"product error ≤ {error.absolute:.2g} ({error.relative:.2g} of ‖Hv₁‖, "
         f"{error.method} measure{estimate}), in every bound"
     )
 
