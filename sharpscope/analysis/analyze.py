@@ -42,6 +42,7 @@ from sharpscope.curvature import (
     slq,
 )
 from sharpscope.curvature.groups import param_groups
+from sharpscope.curvature.hvp import refined
 from sharpscope.curvature.objective import configured_objective
 from sharpscope.curvature.operator import check_adds_to_a_run
 from sharpscope.curvature.product_error import ProductError, error_products, product_error
@@ -593,8 +594,12 @@ def analyze(
             on_plan(plan)
         before = op.n_products
         with watch.stage("eigenvalues"):
-            top, bottom = method.extremes(
-                op, config.k, 1, settings, _staged(progress, "top-k and λ_min")
+            top, bottom = refined(  # a finite-difference step chosen again on v₁
+                op,
+                lambda: method.extremes(
+                    op, config.k, 1, settings, _staged(progress, "top-k and λ_min")
+                ),
+                config.tol,
             )
         notes += [str(r.multiplicity) for r in (top, bottom) if r.multiplicity is not None]
         subspace, top, bottom = (

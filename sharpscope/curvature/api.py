@@ -7,7 +7,7 @@ from typing import Literal
 
 from sharpscope.analysis.plan import available_memory
 from sharpscope.curvature.density import slq
-from sharpscope.curvature.hvp import Backend, HessianOperator
+from sharpscope.curvature.hvp import Backend, HessianOperator, refined
 from sharpscope.curvature.lanczos import Which
 from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.product_error import product_error
@@ -62,7 +62,9 @@ def hessian_eigs(
         (True, True)
     """
     op = HessianOperator(objective, backend=backend)
-    result = solver(method).eigs(op, k, which, settings, progress)
+    result = refined(
+        op, lambda: solver(method).eigs(op, k, which, settings, progress), settings.tol
+    )
     vectors = result.eigenvectors
     error = product_error(op, vectors[0], available_memory(op.device), vectors[1:])
     if error is None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -24,10 +25,17 @@ FD_SHRINK = 2.0
 FD_RUNGS = 5
 """How far it goes: from 1/32 to 32 times the cbrt(eps)-scaled step
 (:meth:`HessianOperator._step`)."""
+FD_REFINE_RUNGS = 12
+"""How far :meth:`HessianOperator.refine_step` may move the step from the chosen one (2^±12):
+along a sharp direction of GPT-2 small the step chosen on a random first vector was about 2^10
+times too large (docs/engine.md)."""
 FD_MAX_ERROR = 1e-2
 """The largest estimated relative error of a finite-difference product that is accepted: beyond
 it the gradient is not smooth along the direction (a ReLU network's kinks), so the differences
 are not a Hessian's products."""
+FD_RESOLVES = 2
+"""The most times :func:`refined` solves again after choosing the step on v₁."""
+_Solved = TypeVar("_Solved")
 Backend = Literal["double-backward", "forward-over-reverse", "finite-difference"]
 
 
@@ -262,13 +270,8 @@ class HessianOperator(CurvatureOperator):
         h = self._step(v)
         if self.fd_scale is not None:
             return self._difference(v, self.fd_scale * h)
-        self.fd_scale, error, product = self._chosen_step(v, h)
-        if error > FD_MAX_ERROR:
-            raise InputError(
-                "`backend` finite-difference cannot take this model's Hessian: its gradient is "
-                "not smooth along the products' directions (estimated error "
-                f"{error:.1e}, relative; e.g. ReLU kinks); use `backend` double-backward"
-            )
+        self.fd_scale, error, product, _ = self._chosen_step(v, h)
+        self._check_smooth(error)
         self.fd_error = error
         return product
 
@@ -286,18 +289,56 @@ class HessianOperator(CurvatureOperator):
         wider = self._reduced(self._difference(flat, step))
         return norm(wider - image) / (FD_SHRINK**2 - 1)
 
-    def _chosen_step(self, v: torch.Tensor, h: float) -> tuple[float, float, torch.Tensor]:
-        """The multiple r^k of ``h`` (r = :data:`FD_SHRINK`, |k| ≤ :data:`FD_RUNGS`) whose product
-        has the least estimated error, that error and that product. Truncation grows as h² and
-        rounding as 1/h (more where a model computes in a lower precision inside, as Llama's
-        RMSNorm in float32), so k moves from 0 the way the error falls while it falls; the
-        Richardson estimate of D(r^k h)'s error is its spread to D(r^(k+1) h) over (r² − 1)."""
+    def refine_step(self, v: torch.Tensor, target: float) -> bool:
+        """``finite-difference`` only, after the first product: choose the step again on the flat
+        unit vector ``v`` (a solve's top eigenvector, the direction whose products decide λ_max)
+        when the Richardson estimate there exceeds ``target`` (relative); True when the step
+        changed, so the solve should be redone. The first product's vector (random, or ĝ) can
+        be a direction of far less curvature than v₁, where a step many times too large for v₁
+        looks best (docs/engine.md).
+
+        Raises:
+            InputError: The least error found on ``v`` is above :data:`FD_MAX_ERROR`."""
+        if self.fd_scale is None:
+            raise ValueError("refine_step needs a first product (it chooses the step)")
+        flat = torch.cat([t.reshape(-1) for t in self._held(self.space.split(v))])
+        h = self._step(flat)
+        image = self._reduced(self._difference(flat, self.fd_scale * h))
+        self.n_products += 1
+        if self.difference_error(v, image) <= target * norm(image):
+            return False
+        scale, error, _, tried = self._chosen_step(flat, self.fd_scale * h, FD_REFINE_RUNGS)
+        self.n_products += tried
+        self._check_smooth(error)
+        self.fd_scale, self.fd_error = self.fd_scale * scale, error
+        return scale != 1
+
+    def _check_smooth(self, error: float) -> None:
+        if error > FD_MAX_ERROR:
+            raise InputError(
+                "`backend` finite-difference cannot take this model's Hessian: its gradient is "
+                "not smooth along the products' directions (estimated error "
+                f"{error:.1e}, relative; e.g. ReLU kinks); use `backend` double-backward"
+            )
+
+    def _chosen_step(
+        self, v: torch.Tensor, h: float, rungs: int = FD_RUNGS
+    ) -> tuple[float, float, torch.Tensor, int]:
+        """The multiple r^k of ``h`` (r = :data:`FD_SHRINK`, |k| ≤ ``rungs``) whose product
+        has the least estimated error, that error, that product and how many products it took.
+        Truncation grows as h² and rounding as 1/h (more where a model computes in a lower
+        precision inside, as Llama's RMSNorm in float32), so k moves from 0 the way the error
+        falls while it falls; the Richardson estimate of D(r^k h)'s error is its spread to
+        D(r^(k+1) h) over (r² − 1)."""
         tiny = torch.finfo(self.dtype).tiny
         products: dict[int, torch.Tensor] = {}
+        tried = 0
 
         def at(k: int) -> torch.Tensor:
+            nonlocal tried
             if k not in products:
                 products[k] = self._difference(v, FD_SHRINK**k * h)
+                tried += 1
             return products[k]
 
         def error(k: int) -> float:
@@ -305,12 +346,18 @@ class HessianOperator(CurvatureOperator):
             return spread / max(norm(self._reduced(at(k).clone())), tiny)  # reduced in place
 
         k, best = 0, error(0)
-        step = -1 if error(-1) <= best else 1
-        while abs(k + step) <= FD_RUNGS and (found := error(k + step)) <= best:
-            k, best = k + step, found
-            for old in [j for j in products if j not in (k, k + 1)]:
+        # no acceptable step yet: shrink, as a far too large step's estimates wander on a plateau
+        step = -1 if best > FD_MAX_ERROR or error(-1) <= best else 1
+        j = k  # goes on past a worse rung while no step is yet acceptable (a far too large one)
+        while abs(j + step) <= rungs and (
+            (found := error(j + step)) <= best or best > FD_MAX_ERROR
+        ):
+            j += step
+            if found <= best:
+                k, best = j, found
+            for old in [i for i in products if i not in (k, k + 1, j, j + 1)]:
                 del products[old]
-        return FD_SHRINK**k, best, at(k)
+        return FD_SHRINK**k, best, at(k), tried
 
     def _matvec_functional(self, vs: list[torch.Tensor]) -> torch.Tensor:
         names = self.space.names
@@ -343,3 +390,18 @@ class HessianOperator(CurvatureOperator):
         if delta is None and self.cache_graph:
             return self._reduced_float(self._cached_graph()[0].detach())
         return super().loss(delta)
+
+
+def refined(op: Any, solve: Callable[[], _Solved], tol: float) -> _Solved:
+    """``solve()``'s result, solved again while a finite-difference ``op``'s step chosen again on
+    the top eigenvector (:meth:`HessianOperator.refine_step`, relative error ``tol``) changed,
+    at most :data:`FD_RESOLVES` times; other operators solve once."""
+    result = solve()
+    for _ in range(FD_RESOLVES):
+        if getattr(op, "backend", None) != "finite-difference":
+            break
+        top = result[0] if isinstance(result, tuple) else result
+        if not op.refine_step(top.eigenvectors[0], tol):
+            break
+        result = solve()
+    return result

@@ -86,7 +86,9 @@ def test_hessian_eigs_bounds_hold_the_finite_difference_error() -> None:
         objective, k=2, which="smallest", backend="finite-difference", settings=settings
     )
     distances = (result.eigenvalues - exact.flip(0)[:2]).abs()
-    assert (distances > result.residuals).any()
+    # the step chosen again on the solve's first eigenvector (``refined``) brings the distances
+    # under the residuals here; the estimate is in the bounds all the same
+    assert torch.all(result.bounds > result.residuals)
     assert torch.all(result.bounds >= distances)
     assert not result.converged.any()
 

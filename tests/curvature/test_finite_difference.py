@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from sharpscope.cli.app import app
 from sharpscope.curvature import HessianOperator, Objective, SolveSettings, lanczos
+from sharpscope.curvature.hvp import refined
 from sharpscope.curvature.vectors import norm
 from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import save_checkpoint
@@ -155,3 +156,21 @@ def test_command_line_backend(tmp_path):
     relu = make_checkpoint(tmp_path)
     result = runner.invoke(app, ["analyze", str(relu), *FAST, "--backend", "finite-difference"])
     refused(result.exit_code, result.stderr, "--backend finite-difference", "not smooth", "ReLU")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mlp"])
+def test_a_step_too_large_for_v1_is_chosen_again_on_it(name):
+    """A first vector of little curvature can make the step far too large for v₁ (GPT-2 small:
+    about 2^10 times, docs/engine.md); ``refined`` chooses it again on v₁ and solves again."""
+    objective = _objective(name, torch.float32)
+    settings = SolveSettings(tol=1e-4, max_iter=200)
+    want = float(lanczos(HessianOperator(objective), 1, settings=settings).eigenvalues[0])
+    fd = HessianOperator(objective, backend="finite-difference")
+    fd.matvec(_vector(fd.size, torch.float32, 0))  # chooses the step
+    fd.fd_scale *= 2.0**8
+    blind = float(lanczos(fd, 1, settings=settings).eigenvalues[0])
+    assert abs(blind - want) > 1e-2 * abs(want), (blind, want)  # such a step is wrong
+    before = fd.n_products
+    got = refined(fd, lambda: lanczos(fd, 1, settings=settings), settings.tol)
+    assert abs(float(got.eigenvalues[0]) - want) <= 1e-4 * abs(want), (got.eigenvalues, want)
+    assert fd.fd_scale < 2.0**-4 * 2.0**8 and fd.n_products > before + got.n_products
