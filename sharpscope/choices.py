@@ -13,6 +13,11 @@ BACKENDS: tuple[str, ...] = ("double-backward", "forward-over-reverse", "finite-
 BACKEND_CHOICES: tuple[str, ...] = (*BACKENDS, "auto")
 """The ``backend`` setting's values: a backend, or ``auto``, which chooses between double backward
 and finite differences by memory (:func:`sharpscope.analysis.plan.chosen_backend`)."""
+BASIS_DEVICES: tuple[str, ...] = ("device", "host")
+"""Where Lanczos may keep its basis (:class:`~sharpscope.curvature.SolveSettings`)."""
+BASIS_DEVICE_CHOICES: tuple[str, ...] = ("auto", *BASIS_DEVICES)
+"""The ``basis_device`` setting's values: ``auto`` chooses by memory
+(:func:`sharpscope.analysis.plan.basis_home`)."""
 ADAPTIVE_KINDS: tuple[str, ...] = ("worst", "average")
 """The adaptive sharpness's cases (:mod:`sharpscope.analysis.adaptive_sharpness`)."""
 ADAPTIVE_NORMS: tuple[str, ...] = ("l2", "linf")

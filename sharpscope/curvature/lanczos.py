@@ -7,10 +7,12 @@ from typing import Literal
 
 import torch
 
+from sharpscope.choices import BASIS_DEVICES
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, MultiplicityCheck, Progress, Subspace
 from sharpscope.curvature.solve_settings import EIGEN_SETTINGS, SolveSettings
 from sharpscope.curvature.vectors import (
+    combine,
     dot,
     norm,
     orthogonalize,
@@ -22,6 +24,8 @@ Which = Literal["largest", "smallest", "magnitude"]
 WHICH: tuple[str, ...] = ("largest", "smallest", "magnitude")
 RESTART_COLUMNS = 1 << 20
 """A thick restart rewrites the basis in slabs of this many coordinates (bounded scratch)."""
+HOST_SLAB_BYTES = 1 << 28
+"""A basis in host memory streams to the device in slabs of this many bytes (at least a vector)."""
 
 
 class LanczosProcess:
@@ -36,7 +40,9 @@ class LanczosProcess:
     while it grows); without, it doubles as needed, up to ``limit`` rows (the most it can need, so
     that a short run allocates no more: fresh memory costs page faults). With ``keep_images`` the
     products H q of the basis vectors are kept beside them (as much memory again), so that any
-    vector of the basis's span has its image without another product.
+    vector of the basis's span has its image without another product. With ``host_rows`` the
+    basis (and images) lie in host memory, pinned when the operator is on CUDA, and stream to the
+    device ``host_rows`` vectors at a time for each reorthogonalisation.
     """
 
     def __init__(
@@ -47,12 +53,16 @@ class LanczosProcess:
         capacity: int | None = None,
         keep_images: bool = False,
         limit: int | None = None,
+        host_rows: int | None = None,
     ) -> None:
         self.op = op
         self.generator = generator
         self.capacity = capacity
         self.limit = limit
-        self.basis = torch.empty(0, op.size, dtype=op.dtype, device=op.device)
+        self.rows = host_rows
+        self._home = op.device if host_rows is None else torch.device("cpu")
+        self._pin = host_rows is not None and op.device.type == "cuda"
+        self.basis = self._empty(0)
         self.images = self.basis if keep_images else None
         self.count = 0
         self.steps = 0
@@ -63,6 +73,11 @@ class LanczosProcess:
         self._arrow: torch.Tensor | None = None
         self._next = start / norm(start)
 
+    def _empty(self, rows: int) -> torch.Tensor:
+        """``rows`` uninitialised vectors where the basis lies."""
+        size, dtype = self.op.size, self.op.dtype
+        return torch.empty(rows, size, dtype=dtype, device=self._home, pin_memory=self._pin)
+
     def _push(self, q: torch.Tensor) -> None:
         """Append ``q`` to the basis and its coupling to the previous vector(s) to T."""
         if self.count == self.basis.shape[0]:
@@ -71,11 +86,11 @@ class LanczosProcess:
                 rows = max(8, 2 * self.count)
                 rows = rows if self.limit is None else min(rows, self.limit)
             rows = max(rows, self.count + 1)
-            grown = torch.empty(rows, self.op.size, dtype=q.dtype, device=q.device)
+            grown = self._empty(rows)
             grown[: self.count] = self.basis[: self.count]
             self.basis = grown
             if self.images is not None:
-                images = torch.empty_like(grown)
+                images = self._empty(rows)
                 images[: self.count] = self.images[: self.count]
                 self.images = images
             t = torch.zeros(rows, rows, dtype=torch.float64)
@@ -105,7 +120,7 @@ class LanczosProcess:
         self.steps += 1
         alpha = dot(w, q)
         self._t[self.count - 1, self.count - 1] = alpha
-        w = orthogonalize(w, self.vectors)
+        w = orthogonalize(w, self.vectors, self.rows)
         beta = norm(w)
         self.scale = max(self.scale, abs(alpha), beta)
         tiny = (
@@ -126,7 +141,7 @@ class LanczosProcess:
         """Continue from a random vector orthogonal to the basis (a new Krylov sequence)."""
         like = torch.empty(0, dtype=self.op.dtype, device=self.op.device)
         fresh = random_vectors(1, self.op.size, like, self.generator)[0]
-        fresh = orthogonalize(fresh, self.vectors)
+        fresh = orthogonalize(fresh, self.vectors, self.rows)
         self._next = fresh / norm(fresh)
 
     def projected(self) -> torch.Tensor:
@@ -147,9 +162,8 @@ class LanczosProcess:
         n = len(keep)
         for start in range(0, self.op.size, RESTART_COLUMNS):  # in place, a slab at a time
             cols = slice(start, start + RESTART_COLUMNS)
-            self.basis[:n, cols] = weights @ self.basis[: self.count, cols]
-            if self.images is not None:
-                self.images[:n, cols] = weights @ self.images[: self.count, cols]
+            for store in (self.basis, self.images) if self.images is not None else (self.basis,):
+                store[:n, cols] = weights @ store[: self.count, cols].to(self.op.device)
         self.count = n
         self._t.zero_()
         self._t[:n, :n] = torch.diag(theta[keep])
@@ -219,7 +233,8 @@ def lanczos(
         op: A symmetric operator (``matvec``, ``size``, ``dtype``, ``device``, ``n_products``).
         k: How many eigenpairs.
         which: ``largest``, ``smallest`` or ``magnitude``.
-        settings: ``tol``, ``max_iter``, ``seed`` and ``max_basis`` (:class:`SolveSettings`).
+        settings: ``tol``, ``max_iter``, ``seed``, ``max_basis`` and ``basis_device``
+            (:class:`SolveSettings`).
         v0: A start vector (warm start) instead of a seeded random one.
         progress: Called as ``progress("lanczos", products, max_iter)`` after each product.
         verify: One more product per pair makes each returned unit vector's eigenvalue its
@@ -232,8 +247,8 @@ def lanczos(
         An :class:`~sharpscope.curvature.results.EigenResult`, most extreme pair first.
 
     Raises:
-        ValueError: ``k`` below 1, an unknown ``which``, a ``max_basis`` below k + 2, or a
-            ``v0`` of the wrong length or zero.
+        ValueError: ``k`` below 1, an unknown ``which`` or ``basis_device``, a ``max_basis``
+            below k + 2, or a ``v0`` of the wrong length or zero.
 
     Examples:
         >>> import torch
@@ -309,6 +324,11 @@ def _solve(
     ``keep_images``)."""
     if any(k < 1 for k, _ in wants):
         raise ValueError("k must be at least 1")
+    if settings.basis_device not in BASIS_DEVICES:
+        raise ValueError(
+            f"unknown basis_device={settings.basis_device!r}; choose one of "
+            f"{', '.join(BASIS_DEVICES)}"
+        )
     for _, which in wants:
         select(torch.zeros(1), 1, which)
     tol, max_iter, max_basis = settings.tol, settings.max_iter, settings.max_basis
@@ -323,7 +343,10 @@ def _solve(
     max_iter = max(total, max_iter)
     first = start_vector(op, generator, v0)
     limit = min(max_iter, op.size)  # a basis never holds more
-    process = LanczosProcess(op, first, generator, max_basis, keep_images, limit=limit)
+    rows = None  # a host basis: vectors per slab streamed to the device
+    if settings.basis_device == "host":
+        rows = max(1, HOST_SLAB_BYTES // (op.size * op.dtype.itemsize))
+    process = LanczosProcess(op, first, generator, max_basis, keep_images, limit, rows)
     histories: list[list[list[float]]] = [[] for _ in wants]
     checked = [k >= 2 for k, _ in wants]  # one value needs no copies
     starts, check_from, locked, scale = 0, 0, None, 0.0
@@ -377,12 +400,13 @@ def _solve(
     found = []
     for wanted, ok in zip(picks, converged, strict=True):
         coords = s[:, wanted].to(dtype=op.dtype, device=op.device)
-        vectors = coords.T @ process.vectors
+        vectors = combine(coords.T, process.vectors, process.rows)
         lengths = torch.tensor([norm(v) for v in vectors], dtype=op.dtype, device=op.device)
         vectors = vectors / lengths[:, None]
         values, errors, images = theta[wanted], residuals[wanted], None
         if process.images is not None:
-            images = (coords.T @ process.images[: process.count]) / lengths[:, None]
+            images = combine(coords.T, process.images[: process.count], process.rows)
+            images = images / lengths[:, None]
             values, errors = rayleigh_quotients(vectors, images)
             ok = errors <= tol * scale
         elif verify:
@@ -391,7 +415,7 @@ def _solve(
         found.append((vectors, values, errors, ok, images))
     subspace = None
     if keep_subspace:
-        subspace = Subspace(process.vectors, float(theta.sum()), float(scale))
+        subspace = Subspace(process.vectors, float(theta.sum()), float(scale), process.rows)
     return [
         EigenResult(
             eigenvalues=values,

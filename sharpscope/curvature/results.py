@@ -47,6 +47,8 @@ class Subspace:
         basis: The orthonormal vectors Q, one per row.
         trace: tr(QᵀHQ): the trace of the projected matrix T (Lanczos: Σ of its Ritz values).
         scale: The largest |Ritz value|, for the rounding bound of :attr:`trace`.
+        rows: None: :attr:`basis` lies on the operator's device; else in host memory, streamed to
+            the device this many vectors at a time (``basis_device="host"``).
 
     Examples:
         >>> import torch
@@ -60,6 +62,7 @@ class Subspace:
     basis: torch.Tensor
     trace: float
     scale: float
+    rows: int | None = None
 
     def __repr__(self) -> str:
         return f"Subspace({len(self.basis)} vectors, trace {_figure(self.trace)})"

@@ -12,7 +12,7 @@ import torch
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import Progress, Subspace, TraceResult
 from sharpscope.curvature.solve_settings import TRACE_SETTINGS, SolveSettings
-from sharpscope.curvature.vectors import dot, random_vectors
+from sharpscope.curvature.vectors import dot, project_out, random_vectors
 
 
 def _standard_error(samples: list[float], images: list[float] | None, floor: float) -> float:
@@ -38,12 +38,14 @@ def _sample_until(
     task: str,
     floor: float = 0.0,
     generator: torch.Generator | None = None,
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, float, bool]:
     """Draw Rademacher quadratic forms zᵀBz, B = PHP with P = I − ``project``ᵀ``project`` (or H),
     until the standard error of ``offset`` + their mean is at most ``tol`` times its magnitude,
     or ``max_iter`` of them; the samples, that standard error (see :func:`_standard_error`: from
     ‖Bz‖² when there is a ``project``ion) and whether it was reached. The probes come from
-    ``generator`` (default: a new one seeded by ``settings.seed``)."""
+    ``generator`` (default: a new one seeded by ``settings.seed``); ``project`` streams to the
+    device ``rows`` vectors at a time (:func:`~sharpscope.curvature.vectors.project_out`)."""
     tol, max_samples = settings.tol, settings.max_iter
     if generator is None:
         generator = torch.Generator().manual_seed(settings.seed)
@@ -54,12 +56,12 @@ def _sample_until(
     while len(samples) < max_samples:
         z = random_vectors(1, op.size, like, generator, "rademacher")[0]
         if project is not None:
-            z = z - project.T @ (project @ z)
+            z = project_out(z, project, rows)
         image = op.matvec(z)
         samples.append(dot(z, image))
         if images is not None:
             if project is not None:
-                image = image - project.T @ (project @ image)
+                image = project_out(image, project, rows)
             images.append(dot(image, image))
         if progress is not None:
             progress(task, len(samples), max_samples)
@@ -225,5 +227,6 @@ def deflated_trace(
         progress,
         "deflated",
         floor,
+        rows=subspace.rows,
     )
     return _result(subspace.trace, sampled, op, products, start, "deflated")

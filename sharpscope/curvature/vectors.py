@@ -11,7 +11,7 @@ added in float64: accurate to float32's rounding of a slab, with no float64 copy
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -56,15 +56,47 @@ def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
     return vectors / torch.tensor(norms, dtype=vectors.dtype, device=vectors.device)[:, None]
 
 
-def orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+def row_slabs(
+    basis: torch.Tensor, device: torch.device, rows: int | None
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``basis``'s rows (their slice and themselves) on ``device``: all at once (``rows`` None), or
+    ``rows`` at a time, so that a basis in host memory streams to the device a slab at a time
+    (without blocking when it is pinned)."""
+    if rows is None:
+        yield slice(0, basis.shape[0]), basis.to(device)
+        return
+    for start in range(0, basis.shape[0], rows):
+        part = slice(start, start + rows)
+        yield part, basis[part].to(device, non_blocking=True)
+
+
+def project_out(w: torch.Tensor, basis: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """``w`` less its components along the orthonormal rows of ``basis`` (one pass), projected out
+    ``rows`` of them at a time (:func:`row_slabs`; None: all at once)."""
+    for _, part in row_slabs(basis, w.device, rows):
+        w = w - part.T @ (part @ w)
+    return w
+
+
+def orthogonalize(w: torch.Tensor, basis: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """Remove from ``w`` its components along the orthonormal rows of ``basis`` (twice, for
-    numerical safety: "twice is enough"). The coefficients are plain products in the vectors'
-    dtype: their rounding only perturbs orthogonality, which the second pass restores."""
+    numerical safety: "twice is enough"), ``rows`` of them at a time (:func:`project_out`). The
+    coefficients are plain products in the vectors' dtype: their rounding only perturbs
+    orthogonality, which the second pass restores."""
     if basis.shape[0] == 0:
         return w
     for _ in range(2):
-        w = w - basis.T @ (basis @ w)
+        w = project_out(w, basis, rows)
     return w
+
+
+def combine(weights: torch.Tensor, basis: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """``weights @ basis`` (k × m weights of m rows) on ``weights``' device, summed over slabs of
+    ``rows`` rows (:func:`row_slabs`; None: one product)."""
+    out = torch.zeros(weights.shape[0], basis.shape[1], dtype=basis.dtype, device=weights.device)
+    for part, slab in row_slabs(basis, weights.device, rows):
+        out += weights[:, part] @ slab
+    return out
 
 
 def rayleigh_quotients(
