@@ -27,6 +27,7 @@ from sharpscope.analysis.plan import (
     BackendChoice,
     Plan,
     available_memory,
+    basis_home,
     chosen_backend,
     fitting_basis,
 )
@@ -327,8 +328,9 @@ def _planned(
     gradient: torch.Tensor,
     grad_norm: float,
 ) -> tuple[Plan, SolveSettings, torch.Tensor | None]:
-    """The run's cost, the solver settings (with a Lanczos bound when the whole basis would not
-    fit in memory), and H·ĝ, which the alignment reuses (None when ĝ is undefined). Costs two
+    """The run's cost, the solver settings (the Lanczos basis on the host when ``basis_device``
+    says so, bounded when the whole basis would not fit where it lies), and H·ĝ, which the
+    alignment reuses (None when ĝ is undefined). Costs two
     products: the first also builds what later ones reuse, so the second is the one timed."""
     if grad_norm > 0:
         direction = gradient / grad_norm
@@ -342,7 +344,13 @@ def _planned(
     vector_bytes = op.size * op.dtype.itemsize
     available = distributed.main_value(available_memory(op.device))
     cost = method.cost(config.k, 1, settings)
-    fitting = fitting_basis(vector_bytes, available, cost.vectors)
+    host = available  # on the CPU the host's memory is the device's
+    if op.device.type != "cpu":
+        host = distributed.main_value(available_memory(torch.device("cpu")))
+    home = basis_home(config.basis_device, op.device, vector_bytes, cost.vectors, available, host)
+    if home == "host":
+        settings = replace(settings, basis_device="host")
+    fitting = fitting_basis(vector_bytes, host if home == "host" else available, cost.vectors)
     chosen = None
     if fitting is not None and settings.max_basis is None:
         bounded = replace(settings, max_basis=max(fitting, config.k + 3))
@@ -376,6 +384,7 @@ def _planned(
         available_bytes=available,
         chosen_max_basis=chosen,
         threads=torch.get_num_threads(),
+        host_bytes=host if home == "host" else None,
     )
     return plan, settings, image if grad_norm > 0 else None
 
@@ -449,6 +458,7 @@ def _sampling(
             tol=max(settings.tol, SHARD_TOL),
             max_iter=settings.max_iter,
             max_basis=settings.max_basis,
+            basis_device=settings.basis_device,
         )
     return sampling_errors(
         op,
@@ -589,6 +599,11 @@ def analyze(
             notes.append(
                 "the whole Lanczos basis would not fit in memory: `max_basis` "
                 f"{settings.max_basis} was chosen (thick restarts)"
+            )
+        if plan.host_bytes is not None and config.basis_device == "auto":
+            notes.append(
+                "the whole Lanczos basis would not fit in the device's memory: it was kept in "
+                "the host's (pinned, streamed to the device; set `basis_device` to choose)"
             )
         if on_plan is not None:
             on_plan(plan)

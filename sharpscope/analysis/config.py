@@ -11,6 +11,7 @@ from sharpscope.choices import (
     ADAPTIVE_KINDS,
     ADAPTIVE_NORMS,
     BACKEND_CHOICES,
+    BASIS_DEVICE_CHOICES,
     CURVATURE_NAMES,
     REDUCTIONS,
     SOLVER_NAMES,
@@ -59,6 +60,12 @@ class AnalyzeConfig:
         None,
         help="Lanczos: keep at most this many vectors of the model's size in memory (thick "
         "restarts; more products, raise --max-iter). Default: all.",
+        panel=HESSIAN,
+    )
+    basis_device: str = setting(
+        "auto",
+        help="Lanczos: where its vectors lie: device, or host (pinned, streamed to the device). "
+        "auto: the host when they would not fit the device's free memory but fit the host's.",
         panel=HESSIAN,
     )
     seed: int = setting(0, help="Seed for data subsets and random vectors.", panel=RUN)
@@ -184,6 +191,7 @@ class AnalyzeConfig:
         check_finite_fields(self)
         check_choice("method", self.method, SOLVER_NAMES)
         check_choice("backend", self.backend, BACKEND_CHOICES)
+        check_choice("basis_device", self.basis_device, BASIS_DEVICE_CHOICES)
         check_choice("curvature", self.curvature, CURVATURE_NAMES)
         check_choice("reduction", self.reduction, REDUCTIONS)
         for name in ("k", "max_iter", "trace_samples", "density_vectors", "density_iter"):
@@ -212,10 +220,12 @@ class AnalyzeConfig:
             )
 
     def settings(self) -> SolveSettings:
-        """The eigen-solver's part of the config."""
+        """The eigen-solver's part of the config (``auto`` keeps the basis on the device: the plan
+        may move it to the host, :func:`~sharpscope.analysis.plan.basis_home`)."""
         from sharpscope.curvature.solvers import SolveSettings  # torch: only for the analysis
 
-        return SolveSettings(self.tol, self.max_iter, self.seed, self.max_basis)
+        home = "host" if self.basis_device == "host" else "device"
+        return SolveSettings(self.tol, self.max_iter, self.seed, self.max_basis, home)
 
     def sharpness_settings(self) -> AdaptiveSharpnessSettings | None:
         """The adaptive sharpness's part of the config (None: not measured)."""

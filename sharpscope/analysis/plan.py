@@ -89,6 +89,9 @@ class Plan:
     """torch's intra-op CPU threads when the product was timed (``torch.get_num_threads()``)."""
     backend: BackendChoice | None = None
     """The Hessian backend ``auto`` chose, and why (None: a backend was named)."""
+    host_bytes: int | None = None
+    """Free host memory when the eigen-solver's vectors lie there (:func:`basis_home`; None:
+    they lie on the operator's device)."""
 
     @property
     def most_products(self) -> int:
@@ -128,6 +131,26 @@ def available_memory(device: torch.device) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def basis_home(
+    setting: str,
+    device: torch.device,
+    vector_bytes: int,
+    wanted: int,
+    device_free: int | None,
+    host_free: int | None,
+) -> str:
+    """Where the eigen-solver's ``wanted`` vectors lie for the ``basis_device`` ``setting``: as
+    named, or for ``auto`` the host when the operator is on CUDA and they would not fit
+    :data:`BASIS_SHARE` of the device's free memory but fit that share of the host's; else the
+    device (where :func:`fitting_basis` bounds them when they do not fit)."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda" or fitting_basis(vector_bytes, device_free, wanted) is None:
+        return "device"
+    host_fits = host_free is not None and fitting_basis(vector_bytes, host_free, wanted) is None
+    return "host" if host_fits else "device"
 
 
 def fitting_basis(vector_bytes: int, available: int | None, wanted: int) -> int | None:

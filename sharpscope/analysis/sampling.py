@@ -51,7 +51,8 @@ when separated), far below the shift between sample sizes that the bias needs; a
 class Resolve:
     """What the split-sample bias solves again on each shard: λ_max and λ_min, by one Lanczos run
     warm-started from ``start`` (the full-data v₁ + v_min) until the relative residual ``tol``,
-    with at most ``max_iter`` products and ``max_basis`` vectors; and SAM's radius ``rho``. The
+    with at most ``max_iter`` products and ``max_basis`` vectors on ``basis_device``; and SAM's
+    radius ``rho``. The
     other top-k eigenvalues are not solved again (their bias is not estimated): on the benchmark
     CNN's shards the top-5 took 28–36 products, λ_max alone 16–18."""
 
@@ -60,10 +61,13 @@ class Resolve:
     tol: float = SHARD_TOL
     max_iter: int = 200
     max_basis: int | None = None
+    basis_device: str = "device"
 
     def extremes(self, part: CurvatureOperator) -> tuple[EigenResult, EigenResult]:
         """The shard's top and bottom pairs (Ritz estimates: no checking products)."""
-        settings = SolveSettings(self.tol, self.max_iter, max_basis=self.max_basis)
+        settings = SolveSettings(
+            self.tol, self.max_iter, max_basis=self.max_basis, basis_device=self.basis_device
+        )
         return lanczos_extremes(part, 1, settings=settings, v0=self.start, verify=False)
 
 

@@ -27,7 +27,12 @@ def plan_line(plan: Plan) -> str:
     CLI shows them as options)."""
     stages = ", ".join(f"{name} {count:,}" for name, count in plan.products.items())
     memory = f"solver vectors ≤ {sizes(plan.basis_bytes)}"
-    if plan.available_bytes is not None:
+    if plan.host_bytes is not None:
+        memory += f" in host memory, streamed to the device ({sizes(plan.host_bytes)} free there"
+        if plan.available_bytes is not None:
+            memory += f", {sizes(plan.available_bytes)} on the device"
+        memory += ")"
+    elif plan.available_bytes is not None:
         memory += f" of {sizes(plan.available_bytes)} free"
     if plan.chosen_max_basis is not None:
         memory += (

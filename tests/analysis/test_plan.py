@@ -3,14 +3,19 @@ whole basis would not fit in memory."""
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import replace
+
 import pytest
 import torch
 
 import sharpscope.analysis.analyze as pipeline
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
-from sharpscope.analysis.plan import Plan
+from sharpscope.analysis.plan import Plan, basis_home
 from sharpscope.analysis.sampling import TRACE_PROBES
 from sharpscope.report.plan_line import duration, plan_line, sizes
+
+lanczos_module = importlib.import_module("sharpscope.curvature.lanczos")  # not the function
 
 
 def _run(mlp, config, monkeypatch=None, free=None):
@@ -130,3 +135,54 @@ def test_power_iteration_keeps_to_the_products_the_plan_bounds(mlp):
     result, plan = _run(mlp, config)
     assert plan.products["eigenpairs"] == 20 * 3  # max_iter for each of the top 2 and λ_min
     assert result.stage_products["eigenvalues"] == plan.products["eigenpairs"]
+
+
+GB = 10**9
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "device_free", "host_free", "home"),
+    [
+        ("auto", "cuda", 1 * GB, 100 * GB, "host"),  # device small, host large
+        ("auto", "cuda", 1 * GB, 2 * GB, "device"),  # both small: bounded on the device
+        ("auto", "cuda", 1 * GB, None, "device"),  # the host's free memory unknown
+        ("auto", "cuda", 100 * GB, 100 * GB, "device"),  # device large
+        ("auto", "cuda", None, 100 * GB, "device"),  # the device's free memory unknown
+        ("auto", "cpu", 1 * GB, 100 * GB, "device"),  # the host is the device
+        ("host", "cuda", 100 * GB, 1 * GB, "host"),  # named: as named
+        ("device", "cuda", 1 * GB, 100 * GB, "device"),
+    ],
+)
+def test_auto_puts_the_basis_on_the_host_only_when_it_fits_there_and_not_on_the_device(
+    setting, device, device_free, host_free, home
+):
+    wanted, vector = 200, 20 * 10**6  # 4 GB of vectors
+    assert basis_home(setting, torch.device(device), vector, wanted, device_free, host_free) == home
+
+
+def test_a_host_basis_gives_the_same_answers_and_says_so(mlp, monkeypatch):
+    """``basis_device="host"`` (forced on the CPU, streamed 2 vectors at a time): the plan says
+    where the basis lies, the answers are the device path's; ``auto``'s choice is a note."""
+    config = AnalyzeConfig(k=3, tol=1e-10, max_iter=400, trace=False)
+    whole, _ = _run(mlp, config)
+    monkeypatch.setattr(lanczos_module, "HOST_SLAB_BYTES", 2 * mlp.hessian.shape[0] * 8)
+    host, plan = _run(mlp, replace(config, basis_device="host"), monkeypatch, free=10 * GB)
+    assert plan.host_bytes == 10 * GB and plan.chosen_max_basis is None
+    assert "in host memory, streamed to the device (10 GB free there" in plan_line(plan)
+    torch.testing.assert_close(host.top.eigenvalues, whole.top.eigenvalues, rtol=1e-12, atol=0)
+    assert not any("host" in note for note in host.notes)  # named, not chosen
+    monkeypatch.setattr(pipeline, "basis_home", lambda *args: "host")  # as auto on a small GPU
+    streamed: list[int | None] = []
+
+    class Recording(lanczos_module.LanczosProcess):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            streamed.append(self.rows)
+
+    monkeypatch.setattr(lanczos_module, "LanczosProcess", Recording)
+    chosen, _ = _run(mlp, config)
+    assert streamed and set(streamed) == {2}  # every solve kept its basis on the host
+    assert any("it was kept in the host's" in note for note in chosen.notes)
+    monkeypatch.undo()
+    _, device = _run(mlp, config)  # on the CPU, auto keeps the basis where it is
+    assert device.host_bytes is None and "host" not in plan_line(device)

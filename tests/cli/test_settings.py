@@ -43,6 +43,7 @@ SHARED: dict[str, tuple[str, ...]] = {
     "--tol": ("1e-05",),
     "--max-iter": ("17",),
     "--max-basis": ("9",),
+    "--basis-device": ("host",),
     "--no-trace": (),
     "--shards": ("5",),
     "--bias": (),
@@ -82,6 +83,7 @@ SHARED: dict[str, tuple[str, ...]] = {
 """A non-default value for every option analyze and check share (the old flags, hidden or not)."""
 CONFIG = {
     **dict(k=3, method="power", tol=1e-5, max_iter=17, max_basis=9, trace=False, shards=5),
+    **dict(basis_device="host"),
     **dict(bias=True),
     **dict(params=["a.*"], exclude=["a.b*"], batch_stats=True, backend="forward-over-reverse"),
     **dict(curvature="ggn", reduction="sum", micro_batch=6, gradient_checkpointing=True),
