@@ -8,6 +8,7 @@ called with ``"cpu"`` (how they were checked on a machine without a GPU).
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -19,7 +20,14 @@ from tiny_hf_truth import bert_truth, token_data
 from typer.testing import CliRunner
 
 from sharpscope.cli.app import app
-from sharpscope.curvature import HessianOperator, Objective, SolveSettings, lanczos
+from sharpscope.curvature import (
+    HessianOperator,
+    Objective,
+    SolveSettings,
+    deflated_trace,
+    lanczos,
+    lanczos_extremes,
+)
 from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.losses import resolve_loss
 from sharpscope.io.models import ModelSpec, build_model
@@ -71,6 +79,35 @@ def test_transformer_products_match_the_dense_hessian_in_float64(device):
 def test_float32_sdpa_attention_gets_a_kernel_with_second_derivatives(device):
     # In float32 CUDA picks its flash or memory-efficient kernels, which have no double backward.
     check_transformer(device, torch.float32)
+
+
+@pytest.mark.parametrize("max_basis", [None, 9])
+def test_a_host_basis_stays_pinned_on_the_cpu_with_the_device_paths_answers(
+    device, monkeypatch, max_basis
+):
+    """``basis_device="host"``, streamed 3 vectors at a time: the basis (and the trace's subspace)
+    lies in pinned CPU memory, the eigenpairs and deflated trace are the device path's."""
+    model, inputs, labels = bert_problem()
+    model = model.to(device=device, dtype=torch.float64).eval()
+    batch = ({k: v.to(device) for k, v in inputs.items()}, labels.to(device))
+    op = HessianOperator(Objective(model, resolve_loss("cross-entropy"), [batch]))
+    lanczos_module = importlib.import_module("sharpscope.curvature.lanczos")
+    monkeypatch.setattr(lanczos_module, "HOST_SLAB_BYTES", 3 * op.size * 8)
+    results = {}
+    for home in ("device", "host"):
+        settings = SolveSettings(tol=1e-10, max_iter=400, max_basis=max_basis, basis_device=home)
+        top, bottom = lanczos_extremes(op, 3, settings=settings, keep_subspace=True)
+        trace = deflated_trace(op, top.subspace, settings=SolveSettings(tol=1e-3, max_iter=10))
+        results[home] = top, bottom, trace
+    (top, bottom, trace), (top_d, bottom_d, trace_d) = results["host"], results["device"]
+    assert top.subspace.basis.device.type == "cpu" and top.subspace.rows == 3
+    assert top.subspace.basis.is_pinned() == (device == "cuda")
+    assert top_d.subspace.basis.device.type == torch.device(device).type
+    assert top.eigenvectors.device.type == torch.device(device).type
+    for host, whole in ((top, top_d), (bottom, bottom_d)):
+        assert host.all_converged
+        torch.testing.assert_close(host.eigenvalues, whole.eigenvalues, rtol=1e-9, atol=0)
+    assert trace.estimate == pytest.approx(trace_d.estimate, rel=1e-9)
 
 
 @pytest.fixture(scope="module")
