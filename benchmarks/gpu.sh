@@ -8,8 +8,10 @@
 #
 # Settings (environment): DEVICE (cuda, cuda:N or cpu; default cuda), QUICK=1 (small workloads),
 # PYTHON (default python), OUT (results folder), and each step's time limit in seconds:
-# TESTS_LIMIT (120), ENGINE_LIMIT (120), TRANSFORMERS_LIMIT (240): 8 minutes in all; 900 each
-# with QUICK=1, which is meant for a slow CPU. A failed or timed-out step is recorded and the
+# TESTS_LIMIT (60), ENGINE_LIMIT (90), TRANSFORMERS_LIMIT (150), SCALE_LIMIT (90, each of two
+# steps): 8 minutes in all; 900 each with QUICK=1, which is meant for a slow CPU. The scale step (bench_scale.py:
+# a Llama-3.2-1B-shaped model, 8 x 1024 tokens, and an 8B-shaped one with LoRA rank 16, per
+# Hessian backend against a training step) needs transformers, and peft for the 8B. A failed or timed-out step is recorded and the
 # next one runs; the exit code is 1 if any step failed.
 set -uo pipefail
 
@@ -30,11 +32,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ $QUICK == 1 ]]; then
     engine=(--workload mlp --repeats 1 --products-only)
     transformers=(--workload minilm-block --batch 2 --length 16)
-    : "${TESTS_LIMIT:=900}" "${ENGINE_LIMIT:=900}" "${TRANSFORMERS_LIMIT:=900}"
+    scale=(--workload gpt2 --batch 1 --length 8 --products 3)
+    : "${TESTS_LIMIT:=900}" "${ENGINE_LIMIT:=900}" "${TRANSFORMERS_LIMIT:=900}" "${SCALE_LIMIT:=900}"
 else
     engine=(--repeats 3)
     transformers=(--workload all)
-    : "${TESTS_LIMIT:=120}" "${ENGINE_LIMIT:=120}" "${TRANSFORMERS_LIMIT:=240}"
+    scale=(--workload llama-1b --length 1024 --products 100)
+    scale_lora=(--workload llama-8b-lora --length 1024 --products 100)
+    : "${TESTS_LIMIT:=60}" "${ENGINE_LIMIT:=90}" "${TRANSFORMERS_LIMIT:=150}" "${SCALE_LIMIT:=90}"
 fi
 
 failed=0
@@ -66,5 +71,12 @@ step engine "$ENGINE_LIMIT" "$PYTHON" benchmarks/bench_engine.py --device "$DEVI
 step transformers "$TRANSFORMERS_LIMIT" "$PYTHON" benchmarks/bench_transformers.py \
     --device "$DEVICE" "${transformers[@]}" --out "$RESULTS/transformers.md"
 
-echo "gpu.sh: results in $RESULTS/ (machine.txt, tests.log, engine.md, transformers.md)"
+step scale "$SCALE_LIMIT" "$PYTHON" benchmarks/bench_scale.py --device "$DEVICE" \
+    "${scale[@]}" --out "$RESULTS/scale.md"
+if [[ $QUICK != 1 ]]; then
+    step scale-lora "$SCALE_LIMIT" "$PYTHON" benchmarks/bench_scale.py --device "$DEVICE" \
+        "${scale_lora[@]}" --out "$RESULTS/scale-lora.md"
+fi
+
+echo "gpu.sh: results in $RESULTS/ (machine.txt, tests.log, engine.md, transformers.md, scale*.md)"
 exit "$failed"

@@ -12,11 +12,11 @@ import torch
 MEMINFO = Path("/proc/meminfo")
 BASIS_SHARE = 0.5
 """The share of the free memory the eigen-solver's vectors may take before the basis is bounded."""
-GRAPH_SAFETY = 3.5
+GRAPH_SAFETY = 4.5
 """``auto`` takes double backward when this many times its graph's estimate
 (:meth:`~sharpscope.curvature.HessianOperator.graph_bytes`) fits the free memory: the peak while
 the graph is built and differentiated was 1.9 to 3.4 times the estimate on CPU (VmHWM; two MLPs
-and two GPT-2s, docs/engine.md, "backend auto")."""
+and two GPT-2s, docs/engine.md, "backend auto"), 3.65 times on a loaded machine."""
 TYPICAL_LANCZOS = 50
 """The products one Lanczos solve of the top-k and λ_min typically takes at the default tolerance:
 43–57 on the digits MLP for k = 1 to 10, about 30 on the benchmark CNN (docs/benchmarks.md, "Cost
