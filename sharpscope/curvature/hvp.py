@@ -22,13 +22,11 @@ FUNC_CHECK_ULPS = 200
 be from double backward's before it is refused; rounding gives 1-3 units on the test models."""
 FD_SHRINK = 2.0
 """The ratio of successive step sizes the finite-difference backend tries on its first product."""
-FD_RUNGS = 5
-"""How far it goes: from 1/32 to 32 times the cbrt(eps)-scaled step
-(:meth:`HessianOperator._step`)."""
-FD_REFINE_RUNGS = 12
-"""How far :meth:`HessianOperator.refine_step` may move the step from the chosen one (2^±12):
-along a sharp direction of GPT-2 small the step chosen on a random first vector was about 2^10
-times too large (docs/engine.md)."""
+FD_RUNGS = 12
+"""How far the search goes: 2^±12 times the cbrt(eps)-scaled step (:meth:`HessianOperator._step`)
+on the first product, and as far again from the chosen one when :meth:`HessianOperator.
+refine_step` chooses it on v₁. It stops where the estimate stops falling (most models: within
+2^±2), but GPT-2 small needed 2^-13 along its top eigenvector (docs/engine.md)."""
 FD_MAX_ERROR = 1e-2
 """The largest estimated relative error of a finite-difference product that is accepted: beyond
 it the gradient is not smooth along the direction (a ReLU network's kinks), so the differences
@@ -271,7 +269,7 @@ class HessianOperator(CurvatureOperator):
         if self.fd_scale is not None:
             return self._difference(v, self.fd_scale * h)
         self.fd_scale, error, product, _ = self._chosen_step(v, h)
-        self._check_smooth(error)
+        self.check_smooth(error)
         self.fd_error = error
         return product
 
@@ -307,13 +305,15 @@ class HessianOperator(CurvatureOperator):
         self.n_products += 1
         if self.difference_error(v, image) <= target * norm(image):
             return False
-        scale, error, _, tried = self._chosen_step(flat, self.fd_scale * h, FD_REFINE_RUNGS)
+        scale, error, _, tried = self._chosen_step(flat, self.fd_scale * h)
         self.n_products += tried
-        self._check_smooth(error)
+        self.check_smooth(error)
         self.fd_scale, self.fd_error = self.fd_scale * scale, error
         return scale != 1
 
-    def _check_smooth(self, error: float) -> None:
+    def check_smooth(self, error: float) -> None:
+        """Refuse (``InputError``) an estimated relative error above :data:`FD_MAX_ERROR`: the
+        differences are then no Hessian's products (a ReLU network's kinks)."""
         if error > FD_MAX_ERROR:
             raise InputError(
                 "`backend` finite-difference cannot take this model's Hessian: its gradient is "
@@ -321,10 +321,8 @@ class HessianOperator(CurvatureOperator):
                 f"{error:.1e}, relative; e.g. ReLU kinks); use `backend` double-backward"
             )
 
-    def _chosen_step(
-        self, v: torch.Tensor, h: float, rungs: int = FD_RUNGS
-    ) -> tuple[float, float, torch.Tensor, int]:
-        """The multiple r^k of ``h`` (r = :data:`FD_SHRINK`, |k| ≤ ``rungs``) whose product
+    def _chosen_step(self, v: torch.Tensor, h: float) -> tuple[float, float, torch.Tensor, int]:
+        """The multiple r^k of ``h`` (r = :data:`FD_SHRINK`, |k| ≤ :data:`FD_RUNGS`) whose product
         has the least estimated error, that error, that product and how many products it took.
         Truncation grows as h² and rounding as 1/h (more where a model computes in a lower
         precision inside, as Llama's RMSNorm in float32), so k moves from 0 the way the error
@@ -349,7 +347,7 @@ class HessianOperator(CurvatureOperator):
         # no acceptable step yet: shrink, as a far too large step's estimates wander on a plateau
         step = -1 if best > FD_MAX_ERROR or error(-1) <= best else 1
         j = k  # goes on past a worse rung while no step is yet acceptable (a far too large one)
-        while abs(j + step) <= rungs and (
+        while abs(j + step) <= FD_RUNGS and (
             (found := error(j + step)) <= best or best > FD_MAX_ERROR
         ):
             j += step

@@ -115,6 +115,7 @@ def product_error(
         estimates = [op.difference_error(u, op.matvec(u)) for u in others]  # type: ignore[attr-defined]
         estimated = max([op.difference_error(v, image), *estimates])  # type: ignore[attr-defined]
         fd = estimated / scale
+        op.check_smooth(fd)  # type: ignore[attr-defined]  # a kink's differences: refused
     if op.dtype == torch.float64:
         return ProductError(estimated, estimated / scale, "finite-difference", "float64", fd)
     op.n_products += 1

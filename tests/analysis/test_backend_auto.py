@@ -100,11 +100,12 @@ print(status("VmRSS:") - base, status("VmHWM:") - base, op.graph_bytes())
 
 @pytest.mark.integration
 def test_the_estimate_is_within_the_safety_factor_of_the_measured_peak():
-    """In a fresh process (no reused heap): the graph held after two products is 1 to 3 times
-    the estimate, the peak while it was built at most :data:`GRAPH_SAFETY` times."""
+    """In a fresh process (no reused heap): the graph held after two products is 1 to 4 times
+    the estimate (1.4–2.6 idle, 3.1 beside other jobs), the peak while it was built at most
+    :data:`GRAPH_SAFETY` times."""
     out = subprocess.run(
         [sys.executable, "-c", MEASURE], capture_output=True, text=True, check=True, timeout=300
     )
     held, peak, estimate = map(int, out.stdout.split())
-    assert estimate <= held <= 3 * estimate
+    assert estimate <= held <= 4 * estimate
     assert held <= peak <= GRAPH_SAFETY * estimate

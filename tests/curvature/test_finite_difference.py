@@ -143,7 +143,7 @@ def _top(result) -> float:
 
 def test_command_line_backend(tmp_path):
     """A smooth (tanh) MLP's λ_max agrees with double backward's; a ReLU MLP, whose gradient
-    jumps at its kinks, is refused in one line."""
+    jumps at its kinks, is refused in one line (after the solve, by its estimate on v₁)."""
     torch.manual_seed(0)
     spec = ModelSpec("mlp", {"hidden": (16,), "activation": "tanh"})
     smooth = tmp_path / "tanh.safetensors"
