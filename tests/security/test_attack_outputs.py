@@ -214,6 +214,9 @@ from pathlib import Path
 from sharpscope.io.file_sets import replace_files
 
 folder, when, signum = Path(sys.argv[1]), sys.argv[2], getattr(signal, sys.argv[3])
+# Python's own SIGINT handler, as a process started from a terminal has (a background job of a
+# shell without job control inherits SIGINT ignored, and an ignored signal changes nothing)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def write(stage):
     (stage / "eigenvectors.safetensors").write_text("new")
