@@ -3,17 +3,17 @@ model ``peft`` users fine-tune, for the tests of sharpscope on a ``PeftModel``."
 
 from __future__ import annotations
 
+import tiny_hf
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from sharpscope.curvature import curvature_mode, select_params
 
-VOCAB, POSITIONS = 24, 12
 TARGETS = ("q_proj", "v_proj")
 """The modules the adapter wraps (PEFT's default for Llama)."""
 
@@ -28,20 +28,9 @@ class ExactRMSNorm(LlamaRMSNorm):
 
 
 def base(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A one-block Llama-style causal LM (RMSNorm, rotary positions, grouped-query attention, SiLU
-    gate; about 700 parameters), random init from a config, its norms :class:`ExactRMSNorm`."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=8,
-        intermediate_size=12,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=POSITIONS,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config).to(dtype)
+    """The tests' tiny Llama (:func:`tiny_hf.llama`: RMSNorm, rotary positions, grouped-query
+    attention, SiLU gate; about 700 parameters) in ``dtype``, its norms :class:`ExactRMSNorm`."""
+    model = tiny_hf.llama().to(dtype)
     for module in model.modules():
         if isinstance(module, LlamaRMSNorm):
             module.__class__ = ExactRMSNorm
@@ -68,7 +57,9 @@ def lora(dtype: torch.dtype = torch.float32, **options: object) -> PeftModel:
 
 def tokens(count: int = 4, length: int = 10, seed: int = 0) -> torch.Tensor:
     """``count`` random sequences of ``length`` token ids."""
-    return torch.randint(0, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, tiny_hf.VOCAB, (count, length), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def frozen_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
