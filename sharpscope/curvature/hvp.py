@@ -232,6 +232,10 @@ class HessianOperator(CurvatureOperator):
             vs[i][row] = 0
         return vs
 
+    def _held_flat(self, v: torch.Tensor) -> torch.Tensor:
+        """The flat vector ``v`` less the rows autograd holds constant (:meth:`_held`)."""
+        return torch.cat([t.reshape(-1) for t in self._held(self.space.split(v))])
+
     def _step(self, v: torch.Tensor) -> float:
         """The finite-difference base step h for the flat direction ``v``: cbrt(eps)·max(1, ‖w‖)/‖v‖
         (the first product scales it by 1/32 to 32, :attr:`fd_scale`).
@@ -281,7 +285,7 @@ class HessianOperator(CurvatureOperator):
         """
         if self.fd_scale is None:
             raise ValueError("difference_error needs a first product (it chooses the step)")
-        flat = torch.cat([t.reshape(-1) for t in self._held(self.space.split(v))])
+        flat = self._held_flat(v)
         step = FD_SHRINK * self.fd_scale * self._step(flat)
         self.n_products += 1
         wider = self._reduced(self._difference(flat, step))
@@ -299,14 +303,11 @@ class HessianOperator(CurvatureOperator):
             InputError: The least error found on ``v`` is above :data:`FD_MAX_ERROR`."""
         if self.fd_scale is None:
             raise ValueError("refine_step needs a first product (it chooses the step)")
-        flat = torch.cat([t.reshape(-1) for t in self._held(self.space.split(v))])
-        h = self._step(flat)
-        image = self._reduced(self._difference(flat, self.fd_scale * h))
-        self.n_products += 1
-        if self.difference_error(v, image) <= target * norm(image):
-            return False
-        scale, error, _, tried = self._chosen_step(flat, self.fd_scale * h)
+        flat = self._held_flat(v)
+        scale, error, _, tried = self._chosen_step(flat, self.fd_scale * self._step(flat), target)
         self.n_products += tried
+        if scale == 1 and error <= target:
+            return False
         self.check_smooth(error)
         self.fd_scale, self.fd_error = self.fd_scale * scale, error
         return scale != 1
@@ -321,9 +322,12 @@ class HessianOperator(CurvatureOperator):
                 f"{error:.1e}, relative; e.g. ReLU kinks); use `backend` double-backward"
             )
 
-    def _chosen_step(self, v: torch.Tensor, h: float) -> tuple[float, float, torch.Tensor, int]:
+    def _chosen_step(
+        self, v: torch.Tensor, h: float, enough: float = 0.0
+    ) -> tuple[float, float, torch.Tensor, int]:
         """The multiple r^k of ``h`` (r = :data:`FD_SHRINK`, |k| ≤ :data:`FD_RUNGS`) whose product
-        has the least estimated error, that error, that product and how many products it took.
+        has the least estimated error (``h`` itself when its error is at most ``enough``), that
+        error, that product and how many products it took.
         Truncation grows as h² and rounding as 1/h (more where a model computes in a lower
         precision inside, as Llama's RMSNorm in float32), so k moves from 0 the way the error
         falls while it falls; the Richardson estimate of D(r^k h)'s error is its spread to
@@ -344,6 +348,8 @@ class HessianOperator(CurvatureOperator):
             return spread / max(norm(self._reduced(at(k).clone())), tiny)  # reduced in place
 
         k, best = 0, error(0)
+        if best <= enough:
+            return 1.0, best, at(0), tried
         # no acceptable step yet: shrink, as a far too large step's estimates wander on a plateau
         step = -1 if best > FD_MAX_ERROR or error(-1) <= best else 1
         j = k  # goes on past a worse rung while no step is yet acceptable (a far too large one)
