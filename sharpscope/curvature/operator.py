@@ -167,10 +167,10 @@ class CurvatureOperator:
     curvature: ClassVar[str]
     """The matrix's name in reports (``hessian``, ``ggn``, ...)."""
     settings: ClassVar[tuple[str, ...]] = ("cache_graph",)
-    second_order: bool = True
-    """Whether products differentiate twice (attention then runs on the math kernel)."""
     """The operator's own keyword arguments besides the objective, each kept as the attribute of
     its name: what :meth:`replace` carries over and :func:`curvature_operator` passes."""
+    second_order: bool = True
+    """Whether products differentiate twice (attention then runs on the math kernel)."""
 
     def __init__(
         self, objective: Objective, *, cache_graph: bool = True, validate: bool = True
