@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sharpscope.analysis.plan import available_memory
+from sharpscope.analysis.plan import available_memory, sizes
 from sharpscope.errors import InputError
-from sharpscope.report.plan_line import sizes
 
 CAP_VARIABLE = "SHARPSCOPE_DATA_MEMORY"
 """Bytes the arrays of one ``.npz`` file may take when read (default: half the free memory)."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from sharpscope.analysis.plan import Plan, sizes
 
-__all__ = ["duration", "plan_line", "sizes"]
-
 
 def duration(seconds: float) -> str:
     """Seconds as ms, s, min or h, to two significant figures."""

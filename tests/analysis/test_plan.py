@@ -11,9 +11,9 @@ import torch
 
 import sharpscope.analysis.analyze as pipeline
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
-from sharpscope.analysis.plan import Plan, basis_home
+from sharpscope.analysis.plan import Plan, basis_home, sizes
 from sharpscope.analysis.sampling import TRACE_PROBES
-from sharpscope.report.plan_line import duration, plan_line, sizes
+from sharpscope.report.plan_line import duration, plan_line
 
 lanczos_module = importlib.import_module("sharpscope.curvature.lanczos")  # not the function
 
