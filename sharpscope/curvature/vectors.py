@@ -93,6 +93,8 @@ def orthogonalize(w: torch.Tensor, basis: torch.Tensor, rows: int | None = None)
 def combine(weights: torch.Tensor, basis: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """``weights @ basis`` (k × m weights of m rows) on ``weights``' device, summed over slabs of
     ``rows`` rows (:func:`row_slabs`; None: one product)."""
+    if rows is None:  # one product, no accumulator beside its result
+        return weights @ basis.to(weights.device)
     out = torch.zeros(weights.shape[0], basis.shape[1], dtype=basis.dtype, device=weights.device)
     for part, slab in row_slabs(basis, weights.device, rows):
         out += weights[:, part] @ slab
