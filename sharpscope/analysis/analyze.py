@@ -528,8 +528,8 @@ def analyze(
     watch = Stopwatch(lambda: op.n_products)
     if config.batch_stats:
         notes.append(BATCH_STATS_NOTE)
-    if config.micro_batch is not None and config.backend == "double-backward":
-        notes.append(MICRO_BATCH_NOTE)
+    if config.micro_batch is not None and getattr(op, "backend", None) == "double-backward":
+        notes.append(MICRO_BATCH_NOTE)  # the backend run, which `auto` may have chosen
     if op.dtype == torch.bfloat16:
         notes.append(BFLOAT16_NOTE)
     if config.curvature != "hessian" and config.backend not in ("double-backward", "auto"):
