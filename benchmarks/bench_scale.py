@@ -4,7 +4,7 @@ Run by hand from the repository root::
 
     python benchmarks/bench_scale.py [--workload gpt2|qwen2-0.5b|llama-1b|llama-8b-lora|all]
         [--device auto|cpu|cuda] [--batch 8] [--length 128] [--products 12] [--tol 1e-3]
-        [--backends double-backward,finite-difference] [--out FILE]
+        [--backends double-backward,finite-difference] [--solvers lanczos,power] [--out FILE]
 
 Workloads (random init from a config, no download; causal LMs, next-token cross-entropy, eval
 mode, one batch of ``--batch`` × ``--length`` random token ids):
@@ -21,13 +21,14 @@ Each figure comes from a fresh process (``--workload`` and the batch shape are p
 
 - ``step sgd`` / ``step adamw``: one plain training step (forward, backward, ``optimizer.step``)
   over every trainable parameter, the reference a product's memory is compared with;
-- ``<backend>``: the seconds of one gradient and of one product (its second, after the first
-  has built what later ones reuse or chosen the finite-difference step), then a top-1 Lanczos
-  solve with ``max_basis`` 4 stopped after ``--products`` products (or converged at ``--tol``;
-  a finite-difference solve is redone when its step is chosen again on v₁, as in ``analyze``),
+- ``<backend> <solver>``: the seconds of one gradient and of one product (its second, after the
+  first has built what later ones reuse or chosen the finite-difference step), then a top-1
+  solve stopped after ``--products`` products (or converged at ``--tol``; a finite-difference
+  solve is redone when its step is chosen again on v₁, as in ``analyze``): Lanczos with
+  ``max_basis`` 4 (the least ``analyze --top-k 1`` takes) or power iteration (two vectors);
   its λ_max estimate and the process's peak memory (resident set on the CPU, allocated memory
-  on a GPU). The backends' solves start from the same vector: the relative gap of their λ_max
-  is their agreement (a meaningful one where both converged).
+  on a GPU). The solves start from the same vector: the relative gap of their λ_max is their
+  agreement (a meaningful one where both converged).
 
 A backend whose solve fails (out of memory, killed) is recorded with its exit status and the
 next one runs.
@@ -46,7 +47,7 @@ from collections.abc import Iterator
 
 import torch
 
-from sharpscope import HessianOperator, lanczos
+from sharpscope import HessianOperator, lanczos, power_iteration
 from sharpscope.cli.loading import resolve_device
 from sharpscope.curvature import Objective, SolveSettings
 from sharpscope.curvature.hvp import refined
@@ -55,6 +56,7 @@ from sharpscope.io.losses import loss_name, resolve_loss
 
 WORKLOADS = ("gpt2", "qwen2-0.5b", "llama-1b", "llama-8b-lora")
 BACKENDS = ("double-backward", "finite-difference")
+SOLVERS = ("lanczos", "power")
 LORA_RANK, LORA_TARGETS = 16, ("q_proj", "k_proj", "v_proj", "o_proj")
 SHAPE = {"batch": 8, "length": 128}
 SOLVE_BASIS = 4
@@ -149,20 +151,27 @@ def train_step(key: str, device: str, optimizer: str) -> dict:
     return {"seconds": seconds, "peak_mib": peak_mib(device)}
 
 
-def solve(key: str, device: str, backend: str, products: int, tol: float) -> dict:
-    """One gradient's and one product's seconds, then a bounded top-1 Lanczos solve."""
+def product_seconds(op: HessianOperator, device: str) -> float:
+    """The seconds of ``op``'s second product on a random vector (the first builds what later
+    ones reuse or chooses the finite-difference step); the vector is freed before the solve."""
+    v = torch.randn(op.size, device=device, dtype=op.dtype)
+    op.matvec(v)
+    return timed(lambda: op.matvec(v), device)
+
+
+def solve(key: str, device: str, backend: str, solver: str, products: int, tol: float) -> dict:
+    """One gradient's and one product's seconds, then a bounded top-1 solve."""
     model, batches = build(key, device)
     objective = Objective(model, resolve_loss(loss_name("auto", model)), batches)
     plain = HessianOperator(objective, cache_graph=False)  # a gradient, not the cached graph's
     plain.gradient()
     gradient_s = timed(plain.gradient, device)
     op = HessianOperator(objective, backend=backend)
-    v = torch.randn(op.size, device=device, dtype=op.dtype)
-    op.matvec(v)  # builds the cached graph, or chooses the finite-difference step
-    product_s = timed(lambda: op.matvec(v), device)
+    product_s = product_seconds(op, device)
     start = time.perf_counter()
     settings = SolveSettings(tol=tol, max_iter=products, max_basis=SOLVE_BASIS)
-    result = refined(op, lambda: lanczos(op, 1, settings=settings), tol)  # as analyze solves
+    method = lanczos if solver == "lanczos" else power_iteration
+    result = refined(op, lambda: method(op, 1, settings=settings), tol)  # as analyze solves
     sync(device)
     return {
         "params": op.size,
@@ -197,14 +206,19 @@ def log(message: str) -> None:
 
 
 def report(
-    keys: list[str], device: str, backends: list[str], products: int, tol: float
+    keys: list[str],
+    device: str,
+    backends: list[str],
+    solvers: list[str],
+    products: int,
+    tol: float,
 ) -> Iterator[str]:
     """The markdown tables of every workload, line by line as they are measured."""
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
     yield (
         f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, "
-        f"batch {SHAPE['batch']} × {SHAPE['length']} tokens, top-1 Lanczos with max_basis "
-        f"{SOLVE_BASIS}, at most {products} products, tol {tol:g}"
+        f"batch {SHAPE['batch']} × {SHAPE['length']} tokens, top-1 by {', '.join(solvers)} "
+        f"(Lanczos with max_basis {SOLVE_BASIS}), at most {products} products, tol {tol:g}"
     )
     for key in keys:
         log(f"{key}: training steps ...")
@@ -221,15 +235,17 @@ def report(
             yield f"| step {name} | {_peak(step)} | | | | | | | | | |"
         estimates = {}
         for backend in backends:
-            log(f"{key}: {backend} ...")
-            row = in_process(f"solve({key!r}, {device!r}, {backend!r}, {products}, {tol})")
-            yield _row(backend, row, steps)
-            if "lambda_max" in row:
-                estimates[backend] = row["lambda_max"]
+            for solver in solvers:
+                log(f"{key}: {backend} {solver} ...")
+                call = f"solve({key!r}, {device!r}, {backend!r}, {solver!r}, {products}, {tol})"
+                row = in_process(call)
+                yield _row(f"{backend} {solver}", row, steps)
+                if "lambda_max" in row:
+                    estimates[backend, solver] = row["lambda_max"]
         if len(estimates) > 1:
             values = list(estimates.values())
             gap = (max(values) - min(values)) / max(abs(v) for v in values)
-            yield from ["", f"λ_max of the backends: relative gap {gap:.1e}"]
+            yield from ["", f"λ_max of the solves: relative gap {gap:.1e}"]
 
 
 def _peak(row: dict) -> str:
@@ -260,13 +276,16 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=12, help="most products per solve")
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--solvers", default=SOLVERS[0], help="lanczos, power or both")
     parser.add_argument("--out")
     args = parser.parse_args()
-    backends = args.backends.split(",")
+    backends, solvers = args.backends.split(","), args.solvers.split(",")
     if args.batch < 1 or args.length < 2 or args.products < 2:
         parser.error("--batch must be at least 1, --length and --products at least 2")
     if unknown := set(backends) - set(BACKENDS):
         parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
+    if unknown := set(solvers) - set(SOLVERS):
+        parser.error(f"unknown solvers {sorted(unknown)}; choose from {', '.join(SOLVERS)}")
     try:
         device = str(resolve_device(args.device))
     except InputError as exc:
@@ -274,7 +293,7 @@ def main() -> None:
     SHAPE.update(batch=args.batch, length=args.length)
     keys = list(WORKLOADS) if args.workload == "all" else [args.workload]
     with open(args.out or os.devnull, "w", encoding="utf-8") as out:
-        for line in report(keys, device, backends, args.products, args.tol):
+        for line in report(keys, device, backends, solvers, args.products, args.tol):
             print(line, flush=True)  # a time limit that stops the run keeps what was measured
             out.write(line + "\n")
             out.flush()

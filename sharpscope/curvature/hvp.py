@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -14,7 +14,7 @@ from sharpscope.choices import BACKENDS
 from sharpscope.curvature.attention import derivatives_explained
 from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.operator import CurvatureOperator
-from sharpscope.curvature.vectors import dot, norm
+from sharpscope.curvature.vectors import distance, dot, norm
 from sharpscope.errors import InputError
 
 FUNC_CHECK_ULPS = 200
@@ -232,47 +232,53 @@ class HessianOperator(CurvatureOperator):
             vs[i][row] = 0
         return vs
 
-    def _held_flat(self, v: torch.Tensor) -> torch.Tensor:
-        """The flat vector ``v`` less the rows autograd holds constant (:meth:`_held`)."""
-        return torch.cat([t.reshape(-1) for t in self._held(self.space.split(v))])
+    def _held_parts(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """The flat vector ``v`` as parameter-shaped parts less the rows autograd holds constant
+        (:meth:`_held`)."""
+        return self._held(self.space.split(v.to(device=self.device, dtype=self.dtype)))
 
-    def _step(self, v: torch.Tensor) -> float:
-        """The finite-difference base step h for the flat direction ``v``: cbrt(eps)·max(1, ‖w‖)/‖v‖
+    def _step(self, vs: list[torch.Tensor]) -> float:
+        """The finite-difference base step h for the direction ``vs`` (parameter-shaped):
+        cbrt(eps)·max(1, ‖w‖)/‖v‖
         (the first product scales it by 1/32 to 32, :attr:`fd_scale`).
 
         A central difference errs by about h²‖v‖³·|∇³L| (truncation) plus eps·‖g‖/h (rounding of
         the gradients) and eps·‖w‖/(h‖v‖) (rounding of w ± hv), relative; h‖v‖ of order cbrt(eps)
         balances the first two, each then of order eps^(2/3) (about 2e-5 in float32), and
         scaling by ‖w‖ keeps the moved weights' rounding at that order too. It only depends on
-        the weights and ``v``, so every rank takes the same step. ‖w‖ is summed parameter by
-        parameter: no model-sized copy of the weights on every product.
+        the weights and ``v``, so every rank takes the same step. Both norms are summed
+        parameter by parameter: no model-sized copy on every product.
         """
         eps = torch.finfo(self.dtype).eps
-        weights = math.sqrt(
-            sum(dot(w, w) for w in (p.detach().reshape(-1) for p in self.space.params))
-        )
-        return eps ** (1 / 3) * max(1.0, weights) / max(norm(v), torch.finfo(self.dtype).tiny)
+        weights = _norm_of(p.detach() for p in self.space.params)
+        return eps ** (1 / 3) * max(1.0, weights) / max(_norm_of(vs), torch.finfo(self.dtype).tiny)
 
-    def _local_gradient(self, delta: torch.Tensor) -> torch.Tensor:
-        """This rank's weighted gradient sum at the weights + ``delta``, restored bit for bit."""
+    def _difference(self, vs: list[torch.Tensor], h: float) -> torch.Tensor:
+        """(g(w + h v) − g(w − h v)) / 2h on this rank's batches for the parameter-shaped ``vs``,
+        in one vector: the second gradient is taken away from the first as it comes
+        (:meth:`_accumulate`), and neither the weights nor h v are copied (:meth:`_moved`)."""
         total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        with self.shifted(delta):
-            for loss in self._batch_losses():
-                total += torch.cat([g.reshape(-1) for g in self._grad(loss, create_graph=False)])
-        return total
+        for sign in (1.0, -1.0):
+            with self._moved(vs, sign * h):
+                self._accumulate(total, subtract=sign < 0)
+        return total.div_(2 * h)
 
-    def _difference(self, v: torch.Tensor, h: float) -> torch.Tensor:
-        """(g(w + h v) − g(w − h v)) / 2h on this rank's batches."""
-        return (self._local_gradient(h * v) - self._local_gradient(-h * v)) / (2 * h)
+    def _distance(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """‖a − b‖ of two of this rank's products summed over ranks (in one process without a
+        vector beside them)."""
+        return norm(self._reduced(a - b)) if self.distributed else distance(a, b)
+
+    def _length(self, a: torch.Tensor) -> float:
+        """‖a‖ of one of this rank's products summed over ranks (``a`` itself unchanged)."""
+        return norm(self._reduced(a.clone())) if self.distributed else norm(a)
 
     def _matvec_difference(self, vs: list[torch.Tensor]) -> torch.Tensor:
         """This rank's product by a central difference of gradients: two gradients per product
         once its first product has chosen the step (see :attr:`fd_scale`)."""
-        v = torch.cat([t.reshape(-1) for t in vs])
-        h = self._step(v)
+        h = self._step(vs)
         if self.fd_scale is not None:
-            return self._difference(v, self.fd_scale * h)
-        self.fd_scale, error, product, _ = self._chosen_step(v, h)
+            return self._difference(vs, self.fd_scale * h)
+        self.fd_scale, error, product, _ = self._chosen_step(vs, h)
         self.check_smooth(error)
         self.fd_error = error
         return product
@@ -285,11 +291,11 @@ class HessianOperator(CurvatureOperator):
         """
         if self.fd_scale is None:
             raise ValueError("difference_error needs a first product (it chooses the step)")
-        flat = self._held_flat(v)
-        step = FD_SHRINK * self.fd_scale * self._step(flat)
+        parts = self._held_parts(v)
+        step = FD_SHRINK * self.fd_scale * self._step(parts)
         self.n_products += 1
-        wider = self._reduced(self._difference(flat, step))
-        return norm(wider - image) / (FD_SHRINK**2 - 1)
+        wider = self._reduced(self._difference(parts, step))
+        return distance(wider, image) / (FD_SHRINK**2 - 1)
 
     def refine_step(self, v: torch.Tensor, target: float) -> bool:
         """``finite-difference`` only, after the first product: choose the step again on the flat
@@ -303,8 +309,8 @@ class HessianOperator(CurvatureOperator):
             InputError: The least error found on ``v`` is above :data:`FD_MAX_ERROR`."""
         if self.fd_scale is None:
             raise ValueError("refine_step needs a first product (it chooses the step)")
-        flat = self._held_flat(v)
-        scale, error, _, tried = self._chosen_step(flat, self.fd_scale * self._step(flat), target)
+        parts = self._held_parts(v)
+        scale, error, _, tried = self._chosen_step(parts, self.fd_scale * self._step(parts), target)
         self.n_products += tried
         if scale == 1 and error <= target:
             return False
@@ -323,7 +329,7 @@ class HessianOperator(CurvatureOperator):
             )
 
     def _chosen_step(
-        self, v: torch.Tensor, h: float, enough: float = 0.0
+        self, vs: list[torch.Tensor], h: float, enough: float = 0.0
     ) -> tuple[float, float, torch.Tensor, int]:
         """The multiple r^k of ``h`` (r = :data:`FD_SHRINK`, |k| ≤ :data:`FD_RUNGS`) whose product
         has the least estimated error (``h`` itself when its error is at most ``enough``), that
@@ -334,18 +340,21 @@ class HessianOperator(CurvatureOperator):
         D(r^(k+1) h) over (r² − 1)."""
         tiny = torch.finfo(self.dtype).tiny
         products: dict[int, torch.Tensor] = {}
+        errors: dict[int, float] = {}
         tried = 0
 
         def at(k: int) -> torch.Tensor:
             nonlocal tried
             if k not in products:
-                products[k] = self._difference(v, FD_SHRINK**k * h)
+                products[k] = self._difference(vs, FD_SHRINK**k * h)
                 tried += 1
             return products[k]
 
         def error(k: int) -> float:
-            spread = norm(self._reduced(at(k + 1) - at(k))) / (FD_SHRINK**2 - 1)
-            return spread / max(norm(self._reduced(at(k).clone())), tiny)  # reduced in place
+            if k not in errors:
+                errors[k] = self._distance(at(k + 1), at(k)) / (FD_SHRINK**2 - 1)
+                errors[k] /= max(self._length(at(k)), tiny)
+            return errors[k]
 
         k, best = 0, error(0)
         if best <= enough:
@@ -359,7 +368,8 @@ class HessianOperator(CurvatureOperator):
             j += step
             if found <= best:
                 k, best = j, found
-            for old in [i for i in products if i not in (k, k + 1, j, j + 1)]:
+            # kept: the best one's product and the one the next rung's estimate pairs with
+            for old in [i for i in products if i not in (k, j if step < 0 else j + 1)]:
                 del products[old]
         return FD_SHRINK**k, best, at(k), tried
 
@@ -394,6 +404,11 @@ class HessianOperator(CurvatureOperator):
         if delta is None and self.cache_graph:
             return self._reduced_float(self._cached_graph()[0].detach())
         return super().loss(delta)
+
+
+def _norm_of(parts: Iterable[torch.Tensor]) -> float:
+    """The norm of the flat vector ``parts`` (parameter-shaped, contiguous) make up."""
+    return math.sqrt(sum(dot(t.reshape(-1), t.reshape(-1)) for t in parts))
 
 
 def refined(op: Any, solve: Callable[[], _Solved], tol: float) -> _Solved:

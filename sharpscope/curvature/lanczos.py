@@ -112,13 +112,15 @@ class LanczosProcess:
 
     def step(self) -> None:
         """Extend the basis by one vector (one operator product)."""
-        q = self._next
-        self._push(q)
+        self._push(self._next)
+        q = self._next if self.rows is not None else self.basis[self.count - 1]
+        self._next = None  # on the device, q is its row of the basis: no copy beside it
         w = self.op.matvec(q)
         if self.images is not None:
             self.images[self.count - 1] = w
         self.steps += 1
         alpha = dot(w, q)
+        del q
         self._t[self.count - 1, self.count - 1] = alpha
         w = orthogonalize(w, self.vectors, self.rows)
         beta = norm(w)
@@ -132,7 +134,7 @@ class LanczosProcess:
             return
         if beta > tiny:
             self.beta = beta
-            self._next = w / beta
+            self._next = w.div_(beta)
             return
         self.beta = 0.0
         self._fresh()
@@ -341,12 +343,13 @@ def _solve(
         sizes = " + ".join(["k"] if len(wants) == 1 else [str(k) for k, _ in wants])
         raise ValueError(f"max_basis must be at least {sizes} + 2 = {total + 2}, got {max_basis}")
     max_iter = max(total, max_iter)
-    first = start_vector(op, generator, v0)
     limit = min(max_iter, op.size)  # a basis never holds more
     rows = None  # a host basis: vectors per slab streamed to the device
     if settings.basis_device == "host":
         rows = max(1, HOST_SLAB_BYTES // (op.size * op.dtype.itemsize))
+    first = start_vector(op, generator, v0)
     process = LanczosProcess(op, first, generator, max_basis, keep_images, limit, rows)
+    del first  # the process holds it as a unit vector
     histories: list[list[list[float]]] = [[] for _ in wants]
     checked = [k >= 2 for k, _ in wants]  # one value needs no copies
     starts, check_from, locked, scale = 0, 0, None, 0.0
@@ -397,25 +400,31 @@ def _solve(
     picks = [wanted[:k] for wanted, (k, _) in zip(picks, wants, strict=True)]
     converged = [ok[:k] for ok, (k, _) in zip(converged, wants, strict=True)]
     check = MultiplicityCheck(starts, complete, op.n_products - check_from if starts else 0)
-    found = []
-    for wanted, ok in zip(picks, converged, strict=True):
+    ritz = []
+    for wanted in picks:
         coords = s[:, wanted].to(dtype=op.dtype, device=op.device)
         vectors = combine(coords.T, process.vectors, process.rows)
         lengths = torch.tensor([norm(v) for v in vectors], dtype=op.dtype, device=op.device)
-        vectors = vectors / lengths[:, None]
-        values, errors, images = theta[wanted], residuals[wanted], None
+        images = None
         if process.images is not None:
             images = combine(coords.T, process.images[: process.count], process.rows)
-            images = images / lengths[:, None]
+            images.div_(lengths[:, None])
+        ritz.append((vectors.div_(lengths[:, None]), images))
+    subspace = None
+    if keep_subspace:
+        subspace = Subspace(process.vectors, float(theta.sum()), float(scale), process.rows)
+    steps = process.steps
+    del process  # the basis is not needed by the verifying products
+    found = []
+    for wanted, ok, (vectors, images) in zip(picks, converged, ritz, strict=True):
+        values, errors = theta[wanted], residuals[wanted]
+        if images is not None:
             values, errors = rayleigh_quotients(vectors, images)
             ok = errors <= tol * scale
         elif verify:
             values, errors = rayleigh_quotients(vectors, (op.matvec(v) for v in vectors))
             ok = errors <= tol * scale
         found.append((vectors, values, errors, ok, images))
-    subspace = None
-    if keep_subspace:
-        subspace = Subspace(process.vectors, float(theta.sum()), float(scale), process.rows)
     return [
         EigenResult(
             eigenvalues=values,
@@ -423,7 +432,7 @@ def _solve(
             residuals=errors,
             converged=ok,
             n_products=op.n_products - products,
-            n_iterations=process.steps,
+            n_iterations=steps,
             seconds=time.perf_counter() - start,
             method="lanczos",
             which=which,

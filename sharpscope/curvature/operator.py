@@ -19,6 +19,7 @@ from sharpscope.curvature.checkpointing import checkpointed
 from sharpscope.curvature.forwards import own_forwards
 from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.params import ParamSpace, select_params
+from sharpscope.curvature.weight_shift import moved
 from sharpscope.errors import InputError
 from sharpscope.io.user_code import one_line
 from sharpscope.structures import (
@@ -471,12 +472,28 @@ class CurvatureOperator:
         """The mean loss and its flat gradient over all batches at the weights as they are now
         (never from a cached graph), one forward and one backward pass per batch."""
         total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        value = 0.0
         with self.mode():
+            value = self._accumulate(total)
+        return self._reduced_float(value), self._reduced(total)
+
+    def _accumulate(self, total: torch.Tensor, subtract: bool = False) -> float:
+        """Add this rank's weighted gradient sum into the flat ``total`` in place (``subtract``:
+        take it away) and return its weighted loss sum. Each backward adds every parameter's
+        gradient into that parameter's view of ``total`` as it comes (their ``.grad`` are those
+        views meanwhile, then put back): no gradient-sized tensor stands beside ``total``."""
+        params = self.space.params
+        saved = [p.grad for p in params]
+        value = 0.0
+        try:
+            for p, view in zip(params, self.space.split(total), strict=True):
+                p.grad = view
             for loss in self._batch_losses():
                 value += float(loss.detach())
-                total += torch.cat([g.reshape(-1) for g in self._grad(loss, create_graph=False)])
-        return self._reduced_float(value), self._reduced(total)
+                (-loss if subtract else loss).backward(inputs=list(params))
+        finally:
+            for p, grad in zip(params, saved, strict=True):
+                p.grad = grad
+        return value
 
     def loss(self, delta: torch.Tensor | None = None) -> float:
         """The mean loss over all batches at the current weights, or at weights + ``delta``.
@@ -519,21 +536,19 @@ class CurvatureOperator:
         return found
 
     @contextlib.contextmanager
-    def shifted(self, delta: torch.Tensor | None) -> Iterator[None]:
-        """The weights moved by the flat ``delta`` in place while inside, restored bit for bit
-        afterwards (what products reuse is dropped); nothing moves for None."""
+    def shifted(self, delta: torch.Tensor | None, scale: float = 1.0) -> Iterator[None]:
+        """The weights moved by ``scale`` × the flat ``delta`` in place while inside, restored bit
+        for bit afterwards without a copy of them (:func:`~sharpscope.curvature.weight_shift.
+        moved`); what products reuse is dropped; nothing moves for None."""
         if delta is None:
             yield
             return
-        saved = [p.detach().clone() for p in self.space.params]
-        self.release()
-        try:
-            parts = self.space.split(delta.to(device=self.device, dtype=self.dtype))
-            with torch.no_grad():
-                for p, d in zip(self.space.params, parts, strict=True):
-                    p.add_(d)
+        with self._moved(self.space.split(delta.to(device=self.device, dtype=self.dtype)), scale):
             yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self.space.params, saved, strict=True):
-                    p.copy_(s)
+
+    def _moved(
+        self, parts: Sequence[torch.Tensor], scale: float
+    ) -> contextlib.AbstractContextManager[None]:
+        """:meth:`shifted` for a delta already split into parameter-shaped ``parts``."""
+        self.release()
+        return moved(self.space.params, parts, scale)

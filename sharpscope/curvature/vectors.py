@@ -18,6 +18,8 @@ import torch
 
 SLAB = 1 << 16
 """Coordinates summed in the vectors' own dtype before a partial sum joins the float64 total."""
+DISTANCE_SLAB = 1 << 22
+"""Coordinates of two vectors :func:`distance` subtracts at a time (bounded scratch)."""
 
 
 def random_vectors(
@@ -72,22 +74,39 @@ def row_slabs(
 
 def project_out(w: torch.Tensor, basis: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """``w`` less its components along the orthonormal rows of ``basis`` (one pass), projected out
-    ``rows`` of them at a time (:func:`row_slabs`; None: all at once)."""
-    for _, part in row_slabs(basis, w.device, rows):
-        w = w - part.T @ (part @ w)
-    return w
+    ``rows`` of them at a time (:func:`row_slabs`; None: all at once); ``w`` is not changed."""
+    return _remove(w.clone(), basis, rows)
 
 
 def orthogonalize(w: torch.Tensor, basis: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """Remove from ``w`` its components along the orthonormal rows of ``basis`` (twice, for
     numerical safety: "twice is enough"), ``rows`` of them at a time (:func:`project_out`). The
     coefficients are plain products in the vectors' dtype: their rounding only perturbs
-    orthogonality, which the second pass restores."""
+    orthogonality, which the second pass restores. ``w`` is not changed: one copy of it is the
+    result, worked on in place (no vector beside the two)."""
     if basis.shape[0] == 0:
         return w
+    out = w.clone()
     for _ in range(2):
-        w = project_out(w, basis, rows)
+        _remove(out, basis, rows)
+    return out
+
+
+def _remove(w: torch.Tensor, basis: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """:func:`project_out` in place."""
+    for _, part in row_slabs(basis, w.device, rows):
+        w.addmv_(part.T, part @ w, alpha=-1)
     return w
+
+
+def distance(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> float:
+    """‖a − ``scale`` b‖ of two flat vectors, accumulated in float64 a slab at a time: no vector
+    beside them."""
+    total = 0.0
+    for i in range(0, a.shape[0], DISTANCE_SLAB):
+        part = torch.sub(a[i : i + DISTANCE_SLAB], b[i : i + DISTANCE_SLAB], alpha=scale)
+        total += dot(part, part)
+    return math.sqrt(total)
 
 
 def combine(weights: torch.Tensor, basis: torch.Tensor, rows: int | None = None) -> torch.Tensor:
@@ -110,7 +129,7 @@ def rayleigh_quotients(
     for v, image in zip(vectors, images, strict=True):
         value = dot(v, image)
         values.append(value)
-        errors.append(norm(image - value * v))
+        errors.append(distance(image, v, value))
     return torch.tensor(values, dtype=torch.float64), torch.tensor(errors, dtype=torch.float64)
 
 

@@ -97,11 +97,15 @@ def test_products_match_the_dense_float64_hessian(problem):
 def test_lanczos_agrees_and_weights_are_bit_identical(name):
     objective = _objective(name, torch.float64)
     before = [p.detach().clone() for p in objective.model.parameters()]
+    grads = [torch.full_like(p, 7.0) for p in objective.model.parameters()]  # a caller's
+    for p, g in zip(objective.model.parameters(), grads, strict=True):
+        p.grad = g
     settings = SolveSettings(tol=1e-8, max_iter=200)
     fd = HessianOperator(objective, backend="finite-difference")
     got = lanczos(fd, 2, settings=settings).eigenvalues
     after = list(objective.model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert all(p.grad is g and bool((g == 7).all()) for p, g in zip(after, grads, strict=True))
     want = lanczos(HessianOperator(objective), 2, settings=settings).eigenvalues
     for g, w in zip(got.tolist(), want.tolist(), strict=True):
         assert abs(g - w) <= 1e-5 * abs(w), (g, w)

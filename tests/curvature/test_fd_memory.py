@@ -1,0 +1,49 @@
+"""What the finite-difference backend and Lanczos hold, counted in model-sized vectors from the
+allocator's own events (torch's profiler): a product holds its result and one parameter's
+gradient beside the weights, a gradient likewise, and a top-1 Lanczos solve with a basis of 4
+holds about two vectors beside it. The model is one large layer, so that a parameter's gradient
+is a whole vector and activations are negligible."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd.profiler import profile
+
+from sharpscope.curvature import HessianOperator, Objective, SolveSettings, lanczos, weight_shift
+
+
+def peak_vectors(fn: Callable[[], object], size: int) -> float:
+    """The most bytes ``fn`` had allocated at once, in vectors of ``size`` float32."""
+    with profile(profile_memory=True) as prof:
+        fn()
+    now = top = 0
+    for event in sorted(prof.function_events, key=lambda e: e.time_range.start):
+        now += event.self_cpu_memory_usage
+        top = max(top, now)
+    return top / (4 * size)
+
+
+@pytest.fixture
+def op(monkeypatch: pytest.MonkeyPatch) -> HessianOperator:
+    monkeypatch.setattr(weight_shift, "SHIFT_SLAB", 1 << 14)  # a move's scratch stays small
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(500, 500), torch.nn.Tanh(), torch.nn.Linear(500, 1))
+    data = [(torch.randn(4, 500), torch.randn(4, 1))]
+    return HessianOperator(Objective(model, F.mse_loss, data), backend="finite-difference")
+
+
+def test_a_product_holds_its_result_and_one_parameter_s_gradient(op):
+    v = torch.randn(op.size)
+    assert peak_vectors(lambda: op.matvec(v), op.size) <= 5.5  # the step search: 2 kept, 1 made
+    assert peak_vectors(lambda: op.matvec(v), op.size) <= 2.1
+    assert peak_vectors(op.gradient, op.size) <= 2.1
+
+
+def test_a_top_1_lanczos_solve_holds_its_basis_and_two_vectors(op):
+    op.matvec(torch.randn(op.size))  # the step is chosen
+    settings = SolveSettings(max_iter=8, max_basis=4)
+    assert peak_vectors(lambda: lanczos(op, 1, settings=settings), op.size) <= 4 + 3.1
