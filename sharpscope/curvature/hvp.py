@@ -239,8 +239,7 @@ class HessianOperator(CurvatureOperator):
 
     def _step(self, vs: list[torch.Tensor]) -> float:
         """The finite-difference base step h for the direction ``vs`` (parameter-shaped):
-        cbrt(eps)·max(1, ‖w‖)/‖v‖
-        (the first product scales it by 1/32 to 32, :attr:`fd_scale`).
+        cbrt(eps)·max(1, ‖w‖)/‖v‖ (the first product scales it, :attr:`fd_scale`).
 
         A central difference errs by about h²‖v‖³·|∇³L| (truncation) plus eps·‖g‖/h (rounding of
         the gradients) and eps·‖w‖/(h‖v‖) (rounding of w ± hv), relative; h‖v‖ of order cbrt(eps)
