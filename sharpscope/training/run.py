@@ -53,7 +53,8 @@ class Inputs:
     device: torch.device
     dtype: torch.dtype
     tokenizer_from: Path | None = None
-    """Without a spec: the folder whose tokenizer files each checkpoint folder copies."""
+    """Without a spec: the folder whose tokenizer files the first checkpoint folder copies (each
+    later one copies the checkpoint before it)."""
 
 
 @dataclass
@@ -221,12 +222,15 @@ class Saver:
 
     def _write_model(self, folder: Path) -> None:
         """The model's files in a checkpoint folder: model.safetensors with the spec, or a
-        save_pretrained folder (config.json, model.safetensors, the tokenizer files)."""
+        save_pretrained folder (config.json, model.safetensors, the tokenizer files, copied from
+        the last checkpoint: the one a resumed run started from is removed once `keep` newer
+        ones exist)."""
         inputs = self.inputs
         if inputs.spec is None:
             from sharpscope.io.transformers_models import save_pretrained_folder  # optional
 
-            save_pretrained_folder(folder, inputs.model, inputs.tokenizer_from)
+            tokenizer = inputs.tokenizer_from if self.path is None else self.path
+            save_pretrained_folder(folder, inputs.model, tokenizer)
         else:
             metadata = {STEP_KEY: str(self.session.step)}
             save_checkpoint(folder / MODEL, inputs.model, inputs.spec, metadata)

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from finetune_processes import assert_same, latest_step, ok, sharpscope, started, wait_for
 from rich.console import Console
 from safetensors.torch import load_file
 from tiny_cli import one_error_line as one_error
@@ -37,7 +37,6 @@ from sharpscope.training.trainer import Diverged
 
 N = 12
 """Steps before the stop; 2N = 24 crosses an epoch (16 steps of 32 of the 512 samples)."""
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 OPTIMIZERS = {
     "sgd": ["--optimizer", "sgd"],
     "eigen-sam": ["--optimizer", "eigen-sam", "--eig-every", "5"],  # refreshes at 5, 10, 15, 20
@@ -56,55 +55,10 @@ def command(finetune_files: dict[str, Path], optimizer: str, *extra: object) -> 
     ]
 
 
-def sharpscope(args: list[str]) -> subprocess.CompletedProcess[str]:
-    """``python -m sharpscope ARGS`` in a subprocess, one thread."""
-    return subprocess.run(
-        [sys.executable, "-m", "sharpscope", *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-
-
-def started(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sharpscope", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-
-
-def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 120
-    while not condition():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
-def latest_step(run: Path) -> int | None:
-    pointer = run / "latest"
-    return json.loads(pointer.read_text())["step"] if pointer.exists() else None
-
-
 def weights(run: Path) -> dict[str, torch.Tensor]:
     """The tensors of the run's last checkpoint."""
     name = json.loads((run / "latest").read_text())["dir"]
     return load_file(str(run / name / "model.safetensors"))
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")

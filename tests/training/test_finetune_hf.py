@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import tiny_hf
 import torch
-from test_finetune import assert_same, latest_step, ok, one_error, sharpscope, started, wait_for
+from finetune_processes import assert_same, latest_step, ok, sharpscope, started, wait_for
+from tiny_cli import one_error_line as one_error
 from typer.testing import CliRunner
 
 from sharpscope.cli.app import app

@@ -4,10 +4,12 @@ peft loads and that analyze reads to the in-memory model's λ_max, and resumes b
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import tiny_peft
 import torch
+from finetune_processes import assert_same, latest_step, ok, sharpscope, started, wait_for
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
@@ -21,9 +23,12 @@ from sharpscope.training import run as training_run
 ESAM = ("--optimizer", "eigen-sam", "--lr", "0.05", "--batch-size", "4", "--dtype", "float64")
 
 
+def _args(adapter, data, out, *extra):
+    return ["finetune", str(adapter), "--data", str(data), "--out", str(out), *ESAM, *extra]
+
+
 def _finetune(adapter, data, out, *extra):
-    args = ["finetune", str(adapter), "--data", str(data), "--out", str(out), *ESAM, *extra]
-    result = CliRunner().invoke(app, [*args, "--quiet"])
+    result = CliRunner().invoke(app, [*_args(adapter, data, out, *extra), "--quiet"])
     assert result.exit_code == 0, result.output
     return result
 
@@ -96,3 +101,30 @@ def test_an_interrupted_adapter_run_resumes_bit_identically(tmp_path, monkeypatc
     )
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.integration
+def test_after_a_kill_an_adapter_run_resumes_bit_identically_from_its_folder(tmp_path):
+    adapter, _ = tiny_peft.write_adapter(tmp_path)
+    data = tiny_peft.write_tokens(tmp_path / "tokens.safetensors")
+    steps = ("--steps", "12", "--eig-every", "3", "--save-every", "1", "--keep", "2")
+    slow = ("--track-every", "1", "--track-iters", "40", "--device", "cpu")  # killed mid-run
+    _finetune(adapter, data, tmp_path / "straight", *steps, *slow)
+    run = tmp_path / "run"
+    process = started([*_args(adapter, data, run, *steps, *slow), "--quiet"])
+    wait_for(lambda: (latest_step(run) or 0) >= 2, process)
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = latest_step(run)
+    assert killed_at is not None and 2 <= killed_at < 12
+    away = adapter.rename(adapter.with_name("away"))  # the resume needs only the run's folder
+    try:
+        ok(sharpscope(["finetune", "--resume", str(run), "--quiet"]))
+    finally:
+        away.rename(adapter)
+    straight, resumed = (
+        load_file(str(tmp_path / name / "step-000012" / "adapter_model.safetensors"))
+        for name in ("straight", "run")
+    )
+    assert_same(resumed, straight)
