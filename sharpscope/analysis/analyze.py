@@ -26,9 +26,9 @@ from sharpscope.analysis.plan import (
     TYPICAL_LANCZOS,
     BackendChoice,
     Plan,
+    auto_backend,
     available_memory,
     basis_home,
-    chosen_backend,
     fitting_basis,
 )
 from sharpscope.analysis.sampling import SHARD_TOL, TRACE_PROBES, Resolve, sampling_errors
@@ -253,21 +253,10 @@ def _operator(
         raise InputError(f"{exc} (parameter names: see docs/engine.md)") from None
     if not (hessian and auto):
         return op, None
-    choice = _auto_backend(op)
+    choice = auto_backend([op], available_memory(op.device))
     if choice.backend != "double-backward":
         op = op.replace(backend=choice.backend)
     return op, choice
-
-
-def _auto_backend(op: CurvatureOperator) -> BackendChoice:
-    """``auto``'s choice for the Hessian operator ``op`` (double backward): rank 0's estimate of
-    its cached graph against rank 0's free memory, so that every rank chooses alike."""
-    try:
-        graph: int | None = op.graph_bytes()
-    except torch.OutOfMemoryError:
-        graph = None
-    available = available_memory(op.device)
-    return chosen_backend(*distributed.main_value((graph, available)))
 
 
 def _finite_loss(op: CurvatureOperator) -> float:

@@ -4,10 +4,14 @@ Hessian backend ``auto`` chooses for that memory."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from sharpscope import distributed
 
 MEMINFO = Path("/proc/meminfo")
 BASIS_SHARE = 0.5
@@ -61,6 +65,19 @@ def chosen_backend(graph_bytes: int | None, available: int | None) -> BackendCho
     )
     backend = "double-backward" if fits else "finite-difference"
     return BackendChoice(backend, graph_bytes, available)
+
+
+def auto_backend(ops: Sequence[Any], available: int | None) -> BackendChoice:
+    """``auto``'s choice for the double-backward Hessian operators ``ops`` (a run's graphs, one
+    at a time), given the free bytes on their device (:func:`available_memory`): rank 0's
+    estimate of the largest cached graph (:meth:`~sharpscope.curvature.HessianOperator.
+    graph_bytes`; None when one did not fit) against rank 0's ``available``, so that every rank
+    chooses alike."""
+    try:
+        graph: int | None = max(op.graph_bytes() for op in ops)
+    except torch.OutOfMemoryError:
+        graph = None
+    return chosen_backend(*distributed.main_value((graph, available)))
 
 
 @dataclass(frozen=True)

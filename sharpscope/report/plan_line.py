@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sharpscope.analysis.plan import Plan, sizes
+from sharpscope.analysis.plan import BackendChoice, Plan, sizes
 
 
 def duration(seconds: float) -> str:
@@ -16,6 +16,12 @@ def duration(seconds: float) -> str:
 def _figures(value: float) -> str:
     """``value`` to two significant figures, without an exponent."""
     return f"{float(f'{value:.2g}'):g}"
+
+
+def backend_clause(choice: BackendChoice) -> str:
+    """What ``backend`` auto chose and why (:attr:`BackendChoice.reason`), its parameter name in
+    backticks."""
+    return f"`backend` {choice.backend}: {choice.reason}"
 
 
 def plan_line(plan: Plan) -> str:
@@ -41,7 +47,7 @@ def plan_line(plan: Plan) -> str:
     typical = duration(plan.typical_seconds)
     time = f"at most {most}" if typical == most else f"typically ≈ {typical}, at most {most}"
     if plan.backend is not None:
-        memory += f"; `backend` {plan.backend.backend}: {plan.backend.reason}"
+        memory += f"; {backend_clause(plan.backend)}"
     return (
         f"plan: {plan.num_params:,} parameters, {plan.num_samples:,} samples in "
         f"{plan.num_batches:,} batch(es); at most {plan.most_products:,} products ({stages}), "
