@@ -14,7 +14,10 @@ from torch.amp import GradScaler
 from torch.optim import Optimizer
 
 from sharpscope.batches import LossFn
+from sharpscope.choices import BACKENDS
 from sharpscope.curvature import HessianOperator, Objective, ParamSpace, SolveSettings, lanczos
+from sharpscope.curvature.hvp import Backend, refined
+from sharpscope.errors import check_choice
 from sharpscope.optim.perturbations import eigen_sam_step
 from sharpscope.optim.sam import SAM, Active
 
@@ -53,9 +56,13 @@ class EigenSAM(SAM):
         eig_steps: Lanczos products per refresh.
         batch_stats: BatchNorm on batch statistics in the Hessian's products.
         seed: The seed of the first refresh's random start.
+        backend: How the refresh's Hessian products are taken
+            (:data:`~sharpscope.choices.BACKENDS`; ``finite-difference``: two gradients each, at
+            a gradient's memory, its step chosen again on v as analyze's is).
 
     Raises:
         ValueError: ``eig_every`` or ``eig_steps`` below 1, or as :class:`SAM`.
+        InputError: An unknown ``backend``.
 
     Examples:
         >>> import torch
@@ -87,9 +94,11 @@ class EigenSAM(SAM):
         eig_steps: int = 5,
         batch_stats: bool = False,
         seed: int = 0,
+        backend: Backend = "double-backward",
     ) -> None:
         if eig_every < 1 or eig_steps < 1:
             raise ValueError("eig_every and eig_steps must be at least 1")
+        check_choice("backend", backend, BACKENDS)
         self._wrap(base_optimizer, {"sam_rho": rho, "sam_alpha": alpha}, model)
         self.model: nn.Module = model
         self.loss_fn = loss_fn
@@ -97,6 +106,7 @@ class EigenSAM(SAM):
         self.eig_steps = eig_steps
         self.batch_stats = batch_stats
         self.seed = seed
+        self.backend = backend
         self._eigenvector: dict[str, torch.Tensor] | None = None
         self.estimate: EigenEstimate | None = None
         self.alignment: float | None = None
@@ -174,13 +184,19 @@ class EigenSAM(SAM):
                 self.model, self.loss_fn, batches, trainable, batch_stats=self.batch_stats
             )
             # the training loop runs the model on its batches already: no validation
-            op = HessianOperator(objective, validate=False)
-            result = lanczos(
+            op = HessianOperator(objective, backend=self.backend, validate=False)
+            settings = SolveSettings(max_iter=self.eig_steps, seed=self.seed + self.global_step)
+            start = self._warm_start(op.space)
+            result = refined(  # a finite-difference step chosen again on v
                 op,
-                k=1,
-                settings=SolveSettings(max_iter=self.eig_steps, seed=self.seed + self.global_step),
-                v0=self._warm_start(op.space),
-                verify=False,  # the refresh's budget is eig_steps products: Ritz estimates
+                lambda: lanczos(
+                    op,
+                    k=1,
+                    settings=settings,
+                    v0=start,
+                    verify=False,  # the refresh's budget is eig_steps products: Ritz estimates
+                ),
+                settings.tol,
             )
         self.eigenvector = dict(op.space.unflatten(result.eigenvectors[0].detach()))
         self.estimate = EigenEstimate(

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sharpscope import distributed
 from sharpscope.analysis.critical_sharpness import CriticalSharpness, critical_sharpness
 from sharpscope.batches import LossFn, correct_count, loss_weight
+from sharpscope.choices import BACKENDS
 from sharpscope.curvature import (
     CURVATURES,
     CurvatureOperator,
@@ -31,6 +32,7 @@ from sharpscope.curvature import (
     hutchpp,
     lanczos,
 )
+from sharpscope.curvature.hvp import Backend, refined
 from sharpscope.curvature.lanczos import lanczos_extremes, start_vector
 from sharpscope.curvature.params import ParamSpace, select_params
 from sharpscope.curvature.power import rayleigh
@@ -179,11 +181,13 @@ class SharpnessTracker:
         seed: The seed of the first start and of the Fisher's label draws.
         warm_start: Start each measurement from the last one's vector.
         curvature: The matrix: ``hessian``, ``ggn``, ``fisher`` or ``empirical-fisher``.
+        backend: How the Hessian's products are taken (:data:`~sharpscope.choices.BACKENDS`; a
+            ``finite-difference`` solve chooses its step again on v₁, as analyze's does).
         measure: ``lambda_max``, ``critical`` or ``both`` (:data:`TRACK_MEASURES`).
         log: Where each row goes (:func:`~sharpscope.training.sinks.as_sinks`).
 
     Raises:
-        InputError: An unknown ``curvature`` or ``measure``.
+        InputError: An unknown ``curvature``, ``backend`` or ``measure``.
         ValueError: A setting out of range, an empty probe set, or an ``eigen_sam`` that is no
             Eigen-SAM.
 
@@ -215,10 +219,12 @@ class SharpnessTracker:
         seed: int = 0,
         warm_start: bool = True,
         curvature: str = "hessian",
+        backend: Backend = "double-backward",
         measure: str = "lambda_max",
         log: object = None,
     ) -> None:
         check_choice("curvature", curvature, CURVATURES)
+        check_choice("backend", backend, BACKENDS)
         check_choice("measure", measure, TRACK_MEASURES)
         if measure == "critical" and (lambda_min or trace):
             raise ValueError("`lambda_min` and `trace` need `measure` lambda_max or both")
@@ -250,6 +256,7 @@ class SharpnessTracker:
         self.seed = seed
         self.warm_start = warm_start
         self.curvature = curvature
+        self.backend = backend
         self.measure_eigen = measure != "critical"
         self.measure_critical = measure != "lambda_max"
         self.sinks: list[Sink] = as_sinks(log) if distributed.is_main() else []
@@ -371,23 +378,30 @@ class SharpnessTracker:
     def _operator(self) -> CurvatureOperator:
         """The probe set's ``curvature`` matrix (the true Fisher's labels drawn by ``seed``)."""
         # training runs the model on the data; the loss is taken as it is: no validation
-        return curvature_operator(self.curvature, self.objective, seed=self.seed, validate=False)
+        return curvature_operator(
+            self.curvature, self.objective, backend=self.backend, seed=self.seed, validate=False
+        )
 
     def _eigen(self, op: CurvatureOperator) -> tuple[Any, Any, bool]:
         """λ_max's (and λ_min's, if asked) Lanczos results (one product: the start's Rayleigh
         quotient, the same without Lanczos' bookkeeping), and whether they started warm; the
-        pairs are checked by the products kept from the run, so no product more."""
+        pairs are checked by the products kept from the run, so no product more. A
+        finite-difference solve is redone while the step chosen again on v₁ changes
+        (:func:`~sharpscope.curvature.hvp.refined`)."""
         start = self._start(op.size)
+        top, bottom = refined(op, lambda: self._solved(op, start), self.tol)
+        return top, bottom, start is not None
+
+    def _solved(self, op: CurvatureOperator, start: torch.Tensor | None) -> tuple[Any, Any]:
+        """One solve of :meth:`_eigen` from ``start``: λ_max's result and λ_min's (or None)."""
         budget = self.max_iter if self.products is None else self.products
         if budget == 1 and not self.lambda_min:
             first = start_vector(op, torch.Generator().manual_seed(self.seed), start)
-            return rayleigh(op, first, self.tol), None, start is not None
+            return rayleigh(op, first, self.tol), None
         settings = SolveSettings(tol=self.tol, max_iter=budget, seed=self.seed)
         if self.lambda_min:
-            top, bottom = lanczos_extremes(op, 1, settings=settings, v0=start, keep_images=True)
-            return top, bottom, start is not None
-        top = lanczos(op, 1, settings=settings, v0=start, keep_images=True)
-        return top, None, start is not None
+            return lanczos_extremes(op, 1, settings=settings, v0=start, keep_images=True)
+        return lanczos(op, 1, settings=settings, v0=start, keep_images=True), None
 
     def _start(self, size: int) -> torch.Tensor | None:
         """The warm start: the last v₁ moved one power step on (plus the last λ_min vector when

@@ -9,9 +9,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from ground_truth import dense_hessian
 from torch import nn
 
 import sharpscope.optim.eigen_sam as eigen_sam_module
+from sharpscope.errors import InputError
 from sharpscope.optim import (
     ASAM,
     SAM,
@@ -478,3 +480,27 @@ def test_param_groups_added_through_the_wrapper_reach_the_base():
     assert (added["lr"], added["momentum"], added["sam_rho"]) == (0.01, 0.9, 0.05)
     run(opt, model, CE, batches(), 1)
     assert len(base.state) == len(list(model.parameters()))  # every parameter got momentum
+
+
+def test_eigen_sam_by_finite_differences_refreshes_to_the_dense_top_pair():
+    """backend finite-difference: the refresh's pair is the dense float64 Hessian's top one as
+    double backward's is (to the differences' error); an unknown backend (auto is
+    a run's choice, not the optimizer's) is refused naming `backend`."""
+    model = mlp()
+    x, y = batches(count=1, size=16)[0]
+    values, vectors = torch.linalg.eigh(dense_hessian(model, CE, x, y))
+    found = {}
+    for backend in ("double-backward", "finite-difference"):
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt = EigenSAM(sgd, model=model, loss_fn=CE, eig_steps=32, backend=backend)
+        found[backend] = opt.refresh_eigenvector((x, y))
+        v = torch.cat([opt.eigenvector[n].reshape(-1) for n, _ in model.named_parameters()])
+        assert abs(float(v @ vectors[:, -1])) == pytest.approx(1.0, abs=1e-8), backend
+    exact, differences = found["double-backward"], found["finite-difference"]
+    for estimate in (exact, differences):
+        assert estimate.eigenvalue == pytest.approx(float(values[-1]), rel=1e-7)
+    assert differences.eigenvalue != exact.eigenvalue  # other products: differences of gradients
+    with pytest.raises(InputError, match="unknown `backend` 'auto'"):
+        EigenSAM(
+            torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=CE, backend="auto"
+        )

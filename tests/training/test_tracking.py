@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+import sharpscope.training.tracking as tracking_module
 from sharpscope import SharpnessTracker
 from sharpscope.analysis.critical_sharpness import critical_sharpness
 from sharpscope.cli.app import app
@@ -403,3 +404,30 @@ def test_a_finetune_run_tracks_the_critical_sharpness_every_interval(
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"lambda_c", "lambda_c_low", "lambda_c_high", "lambda_c_direction"} <= set(header)
     assert json.loads((run / "config.json").read_text())["track_measure"] == "critical"
+
+
+def test_a_finite_difference_tracker_measures_the_dense_lambda_max_and_refines_its_step(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """backend finite-difference reaches the tracker's products (the callbacks' tracker_for
+    too), its λ_max is the dense Hessian's to the products' error, and its solve goes through
+    refined (the step chosen again on v₁), as analyze's does."""
+    model, batches = problem()
+    top = float(torch.linalg.eigvalsh(dense_hessian(model, batches))[-1])
+    solves = []
+    refined = tracking_module.refined
+
+    def counted(op, solve, tol):
+        solves.append((op.backend, tol))
+        return refined(op, solve, tol)
+
+    monkeypatch.setattr(tracking_module, "refined", counted)
+    options = dict(products=None, tol=1e-8, max_iter=200)
+    exact = SharpnessTracker(Objective(model, CE, batches), **options).measure()
+    differences = tracker_for(model, CE, batches, 1, backend="finite-difference", **options)
+    measured = differences.measure()
+    assert solves == [("double-backward", 1e-8), ("finite-difference", 1e-8)]
+    assert measured.lambda_max == pytest.approx(top, rel=1e-7)
+    assert measured.lambda_max != exact.lambda_max  # other products: differences of gradients
+    with pytest.raises(InputError, match="`backend`"):
+        SharpnessTracker(Objective(model, CE, batches), backend="auto")
