@@ -1,5 +1,6 @@
-"""``sharpscope`` in subprocesses for the finetune tests: run one, start one to stop or kill,
-wait for a run's checkpoint, and compare the weights two runs wrote."""
+"""Interrupted runs for the finetune tests: ``sharpscope`` in subprocesses (run one, start one
+to stop or kill, wait for a run's checkpoint), in-process runs that stop after a few steps, and
+the comparison of the weights two runs wrote."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
+
+from sharpscope.training import run as training_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -64,3 +68,16 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
     """``result``, asserting that it exited 0."""
     assert result.returncode == 0, result.stderr
     return result
+
+
+def stopping_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """Until ``monkeypatch`` undoes it, each in-process run stops after ``steps`` steps, as a
+    signal stops it (a checkpoint, exit 128)."""
+    finetune = training_run.finetune
+
+    def stopped(folder, config, inputs, resume_from, watch):
+        asked = iter([False] * steps)  # asked before every step
+        watch.should_stop = lambda: next(asked, True)
+        return finetune(folder, config, inputs, resume_from, watch)
+
+    monkeypatch.setattr(training_run, "finetune", stopped)

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from sharpscope.cli.common import command_scope, fail, info, print_json, set_threads, stderr, stdout
+from sharpscope.cli.flags import as_flags
 from sharpscope.cli.generate import Values, declared_command
 from sharpscope.io.load_spec import LoadSpec
 from sharpscope.training.run_config import RunConfig, RunOptions
 
 if TYPE_CHECKING:
+    from sharpscope.analysis.plan import BackendChoice
     from sharpscope.training.run import Outcome
     from sharpscope.training.run_dir import RunDir
     from sharpscope.training.signals import StopRequest
@@ -60,6 +62,7 @@ def finetune_command(
         from sharpscope.cli.loading import data_fingerprint, load_inputs
         from sharpscope.io.models import ModelSpec, parse_model_args
         from sharpscope.io.pretrained import tokenizer_files
+        from sharpscope.report.plan_line import backend_clause
         from sharpscope.report.training_plot import plot_training
         from sharpscope.report.training_progress import TrainingProgress
         from sharpscope.training.plan import default_out, new_run, resume_run, validation_data
@@ -130,9 +133,14 @@ def finetune_command(
         )
         main = distributed.is_main()
         shown = not settings["quiet"] and main and sys.stderr is not None
+
+        def chose(choice: BackendChoice) -> None:
+            if shown:
+                info(as_flags(f"plan: {backend_clause(choice)}"))
+
         with StopRequest() as stop, TrainingProgress(stderr, shown) as progress:
             watch = (
-                Watch(progress.started, progress.step, progress.record, stop)
+                Watch(progress.started, progress.step, progress.record, stop, chose)
                 if main
                 else Watch(should_stop=stop)
             )

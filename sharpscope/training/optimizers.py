@@ -10,6 +10,7 @@ from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from sharpscope.batches import LossFn
+from sharpscope.curvature.hvp import Backend
 from sharpscope.optim import ASAM, SAM, EigenEstimate, EigenSAM
 from sharpscope.training.options import SCHEDULES, OptimizerSettings
 
@@ -45,8 +46,11 @@ Built = tuple[Optimizer, StepHook]
 """An optimizer and its hook for the training loop."""
 
 
-def build_optimizer(model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> Built:
-    """The optimizer ``s`` describes, over the model's trainable parameters, and its hook."""
+def build_optimizer(
+    model: nn.Module, loss_fn: LossFn, s: OptimizerSettings, backend: Backend = "double-backward"
+) -> Built:
+    """The optimizer ``s`` describes, over the model's trainable parameters, and its hook;
+    Eigen-SAM's Hessian products are taken by ``backend``."""
     params = [p for p in model.parameters() if p.requires_grad]
     base = SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     if s.optimizer == "sgd":
@@ -65,6 +69,7 @@ def build_optimizer(model: nn.Module, loss_fn: LossFn, s: OptimizerSettings) -> 
         eig_every=s.eig_every,
         eig_steps=s.eig_steps,
         seed=s.seed,
+        backend=backend,
     )
     return eigen, eigen
 

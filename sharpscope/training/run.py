@@ -16,8 +16,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sharpscope import distributed
+from sharpscope.analysis.plan import BackendChoice, auto_backend, available_memory
 from sharpscope.batches import LossFn, move_to
-from sharpscope.curvature import Objective
+from sharpscope.curvature import HessianOperator, Objective
 from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import save_checkpoint
 from sharpscope.io.data import DataBundle, batches, subset_indices
@@ -60,12 +61,14 @@ class Inputs:
 @dataclass
 class Watch:
     """The caller's view of a run: ``started(step, total)`` once, ``progress(step, loss)`` after
-    every step, ``record(row)`` for every row, and ``should_stop()`` before every step."""
+    every step, ``record(row)`` for every row, ``should_stop()`` before every step, and
+    ``chose(choice)`` when ``backend`` auto chooses (a new run, before training)."""
 
     started: Callable[[int, int], None] = lambda step, total: None
     progress: Callable[[int, float], None] = lambda step, loss: None
     record: Callable[[dict[str, Any]], None] = lambda row: None
     should_stop: Callable[[], bool] = lambda: False
+    chose: Callable[[BackendChoice], None] = lambda choice: None
 
 
 @dataclass
@@ -95,7 +98,11 @@ def finetune(
     order = DataOrder(len(inputs.train), config.batch_size, config.seed)
     check_shares(order.batch_size, min(config.probe_size, len(inputs.train)))
     total = config.total_steps(order.steps_per_epoch)
-    optimizer, hook = build_optimizer(inputs.model, inputs.loss_fn, config)
+    if config.backend == "auto" and config.auto_backend is None:
+        choice = auto_choice(config, inputs, order.batch_size)
+        config = replace(config, auto_backend=choice.backend)
+        watch.chose(choice)
+    optimizer, hook = build_optimizer(inputs.model, inputs.loss_fn, config, config.products_backend)
     session = Session(
         inputs.model,
         inputs.loss_fn,
@@ -240,26 +247,52 @@ def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
     """The tracker of a run: its probe batch is a fixed ``probe_size`` subset of the training
     data, chosen by the seed; validation on all of ``inputs.val``. Under torch.distributed each
     rank keeps its contiguous share of both, in batches of its share of ``batch_size``."""
-    size = config.batch_size // distributed.world_size()
-
-    def placed(bundle: DataBundle, index: torch.Tensor) -> list[tuple[Any, Any]]:
-        mine = distributed.shard(len(index))
-        picked = index[mine.start : mine.stop]
-        part = replace(bundle, inputs=take(bundle.inputs, picked), targets=bundle.targets[picked])
-        return [
-            (move_to(x, inputs.device, inputs.dtype), move_to(y, inputs.device, inputs.dtype))
-            for x, y in batches(part, size)
-        ]
-
-    train, val = inputs.train, inputs.val
-    probe = placed(train, subset_indices(len(train), config.probe_size, config.seed))
-    held_out = placed(val, torch.arange(len(val))) if val is not None else None
+    val = inputs.val
+    held_out = _placed(config, inputs, val, torch.arange(len(val))) if val is not None else None
     sharpness = SharpnessTracker(
-        Objective(inputs.model, inputs.loss_fn, probe),
+        Objective(inputs.model, inputs.loss_fn, _probe(config, inputs)),
         seed=config.seed,
         products=None,
         max_iter=config.track_iters,
         curvature=config.curvature,
+        backend=config.products_backend,
         measure=config.track_measure,
     )
     return Tracker(sharpness, held_out)
+
+
+def auto_choice(config: RunConfig, inputs: Inputs, batch_size: int) -> BackendChoice:
+    """``backend`` auto's choice for the run (:func:`~sharpscope.analysis.plan.auto_backend`),
+    from the largest double-backward graph it builds: the tracker's, over the probe set, or with
+    Eigen-SAM the refresh's, over one training batch of ``batch_size`` samples."""
+    graphs = [_probe(config, inputs)]
+    if config.optimizer == "eigen-sam":
+        graphs.append(_placed(config, inputs, inputs.train, torch.arange(batch_size)))
+    ops = [
+        HessianOperator(Objective(inputs.model, inputs.loss_fn, batches), validate=False)
+        for batches in graphs
+    ]
+    return auto_backend(ops, available_memory(inputs.device))
+
+
+def _probe(config: RunConfig, inputs: Inputs) -> list[tuple[Any, Any]]:
+    """The tracker's probe batches: a fixed ``probe_size`` subset of the training data, chosen
+    by the seed."""
+    train = inputs.train
+    return _placed(
+        config, inputs, train, subset_indices(len(train), config.probe_size, config.seed)
+    )
+
+
+def _placed(
+    config: RunConfig, inputs: Inputs, bundle: DataBundle, index: torch.Tensor
+) -> list[tuple[Any, Any]]:
+    """The samples ``index`` of ``bundle``, this rank's contiguous share of them, in batches of
+    its share of ``batch_size``, on the run's device and dtype."""
+    mine = distributed.shard(len(index))
+    picked = index[mine.start : mine.stop]
+    part = replace(bundle, inputs=take(bundle.inputs, picked), targets=bundle.targets[picked])
+    return [
+        (move_to(x, inputs.device, inputs.dtype), move_to(y, inputs.device, inputs.dtype))
+        for x, y in batches(part, config.batch_size // distributed.world_size())
+    ]

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
-from sharpscope.choices import CURVATURE_NAMES
+from sharpscope.choices import BACKEND_CHOICES, BACKENDS, CURVATURE_NAMES
 from sharpscope.errors import InputError, check_choice
 from sharpscope.io.load_spec import LOAD, LoadSpec
 from sharpscope.settings import declared, like, optional_settings, setting
@@ -123,6 +123,18 @@ class RunConfig(OptimizerSettings):
         panel=TRACK,
     )
     """One of :data:`TRACK_MEASURES`; absent from the configs of earlier versions."""
+    backend: str = setting(
+        "double-backward",
+        help=f"Hessian products of Eigen-SAM's refresh and the tracked λ_max: "
+        f"{', '.join(BACKEND_CHOICES)}, as for analyze (finite-difference: a gradient's memory; "
+        "auto: double-backward when its graph fits the free memory, chosen once per run).",
+        panel=TRACK,
+    )
+    """How the Hessian's products are taken (:data:`~sharpscope.choices.BACKEND_CHOICES`);
+    absent from the configs of earlier versions."""
+    auto_backend: str | None = None
+    """The backend ``auto`` chose when the run started (kept: a resumed run takes the same
+    products); None when ``backend`` names one, or before the choice."""
     precision: str = setting(
         "float32",
         help=f"Training passes: {', '.join(PRECISIONS)} (bf16: bfloat16 autocast of float32 "
@@ -144,6 +156,9 @@ class RunConfig(OptimizerSettings):
         check_choice("curvature", self.curvature, CURVATURE_NAMES)
         check_choice("track_measure", self.track_measure, TRACK_MEASURES)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("backend", self.backend, BACKEND_CHOICES)
+        if self.auto_backend is not None:
+            check_choice("auto_backend", self.auto_backend, BACKENDS)
         if self.precision == "bf16" and self.dtype != "float32":
             raise InputError(
                 f"`precision` bf16 autocasts float32 weights, and leaves {self.dtype} ones as "
@@ -156,6 +171,13 @@ class RunConfig(OptimizerSettings):
             raise InputError(f"give either `steps` or `epochs`{both}")
         positive = ("batch_size", "probe_size", "track_iters", "steps", "epochs", "track_every")
         check_signs(self, (*positive, "save_every", "keep"), ())
+
+    @property
+    def products_backend(self) -> str:
+        """The backend of the run's Hessian products: ``backend``, or what ``auto`` chose."""
+        backend = self.auto_backend if self.backend == "auto" else self.backend
+        assert backend is not None, "`backend` auto has not chosen yet"
+        return backend
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """The step the run ends at."""

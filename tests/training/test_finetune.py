@@ -355,9 +355,10 @@ def test_no_checkpoint_or_data_is_a_usage_error():
     one_error(CliRunner().invoke(app, ["finetune", "--data", "digits"]), "CHECKPOINT", "--resume")
 
 
-DERIVED = {"checkpoint", "checkpoint_sha256", "model", "layout"}
+DERIVED = {"checkpoint", "checkpoint_sha256", "model", "layout", "auto_backend"}
 """The settings no option sets directly: CHECKPOINT's path and hash, the model spec (--model
-and --model-arg, else the one the checkpoint stores) and the checkpoints' layout (from both)."""
+and --model-arg, else the one the checkpoint stores), the checkpoints' layout (from both) and
+the backend `auto` chooses as the run starts."""
 
 
 @pytest.mark.parametrize(
@@ -381,7 +382,7 @@ def test_every_run_setting_comes_from_its_own_option(
         **dict(eig_every=7, eig_steps=3, schedule="cosine", batch_size=16, track_every=4),
         **dict(probe_size=32, track_iters=5, save_every=6, keep=2, seed=3, device="cpu"),
         **dict(text_field="sentence", label_field="class", max_length=20, curvature="ggn"),
-        **dict(track_measure="both"),
+        **dict(track_measure="both", backend="finite-difference"),
         **dict(params=("1.*", "3.weight"), freeze=("1.bias",)),
         **variant,
     }
@@ -406,6 +407,7 @@ def test_every_run_setting_comes_from_its_own_option(
         "checkpoint_sha256": file_sha256(checkpoint),
         "model": ModelSpec("mlp", {"hidden": (16,)}).to_json(),
         "layout": "safetensors",
+        "auto_backend": None,
     }
 
 

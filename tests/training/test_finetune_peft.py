@@ -9,7 +9,15 @@ import signal
 import pytest
 import tiny_peft
 import torch
-from finetune_processes import assert_same, latest_step, ok, sharpscope, started, wait_for
+from finetune_processes import (
+    assert_same,
+    latest_step,
+    ok,
+    sharpscope,
+    started,
+    stopping_after,
+    wait_for,
+)
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
@@ -80,19 +88,12 @@ def test_an_interrupted_adapter_run_resumes_bit_identically(tmp_path, monkeypatc
     adapter, _ = tiny_peft.write_adapter(tmp_path)
     data = tiny_peft.write_tokens(tmp_path / "tokens.safetensors")
     _finetune(adapter, data, tmp_path / "straight", "--steps", "4", "--eig-every", "3")
-    finetune = training_run.finetune
-
-    def stopped_after_two_steps(folder, config, inputs, resume_from, watch):
-        asked = iter([False, False, True])  # asked before every step
-        watch.should_stop = lambda: next(asked, True)
-        return finetune(folder, config, inputs, resume_from, watch)
-
-    monkeypatch.setattr(training_run, "finetune", stopped_after_two_steps)
+    stopping_after(monkeypatch, 2)
     args = ["finetune", str(adapter), "--data", str(data), "--out", str(tmp_path / "parts")]
     result = CliRunner().invoke(app, [*args, *ESAM, "--steps", "4", "--eig-every", "3", "--quiet"])
     assert result.exit_code == 128, result.output
     assert json.loads((tmp_path / "parts" / "latest").read_text())["step"] == 2
-    monkeypatch.setattr(training_run, "finetune", finetune)
+    monkeypatch.undo()
     result = CliRunner().invoke(app, ["finetune", "--resume", str(tmp_path / "parts"), "--quiet"])
     assert result.exit_code == 0, result.output
     straight, resumed = (

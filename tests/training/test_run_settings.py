@@ -46,8 +46,9 @@ BEFORE = dict(
     precision="float32",
 )
 """What a run did before each key of :data:`ADDED` existed."""
-SINCE_22 = ("track_measure",)
-"""Keys added after issue 22: configs without them load as runs that tracked λ_max alone."""
+SINCE_22 = ("track_measure", "backend", "auto_backend")
+"""Keys added after issue 22: configs without them load as runs that tracked λ_max alone, by
+double backward."""
 
 
 def earlier_format(config: RunConfig, keys: tuple[str, ...]) -> str:
@@ -65,7 +66,7 @@ def test_run_options_are_the_run_config_s_settings_each_optional():
     stored = {f.name for f in fields(RunConfig)}
     assert stored == set(FIRST) | set(ADDED) | set(SINCE_22)  # no key renamed: earlier ones load
     assert [d.name for d in declared(RunOptions)] == [d.name for d in declared(RunConfig)]
-    derived = {"checkpoint", "checkpoint_sha256", "model", "layout"}  # no option sets them
+    derived = {"checkpoint", "checkpoint_sha256", "model", "layout", "auto_backend"}  # no option
     assert {d.name for d in declared(RunConfig)} == stored - derived
     assert RunOptions.full is RunConfig and RunOptions().given() == {}
     assert {d.name for d in declared(OptimizerSettings)} < {d.name for d in declared(RunConfig)}
