@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from ground_truth import dense_hessian
+from refined_spy import spied_refined
 from torch import nn
 
 import sharpscope.optim.eigen_sam as eigen_sam_module
@@ -482,10 +483,14 @@ def test_param_groups_added_through_the_wrapper_reach_the_base():
     assert len(base.state) == len(list(model.parameters()))  # every parameter got momentum
 
 
-def test_eigen_sam_by_finite_differences_refreshes_to_the_dense_top_pair():
+def test_eigen_sam_by_finite_differences_refreshes_to_the_dense_top_pair(
+    monkeypatch: pytest.MonkeyPatch,
+):
     """backend finite-difference: the refresh's pair is the dense float64 Hessian's top one as
-    double backward's is (to the differences' error); an unknown backend (auto is
-    a run's choice, not the optimizer's) is refused naming `backend`."""
+    double backward's is (to the differences' error), its solve through refined (the step
+    chosen again on v); an unknown backend (auto is a run's choice, not the optimizer's) is
+    refused naming `backend`."""
+    solves = spied_refined(monkeypatch, eigen_sam_module)
     model = mlp()
     x, y = batches(count=1, size=16)[0]
     values, vectors = torch.linalg.eigh(dense_hessian(model, CE, x, y))
@@ -497,6 +502,7 @@ def test_eigen_sam_by_finite_differences_refreshes_to_the_dense_top_pair():
         v = torch.cat([opt.eigenvector[n].reshape(-1) for n, _ in model.named_parameters()])
         assert abs(float(v @ vectors[:, -1])) == pytest.approx(1.0, abs=1e-8), backend
     exact, differences = found["double-backward"], found["finite-difference"]
+    assert solves == [("double-backward", 1e-4), ("finite-difference", 1e-4)]
     for estimate in (exact, differences):
         assert estimate.eigenvalue == pytest.approx(float(values[-1]), rel=1e-7)
     assert differences.eigenvalue != exact.eigenvalue  # other products: differences of gradients

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from refined_spy import spied_refined
 from torch import nn
 from typer.testing import CliRunner
 
@@ -414,14 +415,7 @@ def test_a_finite_difference_tracker_measures_the_dense_lambda_max_and_refines_i
     refined (the step chosen again on v₁), as analyze's does."""
     model, batches = problem()
     top = float(torch.linalg.eigvalsh(dense_hessian(model, batches))[-1])
-    solves = []
-    refined = tracking_module.refined
-
-    def counted(op, solve, tol):
-        solves.append((op.backend, tol))
-        return refined(op, solve, tol)
-
-    monkeypatch.setattr(tracking_module, "refined", counted)
+    solves = spied_refined(monkeypatch, tracking_module)
     options = dict(products=None, tol=1e-8, max_iter=200)
     exact = SharpnessTracker(Objective(model, CE, batches), **options).measure()
     differences = tracker_for(model, CE, batches, 1, backend="finite-difference", **options)
