@@ -6,12 +6,16 @@ torch's float32 CPU ``vector_norm`` drifts by 2e-5 at 1.8M elements and 1e-3 at 
 (pytorch#169237), enough to put Lanczos vectors off unit norm and every eigenvalue off by more
 than a 1e-4 tolerance. Long vectors are reduced a slab at a time and the slabs' partial sums
 added in float64: accurate to float32's rounding of a slab, with no float64 copy of a vector.
+
+A vector may be sharded over ranks (each holds a piece, :mod:`sharpscope.curvature.shards`): the
+reductions then take ``over``, which sums a rank's partial results over the ranks, so that only
+scalars (and a basis's coefficients) travel, never a vector.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -20,6 +24,9 @@ SLAB = 1 << 16
 """Coordinates summed in the vectors' own dtype before a partial sum joins the float64 total."""
 DISTANCE_SLAB = 1 << 22
 """Coordinates of two vectors :func:`distance` subtracts at a time (bounded scratch)."""
+Over = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor of a rank's partial reductions (dot products) over the ranks that hold the
+pieces of sharded vectors (:meth:`sharpscope.curvature.shards.Shards.sum`); None: whole vectors."""
 
 
 def random_vectors(
@@ -38,18 +45,20 @@ def random_vectors(
     return out.to(dtype=like.dtype, device=like.device)
 
 
-def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+def dot(a: torch.Tensor, b: torch.Tensor, over: Over | None = None) -> float:
     """⟨a, b⟩ of two flat vectors: dot products over slabs of :data:`SLAB` coordinates in the
-    vectors' dtype, added in float64."""
+    vectors' dtype, added in float64 (and summed ``over`` the ranks of sharded vectors)."""
     if a.dtype == torch.float64 or a.shape[0] <= SLAB:
-        return float(torch.dot(a, b))
-    slabs = [torch.dot(a[i : i + SLAB], b[i : i + SLAB]) for i in range(0, a.shape[0], SLAB)]
-    return float(torch.stack(slabs).double().sum())
+        value = torch.dot(a, b).double()
+    else:
+        slabs = [torch.dot(a[i : i + SLAB], b[i : i + SLAB]) for i in range(0, a.shape[0], SLAB)]
+        value = torch.stack(slabs).double().sum()
+    return float(value if over is None else over(value))
 
 
-def norm(a: torch.Tensor) -> float:
-    """‖a‖ of a flat vector, accumulated in float64."""
-    return math.sqrt(max(dot(a, a), 0.0))
+def norm(a: torch.Tensor, over: Over | None = None) -> float:
+    """‖a‖ of a flat vector, accumulated in float64 (over the ranks of a sharded one)."""
+    return math.sqrt(max(dot(a, a, over), 0.0))
 
 
 def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
@@ -72,41 +81,53 @@ def row_slabs(
         yield part, basis[part].to(device, non_blocking=True)
 
 
-def project_out(w: torch.Tensor, basis: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+def project_out(
+    w: torch.Tensor, basis: torch.Tensor, rows: int | None = None, over: Over | None = None
+) -> torch.Tensor:
     """``w`` less its components along the orthonormal rows of ``basis`` (one pass), projected out
-    ``rows`` of them at a time (:func:`row_slabs`; None: all at once); ``w`` is not changed."""
-    return _remove(w.clone(), basis, rows)
+    ``rows`` of them at a time (:func:`row_slabs`; None: all at once); for sharded vectors the
+    coefficients are summed ``over`` the ranks. ``w`` is not changed."""
+    return _remove(w.clone(), basis, rows, over)
 
 
-def orthogonalize(w: torch.Tensor, basis: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+def orthogonalize(
+    w: torch.Tensor, basis: torch.Tensor, rows: int | None = None, over: Over | None = None
+) -> torch.Tensor:
     """Remove from ``w`` its components along the orthonormal rows of ``basis`` (twice, for
-    numerical safety: "twice is enough"), ``rows`` of them at a time (:func:`project_out`). The
-    coefficients are plain products in the vectors' dtype: their rounding only perturbs
-    orthogonality, which the second pass restores. ``w`` is not changed: one copy of it is the
-    result, worked on in place (no vector beside the two)."""
+    numerical safety: "twice is enough"), ``rows`` of them at a time (:func:`project_out`; sharded
+    vectors ``over`` their ranks). The coefficients are plain products in the vectors' dtype:
+    their rounding only perturbs orthogonality, which the second pass restores. ``w`` is not
+    changed: one copy of it is the result, worked on in place (no vector beside the two)."""
     if basis.shape[0] == 0:
         return w
     out = w.clone()
     for _ in range(2):
-        _remove(out, basis, rows)
+        _remove(out, basis, rows, over)
     return out
 
 
-def _remove(w: torch.Tensor, basis: torch.Tensor, rows: int | None) -> torch.Tensor:
+def _remove(
+    w: torch.Tensor, basis: torch.Tensor, rows: int | None, over: Over | None
+) -> torch.Tensor:
     """:func:`project_out` in place."""
     for _, part in row_slabs(basis, w.device, rows):
-        w.addmv_(part.T, part @ w, alpha=-1)
+        coefficients = part @ w
+        w.addmv_(part.T, coefficients if over is None else over(coefficients), alpha=-1)
     return w
 
 
-def distance(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> float:
+def distance(
+    a: torch.Tensor, b: torch.Tensor, scale: float = 1.0, over: Over | None = None
+) -> float:
     """‖a − ``scale`` b‖ of two flat vectors, accumulated in float64 a slab at a time: no vector
-    beside them."""
+    beside them (summed ``over`` the ranks of sharded vectors)."""
     total = 0.0
     for i in range(0, a.shape[0], DISTANCE_SLAB):
         part = torch.sub(a[i : i + DISTANCE_SLAB], b[i : i + DISTANCE_SLAB], alpha=scale)
         total += dot(part, part)
-    return math.sqrt(total)
+    if over is not None:
+        total = float(over(torch.tensor(total, dtype=torch.float64)))
+    return math.sqrt(max(total, 0.0))
 
 
 def combine(weights: torch.Tensor, basis: torch.Tensor, rows: int | None = None) -> torch.Tensor:
@@ -121,15 +142,16 @@ def combine(weights: torch.Tensor, basis: torch.Tensor, rows: int | None = None)
 
 
 def rayleigh_quotients(
-    vectors: torch.Tensor, images: Iterable[torch.Tensor]
+    vectors: torch.Tensor, images: Iterable[torch.Tensor], over: Over | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each unit vector's Rayleigh quotient vᵀHv and true residual ‖Hv − (vᵀHv)v‖ (float64),
-    given its image Hv (one at a time: a generator of products holds one)."""
+    given its image Hv (one at a time: a generator of products holds one; sharded vectors
+    reduced ``over`` their ranks)."""
     values, errors = [], []
     for v, image in zip(vectors, images, strict=True):
-        value = dot(v, image)
+        value = dot(v, image, over)
         values.append(value)
-        errors.append(distance(image, v, value))
+        errors.append(distance(image, v, value, over))
     return torch.tensor(values, dtype=torch.float64), torch.tensor(errors, dtype=torch.float64)
 
 
