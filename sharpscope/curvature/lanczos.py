@@ -10,13 +10,13 @@ import torch
 from sharpscope.choices import BASIS_DEVICES
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, MultiplicityCheck, Progress, Subspace
+from sharpscope.curvature.shards import dimension, draw, over_of
 from sharpscope.curvature.solve_settings import EIGEN_SETTINGS, SolveSettings
 from sharpscope.curvature.vectors import (
     combine,
     dot,
     norm,
     orthogonalize,
-    random_vectors,
     rayleigh_quotients,
 )
 
@@ -42,7 +42,9 @@ class LanczosProcess:
     products H q of the basis vectors are kept beside them (as much memory again), so that any
     vector of the basis's span has its image without another product. With ``host_rows`` the
     basis (and images) lie in host memory, pinned when the operator is on CUDA, and stream to the
-    device ``host_rows`` vectors at a time for each reorthogonalisation.
+    device ``host_rows`` vectors at a time for each reorthogonalisation. An operator whose
+    vectors are sharded over ranks (:mod:`~sharpscope.curvature.shards`) has its basis sharded
+    alike: every dot product and coefficient is summed over the ranks.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class LanczosProcess:
         host_rows: int | None = None,
     ) -> None:
         self.op = op
+        self.over = over_of(op)
         self.generator = generator
         self.capacity = capacity
         self.limit = limit
@@ -71,7 +74,7 @@ class LanczosProcess:
         self.exhausted = False
         self._t = torch.zeros(0, 0, dtype=torch.float64)
         self._arrow: torch.Tensor | None = None
-        self._next = start / norm(start)
+        self._next = start / norm(start, self.over)
 
     def _empty(self, rows: int) -> torch.Tensor:
         """``rows`` uninitialised vectors where the basis lies."""
@@ -119,16 +122,16 @@ class LanczosProcess:
         if self.images is not None:
             self.images[self.count - 1] = w
         self.steps += 1
-        alpha = dot(w, q)
+        alpha = dot(w, q, self.over)
         del q
         self._t[self.count - 1, self.count - 1] = alpha
-        w = orthogonalize(w, self.vectors, self.rows)
-        beta = norm(w)
+        w = orthogonalize(w, self.vectors, self.rows, self.over)
+        beta = norm(w, self.over)
         self.scale = max(self.scale, abs(alpha), beta)
         tiny = (
             100 * torch.finfo(self.op.dtype).eps * max(self.scale, torch.finfo(torch.float64).tiny)
         )
-        if self.count >= self.op.size:
+        if self.count >= dimension(self.op):
             self.exhausted = True
             self.beta = 0.0
             return
@@ -141,10 +144,9 @@ class LanczosProcess:
 
     def _fresh(self) -> None:
         """Continue from a random vector orthogonal to the basis (a new Krylov sequence)."""
-        like = torch.empty(0, dtype=self.op.dtype, device=self.op.device)
-        fresh = random_vectors(1, self.op.size, like, self.generator)[0]
-        fresh = orthogonalize(fresh, self.vectors, self.rows)
-        self._next = fresh / norm(fresh)
+        fresh = draw(self.op, 1, self.generator)[0]
+        fresh = orthogonalize(fresh, self.vectors, self.rows, self.over)
+        self._next = fresh / norm(fresh, self.over)
 
     def projected(self) -> torch.Tensor:
         """T = QᵀHQ (float64, CPU) of the current basis: tridiagonal until a restart."""
@@ -197,13 +199,13 @@ def select(theta: torch.Tensor, k: int, which: Which) -> torch.Tensor:
 def start_vector(
     op: LinearOperator, generator: torch.Generator, v0: torch.Tensor | None
 ) -> torch.Tensor:
-    """``v0`` on the operator's device and dtype (warm start), or a seeded random vector."""
-    like = torch.empty(0, dtype=op.dtype, device=op.device)
+    """``v0`` on the operator's device and dtype (warm start), or a seeded random vector (this
+    rank's pieces of it where the operator's vectors are sharded, as ``v0`` must be then)."""
     if v0 is None:
-        return random_vectors(1, op.size, like, generator)[0]
+        return draw(op, 1, generator)[0]
     if v0.shape != (op.size,):
         raise ValueError(f"v0 must be a flat vector of length {op.size}, got {tuple(v0.shape)}")
-    if not torch.linalg.vector_norm(v0) > 0:
+    if not norm(v0.to(op.dtype), over_of(op)) > 0:
         raise ValueError("v0 must be a non-zero vector")
     return v0.to(dtype=op.dtype, device=op.device)
 
@@ -337,13 +339,14 @@ def _solve(
     start = time.perf_counter()
     products = op.n_products
     generator = torch.Generator().manual_seed(settings.seed)
-    wants = [(min(k, op.size), which) for k, which in wants]
+    size, over = dimension(op), over_of(op)  # whole vectors' length; sums over sharded ones
+    wants = [(min(k, size), which) for k, which in wants]
     total = sum(k for k, _ in wants)
     if max_basis is not None and max_basis < total + 2:
         sizes = " + ".join(["k"] if len(wants) == 1 else [str(k) for k, _ in wants])
         raise ValueError(f"max_basis must be at least {sizes} + 2 = {total + 2}, got {max_basis}")
     max_iter = max(total, max_iter)
-    limit = min(max_iter, op.size)  # a basis never holds more
+    limit = min(max_iter, size)  # a basis never holds more
     rows = None  # a host basis: vectors per slab streamed to the device
     if settings.basis_device == "host":
         rows = max(1, HOST_SLAB_BYTES // (op.size * op.dtype.itemsize))
@@ -379,7 +382,7 @@ def _solve(
             tops = torch.cat([theta[p[:k]] for p, (k, _) in zip(picks, wants, strict=True)])
             if locked is not None and bool(((tops - locked).abs() <= tol * scale).all()):
                 complete = True  # the last fresh start found no further copy
-            elif total < op.size:
+            elif total < size:
                 keep = torch.unique(
                     torch.cat([p[:k] for p, (k, _) in zip(picks, wants, strict=True)])
                 )
@@ -404,7 +407,7 @@ def _solve(
     for wanted in picks:
         coords = s[:, wanted].to(dtype=op.dtype, device=op.device)
         vectors = combine(coords.T, process.vectors, process.rows)
-        lengths = torch.tensor([norm(v) for v in vectors], dtype=op.dtype, device=op.device)
+        lengths = torch.tensor([norm(v, over) for v in vectors], dtype=op.dtype, device=op.device)
         images = None
         if process.images is not None:
             images = combine(coords.T, process.images[: process.count], process.rows)
@@ -419,10 +422,10 @@ def _solve(
     for wanted, ok, (vectors, images) in zip(picks, converged, ritz, strict=True):
         values, errors = theta[wanted], residuals[wanted]
         if images is not None:
-            values, errors = rayleigh_quotients(vectors, images)
+            values, errors = rayleigh_quotients(vectors, images, over)
             ok = errors <= tol * scale
         elif verify:
-            values, errors = rayleigh_quotients(vectors, (op.matvec(v) for v in vectors))
+            values, errors = rayleigh_quotients(vectors, (op.matvec(v) for v in vectors), over)
             ok = errors <= tol * scale
         found.append((vectors, values, errors, ok, images))
     return [
