@@ -9,6 +9,7 @@ import torch
 from sharpscope.curvature.lanczos import LanczosProcess
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import DensityResult, Progress
+from sharpscope.curvature.shards import whole_only
 from sharpscope.curvature.vectors import random_vectors
 
 
@@ -46,6 +47,7 @@ def slq(
         >>> round(density.mean * op.size, 6)  # n · the mean eigenvalue is the trace
         2.0
     """
+    whole_only(op, "SLQ")
     if n_vectors < 1 or n_iter < 1:
         raise ValueError("n_vectors and n_iter must be at least 1")
     start, products = time.perf_counter(), op.n_products

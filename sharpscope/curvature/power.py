@@ -9,6 +9,7 @@ import torch
 from sharpscope.curvature.lanczos import Which, select, start_vector
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, Progress
+from sharpscope.curvature.shards import whole_only
 from sharpscope.curvature.solve_settings import EIGEN_SETTINGS, SolveSettings
 from sharpscope.curvature.vectors import (
     dot,
@@ -61,6 +62,7 @@ def power_iteration(
         >>> round(float(power_iteration(op, settings=SolveSettings(tol=1e-10)).eigenvalues[0]), 6)
         3.0
     """
+    whole_only(op, "power iteration")
     if k < 1:
         raise ValueError("k must be at least 1")
     select(torch.zeros(1), 1, which)
@@ -124,6 +126,7 @@ def rayleigh(op: LinearOperator, v: torch.Tensor, tol: float = 1e-4) -> EigenRes
     """One product: ``v``'s (normalised) Rayleigh quotient vᵀHv, its true residual ‖Hv − λv‖
     (converged at ``tol`` · |λ|) and its image Hv (``images``): what Lanczos or power iteration
     returns after one step from ``v``, without their bookkeeping (a per-step tracker's cost)."""
+    whole_only(op, "a Rayleigh quotient")
     start = time.perf_counter()
     v = v.to(dtype=op.dtype, device=op.device)
     v = v / norm(v)

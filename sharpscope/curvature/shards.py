@@ -18,6 +18,7 @@ import torch
 from sharpscope import distributed
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.vectors import Over, random_vectors
+from sharpscope.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,26 @@ class Shards:
 
     def draw(self, count: int, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``count`` seeded random vectors (rows): those :func:`random_vectors` draws for whole
-        vectors of :attr:`size`, cut to this rank's pieces, in ``like``'s dtype and device. Each
-        whole vector is drawn on the CPU in float64 (one at a time, freed once cut)."""
-        cpu = torch.empty(0, dtype=torch.float64)
-        rows = [self.cut(random_vectors(1, self.size, cpu, generator)[0]) for _ in range(count)]
+        vectors of :attr:`size`, cut to this rank's pieces, in ``like``'s dtype and device. The
+        whole vectors are drawn on the CPU in float64 (as many as ``count``, freed once cut)."""
+        whole = random_vectors(count, self.size, torch.empty(0, dtype=torch.float64), generator)
+        rows = [self.cut(row) for row in whole]
         return torch.stack(rows).to(dtype=like.dtype, device=like.device)
 
 
 def shards_of(op: LinearOperator) -> Shards | None:
     """How ``op``'s flat vectors are sharded over ranks (its ``shards``), None when whole."""
     return getattr(op, "shards", None)
+
+
+def whole_only(op: LinearOperator, what: str) -> None:
+    """Refuse (:class:`InputError`) an operator whose vectors are sharded in ``what``, an
+    estimator that does not reduce them over the ranks yet (only Lanczos does)."""
+    if shards_of(op) is not None:
+        raise InputError(
+            f"{what} does not take vectors sharded over ranks yet (an `op` with `shards`); "
+            "use lanczos"
+        )
 
 
 def over_of(op: LinearOperator) -> Over | None:

@@ -11,6 +11,7 @@ import torch
 
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import Progress, Subspace, TraceResult
+from sharpscope.curvature.shards import whole_only
 from sharpscope.curvature.solve_settings import TRACE_SETTINGS, SolveSettings
 from sharpscope.curvature.vectors import dot, project_out, random_vectors
 
@@ -120,6 +121,7 @@ def hutchinson(
         >>> hutchinson(op).estimate  # a diagonal matrix: every Rademacher probe is exact
         2.0
     """
+    whole_only(op, "Hutchinson")
     start, products = time.perf_counter(), op.n_products
     sampled = _sample_until(op, 0.0, None, settings, min_samples, progress, "hutchinson")
     return _result(0.0, sampled, op, products, start, "hutchinson")
@@ -157,6 +159,7 @@ def hutchpp(
         >>> round(hutchpp(op).estimate, 10)  # the sketch spans all three dimensions
         2.0
     """
+    whole_only(op, "Hutch++")
     start, products = time.perf_counter(), op.n_products
     generator = torch.Generator().manual_seed(settings.seed)
     like = torch.empty(0, dtype=op.dtype, device=op.device)
@@ -215,6 +218,7 @@ def deflated_trace(
         >>> round(deflated_trace(op, top.subspace).estimate, 6)
         21.0
     """
+    whole_only(op, "the deflated trace")
     start, products = time.perf_counter(), op.n_products
     floor = rounding_bound(subspace, op.dtype)
     budget = dataclasses.replace(settings, max_iter=max(2, settings.max_iter))
