@@ -177,17 +177,16 @@ class ShardedHessianOperator(CurvatureOperator):
             yield
             return
         reshard(self.model)
-        shards = self._locals()
-        saved = [t.clone() for t in shards]
+        saved = [t.clone() for t in self._locals()]
         try:
             with torch.no_grad():
-                for t, d in zip(shards, self._split(delta.to(self.dtype)), strict=True):
+                for t, d in zip(self._locals(), self._split(delta.to(self.dtype)), strict=True):
                     t.add_(d)
             yield
         finally:
             reshard(self.model)
-            with torch.no_grad():
-                for t, s in zip(shards, saved, strict=True):
+            with torch.no_grad():  # the shards fetched anew: a first forward may re-point them
+                for t, s in zip(self._locals(), saved, strict=True):
                     t.copy_(s)
 
     def _pieces(self) -> Iterator[tuple[float, Any, Any]]:
