@@ -51,6 +51,15 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
+def _local(whole: torch.Tensor, param: DTensor) -> torch.Tensor:
+    """This rank's shard of ``whole``, a tensor shaped like the sharded ``param``, as ``param``'s
+    own shard lies (no communication: every rank passes the same ``whole``)."""
+    placed = whole.to(param.device)
+    return distribute_tensor(
+        placed, param.device_mesh, param.placements, src_data_rank=None
+    ).to_local()
+
+
 class ShardedHessianOperator(CurvatureOperator):
     """The Hessian of the mean loss over every rank's batches of a model sharded by FSDP2, as a
     linear operator on sharded flat vectors (data, weighting, parameters:
@@ -66,7 +75,9 @@ class ShardedHessianOperator(CurvatureOperator):
     (:func:`summed_gradients`), adds every rank's contribution once, leaving this rank's shard
     of G in ``.grad``. The step is :meth:`step`'s, with the norms summed over the ranks as
     scalars, so every rank takes the same one; the weights' local shards move in place (the next
-    forward all-gathers them) and are restored bit for bit. Every rank runs as many forwards and
+    forward all-gathers them) and are restored bit for bit; an embedding's ``padding_idx`` row,
+    which autograd holds constant, is not moved (:meth:`_held_masks`). Every rank runs as many
+    forwards and
     backwards as the rank with the most batches (:meth:`_pieces`): FSDP2's collectives go in
     lockstep.
 
@@ -79,9 +90,8 @@ class ShardedHessianOperator(CurvatureOperator):
 
     Raises:
         InputError: A selected parameter is not sharded over all ranks by ``fully_shard``, the
-            objective is not distributed over several ranks, an embedding with a ``padding_idx``
-            row is selected, or ``step_scale`` is not positive; as :class:`CurvatureOperator`
-            otherwise.
+            objective is not distributed over several ranks, or ``step_scale`` is not positive;
+            as :class:`CurvatureOperator` otherwise.
     """
 
     curvature = "hessian"
@@ -98,9 +108,12 @@ class ShardedHessianOperator(CurvatureOperator):
         self.step_scale = step_scale
         reshard(objective.model)  # its parameters the shards, not a forward's gathered copies
         super().__init__(objective, cache_graph=False, validate=validate)
+        reshard(self.model)  # the first batch's check left the root's gathered
         self._check_sharded()
         self.local_shapes = tuple(t.shape for t in self._locals())
         """The shapes of this rank's shards of the selected parameters, in order."""
+        self.held = self._held_masks()
+        """Embedding rows that products hold still (:meth:`_held_masks`)."""
         self.shards = Shards(self.space.size, self.cut)
         """How this operator's flat vectors lie over the ranks (:mod:`~sharpscope.curvature.
         shards`): the whole vectors' length and this rank's cut of one."""
@@ -108,7 +121,7 @@ class ShardedHessianOperator(CurvatureOperator):
 
     def _check_sharded(self) -> None:
         """Refuse what this operator cannot take: parameters not sharded over every rank, data
-        not distributed, a held embedding row."""
+        not distributed."""
         world = distributed.world_size()
         for name, p in zip(self.space.names, self.space.params, strict=True):
             if not isinstance(p, DTensor) or p.device_mesh.shape != (world,):
@@ -122,14 +135,6 @@ class ShardedHessianOperator(CurvatureOperator):
                 "a sharded model's gradients are summed over the ranks, so each rank must hold "
                 "its own shard of the data: pass `distributed` True"
             )
-        index = set(map(id, self.space.params))
-        for module in self.model.modules():
-            held = isinstance(module, nn.Embedding) and module.padding_idx is not None
-            if held and id(module.weight) in index:
-                raise InputError(
-                    "an embedding with a `padding_idx` row is not taken under FSDP yet "
-                    "(autograd holds that row constant); leave it out with `exclude`"
-                )
 
     @property
     def size(self) -> int:
@@ -157,17 +162,26 @@ class ShardedHessianOperator(CurvatureOperator):
         parts = whole.split(list(self.space.numels))
         return torch.cat(
             [
-                distribute_tensor(
-                    part.reshape(p.shape).to(p.device),
-                    p.device_mesh,
-                    p.placements,
-                    src_data_rank=None,
-                )
-                .to_local()
-                .reshape(-1)
+                _local(part.reshape(p.shape), p).reshape(-1)
                 for part, p in zip(parts, self.space.params, strict=True)
             ]
         )
+
+    def _held_masks(self) -> list[tuple[int, torch.Tensor]]:
+        """Each selected embedding weight with a ``padding_idx`` row, by its index, with this
+        rank's shard of a mask that is 0 on that row: autograd holds the row constant (no
+        gradient), so double backward's Hessian has no row or column for it and a product must
+        not move it (as ``HessianOperator``'s finite differences do not)."""
+        index = {id(p): i for i, p in enumerate(self.space.params)}
+        masks = []
+        for module in self.model.modules():
+            held = isinstance(module, nn.Embedding) and module.padding_idx is not None
+            if held and id(module.weight) in index:
+                p = self.space.params[index[id(module.weight)]]
+                mask = torch.ones(p.shape, dtype=self.dtype)
+                mask[module.padding_idx] = 0
+                masks.append((index[id(p)], _local(mask, p)))
+        return masks
 
     @contextlib.contextmanager
     def shifted(self, delta: torch.Tensor | None) -> Iterator[None]:
@@ -252,6 +266,11 @@ class ShardedHessianOperator(CurvatureOperator):
         if v.shape != (self.size,):
             raise ValueError(f"expected this rank's {self.size} pieces, got {tuple(v.shape)}")
         v = v.to(device=self.device, dtype=self.dtype)
+        if self.held:
+            v = v.clone()
+            parts = self._split(v)
+            for i, mask in self.held:
+                parts[i].mul_(mask)
         self.n_products += 1
         h = self.step(v)
         return (self._gradient_at(h * v) - self._gradient_at(-h * v)) / (2 * h)

@@ -17,9 +17,10 @@ TESTS = Path(__file__).resolve().parents[1]
 SHARDED_CHECK = """
 # On 2 ranks, a tiny model sharded per block and at the root: the sharded operator's product,
 # gradient, loss and top-3 eigenpairs equal one process's (whole model, all the data); its
-# weights are bit-identical after the solve; what it cannot take is refused. The GPT-2's
-# reference is double backward; the Llama's, finite differences at the same step, as its RMSNorm
-# and rotary positions compute in float32 inside, which puts any finite difference 1e-5 off.
+# weights are bit-identical after the solve; what it cannot take is refused. The GPT-2's and the
+# BERT's (whose word embeddings hold a padding row) reference is double backward; the Llama's,
+# finite differences at the same step, as its RMSNorm and rotary positions compute in float32
+# inside, which puts any finite difference 1e-5 off.
 import sys
 
 sys.path.insert(0, {tests!r})
@@ -43,8 +44,21 @@ def lm_loss(out, y):
     return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
 
 
-ids = torch.randint(0, tiny_hf.VOCAB - 1, (10, 10), generator=torch.Generator().manual_seed(0))
-pieces = [({{"input_ids": x}}, x) for x in ids.split(2)]  # 5 batches: ranks hold 2 and 3
+def class_loss(out, y):
+    return F.cross_entropy(out.logits, y)
+
+
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, tiny_hf.VOCAB - 1, (10, 10), generator=g)  # 0 is BERT's padding token
+targets = torch.randint(0, 3, (10,), generator=g) if NAME == "bert" else ids
+loss_fn = class_loss if NAME == "bert" else lm_loss
+# 5 batches: the ranks hold 2 and 3
+pieces = [({{"input_ids": x}}, y) for x, y in zip(ids.split(2), targets.split(2))]
+BLOCKS = {{
+    "gpt2": lambda m: m.transformer.h,
+    "bert": lambda m: m.bert.encoder.layer,
+    "llama": lambda m: m.model.layers,
+}}
 
 
 def build():
@@ -53,7 +67,7 @@ def build():
 
 def sharded():
     model = build()
-    for block in model.transformer.h if NAME == "gpt2" else model.model.layers:
+    for block in BLOCKS[NAME](model):
         fully_shard(block)
     fully_shard(model)
     return model
@@ -67,16 +81,16 @@ def main():
     with distributed.launched(60):
         mine = [pieces[i] for i in distributed.shard(len(pieces))]
         model = sharded()
-        whole = Objective(build(), lm_loss, pieces, distributed=False)
+        whole = Objective(build(), loss_fn, pieces, distributed=False)
         size = select_params(whole.model).size
         v = torch.randn(size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        if NAME == "gpt2":
+        if NAME != "llama":
             one, scale = HessianOperator(whole), 1 / 32
         else:  # its first product chooses the step (32 times the base one)
             one = HessianOperator(whole, backend="finite-difference")
             one.matvec(v)
             scale = one.fd_scale
-        op = ShardedHessianOperator(Objective(model, lm_loss, mine), step_scale=scale)
+        op = ShardedHessianOperator(Objective(model, loss_fn, mine), step_scale=scale)
         over = op.shards.sum
         assert op.shards.size == one.size and op.shape == one.shape and op.size < one.size
         loss, gradient = op.loss_and_gradient()
@@ -92,7 +106,7 @@ def main():
         assert off <= REL, f"the gathered product is {{off:.1e}} off one process's"
         before = [t.clone() for t in op._locals()]
         # the Llama's reference follows the same products: a looser tolerance, fewer of them
-        settings = SolveSettings(tol=1e-10 if NAME == "gpt2" else 1e-4, max_iter=200)
+        settings = SolveSettings(tol=1e-4 if NAME == "llama" else 1e-10, max_iter=200)
         ours, theirs = lanczos(op, k=3, settings=settings), lanczos(one, k=3, settings=settings)
         values, expected_values = ours.eigenvalues, theirs.eigenvalues
         assert ((values - expected_values).abs() <= REL * expected_values.abs()).all(), (
@@ -107,8 +121,8 @@ def main():
         values = distributed.all_gather(values.tolist())
         assert all(v == values[0] for v in values), "ranks differ"
         for objective, expected in [
-            (Objective(build(), lm_loss, mine), "`fully_shard`"),
-            (Objective(sharded(), lm_loss, pieces, distributed=False), "`distributed` True"),
+            (Objective(build(), loss_fn, mine), "`fully_shard`"),
+            (Objective(sharded(), loss_fn, pieces, distributed=False), "`distributed` True"),
         ]:
             try:
                 ShardedHessianOperator(objective)
@@ -124,7 +138,7 @@ distributed.exit_now(0)  # finalising after Gloo collectives may abort: see its 
 """
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
 def test_sharded_lanczos_equals_one_process(tmp_path, name):
     script = tmp_path / "sharded_check.py"
     script.write_text(SHARDED_CHECK.format(tests=str(TESTS), name=name), encoding="utf-8")
