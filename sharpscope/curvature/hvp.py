@@ -421,5 +421,6 @@ def refined(op: Any, solve: Callable[[], _Solved], tol: float) -> _Solved:
         top = result[0] if isinstance(result, tuple) else result
         if not op.refine_step(top.eigenvectors[0], tol):
             break
+        del top, result  # the next solve's memory: not beside the last one's vectors
         result = solve()
     return result
