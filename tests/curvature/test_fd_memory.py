@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.autograd.profiler import profile
 
 from sharpscope.curvature import HessianOperator, Objective, SolveSettings, lanczos, weight_shift
+from sharpscope.curvature.hvp import refined
 
 
 def peak_vectors(fn: Callable[[], object], size: int) -> float:
@@ -47,3 +48,15 @@ def test_a_top_1_lanczos_solve_holds_its_basis_and_two_vectors(op):
     op.matvec(torch.randn(op.size))  # the step is chosen
     settings = SolveSettings(max_iter=8, max_basis=4)
     assert peak_vectors(lambda: lanczos(op, 1, settings=settings), op.size) <= 4 + 3.1
+
+
+def test_a_solve_done_again_does_not_hold_the_last_one(op, monkeypatch):
+    op.matvec(torch.randn(op.size))
+    settings = SolveSettings(max_iter=8, max_basis=4)
+    once = peak_vectors(lambda: lanczos(op, 1, settings=settings), op.size)
+    changed = iter([True, False])  # the step is chosen again once: one more solve
+    monkeypatch.setattr(op, "refine_step", lambda v, tol: next(changed))
+    again = peak_vectors(
+        lambda: refined(op, lambda: lanczos(op, 1, settings=settings), 1e-3), op.size
+    )
+    assert again <= once + 0.1
