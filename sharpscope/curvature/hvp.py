@@ -14,7 +14,8 @@ from sharpscope.choices import BACKENDS
 from sharpscope.curvature.attention import derivatives_explained
 from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.operator import CurvatureOperator
-from sharpscope.curvature.vectors import distance, dot, norm
+from sharpscope.curvature.shards import over_of
+from sharpscope.curvature.vectors import Over, distance, dot, norm
 from sharpscope.errors import InputError
 
 FUNC_CHECK_ULPS = 200
@@ -235,7 +236,7 @@ class HessianOperator(CurvatureOperator):
     def _held_parts(self, v: torch.Tensor) -> list[torch.Tensor]:
         """The flat vector ``v`` as parameter-shaped parts less the rows autograd holds constant
         (:meth:`_held`)."""
-        return self._held(self.space.split(v.to(device=self.device, dtype=self.dtype)))
+        return self._held(self._parts(v.to(device=self.device, dtype=self.dtype)))
 
     def _step(self, vs: list[torch.Tensor]) -> float:
         """The finite-difference base step h for the direction ``vs`` (parameter-shaped):
@@ -246,11 +247,17 @@ class HessianOperator(CurvatureOperator):
         balances the first two, each then of order eps^(2/3) (about 2e-5 in float32), and
         scaling by ‖w‖ keeps the moved weights' rounding at that order too. It only depends on
         the weights and ``v``, so every rank takes the same step. Both norms are summed
-        parameter by parameter: no model-sized copy on every product.
+        parameter by parameter (and over the ranks where the vectors are sharded, as scalars): no
+        model-sized copy on every product.
         """
         eps = torch.finfo(self.dtype).eps
-        weights = _norm_of(p.detach() for p in self.space.params)
-        return eps ** (1 / 3) * max(1.0, weights) / max(_norm_of(vs), torch.finfo(self.dtype).tiny)
+        over = over_of(self)
+        weights = _norm_of((w.detach() for w in self._weights()), over)
+        return (
+            eps ** (1 / 3)
+            * max(1.0, weights)
+            / max(_norm_of(vs, over), torch.finfo(self.dtype).tiny)
+        )
 
     def _difference(self, vs: list[torch.Tensor], h: float) -> torch.Tensor:
         """(g(w + h v) − g(w − h v)) / 2h on this rank's batches for the parameter-shaped ``vs``,
@@ -294,7 +301,7 @@ class HessianOperator(CurvatureOperator):
         step = FD_SHRINK * self.fd_scale * self._step(parts)
         self.n_products += 1
         wider = self._reduced(self._difference(parts, step))
-        return distance(wider, image) / (FD_SHRINK**2 - 1)
+        return distance(wider, image, over=over_of(self)) / (FD_SHRINK**2 - 1)
 
     def refine_step(self, v: torch.Tensor, target: float) -> bool:
         """``finite-difference`` only, after the first product: choose the step again on the flat
@@ -405,9 +412,13 @@ class HessianOperator(CurvatureOperator):
         return super().loss(delta)
 
 
-def _norm_of(parts: Iterable[torch.Tensor]) -> float:
-    """The norm of the flat vector ``parts`` (parameter-shaped, contiguous) make up."""
-    return math.sqrt(sum(dot(t.reshape(-1), t.reshape(-1)) for t in parts))
+def _norm_of(parts: Iterable[torch.Tensor], over: Over | None = None) -> float:
+    """The norm of the flat vector ``parts`` (parameter-shaped, contiguous) make up, its square
+    summed ``over`` the ranks of a sharded one (one scalar travels)."""
+    total = sum(dot(t.reshape(-1), t.reshape(-1)) for t in parts)
+    if over is not None:
+        total = float(over(torch.tensor(float(total), dtype=torch.float64)))
+    return math.sqrt(max(total, 0.0))
 
 
 def refined(op: Any, solve: Callable[[], _Solved], tol: float) -> _Solved:

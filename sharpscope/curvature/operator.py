@@ -349,7 +349,7 @@ class CurvatureOperator:
         if not self.distributed:
             return float(local)
         total = torch.tensor(float(local), dtype=torch.float64, device=self.device)
-        return float(self._reduced(total))
+        return float(_distributed.all_reduce_sum(total))
 
     @property
     def size(self) -> int:
@@ -451,8 +451,7 @@ class CurvatureOperator:
         """Return ``M @ v`` for a flat vector ``v`` (summed over all ranks when distributed)."""
         if v.shape != (self.size,):
             raise ValueError(f"expected a flat vector of length {self.size}, got {tuple(v.shape)}")
-        v = v.to(device=self.device, dtype=self.dtype)
-        vs = self.space.split(v)
+        vs = self._parts(v.to(device=self.device, dtype=self.dtype))
         self.n_products += 1
         with self.mode():  # a checkpointed layer recomputes its forward in the backward
             return self._reduced(self._local_matvec(vs))
@@ -543,12 +542,20 @@ class CurvatureOperator:
         if delta is None:
             yield
             return
-        with self._moved(self.space.split(delta.to(device=self.device, dtype=self.dtype)), scale):
+        with self._moved(self._parts(delta.to(device=self.device, dtype=self.dtype)), scale):
             yield
+
+    def _parts(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """The flat vector ``v`` as views shaped like the tensors :meth:`_weights` moves."""
+        return self.space.split(v)
+
+    def _weights(self) -> list[torch.Tensor]:
+        """The tensors a shift of the weights moves in place: the selected parameters."""
+        return list(self.space.params)
 
     def _moved(
         self, parts: Sequence[torch.Tensor], scale: float
     ) -> contextlib.AbstractContextManager[None]:
         """:meth:`shifted` for a delta already split into parameter-shaped ``parts``."""
         self.release()
-        return moved(self.space.params, parts, scale)
+        return moved(self._weights(), parts, scale)

@@ -1,12 +1,13 @@
 """The Hessian of a model whose parameters FSDP2 shards over the ranks
-(``torch.distributed.fsdp.fully_shard``), on flat vectors sharded like the parameters: products
-by central differences of gradients that FSDP2's reduce-scatter sums over the ranks."""
+(``torch.distributed.fsdp.fully_shard``), on flat vectors sharded like the parameters: the
+finite-difference backend's products, of gradients that FSDP2's reduce-scatter sums over the
+ranks."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -15,10 +16,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from sharpscope import distributed
+from sharpscope.curvature.hvp import HessianOperator
 from sharpscope.curvature.objective import Objective
-from sharpscope.curvature.operator import CurvatureOperator
 from sharpscope.curvature.shards import Shards
-from sharpscope.curvature.vectors import dot
+from sharpscope.curvature.vectors import distance, norm
 from sharpscope.errors import InputError
 
 
@@ -51,6 +52,17 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
+def settle(model: nn.Module) -> None:
+    """Run FSDP2's lazy set-up of every parameter group of ``model`` now (it runs once, on the
+    first forward otherwise): it may re-point a parameter's local shard into padded storage,
+    which must not happen to shards an operator holds moved (:func:`~sharpscope.curvature.
+    weight_shift.moved` restores the tensors it moved)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            for group in module._get_fsdp_state()._fsdp_param_groups:
+                group.lazy_init()
+
+
 def _local(whole: torch.Tensor, param: DTensor) -> torch.Tensor:
     """This rank's shard of ``whole``, a tensor shaped like the sharded ``param``, as ``param``'s
     own shard lies (no communication: every rank passes the same ``whole``)."""
@@ -60,32 +72,35 @@ def _local(whole: torch.Tensor, param: DTensor) -> torch.Tensor:
     ).to_local()
 
 
-class ShardedHessianOperator(CurvatureOperator):
+class ShardedHessianOperator(HessianOperator):
     """The Hessian of the mean loss over every rank's batches of a model sharded by FSDP2, as a
-    linear operator on sharded flat vectors (data, weighting, parameters:
+    linear operator on sharded flat vectors: :class:`~sharpscope.curvature.hvp.HessianOperator`'s
+    ``finite-difference`` backend in all but its vectors (data, weighting, parameters:
     :class:`~sharpscope.curvature.operator.CurvatureOperator`).
 
     Each rank holds its shard of the batches (as the data-parallel operator has it) and its shard
     of every parameter. A flat vector is this rank's pieces: each selected parameter's local
     shard (``to_local()``), flattened, in parameter order; :attr:`shards` cuts a whole vector so
-    and sums dot products over the ranks, so that :func:`~sharpscope.curvature.lanczos.lanczos`
-    runs on it as on one process. A product is the central difference
-    (G(w + h v) − G(w − h v)) / 2h of the gradient G of the loss over all ranks' batches: each
-    rank's weighted batch losses go backward and FSDP2's reduce-scatter, set to sum
-    (:func:`summed_gradients`), adds every rank's contribution once, leaving this rank's shard
-    of G in ``.grad``. The step is :meth:`step`'s, with the norms summed over the ranks as
-    scalars, so every rank takes the same one; the weights' local shards move in place (the next
-    forward all-gathers them) and are restored bit for bit; an embedding's ``padding_idx`` row,
-    which autograd holds constant, is not moved (:meth:`_held_masks`). Every rank runs as many
-    forwards and
-    backwards as the rank with the most batches (:meth:`_pieces`): FSDP2's collectives go in
-    lockstep.
+    and sums dot products over the ranks, so that the estimators (:func:`~sharpscope.curvature.
+    lanczos.lanczos`, power iteration, the traces, SLQ) run on it as on one process. A product
+    is the central difference (G(w + h v) − G(w − h v)) / 2h of the gradient G of the loss over
+    all ranks' batches: each rank's weighted batch losses go backward and FSDP2's
+    reduce-scatter, set to sum (:func:`summed_gradients`), adds every rank's contribution once
+    into this rank's shard of ``.grad``, which is a view of the product's buffer meanwhile
+    (:meth:`_accumulate`). The step is searched by the first product and chosen again by
+    :meth:`refine_step` as one process's (:attr:`fd_scale`, :attr:`fd_error`), with every norm
+    and distance summed over the ranks as scalars, so every rank takes the same one; the local
+    shards move in place without a copy (:func:`~sharpscope.curvature.weight_shift.moved`; the
+    next forward all-gathers them) and are restored bit for bit; an embedding's
+    ``padding_idx`` row, which autograd holds constant, is not moved (:meth:`_held_masks`).
+    Every rank runs as many forwards and backwards as the rank with the most batches
+    (:meth:`_pieces`): FSDP2's collectives go in lockstep.
 
     Args:
         objective: The model (its selected parameters sharded by ``fully_shard`` over every
             rank), loss, this rank's batches and the parameters (:class:`Objective`).
-        step_scale: The step as a multiple of the base step (:meth:`step`); fixed, as the
-            one-process backend's search for it (``HessianOperator.fd_scale``) is not done here.
+        step_scale: The step as a fixed multiple of the base step (:meth:`HessianOperator._step`)
+            instead of the first product's search (None).
         validate: Run the model and the loss on the first batch now (on every rank alike).
 
     Raises:
@@ -94,23 +109,25 @@ class ShardedHessianOperator(CurvatureOperator):
             as :class:`CurvatureOperator` otherwise.
     """
 
-    curvature = "hessian"
     settings = ("step_scale",)
-    second_order = False
     _rounds = 0
     """How many pieces every rank runs per pass (:meth:`_pieces`): the most any rank holds."""
 
     def __init__(
-        self, objective: Objective, *, step_scale: float = 1.0, validate: bool = True
+        self, objective: Objective, *, step_scale: float | None = None, validate: bool = True
     ) -> None:
-        if not (step_scale > 0 and math.isfinite(step_scale)):
+        if step_scale is not None and not (step_scale > 0 and math.isfinite(step_scale)):
             raise InputError(f"`step_scale` must be positive and finite, got {step_scale}")
         self.step_scale = step_scale
+        settle(objective.model)
         reshard(objective.model)  # its parameters the shards, not a forward's gathered copies
-        super().__init__(objective, cache_graph=False, validate=validate)
+        super().__init__(
+            objective, backend="finite-difference", cache_graph=False, validate=validate
+        )
+        self.fd_scale = step_scale
         reshard(self.model)  # the first batch's check left the root's gathered
         self._check_sharded()
-        self.local_shapes = tuple(t.shape for t in self._locals())
+        self.local_shapes = tuple(t.shape for t in self._weights())
         """The shapes of this rank's shards of the selected parameters, in order."""
         self.held = self._held_masks()
         """Embedding rows that products hold still (:meth:`_held_masks`)."""
@@ -146,13 +163,12 @@ class ShardedHessianOperator(CurvatureOperator):
         """The whole operator's shape (the whole vectors' length, twice)."""
         return (self.space.size, self.space.size)
 
-    def _locals(self) -> list[torch.Tensor]:
-        """This rank's shards of the selected parameters, sharing their storage (fetched anew:
-        FSDP2 may re-point them on its first forward)."""
+    def _weights(self) -> list[torch.Tensor]:
+        """This rank's shards of the selected parameters, sharing their storage."""
         with torch.no_grad():
             return [p.to_local() for p in self.space.params]
 
-    def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
+    def _parts(self, v: torch.Tensor) -> list[torch.Tensor]:
         """This rank's flat pieces as views shaped like the local shards."""
         numels = [math.prod(s) for s in self.local_shapes]
         return [t.view(s) for t, s in zip(v.split(numels), self.local_shapes, strict=True)]
@@ -183,25 +199,26 @@ class ShardedHessianOperator(CurvatureOperator):
                 masks.append((index[id(p)], _local(mask, p)))
         return masks
 
+    def _held(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``vs`` (this rank's pieces, shaped) less the rows autograd holds constant: each rank
+        masks its shard of them (:meth:`_held_masks`)."""
+        vs = list(vs)
+        for i, mask in self.held:
+            vs[i] = vs[i] * mask
+        return vs
+
     @contextlib.contextmanager
-    def shifted(self, delta: torch.Tensor | None) -> Iterator[None]:
-        """The local shards moved by this rank's pieces ``delta`` in place while inside (every
-        rank moves its own, so the model moves by the whole vector), restored bit for bit."""
-        if delta is None:
-            yield
-            return
+    def _moved(self, parts: Sequence[torch.Tensor], scale: float) -> Iterator[None]:
+        """The local shards moved by ``scale`` × this rank's ``parts`` in place while inside
+        (every rank moves its own, so the model moves by the whole vector), restored bit for bit;
+        the gathered copies are freed before and after, so forwards gather the shards as they
+        then are."""
         reshard(self.model)
-        saved = [t.clone() for t in self._locals()]
         try:
-            with torch.no_grad():
-                for t, d in zip(self._locals(), self._split(delta.to(self.dtype)), strict=True):
-                    t.add_(d)
-            yield
+            with super()._moved(parts, scale):
+                yield
         finally:
             reshard(self.model)
-            with torch.no_grad():  # the shards fetched anew: a first forward may re-point them
-                for t, s in zip(self._locals(), saved, strict=True):
-                    t.copy_(s)
 
     def _pieces(self) -> Iterator[tuple[float, Any, Any]]:
         """This rank's weighted batches or chunks (:meth:`CurvatureOperator._pieces`), then its
@@ -215,62 +232,44 @@ class ShardedHessianOperator(CurvatureOperator):
         for _ in range(self._rounds - count):
             yield (0.0, inputs, targets)
 
-    def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
-        """The mean loss over every rank's batches and this rank's pieces of its gradient, at the
-        weights as they are: a forward and a backward per piece, the gradients summed over the
-        ranks by FSDP2's reduce-scatter (:func:`summed_gradients`). Gradients the model held
-        before are given back afterwards."""
-        reshard(self.model)
+    def _accumulate(self, total: torch.Tensor, subtract: bool = False) -> float:
+        """Add this rank's shard of the weighted gradient sum over all ranks into the flat
+        ``total`` in place (``subtract``: take it away) and return this rank's weighted loss sum.
+        Each selected parameter's ``.grad`` is meanwhile a sharded tensor whose local shard is
+        its view of ``total``, into which FSDP2's reduce-scatter, set to sum
+        (:func:`summed_gradients`), adds every rank's contribution in place: no gradient-sized
+        tensor stands beside ``total``. Every trained parameter's gradient is put back after."""
         trained = [p for p in self.model.parameters() if p.requires_grad]
         kept = [p.grad for p in trained]
+        views = {
+            id(p): DTensor.from_local(
+                view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
+            for p, view in zip(self.space.params, self._parts(total), strict=True)
+        }
         value = 0.0
+        reshard(self.model)
         try:
             for p in trained:
-                p.grad = None
-            with summed_gradients(self.model), self.mode():
-                for w, inputs, targets in self._pieces():
-                    loss = w * self._batch_loss(inputs, targets, None)
+                p.grad = views.get(id(p))
+            with summed_gradients(self.model):
+                for loss in self._batch_losses():
                     value += float(loss.detach())
-                    loss.backward()
-            flat = torch.cat(
-                [
-                    (torch.zeros(s, dtype=self.dtype) if p.grad is None else p.grad.to_local())
-                    .to(self.device)
-                    .reshape(-1)
-                    for p, s in zip(self.space.params, self.local_shapes, strict=True)
-                ]
-            )
+                    (-loss if subtract else loss).backward()
         finally:
             for p, g in zip(trained, kept, strict=True):
                 p.grad = g
-        return self._reduced_float(value), flat
+        return value
 
-    def step(self, v: torch.Tensor) -> float:
-        """The central difference's step for this rank's pieces ``v``: ``step_scale`` times the
-        base step cbrt(eps)·max(1, ‖w‖)/‖v‖ of :meth:`HessianOperator._step`, both norms summed
-        over the ranks in one all-reduce, so that every rank takes the same step."""
-        local = [sum(dot(t.reshape(-1), t.reshape(-1)) for t in self._locals()), dot(v, v)]
-        weights, vector = (math.sqrt(max(x, 0.0)) for x in distributed.sum_floats(local))
-        eps = torch.finfo(self.dtype).eps
-        base = eps ** (1 / 3) * max(1.0, weights) / max(vector, torch.finfo(self.dtype).tiny)
-        return self.step_scale * base
+    def _reduced(self, local: torch.Tensor) -> torch.Tensor:
+        """``local`` itself: a product or gradient is this rank's shard of the sum over all ranks
+        already (FSDP2's reduce-scatter added every rank's contribution once)."""
+        return local
 
-    def _gradient_at(self, delta: torch.Tensor) -> torch.Tensor:
-        """This rank's pieces of the gradient at the weights + ``delta`` (pieces)."""
-        with self.shifted(delta):
-            return self.loss_and_gradient()[1]
+    def _distance(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """‖a − b‖ of two products, summed over the ranks as one scalar."""
+        return distance(a, b, over=self.shards.sum)
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """Return this rank's pieces of ``H @ v`` for this rank's pieces ``v`` (every rank calls
-        it with its own pieces of the same whole vector)."""
-        if v.shape != (self.size,):
-            raise ValueError(f"expected this rank's {self.size} pieces, got {tuple(v.shape)}")
-        v = v.to(device=self.device, dtype=self.dtype)
-        if self.held:
-            v = v.clone()
-            parts = self._split(v)
-            for i, mask in self.held:
-                parts[i].mul_(mask)
-        self.n_products += 1
-        h = self.step(v)
-        return (self._gradient_at(h * v) - self._gradient_at(-h * v)) / (2 * h)
+    def _length(self, a: torch.Tensor) -> float:
+        """‖a‖ of a product, summed over the ranks as one scalar."""
+        return norm(a, self.shards.sum)
