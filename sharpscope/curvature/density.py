@@ -9,8 +9,7 @@ import torch
 from sharpscope.curvature.lanczos import LanczosProcess
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import DensityResult, Progress
-from sharpscope.curvature.shards import whole_only
-from sharpscope.curvature.vectors import random_vectors
+from sharpscope.curvature.shards import dimension, draw
 
 
 def slq(
@@ -47,16 +46,14 @@ def slq(
         >>> round(density.mean * op.size, 6)  # n · the mean eigenvalue is the trace
         2.0
     """
-    whole_only(op, "SLQ")
     if n_vectors < 1 or n_iter < 1:
         raise ValueError("n_vectors and n_iter must be at least 1")
     start, products = time.perf_counter(), op.n_products
     generator = torch.Generator().manual_seed(seed)
-    like = torch.empty(0, dtype=op.dtype, device=op.device)
-    steps = min(n_iter, op.size)
+    steps = min(n_iter, dimension(op))
     nodes, weights = [], []
     for i in range(n_vectors):
-        z = random_vectors(1, op.size, like, generator, "rademacher")[0]
+        z = draw(op, 1, generator, "rademacher")[0]  # this rank's pieces of a sharded one
         process = LanczosProcess(op, z, generator, capacity=steps)
         for _ in range(steps):
             process.step()
@@ -70,7 +67,7 @@ def slq(
     return DensityResult(
         nodes=nodes,
         weights=weights,
-        size=op.size,
+        size=dimension(op),
         n_products=op.n_products - products,
         seconds=time.perf_counter() - start,
     )

@@ -9,15 +9,9 @@ import torch
 from sharpscope.curvature.lanczos import Which, select, start_vector
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import EigenResult, Progress
-from sharpscope.curvature.shards import whole_only
+from sharpscope.curvature.shards import dimension, draw, over_of
 from sharpscope.curvature.solve_settings import EIGEN_SETTINGS, SolveSettings
-from sharpscope.curvature.vectors import (
-    dot,
-    norm,
-    orthogonalize,
-    random_vectors,
-    rayleigh_quotients,
-)
+from sharpscope.curvature.vectors import distance, dot, norm, orthogonalize, rayleigh_quotients
 
 
 def _wrong_side(value: float, which: Which) -> bool:
@@ -62,7 +56,6 @@ def power_iteration(
         >>> round(float(power_iteration(op, settings=SolveSettings(tol=1e-10)).eigenvalues[0]), 6)
         3.0
     """
-    whole_only(op, "power iteration")
     if k < 1:
         raise ValueError("k must be at least 1")
     select(torch.zeros(1), 1, which)
@@ -70,8 +63,7 @@ def power_iteration(
     products = op.n_products
     tol, max_iter = settings.tol, settings.max_iter
     generator = torch.Generator().manual_seed(settings.seed)
-    k = min(k, op.size)
-    like = torch.empty(0, dtype=op.dtype, device=op.device)
+    k, over = min(k, dimension(op)), over_of(op)  # sharded vectors: sums over their ranks
     found = torch.empty(0, op.size, dtype=op.dtype, device=op.device)
     values: list[float] = []
     residuals: list[float] = []
@@ -80,8 +72,8 @@ def power_iteration(
     shift, scale, iterations = 0.0, 0.0, 0
 
     def fresh(v: torch.Tensor) -> torch.Tensor:
-        v = orthogonalize(v, found)
-        return v / norm(v)
+        v = orthogonalize(v, found, over=over)
+        return v / norm(v, over)
 
     for i in range(k):
         v = fresh(start_vector(op, generator, v0 if i == 0 else None))
@@ -90,8 +82,8 @@ def power_iteration(
             w = op.matvec(v)
             steps += 1
             iterations += 1
-            value = dot(v, w)
-            residual = norm(w - value * v)
+            value = dot(v, w, over)
+            residual = distance(w, v, value, over)
             scale = max(scale, abs(value))
             history.append([*values, value])
             if progress is not None:
@@ -99,7 +91,7 @@ def power_iteration(
             ok = residual <= tol * scale
             if ok and which != "magnitude" and shift == 0.0 and _wrong_side(value, which):
                 shift, steps = value, 0
-                v = fresh(random_vectors(1, op.size, like, generator)[0])
+                v = fresh(draw(op, 1, generator)[0])
                 continue
             if ok or steps >= max_iter:
                 break
@@ -126,12 +118,11 @@ def rayleigh(op: LinearOperator, v: torch.Tensor, tol: float = 1e-4) -> EigenRes
     """One product: ``v``'s (normalised) Rayleigh quotient vᵀHv, its true residual ‖Hv − λv‖
     (converged at ``tol`` · |λ|) and its image Hv (``images``): what Lanczos or power iteration
     returns after one step from ``v``, without their bookkeeping (a per-step tracker's cost)."""
-    whole_only(op, "a Rayleigh quotient")
-    start = time.perf_counter()
+    start, over = time.perf_counter(), over_of(op)
     v = v.to(dtype=op.dtype, device=op.device)
-    v = v / norm(v)
+    v = v / norm(v, over)
     w = op.matvec(v)
-    values, residuals = rayleigh_quotients(v[None], [w])
+    values, residuals = rayleigh_quotients(v[None], [w], over)
     return EigenResult(
         eigenvalues=values,
         eigenvectors=v[None],

@@ -17,8 +17,7 @@ import torch
 
 from sharpscope import distributed
 from sharpscope.curvature.linop import LinearOperator
-from sharpscope.curvature.vectors import Over, random_vectors
-from sharpscope.errors import InputError
+from sharpscope.curvature.vectors import Kind, Over, random_vectors
 
 
 @dataclass(frozen=True)
@@ -41,11 +40,15 @@ class Shards:
             partial.shape
         )
 
-    def draw(self, count: int, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``count`` seeded random vectors (rows): those :func:`random_vectors` draws for whole
-        vectors of :attr:`size`, cut to this rank's pieces, in ``like``'s dtype and device. The
-        whole vectors are drawn on the CPU in float64 (as many as ``count``, freed once cut)."""
-        whole = random_vectors(count, self.size, torch.empty(0, dtype=torch.float64), generator)
+    def draw(
+        self, count: int, like: torch.Tensor, generator: torch.Generator, kind: Kind = "normal"
+    ) -> torch.Tensor:
+        """``count`` seeded random vectors (rows) of ``kind``: those :func:`random_vectors` draws
+        for whole vectors of :attr:`size`, cut to this rank's pieces, in ``like``'s dtype and
+        device. The whole vectors are drawn on the CPU in float64 (as many as ``count``, freed
+        once cut)."""
+        float64 = torch.empty(0, dtype=torch.float64)
+        whole = random_vectors(count, self.size, float64, generator, kind)
         rows = [self.cut(row) for row in whole]
         return torch.stack(rows).to(dtype=like.dtype, device=like.device)
 
@@ -53,16 +56,6 @@ class Shards:
 def shards_of(op: LinearOperator) -> Shards | None:
     """How ``op``'s flat vectors are sharded over ranks (its ``shards``), None when whole."""
     return getattr(op, "shards", None)
-
-
-def whole_only(op: LinearOperator, what: str) -> None:
-    """Refuse (:class:`InputError`) an operator whose vectors are sharded in ``what``, an
-    estimator that does not reduce them over the ranks yet (only Lanczos does)."""
-    if shards_of(op) is not None:
-        raise InputError(
-            f"{what} does not take vectors sharded over ranks yet (an `op` with `shards`); "
-            "use lanczos"
-        )
 
 
 def over_of(op: LinearOperator) -> Over | None:
@@ -77,11 +70,13 @@ def dimension(op: LinearOperator) -> int:
     return op.size if shards is None else shards.size
 
 
-def draw(op: LinearOperator, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` seeded random flat vectors of ``op`` (rows, its dtype and device): the same on
-    every device, and cut to this rank's pieces where its vectors are sharded."""
+def draw(
+    op: LinearOperator, count: int, generator: torch.Generator, kind: Kind = "normal"
+) -> torch.Tensor:
+    """``count`` seeded random flat vectors of ``op`` of ``kind`` (rows, its dtype and device):
+    the same on every device, and cut to this rank's pieces where its vectors are sharded."""
     like = torch.empty(0, dtype=op.dtype, device=op.device)
     shards = shards_of(op)
     if shards is None:
-        return random_vectors(count, op.size, like, generator)
-    return shards.draw(count, like, generator)
+        return random_vectors(count, op.size, like, generator, kind)
+    return shards.draw(count, like, generator, kind)

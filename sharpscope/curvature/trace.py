@@ -11,9 +11,9 @@ import torch
 
 from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.results import Progress, Subspace, TraceResult
-from sharpscope.curvature.shards import whole_only
+from sharpscope.curvature.shards import dimension, draw, over_of
 from sharpscope.curvature.solve_settings import TRACE_SETTINGS, SolveSettings
-from sharpscope.curvature.vectors import dot, project_out, random_vectors
+from sharpscope.curvature.vectors import dot, orthonormal_rows, project_out
 
 
 def _standard_error(samples: list[float], images: list[float] | None, floor: float) -> float:
@@ -46,24 +46,25 @@ def _sample_until(
     or ``max_iter`` of them; the samples, that standard error (see :func:`_standard_error`: from
     ‖Bz‖² when there is a ``project``ion) and whether it was reached. The probes come from
     ``generator`` (default: a new one seeded by ``settings.seed``); ``project`` streams to the
-    device ``rows`` vectors at a time (:func:`~sharpscope.curvature.vectors.project_out`)."""
-    tol, max_samples = settings.tol, settings.max_iter
+    device ``rows`` vectors at a time (:func:`~sharpscope.curvature.vectors.project_out`).
+    Sharded vectors' probes are this rank's pieces of one process's, their reductions summed
+    over the ranks."""
+    tol, max_samples, over = settings.tol, settings.max_iter, over_of(op)
     if generator is None:
         generator = torch.Generator().manual_seed(settings.seed)
-    like = torch.empty(0, dtype=op.dtype, device=op.device)
     samples: list[float] = []
     images: list[float] | None = None if project is None else []
     error, converged = math.inf, False
     while len(samples) < max_samples:
-        z = random_vectors(1, op.size, like, generator, "rademacher")[0]
+        z = draw(op, 1, generator, "rademacher")[0]
         if project is not None:
-            z = project_out(z, project, rows)
+            z = project_out(z, project, rows, over)
         image = op.matvec(z)
-        samples.append(dot(z, image))
+        samples.append(dot(z, image, over))
         if images is not None:
             if project is not None:
-                image = project_out(image, project, rows)
-            images.append(dot(image, image))
+                image = project_out(image, project, rows, over)
+            images.append(dot(image, image, over))
         if progress is not None:
             progress(task, len(samples), max_samples)
         error = _standard_error(samples, images, floor)
@@ -121,7 +122,6 @@ def hutchinson(
         >>> hutchinson(op).estimate  # a diagonal matrix: every Rademacher probe is exact
         2.0
     """
-    whole_only(op, "Hutchinson")
     start, products = time.perf_counter(), op.n_products
     sampled = _sample_until(op, 0.0, None, settings, min_samples, progress, "hutchinson")
     return _result(0.0, sampled, op, products, start, "hutchinson")
@@ -159,15 +159,13 @@ def hutchpp(
         >>> round(hutchpp(op).estimate, 10)  # the sketch spans all three dimensions
         2.0
     """
-    whole_only(op, "Hutch++")
-    start, products = time.perf_counter(), op.n_products
+    start, products, over = time.perf_counter(), op.n_products, over_of(op)
     generator = torch.Generator().manual_seed(settings.seed)
-    like = torch.empty(0, dtype=op.dtype, device=op.device)
-    sketch = max(1, min(sketch, op.size))
-    probes = random_vectors(sketch, op.size, like, generator, "rademacher")
+    sketch = max(1, min(sketch, dimension(op)))
+    probes = draw(op, sketch, generator, "rademacher")
     images = torch.stack([op.matvec(z) for z in probes])
-    basis = torch.linalg.qr(images.T).Q.T
-    exact = sum(dot(q, op.matvec(q)) for q in basis)
+    basis = orthonormal_rows(images, over, lambda: draw(op, 1, generator)[0])
+    exact = sum(dot(q, op.matvec(q), over) for q in basis)
     if progress is not None:
         progress("hutch++", 0, settings.max_iter)
     sampled = _sample_until(
@@ -218,7 +216,6 @@ def deflated_trace(
         >>> round(deflated_trace(op, top.subspace).estimate, 6)
         21.0
     """
-    whole_only(op, "the deflated trace")
     start, products = time.perf_counter(), op.n_products
     floor = rounding_bound(subspace, op.dtype)
     budget = dataclasses.replace(settings, max_iter=max(2, settings.max_iter))

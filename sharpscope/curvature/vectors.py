@@ -24,6 +24,8 @@ SLAB = 1 << 16
 """Coordinates summed in the vectors' own dtype before a partial sum joins the float64 total."""
 DISTANCE_SLAB = 1 << 22
 """Coordinates of two vectors :func:`distance` subtracts at a time (bounded scratch)."""
+Kind = Literal["normal", "rademacher"]
+"""The distribution of :func:`random_vectors`' coordinates."""
 Over = Callable[[torch.Tensor], torch.Tensor]
 """Sums a tensor of a rank's partial reductions (dot products) over the ranks that hold the
 pieces of sharded vectors (:meth:`sharpscope.curvature.shards.Shards.sum`); None: whole vectors."""
@@ -34,7 +36,7 @@ def random_vectors(
     size: int,
     like: torch.Tensor,
     generator: torch.Generator,
-    kind: Literal["normal", "rademacher"] = "normal",
+    kind: Kind = "normal",
 ) -> torch.Tensor:
     """``count`` random vectors (rows) of ``size``, drawn on the CPU so that a seed gives the same
     vectors on every device, then moved to ``like``'s dtype and device."""
@@ -114,6 +116,27 @@ def _remove(
         coefficients = part @ w
         w.addmv_(part.T, coefficients if over is None else over(coefficients), alpha=-1)
     return w
+
+
+def orthonormal_rows(
+    vectors: torch.Tensor, over: Over | None = None, fill: Callable[[], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Orthonormal rows spanning ``vectors``' rows, by Gram-Schmidt with :func:`orthogonalize`
+    (sharded vectors' coefficients summed ``over`` their ranks): a row within √eps (relative)
+    of the span of those before it is replaced by ``fill()`` (a random vector; as Householder QR
+    completes a basis) or, without ``fill`` or if that is too, left out."""
+    rows = vectors[:0]
+    floor = math.sqrt(torch.finfo(vectors.dtype).eps)
+    for row in vectors:
+        for candidate in (row, None if fill is None else fill()):
+            if candidate is None:
+                break
+            rest = orthogonalize(candidate, rows, over=over)
+            length = norm(rest, over)
+            if length > floor * norm(candidate, over):
+                rows = torch.cat([rows, (rest / length)[None]])
+                break
+    return rows
 
 
 def distance(
