@@ -1,5 +1,6 @@
-"""Hessian products and Lanczos under FSDP2 (parameters sharded with ``fully_shard``) on 2 Gloo
-ranks, against one process holding the whole model and all the data, in float64.
+"""Hessian products, Lanczos and the other estimators under FSDP2 (parameters sharded with
+``fully_shard``) on 2 Gloo ranks, against one process holding the whole model and all the
+data, in float64.
 
 The run is a real ``python -m torch.distributed.run --standalone`` subprocess with a timeout
 (helpers from test_distributed.py), so a hang fails the test instead of stalling it.
@@ -14,13 +15,7 @@ from test_distributed import python
 
 pytestmark = pytest.mark.integration  # every test runs torchrun
 TESTS = Path(__file__).resolve().parents[1]
-SHARDED_CHECK = """
-# On 2 ranks, a tiny model sharded per block and at the root: the sharded operator's product,
-# gradient, loss and top-3 eigenpairs equal one process's (whole model, all the data); its
-# weights are bit-identical after the solve; what it cannot take is refused. The GPT-2's and the
-# BERT's (whose word embeddings hold a padding row) reference is double backward; the Llama's,
-# finite differences at the same step, as its RMSNorm and rotary positions compute in float32
-# inside, which puts any finite difference 1e-5 off.
+PRELUDE = """
 import sys
 
 sys.path.insert(0, {tests!r})
@@ -77,6 +72,21 @@ def sharded():
 
 def relative(ours, theirs, over):
     return norm(ours - theirs, over) / norm(theirs, over)
+"""
+END = """
+main()
+distributed.exit_now(0)  # finalising after Gloo collectives may abort: see its docstring
+"""
+SHARDED_CHECK = (
+    PRELUDE
+    + """
+# On 2 ranks, a tiny model sharded per block and at the root: the sharded operator's step
+# search, product, gradient, loss, error estimates and top-3 eigenpairs (refined() on v1) equal
+# one process's finite differences (whole model, all the data); its weights are bit-identical
+# after the solve, also on a model whose first forward runs inside a shift; what it cannot take
+# is refused. The GPT-2's and the BERT's (whose word embeddings hold a padding row) products and
+# eigenvalues equal double backward too; the Llama's RMSNorm and rotary positions compute in
+# float32 inside, which puts any finite difference 1e-5 off it.
 
 
 def main():
@@ -139,8 +149,6 @@ def main():
         assert all(p.grad is None for p in model.parameters())
         values = distributed.all_gather(values.tolist())
         assert all(v == values[0] for v in values), "ranks differ"
-        if distributed.rank() == 0:
-            print("fd", NAME, op.fd_scale, op.fd_error, one.fd_error, *spread, file=sys.stderr)
         # a model that has not run yet: FSDP2's first forward must not re-point the shards moved
         lazy = ShardedHessianOperator(Objective(sharded(), loss_fn, mine), validate=False)
         kept = [t.clone() for t in lazy._weights()]
@@ -157,17 +165,62 @@ def main():
                 assert expected in str(exc), exc
         if distributed.rank() == 0:
             print("ok", distributed.world_size())
-
-
-main()
-distributed.exit_now(0)  # finalising after Gloo collectives may abort: see its docstring
 """
+    + END
+)
+ESTIMATORS_CHECK = (
+    PRELUDE
+    + """
+# On 2 ranks, the tiny GPT-2 sharded: power iteration, Hutch++ and SLQ on the sharded operator
+# follow one process's runs on its finite differences (whole model, all the data) step by step:
+# the same probes, cut, and the same products to rounding.
+from sharpscope.curvature import hutchpp, power_iteration, slq
+
+
+def close(ours, theirs):
+    return bool(((ours - theirs).abs() <= REL * theirs.abs().max()).all())
+
+
+def main():
+    with distributed.launched(60):
+        mine = [pieces[i] for i in distributed.shard(len(pieces))]
+        whole = Objective(build(), loss_fn, pieces, distributed=False)
+        one = HessianOperator(whole, backend="finite-difference")
+        op = ShardedHessianOperator(Objective(sharded(), loss_fn, mine))
+
+        def both(estimator, **options):
+            return [estimator(o, **options) for o in (op, one)]
+
+        ours, theirs = both(power_iteration, k=2, settings=SolveSettings(tol=1e-8, max_iter=60))
+        assert op.fd_scale == one.fd_scale and ours.n_products == theirs.n_products
+        assert close(ours.eigenvalues, theirs.eigenvalues), (ours.eigenvalues, theirs.eigenvalues)
+        for a, b in zip(ours.eigenvectors, theirs.eigenvectors, strict=True):
+            assert abs(dot(a, op.cut(b), op.shards.sum)) >= 1 - 1e-6
+        ours, theirs = both(hutchpp, sketch=4, settings=SolveSettings(tol=1e-3, max_iter=12))
+        assert close(torch.tensor(ours.estimate), torch.tensor(theirs.estimate))
+        assert close(ours.samples, theirs.samples) and ours.n_products == theirs.n_products
+        ours, theirs = both(slq, n_vectors=1, n_iter=8)
+        assert close(ours.nodes[0], theirs.nodes[0]) and close(ours.weights[0], theirs.weights[0])
+        assert ours.size == theirs.size == one.size
+        if distributed.rank() == 0:
+            print("ok", distributed.world_size())
+"""
+    + END
+)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
 def test_sharded_lanczos_equals_one_process(tmp_path, name):
     script = tmp_path / "sharded_check.py"
     script.write_text(SHARDED_CHECK.format(tests=str(TESTS), name=name), encoding="utf-8")
+    done = python([str(script)], 2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split() == ["ok", "2"]
+
+
+def test_sharded_estimators_equal_one_process(tmp_path):
+    script = tmp_path / "estimators_check.py"
+    script.write_text(ESTIMATORS_CHECK.format(tests=str(TESTS), name="gpt2"), encoding="utf-8")
     done = python([str(script)], 2)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.split() == ["ok", "2"]
