@@ -219,12 +219,7 @@ class HessianOperator(CurvatureOperator):
         for it, while a finite-difference step or a forward-mode tangent that moved it would
         differentiate another function (BERT's products by forward-over-reverse were 7e-2 off
         through it, exact without it)."""
-        index = {id(p): i for i, p in enumerate(self.space.params)}
-        held = [
-            (index[id(m.weight)], m.padding_idx)
-            for m in self.model.modules()
-            if isinstance(m, nn.Embedding) and m.padding_idx is not None and id(m.weight) in index
-        ]
+        held = self._padding_rows()
         if not held:
             return vs
         vs = list(vs)
@@ -232,6 +227,16 @@ class HessianOperator(CurvatureOperator):
             vs[i] = vs[i].clone()
             vs[i][row] = 0
         return vs
+
+    def _padding_rows(self) -> list[tuple[int, int]]:
+        """Each selected ``nn.Embedding`` weight with a ``padding_idx`` row: its index among the
+        parameters and that row."""
+        index = {id(p): i for i, p in enumerate(self.space.params)}
+        return [
+            (index[id(m.weight)], m.padding_idx)
+            for m in self.model.modules()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None and id(m.weight) in index
+        ]
 
     def _held_parts(self, v: torch.Tensor) -> list[torch.Tensor]:
         """The flat vector ``v`` as parameter-shaped parts less the rows autograd holds constant

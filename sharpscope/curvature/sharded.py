@@ -188,15 +188,12 @@ class ShardedHessianOperator(HessianOperator):
         rank's shard of a mask that is 0 on that row: autograd holds the row constant (no
         gradient), so double backward's Hessian has no row or column for it and a product must
         not move it (as ``HessianOperator``'s finite differences do not)."""
-        index = {id(p): i for i, p in enumerate(self.space.params)}
         masks = []
-        for module in self.model.modules():
-            held = isinstance(module, nn.Embedding) and module.padding_idx is not None
-            if held and id(module.weight) in index:
-                p = self.space.params[index[id(module.weight)]]
-                mask = torch.ones(p.shape, dtype=self.dtype)
-                mask[module.padding_idx] = 0
-                masks.append((index[id(p)], _local(mask, p)))
+        for i, row in self._padding_rows():
+            p = self.space.params[i]
+            mask = torch.ones(p.shape, dtype=self.dtype)
+            mask[row] = 0
+            masks.append((i, _local(mask, p)))
         return masks
 
     def _held(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
