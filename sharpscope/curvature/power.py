@@ -95,7 +95,11 @@ def power_iteration(
                 continue
             if ok or steps >= max_iter:
                 break
-            v = fresh(w - shift * v)
+            if shift:
+                w.sub_(v, alpha=shift)  # (H − shift)v, in the product's own memory
+            del v  # the next v is made from w alone, and w is not kept beside the next product
+            v = fresh(w)
+            del w
         found = torch.cat([found, v[None]])
         values.append(value)
         residuals.append(residual)

@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.profiler import profile
 
-from sharpscope.curvature import HessianOperator, Objective, SolveSettings, lanczos, weight_shift
+from sharpscope.curvature import (
+    HessianOperator,
+    Objective,
+    SolveSettings,
+    lanczos,
+    power_iteration,
+    weight_shift,
+)
 from sharpscope.curvature.hvp import refined
 
 
@@ -60,3 +67,9 @@ def test_a_solve_done_again_does_not_hold_the_last_one(op, monkeypatch):
         lambda: refined(op, lambda: lanczos(op, 1, settings=settings), 1e-3), op.size
     )
     assert again <= once + 0.1
+
+
+def test_power_iteration_holds_its_vector_and_the_product(op):
+    op.matvec(torch.randn(op.size))
+    settings = SolveSettings(max_iter=6)
+    assert peak_vectors(lambda: power_iteration(op, 1, settings=settings), op.size) <= 3.1
