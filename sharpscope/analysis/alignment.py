@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -11,16 +11,18 @@ import torch
 from sharpscope import distributed
 from sharpscope.batches import batch_size
 from sharpscope.curvature import CurvatureOperator
-from sharpscope.curvature.vectors import abs_cosine, dot, norm
+from sharpscope.curvature.shards import over_of, shards_of
+from sharpscope.curvature.vectors import Over, abs_cosine, dot, norm
 from sharpscope.optim.perturbations import eigen_sam_perturbation, sam_perturbation
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def subspace_share(u: torch.Tensor, basis: torch.Tensor) -> float:
-    """‖P u‖/‖u‖: the share of ``u`` in the span of the orthonormal rows of ``basis``."""
-    size = norm(u)
-    shares = [dot(row, u) for row in basis]
+def subspace_share(u: torch.Tensor, basis: torch.Tensor, over: Over | None = None) -> float:
+    """‖P u‖/‖u‖: the share of ``u`` in the span of the orthonormal rows of ``basis`` (sharded
+    vectors reduced ``over`` their ranks)."""
+    size = norm(u, over)
+    shares = [dot(row, u, over) for row in basis]
     return math.sqrt(sum(c * c for c in shares)) / size if size > 0 else 0.0
 
 
@@ -114,20 +116,46 @@ def minibatch_cosines(
     """|cos(ĝ_B, v₁)| and Eigen-SAM's |cos(ε_B, v₁)| for the gradient of each of ``op``'s full
     minibatches on its own (those of the largest batch's size: a last, shorter one is left out),
     over all ranks' batches when ``op`` is distributed; the one batch when there is only one.
-    Costs one gradient per batch (together, one pass over the data)."""
+    Costs one gradient per batch (together, one pass over the data); of a sharded ``op``, as many
+    passes as ranks (:func:`_sharded_batch_gradients`)."""
+    over = over_of(op)
     found = []
-    for batch in op.batches:
-        single = op.replace(
-            op.objective.replace(batches=[batch], distributed=False), cache_graph=False
-        )
-        g = single.gradient()
-        eigen = abs_cosine(eigen_sam_perturbation(g, v1, rho, alpha), v1) if norm(g) > 0 else 0.0
-        found.append((batch_size(batch), abs_cosine(g, v1), eigen))
-    if op.distributed:
+    for size, g in _batch_gradients(op):
+        eigen = 0.0
+        if norm(g, over) > 0:
+            eigen = abs_cosine(eigen_sam_perturbation(g, v1, rho, alpha, over), v1, over)
+        found.append((size, abs_cosine(g, v1, over), eigen))
+    if op.distributed and over is None:
         found = [item for rank_items in distributed.all_gather(found) for item in rank_items]
     size = max(item[0] for item in found)
     full = [item for item in found if item[0] == size]
     return MinibatchCosines.of([c for _, c, _ in full], [e for _, _, e in full], size)
+
+
+def _batch_gradients(op: CurvatureOperator) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each of this rank's batches' size and gradient on its own; of a sharded ``op``, every
+    rank's (:func:`_sharded_batch_gradients`)."""
+    if shards_of(op) is not None:
+        yield from _sharded_batch_gradients(op)
+        return
+    for batch in op.batches:
+        single = op.replace(
+            op.objective.replace(batches=[batch], distributed=False), cache_graph=False
+        )
+        yield batch_size(batch), single.gradient()
+
+
+def _sharded_batch_gradients(op: CurvatureOperator) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each batch of every rank in rank order, its size and this rank's pieces of its gradient on
+    its own: a sharded model's gradients are summed over the ranks, so all ranks run one forward
+    and backward per batch together, the others' losses weighted 0."""
+    sizes = distributed.all_gather([batch_size(b) for b in op.batches])
+    for owner, owned in enumerate(sizes):
+        for i, size in enumerate(owned):
+            mine = distributed.rank() == owner
+            single = op.replace(op.objective.replace(batches=[op.batches[i if mine else 0]]))
+            single.weights = [1.0 if mine else 0.0]  # the batch's mean loss, or nothing
+            yield size, single.gradient()
 
 
 def sam_alignment(
@@ -160,21 +188,22 @@ def sam_alignment(
         >>> figures.sam_sharpness > 0
         True
     """
+    over = over_of(op)  # the vectors of a sharded operator are this rank's pieces
     g = op.gradient()
     v1 = eigenvectors[0]
-    g_hat = g / norm(g)
-    curvature = dot(g_hat, op.matvec(g_hat) if h_g_hat is None else h_g_hat)
+    g_hat = g / norm(g, over)
+    curvature = dot(g_hat, op.matvec(g_hat) if h_g_hat is None else h_g_hat, over)
     base = op.loss()
-    eps = sam_perturbation(g, rho)
-    eigen_eps = eigen_sam_perturbation(g, v1, rho, alpha)
+    eps = sam_perturbation(g, rho, over)
+    eigen_eps = eigen_sam_perturbation(g, v1, rho, alpha, over)
     return Alignment(
         rho=rho,
         alpha=alpha,
-        cos_full=abs_cosine(g, v1),
+        cos_full=abs_cosine(g, v1, over),
         cos_batches=minibatch_cosines(op, v1, rho, alpha),
-        topk_share=subspace_share(g, eigenvectors),
+        topk_share=subspace_share(g, eigenvectors, over),
         sam_sharpness=op.loss(eps) - base,
         sam_sharpness_quadratic=0.5 * rho**2 * curvature,
-        sam_sharpness_taylor=rho * norm(g) + 0.5 * rho**2 * curvature,
-        eigen_sam_cos=abs_cosine(eigen_eps, v1),
+        sam_sharpness_taylor=rho * norm(g, over) + 0.5 * rho**2 * curvature,
+        eigen_sam_cos=abs_cosine(eigen_eps, v1, over),
     )

@@ -178,7 +178,7 @@ def rayleigh_quotients(
     return torch.tensor(values, dtype=torch.float64), torch.tensor(errors, dtype=torch.float64)
 
 
-def abs_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|cos(a, b)|; 0 when either vector is zero."""
-    norms = norm(a) * norm(b)
-    return abs(dot(a, b)) / norms if norms > 0 else 0.0
+def abs_cosine(a: torch.Tensor, b: torch.Tensor, over: Over | None = None) -> float:
+    """|cos(a, b)|; 0 when either vector is zero (sharded vectors reduced ``over`` their ranks)."""
+    norms = norm(a, over) * norm(b, over)
+    return abs(dot(a, b, over)) / norms if norms > 0 else 0.0

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import torch
 
+from sharpscope.curvature.vectors import Over
+
 Hyper = float | torch.Tensor
 """A hyperparameter: one number, or a flat tensor of per-element values."""
 
 
-def _unit(g: torch.Tensor) -> torch.Tensor:
-    norm = torch.linalg.vector_norm(g)
+def _unit(g: torch.Tensor, over: Over | None = None) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(g) if over is None else over(torch.dot(g, g)).sqrt()
     if not norm > 0:
         raise ValueError("the gradient is zero: the SAM direction is undefined")
     return g / norm
 
 
-def sam_perturbation(g: torch.Tensor, rho: Hyper) -> torch.Tensor:
-    """SAM's ε = ρ g/‖g‖."""
-    return rho * _unit(g)
+def sam_perturbation(g: torch.Tensor, rho: Hyper, over: Over | None = None) -> torch.Tensor:
+    """SAM's ε = ρ g/‖g‖ (of this rank's pieces of a sharded ``g``, its norm summed ``over``)."""
+    return rho * _unit(g, over)
 
 
 def asam_perturbation(g: torch.Tensor, w: torch.Tensor, rho: Hyper, eta: Hyper) -> torch.Tensor:
@@ -31,20 +33,25 @@ def asam_perturbation(g: torch.Tensor, w: torch.Tensor, rho: Hyper, eta: Hyper) 
 
 
 def eigen_sam_perturbation(
-    g: torch.Tensor, v: torch.Tensor, rho: Hyper, alpha: Hyper
+    g: torch.Tensor, v: torch.Tensor, rho: Hyper, alpha: Hyper, over: Over | None = None
 ) -> torch.Tensor:
     """Eigen-SAM's ε = ρ(ĝ + α s v⊥): ĝ = g/‖g‖, s = sign⟨g, v⟩, v⊥ = v − ⟨ĝ, v⟩ĝ (not renormalised,
-    as in the paper's code); ``v`` is the unit top eigenvector estimate."""
-    return eigen_sam_step(g, v, rho, alpha)[0]
+    as in the paper's code); ``v`` is the unit top eigenvector estimate (sharded vectors: this
+    rank's pieces, reduced ``over`` their ranks)."""
+    return eigen_sam_step(g, v, rho, alpha, over)[0]
 
 
 def eigen_sam_step(
-    g: torch.Tensor, v: torch.Tensor, rho: Hyper, alpha: Hyper
+    g: torch.Tensor, v: torch.Tensor, rho: Hyper, alpha: Hyper, over: Over | None = None
 ) -> tuple[torch.Tensor, float]:
     """Eigen-SAM's ε and ⟨ĝ, v⟩ (the signed alignment) from two reductions, one transfer of two
     numbers to the host and one fused pass: ε = c_g·g + c_v·v with c_v = ρ α s and
-    c_g = (ρ − c_v⟨ĝ, v⟩)/‖g‖."""
-    norm, dot = torch.stack((torch.linalg.vector_norm(g), torch.dot(g, v))).tolist()
+    c_g = (ρ − c_v⟨ĝ, v⟩)/‖g‖; sharded vectors' reductions are summed ``over`` their ranks."""
+    if over is None:
+        norm, dot = torch.stack((torch.linalg.vector_norm(g), torch.dot(g, v))).tolist()
+    else:
+        squared, dot = over(torch.stack((torch.dot(g, g), torch.dot(g, v)))).tolist()
+        norm = max(squared, 0.0) ** 0.5
     if not norm > 0:
         raise ValueError("the gradient is zero: the SAM direction is undefined")
     along = dot / norm
