@@ -64,6 +64,13 @@ def write_out_dir(folder: Path, report: Report, analysis: Analysis, model: nn.Mo
     return replace_files(folder, write, stale=_previous_set(folder))
 
 
+def share_eigenvectors(analysis: Analysis, model: nn.Module) -> None:
+    """A rank other than 0 of an analysis of a model sharded by FSDP2: its part in gathering the
+    top eigenvectors that rank 0's :func:`write_out_dir` writes, one parameter at a time."""
+    space = select_params(model, list(analysis.param_names))
+    save_eigenvectors(None, analysis.top.eigenvalues, analysis.top.eigenvectors, space)
+
+
 def _previous_set(folder: Path) -> list[str]:
     """The companion files that the previous report.json in ``folder`` lists and that are still
     as it lists them (so sharpscope wrote them): those a new set without them removes."""
