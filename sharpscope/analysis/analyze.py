@@ -20,6 +20,8 @@ from sharpscope.analysis.adaptive_sharpness import (
 from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.config import AnalyzeConfig
 from sharpscope.analysis.critical_sharpness import CriticalSharpness, critical_sharpness
+from sharpscope.analysis.fsdp import require_ranks, shard_model
+from sharpscope.analysis.fsdp_settings import turned_off
 from sharpscope.analysis.intervals import Figures, SamplingErrors, rounded_outward
 from sharpscope.analysis.metrics import accuracy
 from sharpscope.analysis.plan import (
@@ -47,6 +49,8 @@ from sharpscope.curvature.hvp import refined
 from sharpscope.curvature.objective import configured_objective
 from sharpscope.curvature.operator import check_adds_to_a_run
 from sharpscope.curvature.product_error import ProductError, error_products, product_error
+from sharpscope.curvature.sharded import ShardedHessianOperator, reshard
+from sharpscope.curvature.shards import dimension, over_of, shards_of
 from sharpscope.curvature.solvers import (
     SOLVERS,
     TRACE_BUDGET_SHARE,
@@ -76,6 +80,12 @@ BFLOAT16_NOTE = (
     "bounds wide; use `dtype` float32 (the default, which widens bfloat16 weights)"
 )
 """The note of every run asked for bfloat16 products."""
+UNMEASURED_ERROR_NOTE = (
+    "under `fsdp` the finite-difference products' own error was not measured (its estimator "
+    "takes whole vectors) and their step is not searched: the bounds do not include it (1e-6 "
+    "relative on the tests' tiny GPT-2 in float64, docs/engine.md)"
+)
+"""The note of every sharded run: what its products' error is not."""
 
 
 @dataclass
@@ -239,6 +249,10 @@ def _operator(
             "`backend` forward-over-reverse cannot differentiate a TorchScript model "
             "(torch.func does not run scripted modules); use `backend` double-backward"
         )
+    if config.fsdp:
+        objective = configured_objective(shard_model(model), loss_fn, batches, config)
+        validate = not checked or check_adds_to_a_run(objective)
+        return ShardedHessianOperator(objective, validate=validate), None
     objective = configured_objective(model, loss_fn, batches, config)
     auto = config.backend == "auto"
     try:
@@ -324,7 +338,7 @@ def _planned(
     if grad_norm > 0:
         direction = gradient / grad_norm
     else:
-        direction = torch.ones_like(gradient) / op.size**0.5
+        direction = torch.ones_like(gradient) / dimension(op) ** 0.5
     image = op.matvec(direction)  # the first product also builds what later ones reuse
     start = time.perf_counter()
     op.matvec(direction)
@@ -347,7 +361,8 @@ def _planned(
         if bounded_cost.vectors < cost.vectors:  # the solver keeps the bound
             settings, cost, chosen = bounded, bounded_cost, bounded.max_basis
     products = {"eigenpairs": cost.products}
-    if measured := error_products(op, config.k + 1):  # the products' own error (product_error)
+    sharded = shards_of(op) is not None  # product_error takes whole vectors
+    if not sharded and (measured := error_products(op, config.k + 1)):  # (product_error)
         products["product-error"] = measured
     if config.trace:
         budget = trace_budget(config.trace_samples, cost.products)
@@ -362,7 +377,7 @@ def _planned(
         blocks = len(param_groups(op.space.names, _module_types(op.model)))
         products["per-layer"] = blocks * method.cost(1, 0, settings).products
     plan = Plan(
-        num_params=op.size,
+        num_params=dimension(op),
         num_samples=op.num_samples,
         num_batches=op.num_batches,
         products=products,
@@ -374,8 +389,14 @@ def _planned(
         chosen_max_basis=chosen,
         threads=torch.get_num_threads(),
         host_bytes=host if home == "host" else None,
+        shard_bytes=_shard_bytes(op.model) if sharded else None,
     )
     return plan, settings, image if grad_norm > 0 else None
+
+
+def _shard_bytes(model: nn.Module) -> int:
+    """Bytes of this rank's shards of the model's parameters (FSDP2's DTensors' local parts)."""
+    return sum(p.to_local().nbytes for p in model.parameters())
 
 
 def typical_products(
@@ -510,9 +531,10 @@ def analyze(
         >>> result.top.all_converged, result.num_params, result.trace is not None
         (True, 67, True)
     """
-    config = config or AnalyzeConfig()
+    config, notes = turned_off(config or AnalyzeConfig())
+    if config.fsdp:
+        require_ranks()
     method = solver(config.method)
-    notes: list[str] = []
     op, backend = _operator(model, loss_fn, batches, config, checked)
     watch = Stopwatch(lambda: op.n_products)
     if config.batch_stats:
@@ -552,7 +574,7 @@ def analyze(
             curvature=op.curvature,
             param_names=op.space.names,
             param_shapes=tuple(tuple(shape) for shape in op.space.shapes),
-            num_params=op.size,
+            num_params=dimension(op),
             top=top,
             bottom=bottom,
             trace=trace,
@@ -579,8 +601,12 @@ def analyze(
         with watch.stage("gradient"), _one_step(progress, "loss and gradient"):
             loss = _finite_loss(op)
             gradient = op.gradient()
-            acc = accuracy(model, batches, op.dtype, op.device, config.batch_stats, op.distributed)
-        grad_norm = norm(gradient)
+            # a sharded model's forwards gather over the ranks: every rank runs as many
+            rounds = max(distributed.all_gather(len(batches))) if config.fsdp else 0
+            acc = accuracy(
+                model, batches, op.dtype, op.device, config.batch_stats, op.distributed, rounds
+            )
+        grad_norm = norm(gradient, over_of(op))
         with watch.stage("plan"):
             plan, settings, h_g_hat = _planned(op, config, method, gradient, grad_norm)
         plan = replace(plan, backend=backend)
@@ -594,6 +620,8 @@ def analyze(
                 "the whole Lanczos basis would not fit in the device's memory: it was kept in "
                 "the host's (pinned, streamed to the device; set `basis_device` to choose)"
             )
+        if shards_of(op) is not None:
+            notes.append(UNMEASURED_ERROR_NOTE)
         if on_plan is not None:
             on_plan(plan)
         before = op.n_products
@@ -676,7 +704,9 @@ def analyze(
     except KeyboardInterrupt:
         stage = watch.running
         raise Interrupted(None if bottom is None else result(stage), stage) from None
-
+    finally:
+        if config.fsdp:  # the shards its parameters again: a forward leaves the root's gathered
+            reshard(model)
     return result()
 
 

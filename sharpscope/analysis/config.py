@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from sharpscope.analysis.fsdp_settings import check_sharded
 from sharpscope.choices import (
     ADAPTIVE_KINDS,
     ADAPTIVE_NORMS,
@@ -186,6 +187,13 @@ class AnalyzeConfig:
         panel=HESSIAN,
         negatable=True,
     )
+    fsdp: bool = setting(
+        False,
+        help="Under torchrun: shard the parameters over the ranks with FSDP2 (per transformer "
+        "block, then the root); the top-k, λ_min and alignment on sharded vectors, by finite "
+        "differences. docs/engine.md.",
+        panel=RUN,
+    )
 
     def __post_init__(self) -> None:
         check_finite_fields(self)
@@ -218,6 +226,8 @@ class AnalyzeConfig:
                 f"`max_basis` must be at least `k` + 3 = {self.k + 3} (the top-k, λ_min and "
                 f"two more), got {self.max_basis}"
             )
+        if self.fsdp:
+            check_sharded(self)
 
     def settings(self) -> SolveSettings:
         """The eigen-solver's part of the config (``auto`` keeps the basis on the device: the plan

@@ -109,6 +109,9 @@ class Plan:
     host_bytes: int | None = None
     """Free host memory when the eigen-solver's vectors lie there (:func:`basis_home`; None:
     they lie on the operator's device)."""
+    shard_bytes: int | None = None
+    """Under ``fsdp``: bytes of rank 0's shards of the model's parameters (None: not sharded;
+    ``vector_bytes`` is then a gradient's shard, and the vectors are rank 0's pieces)."""
 
     @property
     def most_products(self) -> int:

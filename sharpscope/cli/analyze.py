@@ -90,12 +90,15 @@ def analyze_command(checkpoint: Checkpoint, settings: Values) -> None:
     with command_scope(settings["debug"], settings["dist_timeout"]):
         config = settings.build(AnalyzeConfig, slices=out is not None)
         spec = settings.build(LoadSpec, checkpoint=checkpoint)
-        from sharpscope import distributed  # torch, from here on
-        from sharpscope.cli.loading import load_inputs
+        from sharpscope.cli.loading import load_inputs  # torch, from here on
         from sharpscope.report.outdir import check_out_dir
 
         if out is not None:
             check_out_dir(out)
+        if config.fsdp:
+            from sharpscope.analysis.fsdp import require_ranks
+
+            require_ranks()  # before loading
         set_threads(settings["threads"])
         loaded = load_inputs(spec, shard=True)
         with Interrupts() as interrupts:
@@ -104,8 +107,7 @@ def analyze_command(checkpoint: Checkpoint, settings: Values) -> None:
             except KeyboardInterrupt as stop:
                 _save_partial(stop, loaded, config, json_out, out)
                 raise typer.Exit(interrupts.exit_code) from None
-        if distributed.is_main():
-            _render(report, analysis, loaded, json_out, out)
+        _render(report, analysis, loaded, config, json_out, out)
 
 
 def _save_partial(
@@ -118,14 +120,15 @@ def _save_partial(
 
     partial = stop.partial if isinstance(stop, Interrupted) else None
     stage = stop.stage if isinstance(stop, Interrupted) else None
+    report = None if partial is None else report_of(partial, loaded, config)
+    if report is not None:
+        _render(report, partial, loaded, config, json_out, out)
     if not distributed.is_main():
         return
     during = f" during {stage}" if stage else ""
-    if partial is None:
+    if report is None:
         info(f"interrupted{during}: no results yet (the eigenvalues had not finished)")
         return
-    report = report_of(partial, loaded, config)
-    _render(report, partial, loaded, json_out, out)
     finished = ", ".join(report.partial.finished) if report.partial else ""
     info(
         f"interrupted{during}: the report holds only the stages that finished ({finished}), "
@@ -134,11 +137,22 @@ def _save_partial(
 
 
 def _render(
-    report: Report, analysis: Analysis, loaded: Loaded, json_out: bool, out: Path | None
+    report: Report,
+    analysis: Analysis,
+    loaded: Loaded,
+    config: AnalyzeConfig,
+    json_out: bool,
+    out: Path | None,
 ) -> None:
-    """Print the report (as JSON or tables) and write the --out folder."""
-    from sharpscope.report.outdir import write_out_dir
+    """Print the report (as JSON or tables) and write the --out folder, on rank 0; under ``fsdp``
+    the other ranks take part in gathering the eigenvectors it writes."""
+    from sharpscope import distributed
+    from sharpscope.report.outdir import share_eigenvectors, write_out_dir
 
+    if not distributed.is_main():
+        if out is not None and config.fsdp:
+            share_eigenvectors(analysis, loaded.model)
+        return
     if json_out:
         print_json(report.dumps())
     else:

@@ -31,6 +31,12 @@ def plan_line(plan: Plan) -> str:
     CLI shows them as options)."""
     stages = ", ".join(f"{name} {count:,}" for name, count in plan.products.items())
     memory = f"solver vectors ≤ {sizes(plan.basis_bytes)}"
+    if plan.shard_bytes is not None:  # every figure per rank (rank 0's)
+        memory = (
+            f"per rank: parameter shards {sizes(plan.shard_bytes)}, a gradient's shard "
+            f"{sizes(plan.vector_bytes)}, solver vectors ≤ {sizes(plan.basis_bytes)} "
+            f"({plan.vectors} × {sizes(plan.vector_bytes)})"
+        )
     if plan.host_bytes is not None:
         memory += f" in host memory, streamed to the device ({sizes(plan.host_bytes)} free there"
         if plan.available_bytes is not None:

@@ -1,0 +1,39 @@
+"""``analyze`` under ``fsdp``: the loaded model sharded over the ranks with FSDP2
+(``torch.distributed.fsdp.fully_shard``) and its Hessian as :class:`ShardedHessianOperator`."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+from sharpscope import distributed
+from sharpscope.errors import InputError
+
+
+def require_ranks() -> None:
+    """Refuse (:class:`InputError`) ``fsdp`` outside a torchrun launch of several ranks."""
+    if distributed.world_size() < 2:
+        raise InputError(
+            "`fsdp` shards the parameters over the ranks of a torchrun launch: run "
+            "`torchrun --nproc-per-node N -m sharpscope analyze ...` with N ≥ 2"
+        )
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the children of the :class:`~torch.nn.ModuleList` that holds
+    the most parameters (a transformer's layers); none when it has no such list."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        return []
+    held = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return list(held)
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard ``model`` in place over every rank with ``fully_shard``: each of its
+    :func:`blocks`, then the root (which takes the rest), on the device and in the dtype it has;
+    returns it."""
+    for block in blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
