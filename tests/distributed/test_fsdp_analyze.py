@@ -1,0 +1,140 @@
+"""``analyze --fsdp``: the parameters sharded over 2 Gloo ranks by FSDP2, against one process
+holding the whole model, in float64 on the tiny GPT-2 (a Hugging Face folder checkpoint).
+
+The reference is one process's double backward: the sharded products are central differences at
+a fixed step (the one-process finite-difference backend searches its step), 1e-6 off exact on this
+model, so the figures are compared at :data:`REL_FD`; every figure that depends on the products
+only through reductions (loss, gradient norm, batch counts) at 1e-12.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tiny_hf
+import torch
+from test_distributed import sharpscope
+from tiny_cli import make_checkpoint, one_error_line
+from typer.testing import CliRunner
+
+from sharpscope.analysis.fsdp import blocks
+from sharpscope.analysis.fsdp_settings import UNSHARDED
+from sharpscope.cli.app import app
+from sharpscope.io.eigenvectors import load_eigenvectors
+
+REL_FD = 1e-5
+"""The sharded finite differences' error allows this (measured: 1e-6 on the top-3 and λ_min)."""
+EXACT = ["--data", "lm.pt", "--batch-size", "2", "--dtype", "float64", "--top-k", "3"]
+EXACT += ["--tol", "1e-8", "--json"]
+ALIGNMENT = ("cos_full", "topk_share", "sam_sharpness_quadratic", "eigen_sam_cos")
+BATCHES = ("mean", "min", "max", "std_error", "eigen_sam_mean")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str, Path]:
+    """One process (double backward) and 2 ranks under ``--fsdp``: their reports, the sharded
+    run's stderr, and the folder holding their ``one/`` and ``two/`` output folders."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    tiny_hf.gpt2().save_pretrained(folder / "gpt2")
+    ids = torch.randint(0, tiny_hf.VOCAB - 1, (10, 10), generator=torch.Generator().manual_seed(0))
+    torch.save({"input_ids": ids}, folder / "lm.pt")  # 5 batches: the ranks hold 3 and 2
+    common = ["analyze", str(folder / "gpt2"), *EXACT]
+    common[common.index("lm.pt")] = str(folder / "lm.pt")
+    whole_only = ["--no-trace", "--shards", "0", "--no-critical-sharpness"]
+    one = sharpscope([*common, *whole_only, "--out", str(folder / "one")], 1, HF_HUB_OFFLINE="1")
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = sharpscope(
+        [*common, "--fsdp", "--backend", "finite-difference", "--out", str(folder / "two")],
+        2,
+        HF_HUB_OFFLINE="1",
+    )
+    assert two.returncode == 0, two.stderr[-4000:]
+    return json.loads(one.stdout), json.loads(two.stdout), two.stderr, folder
+
+
+def close(a: float, b: float, rel: float) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+@pytest.mark.integration
+def test_fsdp_analyze_equals_one_process(runs):
+    one, two, _, _ = (runs[0]["results"], runs[1]["results"], *runs[2:])
+    pairs = zip(one["eigenvalues"]["values"], two["eigenvalues"]["values"], strict=True)
+    assert all(close(a, b, REL_FD) for a, b in pairs), (one["eigenvalues"], two["eigenvalues"])
+    assert close(one["lambda_min"]["value"], two["lambda_min"]["value"], REL_FD)
+    for name in ("loss", "grad_norm"):
+        assert close(one[name], two[name], 1e-12), name
+    assert one["num_params"] == two["num_params"] and one["num_samples"] == two["num_samples"]
+    for name in ALIGNMENT:
+        assert close(one["alignment"][name], two["alignment"][name], REL_FD), name
+    # SAM's loss rise is a difference of losses, exact on both sides
+    assert close(one["alignment"]["sam_sharpness"], two["alignment"]["sam_sharpness"], 1e-8)
+    batches, sharded = one["alignment"]["cos_batches"], two["alignment"]["cos_batches"]
+    for name in BATCHES:
+        assert close(batches[name], sharded[name], REL_FD), name
+    assert batches["count"] == sharded["count"] == 5
+    pairs = zip(batches["values"], sharded["values"], strict=True)
+    assert all(close(a, b, REL_FD) for a, b in pairs), (batches["values"], sharded["values"])
+
+
+@pytest.mark.integration
+def test_fsdp_turns_off_what_takes_whole_vectors_and_says_so(runs):
+    report, stderr = runs[1], runs[2]
+    results = report["results"]
+    assert results["trace"] is None and results["sampling"] is None
+    notes = " ".join(results["notes"])
+    assert "`trace`, `shards`, `critical_sharpness` did not run" in notes, notes
+    assert "products' own error was not measured" in notes
+    plan = [line for line in stderr.splitlines() if line.startswith("plan:")]
+    assert len(plan) == 1 and "per rank: parameter shards" in plan[0], stderr[-2000:]
+    assert "a gradient's shard" in plan[0] and "836 parameters" in plan[0]
+
+
+@pytest.mark.integration
+def test_fsdp_eigenvectors_file_equals_one_process(runs):
+    folder = runs[3]
+    values, vectors = load_eigenvectors(folder / "one" / "eigenvectors.safetensors")
+    sharded_values, sharded = load_eigenvectors(folder / "two" / "eigenvectors.safetensors")
+    assert len(vectors) == len(sharded) == 3
+    assert all(close(a, b, REL_FD) for a, b in zip(values, sharded_values, strict=True))
+    for whole, pieces in zip(vectors, sharded, strict=True):
+        assert list(whole) == list(pieces)  # the same parameters, in the same order
+        assert all(whole[n].shape == pieces[n].shape for n in whole)
+        a = torch.cat([t.reshape(-1) for t in whole.values()])
+        b = torch.cat([t.reshape(-1) for t in pieces.values()])
+        b = b * torch.sign(a @ b)
+        assert float((a - b).norm()) <= REL_FD, float((a - b).norm())
+
+
+def test_blocks_are_the_layers_of_a_transformer():
+    model = tiny_hf.gpt2()
+    assert blocks(model) == list(model.transformer.h)
+    assert blocks(torch.nn.Linear(2, 2)) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--backend", "finite-difference"], ["--fsdp", "torchrun --nproc-per-node N"]),
+        ([], ["--fsdp", "finite differences only", "--backend finite-difference"]),
+        (["--backend", "forward-over-reverse"], ["--backend forward-over-reverse"]),
+        (["--backend", "finite-difference", "--curvature", "ggn"], ["Hessian only", "ggn"]),
+        (["--backend", "finite-difference", "--density"], ["--density does not run", "--fsdp"]),
+        (["--backend", "finite-difference", "--method", "power"], ["--method power"]),
+        (["--backend", "finite-difference", "--shards", "4"], ["--shards 4 does not run"]),
+        (["--backend", "finite-difference", "--per-layer"], ["--per-layer does not run"]),
+    ],
+)
+def test_fsdp_bad_combinations_are_one_line(tmp_path, extra, words):
+    args = ["analyze", str(make_checkpoint(tmp_path)), "--data", "digits", "--fsdp", *extra]
+    one_error_line(CliRunner().invoke(app, args), *words)
+
+
+def test_every_unsharded_setting_is_an_analyze_setting():
+    from sharpscope.analysis.config import AnalyzeConfig
+
+    fields = AnalyzeConfig.__dataclass_fields__
+    assert set(UNSHARDED) <= set(fields)
+    assert AnalyzeConfig(fsdp=True, backend="finite-difference").trace  # on: turned off later
