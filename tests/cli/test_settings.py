@@ -34,8 +34,12 @@ from sharpscope.settings import setting
 
 NOT_OPTIONS = {"trace_tol", "trace_samples", "density_vectors", "density_iter"}
 """AnalyzeConfig fields no command sets (the trace's and density's precision)."""
-NOT_CHECKED = {"density", "per_layer", "slices"}
-"""Fields ``check`` leaves at their defaults: it gates no density, per-layer or slice figure."""
+NOT_CHECKED = {"density", "per_layer", "slices", "fsdp"}
+"""Fields ``check`` leaves at their defaults: it gates no density, per-layer or slice figure, and
+runs whole on every rank."""
+ALONE = {"fsdp"}
+"""Fields whose option refuses most others, so not set with them here (``--fsdp``: tested in
+tests/distributed/test_fsdp_analyze.py)."""
 
 SHARED: dict[str, tuple[str, ...]] = {
     "--top-k": ("3",),
@@ -162,7 +166,7 @@ def test_every_config_field_is_set_by_an_option_or_listed_as_not():
     listed ones."""
     defaults = AnalyzeConfig()
     for config, left in (
-        (_expected(density=True, per_layer=True, slices=True), NOT_OPTIONS),  # analyze
+        (_expected(density=True, per_layer=True, slices=True), NOT_OPTIONS | ALONE),  # analyze
         (_expected(), NOT_OPTIONS | NOT_CHECKED),  # check
     ):
         changed = {

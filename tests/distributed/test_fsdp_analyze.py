@@ -77,6 +77,21 @@ def test_fsdp_analyze_equals_one_process(runs):
     assert batches["count"] == sharded["count"] == 5
     pairs = zip(batches["values"], sharded["values"], strict=True)
     assert all(close(a, b, REL_FD) for a, b in pairs), (batches["values"], sharded["values"])
+    for name, line in one["slices"].items():  # the loss along v₁ and ĝ (--out)
+        other = two["slices"][name]
+        assert line["steps"] == other["steps"]
+        losses = other["loss"] if name == "gradient" else _signed(line["loss"], other["loss"])
+        assert all(close(a, b, REL_FD) for a, b in zip(line["loss"], losses, strict=True)), name
+
+
+def _signed(losses: list[float], other: list[float]) -> list[float]:
+    """``other``, or reversed (along −v₁: an eigenvector's sign is arbitrary), whichever is nearer
+    ``losses``."""
+    reverse = other[::-1]
+    near = sum(abs(a - b) for a, b in zip(losses, other, strict=True))
+    return (
+        other if near <= sum(abs(a - b) for a, b in zip(losses, reverse, strict=True)) else reverse
+    )
 
 
 @pytest.mark.integration
@@ -130,6 +145,12 @@ def test_blocks_are_the_layers_of_a_transformer():
 def test_fsdp_bad_combinations_are_one_line(tmp_path, extra, words):
     args = ["analyze", str(make_checkpoint(tmp_path)), "--data", "digits", "--fsdp", *extra]
     one_error_line(CliRunner().invoke(app, args), *words)
+
+
+def test_check_has_no_fsdp(tmp_path):
+    args = ["check", str(make_checkpoint(tmp_path)), "--data", "digits", "--fsdp"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "--fsdp" in result.stderr, result.output
 
 
 def test_every_unsharded_setting_is_an_analyze_setting():
