@@ -114,6 +114,7 @@ def test_fsdp_eigenvectors_file_equals_one_process(runs):
     sharded_values, sharded = load_eigenvectors(folder / "two" / "eigenvectors.safetensors")
     assert len(vectors) == len(sharded) == 3
     assert all(close(a, b, REL_FD) for a, b in zip(values, sharded_values, strict=True))
+    flat = []
     for whole, pieces in zip(vectors, sharded, strict=True):
         assert list(whole) == list(pieces)  # the same parameters, in the same order
         assert all(whole[n].shape == pieces[n].shape for n in whole)
@@ -121,6 +122,9 @@ def test_fsdp_eigenvectors_file_equals_one_process(runs):
         b = torch.cat([t.reshape(-1) for t in pieces.values()])
         b = b * torch.sign(a @ b)
         assert float((a - b).norm()) <= REL_FD, float((a - b).norm())
+        flat.append(b)
+    gram = torch.stack(flat) @ torch.stack(flat).T  # each its own vector: orthonormal
+    assert torch.allclose(gram, torch.eye(3, dtype=gram.dtype), atol=1e-6), gram
 
 
 def test_blocks_are_the_layers_of_a_transformer():
