@@ -17,6 +17,7 @@ import tiny_hf
 import torch
 from test_distributed import sharpscope
 from tiny_cli import make_checkpoint, one_error_line
+from tiny_hf_truth import N, token_data
 from typer.testing import CliRunner
 
 from sharpscope.analysis.fsdp import blocks
@@ -28,6 +29,8 @@ REL_FD = 1e-5
 """The sharded finite differences' error allows this (measured: 1e-6 on the top-3 and λ_min)."""
 EXACT = ["--data", "lm.pt", "--batch-size", "2", "--dtype", "float64", "--top-k", "3"]
 EXACT += ["--tol", "1e-8", "--json"]
+STALL = ["--dist-timeout", "30"]
+"""A rank left waiting in a collective (the ranks' forwards out of step) fails, not hangs."""
 ALIGNMENT = ("cos_full", "topk_share", "sam_sharpness_quadratic", "eigen_sam_cos")
 BATCHES = ("mean", "min", "max", "std_error", "eigen_sam_mean")
 
@@ -46,7 +49,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str, Pat
     one = sharpscope([*common, *whole_only, "--out", str(folder / "one")], 1, HF_HUB_OFFLINE="1")
     assert one.returncode == 0, one.stderr[-4000:]
     two = sharpscope(
-        [*common, "--fsdp", "--backend", "finite-difference", "--out", str(folder / "two")],
+        [*common, "--fsdp", "--backend", "finite-difference", *STALL, "--out", str(folder / "two")],
         2,
         HF_HUB_OFFLINE="1",
     )
@@ -163,3 +166,29 @@ def test_every_unsharded_setting_is_an_analyze_setting():
     fields = AnalyzeConfig.__dataclass_fields__
     assert set(UNSHARDED) <= set(fields)
     assert AnalyzeConfig(fsdp=True, backend="finite-difference").trace  # on: turned off later
+
+
+@pytest.mark.integration
+def test_fsdp_classifier_accuracy_with_uneven_batches(tmp_path):
+    """The tiny BERT classifier (padding tokens, a held padding row): 3 batches (5, 5, 2) over
+    ranks holding 2 and 1, so the rank with fewer runs its accuracy forwards in lockstep (a sharded
+    forward gathers over the ranks); the accuracy and loss equal one process's, λ₁ within the
+    step's error."""
+    tiny_hf.bert().save_pretrained(tmp_path / "bert")
+    torch.save(token_data(), tmp_path / "tokens.pt")
+    args = ["analyze", str(tmp_path / "bert"), "--data", str(tmp_path / "tokens.pt")]
+    args += ["--batch-size", "5", "--dtype", "float64", "--top-k", "1", "--json"]
+    whole_only = ["--no-trace", "--shards", "0", "--no-critical-sharpness"]
+    one = sharpscope([*args, *whole_only], 1, HF_HUB_OFFLINE="1")
+    sharded = ["--fsdp", "--backend", "finite-difference", *STALL]
+    two = sharpscope([*args, *sharded], 2, HF_HUB_OFFLINE="1")
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert two.returncode == 0, two.stderr[-4000:]
+    one, two = json.loads(one.stdout)["results"], json.loads(two.stdout)["results"]
+    assert one["num_samples"] == two["num_samples"] == N
+    assert one["accuracy"] is not None and one["accuracy"] == two["accuracy"]
+    assert close(one["loss"], two["loss"], 1e-12)
+    assert close(one["lambda_max"], two["lambda_max"], REL_FD), (
+        one["lambda_max"],
+        two["lambda_max"],
+    )
