@@ -83,7 +83,7 @@ BFLOAT16_NOTE = (
 UNMEASURED_ERROR_NOTE = (
     "under `fsdp` the finite-difference products' own error was not measured (its estimator "
     "takes whole vectors) and their step is not searched: the bounds do not include it (1e-6 "
-    "relative on the tests' tiny GPT-2 in float64, docs/engine.md)"
+    "relative on the tests' tiny GPT-2 in float64, docs/distributed.md)"
 )
 """The note of every sharded run: what its products' error is not."""
 
