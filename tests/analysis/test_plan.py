@@ -107,6 +107,14 @@ def test_the_line_shows_the_typical_time_apart_from_the_bound():
     assert "thread: at most 4.8 s;" in plan_line(_plan(bound, bound, 0.015))  # no typical known
 
 
+def test_the_line_of_a_sharded_run_gives_rank_0s_bytes():
+    plan = replace(_plan({"eigenpairs": 10}, {"eigenpairs": 10}, 0.01), shard_bytes=4000)
+    line = plan_line(plan)  # 10 vectors of 8 bytes: rank 0's pieces of a gradient
+    assert "per rank: parameter shards 4 kB, a gradient's shard 8 B, solver vectors ≤ 80 B" in line
+    assert "(10 × 8 B)" in line
+    assert "per rank" not in plan_line(_plan({"eigenpairs": 10}, {"eigenpairs": 10}, 0.01))
+
+
 @pytest.mark.parametrize(
     ("eigen", "trace"),
     [(52, 42), (47, 38), (57, 46), (30, 24)],  # measured: the digits MLP (k 5, 10), the CNN
