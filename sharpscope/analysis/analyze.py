@@ -82,8 +82,8 @@ BFLOAT16_NOTE = (
 """The note of every run asked for bfloat16 products."""
 UNMEASURED_ERROR_NOTE = (
     "under `fsdp` the finite-difference products' own error was not measured (its estimator "
-    "takes whole vectors) and their step is not searched: the bounds do not include it (1e-6 "
-    "relative on the tests' tiny GPT-2 in float64, docs/distributed.md)"
+    "takes whole vectors): the bounds do not include it (their step is searched as one "
+    "process's: 1e-11 relative on the tests' tiny GPT-2 in float64, docs/distributed.md)"
 )
 """The note of every sharded run: what its products' error is not."""
 

@@ -236,6 +236,7 @@ class ShardedHessianOperator(HessianOperator):
         its view of ``total``, into which FSDP2's reduce-scatter, set to sum
         (:func:`summed_gradients`), adds every rank's contribution in place: no gradient-sized
         tensor stands beside ``total``. Every trained parameter's gradient is put back after."""
+        reshard(self.model)  # after a forward the root's parameters are its gathered copies
         trained = [p for p in self.model.parameters() if p.requires_grad]
         kept = [p.grad for p in trained]
         views = {
@@ -245,7 +246,6 @@ class ShardedHessianOperator(HessianOperator):
             for p, view in zip(self.space.params, self._parts(total), strict=True)
         }
         value = 0.0
-        reshard(self.model)
         try:
             for p in trained:
                 p.grad = views.get(id(p))
