@@ -633,6 +633,7 @@ def analyze(
                 ),
                 config.tol,
             )
+        eigen_products = op.n_products - before  # the trace's budget: not the error stage's
         notes += [str(r.multiplicity) for r in (top, bottom) if r.multiplicity is not None]
         subspace, top, bottom = (
             top.subspace,
@@ -652,7 +653,7 @@ def analyze(
             notes += error.notes(config.tol, scale)
         if config.trace:
             with watch.stage("trace"):
-                budget = trace_budget(config.trace_samples, op.n_products - before)
+                budget = trace_budget(config.trace_samples, eigen_products)
                 staged = _staged(progress, "trace")
                 traced = SolveSettings(config.trace_tol, budget, config.seed)
                 trace = method.trace(op, traced, staged, subspace)

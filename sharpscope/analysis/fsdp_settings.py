@@ -11,7 +11,6 @@ from sharpscope.errors import InputError
 
 UNSHARDED: dict[str, Any] = {
     "method": "lanczos",
-    "trace": False,
     "density": False,
     "per_layer": False,
     "shards": 0,

@@ -87,6 +87,21 @@ def test_fsdp_analyze_equals_one_process(runs):
         assert all(close(a, b, REL_FD) for a, b in zip(line["loss"], losses, strict=True)), name
 
 
+@pytest.mark.integration
+def test_fsdp_trace_equals_one_process_finite_differences(runs):
+    """Against one process's finite differences (the same products, so the same budget, probes
+    and stopping), not double backward."""
+    folder = runs[3]
+    args = ["analyze", str(folder / "gpt2"), *EXACT, "--backend", "finite-difference"]
+    args[args.index("lm.pt")] = str(folder / "lm.pt")
+    one = sharpscope([*args, "--shards", "0", "--no-critical-sharpness"], 1)
+    assert one.returncode == 0, one.stderr[-4000:]
+    whole, sharded = json.loads(one.stdout)["results"]["trace"], runs[1]["results"]["trace"]
+    assert whole["n_products"] == sharded["n_products"], (whole, sharded)
+    for name in ("estimate", "std_error"):
+        assert close(whole[name], sharded[name], REL_FD), (whole, sharded)
+
+
 def _signed(losses: list[float], other: list[float]) -> list[float]:
     """``other``, or reversed (along −v₁: an eigenvector's sign is arbitrary), whichever is nearer
     ``losses``."""
@@ -101,9 +116,9 @@ def _signed(losses: list[float], other: list[float]) -> list[float]:
 def test_fsdp_turns_off_what_takes_whole_vectors_and_says_so(runs):
     report, stderr = runs[1], runs[2]
     results = report["results"]
-    assert results["trace"] is None and results["sampling"] is None
+    assert results["sampling"] is None
     notes = " ".join(results["notes"])
-    assert "`trace`, `shards`, `critical_sharpness` did not run" in notes, notes
+    assert "`shards`, `critical_sharpness` did not run" in notes, notes
     assert "products' own error was not measured" in notes
     plan = [line for line in stderr.splitlines() if line.startswith("plan:")]
     assert len(plan) == 1 and "per rank: parameter shards" in plan[0], stderr[-2000:]
