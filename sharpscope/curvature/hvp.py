@@ -362,7 +362,9 @@ class HessianOperator(CurvatureOperator):
             return products[k]
 
         def error(k: int) -> float:
-            if k not in errors:
+            if k not in errors:  # only this pair's products held: a dropped best one is redone
+                for old in [i for i in products if i not in (k, k + 1)]:
+                    del products[old]
                 errors[k] = self._distance(at(k + 1), at(k)) / (FD_SHRINK**2 - 1)
                 errors[k] /= max(self._length(at(k)), tiny)
             return errors[k]
@@ -379,9 +381,6 @@ class HessianOperator(CurvatureOperator):
             j += step
             if found <= best:
                 k, best = j, found
-            # kept: the best one's product and the one the next rung's estimate pairs with
-            for old in [i for i in products if i not in (k, j if step < 0 else j + 1)]:
-                del products[old]
         return FD_SHRINK**k, best, at(k), tried
 
     def _matvec_functional(self, vs: list[torch.Tensor]) -> torch.Tensor:

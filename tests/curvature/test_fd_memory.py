@@ -46,7 +46,7 @@ def op(monkeypatch: pytest.MonkeyPatch) -> HessianOperator:
 
 def test_a_product_holds_its_result_and_one_parameter_s_gradient(op):
     v = torch.randn(op.size)
-    assert peak_vectors(lambda: op.matvec(v), op.size) <= 5.5  # the step search: 2 kept, 1 made
+    assert peak_vectors(lambda: op.matvec(v), op.size) <= 4.1  # the step search: a pair, 1 made
     assert peak_vectors(lambda: op.matvec(v), op.size) <= 2.1
     assert peak_vectors(op.gradient, op.size) <= 2.1
 
