@@ -146,7 +146,7 @@ class HessianOperator(CurvatureOperator):
     def _cached_graph(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self._graph is None:
             total = sum(self._batch_losses())
-            self._graph = (total, self._grad(total, create_graph=True))
+            self._graph = (total, self._grad(total))
         return self._graph
 
     def release(self) -> None:
@@ -168,7 +168,7 @@ class HessianOperator(CurvatureOperator):
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            grads = self._grad(next(self._batch_losses()), create_graph=True)
+            grads = self._grad(next(self._batch_losses()))
         gradient = sum(g.numel() * g.element_size() for g in grads)
         return (sum(saved.values()) + gradient) * len(self.batches)
 
@@ -209,7 +209,7 @@ class HessianOperator(CurvatureOperator):
             )
         total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         for loss in self._batch_losses():
-            grads = self._grad(loss, create_graph=True)
+            grads = self._grad(loss)
             total += torch.cat([h.reshape(-1) for h in self._second(grads, vs, False)])
         return total
 

@@ -426,10 +426,11 @@ class CurvatureOperator:
         for w, inputs, targets in self._pieces():
             yield w * self._batch_loss(inputs, targets, None)
 
-    def _grad(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor]:
-        grads = torch.autograd.grad(
-            loss, self.space.params, create_graph=create_graph, allow_unused=True
-        )
+    def _grad(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """The gradient of ``loss`` per parameter with its graph (to be differentiated again);
+        zeros for a parameter it does not use. First-order gradients go through
+        :meth:`_accumulate`."""
+        grads = torch.autograd.grad(loss, self.space.params, create_graph=True, allow_unused=True)
         return [
             torch.zeros_like(p) if g is None else g
             for g, p in zip(grads, self.space.params, strict=True)
