@@ -480,20 +480,37 @@ class CurvatureOperator:
         """Add this rank's weighted gradient sum into the flat ``total`` in place (``subtract``:
         take it away) and return its weighted loss sum. Each backward adds every parameter's
         gradient into that parameter's view of ``total`` as it comes (their ``.grad`` are those
-        views meanwhile, then put back): no gradient-sized tensor stands beside ``total``."""
-        params = self.space.params
+        views meanwhile, :meth:`_grad_slots`, then put back): no gradient-sized tensor stands
+        beside ``total``."""
+        params, views = self._grad_slots(total)
         saved = [p.grad for p in params]
         value = 0.0
         try:
-            for p, view in zip(params, self.space.split(total), strict=True):
+            for p, view in zip(params, views, strict=True):
                 p.grad = view
-            for loss in self._batch_losses():
-                value += float(loss.detach())
-                (-loss if subtract else loss).backward(inputs=list(params))
+            with self._backward_scope():
+                for loss in self._batch_losses():
+                    value += float(loss.detach())
+                    self._backward(-loss if subtract else loss)
         finally:
             for p, grad in zip(params, saved, strict=True):
                 p.grad = grad
         return value
+
+    def _grad_slots(
+        self, total: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The parameters whose ``.grad`` :meth:`_accumulate` sets, and what to: the selected
+        ones, each to its view of ``total``."""
+        return list(self.space.params), list(self.space.split(total))
+
+    def _backward_scope(self) -> contextlib.AbstractContextManager[None]:
+        """What :meth:`_accumulate`'s backward passes run inside: nothing here."""
+        return contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """One backward of :meth:`_accumulate`, into the selected parameters only."""
+        loss.backward(inputs=list(self.space.params))
 
     def loss(self, delta: torch.Tensor | None = None) -> float:
         """The mean loss over all batches at the current weights, or at weights + ``delta``.

@@ -229,34 +229,31 @@ class ShardedHessianOperator(HessianOperator):
         for _ in range(self._rounds - count):
             yield (0.0, inputs, targets)
 
-    def _accumulate(self, total: torch.Tensor, subtract: bool = False) -> float:
-        """Add this rank's shard of the weighted gradient sum over all ranks into the flat
-        ``total`` in place (``subtract``: take it away) and return this rank's weighted loss sum.
-        Each selected parameter's ``.grad`` is meanwhile a sharded tensor whose local shard is
-        its view of ``total``, into which FSDP2's reduce-scatter, set to sum
-        (:func:`summed_gradients`), adds every rank's contribution in place: no gradient-sized
-        tensor stands beside ``total``. Every trained parameter's gradient is put back after."""
+    def _grad_slots(
+        self, total: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Every trained parameter, and its ``.grad`` while :meth:`_accumulate` runs: for a
+        selected one a sharded tensor whose local shard is its view of ``total``, into which
+        FSDP2's reduce-scatter, set to sum (:meth:`_backward_scope`), adds every rank's
+        contribution in place; None for the others (a backward reaches them all)."""
         reshard(self.model)  # after a forward the root's parameters are its gathered copies
-        trained = [p for p in self.model.parameters() if p.requires_grad]
-        kept = [p.grad for p in trained]
         views = {
             id(p): DTensor.from_local(
                 view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
             )
             for p, view in zip(self.space.params, self._parts(total), strict=True)
         }
-        value = 0.0
-        try:
-            for p in trained:
-                p.grad = views.get(id(p))
-            with summed_gradients(self.model):
-                for loss in self._batch_losses():
-                    value += float(loss.detach())
-                    (-loss if subtract else loss).backward()
-        finally:
-            for p, g in zip(trained, kept, strict=True):
-                p.grad = g
-        return value
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        return trained, [views.get(id(p)) for p in trained]
+
+    def _backward_scope(self) -> contextlib.AbstractContextManager[None]:
+        """FSDP2's reduce-scatter sums over the ranks (:func:`summed_gradients`)."""
+        return summed_gradients(self.model)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """One backward through FSDP2's hooks: its graph's leaves are the gathered parameters,
+        not the sharded ones, so it takes no ``inputs``."""
+        loss.backward()
 
     def _reduced(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` itself: a product or gradient is this rank's shard of the sum over all ranks
