@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: the CUDA-marked tests, then the engine and transformer benchmarks
 # on the GPU, each step's output in a results folder ($OUT if set, else benchmarks/results-gpu/).
-# Under 8 minutes on an H200. Run from anywhere:
+# Under 9 minutes on an H200. Run from anywhere:
 #
 #     bash benchmarks/gpu.sh                       # the real run (refuses without CUDA: exit 2)
 #     DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh    # a tiny run of the same steps, to check them
@@ -9,7 +9,8 @@
 # Settings (environment): DEVICE (cuda, cuda:N or cpu; default cuda), QUICK=1 (small workloads),
 # PYTHON (default python), OUT (results folder), and each step's time limit in seconds:
 # TESTS_LIMIT (60), ENGINE_LIMIT (90), TRANSFORMERS_LIMIT (150), SCALE_LIMIT (90, each of two
-# steps): 8 minutes in all; 900 each with QUICK=1, which is meant for a slow CPU. The scale step (bench_scale.py:
+# steps), FSDP_LIMIT (60: bench_fsdp.py, Qwen2-0.5B's shape sharded by FSDP2 over 1 rank, and
+# 2 where there are 2 GPUs): 9 minutes in all; 900 each with QUICK=1, which is meant for a slow CPU. The scale step (bench_scale.py:
 # a Llama-3.2-1B-shaped model, 8 x 1024 tokens, and an 8B-shaped one with LoRA rank 16, per
 # Hessian backend against a training step) needs transformers, and peft for the 8B. A failed or timed-out step is recorded and the
 # next one runs; the exit code is 1 if any step failed.
@@ -33,13 +34,17 @@ if [[ $QUICK == 1 ]]; then
     engine=(--workload mlp --repeats 1 --products-only)
     transformers=(--workload minilm-block --batch 2 --length 16)
     scale=(--workload gpt2 --batch 1 --length 8 --products 3)
+    fsdp=(--batch 2 --length 8 --products 2)
     : "${TESTS_LIMIT:=900}" "${ENGINE_LIMIT:=900}" "${TRANSFORMERS_LIMIT:=900}" "${SCALE_LIMIT:=900}"
+    : "${FSDP_LIMIT:=900}"
 else
     engine=(--repeats 3)
     transformers=(--workload all)
     scale=(--workload llama-1b --length 1024 --products 100)
     scale_lora=(--workload llama-8b-lora --length 1024 --products 100)
+    fsdp=(--workload qwen2-0.5b --batch 8 --length 512 --products 10)
     : "${TESTS_LIMIT:=60}" "${ENGINE_LIMIT:=90}" "${TRANSFORMERS_LIMIT:=150}" "${SCALE_LIMIT:=90}"
+    : "${FSDP_LIMIT:=60}"
 fi
 
 failed=0
@@ -78,5 +83,13 @@ if [[ $QUICK != 1 ]]; then
         "${scale_lora[@]}" --out "$RESULTS/scale-lora.md"
 fi
 
-echo "gpu.sh: results in $RESULTS/ (machine.txt, tests.log, engine.md, transformers.md, scale*.md)"
+# FSDP2 over 1 rank, and 2 where there are 2 GPUs (NCCL takes one GPU per rank); on the CPU, 1 and 2
+ranks=1
+if [[ $DEVICE == cpu ]] || (("$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" >= 2)); then
+    ranks=1,2
+fi
+step fsdp "$FSDP_LIMIT" "$PYTHON" benchmarks/bench_fsdp.py --device "${DEVICE%%:*}" --ranks "$ranks" \
+    "${fsdp[@]}" --out "$RESULTS/fsdp.md"
+
+echo "gpu.sh: results in $RESULTS/ (machine.txt, tests.log, engine.md, transformers.md, scale*.md, fsdp.md)"
 exit "$failed"

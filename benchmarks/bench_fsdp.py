@@ -1,0 +1,250 @@
+"""Per-rank memory and time of ``analyze --fsdp``'s work (FSDP2-sharded parameters, sharded
+Lanczos vectors, finite-difference products) on GPT-2 small, over 1 and 2 ranks.
+
+Run by hand from the repository root (it launches ``torchrun`` itself, once per rank count)::
+
+    python benchmarks/bench_fsdp.py [--workload gpt2|qwen2-0.5b] [--ranks 1,2] [--batch 8]
+        [--length 128] [--products 6] [--device cpu|cuda] [--out FILE]
+
+Every rank builds the workload of ``bench_scale.py`` (random init from a config, seed 0, the same
+weights on every rank), takes its contiguous share of the ``--batch`` sequences and shards the
+model with ``analyze``'s ``shard_model`` (``fully_shard`` per block, then the root). Then, each
+phase's peak measured on its own (the resident set's high-water mark, reset before the phase
+through ``/proc/self/clear_refs``, on the CPU; allocated memory on a GPU):
+
+- ``step``: one SGD training step of the sharded model (forward, backward, ``optimizer.step``),
+  the reference;
+- ``solve``: a gradient, a product (their seconds: the second of each), then a top-1 Lanczos
+  solve (``max_basis`` 4, the least ``analyze --top-k 1`` takes) stopped after ``--products``
+  products, redone once its finite-difference step is chosen again on v₁, as ``analyze`` solves.
+
+The figures are per rank (the largest over the ranks). ``load`` is the peak while every rank
+holds the whole model before sharding it (``analyze --fsdp`` loads the whole checkpoint on every
+rank today). λ_max over the rank counts must agree: one process's sums in another order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from sharpscope.curvature.sharded import ShardedHessianOperator
+
+HERE = Path(__file__).resolve().parent
+SOLVE_BASIS = 4
+
+
+def _status_mib(field: str) -> float:
+    """A memory ``field`` of /proc/self/status (VmRSS: resident now, VmHWM: its high-water mark
+    since the last :func:`_reset`), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: the CPU figures need Linux")
+
+
+def _resident_mib(device: torch.device) -> float:
+    """The memory held now (MiB): allocated GPU memory, or the CPU's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _status_mib("VmRSS")
+
+
+def _reset(device: torch.device) -> None:
+    """Start a phase's peak afresh."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak(device: torch.device) -> float:
+    """The phase's peak (MiB): allocated GPU memory, or the CPU's resident set."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _status_mib("VmHWM")
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _product_seconds(op: ShardedHessianOperator, device: torch.device) -> float:
+    """The seconds of ``op``'s second product on one seeded vector (the same whatever the rank
+    count; the first product searches the step); the vector is freed before the solve."""
+    from sharpscope.curvature.shards import draw
+
+    v = draw(op, 1, torch.Generator().manual_seed(0))[0]
+    op.matvec(v)
+    return _seconds(lambda: op.matvec(v), device)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank's measurements, written as JSON to ``--result``.RANK."""
+    import bench_scale
+
+    from sharpscope import distributed, lanczos
+    from sharpscope.analysis.fsdp import shard_model
+    from sharpscope.curvature import Objective, SolveSettings
+    from sharpscope.curvature.hvp import refined
+    from sharpscope.curvature.sharded import ShardedHessianOperator
+    from sharpscope.io.losses import loss_name, resolve_loss
+
+    distributed.init_from_env()
+    rank, ranks = distributed.rank(), distributed.world_size()
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu")
+    bench_scale.SHAPE.update(batch=args.batch, length=args.length)
+    row: dict[str, float | int | str | bool] = {"rank": rank}
+
+    def sharded_model() -> tuple[torch.nn.Module, list]:
+        _reset(device)
+        model, ((inputs, ids),) = bench_scale.build(args.workload, str(device))
+        share = slice(rank * args.batch // ranks, (rank + 1) * args.batch // ranks)
+        batch = ({k: v[share] for k, v in inputs.items()}, ids[share])
+        shard_model(model)
+        row["load_peak_mib"] = _peak(device)
+        row["sharded_mib"] = _resident_mib(device)
+        return model, [batch]
+
+    model, batches = sharded_model()
+    loss_fn = resolve_loss(loss_name("auto", model))
+    local = [p.to_local() for p in model.parameters()]
+    row["params"] = sum(p.numel() for p in model.parameters())
+    row["local_params"] = sum(t.numel() for t in local)
+    row["local_param_mib"] = sum(t.numel() * t.element_size() for t in local) / 2**20
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay for the solve
+    ((inputs, ids),) = batches
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(**inputs), ids).backward()
+        opt.step()
+
+    step()  # FSDP2's lazy set-up and the first gathers out of the measured step
+    opt.zero_grad(set_to_none=True)
+    _reset(device)
+    row["step_s"] = _seconds(step, device)
+    row["step_peak_mib"] = _peak(device)
+    opt.zero_grad(set_to_none=True)
+
+    _reset(device)
+    op = ShardedHessianOperator(Objective(model, loss_fn, batches))
+    op.gradient()
+    row["gradient_s"] = _seconds(op.gradient, device)
+    row["product_s"] = _product_seconds(op, device)
+    settings = SolveSettings(max_iter=args.products, max_basis=SOLVE_BASIS)
+    result = refined(op, lambda: lanczos(op, 1, settings=settings), settings.tol)
+    row["solve_peak_mib"] = _peak(device)
+    row["lambda_max"] = float(result.eigenvalues[0])
+    row["converged"] = bool(result.converged[0])
+    row["products"] = op.n_products
+    row["fd_error"] = float(op.fd_error) if op.fd_error is not None else float("nan")
+    Path(f"{args.result}.{rank}").write_text(json.dumps(row))
+    distributed.barrier()
+    distributed.teardown()
+
+
+def launch(args: argparse.Namespace, ranks: int) -> list[dict] | str:
+    """Run the workers over ``ranks`` processes; their rows, or why they failed."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "rank"
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={ranks}", str(Path(__file__).resolve()), "--worker",
+            f"--result={result}", f"--workload={args.workload}", f"--batch={args.batch}",
+            f"--length={args.length}", f"--products={args.products}", f"--device={args.device}",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+        # glibc returns every freed block above 1 MiB to the system at once (its threshold
+        # otherwise grows to 32 MiB as blocks are freed, and a freed whole model would stay in
+        # the resident set that the peaks count)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
+        out = subprocess.run(command, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            tail = out.stderr.strip().splitlines()[-3:]
+            return f"exit {out.returncode}: {' / '.join(tail)[:300]}"
+        return [json.loads(Path(f"{result}.{r}").read_text()) for r in range(ranks)]
+
+
+def table(args: argparse.Namespace, runs: dict[int, list[dict] | str]) -> list[str]:
+    """The markdown rows: per rank count, the largest per-rank figures."""
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    lines = [
+        f"torch {torch.__version__}, {where}, {args.workload}, batch {args.batch} × "
+        f"{args.length} tokens over the ranks, top-1 Lanczos (max_basis {SOLVE_BASIS}) stopped "
+        f"after {args.products} products, finite differences, float32; per-rank peaks (the "
+        "largest over the ranks)",
+        "",
+        "| ranks | params / rank (MiB) | load peak MiB | held after sharding MiB | "
+        "step peak MiB | solve peak MiB | solve / step | step s | gradient s | product s | "
+        "products | λ_max | FD error |",
+        "|" + " ---: |" * 13,
+    ]
+    for ranks, rows in runs.items():
+        if isinstance(rows, str):
+            lines.append(f"| {ranks} | {rows} |" + " |" * 11)
+            continue
+
+        def most(key: str, rows: list[dict] = rows) -> float:
+            return max(float(r[key]) for r in rows)
+
+        lines.append(
+            f"| {ranks} | {most('local_param_mib'):.0f} | {most('load_peak_mib'):.0f} | "
+            f"{most('sharded_mib'):.0f} | "
+            f"{most('step_peak_mib'):.0f} | {most('solve_peak_mib'):.0f} | "
+            f"{most('solve_peak_mib') / most('step_peak_mib'):.2f} | {most('step_s'):.2f} | "
+            f"{most('gradient_s'):.2f} | {most('product_s'):.2f} | {rows[0]['products']} | "
+            f"{rows[0]['lambda_max']:.6g} | {rows[0]['fd_error']:.1e} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="gpt2", choices=("gpt2", "qwen2-0.5b"))
+    parser.add_argument("--ranks", default="1,2", help="rank counts, comma-separated")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--products", type=int, default=6)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    counts = [int(n) for n in args.ranks.split(",")]
+    if any(args.batch % n for n in counts):
+        parser.error(f"--batch {args.batch} must divide over every rank count {counts}")
+    runs: dict[int, list[dict] | str] = {}
+    for ranks in counts:
+        print(f"bench_fsdp: {ranks} rank(s) ...", file=sys.stderr, flush=True)
+        runs[ranks] = launch(args, ranks)
+    lines = table(args, runs)
+    print("\n".join(lines))
+    if args.out is not None:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
