@@ -63,7 +63,7 @@ def settle(model: nn.Module) -> None:
                 group.lazy_init()
 
 
-def _local(whole: torch.Tensor, param: DTensor) -> torch.Tensor:
+def shard_of(whole: torch.Tensor, param: DTensor) -> torch.Tensor:
     """This rank's shard of ``whole``, a tensor shaped like the sharded ``param``, as ``param``'s
     own shard lies (no communication: every rank passes the same ``whole``)."""
     placed = whole.to(param.device)
@@ -178,7 +178,7 @@ class ShardedHessianOperator(HessianOperator):
         parts = whole.split(list(self.space.numels))
         return torch.cat(
             [
-                _local(part.reshape(p.shape), p).reshape(-1)
+                shard_of(part.reshape(p.shape), p).reshape(-1)
                 for part, p in zip(parts, self.space.params, strict=True)
             ]
         )
@@ -193,7 +193,7 @@ class ShardedHessianOperator(HessianOperator):
             p = self.space.params[i]
             mask = torch.ones(p.shape, dtype=self.dtype)
             mask[row] = 0
-            masks.append((i, _local(mask, p)))
+            masks.append((i, shard_of(mask, p)))
         return masks
 
     def _held(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:

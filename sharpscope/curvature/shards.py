@@ -20,6 +20,13 @@ from sharpscope.curvature.linop import LinearOperator
 from sharpscope.curvature.vectors import Kind, Over, random_vectors
 
 
+def summed(partial: torch.Tensor) -> torch.Tensor:
+    """``partial`` (this rank's dot products) summed over every rank in float64, in its own dtype
+    and device: one all-reduce of ``partial.numel()`` scalars (the ``over`` of sharded vectors)."""
+    total = distributed.sum_floats(partial.reshape(-1).tolist())
+    return torch.tensor(total, dtype=partial.dtype, device=partial.device).reshape(partial.shape)
+
+
 @dataclass(frozen=True)
 class Shards:
     """How an operator's flat vectors are cut over the ranks of the default process group.
@@ -33,12 +40,8 @@ class Shards:
     cut: Callable[[torch.Tensor], torch.Tensor]
 
     def sum(self, partial: torch.Tensor) -> torch.Tensor:
-        """``partial`` (this rank's dot products) summed over every rank in float64, in its own
-        dtype and device: one all-reduce of ``partial.numel()`` scalars."""
-        total = distributed.sum_floats(partial.reshape(-1).tolist())
-        return torch.tensor(total, dtype=partial.dtype, device=partial.device).reshape(
-            partial.shape
-        )
+        """``partial`` (this rank's dot products) summed over every rank (:func:`summed`)."""
+        return summed(partial)
 
     def draw(
         self, count: int, like: torch.Tensor, generator: torch.Generator, kind: Kind = "normal"
