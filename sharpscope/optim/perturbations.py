@@ -26,10 +26,13 @@ def sam_perturbation(g: torch.Tensor, rho: Hyper, over: Over | None = None) -> t
     return rho * _unit(g, over)
 
 
-def asam_perturbation(g: torch.Tensor, w: torch.Tensor, rho: Hyper, eta: Hyper) -> torch.Tensor:
-    """ASAM's ε = ρ T²g/‖Tg‖ with T = diag(|w| + η), written ρ T (Tg/‖Tg‖)."""
+def asam_perturbation(
+    g: torch.Tensor, w: torch.Tensor, rho: Hyper, eta: Hyper, over: Over | None = None
+) -> torch.Tensor:
+    """ASAM's ε = ρ T²g/‖Tg‖ with T = diag(|w| + η), written ρ T (Tg/‖Tg‖); element-wise but for
+    ‖Tg‖ (of this rank's pieces of sharded vectors, its square summed ``over`` the ranks)."""
     t = w.abs() + eta
-    return rho * t * _unit(t * g)
+    return rho * t * _unit(t * g, over)
 
 
 def eigen_sam_perturbation(

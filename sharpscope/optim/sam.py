@@ -8,6 +8,7 @@ cannot collide with a base optimizer's own ``rho`` (Adadelta) or ``alpha`` (RMSp
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -20,22 +21,26 @@ from torch.optim import Optimizer
 from sharpscope import distributed
 from sharpscope.curvature.batchnorm import freeze_batchnorm_stats
 from sharpscope.optim.perturbations import Hyper, asam_perturbation, sam_perturbation
+from sharpscope.optim.pieces import local, nonzero, reduction, split
 
 Closure = Callable[[], torch.Tensor]
 
 
 class Active:
     """The parameters that have a gradient in this step, each with its param group, and flat
-    vectors over them (in param-group order)."""
+    vectors over them (in param-group order): over this rank's local shards of parameters that
+    FSDP2 shards (DTensors), whose reductions :attr:`over` sums over the ranks."""
 
     def __init__(self, param_groups: Iterable[Mapping[str, Any]]) -> None:
         pairs = [(p, g) for g in param_groups for p in g["params"] if p.grad is not None]
         self.params = [p for p, _ in pairs]
         self.groups = [g for _, g in pairs]
+        self.over = reduction(self.params)
+        """Sums dot products over the ranks for sharded parameters; None for whole ones."""
 
     def flat(self, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-        """Concatenate one tensor per active parameter into a flat vector."""
-        return torch.cat([t.reshape(-1) for t in tensors])
+        """Concatenate one tensor (or its local shard) per active parameter into a flat vector."""
+        return torch.cat([local(t).reshape(-1) for t in tensors])
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient g over the active parameters."""
@@ -51,21 +56,29 @@ class Active:
         if len(set(values)) == 1:
             return values[0]
         return self.flat(
-            torch.full_like(p, v, memory_format=torch.contiguous_format)
+            torch.full_like(local(p), v, memory_format=torch.contiguous_format)
             for p, v in zip(self.params, values, strict=True)
         )
 
     def split(self, vec: torch.Tensor) -> list[torch.Tensor]:
-        """Split a flat vector into views shaped like the active parameters."""
-        chunks = torch.split(vec, [p.numel() for p in self.params])
-        return [c.view_as(p) for c, p in zip(chunks, self.params, strict=True)]
+        """Split a flat vector into views shaped like the active parameters (local shards)."""
+        return split(vec, self.params)
+
+    def norm(self, vec: torch.Tensor) -> torch.Tensor:
+        """‖vec‖ of a flat vector (its squares summed :attr:`over` the ranks when sharded)."""
+        if self.over is None:
+            return torch.linalg.vector_norm(vec)
+        return self.over(torch.dot(vec, vec)).sqrt()
 
 
 class SAM(Optimizer):
     """Sharpness-aware minimisation around ``base_optimizer``: ε = ρ g/‖g‖, ρ = ``sam_rho``.
 
     The norm is taken over all parameters that have a gradient; ρ is per param group. Give
-    ``model`` to keep BatchNorm running statistics out of the second forward pass.
+    ``model`` to keep BatchNorm running statistics out of the second forward pass. Parameters
+    that FSDP2 shards over the ranks (``fully_shard``: DTensors) are perturbed, saved and
+    restored on each rank's local shards, with the norm's square summed over the ranks as one
+    scalar; every rank takes the same ε (its own pieces of it).
 
     Args:
         base_optimizer: The optimizer that steps from w with the gradient at w + ε.
@@ -127,7 +140,7 @@ class SAM(Optimizer):
 
     def _perturbation(self, active: Active, g: torch.Tensor) -> torch.Tensor:
         """ε over the active parameters, given their flat gradient ``g`` (not zero)."""
-        return sam_perturbation(g, active.hyper("sam_rho"))
+        return sam_perturbation(g, active.hyper("sam_rho"), active.over)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, scaler: GradScaler | None = None) -> None:
@@ -149,12 +162,12 @@ class SAM(Optimizer):
             self._saved = []  # nothing moved: nothing to restore
             return
         active = Active(self.param_groups)
-        self._saved = [(p, p.detach().clone()) for p in active.params]
+        self._saved = [(p, local(p).clone()) for p in active.params]
         g = active.gradient() if active.params else None
-        if g is not None and bool(g.any()):
+        if g is not None and nonzero(g, active.over):
             eps = active.split(self._perturbation(active, g))
             for p, e in zip(active.params, eps, strict=True):
-                p.add_(e)
+                local(p).add_(e)
         if self.model is not None:
             self._thaw = freeze_batchnorm_stats(self.model)
         if zero_grad:
@@ -186,7 +199,7 @@ class SAM(Optimizer):
         """Copy the saved weights back and let BatchNorm statistics update again."""
         assert self._saved is not None
         for p, w in self._saved:
-            p.copy_(w)
+            local(p).copy_(w)
         self._saved = None
         self._thaw()
         self._thaw = _nothing
@@ -225,7 +238,7 @@ class SAM(Optimizer):
         if grad_scale is not None and not self.skipped:
             inverse = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ divides
             for p in Active(self.param_groups).params:
-                p.grad.mul_(inverse.to(p.grad.device))
+                local(p.grad).mul_(inverse.to(p.grad.device))
         self._complete()
         return None
 
@@ -274,6 +287,19 @@ class SAM(Optimizer):
         self._share_base()
         self._load_own_state(own)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """This wrapper's own state (:meth:`state_dict`'s ``"sam"``) as torch.distributed.checkpoint
+        saves it and loads it in place (:mod:`sharpscope.optim.checkpoint`): its tensors placed
+        like the parameters and always present (so a fresh optimizer's is the load's template),
+        the rest one JSON string."""
+        return {"scalars": json.dumps(self._own_state())}
+
+    def load_checkpoint_state(self, stored: Mapping[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` gave, once the base optimizer's state is loaded
+        (its param groups, replaced by the load, are shared again)."""
+        self._share_base()
+        self._load_own_state(json.loads(stored["scalars"]))
+
     def _own_state(self) -> dict[str, Any]:
         return {"global_step": self.global_step}
 
@@ -321,7 +347,7 @@ class ASAM(SAM):
 
     def _perturbation(self, active: Active, g: torch.Tensor) -> torch.Tensor:
         return asam_perturbation(
-            g, active.weights(), active.hyper("sam_rho"), active.hyper("sam_eta")
+            g, active.weights(), active.hyper("sam_rho"), active.hyper("sam_eta"), active.over
         )
 
 
