@@ -4,6 +4,7 @@ orthogonal to the gradient, with the eigenvector refreshed by a few warm-started
 from __future__ import annotations
 
 import glob
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,8 +18,10 @@ from sharpscope.batches import LossFn
 from sharpscope.choices import BACKENDS
 from sharpscope.curvature import HessianOperator, Objective, ParamSpace, SolveSettings, lanczos
 from sharpscope.curvature.hvp import Backend, refined
-from sharpscope.errors import check_choice
+from sharpscope.curvature.sharded import ShardedHessianOperator
+from sharpscope.errors import InputError, check_choice
 from sharpscope.optim.perturbations import eigen_sam_step
+from sharpscope.optim.pieces import adopted, cut, local, nonzero, placed, reduction, split
 from sharpscope.optim.sam import SAM, Active
 
 
@@ -58,11 +61,18 @@ class EigenSAM(SAM):
         seed: The seed of the first refresh's random start.
         backend: How the refresh's Hessian products are taken
             (:data:`~sharpscope.choices.BACKENDS`; ``finite-difference``: two gradients each, at
-            a gradient's memory, its step chosen again on v as analyze's is).
+            a gradient's memory, its step chosen again on v as analyze's is; the only one for
+            parameters that FSDP2 shards).
+
+    On a model whose parameters FSDP2 shards over the ranks (``fully_shard``), v is held as
+    this rank's pieces (each parameter's local shard), refreshed by
+    :class:`~sharpscope.curvature.sharded.ShardedHessianOperator` on every rank's batches, and
+    its norms, alignment and ε are reduced over the ranks as scalars.
 
     Raises:
         ValueError: ``eig_every`` or ``eig_steps`` below 1, or as :class:`SAM`.
-        InputError: An unknown ``backend``.
+        InputError: An unknown ``backend``, or one other than ``finite-difference`` for sharded
+            parameters.
 
     Examples:
         >>> import torch
@@ -100,6 +110,12 @@ class EigenSAM(SAM):
             raise ValueError("eig_every and eig_steps must be at least 1")
         check_choice("backend", backend, BACKENDS)
         self._wrap(base_optimizer, {"sam_rho": rho, "sam_alpha": alpha}, model)
+        self._over = reduction([p for g in self.param_groups for p in g["params"]])
+        if self._over is not None and backend != "finite-difference":
+            raise InputError(
+                f"Eigen-SAM on sharded parameters takes Hessian products by finite differences "
+                f"only, not `backend` {backend}: pass `backend` finite-difference"
+            )
         self.model: nn.Module = model
         self.loss_fn = loss_fn
         self.eig_every = eig_every
@@ -115,7 +131,8 @@ class EigenSAM(SAM):
 
     @property
     def eigenvector(self) -> dict[str, torch.Tensor] | None:
-        """The current v as ``{parameter name: tensor}`` (unit norm), or None before the first."""
+        """The current v as ``{parameter name: tensor}`` (unit norm; this rank's local shard of
+        each sharded parameter's part), or None before the first."""
         return self._eigenvector
 
     @eigenvector.setter
@@ -184,7 +201,11 @@ class EigenSAM(SAM):
                 self.model, self.loss_fn, batches, trainable, batch_stats=self.batch_stats
             )
             # the training loop runs the model on its batches already: no validation
-            op = HessianOperator(objective, backend=self.backend, validate=False)
+            op = (
+                HessianOperator(objective, backend=self.backend, validate=False)
+                if self._over is None
+                else ShardedHessianOperator(objective, validate=False)
+            )
             settings = SolveSettings(max_iter=self.eig_steps, seed=self.seed + self.global_step)
             start = self._warm_start(op.space)
             result = refined(  # a finite-difference step chosen again on v
@@ -198,7 +219,8 @@ class EigenSAM(SAM):
                 ),
                 settings.tol,
             )
-        self.eigenvector = dict(op.space.unflatten(result.eigenvectors[0].detach()))
+        pieces = split(result.eigenvectors[0].detach(), op.space.params)
+        self.eigenvector = dict(zip(op.space.names, pieces, strict=True))
         self.estimate = EigenEstimate(
             eigenvalue=float(result.eigenvalues[0]),
             residual=float(result.residuals[0]),
@@ -214,30 +236,40 @@ class EigenSAM(SAM):
         if self.eigenvector is None:
             return None
         old = self.eigenvector
-        pairs = zip(space.names, space.params, strict=True)
-        v = space.flatten([old.get(n, torch.zeros_like(p)) for n, p in pairs])
-        return v if bool(v.any()) else None
+        pieces = [local(p) for p in space.params]
+        pairs = zip(space.names, pieces, strict=True)
+        v = torch.cat([old.get(n, torch.zeros_like(t)).reshape(-1) for n, t in pairs])
+        return v if nonzero(v, self._over) else None
 
     def set_eigenvector(self, vector: Mapping[str, torch.Tensor]) -> None:
-        """Use ``{parameter name: tensor}`` (e.g. an eigenvector saved by ``sharpscope analyze``) as
-        v, scaled to unit norm; parameters it leaves out get zero."""
-        placed = self._placed(vector)
-        norm = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in placed.values()]))
+        """Use ``{parameter name: tensor}`` (e.g. an eigenvector saved by ``sharpscope analyze``;
+        whole tensors, the same on every rank) as v, scaled to unit norm and cut to this rank's
+        pieces of sharded parameters; parameters it leaves out get zero."""
+        whole = self._placed(vector)
+        norm = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in whole.values()]))
         if not norm > 0:
             raise ValueError("the eigenvector is zero")
-        self.eigenvector = {n: t / norm for n, t in placed.items()}
+        params = self._params()
+        self.eigenvector = {n: cut(t / norm, params[n]) for n, t in whole.items()}
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        """The optimized parameters by name."""
+        return {n: p for p, n in self._name_of.items()}
 
     def _placed(self, vector: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``vector`` checked against the parameters' names and shapes, cast to their dtype and
-        device."""
-        params = {n: p for p, n in self._name_of.items()}
+        """``vector`` checked against the parameters' names and (whole) shapes, cast to their
+        dtype and device."""
+        params = self._params()
         unknown = sorted(set(vector) - set(params))
         if unknown:
             raise KeyError(f"not parameters of this optimizer: {', '.join(unknown)}")
         for name, t in vector.items():
             if t.shape != params[name].shape:
                 raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(params[name].shape)}")
-        return {n: t.detach().to(params[n]) for n, t in vector.items()}
+        return {
+            n: t.detach().to(dtype=params[n].dtype, device=params[n].device)
+            for n, t in vector.items()
+        }
 
     def _restricted(self, active: Active) -> torch.Tensor | None:
         """v over the parameters with a gradient, renormalised; None before the first v or when
@@ -247,8 +279,8 @@ class EigenSAM(SAM):
         key = tuple(id(p) for p in active.params)
         if self._flat_v is None or self._flat_v[0] != key:
             vector, names = self._eigenvector, self._name_of
-            v = active.flat(vector.get(names[p], torch.zeros_like(p)) for p in active.params)
-            norm = torch.linalg.vector_norm(v)
+            v = active.flat(vector.get(names[p], torch.zeros_like(local(p))) for p in active.params)
+            norm = active.norm(v)
             self._flat_v = (key, v / norm if norm > 0 else None)
         return self._flat_v[1]
 
@@ -256,20 +288,48 @@ class EigenSAM(SAM):
         v = self._restricted(active)
         if v is None:
             return super()._perturbation(active, g)
-        eps, along = eigen_sam_step(g, v, active.hyper("sam_rho"), active.hyper("sam_alpha"))
+        hyper = active.hyper("sam_rho"), active.hyper("sam_alpha")
+        eps, along = eigen_sam_step(g, v, *hyper, active.over)
         self.alignment = abs(along)
         return eps
 
     def _own_state(self) -> dict[str, Any]:
+        """The step, the estimate and v: for sharded parameters as DTensors placed like them,
+        which torch.distributed.checkpoint reshards onto another number of ranks (no rank
+        gathers a whole vector to save it)."""
+        params, vector = self._params(), self.eigenvector
         return {
             **super()._own_state(),
-            "eigenvector": self.eigenvector,
+            "eigenvector": None
+            if vector is None
+            else {n: placed(t, params[n]) for n, t in vector.items()},
             "estimate": None if self.estimate is None else asdict(self.estimate),
         }
 
     def _load_own_state(self, own: Mapping[str, Any]) -> None:
         super()._load_own_state(own)
         vector, estimate = own["eigenvector"], own["estimate"]
-        self.eigenvector = None if vector is None else self._placed(vector)
+        params = self._params()
+        self.eigenvector = (
+            None
+            if vector is None
+            else {n: adopted(t, params[n]) for n, t in self._placed(vector).items()}
+        )
         self.estimate = None if estimate is None else EigenEstimate(**estimate)
         self.alignment = None
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """:meth:`SAM.checkpoint_state` with v under ``"eigenvector"``, placed like the
+        parameters (zeros before the first v, which the JSON part records)."""
+        own = self._own_state()
+        vector = own.pop("eigenvector")
+        own["has_eigenvector"] = vector is not None
+        zeros = {n: torch.zeros_like(p) for n, p in self._params().items()}
+        return {"scalars": json.dumps(own), "eigenvector": {**zeros, **(vector or {})}}
+
+    def load_checkpoint_state(self, stored: Mapping[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` gave (see :meth:`SAM.load_checkpoint_state`)."""
+        self._share_base()
+        own = json.loads(stored["scalars"])
+        own["eigenvector"] = stored["eigenvector"] if own.pop("has_eigenvector") else None
+        self._load_own_state(own)
