@@ -360,9 +360,9 @@ def _unscaled(scaler: GradScaler, key: Optimizer) -> bool:
     per-rank perturbations, say) counts on all, and every rank's scaler records it: the ranks
     skip the step together (none waits in a second pass the others skipped) and their scales
     stay equal. The flag is the scaler's per-device ``found_inf``, as torch's ShardedGradScaler
-    all-reduces it."""
+    all-reduces it; FSDP2-sharded gradients are checked on this rank's shards."""
     grads = [p.grad for g in key.param_groups for p in g["params"] if p.grad is not None]
-    finite = not grads or bool(torch.stack([torch.isfinite(t).all() for t in grads]).all())
+    finite = not grads or bool(torch.stack([torch.isfinite(local(t)).all() for t in grads]).all())
     scaler.unscale_(key)
     if not distributed.any_rank(not finite):
         return True
