@@ -161,7 +161,8 @@ SHARDED_CHECK = (
 # process's, 1e-9 in the weights (measured: 7e-13), Eigen-SAM's eigenvalues and alignments to
 # 1e-8 (measured: 3e-11, finite-difference products on both sides); the state
 # saved at step 4 through torch.distributed.checkpoint resumes on 2 ranks bit for bit; Eigen-SAM
-# refuses another backend than finite differences on sharded parameters.
+# refuses another backend than finite differences on sharded parameters, and SAM a mix of
+# sharded and whole parameters.
 from sharpscope.errors import InputError
 
 
@@ -194,6 +195,14 @@ def main():
             raise AssertionError("not refused")
         except InputError as exc:
             assert "`backend` finite-difference" in str(exc), exc
+        whole_one = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        whole_one.grad = torch.ones(2, dtype=torch.float64)
+        mixed = SAM(torch.optim.SGD([*model.parameters(), whole_one], lr=0.1))
+        try:
+            mixed.first_step()  # the model's parameters hold their last gradients
+            raise AssertionError("not refused")
+        except ValueError as exc:
+            assert "`fully_shard` shards every trained parameter" in str(exc), exc
         if rank == 0:
             print("ok", distributed.world_size())
 
