@@ -214,7 +214,7 @@ def _per_layer(
         layers.append(
             LayerEigen(
                 name=group.name,
-                size=block.size,
+                size=dimension(block),
                 eigenvalue=float(result.eigenvalues[0]),
                 residual=float(result.residuals[0]),
                 converged=bool(result.converged[0]),

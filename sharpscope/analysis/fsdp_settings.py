@@ -10,17 +10,14 @@ from typing import Any
 from sharpscope.errors import InputError
 
 UNSHARDED: dict[str, Any] = {
-    "method": "lanczos",
-    "density": False,
-    "per_layer": False,
     "shards": 0,
     "bias": False,
     "adaptive_sharpness": None,
     "critical_sharpness": False,
 }
-"""Setting -> the value it takes under ``fsdp``: the estimators these settings ask for do not
-reduce sharded vectors over the ranks yet (only Lanczos does). Lift an entry when its estimator
-takes them."""
+"""Setting -> the value it takes under ``fsdp``: the stages of these figures (the spread over
+shards and its bias, adaptive and critical sharpness) take whole vectors still. Lift an entry
+when its stage takes sharded ones."""
 
 
 def _defaults(config: Any) -> dict[str, Any]:

@@ -61,6 +61,27 @@ def close(a: float, b: float, rel: float) -> bool:
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
 
 
+ESTIMATORS = ["--batch-size", "5", "--top-k", "2", "--method", "power", "--max-iter", "20"]
+ESTIMATORS += ["--density", "--per-layer", "--no-trace", "--shards", "0"]
+ESTIMATORS += ["--no-critical-sharpness", "--backend", "finite-difference"]
+
+
+@pytest.fixture(scope="module")
+def estimated(runs: tuple[dict, dict, str, Path]) -> tuple[dict, dict]:
+    """Power iteration, the density and the per-layer blocks: one process's finite differences
+    and 2 ranks under ``--fsdp`` (2 batches of 5: one per rank), their reports' results. Against
+    finite differences, not double backward: power iteration stops after ``--max-iter`` and SLQ
+    runs its 80 steps, so each follows its products step by step, as the trace does."""
+    folder = runs[3]
+    args = ["analyze", str(folder / "gpt2"), *EXACT, *ESTIMATORS]
+    args[args.index("lm.pt")] = str(folder / "lm.pt")
+    one = sharpscope(args, 1, HF_HUB_OFFLINE="1")
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = sharpscope([*args, "--fsdp", *STALL], 2, HF_HUB_OFFLINE="1")
+    assert two.returncode == 0, two.stderr[-4000:]
+    return json.loads(one.stdout)["results"], json.loads(two.stdout)["results"]
+
+
 @pytest.mark.integration
 def test_fsdp_analyze_equals_one_process(runs):
     one, two, _, _ = (runs[0]["results"], runs[1]["results"], *runs[2:])
@@ -158,10 +179,11 @@ def test_blocks_are_the_layers_of_a_transformer():
         ([], ["--fsdp", "finite differences only", "--backend finite-difference"]),
         (["--backend", "forward-over-reverse"], ["--backend forward-over-reverse"]),
         (["--backend", "finite-difference", "--curvature", "ggn"], ["Hessian only", "ggn"]),
-        (["--backend", "finite-difference", "--density"], ["--density does not run", "--fsdp"]),
-        (["--backend", "finite-difference", "--method", "power"], ["--method power"]),
-        (["--backend", "finite-difference", "--shards", "4"], ["--shards 4 does not run"]),
-        (["--backend", "finite-difference", "--per-layer"], ["--per-layer does not run"]),
+        (
+            ["--backend", "finite-difference", "--shards", "4"],
+            ["--shards 4 does not run", "--fsdp"],
+        ),
+        (["--backend", "finite-difference", "--bias"], ["--bias", "does not run under --fsdp"]),
     ],
 )
 def test_fsdp_bad_combinations_are_one_line(tmp_path, extra, words):
@@ -207,3 +229,41 @@ def test_fsdp_classifier_accuracy_with_uneven_batches(tmp_path):
         one["lambda_max"],
         two["lambda_max"],
     )
+
+
+def _scaled(ours: list[float], theirs: list[float], scale: float) -> bool:
+    """Each of ``ours`` within :data:`REL_FD` × ``scale`` of ``theirs`` (SLQ's nodes near 0 are
+    equal to the spectrum's scale, not to their own)."""
+    return all(abs(a - b) <= REL_FD * scale for a, b in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.integration
+def test_fsdp_power_iteration_equals_one_process(estimated):
+    one, two = estimated
+    assert one["eigenvalues"]["method"] == two["eigenvalues"]["method"] == "power"
+    assert one["eigenvalues"]["n_products"] == two["eigenvalues"]["n_products"]
+    pairs = zip(one["eigenvalues"]["values"], two["eigenvalues"]["values"], strict=True)
+    assert all(close(a, b, REL_FD) for a, b in pairs), (one["eigenvalues"], two["eigenvalues"])
+    assert close(one["lambda_min"]["value"], two["lambda_min"]["value"], REL_FD)
+
+
+@pytest.mark.integration
+def test_fsdp_density_equals_one_process(estimated):
+    one, two = (r["density"] for r in estimated)
+    assert len(one["nodes"]) == len(two["nodes"]) == 4  # the default SLQ start vectors
+    scale = max(abs(x) for nodes in one["nodes"] for x in nodes)
+    for name in ("nodes", "weights"):
+        for ours, theirs in zip(two[name], one[name], strict=True):
+            assert _scaled(ours, theirs, scale if name == "nodes" else 1.0), name
+    assert close(one["mean"], two["mean"], REL_FD)
+
+
+@pytest.mark.integration
+def test_fsdp_per_layer_equals_one_process(estimated):
+    """Each block is a sub-operator of its group's parameters, each rank holding its shards of
+    them: the same groups, whole sizes and eigenvalues as one process."""
+    one, two = (r["per_layer"] for r in estimated)
+    assert [b["name"] for b in one] == [b["name"] for b in two] and len(one) == 6
+    for whole, sharded in zip(one, two, strict=True):
+        assert whole["size"] == sharded["size"] and whole["parameters"] == sharded["parameters"]
+        assert close(whole["eigenvalue"], sharded["eigenvalue"], REL_FD), (whole, sharded)
