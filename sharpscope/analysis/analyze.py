@@ -80,12 +80,6 @@ BFLOAT16_NOTE = (
     "bounds wide; use `dtype` float32 (the default, which widens bfloat16 weights)"
 )
 """The note of every run asked for bfloat16 products."""
-UNMEASURED_ERROR_NOTE = (
-    "under `fsdp` the finite-difference products' own error was not measured (its estimator "
-    "takes whole vectors): the bounds do not include it (their step is searched as one "
-    "process's: 1e-11 relative on the tests' tiny GPT-2 in float64, docs/distributed.md)"
-)
-"""The note of every sharded run: what its products' error is not."""
 
 
 @dataclass
@@ -361,8 +355,7 @@ def _planned(
         if bounded_cost.vectors < cost.vectors:  # the solver keeps the bound
             settings, cost, chosen = bounded, bounded_cost, bounded.max_basis
     products = {"eigenpairs": cost.products}
-    sharded = shards_of(op) is not None  # product_error takes whole vectors
-    if not sharded and (measured := error_products(op, config.k + 1)):  # (product_error)
+    if measured := error_products(op, config.k + 1):  # (product_error)
         products["product-error"] = measured
     if config.trace:
         budget = trace_budget(config.trace_samples, cost.products)
@@ -389,7 +382,7 @@ def _planned(
         chosen_max_basis=chosen,
         threads=torch.get_num_threads(),
         host_bytes=host if home == "host" else None,
-        shard_bytes=_shard_bytes(op.model) if sharded else None,
+        shard_bytes=_shard_bytes(op.model) if shards_of(op) is not None else None,
     )
     return plan, settings, image if grad_norm > 0 else None
 
@@ -620,8 +613,6 @@ def analyze(
                 "the whole Lanczos basis would not fit in the device's memory: it was kept in "
                 "the host's (pinned, streamed to the device; set `basis_device` to choose)"
             )
-        if shards_of(op) is not None:
-            notes.append(UNMEASURED_ERROR_NOTE)
         if on_plan is not None:
             on_plan(plan)
         before = op.n_products

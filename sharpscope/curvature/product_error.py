@@ -20,6 +20,7 @@ import torch
 
 from sharpscope.curvature.operator import CurvatureOperator
 from sharpscope.curvature.results import EigenResult
+from sharpscope.curvature.shards import over_of, shards_of
 from sharpscope.curvature.vectors import norm
 from sharpscope.structures import sample_count, split
 
@@ -103,12 +104,14 @@ def product_error(
     the reordered proxy otherwise; for a finite-difference operator, plus the largest of its own
     Richardson estimates on ``v`` and on the unit vectors ``others``
     (:meth:`~sharpscope.curvature.HessianOperator.difference_error`: its error differs from
-    vector to vector). None where there is nothing to measure; the products
+    vector to vector). On sharded vectors (:mod:`~sharpscope.curvature.shards`) the norms are
+    summed over the ranks and a float32 operator's error is the reordered proxy's (a float64
+    copy of a sharded model is not made). None where there is nothing to measure; the products
     (:func:`error_products`) count on ``op``."""
     if error_products(op) == 0:
         return None
     image = op.matvec(v)
-    scale = max(norm(image), torch.finfo(torch.float64).tiny)
+    scale = max(norm(image, over_of(op)), torch.finfo(torch.float64).tiny)
     difference = getattr(op, "backend", None) == "finite-difference"
     estimated, fd = 0.0, None
     if difference:
@@ -127,15 +130,16 @@ def product_error(
 def _measured(
     op: CurvatureOperator, v: torch.Tensor, image: torch.Tensor, available: int | None
 ) -> tuple[float, str]:
-    """‖(H_op − H₆₄)v‖ by a float64 product where it fits and runs, else by the reordered proxy,
-    with the method's name."""
-    if _float64_fits(op, available):
+    """‖(H_op − H₆₄)v‖ by a float64 product where it fits and runs (whole vectors only), else by
+    the reordered proxy (each rank reorders its own batches), with the method's name."""
+    if shards_of(op) is None and _float64_fits(op, available):
         try:
             return norm(image.double() - _wide(op).matvec(v.double())), "float64"
         except FAILURES:
             pass
-    other = op.replace(op.objective.replace(batches=_reordered(op)), cache_graph=False)
-    return PROXY_FACTOR * norm((other.matvec(v) - image).double()), "reordered"
+    uncached = {"cache_graph": False} if "cache_graph" in op.settings else {}
+    other = op.replace(op.objective.replace(batches=_reordered(op)), **uncached)
+    return PROXY_FACTOR * norm((other.matvec(v) - image).double(), over_of(op)), "reordered"
 
 
 def _name(dtype: torch.dtype) -> str:

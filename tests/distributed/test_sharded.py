@@ -173,8 +173,9 @@ ESTIMATORS_CHECK = (
     + """
 # On 2 ranks, the tiny GPT-2 sharded: power iteration, Hutch++ and SLQ on the sharded operator
 # follow one process's runs on its finite differences (whole model, all the data) step by step:
-# the same probes, cut, and the same products to rounding.
+# the same probes, cut, and the same products to rounding; a float32 model's product error.
 from sharpscope.curvature import hutchpp, power_iteration, slq
+from sharpscope.curvature.product_error import product_error
 
 
 def close(ours, theirs):
@@ -202,6 +203,21 @@ def main():
         ours, theirs = both(slq, n_vectors=1, n_iter=8)
         assert close(ours.nodes[0], theirs.nodes[0]) and close(ours.weights[0], theirs.weights[0])
         assert ours.size == theirs.size == one.size
+        # a float32 model: the products' error by the reordered proxy (each rank reorders its
+        # batches; no float64 copy of a sharded model), as large as one process's proxy within
+        # rounding's spread, and above the error measured against the float64 products
+        narrow = sharded().float()
+        op32 = ShardedHessianOperator(Objective(narrow, loss_fn, mine))
+        one32 = HessianOperator(whole.replace(model=build().float()), backend="finite-difference")
+        v = torch.randn(one.size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        v = v / v.norm()
+        ours = product_error(op32, op32.cut(v).float(), None)
+        theirs = product_error(one32, v.float(), 0)  # 0 bytes free: the proxy, not float64
+        assert ours.method == theirs.method == "reordered", (ours, theirs)
+        assert 0.1 <= ours.absolute / theirs.absolute <= 10, (ours, theirs)
+        image = op32.matvec(op32.cut(v).float()).double()
+        actual = norm(image - op.cut(one.matvec(v)), op.shards.sum)
+        assert ours.absolute >= actual, (ours.absolute, actual)
         if distributed.rank() == 0:
             print("ok", distributed.world_size())
 """
