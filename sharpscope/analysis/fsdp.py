@@ -10,12 +10,13 @@ from sharpscope import distributed
 from sharpscope.errors import InputError
 
 
-def require_ranks() -> None:
-    """Refuse (:class:`InputError`) ``fsdp`` outside a torchrun launch of several ranks."""
+def require_ranks(command: str = "analyze") -> None:
+    """Refuse (:class:`InputError`) ``fsdp`` outside a torchrun launch of several ranks, saying
+    how to launch ``command``."""
     if distributed.world_size() < 2:
         raise InputError(
             "`fsdp` shards the parameters over the ranks of a torchrun launch: run "
-            "`torchrun --nproc-per-node N -m sharpscope analyze ...` with N ≥ 2"
+            f"`torchrun --nproc-per-node N -m sharpscope {command} ...` with N ≥ 2"
         )
 
 

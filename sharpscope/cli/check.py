@@ -7,6 +7,7 @@ docs/ci.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import replace
@@ -18,7 +19,15 @@ import typer
 from sharpscope.analysis.config import AnalyzeConfig
 from sharpscope.analysis.gate import BaselineSettings, Thresholds, data_differences, gate
 from sharpscope.cli.analyze import run_analysis
-from sharpscope.cli.common import errors_as_exit, info, print_json, set_threads, stderr, stdout
+from sharpscope.cli.common import (
+    command_scope,
+    errors_as_exit,
+    info,
+    print_json,
+    set_threads,
+    stderr,
+    stdout,
+)
 from sharpscope.cli.flags import as_flags
 from sharpscope.cli.generate import Values, declared_command
 from sharpscope.errors import InputError
@@ -54,7 +63,8 @@ def check_command(
 
     A check only fails when the figure, measured on the data given, is past its limit by more
     than the solver's uncertainty (--sigmas N adds N SE of its spread over other samples). Exit
-    code 2 on bad input (one line on stderr), 130 on Ctrl-C.
+    code 2 on bad input (one line on stderr), 130 on Ctrl-C. With --fsdp under torchrun the
+    checkpoint is analyzed with its parameters sharded over the ranks, and rank 0 reports.
 
     Examples:
 
@@ -65,7 +75,7 @@ def check_command(
     """
     start = time.perf_counter()
     json_out, junit = settings["json_out"], settings["junit"]
-    with errors_as_exit(settings["debug"]):
+    with _scope(settings):
         gate_on = settings.build(BaselineSettings)
         baseline = gate_on.baseline
         thresholds = _plan(settings.build(Thresholds), baseline, gate_on.update_baseline)
@@ -79,25 +89,46 @@ def check_command(
         report = _report(source, settings, analysis, thresholds)
         gated = report.gate_input()
         checks = gate(gated, thresholds, base, gate_on.allow_different_data)
-        differences = ", ".join(data_differences(gated, base)) if base is not None else ""
-        if differences:  # allowed, or the gate would have refused the baseline
-            info(as_flags(f"note: comparing with a baseline of other data: {differences}"))
-        if json_out:
-            config = settings.config.path
-            result = check_result(checks, report, thresholds.sigmas, source, baseline, config)
-            print_json(dumps(result))
-        else:
-            print_checks(checks, f"sharpscope check: {source}", stdout)
-        if junit is not None:
-            properties = {"source": str(source), "sigmas": f"{thresholds.sigmas:g}"}
-            write_junit(junit, checks, properties, time.perf_counter() - start)
-        console = stderr if json_out else stdout  # annotations keep stdout one JSON document
-        publish(checks, str(source), os.environ, lambda line: console.out(line, highlight=False))
-        if gate_on.update_baseline and baseline is not None:
-            write_baseline(baseline, report)
-            info(f"wrote the baseline {baseline}")
+        if _reports(analysis):  # every rank gates the same report: one prints and writes
+            differences = ", ".join(data_differences(gated, base)) if base is not None else ""
+            if differences:  # allowed, or the gate would have refused the baseline
+                info(as_flags(f"note: comparing with a baseline of other data: {differences}"))
+            if json_out:
+                config = settings.config.path
+                result = check_result(checks, report, thresholds.sigmas, source, baseline, config)
+                print_json(dumps(result))
+            else:
+                print_checks(checks, f"sharpscope check: {source}", stdout)
+            if junit is not None:
+                properties = {"source": str(source), "sigmas": f"{thresholds.sigmas:g}"}
+                write_junit(junit, checks, properties, time.perf_counter() - start)
+            console = stderr if json_out else stdout  # annotations keep stdout one JSON document
+            publish(
+                checks, str(source), os.environ, lambda line: console.out(line, highlight=False)
+            )
+            if gate_on.update_baseline and baseline is not None:
+                write_baseline(baseline, report)
+                info(f"wrote the baseline {baseline}")
     if any(not c.passed for c in checks):
         raise typer.Exit(1)
+
+
+def _scope(settings: Values) -> contextlib.AbstractContextManager[None]:
+    """Failures as one line and exit 2; under ``fsdp`` inside torchrun's process group
+    (:func:`command_scope`), else every rank of a torchrun launch gates alone."""
+    if settings["fsdp"]:
+        return command_scope(settings["debug"], settings["dist_timeout"])
+    return errors_as_exit(settings["debug"])
+
+
+def _reports(config: AnalyzeConfig) -> bool:
+    """Whether this process prints and writes the results: rank 0 of a sharded analysis, or any
+    process that gates alone."""
+    if not config.fsdp:
+        return True
+    from sharpscope import distributed  # torch: the analysis imported it already
+
+    return distributed.is_main()
 
 
 def _plan(thresholds: Thresholds, baseline: Path | None, update: bool) -> Thresholds:
@@ -144,6 +175,11 @@ def _report(
     spec = settings.build(LoadSpec, checkpoint=source)
     from sharpscope.cli.loading import load_inputs  # torch: only to analyze a checkpoint
 
+    if config.fsdp:
+        from sharpscope.analysis.fsdp import require_ranks
+
+        require_ranks("check")  # before loading
     set_threads(settings["threads"])
-    _, report = run_analysis(load_inputs(spec), config, settings["quiet"])
+    loaded = load_inputs(spec, shard=config.fsdp)  # sharded: each rank keeps its batches
+    _, report = run_analysis(loaded, config, settings["quiet"])
     return report

@@ -192,7 +192,7 @@ COMMANDS: dict[str, Command] = {
             Part(Thresholds),
             Part(BaselineSettings),
             Part(LoadSpec, shown=("data", "model")),
-            Part(AnalyzeConfig, without=("density", "per_layer", "fsdp"), shown=()),
+            Part(AnalyzeConfig, without=("density", "per_layer"), shown=()),
             Part(CheckOutputs),
             Part(Session),
         )

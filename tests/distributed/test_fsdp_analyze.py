@@ -191,10 +191,29 @@ def test_fsdp_bad_combinations_are_one_line(tmp_path, extra, words):
     one_error_line(CliRunner().invoke(app, args), *words)
 
 
-def test_check_has_no_fsdp(tmp_path):
+def test_check_fsdp_outside_torchrun_is_one_line(tmp_path):
     args = ["check", str(make_checkpoint(tmp_path)), "--data", "digits", "--fsdp"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "--fsdp" in result.stderr, result.output
+    args += ["--backend", "finite-difference", "--max-eigenvalue", "1"]
+    one_error_line(CliRunner().invoke(app, args), "torchrun --nproc-per-node N -m sharpscope check")
+
+
+@pytest.mark.integration
+def test_fsdp_check_gates_as_one_process(runs):
+    """``check --fsdp`` on 2 ranks: the same checks pass and fail as in one process (double
+    backward), with the same exit code, and rank 0 alone prints (stdout is one JSON document)."""
+    folder = runs[3]
+    args = ["check", str(folder / "gpt2"), "--data", str(folder / "lm.pt"), "--batch-size", "2"]
+    args += ["--dtype", "float64", "--top-k", "1", "--no-trace", "--shards", "0", "--json"]
+    sharded = ["--fsdp", "--backend", "finite-difference", *STALL]
+    passing = ["--max-eigenvalue", "1000"]
+    for thresholds, code in ((passing, 0), ([*passing, "--max-sam-sharpness", "0"], 1)):
+        one = CliRunner().invoke(app, [*args, *thresholds], env={"HF_HUB_OFFLINE": "1"})
+        two = sharpscope([*args, *thresholds, *sharded], 2, HF_HUB_OFFLINE="1")
+        assert one.exit_code == two.returncode == code, (one.output, two.stderr[-4000:])
+        ours, theirs = json.loads(two.stdout), json.loads(one.stdout)
+        assert ours["verdict"] == theirs["verdict"] == ("pass" if code == 0 else "fail")
+        verdicts = [(c["name"], c["passed"]) for c in ours["checks"]]
+        assert verdicts == [(c["name"], c["passed"]) for c in theirs["checks"]], verdicts
 
 
 def test_every_unsharded_setting_is_an_analyze_setting():
