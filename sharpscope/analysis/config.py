@@ -190,8 +190,8 @@ class AnalyzeConfig:
     fsdp: bool = setting(
         False,
         help="Under torchrun: shard the parameters over the ranks with FSDP2 (per transformer "
-        "block, then the root); the top-k, λ_min and alignment on sharded vectors, by finite "
-        "differences. docs/engine.md.",
+        "block, then the root); products by finite differences on sharded vectors. "
+        "docs/distributed.md.",
         panel=RUN,
     )
 
