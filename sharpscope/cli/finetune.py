@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sharpscope.analysis.plan import BackendChoice
     from sharpscope.training.run import Outcome
     from sharpscope.training.run_dir import RunDir
+    from sharpscope.training.sharded_state import RankShare
     from sharpscope.training.signals import StopRequest
 
 
@@ -62,7 +63,7 @@ def finetune_command(
         from sharpscope.cli.loading import data_fingerprint, load_inputs
         from sharpscope.io.models import ModelSpec, parse_model_args
         from sharpscope.io.pretrained import tokenizer_files
-        from sharpscope.report.plan_line import backend_clause
+        from sharpscope.report.plan_line import backend_clause, sharded_clause
         from sharpscope.report.training_plot import plot_training
         from sharpscope.report.training_progress import TrainingProgress
         from sharpscope.training.plan import default_out, new_run, resume_run, validation_data
@@ -93,6 +94,10 @@ def finetune_command(
                 )
         set_threads(settings["threads"])
         run = plan.config
+        if run.fsdp:
+            from sharpscope.analysis.fsdp import require_ranks
+
+            require_ranks("finetune")  # before loading
         load = LoadSpec(
             plan.weights,
             model=model,  # on a resume, checked to be the run's own
@@ -138,9 +143,13 @@ def finetune_command(
             if shown:
                 info(as_flags(f"plan: {backend_clause(choice)}"))
 
+        def sharded(share: RankShare) -> None:
+            if shown:
+                info(as_flags(sharded_clause(share)))
+
         with StopRequest() as stop, TrainingProgress(stderr, shown) as progress:
             watch = (
-                Watch(progress.started, progress.step, progress.record, stop, chose)
+                Watch(progress.started, progress.step, progress.record, stop, chose, sharded)
                 if main
                 else Watch(should_stop=stop)
             )

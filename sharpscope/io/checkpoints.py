@@ -197,10 +197,12 @@ def save_checkpoint(
     model: nn.Module,
     spec: ModelSpec,
     metadata: dict[str, str] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the model's parameters and buffers as safetensors, atomically, with ``spec`` in the
-    metadata so that :func:`load_model` rebuilds the model without being told the spec."""
-    tensors = savable_state(model)
+    """Write the model's parameters and buffers (or ``state``, its whole state gathered from a
+    sharded model) as safetensors, atomically, with ``spec`` in the metadata so that
+    :func:`load_model` rebuilds the model without being told the spec."""
+    tensors = savable_state(model, state)
     stored = {**(metadata or {}), SPEC_KEY: spec.to_json(), VERSION_KEY: __version__}
     try:
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=stored))

@@ -191,11 +191,14 @@ def _mismatches(
     return problems
 
 
-def savable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state as dense, contiguous CPU tensors that share no memory."""
+def savable_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's state (or ``state``, given in its place) as dense, contiguous CPU tensors that
+    share no memory."""
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
-    for name, value in model.state_dict().items():
+    for name, value in (model.state_dict() if state is None else state).items():
         if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
             kind = value.layout if isinstance(value, torch.Tensor) else type(value).__name__
             raise InputError(

@@ -60,11 +60,14 @@ def build_pretrained(folder: Path, state: Mapping[str, torch.Tensor]) -> nn.Modu
     return model
 
 
-def save_pretrained_folder(folder: Path, model: Any, tokenizer_from: Path | None) -> None:
-    """Write the transformers ``model`` into ``folder`` as save_pretrained does (config.json,
-    model.safetensors), with copies of the tokenizer files of the folder ``tokenizer_from``."""
+def save_pretrained_folder(
+    folder: Path, model: Any, tokenizer_from: Path | None, state: Any = None
+) -> None:
+    """Write the transformers ``model`` (with ``state`` as its state dict when given: a sharded
+    model's, gathered) into ``folder`` as save_pretrained does (config.json, model.safetensors),
+    with copies of the tokenizer files of the folder ``tokenizer_from``."""
     with _quiet(_import_transformers(folder)):
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state)
     for file in tokenizer_files(tokenizer_from) if tokenizer_from is not None else ():
         shutil.copy2(file, folder / file.name)
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sharpscope.analysis.plan import BackendChoice, Plan, sizes
+
+if TYPE_CHECKING:
+    from sharpscope.training.sharded_state import RankShare
 
 
 def duration(seconds: float) -> str:
@@ -22,6 +27,16 @@ def backend_clause(choice: BackendChoice) -> str:
     """What ``backend`` auto chose and why (:attr:`BackendChoice.reason`), its parameter name in
     backticks."""
     return f"`backend` {choice.backend}: {choice.reason}"
+
+
+def sharded_clause(share: RankShare) -> str:
+    """``finetune``'s plan under ``fsdp``: what each rank holds of the parameters and of the
+    optimizer's state (rank 0's shares)."""
+    return (
+        f"plan: `fsdp` over {share.ranks} ranks: per rank {sizes(share.parameter_bytes)} of "
+        f"parameter shards and {sizes(share.optimizer_bytes)} of optimizer state, sharded "
+        "checkpoints; λ_max is not tracked under `fsdp` yet"
+    )
 
 
 def plan_line(plan: Plan) -> str:

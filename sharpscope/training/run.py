@@ -6,6 +6,8 @@ No printing: progress goes to the caller's callbacks, and the outcome comes back
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sharpscope import distributed
+from sharpscope.analysis.fsdp import require_ranks, shard_model
 from sharpscope.analysis.plan import BackendChoice, auto_backend, available_memory
 from sharpscope.batches import LossFn, move_to
 from sharpscope.curvature import HessianOperator, Objective
@@ -31,6 +34,13 @@ from sharpscope.training.order import DataOrder
 from sharpscope.training.run_config import RunConfig
 from sharpscope.training.run_dir import MODEL, STEP_KEY, TRAINER, RunDir, step_dir_name
 from sharpscope.training.selection import select_trained
+from sharpscope.training.sharded_state import (
+    SHARDED,
+    RankShare,
+    full_state,
+    load_sharded,
+    save_sharded,
+)
 from sharpscope.training.state import load_trainer_state, seed_everything
 from sharpscope.training.tracking import SharpnessTracker, Tracker
 from sharpscope.training.trainer import FIELDS, Diverged, Hooks, Session, all_finite, run
@@ -62,13 +72,15 @@ class Inputs:
 class Watch:
     """The caller's view of a run: ``started(step, total)`` once, ``progress(step, loss)`` after
     every step, ``record(row)`` for every row, ``should_stop()`` before every step, and
-    ``chose(choice)`` when ``backend`` auto chooses (a new run, before training)."""
+    ``chose(choice)`` when ``backend`` auto chooses (a new run, before training), and under
+    ``fsdp`` ``sharded(share)`` once the model is sharded."""
 
     started: Callable[[int, int], None] = lambda step, total: None
     progress: Callable[[int, float], None] = lambda step, loss: None
     record: Callable[[dict[str, Any]], None] = lambda row: None
     should_stop: Callable[[], bool] = lambda: False
     chose: Callable[[BackendChoice], None] = lambda choice: None
+    sharded: Callable[[RankShare], None] = lambda share: None
 
 
 @dataclass
@@ -93,8 +105,12 @@ def finetune(
 
     Under torch.distributed every rank calls this with the same inputs: the model trains in
     DistributedDataParallel on equal shares of each batch, rank 0 alone writes the folder, and
-    the ranks agree on when to stop."""
+    the ranks agree on when to stop. With ``fsdp`` the model is sharded by FSDP2 instead, and
+    every rank writes its shards of each checkpoint (:class:`Saver`)."""
     select_trained(inputs.model, config.params, config.freeze)
+    if config.fsdp:
+        require_ranks("finetune")
+        shard_model(inputs.model)
     order = DataOrder(len(inputs.train), config.batch_size, config.seed)
     check_shares(order.batch_size, min(config.probe_size, len(inputs.train)))
     total = config.total_steps(order.steps_per_epoch)
@@ -103,6 +119,9 @@ def finetune(
         config = replace(config, auto_backend=choice.backend)
         watch.chose(choice)
     optimizer, hook = build_optimizer(inputs.model, inputs.loss_fn, config, config.products_backend)
+    if config.fsdp:
+        watch.sharded(RankShare.of(inputs.model, config))
+    ddp = distributed.is_distributed() and not config.fsdp
     session = Session(
         inputs.model,
         inputs.loss_fn,
@@ -112,10 +131,11 @@ def finetune(
         order,
         inputs.device,
         inputs.dtype,
-        wrapped=DistributedDataParallel(inputs.model) if distributed.is_distributed() else None,
+        wrapped=DistributedDataParallel(inputs.model) if ddp else None,
         per_rank_sam=config.per_rank_sam,
         hook=hook,
         precision=config.precision,
+        sharded=config.fsdp,
     )
     main = distributed.is_main()
     track = tracker(config, inputs)
@@ -123,6 +143,8 @@ def finetune(
         if resume_from is not None:
             state = load_trainer_state(resume_from / TRAINER)
             session.load_state_dict(state)
+            if config.fsdp:
+                load_sharded(resume_from / SHARDED, inputs.model, optimizer)
             track.sharpness.load_state_dict(state.get(TRACKER_KEY))
             if total < session.step:
                 raise InputError(
@@ -221,32 +243,49 @@ class Saver:
         if not all_finite(self.session.model):
             raise Diverged(step, "the weights became non-finite")
         state = {**self.session.state_dict(), TRACKER_KEY: self.sharpness.state_dict()}
+        main = distributed.is_main()
         with distributed.together(f"writing the checkpoint of step {step}"):
-            if distributed.is_main():
+            if self.session.sharded:
+                staged = distributed.main_value(self.folder.staging(step) if main else None)
+                save_sharded(staged / SHARDED, self.session.model, self.session.optimizer)
+                weights = full_state(self.session.model)
+                if main:
+                    self.folder.save(
+                        step, lambda f: self._write_sharded(f, staged, weights), state, self.keep
+                    )
+            elif main:
                 self.folder.save(step, self._write_model, state, self.keep)
         self.path = self.folder.path / step_dir_name(step)
         self.step = step
 
-    def _write_model(self, folder: Path) -> None:
-        """The model's files in a checkpoint folder: model.safetensors with the spec, or a
-        save_pretrained folder (config.json, model.safetensors, the tokenizer files, copied from
-        the last checkpoint: the one a resumed run started from is removed once `keep` newer
-        ones exist)."""
+    def _write_sharded(self, folder: Path, staged: Path, weights: dict[str, torch.Tensor]) -> None:
+        """A sharded checkpoint's files: the whole ``weights`` as :meth:`_write_model` writes
+        them, and the shards the ranks wrote in ``staged`` (moved in; ``staged`` removed)."""
+        self._write_model(folder, weights)
+        os.rename(staged / SHARDED, folder / SHARDED)
+        shutil.rmtree(staged)
+
+    def _write_model(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """The model's files in a checkpoint folder (``weights`` when given, else the model's own
+        state): model.safetensors with the spec, or a save_pretrained folder (config.json,
+        model.safetensors, the tokenizer files, copied from the last checkpoint: the one a
+        resumed run started from is removed once `keep` newer ones exist)."""
         inputs = self.inputs
         if inputs.spec is None:
             from sharpscope.io.transformers_models import save_pretrained_folder  # optional
 
             tokenizer = inputs.tokenizer_from if self.path is None else self.path
-            save_pretrained_folder(folder, inputs.model, tokenizer)
+            save_pretrained_folder(folder, inputs.model, tokenizer, weights)
         else:
             metadata = {STEP_KEY: str(self.session.step)}
-            save_checkpoint(folder / MODEL, inputs.model, inputs.spec, metadata)
+            save_checkpoint(folder / MODEL, inputs.model, inputs.spec, metadata, weights)
 
 
 def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
     """The tracker of a run: its probe batch is a fixed ``probe_size`` subset of the training
     data, chosen by the seed; validation on all of ``inputs.val``. Under torch.distributed each
-    rank keeps its contiguous share of both, in batches of its share of ``batch_size``."""
+    rank keeps its contiguous share of both, in batches of its share of ``batch_size``. Under
+    ``fsdp`` it tracks the losses and accuracies only."""
     val = inputs.val
     held_out = _placed(config, inputs, val, torch.arange(len(val))) if val is not None else None
     sharpness = SharpnessTracker(
@@ -258,7 +297,7 @@ def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
         backend=config.products_backend,
         measure=config.track_measure,
     )
-    return Tracker(sharpness, held_out)
+    return Tracker(sharpness, held_out, curvature=not config.fsdp)
 
 
 def auto_choice(config: RunConfig, inputs: Inputs, batch_size: int) -> BackendChoice:

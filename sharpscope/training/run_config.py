@@ -12,7 +12,7 @@ from typing import Any
 
 from sharpscope.choices import BACKEND_CHOICES, BACKENDS, CURVATURE_NAMES
 from sharpscope.errors import InputError, check_choice
-from sharpscope.io.load_spec import LOAD, LoadSpec
+from sharpscope.io.load_spec import LOAD, RUN, LoadSpec
 from sharpscope.settings import declared, like, optional_settings, setting
 from sharpscope.training.options import (
     DEFAULT_EPOCHS,
@@ -142,6 +142,14 @@ class RunConfig(OptimizerSettings):
         panel=OPTIMIZE,
     )
     """The training passes' precision, one of :data:`PRECISIONS`."""
+    fsdp: bool = setting(
+        False,
+        help="Under torchrun: shard the parameters and optimizer state over the ranks with FSDP2 "
+        "(per transformer block, then the root); checkpoints are sharded and resume on any number "
+        "of ranks; SGD only, λ_max not tracked yet. docs/finetune.md.",
+        panel=RUN,
+    )
+    """Absent from the configs of earlier versions."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,8 +177,24 @@ class RunConfig(OptimizerSettings):
         if (self.steps is None) == (self.epochs is None):
             both = ", not both" if self.steps is not None else ""
             raise InputError(f"give either `steps` or `epochs`{both}")
+        if self.fsdp:
+            self._check_sharded()
         positive = ("batch_size", "probe_size", "track_iters", "steps", "epochs", "track_every")
         check_signs(self, (*positive, "save_every", "keep"), ())
+
+    def _check_sharded(self) -> None:
+        """Refuse what does not run under ``fsdp`` yet: SAM-style optimizers (their perturbation
+        would need the norm of a sharded gradient) and the critical-sharpness measure."""
+        if self.optimizer != "sgd":
+            raise InputError(
+                f"`optimizer` {self.optimizer} does not run under `fsdp` yet (its perturbation "
+                "takes whole gradients); use `optimizer` sgd, or train without `fsdp`"
+            )
+        if self.track_measure != "lambda_max":
+            raise InputError(
+                f"`track_measure` {self.track_measure} does not run under `fsdp` yet; rows "
+                "under `fsdp` track the losses and accuracies only"
+            )
 
     @property
     def products_backend(self) -> str:

@@ -6,6 +6,8 @@ DIR/config.json                    the run's settings (RunConfig)
 DIR/step-000120/model.safetensors  weights, with the model spec in the metadata
 DIR/step-000120/trainer.pt         optimizer, scheduler, step, data order, RNG states
 DIR/step-000120/.sharpscope-run    the run id again: this run wrote the folder
+DIR/step-000120/sharded/           under ``fsdp``: every rank's shards of the model and optimizer
+                                   state (torch.distributed.checkpoint)
 DIR/latest                         {"step": 120, "dir": "step-000120"}
 DIR/metrics.jsonl, metrics.csv, training.png, tensorboard/
 ```
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -193,6 +196,16 @@ class RunDir:
         write_text_atomic(self.path / LATEST, json.dumps(pointer) + "\n")
         for _, old in self._step_dirs()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def staging(self, step: int) -> Path:
+        """A new folder ``.step-NNNNNN.*.tmp``, stamped as this run's, where every rank of a
+        sharded run writes its shards of ``step``'s checkpoint before :meth:`save` moves them in;
+        one left by a killed run is removed as a half-written checkpoint is."""
+        folder = Path(
+            tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.", suffix=".tmp", dir=self.path)
+        )
+        shutil.copyfile(self.path / MARKER, folder / MARKER)
         return folder
 
     def discard_after(self, step: int) -> None:

@@ -502,13 +502,16 @@ class Tracker:
 
     sharpness: SharpnessTracker
     val: list[Batch] | None
+    curvature: bool = True
+    """False: the curvature figures are not measured (None), only the losses and accuracies (a
+    model sharded by FSDP2, whose products the tracker does not take yet)."""
 
     def __call__(self, model: nn.Module) -> dict[str, float | None]:
         """The figures of the tracked model now (``model`` must be it)."""
         if model is not self.sharpness.model:
             raise ValueError("the tracker measures the model it was made for")
         start = time.perf_counter()
-        top = self.sharpness.measure()
+        top = self.sharpness.measure() if self.curvature else None
         loss_fn, probe = self.sharpness.objective.loss_fn, self.sharpness.objective.batches
         with torch.random.fork_rng(devices=[]):
             probe_loss, probe_accuracy = evaluate(model, loss_fn, probe)
@@ -516,18 +519,24 @@ class Tracker:
                 evaluate(model, loss_fn, self.val) if self.val else (None, None)
             )
         return {
-            "lambda_max": top.lambda_max,
-            "lambda_residual": top.lambda_max_residual,
-            "lambda_c": top.lambda_c,
-            "lambda_c_low": top.lambda_c_low,
-            "lambda_c_high": top.lambda_c_high,
-            "lambda_c_direction": top.lambda_c_direction,
-            "alignment": top.alignment,
-            "curvature": top.curvature,
-            "product_dtype": top.product_dtype,
+            **{key: getattr(top, name, None) for key, name in _MEASURED.items()},
             "probe_loss": probe_loss,
             "probe_accuracy": probe_accuracy,
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
             "track_seconds": time.perf_counter() - start,
         }
+
+
+_MEASURED: dict[str, str] = {
+    "lambda_max": "lambda_max",
+    "lambda_residual": "lambda_max_residual",
+    "lambda_c": "lambda_c",
+    "lambda_c_low": "lambda_c_low",
+    "lambda_c_high": "lambda_c_high",
+    "lambda_c_direction": "lambda_c_direction",
+    "alignment": "alignment",
+    "curvature": "curvature",
+    "product_dtype": "product_dtype",
+}
+"""A row's curvature figures -> the :class:`Measurement` fields they come from."""

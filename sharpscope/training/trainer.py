@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -25,6 +26,7 @@ from sharpscope.io.data import DataBundle
 from sharpscope.structures import call_model, take
 from sharpscope.training.optimizers import NoHook, StepHook
 from sharpscope.training.order import DataOrder
+from sharpscope.training.sharded_state import local_shard
 from sharpscope.training.state import capture_rng, restore_rng
 
 FIELDS: tuple[str, ...] = (
@@ -117,6 +119,10 @@ class Session:
     precision: str = "float32"
     """``bf16``: the forward passes (both of SAM's) run under bfloat16 autocast; the weights, their
     gradients and Eigen-SAM's refresh stay in ``dtype``."""
+    sharded: bool = False
+    """The model is sharded by FSDP2 (``fsdp``): it reduces the gradients itself, and the
+    optimizer's state, sharded too, is saved apart from :meth:`state_dict`
+    (:mod:`~sharpscope.training.sharded_state`)."""
 
     def train_step(self) -> float:
         """One optimizer step on the next minibatch; returns this rank's loss (at w, before the
@@ -154,8 +160,8 @@ class Session:
         return value
 
     def _share(self, index: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous block of the batch ``index`` when training in DDP, else all."""
-        if self.wrapped is None:
+        """This rank's contiguous block of the batch ``index`` under torch.distributed, else all."""
+        if not distributed.is_distributed():
             return index
         mine = distributed.shard(len(index))
         return index[mine.start : mine.stop]
@@ -207,22 +213,31 @@ class Session:
         return row
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights that the next steps depend on, RNG states included."""
+        """Everything but the weights (and a sharded optimizer's state) that the next steps
+        depend on, RNG states included."""
+        ranks = distributed.is_distributed()
         return {
             "step": self.step,
             "epoch": self.order.epoch,
-            "optimizer": self.optimizer.state_dict(),
+            **({} if self.sharded else {"optimizer": self.optimizer.state_dict()}),
             "scheduler": self.scheduler.state_dict(),
             "order": self.order.state_dict(),
             "rng": capture_rng(),
-            **({} if self.wrapped is None else {"rank_rng": distributed.all_gather(capture_rng())}),
+            **({"rank_rng": distributed.all_gather(capture_rng())} if ranks else {}),
             "window": asdict(self.window),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state_dict` (the weights are loaded separately)."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from :meth:`state_dict` (the weights, and a sharded optimizer's state, are
+        loaded separately)."""
+        if not self.sharded:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.sharded:  # the rates too: a sharded part without state (SGD without momentum)
+            for group, lr in zip(
+                self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
+            ):
+                group["lr"] = lr
         self.order.load_state_dict(state["order"])
         restore_rng(_own_rng(state))
         self.window = Window(**state["window"])
@@ -282,7 +297,9 @@ def _own_rng(state: dict[str, Any]) -> Any:
 
 
 def all_finite(model: nn.Module) -> bool:
-    """Whether every floating-point parameter and buffer of ``model`` is finite."""
-    return all(
-        bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
-    )
+    """Whether every floating-point parameter and buffer of ``model`` is finite; of a model
+    sharded by FSDP2, on every rank's shards (every rank calls it)."""
+    state = [t for t in model.state_dict().values() if t.is_floating_point()]
+    sharded = any(isinstance(t, DTensor) for t in state)
+    finite = all(bool(torch.isfinite(local_shard(t)).all()) for t in state)
+    return not distributed.any_rank(not finite) if sharded else finite
