@@ -94,10 +94,6 @@ def finetune_command(
                 )
         set_threads(settings["threads"])
         run = plan.config
-        if run.fsdp:
-            from sharpscope.analysis.fsdp import require_ranks
-
-            require_ranks("finetune")  # before loading
         load = LoadSpec(
             plan.weights,
             model=model,  # on a resume, checked to be the run's own

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sharpscope import distributed
+from sharpscope.analysis.fsdp import require_ranks
 from sharpscope.errors import InputError
 from sharpscope.io.checkpoints import checkpoint_sha256
 from sharpscope.io.data import HELD_OUT, DataBundle, held_out_split, load_data, open_source
@@ -80,6 +81,8 @@ def new_run(checkpoint: Path | None, options: RunOptions, out: Path, force: bool
             f"`out` {out} is inside the `checkpoint` folder {checkpoint}, which the run would "
             "change: choose a folder outside it"
         )
+    if config.fsdp:
+        require_ranks("finetune")  # before the folder is made
     folder = RunDir(out)
     if distributed.is_main():
         folder.prepare_new(force)
@@ -125,6 +128,8 @@ def resume_run(
         raise InputError(
             f"`resume` {resume}: the run wrote no checkpoint yet; start it again without `resume`"
         )
+    if config.fsdp:
+        require_ranks("finetune")  # a sharded run resumes on several ranks
     return Plan(folder, config, model_path(found[1], config.layout), found[1])
 
 

@@ -1,0 +1,193 @@
+"""``finetune --fsdp``: the model and SGD's momentum sharded over Gloo ranks by FSDP2, with
+sharded checkpoints (torch.distributed.checkpoint), against one process holding the whole model,
+in float64 on the tiny MLP.
+
+The launches overlap where they do not depend on each other: 2 ranks for 8 steps in one go, and
+2 ranks for 4 steps then resumed on 2 ranks (bit for bit) and, from a copy, on 3 ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from finetune_processes import assert_same, latest_step
+from test_distributed import finished, launch
+from test_distributed_finetune import assert_close, weights
+from typer.testing import CliRunner
+
+from sharpscope.cli.app import app
+from sharpscope.training import run as training_run
+from sharpscope.training.metrics import read_rows
+
+pytestmark = pytest.mark.integration  # torchrun
+REL = 1e-10
+"""One process against the sharded ranks: only the order of the sums differs."""
+LOSSES = ("loss", "accuracy", "val_loss", "val_accuracy", "probe_loss", "probe_accuracy")
+KILLER = '''
+import os
+import signal
+
+import torch
+
+import sharpscope.training.run as run
+
+saving = run.save_sharded
+
+
+def killed_mid_save(folder, model, optimizer):
+    """Rank 1 writes its shards of the checkpoint of step $SHARPSCOPE_TEST_KILL_AT, then dies."""
+    saving(folder, model, optimizer)
+    at = os.environ.get("SHARPSCOPE_TEST_KILL_AT")
+    if os.environ.get("RANK") == "1" and at and f".step-{int(at):06d}." in str(folder):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+run.save_sharded = killed_mid_save
+
+
+def data():
+    inputs = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
+    return inputs, torch.arange(96) % 10
+'''
+
+
+def command(data: Path | str, steps: int, out: Path, *extra: object) -> list[str]:
+    """A float64 SGD run with momentum and weight decay (so the optimizer has state, and a
+    step of zero gradients would change it), tracked and saved every 4 steps."""
+    return [
+        *("finetune", "--data", str(data), "--steps", str(steps), "--out", str(out)),
+        *("--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "0.01", "--lr", "0.05"),
+        *("--dtype", "float64", "--batch-size", "48", "--probe-size", "48", "--device", "cpu"),
+        *("--track-every", "4", "--save-every", "4", "--track-iters", "3"),
+        *map(str, extra),
+    ]
+
+
+def sharpscope(args: list[str], nproc: int, **env: str) -> Any:
+    """``python -m sharpscope ARGS`` on ``nproc`` ranks, started (see :func:`finished`)."""
+    return launch(["-m", "sharpscope", *args], nproc, **env)
+
+
+@pytest.fixture(scope="module")
+def runs(
+    finetune_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """The run folders: ``one`` process, ``straight`` (2 ranks, 8 steps, ``--keep 2``),
+    ``two`` and ``three`` (2 ranks for 4 steps, resumed to 8 on 2 and on 3 ranks), and the
+    straight run's stderr."""
+    folder = tmp_path_factory.mktemp("fsdp-finetune")
+    ckpt, data = str(finetune_files["checkpoint"]), finetune_files["data"]
+    paths = {name: folder / name for name in ("one", "straight", "two", "three")}
+    straight = sharpscope([*command(data, 8, paths["straight"], "--fsdp", "--keep", "2"), ckpt], 2)
+    half = sharpscope([*command(data, 4, paths["two"], "--fsdp", "--quiet"), ckpt], 2)
+    result = CliRunner().invoke(app, [*command(data, 8, paths["one"], "--quiet"), ckpt])
+    assert result.exit_code == 0, result.output
+    done = finished(half)
+    assert done.returncode == 0, done.stderr
+    shutil.copytree(paths["two"], paths["three"])
+    resumed = [
+        sharpscope(["finetune", "--resume", str(paths[name]), "--steps", "8", "--quiet"], n)
+        for name, n in (("two", 2), ("three", 3))
+    ]
+    outcomes = [finished(p) for p in (straight, *resumed)]
+    for outcome in outcomes:
+        assert outcome.returncode == 0, outcome.stderr
+    yield {**paths, "stderr": outcomes[0].stderr}
+
+
+def losses(run: Path) -> list[dict[str, Any]]:
+    """The run's rows: step and the loss and accuracy figures."""
+    return [{k: r[k] for k in ("step", *LOSSES)} for r in read_rows(run / "metrics.jsonl")]
+
+
+def assert_losses_close(a: Path, b: Path, rel: float) -> None:
+    """The same steps, with the same losses and accuracies to ``rel`` relative."""
+    one, two = losses(a), losses(b)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 4, 8]
+    for x, y in zip(one, two, strict=True):
+        for key in LOSSES:
+            assert (x[key] is None) == (y[key] is None), (x["step"], key)
+            if x[key] is not None:
+                assert abs(x[key] - y[key]) <= rel * abs(y[key]), (x["step"], key)
+
+
+def test_two_sharded_ranks_equal_one_process(runs: dict[str, Any]):
+    straight, one = runs["straight"], runs["one"]
+    assert_close(weights(straight), weights(one), REL)
+    assert_losses_close(straight, one, REL)
+    assert all(r["lambda_max"] is None for r in read_rows(straight / "metrics.jsonl"))
+    # --keep 2: the last two checkpoints, each with its shards, and no staging folder left
+    assert sorted(p.name for p in straight.iterdir() if "step-" in p.name) == [
+        "step-000004",
+        "step-000008",
+    ]
+    for step in ("step-000004", "step-000008"):
+        shards = sorted(p.name for p in (straight / step / "sharded").iterdir())
+        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    state = torch.load(straight / "step-000008" / "trainer.pt", weights_only=True)
+    assert "optimizer" not in state  # sharded, in sharded/
+    # 1,210 float64 parameters: 4,840 bytes per rank, and as much of momentum
+    assert (
+        "plan: --fsdp over 2 ranks: per rank 4.84 kB of parameter shards and 4.84 kB of "
+        "optimizer state" in runs["stderr"]
+    ), runs["stderr"]
+
+
+def test_a_sharded_checkpoint_resumes_bit_for_bit_on_two_ranks_and_on_three(
+    runs: dict[str, Any],
+):
+    assert_same(weights(runs["two"]), weights(runs["straight"]))
+    assert losses(runs["two"]) == losses(runs["straight"])
+    assert_close(weights(runs["three"]), weights(runs["one"]), REL)
+    assert_losses_close(runs["three"], runs["one"], REL)
+
+
+def test_analyze_reads_a_sharded_runs_weights(runs: dict[str, Any], finetune_files):
+    weights_file = runs["straight"] / "step-000008" / "model.safetensors"
+    args = ["analyze", str(weights_file), "--data", str(finetune_files["data"]), "--json"]
+    result = CliRunner().invoke(app, [*args, "--top-k", "1", "--dtype", "float64", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"]["lambda_max"] > 0
+
+
+def test_a_rank_killed_mid_save_leaves_the_last_checkpoint_resumable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Rank 1 is SIGKILLed after writing its shards of step 4, before the checkpoint is renamed
+    into place: step 2 stays the latest, whole; the resumed run equals one process's."""
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER, encoding="utf-8")
+    data = f"{script}:data"
+    start = tmp_path / "start.safetensors"
+    _save_start(start)
+    run, one = tmp_path / "run", tmp_path / "one"
+    args = [*command(data, 6, run, "--fsdp", "--quiet", "--save-every", 2), str(start)]
+    killed = finished(sharpscope([*args, "--dist-timeout", "20"], 2, SHARPSCOPE_TEST_KILL_AT="4"))
+    assert killed.returncode != 0
+    assert latest_step(run) == 2
+    assert (run / "step-000002" / "sharded" / ".metadata").is_file()
+    assert [p.name[:13] for p in run.glob(".step-*.tmp")] == [".step-000004."]  # the shards
+    resumed = finished(sharpscope(["finetune", "--resume", str(run), "--data", data, "--quiet"], 2))
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(run.glob(".step-*.tmp"))  # the half-written checkpoint is gone
+    monkeypatch.setattr(training_run, "save_sharded", training_run.save_sharded)  # put back after
+    reference = [*command(data, 6, one, "--quiet", "--save-every", 2), str(start)]
+    result = CliRunner().invoke(app, reference)
+    assert result.exit_code == 0, result.output
+    assert_close(weights(run), weights(one), REL)
+
+
+def _save_start(path: Path) -> None:
+    """The tiny MLP (64 -> 16 -> 10) of ``finetune_files``' kind, untrained."""
+    from sharpscope.io.checkpoints import save_checkpoint
+    from sharpscope.io.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec("mlp", {"hidden": (16,)})
+    save_checkpoint(path, build_model(spec), spec)

@@ -1,0 +1,30 @@
+"""``finetune --fsdp``'s bad input, in one process: each refused in one line, exit 2, before the
+model loads (the sharded runs themselves are in tests/distributed/test_fsdp_finetune.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny_cli import one_error_line
+from typer.testing import CliRunner
+
+from sharpscope.cli.app import app
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ((), ("`torchrun --nproc-per-node N -m sharpscope finetune ...`", "--fsdp")),
+        (("--optimizer", "sam"), ("--optimizer sam does not run under --fsdp yet",)),
+        (("--optimizer", "eigen-sam"), ("--optimizer eigen-sam does not run under --fsdp",)),
+        (("--track-measure", "critical"), ("--track-measure critical does not run under",)),
+    ],
+)
+def test_fsdp_outside_torchrun_or_with_what_it_cannot_run_is_one_line(
+    finetune_files: dict[str, Path], tmp_path: Path, extra: tuple[str, ...], words: tuple[str]
+):
+    args = ["finetune", str(finetune_files["checkpoint"]), "--data", str(finetune_files["data"])]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run"), "--fsdp", *extra])
+    one_error_line(result, *words)
+    assert not (tmp_path / "run").exists()
