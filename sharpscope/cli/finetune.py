@@ -42,7 +42,8 @@ def finetune_command(
     """Fine-tune a checkpoint with SGD, SAM, ASAM or Eigen-SAM, tracking λ_max and |cos(ĝ, v₁)|.
     Checkpoints, metrics and training.png go to the --out folder; --resume continues a run from
     its last checkpoint, bit-identically on the CPU. Under torchrun the ranks train with
-    DistributedDataParallel on shares of each batch and rank 0 writes the run.
+    DistributedDataParallel on shares of each batch and rank 0 writes the run (--fsdp: sharded with
+    FSDP2, checkpoints written by every rank).
 
     \b
     Examples (the checkpoint is the one `sharpscope demo` writes):

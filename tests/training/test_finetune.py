@@ -384,12 +384,13 @@ def test_every_run_setting_comes_from_its_own_option(
         **dict(text_field="sentence", label_field="class", max_length=20, curvature="ggn"),
         **dict(track_measure="both", backend="finite-difference"),
         **dict(params=("1.*", "3.weight"), freeze=("1.bias",)),
+        **dict(fsdp=False),  # its own option: tests/training/test_finetune_fsdp_input.py
         **variant,
     }
     assert set(values) == {f.name for f in fields(RunOptions)}
     args: list[str] = ["--params", "1.*", "--params", "3.weight", "--freeze", "1.bias"]
     for name, value in values.items():
-        if value is not None and name not in {"params", "freeze"}:
+        if value is not None and value is not False and name not in {"params", "freeze"}:
             args += [FLAGS[name]] if value is True else [FLAGS[name], str(value)]
     ran: list[RunConfig] = []
 

@@ -46,9 +46,9 @@ BEFORE = dict(
     precision="float32",
 )
 """What a run did before each key of :data:`ADDED` existed."""
-SINCE_22 = ("track_measure", "backend", "auto_backend")
+SINCE_22 = ("track_measure", "backend", "auto_backend", "fsdp")
 """Keys added after issue 22: configs without them load as runs that tracked λ_max alone, by
-double backward."""
+double backward, unsharded."""
 
 
 def earlier_format(config: RunConfig, keys: tuple[str, ...]) -> str:
