@@ -3,11 +3,14 @@ for ``--model tests/tiny_hf.py:NAME`` and for the tests' dense Hessians."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
+    BertTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -96,3 +99,22 @@ def llama() -> LlamaForCausalLM:
         attn_implementation="sdpa",
     )
     return LlamaForCausalLM(config)
+
+
+def bert_run_inputs(folder: Path) -> dict[str, Path]:
+    """:func:`bert` written by save_pretrained with a word-piece tokenizer into ``folder/bert``,
+    and 64 token sequences (some padded) with 3-class labels as ``folder/tokens.pt``: what
+    ``finetune`` trains on in the tests."""
+    bert().save_pretrained(folder / "bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(chr(97 + i) for i in range(19))]
+    (folder / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(vocab_file=str(folder / "bert" / "vocab.txt"))
+    tokenizer.save_pretrained(folder / "bert")
+    (folder / "bert" / "special_tokens_map.json").write_text('{"pad_token": "[PAD]"}\n')
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (64, 7), generator=g)
+    mask = torch.ones(64, 7, dtype=torch.int64)
+    mask[::3, 5:] = 0
+    labels = torch.randint(0, 3, (64,), generator=g)
+    torch.save({"input_ids": ids, "attention_mask": mask, "labels": labels}, folder / "tokens.pt")
+    return {"checkpoint": folder / "bert", "data": folder / "tokens.pt"}

@@ -43,21 +43,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 def hf_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny BERT written by save_pretrained with a tokenizer, and 64 token sequences with
     3-class labels as a .pt dict."""
-    folder = tmp_path_factory.mktemp("hf-inputs")
-    tiny_hf.bert().save_pretrained(folder / "bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(chr(97 + i) for i in range(19))]
-    (folder / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = transformers.BertTokenizer(vocab_file=str(folder / "bert" / "vocab.txt"))
-    tokenizer.save_pretrained(folder / "bert")
-    (folder / "bert" / "special_tokens_map.json").write_text('{"pad_token": "[PAD]"}\n')
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, tiny_hf.VOCAB, (64, 7), generator=g)
-    mask = torch.ones(64, 7, dtype=torch.int64)
-    mask[::3, 5:] = 0
-    labels = torch.randint(0, 3, (64,), generator=g)
-    data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    torch.save(data, folder / "tokens.pt")
-    return {"checkpoint": folder / "bert", "data": folder / "tokens.pt"}
+    return tiny_hf.bert_run_inputs(tmp_path_factory.mktemp("hf-inputs"))
 
 
 def command(files: dict[str, Path], out: Path, *extra: object) -> list[str]:
