@@ -184,7 +184,8 @@ class RunConfig(OptimizerSettings):
 
     def _check_sharded(self) -> None:
         """Refuse what does not run under ``fsdp`` yet: SAM-style optimizers (their perturbation
-        would need the norm of a sharded gradient) and the critical-sharpness measure."""
+        would need the norm of a sharded gradient), the critical-sharpness measure and ``backend``
+        auto (which measures a whole model's graph)."""
         if self.optimizer != "sgd":
             raise InputError(
                 f"`optimizer` {self.optimizer} does not run under `fsdp` yet (its perturbation "
@@ -194,6 +195,11 @@ class RunConfig(OptimizerSettings):
             raise InputError(
                 f"`track_measure` {self.track_measure} does not run under `fsdp` yet; rows "
                 "under `fsdp` track the losses and accuracies only"
+            )
+        if self.backend == "auto":
+            raise InputError(
+                "`backend` auto does not run under `fsdp` yet: it chooses the products of the "
+                "λ_max tracking and Eigen-SAM, neither of which runs under `fsdp`; leave it out"
             )
 
     @property

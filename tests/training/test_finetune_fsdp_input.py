@@ -19,6 +19,7 @@ from sharpscope.cli.app import app
         (("--optimizer", "sam"), ("--optimizer sam does not run under --fsdp yet",)),
         (("--optimizer", "eigen-sam"), ("--optimizer eigen-sam does not run under --fsdp",)),
         (("--track-measure", "critical"), ("--track-measure critical does not run under",)),
+        (("--backend", "auto"), ("--backend auto does not run under --fsdp yet",)),
     ],
 )
 def test_fsdp_outside_torchrun_or_with_what_it_cannot_run_is_one_line(
