@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.tensor import DTensor
@@ -92,12 +93,15 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: Optimizer) -> None:
         dcp.load(state, storage_reader=reader, planner=SafePlanner())
     except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as exc:
         raise InputError(f"cannot read the sharded checkpoint {folder}: {exc}") from None
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state.get("optimizer", {}),
-    )
+    if has_optimizer:
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
+    else:  # the optimizer stays without state, as before its first step (see save_sharded)
+        set_model_state_dict(model, state["model"])
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -160,8 +160,9 @@ def test_analyze_reads_a_sharded_runs_weights(runs: dict[str, Any], finetune_fil
 def test_a_rank_killed_mid_save_leaves_the_last_checkpoint_resumable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """Rank 1 is SIGKILLed after writing its shards of step 4, before the checkpoint is renamed
-    into place: step 2 stays the latest, whole; the resumed run equals one process's."""
+    """Rank 1 is SIGKILLed after writing its shards of step 2, before the checkpoint is renamed
+    into place: step 0 stays the latest, whole; the resumed run equals one process's (from step
+    0, whose shards hold no optimizer state yet: loading them must not make one)."""
     script = tmp_path / "killer.py"
     script.write_text(KILLER, encoding="utf-8")
     data = f"{script}:data"
@@ -169,11 +170,11 @@ def test_a_rank_killed_mid_save_leaves_the_last_checkpoint_resumable(
     _save_start(start)
     run, one = tmp_path / "run", tmp_path / "one"
     args = [*command(data, 6, run, "--fsdp", "--quiet", "--save-every", 2), str(start)]
-    killed = finished(sharpscope([*args, "--dist-timeout", "20"], 2, SHARPSCOPE_TEST_KILL_AT="4"))
+    killed = finished(sharpscope([*args, "--dist-timeout", "20"], 2, SHARPSCOPE_TEST_KILL_AT="2"))
     assert killed.returncode != 0
-    assert latest_step(run) == 2
-    assert (run / "step-000002" / "sharded" / ".metadata").is_file()
-    assert [p.name[:13] for p in run.glob(".step-*.tmp")] == [".step-000004."]  # the shards
+    assert latest_step(run) == 0
+    assert (run / "step-000000" / "sharded" / ".metadata").is_file()
+    assert [p.name[:13] for p in run.glob(".step-*.tmp")] == [".step-000002."]  # the shards
     resumed = finished(sharpscope(["finetune", "--resume", str(run), "--data", data, "--quiet"], 2))
     assert resumed.returncode == 0, resumed.stderr
     assert not list(run.glob(".step-*.tmp"))  # the half-written checkpoint is gone
