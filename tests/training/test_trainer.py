@@ -200,6 +200,22 @@ def test_session_state_round_trip_continues_bit_identically():
         assert torch.equal(a, b)
 
 
+def test_a_sharded_session_leaves_the_optimizer_out_and_takes_its_rate_from_the_schedule():
+    """Under ``fsdp`` the optimizer's state is in the checkpoint's shards, which hold none for
+    SGD without momentum: the learning rate must come back from the (cosine) schedule."""
+    noop = Hooks(lambda row: None, lambda: None)
+    first = session(dropout_net(), "sgd")
+    first.sharded = True
+    run(first, 5, tracker(first), 5, 100, noop)
+    state = first.state_dict()
+    assert "optimizer" not in state
+    second = session(dropout_net(), "sgd")
+    second.sharded = True
+    second.load_state_dict(state)
+    rate = first.optimizer.param_groups[0]["lr"]
+    assert second.optimizer.param_groups[0]["lr"] == rate < 0.1
+
+
 @pytest.mark.parametrize("name", ["sgd", "sam"])
 def test_a_non_finite_loss_stops_before_the_weights_move(name: str):
     s = session(dropout_net(), name)
