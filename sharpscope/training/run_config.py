@@ -146,7 +146,8 @@ class RunConfig(OptimizerSettings):
         False,
         help="Under torchrun: shard the parameters and optimizer state over the ranks with FSDP2 "
         "(per transformer block, then the root); checkpoints are sharded and resume on any number "
-        "of ranks; SGD only, λ_max not tracked yet. docs/finetune.md.",
+        "of ranks; Eigen-SAM takes --backend finite-difference; λ_max not tracked yet. "
+        "docs/finetune.md.",
         panel=RUN,
     )
     """Absent from the configs of earlier versions."""
@@ -183,13 +184,19 @@ class RunConfig(OptimizerSettings):
         check_signs(self, (*positive, "save_every", "keep"), ())
 
     def _check_sharded(self) -> None:
-        """Refuse what does not run under ``fsdp`` yet: SAM-style optimizers (their perturbation
-        would need the norm of a sharded gradient), the critical-sharpness measure and ``backend``
-        auto (which measures a whole model's graph)."""
-        if self.optimizer != "sgd":
+        """Refuse what does not run under ``fsdp`` yet: Eigen-SAM's refresh by products other
+        than finite differences, per-rank SAM perturbations, the critical-sharpness measure and
+        ``backend`` auto (which measures a whole model's graph)."""
+        if self.optimizer == "eigen-sam" and self.backend != "finite-difference":
             raise InputError(
-                f"`optimizer` {self.optimizer} does not run under `fsdp` yet (its perturbation "
-                "takes whole gradients); use `optimizer` sgd, or train without `fsdp`"
+                "`optimizer` eigen-sam under `fsdp` refreshes its eigenvector by finite "
+                f"differences of sharded gradients only, not `backend` {self.backend}: pass "
+                "`backend` finite-difference"
+            )
+        if self.per_rank_sam:
+            raise InputError(
+                "`per_rank_sam` does not run under `fsdp`: FSDP2 reduces every gradient over the "
+                "ranks; leave it out"
             )
         if self.track_measure != "lambda_max":
             raise InputError(

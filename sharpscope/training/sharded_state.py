@@ -27,15 +27,14 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_state_dict,
     set_model_state_dict,
-    set_state_dict,
 )
-from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from sharpscope import distributed
 from sharpscope.errors import InputError
+from sharpscope.optim.checkpoint import get_optimizer_state_dict, set_optimizer_state_dict
+from sharpscope.optim.pieces import local
 from sharpscope.training.options import OptimizerSettings
 
 SHARDED = "sharded"
@@ -66,15 +65,12 @@ is refused."""
 
 
 def save_sharded(folder: Path, model: nn.Module, optimizer: Optimizer) -> None:
-    """Write this rank's shards of ``model`` and of ``optimizer``'s state into ``folder`` (every
-    rank calls it, with the same folder). An optimizer with no state yet (before the first step)
-    is left out rather than initialised: DCP would run a step of zero gradients to make one,
-    which changes SGD's momentum under weight decay."""
-    if optimizer.state:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
-    else:
-        state = {"model": get_model_state_dict(model)}
+    """Write this rank's shards of ``model`` and of ``optimizer``'s state (a SAM wrapper's own
+    too: :mod:`sharpscope.optim.checkpoint`) into ``folder`` (every rank calls it, with the same
+    folder). An optimizer with no state yet (before the first step) is left out rather than
+    initialised: DCP would run a step of zero gradients to make one, which changes SGD's
+    momentum under weight decay."""
+    state = _template(model, optimizer if optimizer.state else None)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)))
 
 
@@ -84,24 +80,24 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: Optimizer) -> None:
     reader = SafeReader(folder)
     stored = reader.read_metadata().state_dict_metadata
     has_optimizer = any(key.startswith("optimizer.") for key in stored)
-    if has_optimizer:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
-    else:
-        state = {"model": get_model_state_dict(model)}
+    state = _template(model, optimizer if has_optimizer else None)
     try:
         dcp.load(state, storage_reader=reader, planner=SafePlanner())
     except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as exc:
         raise InputError(f"cannot read the sharded checkpoint {folder}: {exc}") from None
-    if has_optimizer:
-        set_state_dict(
-            model,
-            optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optimizer"],
-        )
-    else:  # the optimizer stays without state, as before its first step (see save_sharded)
-        set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"])
+    if has_optimizer:  # else it stays without state, as before its first step (save_sharded)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _template(model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
+    """The state DCP saves, or fills in place when it loads: the model's, and ``optimizer``'s
+    (given one without state, torch makes it by a step of zero gradients, which loading
+    overwrites)."""
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,7 +110,8 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @dataclass(frozen=True)
 class RankShare:
     """What one rank holds of a sharded run, before it trains: ``ranks``, bytes of rank 0's shards
-    of the trained parameters, and of the optimizer's state (SGD's momentum buffer, when on)."""
+    of the trained parameters, and of the optimizer's (SGD's momentum buffer, when on; a SAM-style
+    optimizer's copy of the weights during a step; Eigen-SAM's eigenvector)."""
 
     ranks: int
     parameter_bytes: int
@@ -123,15 +120,11 @@ class RankShare:
     @classmethod
     def of(cls, model: nn.Module, settings: OptimizerSettings) -> RankShare:
         """The share of the sharded ``model`` trained with ``settings`` (one rank's figures)."""
-        trained = [local_shard(p) for p in model.parameters() if p.requires_grad]
+        trained = [local(p) for p in model.parameters() if p.requires_grad]
         size = sum(t.numel() * t.element_size() for t in trained)
-        slots = 1 if settings.momentum else 0
+        sam_style = settings.optimizer != "sgd"
+        slots = bool(settings.momentum) + sam_style + (settings.optimizer == "eigen-sam")
         return cls(distributed.world_size(), size, slots * size)
-
-
-def local_shard(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor, else the tensor."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class _MetadataUnpickler(pickle.Unpickler):

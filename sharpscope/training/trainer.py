@@ -23,10 +23,10 @@ from torch.optim.lr_scheduler import LRScheduler
 from sharpscope import distributed
 from sharpscope.batches import LossFn, correct_count, logits_of, move_to
 from sharpscope.io.data import DataBundle
+from sharpscope.optim.pieces import local
 from sharpscope.structures import call_model, take
 from sharpscope.training.optimizers import NoHook, StepHook
 from sharpscope.training.order import DataOrder
-from sharpscope.training.sharded_state import local_shard
 from sharpscope.training.state import capture_rng, restore_rng
 
 FIELDS: tuple[str, ...] = (
@@ -301,5 +301,5 @@ def all_finite(model: nn.Module) -> bool:
     sharded by FSDP2, on every rank's shards (every rank calls it)."""
     state = [t for t in model.state_dict().values() if t.is_floating_point()]
     sharded = any(isinstance(t, DTensor) for t in state)
-    finite = all(bool(torch.isfinite(local_shard(t)).all()) for t in state)
+    finite = all(bool(torch.isfinite(local(t)).all()) for t in state)
     return not distributed.any_rank(not finite) if sharded else finite

@@ -220,3 +220,72 @@ def test_a_hugging_face_model_trains_sharded_per_block_into_save_pretrained_fold
         [*(p.name for p in (one / "step-000004").iterdir()), "sharded"]
     )
     assert_losses_close(two, one, REL)
+
+
+def eigen_sam(data: Path | str, steps: int, out: Path, *extra: object) -> list[str]:
+    """:func:`command` with Eigen-SAM (its eigenvector refreshed every 2 steps by 3 products of
+    finite differences) in place of SGD."""
+    args = ("--optimizer", "eigen-sam", "--eig-every", "2", "--eig-steps", "3", "--rho", "0.05")
+    return command(data, steps, out, *args, "--backend", "finite-difference", *extra)
+
+
+@pytest.fixture(scope="module")
+def sam_runs(
+    finetune_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Path]]:
+    """Eigen-SAM's run folders: ``one`` process, ``straight`` (2 ranks, 8 steps) and ``resumed``
+    (2 ranks for 4 steps, then resumed to 8 on 2 ranks); ``asam``, 2 ranks of ASAM for 8 steps,
+    and ``asam_one``, one process's."""
+    folder = tmp_path_factory.mktemp("fsdp-eigen-sam")
+    ckpt, data = str(finetune_files["checkpoint"]), finetune_files["data"]
+    names = ("one", "straight", "resumed", "asam", "asam_one")
+    paths = {name: folder / name for name in names}
+    asam = ("--optimizer", "asam", "--rho", "0.5")
+    started = [
+        sharpscope([*eigen_sam(data, 8, paths["straight"], "--fsdp", "--quiet"), ckpt], 2),
+        sharpscope([*eigen_sam(data, 4, paths["resumed"], "--fsdp", "--quiet"), ckpt], 2),
+    ]
+    for args in (
+        eigen_sam(data, 8, paths["one"], "--quiet"),
+        command(data, 8, paths["asam_one"], *asam, "--quiet"),
+    ):
+        result = CliRunner().invoke(app, [*args, ckpt])
+        assert result.exit_code == 0, result.output
+    for outcome in map(finished, started):
+        assert outcome.returncode == 0, outcome.stderr
+    later = [
+        sharpscope(["finetune", "--resume", str(paths["resumed"]), "--steps", "8", "--quiet"], 2),
+        sharpscope([*command(data, 8, paths["asam"], *asam, "--fsdp", "--quiet"), ckpt], 2),
+    ]
+    for outcome in map(finished, later):
+        assert outcome.returncode == 0, outcome.stderr
+    yield paths
+
+
+def esam_rows(run: Path) -> list[tuple[Any, ...]]:
+    """Each row's step and Eigen-SAM figures (eigenvalue, residual, alignment)."""
+    keys = ("esam_eigenvalue", "esam_residual", "esam_alignment")
+    return [(r["step"], *(r[k] for k in keys)) for r in read_rows(run / "metrics.jsonl")]
+
+
+def test_eigen_sam_and_asam_on_two_sharded_ranks_equal_one_process(sam_runs: dict[str, Path]):
+    straight, one = sam_runs["straight"], sam_runs["one"]
+    assert_close(weights(straight), weights(one), 1e-6)
+    assert_losses_close(straight, one, 1e-6)
+    sharded, whole = esam_rows(straight), esam_rows(one)
+    assert [r[0] for r in sharded] == [r[0] for r in whole] == [0, 4, 8]
+    assert sharded[-1][1] is not None  # refreshed: the figures are compared, not two Nones
+    for a, b in zip(sharded, whole, strict=True):
+        for x, y in zip(a[1:], b[1:], strict=True):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert abs(x - y) <= 1e-6 * max(abs(y), 1e-3), (a, b)
+    assert_close(weights(sam_runs["asam"]), weights(sam_runs["asam_one"]), 1e-6)
+    assert_losses_close(sam_runs["asam"], sam_runs["asam_one"], 1e-6)
+
+
+def test_eigen_sam_resumes_from_a_sharded_checkpoint_bit_for_bit(sam_runs: dict[str, Path]):
+    """The eigenvector, the estimate and the momentum come back from the shards: the resumed
+    run ends where the straight one does."""
+    assert_same(weights(sam_runs["resumed"]), weights(sam_runs["straight"]))
+    assert esam_rows(sam_runs["resumed"]) == esam_rows(sam_runs["straight"])

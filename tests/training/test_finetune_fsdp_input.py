@@ -16,8 +16,11 @@ from sharpscope.cli.app import app
     ("extra", "words"),
     [
         ((), ("`torchrun --nproc-per-node N -m sharpscope finetune ...`", "--fsdp")),
-        (("--optimizer", "sam"), ("--optimizer sam does not run under --fsdp yet",)),
-        (("--optimizer", "eigen-sam"), ("--optimizer eigen-sam does not run under --fsdp",)),
+        (
+            ("--optimizer", "eigen-sam"),
+            ("--optimizer eigen-sam under --fsdp", "pass --backend finite-difference"),
+        ),
+        (("--optimizer", "sam", "--per-rank-sam"), ("--per-rank-sam does not run under --fsdp",)),
         (("--track-measure", "critical"), ("--track-measure critical does not run under",)),
         (("--backend", "auto"), ("--backend auto does not run under --fsdp yet",)),
     ],
