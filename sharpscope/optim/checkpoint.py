@@ -6,8 +6,9 @@ hand them the base optimizer and add the wrapper's own state under ``"sam"``
 like the parameters, which DCP reshards onto another number of ranks).
 
 Saving: ``dcp.save({"optim": get_optimizer_state_dict(model, opt)}, ...)``; loading: the same
-dict from a fresh optimizer is the template that ``dcp.load`` fills in place, then
-``set_optimizer_state_dict(model, opt, template["optim"])``.
+dict from a fresh optimizer, with ``with_base=True`` when the saved one held the base's state,
+is the template that ``dcp.load`` fills in place, then ``set_optimizer_state_dict(model, opt,
+template["optim"])``.
 """
 
 from __future__ import annotations
@@ -23,13 +24,23 @@ from sharpscope.optim.sam import SAM
 
 
 def get_optimizer_state_dict(
-    model: nn.Module, optimizer: Optimizer, *, options: dcp_state.StateDictOptions | None = None
+    model: nn.Module,
+    optimizer: Optimizer,
+    *,
+    options: dcp_state.StateDictOptions | None = None,
+    with_base: bool | None = None,
 ) -> dict[str, Any]:
     """``optimizer``'s state dict as DCP saves it: torch's ``get_optimizer_state_dict`` of the
-    optimizer (a SAM wrapper's base, whose param groups hold the ``sam_*`` settings), plus the
-    wrapper's own state under ``"sam"``."""
+    optimizer (a SAM wrapper's base, whose param groups hold the ``sam_*`` settings) when
+    ``with_base`` (None: when it has state; torch makes a missing one by a step of zero gradients,
+    which changes SGD's momentum under weight decay, so only a template to load into takes it),
+    plus the wrapper's own state under ``"sam"``."""
     base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
-    state: dict[str, Any] = dict(dcp_state.get_optimizer_state_dict(model, base, options=options))
+    if with_base is None:
+        with_base = bool(base.state)
+    state: dict[str, Any] = (
+        dict(dcp_state.get_optimizer_state_dict(model, base, options=options)) if with_base else {}
+    )
     if isinstance(optimizer, SAM):
         state["sam"] = optimizer.checkpoint_state()
     return state
@@ -43,12 +54,14 @@ def set_optimizer_state_dict(
     options: dcp_state.StateDictOptions | None = None,
 ) -> None:
     """Load what :func:`get_optimizer_state_dict` gave (after ``dcp.load`` filled it) into
-    ``optimizer``: torch's ``set_optimizer_state_dict``, then a SAM wrapper's own state."""
+    ``optimizer``: torch's ``set_optimizer_state_dict`` where it holds the base's state, then a
+    SAM wrapper's own state."""
     state = dict(state)
     own = state.pop("sam", None)
     if isinstance(optimizer, SAM) and own is None:
         raise ValueError("not a sharpscope SAM state dict: it has no 'sam' entry")
     base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
-    dcp_state.set_optimizer_state_dict(model, base, state, options=options)
+    if state:
+        dcp_state.set_optimizer_state_dict(model, base, state, options=options)
     if isinstance(optimizer, SAM):
         optimizer.load_checkpoint_state(own)

@@ -67,10 +67,13 @@ is refused."""
 def save_sharded(folder: Path, model: nn.Module, optimizer: Optimizer) -> None:
     """Write this rank's shards of ``model`` and of ``optimizer``'s state (a SAM wrapper's own
     too: :mod:`sharpscope.optim.checkpoint`) into ``folder`` (every rank calls it, with the same
-    folder). An optimizer with no state yet (before the first step) is left out rather than
-    initialised: DCP would run a step of zero gradients to make one, which changes SGD's
-    momentum under weight decay."""
-    state = _template(model, optimizer if optimizer.state else None)
+    folder). A base optimizer with no state yet (before the first step, or SGD without momentum)
+    is left out rather than initialised: DCP would run a step of zero gradients to make one,
+    which changes SGD's momentum under weight decay."""
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    optimizer_state = get_optimizer_state_dict(model, optimizer)
+    if optimizer_state:
+        state["optimizer"] = optimizer_state
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)))
 
 
@@ -78,26 +81,18 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: Optimizer) -> None:
     """Load what :func:`save_sharded` wrote (on any number of ranks) into the sharded ``model``
     and ``optimizer``; raises :class:`InputError` for a folder that is not such a checkpoint."""
     reader = SafeReader(folder)
-    stored = reader.read_metadata().state_dict_metadata
-    has_optimizer = any(key.startswith("optimizer.") for key in stored)
-    state = _template(model, optimizer if has_optimizer else None)
+    stored = list(reader.read_metadata().state_dict_metadata)
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if any(key.startswith("optimizer.") for key in stored):  # a template that DCP fills
+        with_base = any(key.startswith("optimizer.state.") for key in stored)
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, with_base=with_base)
     try:
         dcp.load(state, storage_reader=reader, planner=SafePlanner())
     except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as exc:
         raise InputError(f"cannot read the sharded checkpoint {folder}: {exc}") from None
     set_model_state_dict(model, state["model"])
-    if has_optimizer:  # else it stays without state, as before its first step (save_sharded)
+    if "optimizer" in state:  # else it stays without state, as before its first step
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
-
-
-def _template(model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
-    """The state DCP saves, or fills in place when it loads: the model's, and ``optimizer``'s
-    (given one without state, torch makes it by a step of zero gradients, which loading
-    overwrites)."""
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    return state
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:

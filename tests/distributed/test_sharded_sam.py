@@ -144,12 +144,13 @@ def close(ours, theirs, tol):
         assert off <= tol, f"{{name}} is {{off:.1e}} off one process's"
 
 
-def template(model, opt):
-    return {{"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}}
+def template(model, opt, with_base=None):
+    optim = get_optimizer_state_dict(model, opt, with_base=with_base)
+    return {{"model": get_model_state_dict(model), "optim": optim}}
 
 
 def load(model, opt, folder):
-    state = template(model, opt)
+    state = template(model, opt, with_base=True)  # saved with momentum: the base's state too
     dcp.load(state, checkpoint_id=folder)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, opt, state["optim"])
