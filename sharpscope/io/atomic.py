@@ -89,18 +89,36 @@ def check_can_create(path: str | os.PathLike[str], what: str, folder: bool = Fal
 
 def _probe(folder: Path, what: str) -> None:
     """Create and delete a file in ``folder``, making the missing folders on its path for it and
-    removing them again; an :class:`InputError` starting with ``what`` if that fails."""
+    removing them again; an :class:`InputError` starting with ``what`` if that fails. Ranks of a
+    torchrun launch probe the same folder at once: one may remove a folder it made while another
+    probes in it, so a folder vanishing under the probe is tried again."""
+    for attempt in range(_PROBE_TRIES):
+        try:
+            _probe_once(folder)
+            return
+        except FileNotFoundError as exc:
+            if attempt == _PROBE_TRIES - 1:
+                raise InputError(f"{what}: cannot write there ({exc.strerror or exc})") from None
+        except OSError as exc:
+            raise InputError(f"{what}: cannot write there ({exc.strerror or exc})") from None
+
+
+_PROBE_TRIES = 5
+"""How often :func:`_probe` tries when a folder on its path vanishes under it."""
+
+
+def _probe_once(folder: Path) -> None:
+    """One try of :func:`_probe`; the folders it made are removed again whatever happens."""
     made: list[Path] = []
     try:
         for missing in reversed([folder, *folder.parents]):
             if not missing.exists():
-                missing.mkdir()
-                made.append(missing)
+                with contextlib.suppress(FileExistsError):  # made by another rank meanwhile
+                    missing.mkdir()
+                    made.append(missing)
         fd, probe = tempfile.mkstemp(prefix=".sharpscope-probe.", suffix=".tmp", dir=folder)
         os.close(fd)
         os.unlink(probe)
-    except OSError as exc:
-        raise InputError(f"{what}: cannot write there ({exc.strerror or exc})") from None
     finally:
         for created in reversed(made):
             with contextlib.suppress(OSError):

@@ -132,3 +132,32 @@ def test_one_option_per_message(tmp_path):
         one_error_line(result, *words)
         others = {"--top-k", "--rho", "--alpha", "--max-iter"} - {option}
         assert not any(other in result.stderr for other in others), result.stderr
+
+
+def test_the_output_probe_survives_another_rank_probing_the_same_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Every rank of a torchrun launch probes ``--out`` at once: a folder another rank made
+    (mkdir finds it) or removed under the probe (mkstemp finds it gone) is no error."""
+    import tempfile
+
+    real_mkdir, real_mkstemp = Path.mkdir, tempfile.mkstemp
+    raced: list[str] = []
+
+    def mkdir_after_another(self: Path, *args: object, **kwargs: object) -> None:
+        if not raced:  # another rank made it between our exists() and mkdir()
+            raced.append("mkdir")
+            real_mkdir(self)
+            raise FileExistsError(17, "File exists", str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    def mkstemp_once_gone(*args: object, **kwargs: object) -> tuple[int, str]:
+        if len(raced) == 1:  # another rank removed the folder it made
+            raced.append("mkstemp")
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_after_another)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_once_gone)
+    check_can_create(tmp_path / "out", "`out`", folder=True)
+    assert raced == ["mkdir", "mkstemp"]
