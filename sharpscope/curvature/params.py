@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sharpscope.curvature.vectors import shaped
+
 
 @dataclass(frozen=True)
 class ParamSpace:
@@ -62,8 +64,7 @@ class ParamSpace:
             raise ValueError(
                 f"expected a flat vector of length {self.size}, got {tuple(vec.shape)}"
             )
-        chunks = torch.split(vec, self.numels)
-        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
+        return dict(zip(self.names, shaped(vec, self.shapes), strict=True))
 
     def split(self, vec: torch.Tensor) -> list[torch.Tensor]:
         """Split a flat vector into parameter-shaped views, in parameter order."""

@@ -19,7 +19,7 @@ from sharpscope import distributed
 from sharpscope.curvature.hvp import HessianOperator
 from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.shards import Shards
-from sharpscope.curvature.vectors import distance, norm
+from sharpscope.curvature.vectors import distance, norm, shaped
 from sharpscope.errors import InputError
 
 
@@ -70,6 +70,21 @@ def shard_of(whole: torch.Tensor, param: DTensor) -> torch.Tensor:
     return distribute_tensor(
         placed, param.device_mesh, param.placements, src_data_rank=None
     ).to_local()
+
+
+def placed(piece: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``piece`` (shaped like ``param``'s local shard) as a DTensor placed like a sharded
+    ``param`` (no communication), or itself for a whole ``param``."""
+    if not isinstance(param, DTensor):
+        return piece
+    return DTensor.from_local(
+        piece,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
 
 
 class ShardedHessianOperator(HessianOperator):
@@ -170,8 +185,7 @@ class ShardedHessianOperator(HessianOperator):
 
     def _parts(self, v: torch.Tensor) -> list[torch.Tensor]:
         """This rank's flat pieces as views shaped like the local shards."""
-        numels = [math.prod(s) for s in self.local_shapes]
-        return [t.view(s) for t, s in zip(v.split(numels), self.local_shapes, strict=True)]
+        return shaped(v, self.local_shapes)
 
     def cut(self, whole: torch.Tensor) -> torch.Tensor:
         """This rank's pieces of the whole flat vector ``whole`` (no communication)."""
@@ -238,9 +252,7 @@ class ShardedHessianOperator(HessianOperator):
         contribution in place; None for the others (a backward reaches them all)."""
         reshard(self.model)  # after a forward the root's parameters are its gathered copies
         views = {
-            id(p): DTensor.from_local(
-                view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-            )
+            id(p): placed(view, p)
             for p, view in zip(self.space.params, self._parts(total), strict=True)
         }
         trained = [p for p in self.model.parameters() if p.requires_grad]

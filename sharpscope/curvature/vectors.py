@@ -47,6 +47,13 @@ def random_vectors(
     return out.to(dtype=like.dtype, device=like.device)
 
 
+def shaped(vec: torch.Tensor, shapes: Iterable[torch.Size]) -> list[torch.Tensor]:
+    """The flat vector ``vec`` as consecutive views shaped like ``shapes``, in order."""
+    sizes = [torch.Size(s) for s in shapes]
+    chunks = vec.split([s.numel() for s in sizes])
+    return [c.view(s) for c, s in zip(chunks, sizes, strict=True)]
+
+
 def dot(a: torch.Tensor, b: torch.Tensor, over: Over | None = None) -> float:
     """⟨a, b⟩ of two flat vectors: dot products over slabs of :data:`SLAB` coordinates in the
     vectors' dtype, added in float64 (and summed ``over`` the ranks of sharded vectors)."""

@@ -18,10 +18,10 @@ from sharpscope.batches import LossFn
 from sharpscope.choices import BACKENDS
 from sharpscope.curvature import HessianOperator, Objective, ParamSpace, SolveSettings, lanczos
 from sharpscope.curvature.hvp import Backend, refined
-from sharpscope.curvature.sharded import ShardedHessianOperator
+from sharpscope.curvature.sharded import ShardedHessianOperator, placed
 from sharpscope.errors import InputError, check_choice
 from sharpscope.optim.perturbations import eigen_sam_step
-from sharpscope.optim.pieces import adopted, cut, local, nonzero, placed, reduction, split
+from sharpscope.optim.pieces import adopted, cut, local, nonzero, reduction, split
 from sharpscope.optim.sam import SAM, Active
 
 

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from sharpscope import distributed
 from sharpscope.curvature.sharded import shard_of
 from sharpscope.curvature.shards import summed
-from sharpscope.curvature.vectors import Over
+from sharpscope.curvature.vectors import Over, shaped
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -42,9 +42,7 @@ def reduction(params: Sequence[torch.Tensor]) -> Over | None:
 
 def split(vec: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The flat vector ``vec`` as views shaped like ``params``' :func:`local` pieces, in order."""
-    pieces = [local(p) for p in params]
-    chunks = torch.split(vec, [t.numel() for t in pieces])
-    return [c.view_as(t) for c, t in zip(chunks, pieces, strict=True)]
+    return shaped(vec, (local(p).shape for p in params))
 
 
 def nonzero(vec: torch.Tensor, over: Over | None) -> bool:
@@ -56,21 +54,6 @@ def nonzero(vec: torch.Tensor, over: Over | None) -> bool:
 def cut(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """This rank's piece of ``whole``, a tensor shaped like ``param`` (no communication)."""
     return shard_of(whole, param) if isinstance(param, DTensor) else whole
-
-
-def placed(piece: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``piece`` (shaped like ``param``'s :func:`local` one) as a DTensor placed like a sharded
-    ``param`` (no communication), or itself for a whole ``param``."""
-    if not isinstance(param, DTensor):
-        return piece
-    return DTensor.from_local(
-        piece,
-        param.device_mesh,
-        param.placements,
-        run_check=False,
-        shape=param.shape,
-        stride=param.stride(),
-    )
 
 
 def adopted(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
