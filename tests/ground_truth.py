@@ -3,14 +3,16 @@ problems themselves are conftest.py's fixtures)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, hessian
+from torch.func import functional_call
 
-from sharpscope.curvature import BACKENDS, curvature_mode, select_params
+from sharpscope.curvature import BACKENDS, select_params
+from sharpscope.curvature.attention import twice_differentiable
 
 EXACT_BACKENDS = tuple(b for b in BACKENDS if b != "finite-difference")
 """The backends exact to rounding (finite differences are checked at their own tolerance in
@@ -37,18 +39,33 @@ class Problem:
         return list(zip(self.inputs.split(size), self.targets.split(size), strict=True))
 
 
-def dense_hessian(
-    model: nn.Module, loss_fn: Any, inputs: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """The Hessian over the model's trainable parameters by ``torch.func.hessian`` (eval mode)."""
+def dense_hessian(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any) -> torch.Tensor:
+    """The Hessian of ``loss_fn(model(inputs), targets)`` (``inputs`` a tensor, or a mapping of
+    keyword inputs) over the model's trainable parameters, in flat-vector order, in eval mode:
+    autograd double backward, row by row, under torch's math attention kernel. Never
+    ``torch.func.hessian``: its second derivatives are wrong through attention, LayerNorm and
+    batch-statistics BatchNorm on this torch (tests/curvature/test_attention.py, test_hvp.py)."""
     space = select_params(model)
     flat = torch.cat([p.detach().reshape(-1) for p in space.params])
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
 
     def loss_of(w: torch.Tensor) -> torch.Tensor:
-        return loss_fn(functional_call(model, space.unflatten(w), (inputs,)), targets)
+        return loss_fn(functional_call(model, space.unflatten(w), args, kwargs), targets)
 
-    with curvature_mode(model):
-        return hessian(loss_of)(flat)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with twice_differentiable():
+            return torch.autograd.functional.hessian(loss_of, flat)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def batches_hessian(model: nn.Module, loss_fn: Any, batches: list[tuple[Any, Any]]) -> torch.Tensor:
+    """:func:`dense_hessian` of a mean loss over ``batches`` of tensors taken as one batch."""
+    inputs, targets = (torch.cat(parts) for parts in zip(*batches, strict=True))
+    return dense_hessian(model, loss_fn, inputs, targets)
 
 
 class Shared(nn.Module):

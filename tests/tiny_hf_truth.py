@@ -10,12 +10,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+import ground_truth
 import tiny_hf
 import torch
-from torch.func import functional_call
 
-from sharpscope.curvature import select_params
-from sharpscope.curvature.attention import twice_differentiable
 from sharpscope.io.losses import resolve_loss
 
 N, L = 12, 7
@@ -42,15 +40,7 @@ def hessian(
 ) -> torch.Tensor:
     """The float64 Hessian of ``loss`` over all the data as one batch, in flat-vector order."""
     model = model.double().eval()
-    fn = resolve_loss(loss)
-    space = select_params(model)
-    flat = torch.cat([p.detach().reshape(-1) for p in space.params])
-
-    def loss_of(w: torch.Tensor) -> torch.Tensor:
-        return fn(functional_call(model, space.unflatten(w), (), inputs), targets)
-
-    with twice_differentiable():
-        hessian = torch.autograd.functional.hessian(loss_of, flat)
+    hessian = ground_truth.dense_hessian(model, resolve_loss(loss), inputs, targets)
     assert torch.allclose(hessian, hessian.T, atol=1e-12)
     return hessian
 

@@ -3,16 +3,13 @@ model ``peft`` users fine-tune, for the tests of sharpscope on a ``PeftModel``."
 
 from __future__ import annotations
 
+import ground_truth
 import tiny_hf
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-from sharpscope.curvature import curvature_mode, select_params
 
 TARGETS = ("q_proj", "v_proj")
 """The modules the adapter wraps (PEFT's default for Llama)."""
@@ -74,14 +71,6 @@ def next_token_loss(outputs: object, labels: torch.Tensor) -> torch.Tensor:
 
 
 def dense_hessian(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The Hessian of :func:`next_token_loss` on ``ids`` over the parameters that require grad,
-    by autograd double backward (eval mode, math attention kernel): the ground truth."""
-    space = select_params(model)
-    flat = torch.cat([p.detach().reshape(-1) for p in space.params])
-
-    def loss_of(w: torch.Tensor) -> torch.Tensor:
-        outputs = functional_call(model, space.unflatten(w), (), {"input_ids": ids})
-        return next_token_loss(outputs, ids)
-
-    with curvature_mode(model), sdpa_kernel(SDPBackend.MATH):
-        return torch.autograd.functional.hessian(loss_of, flat)
+    """The Hessian of :func:`next_token_loss` on ``ids`` over the parameters that require grad
+    (:func:`ground_truth.dense_hessian`: autograd double backward, the ground truth)."""
+    return ground_truth.dense_hessian(model, next_token_loss, {"input_ids": ids}, ids)

@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 import torch
 import torch.nn.functional as F
+from ground_truth import batches_hessian
 from torch import nn
 from typer.testing import CliRunner, Result
 
@@ -37,19 +38,6 @@ def tiny() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     return model, list(zip(inputs.split(16), targets.split(16), strict=True))
 
 
-def dense_hessian(
-    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
-) -> torch.Tensor:
-    """The Hessian of the mean loss over all samples, row by row by double backward."""
-    params = list(model.parameters())
-    inputs = torch.cat([x for x, _ in batches])
-    targets = torch.cat([y for _, y in batches])
-    grads = torch.autograd.grad(F.cross_entropy(model(inputs), targets), params, create_graph=True)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    rows = [torch.autograd.grad(g, params, retain_graph=True) for g in flat]
-    return torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
-
-
 def test_the_centre_is_the_models_loss_over_all_the_data():
     model, batches = tiny()
     result = landscape(model, F.cross_entropy, batches, LandscapeConfig(points=5, grid=3))
@@ -65,7 +53,7 @@ def test_the_centre_is_the_models_loss_over_all_the_data():
 
 def test_the_curvature_along_v1_and_v2_is_their_eigenvalue():
     model, batches = tiny()
-    eigenvalues = torch.linalg.eigvalsh(dense_hessian(model, batches))
+    eigenvalues = torch.linalg.eigvalsh(batches_hessian(model, F.cross_entropy, batches))
     h = 1e-3
     config = LandscapeConfig(directions="eigen", span=h, points=3, grid=3, tol=1e-10)
     result = landscape(model, F.cross_entropy, batches, config)

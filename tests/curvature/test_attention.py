@@ -13,17 +13,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from ground_truth import EXACT_BACKENDS
+from ground_truth import EXACT_BACKENDS, dense_hessian
 from torch import nn
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sharpscope.curvature import (
     HessianOperator,
     Objective,
     SolveSettings,
     lanczos_extremes,
-    select_params,
 )
 from sharpscope.errors import InputError
 from sharpscope.optim import EigenSAM
@@ -116,23 +113,11 @@ def _built(name: str, seed: int = 0) -> nn.Module:
     return MODELS[name]().double().eval()
 
 
-def _dense(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The Hessian of the mean cross-entropy by autograd double backward, math attention kernel."""
-    space = select_params(model)
-    flat = torch.cat([p.detach().reshape(-1) for p in space.params])
-
-    def loss_of(w: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(model, space.unflatten(w), (x,)), y)
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return torch.autograd.functional.hessian(loss_of, flat)
-
-
 @pytest.fixture(scope="module", params=list(MODELS))
 def problem(request) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     model = _built(request.param)
     batch = _data()
-    return model, batch, _dense(model, *batch)
+    return model, batch, dense_hessian(model, F.cross_entropy, *batch)
 
 
 def _random(n: int, seed: int) -> torch.Tensor:
@@ -341,7 +326,7 @@ def test_eigen_sam_refresh_on_an_encoder_layer():
 
     opt.step(closure)  # step 0: plain SAM, through the default attention kernels
     estimate = opt.refresh(*batch)
-    top = float(torch.linalg.eigvalsh(_dense(model, *batch))[-1])
+    top = float(torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, *batch))[-1])
     assert estimate is not None
     assert abs(estimate.eigenvalue - top) <= estimate.residual + 1e-12 * abs(top)
     opt.step(closure)

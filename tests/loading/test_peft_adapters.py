@@ -12,6 +12,7 @@ import sys
 import pytest
 import tiny_peft
 import torch
+from ground_truth import dense_hessian
 from peft import PeftModel
 from safetensors.torch import load_file
 from tiny_cli import one_error_line
@@ -41,16 +42,6 @@ def _peft(adapter, base, dtype=torch.float64):
     return model.to(dtype).eval()
 
 
-def _dense_hessian(model, ids):
-    """The Hessian of the causal-LM loss over the trainable parameters, row by row by autograd
-    double backward."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss = model(input_ids=ids, labels=ids).loss
-    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
-    rows = [torch.autograd.grad(g, params, retain_graph=True) for g in grad]
-    return torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
-
-
 def test_adapter_eigenvalues_match_a_dense_float64_hessian(tmp_path):
     adapter, base = tiny_peft.write_adapter(tmp_path)
     data = tiny_peft.write_tokens(tmp_path / "tokens.safetensors")
@@ -62,7 +53,9 @@ def test_adapter_eigenvalues_match_a_dense_float64_hessian(tmp_path):
     assert stated["adapter"]["rank"] == tiny_peft.RANK
     assert stated["adapter"]["target_modules"] == tiny_peft.TARGETS
     model = _peft(adapter, base)
-    dense = _dense_hessian(model, load_file(str(data))["input_ids"])
+    ids = load_file(str(data))["input_ids"]
+    hf_loss = {"input_ids": ids, "labels": ids}  # the model's own causal-LM loss
+    dense = dense_hessian(model, lambda outputs, _: outputs.loss, hf_loss, ids)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == dense.shape[0]
     want = torch.linalg.eigvalsh(dense).flip(0)[:2]
     got = torch.tensor(report["results"]["eigenvalues"]["values"], dtype=torch.float64)

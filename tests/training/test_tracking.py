@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ground_truth import batches_hessian
 from refined_spy import spied_refined
 from torch import nn
 from typer.testing import CliRunner
@@ -41,23 +42,6 @@ def problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     return model, [(x[:24], y[:24]), (x[24:], y[24:])]
 
 
-def dense_hessian(model: nn.Module, batches: list) -> torch.Tensor:
-    """The float64 Hessian of the sample-weighted mean loss, by autograd double backward, in
-    eval mode."""
-    params = list(model.parameters())
-    was = model.training
-    model.eval()
-    n = sum(len(y) for _, y in batches)
-    loss = sum(CE(model(x), y) * len(y) / n for x, y in batches)
-    grads = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
-    rows = [
-        torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, params, retain_graph=True)])
-        for g in grads
-    ]
-    model.train(was)
-    return torch.stack(rows)
-
-
 def test_figures_match_the_dense_hessian():
     model, batches = problem()
     tracker = SharpnessTracker(
@@ -70,7 +54,7 @@ def test_figures_match_the_dense_hessian():
         trace_samples=40,
     )
     m = tracker.measure(step=0)
-    eigenvalues = torch.linalg.eigvalsh(dense_hessian(model, batches))
+    eigenvalues = torch.linalg.eigvalsh(batches_hessian(model, CE, batches))
     assert abs(m.lambda_max - float(eigenvalues[-1])) <= m.lambda_max_residual + 1e-12
     assert abs(m.lambda_min - float(eigenvalues[0])) <= m.lambda_min_residual + 1e-12
     assert m.lambda_max_converged and m.lambda_min_converged
@@ -190,7 +174,7 @@ def test_a_budget_refines_lambda_max_across_measurements_to_the_dense_one(
     residual is the true ‖Hv − λv‖ of the dense float64 Hessian, and λ_max reaches the dense
     λ_max."""
     model, batches = problem()
-    hessian = dense_hessian(model, batches)
+    hessian = batches_hessian(model, CE, batches)
     eigenvalues = torch.linalg.eigvalsh(hessian)
     exact = float(eigenvalues[-1])
     tracker = SharpnessTracker(Objective(model, CE, batches), products=products, tol=1e-6)
@@ -226,7 +210,7 @@ def test_one_product_by_budget_or_by_max_iter_is_the_same_measurement():
 
 def test_a_budget_tracks_both_ends_with_true_residuals():
     model, batches = problem()
-    hessian = dense_hessian(model, batches)
+    hessian = batches_hessian(model, CE, batches)
     tracker = SharpnessTracker(Objective(model, CE, batches), products=3, lambda_min=True)
     for step in range(3):
         m = tracker.measure(step)
@@ -414,7 +398,7 @@ def test_a_finite_difference_tracker_measures_the_dense_lambda_max_and_refines_i
     too), its λ_max is the dense Hessian's to the products' error, and its solve goes through
     refined (the step chosen again on v₁), as analyze's does."""
     model, batches = problem()
-    top = float(torch.linalg.eigvalsh(dense_hessian(model, batches))[-1])
+    top = float(torch.linalg.eigvalsh(batches_hessian(model, CE, batches))[-1])
     solves = spied_refined(monkeypatch, tracking_module)
     options = dict(products=None, tol=1e-8, max_iter=200)
     exact = SharpnessTracker(Objective(model, CE, batches), **options).measure()
