@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from sharpscope.curvature import CurvatureOperator, HessianOperator, Objective
+from sharpscope.curvature.shards import over_of
 from sharpscope.curvature.vectors import norm
 from sharpscope.errors import InputError
 
@@ -129,7 +130,7 @@ def critical_sharpness(
     op = op_or_objective
     if isinstance(op, Objective):
         op = HessianOperator(op, validate=False)
-    if norm(direction) == 0:
+    if norm(direction, over_of(op)) == 0:  # every rank's pieces of a sharded one
         return CriticalSharpness(name, 0.0, math.inf, 0, "zero-direction")
     passes = 0
     if base_loss is None:

@@ -37,8 +37,11 @@ from sharpscope.curvature.lanczos import lanczos_extremes, start_vector
 from sharpscope.curvature.params import ParamSpace, select_params
 from sharpscope.curvature.power import rayleigh
 from sharpscope.curvature.results import EigenResult
-from sharpscope.curvature.vectors import abs_cosine, norm
-from sharpscope.errors import check_choice
+from sharpscope.curvature.sharded import ShardedHessianOperator
+from sharpscope.curvature.shards import over_of
+from sharpscope.curvature.vectors import Over, abs_cosine, norm
+from sharpscope.errors import InputError, check_choice
+from sharpscope.optim.pieces import local, placed, reduction, split
 from sharpscope.structures import call_model
 from sharpscope.training.run_config import TRACK_MEASURES
 from sharpscope.training.sinks import Sink, as_sinks, close_all
@@ -166,6 +169,13 @@ class SharpnessTracker:
     a callable, or a tuple of them). Under torch.distributed every rank calls it with its share of
     the probe set, all get the same figures, and rank 0 alone logs.
 
+    A model whose parameters FSDP2 shards over the ranks (``fully_shard``) is measured on
+    :class:`~sharpscope.curvature.sharded.ShardedHessianOperator` (the Hessian by finite
+    differences of sharded gradients): every vector, the warm start included, is this rank's
+    pieces, and dot products and norms are summed over the ranks as scalars; :meth:`state_dict`
+    holds the vectors as DTensors placed like the parameters, which
+    ``torch.distributed.checkpoint`` reshards.
+
     Args:
         objective: The model in training (a DistributedDataParallel's module is used), its loss,
             the fixed probe batches and the parameters (:class:`~sharpscope.curvature.Objective`).
@@ -187,9 +197,11 @@ class SharpnessTracker:
         log: Where each row goes (:func:`~sharpscope.training.sinks.as_sinks`).
 
     Raises:
-        InputError: An unknown ``curvature``, ``backend`` or ``measure``.
-        ValueError: A setting out of range, an empty probe set, or an ``eigen_sam`` that is no
-            Eigen-SAM.
+        InputError: An unknown ``curvature``, ``backend`` or ``measure``; a sharded model's
+            λ_max asked of a matrix other than the Hessian or by products other than finite
+            differences.
+        ValueError: A setting out of range, an empty probe set, an ``eigen_sam`` that is no
+            Eigen-SAM, or parameters partly sharded.
 
     Examples:
         >>> import torch
@@ -244,6 +256,19 @@ class SharpnessTracker:
             raise ValueError("the objective's `batches` are empty: the tracker needs a batch")
         self.objective = objective
         self.model = objective.model
+        self.sharded = reduction(self._space().params) is not None
+        """Whether FSDP2 shards the measured parameters (vectors are this rank's pieces)."""
+        if self.sharded and measure != "critical":
+            if backend != "finite-difference":
+                raise InputError(
+                    "a model sharded by FSDP2 takes the Hessian's products by finite differences "
+                    f"only, not `backend` {backend}: pass `backend` finite-difference"
+                )
+            if curvature != "hessian":
+                raise InputError(
+                    f"a model sharded by FSDP2 has its Hessian's λ_max tracked, not `curvature` "
+                    f"{curvature}"
+                )
         self.every = every
         self.lambda_min = lambda_min
         self.trace = trace
@@ -276,8 +301,8 @@ class SharpnessTracker:
         learning rate ``lr``: with the critical measure the tracked parameters are copied (one
         copy, dropped by the measurement), so that its direction is that step's update."""
         if self.measure_critical and lr > 0:
-            space = select_params(self.model, self.objective.params, self.objective.exclude)
-            self._before = (step, [p.detach().clone() for p in space.params], lr)
+            params = self._space().params
+            self._before = (step, [local(p).detach().clone() for p in params], lr)
 
     def __call__(self, step: int) -> Measurement | None:
         """At a measuring step, :meth:`measure`; else nothing."""
@@ -289,6 +314,7 @@ class SharpnessTracker:
         top = bottom = warm = traced = gradient = critical = None
         with _untouched(self.model):
             op = self._operator()
+            over = over_of(op)
             if self.measure_eigen:
                 top, bottom, warm = self._eigen(op)
             eigen_products = op.n_products
@@ -313,13 +339,13 @@ class SharpnessTracker:
             v1 = top.eigenvectors[0]
             self._top = v1.detach().clone()
             self._bottom = None if bottom is None else bottom.eigenvectors[0].detach().clone()
-            self._next = _power_step(top, bottom)
+            self._next = _power_step(top, bottom, over)
             eigen = {
                 "lambda_max": float(top.eigenvalues[0]),
                 "lambda_max_residual": float(top.residuals[0]),
                 "lambda_max_converged": bool(top.converged[0]),
-                "alignment": None if gradient is None else abs_cosine(gradient, v1),
-                "esam_v1_alignment": self._esam_alignment(op.space, v1),
+                "alignment": None if gradient is None else abs_cosine(gradient, v1, over),
+                "esam_v1_alignment": self._esam_alignment(op.space, v1, over),
             }
         measured = Measurement(
             step=step,
@@ -363,8 +389,8 @@ class SharpnessTracker:
         direction, name, eta = -gradient, "-gradient", None
         if before is not None and step in (None, before[0]):
             params = op.space.params
-            change = [p.detach() - q for p, q in zip(params, before[1], strict=True)]
-            direction, name, eta = op.space.flatten(change) / before[2], "update", before[2]
+            change = [local(p).detach() - q for p, q in zip(params, before[1], strict=True)]
+            direction, name, eta = _flat(change) / before[2], "update", before[2]
         if self._eta is not None:
             eta = self._eta
         elif eta is None:
@@ -375,9 +401,16 @@ class SharpnessTracker:
             self._eta = math.sqrt(found.eta_low * found.eta_high)
         return found
 
+    def _space(self) -> ParamSpace:
+        """The measured parameters."""
+        return select_params(self.model, self.objective.params, self.objective.exclude)
+
     def _operator(self) -> CurvatureOperator:
-        """The probe set's ``curvature`` matrix (the true Fisher's labels drawn by ``seed``)."""
+        """The probe set's ``curvature`` matrix (the true Fisher's labels drawn by ``seed``), on
+        sharded vectors for a sharded model."""
         # training runs the model on the data; the loss is taken as it is: no validation
+        if self.sharded:
+            return ShardedHessianOperator(self.objective, validate=False)
         return curvature_operator(
             self.curvature, self.objective, backend=self.backend, seed=self.seed, validate=False
         )
@@ -413,27 +446,62 @@ class SharpnessTracker:
             return top + self._bottom
         return top
 
-    def _esam_alignment(self, space: ParamSpace, v1: torch.Tensor) -> float | None:
+    def _esam_alignment(
+        self, space: ParamSpace, v1: torch.Tensor, over: Over | None
+    ) -> float | None:
         """|cos(v, v₁)| of the Eigen-SAM optimizer's v (paired with the tracked parameters by
-        identity; zero where it has none), or None before its first estimate."""
+        identity; zero where it has none; this rank's pieces of sharded ones, reduced ``over``
+        the ranks), or None before its first estimate."""
         vector = None if self.eigen_sam is None else self.eigen_sam.eigenvector
         if vector is None:
             return None
         names = {p: n for n, p in self.eigen_sam.model.named_parameters()}
-        parts = [vector.get(names.get(p, ""), torch.zeros_like(p)) for p in space.params]
-        return abs_cosine(space.flatten(parts), v1)
+        pieces = [local(p) for p in space.params]
+        parts = [
+            vector.get(names.get(p, ""), torch.zeros_like(t))
+            for p, t in zip(space.params, pieces, strict=True)
+        ]
+        return abs_cosine(_flat(parts), v1, over)
 
     def state_dict(self) -> dict[str, Any]:
-        """The warm-start vectors, so that a resumed run measures as an uninterrupted one."""
-        return {"top": self._top, "bottom": self._bottom, "next": self._next, "eta": self._eta}
+        """The warm-start vectors, so that a resumed run measures as an uninterrupted one: flat
+        tensors, or for a sharded model ``{parameter name: DTensor}`` placed like the parameters
+        (this rank's pieces; ``torch.distributed.checkpoint`` saves and reshards them)."""
+        vectors = {"top": self._top, "bottom": self._bottom, "next": self._next}
+        return {**{k: self._placed(v) for k, v in vectors.items()}, "eta": self._eta}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Continue from :meth:`state_dict` (None: start cold; a state without ``next``, from
-        before the power step, starts from ``top``)."""
+        before the power step, starts from ``top``); its sharded vectors may be cut for another
+        number of ranks, placed like the parameters (:meth:`vector_template`)."""
         state = state or {}
-        self._top, self._bottom = state.get("top"), state.get("bottom")
-        self._next = state.get("next")
+        self._top, self._bottom = self._flat(state.get("top")), self._flat(state.get("bottom"))
+        self._next = self._flat(state.get("next"))
         self._eta = state.get("eta")
+
+    def vector_template(self) -> dict[str, torch.Tensor]:
+        """A sharded model's vector as :meth:`state_dict` holds it, zero: what
+        ``torch.distributed.checkpoint`` loads a saved one into."""
+        space = self._space()
+        return {
+            n: placed(torch.zeros_like(local(p)), p)
+            for n, p in zip(space.names, space.params, strict=True)
+        }
+
+    def _placed(self, vector: torch.Tensor | None) -> Any:
+        """A flat vector as :meth:`state_dict` holds it: itself, or for a sharded model
+        ``{parameter name: DTensor}`` sharing its storage."""
+        if vector is None or not self.sharded:
+            return vector
+        space = self._space()
+        pieces = split(vector, space.params)
+        return {n: placed(t, p) for n, p, t in zip(space.names, space.params, pieces, strict=True)}
+
+    def _flat(self, stored: Any) -> torch.Tensor | None:
+        """A vector of :meth:`state_dict` as the flat vector (this rank's pieces) it was."""
+        if not isinstance(stored, dict):
+            return stored
+        return _flat([local(stored[n]) for n in self._space().names])
 
     def close(self) -> None:
         """Close the file logs and TensorBoard writers this tracker opened."""
@@ -466,15 +534,23 @@ def _critical_fields(found: CriticalSharpness | None) -> dict[str, Any]:
     }
 
 
-def _power_step(top: EigenResult, bottom: EigenResult | None) -> torch.Tensor | None:
+def _flat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``parts`` (whole tensors or this rank's pieces) as one flat vector, in order."""
+    return torch.cat([t.reshape(-1) for t in parts])
+
+
+def _power_step(
+    top: EigenResult, bottom: EigenResult | None, over: Over | None
+) -> torch.Tensor | None:
     """The next measurement's start: (H − σ)v₁ normalised, from v₁'s image kept by this one
     (no product), σ = min(0, λ_min) when λ_min is tracked, else 0, so that a dominant negative end
-    does not pull it; None when that image is zero."""
+    does not pull it; None when that image is zero (its norm summed ``over`` the ranks of a
+    sharded one)."""
     if top.images is None:
         return None
     shift = 0.0 if bottom is None else min(0.0, float(bottom.eigenvalues[0]))
     step = top.images[0] if shift == 0 else top.images[0] - shift * top.eigenvectors[0]
-    length = norm(step)
+    length = norm(step, over)
     return (step / length).detach() if length > 0 else None
 
 
@@ -502,16 +578,13 @@ class Tracker:
 
     sharpness: SharpnessTracker
     val: list[Batch] | None
-    curvature: bool = True
-    """False: the curvature figures are not measured (None), only the losses and accuracies (a
-    model sharded by FSDP2, whose products the tracker does not take yet)."""
 
     def __call__(self, model: nn.Module) -> dict[str, float | None]:
         """The figures of the tracked model now (``model`` must be it)."""
         if model is not self.sharpness.model:
             raise ValueError("the tracker measures the model it was made for")
         start = time.perf_counter()
-        top = self.sharpness.measure() if self.curvature else None
+        top = self.sharpness.measure()
         loss_fn, probe = self.sharpness.objective.loss_fn, self.sharpness.objective.batches
         with torch.random.fork_rng(devices=[]):
             probe_loss, probe_accuracy = evaluate(model, loss_fn, probe)
@@ -519,7 +592,7 @@ class Tracker:
                 evaluate(model, loss_fn, self.val) if self.val else (None, None)
             )
         return {
-            **{key: getattr(top, name, None) for key, name in _MEASURED.items()},
+            **{key: getattr(top, name) for key, name in _MEASURED.items()},
             "probe_loss": probe_loss,
             "probe_accuracy": probe_accuracy,
             "val_loss": val_loss,
