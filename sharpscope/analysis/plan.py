@@ -44,10 +44,15 @@ class BackendChoice:
     backend: str
     graph_bytes: int | None
     available_bytes: int | None
+    given: str | None = None
+    """The reason when the memory did not decide (a model sharded by FSDP2 takes finite
+    differences only)."""
 
     @property
     def reason(self) -> str:
         """Why, in words: ``the double-backward graph ≈ 9.1 GB would not fit 6.0 GB free``."""
+        if self.given is not None:
+            return self.given
         if self.graph_bytes is None:
             return "one batch's double-backward graph did not fit in memory"
         graph = f"the double-backward graph ≈ {sizes(self.graph_bytes)}"

@@ -30,12 +30,14 @@ def backend_clause(choice: BackendChoice) -> str:
 
 
 def sharded_clause(share: RankShare) -> str:
-    """``finetune``'s plan under ``fsdp``: what each rank holds of the parameters and of the
-    optimizer's state (rank 0's shares)."""
+    """``finetune``'s plan under ``fsdp``: what each rank holds of the parameters, of the
+    optimizer's state and of the tracker's vectors (rank 0's shares)."""
+    vectors = share.tracker_vectors
     return (
         f"plan: `fsdp` over {share.ranks} ranks: per rank {sizes(share.parameter_bytes)} of "
-        f"parameter shards and {sizes(share.optimizer_bytes)} of optimizer state, sharded "
-        "checkpoints; λ_max is not tracked under `fsdp` yet"
+        f"parameter shards, {sizes(share.optimizer_bytes)} of optimizer state and the tracker's "
+        f"vectors ≤ {sizes(vectors * share.parameter_bytes)} ({vectors} × "
+        f"{sizes(share.parameter_bytes)}), sharded checkpoints"
     )
 
 

@@ -120,7 +120,7 @@ def finetune(
         watch.chose(choice)
     optimizer, hook = build_optimizer(inputs.model, inputs.loss_fn, config, config.products_backend)
     if config.fsdp:
-        watch.sharded(RankShare.of(inputs.model, config))
+        watch.sharded(RankShare.of(inputs.model, config, tracker_vectors(config)))
     ddp = distributed.is_distributed() and not config.fsdp
     session = Session(
         inputs.model,
@@ -143,9 +143,17 @@ def finetune(
         if resume_from is not None:
             state = load_trainer_state(resume_from / TRAINER)
             session.load_state_dict(state)
-            if config.fsdp:
-                load_sharded(resume_from / SHARDED, inputs.model, optimizer)
-            track.sharpness.load_state_dict(state.get(TRACKER_KEY))
+            tracked = state.get(TRACKER_KEY) or {}
+            if config.fsdp:  # the tracker's vectors marked as in the shards are loaded there
+                vectors = {
+                    k: track.sharpness.vector_template()
+                    for k, v in tracked.items()
+                    if isinstance(v, str)
+                }
+                more = {TRACKER_KEY: vectors} if vectors else None
+                load_sharded(resume_from / SHARDED, inputs.model, optimizer, more)
+                tracked = {**tracked, **vectors}
+            track.sharpness.load_state_dict(tracked)
             if total < session.step:
                 raise InputError(
                     f"the run is at step {session.step}, beyond the {total} steps asked; give "
@@ -216,7 +224,8 @@ class Saver:
     """Writes the session's checkpoint into the run folder, once per step, and only with finite
     weights; ``path`` is the last checkpoint folder. Under torch.distributed every rank calls it
     and rank 0 writes (with every rank's RNG states and the tracker's warm start); the others
-    wait until it has."""
+    wait until it has. Under ``fsdp`` every rank writes its shards too, the tracker's warm-start
+    vectors among them."""
 
     def __init__(
         self,
@@ -242,12 +251,17 @@ class Saver:
             return
         if not all_finite(self.session.model):
             raise Diverged(step, "the weights became non-finite")
-        state = {**self.session.state_dict(), TRACKER_KEY: self.sharpness.state_dict()}
+        tracked = self.sharpness.state_dict()
+        # a sharded model's tracker vectors go into the shards, marked so in trainer.pt
+        vectors = {k: v for k, v in tracked.items() if isinstance(v, dict)}
+        tracked = {**tracked, **dict.fromkeys(vectors, SHARDED)}
+        state = {**self.session.state_dict(), TRACKER_KEY: tracked}
         main = distributed.is_main()
         with distributed.together(f"writing the checkpoint of step {step}"):
             if self.session.sharded:
                 staged = distributed.main_value(self.folder.staging(step) if main else None)
-                save_sharded(staged / SHARDED, self.session.model, self.session.optimizer)
+                more = {TRACKER_KEY: vectors} if vectors else None
+                save_sharded(staged / SHARDED, self.session.model, self.session.optimizer, more)
                 weights = full_state(self.session.model)
                 if main:
                     self.folder.save(
@@ -284,8 +298,7 @@ class Saver:
 def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
     """The tracker of a run: its probe batch is a fixed ``probe_size`` subset of the training
     data, chosen by the seed; validation on all of ``inputs.val``. Under torch.distributed each
-    rank keeps its contiguous share of both, in batches of its share of ``batch_size``. Under
-    ``fsdp`` it tracks the losses and accuracies only."""
+    rank keeps its contiguous share of both, in batches of its share of ``batch_size``."""
     val = inputs.val
     held_out = _placed(config, inputs, val, torch.arange(len(val))) if val is not None else None
     sharpness = SharpnessTracker(
@@ -297,13 +310,26 @@ def tracker(config: RunConfig, inputs: Inputs) -> Tracker:
         backend=config.products_backend,
         measure=config.track_measure,
     )
-    return Tracker(sharpness, held_out, curvature=not config.fsdp)
+    return Tracker(sharpness, held_out)
+
+
+def tracker_vectors(config: RunConfig) -> int:
+    """The most parameter-sized vectors the run's tracker holds during a measurement: its
+    Lanczos basis (``track_iters``) for λ_max, and a copy of the weights for the critical
+    sharpness along the last update."""
+    return config.track_iters * (config.track_measure != "critical") + (
+        config.track_measure != "lambda_max"
+    )
 
 
 def auto_choice(config: RunConfig, inputs: Inputs, batch_size: int) -> BackendChoice:
     """``backend`` auto's choice for the run (:func:`~sharpscope.analysis.plan.auto_backend`),
     from the largest double-backward graph it builds: the tracker's, over the probe set, or with
-    Eigen-SAM the refresh's, over one training batch of ``batch_size`` samples."""
+    Eigen-SAM the refresh's, over one training batch of ``batch_size`` samples; under ``fsdp``
+    finite differences, the only products of sharded gradients."""
+    if config.fsdp:
+        sharded = "`fsdp` shards the gradients, whose products are finite differences only"
+        return BackendChoice("finite-difference", None, None, sharded)
     graphs = [_probe(config, inputs)]
     if config.optimizer == "eigen-sam":
         graphs.append(_placed(config, inputs, inputs.train, torch.arange(batch_size)))

@@ -146,7 +146,7 @@ class RunConfig(OptimizerSettings):
         False,
         help="Under torchrun: shard the parameters and optimizer state over the ranks with FSDP2 "
         "(per transformer block, then the root); checkpoints are sharded and resume on any number "
-        "of ranks; Eigen-SAM takes --backend finite-difference; λ_max not tracked yet. "
+        "of ranks; λ_max and Eigen-SAM take --backend finite-difference. "
         "docs/finetune.md.",
         panel=RUN,
     )
@@ -184,29 +184,26 @@ class RunConfig(OptimizerSettings):
         check_signs(self, (*positive, "save_every", "keep"), ())
 
     def _check_sharded(self) -> None:
-        """Refuse what does not run under ``fsdp`` yet: Eigen-SAM's refresh by products other
-        than finite differences, per-rank SAM perturbations, the critical-sharpness measure and
-        ``backend`` auto (which measures a whole model's graph)."""
-        if self.optimizer == "eigen-sam" and self.backend != "finite-difference":
+        """Refuse what does not run under ``fsdp``: Hessian products other than finite
+        differences (λ_max's tracking and Eigen-SAM's refresh take them on sharded vectors), a
+        tracked matrix other than the Hessian, and per-rank SAM perturbations; ``backend`` auto
+        chooses finite differences."""
+        products = self.track_measure != "critical" or self.optimizer == "eigen-sam"
+        if products and self.backend not in ("finite-difference", "auto"):
             raise InputError(
-                "`optimizer` eigen-sam under `fsdp` refreshes its eigenvector by finite "
-                f"differences of sharded gradients only, not `backend` {self.backend}: pass "
-                "`backend` finite-difference"
+                "`fsdp` takes the Hessian's products (the tracked λ_max, Eigen-SAM's refresh) by "
+                f"finite differences of sharded gradients only, not `backend` {self.backend}: "
+                "pass `backend` finite-difference (or `track_measure` critical)"
+            )
+        if self.track_measure != "critical" and self.curvature != "hessian":
+            raise InputError(
+                f"`fsdp` tracks the Hessian's λ_max only, not `curvature` {self.curvature}: its "
+                "products are finite differences of sharded gradients"
             )
         if self.per_rank_sam:
             raise InputError(
                 "`per_rank_sam` does not run under `fsdp`: FSDP2 reduces every gradient over the "
                 "ranks; leave it out"
-            )
-        if self.track_measure != "lambda_max":
-            raise InputError(
-                f"`track_measure` {self.track_measure} does not run under `fsdp` yet; rows "
-                "under `fsdp` track the losses and accuracies only"
-            )
-        if self.backend == "auto":
-            raise InputError(
-                "`backend` auto does not run under `fsdp` yet: it chooses the products of the "
-                "λ_max tracking and Eigen-SAM, neither of which runs under `fsdp`; leave it out"
             )
 
     @property

@@ -64,25 +64,31 @@ _ALLOWED: dict[str, frozenset[str]] = {
 is refused."""
 
 
-def save_sharded(folder: Path, model: nn.Module, optimizer: Optimizer) -> None:
+def save_sharded(
+    folder: Path, model: nn.Module, optimizer: Optimizer, more: dict[str, Any] | None = None
+) -> None:
     """Write this rank's shards of ``model`` and of ``optimizer``'s state (a SAM wrapper's own
-    too: :mod:`sharpscope.optim.checkpoint`) into ``folder`` (every rank calls it, with the same
-    folder). A base optimizer with no state yet (before the first step, or SGD without momentum)
-    is left out rather than initialised: DCP would run a step of zero gradients to make one,
-    which changes SGD's momentum under weight decay."""
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    too: :mod:`sharpscope.optim.checkpoint`), and of ``more`` (nested dicts of DTensors placed
+    like the parameters, e.g. the tracker's vectors), into ``folder`` (every rank calls it, with
+    the same folder). A base optimizer with no state yet (before the first step, or SGD without
+    momentum) is left out rather than initialised: DCP would run a step of zero gradients to make
+    one, which changes SGD's momentum under weight decay."""
+    state: dict[str, Any] = {**(more or {}), "model": get_model_state_dict(model)}
     optimizer_state = get_optimizer_state_dict(model, optimizer)
     if optimizer_state:
         state["optimizer"] = optimizer_state
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)))
 
 
-def load_sharded(folder: Path, model: nn.Module, optimizer: Optimizer) -> None:
+def load_sharded(
+    folder: Path, model: nn.Module, optimizer: Optimizer, more: dict[str, Any] | None = None
+) -> None:
     """Load what :func:`save_sharded` wrote (on any number of ranks) into the sharded ``model``
-    and ``optimizer``; raises :class:`InputError` for a folder that is not such a checkpoint."""
+    and ``optimizer``, and into ``more`` (templates shaped as what was saved there, filled in
+    place); raises :class:`InputError` for a folder that is not such a checkpoint."""
     reader = SafeReader(folder)
     stored = list(reader.read_metadata().state_dict_metadata)
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    state: dict[str, Any] = {**(more or {}), "model": get_model_state_dict(model)}
     if any(key.startswith("optimizer.") for key in stored):  # a template that DCP fills
         with_base = any(key.startswith("optimizer.state.") for key in stored)
         state["optimizer"] = get_optimizer_state_dict(model, optimizer, with_base=with_base)
@@ -106,20 +112,23 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
 class RankShare:
     """What one rank holds of a sharded run, before it trains: ``ranks``, bytes of rank 0's shards
     of the trained parameters, and of the optimizer's (SGD's momentum buffer, when on; a SAM-style
-    optimizer's copy of the weights during a step; Eigen-SAM's eigenvector)."""
+    optimizer's copy of the weights during a step; Eigen-SAM's eigenvector), and how many vectors
+    of that size the tracker holds at most (its Lanczos basis, its copy of the weights)."""
 
     ranks: int
     parameter_bytes: int
     optimizer_bytes: int
+    tracker_vectors: int
 
     @classmethod
-    def of(cls, model: nn.Module, settings: OptimizerSettings) -> RankShare:
-        """The share of the sharded ``model`` trained with ``settings`` (one rank's figures)."""
+    def of(cls, model: nn.Module, settings: OptimizerSettings, tracker_vectors: int) -> RankShare:
+        """The share of the sharded ``model`` trained with ``settings`` (one rank's figures),
+        tracked with ``tracker_vectors`` vectors of its trained parameters' size."""
         trained = [local(p) for p in model.parameters() if p.requires_grad]
         size = sum(t.numel() * t.element_size() for t in trained)
         sam_style = settings.optimizer != "sgd"
         slots = bool(settings.momentum) + sam_style + (settings.optimizer == "eigen-sam")
-        return cls(distributed.world_size(), size, slots * size)
+        return cls(distributed.world_size(), size, slots * size, tracker_vectors)
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -1,6 +1,7 @@
 """``finetune --fsdp``: the model and SGD's momentum sharded over Gloo ranks by FSDP2, with
 sharded checkpoints (torch.distributed.checkpoint), against one process holding the whole model,
-in float64 on the tiny MLP.
+in float64 on the tiny MLP; the rows' λ_max (finite differences on both sides) and critical
+sharpness too, the tracker's warm start resumed from the shards.
 
 The launches overlap where they do not depend on each other: 2 ranks for 8 steps in one go, and
 2 ranks for 4 steps then resumed on 2 ranks (bit for bit) and, from a copy, on 3 ranks.
@@ -29,6 +30,8 @@ pytestmark = pytest.mark.integration  # torchrun
 REL = 1e-10
 """One process against the sharded ranks: only the order of the sums differs."""
 LOSSES = ("loss", "accuracy", "val_loss", "val_accuracy", "probe_loss", "probe_accuracy")
+TRACKED = ("lambda_max", "alignment", "lambda_c", "lambda_c_low", "lambda_c_high")
+"""The curvature figures compared to 1e-6: λ_max's products are finite differences."""
 KILLER = '''
 import os
 import signal
@@ -40,9 +43,9 @@ import sharpscope.training.run as run
 saving = run.save_sharded
 
 
-def killed_mid_save(folder, model, optimizer):
+def killed_mid_save(folder, model, optimizer, *more):
     """Rank 1 writes its shards of the checkpoint of step $SHARPSCOPE_TEST_KILL_AT, then dies."""
-    saving(folder, model, optimizer)
+    saving(folder, model, optimizer, *more)
     at = os.environ.get("SHARPSCOPE_TEST_KILL_AT")
     if os.environ.get("RANK") == "1" and at and f".step-{int(at):06d}." in str(folder):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -59,12 +62,14 @@ def data():
 
 def command(data: Path | str, steps: int, out: Path, *extra: object) -> list[str]:
     """A float64 SGD run with momentum and weight decay (so the optimizer has state, and a
-    step of zero gradients would change it), tracked and saved every 4 steps."""
+    step of zero gradients would change it), tracking λ_max (3 products of finite differences)
+    and the critical sharpness every 2 steps, saved every 4."""
     return [
         *("finetune", "--data", str(data), "--steps", str(steps), "--out", str(out)),
         *("--optimizer", "sgd", "--momentum", "0.9", "--weight-decay", "0.01", "--lr", "0.05"),
         *("--dtype", "float64", "--batch-size", "48", "--probe-size", "48", "--device", "cpu"),
-        *("--track-every", "4", "--save-every", "4", "--track-iters", "3"),
+        *("--track-every", "2", "--save-every", "4", "--track-iters", "3"),
+        *("--backend", "finite-difference", "--track-measure", "both"),
         *map(str, extra),
     ]
 
@@ -101,28 +106,31 @@ def runs(
     yield {**paths, "stderr": outcomes[0].stderr}
 
 
-def losses(run: Path) -> list[dict[str, Any]]:
-    """The run's rows: step and the loss and accuracy figures."""
-    return [{k: r[k] for k in ("step", *LOSSES)} for r in read_rows(run / "metrics.jsonl")]
+def losses(run: Path, keys: tuple[str, ...] = LOSSES) -> list[dict[str, Any]]:
+    """The run's rows: step and the ``keys`` figures (the loss and accuracy ones)."""
+    return [{k: r[k] for k in ("step", *keys)} for r in read_rows(run / "metrics.jsonl")]
 
 
-def assert_losses_close(a: Path, b: Path, rel: float) -> None:
-    """The same steps, with the same losses and accuracies to ``rel`` relative."""
-    one, two = losses(a), losses(b)
+def assert_losses_close(a: Path, b: Path, rel: float, keys: tuple[str, ...] = LOSSES) -> None:
+    """The same steps, with the same ``keys`` figures (the losses and accuracies) to ``rel``
+    relative."""
+    one, two = losses(a, keys), losses(b, keys)
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for x, y in zip(one, two, strict=True):
-        for key in LOSSES:
+        for key in keys:
             assert (x[key] is None) == (y[key] is None), (x["step"], key)
             if x[key] is not None:
-                assert abs(x[key] - y[key]) <= rel * abs(y[key]), (x["step"], key)
+                assert abs(x[key] - y[key]) <= rel * abs(y[key]), (x["step"], key, x[key], y[key])
 
 
 def test_two_sharded_ranks_equal_one_process(runs: dict[str, Any]):
     straight, one = runs["straight"], runs["one"]
     assert_close(weights(straight), weights(one), REL)
     assert_losses_close(straight, one, REL)
-    assert [r["step"] for r in losses(straight)] == [0, 4, 8]
-    assert all(r["lambda_max"] is None for r in read_rows(straight / "metrics.jsonl"))
+    assert [r["step"] for r in losses(straight)] == [0, 2, 4, 6, 8]
+    rows = losses(straight, TRACKED)
+    assert all(r["lambda_max"] > 0 and r["lambda_c"] is not None for r in rows), rows
+    assert_losses_close(straight, one, 1e-6, TRACKED)
     # --keep 2: the last two checkpoints, each with its shards, and no staging folder left
     assert sorted(p.name for p in straight.iterdir() if "step-" in p.name) == [
         "step-000004",
@@ -133,20 +141,23 @@ def test_two_sharded_ranks_equal_one_process(runs: dict[str, Any]):
         assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     state = torch.load(straight / "step-000008" / "trainer.pt", weights_only=True)
     assert "optimizer" not in state  # sharded, in sharded/
-    # 1,210 float64 parameters: 4,840 bytes per rank, and as much of momentum
+    # 1,210 float64 parameters: 4,840 bytes per rank, as much of momentum, and the tracker's
+    # 3 Lanczos vectors and its copy of the weights
     assert (
-        "plan: --fsdp over 2 ranks: per rank 4.84 kB of parameter shards and 4.84 kB of "
-        "optimizer state" in runs["stderr"]
+        "plan: --fsdp over 2 ranks: per rank 4.84 kB of parameter shards, 4.84 kB of "
+        "optimizer state and the tracker's vectors ≤ 19.4 kB (4 × 4.84 kB)" in runs["stderr"]
     ), runs["stderr"]
+    assert "backend" not in runs["stderr"]  # named: nothing chosen
 
 
 def test_a_sharded_checkpoint_resumes_bit_for_bit_on_two_ranks_and_on_three(
     runs: dict[str, Any],
 ):
     assert_same(weights(runs["two"]), weights(runs["straight"]))
-    assert losses(runs["two"]) == losses(runs["straight"])
+    assert losses(runs["two"], (*LOSSES, *TRACKED)) == losses(runs["straight"], (*LOSSES, *TRACKED))
     assert_close(weights(runs["three"]), weights(runs["one"]), REL)
     assert_losses_close(runs["three"], runs["one"], REL)
+    assert_losses_close(runs["three"], runs["one"], 1e-6, TRACKED)  # the warm start resharded
 
 
 def test_analyze_reads_a_sharded_runs_weights(runs: dict[str, Any], finetune_files):
@@ -227,7 +238,7 @@ def eigen_sam(data: Path | str, steps: int, out: Path, *extra: object) -> list[s
     finite differences) in place of SGD, without momentum: the base optimizer then has no state,
     and the checkpoint must keep Eigen-SAM's own."""
     args = ("--optimizer", "eigen-sam", "--eig-every", "2", "--eig-steps", "3", "--momentum", "0")
-    return command(data, steps, out, *args, "--backend", "finite-difference", *extra)
+    return command(data, steps, out, *args, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +285,7 @@ def test_eigen_sam_and_asam_on_two_sharded_ranks_equal_one_process(sam_runs: dic
     assert_close(weights(straight), weights(one), 1e-6)
     assert_losses_close(straight, one, 1e-6)
     sharded, whole = esam_rows(straight), esam_rows(one)
-    assert [r[0] for r in sharded] == [r[0] for r in whole] == [0, 4, 8]
+    assert [r[0] for r in sharded] == [r[0] for r in whole] == [0, 2, 4, 6, 8]
     assert sharded[-1][1] is not None  # refreshed: the figures are compared, not two Nones
     for a, b in zip(sharded, whole, strict=True):
         for x, y in zip(a[1:], b[1:], strict=True):

@@ -101,7 +101,8 @@ def test_resuming_a_run_whose_shards_run_code_is_one_line(
     made = cli(*args, "--steps", 2, "--batch-size", 32, "--out", run, "--quiet")
     assert made.exit_code == 0, made.output
     config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "fsdp": True}))
+    sharded = {"fsdp": True, "backend": "finite-difference"}  # a run --fsdp accepts
+    (run / "config.json").write_text(json.dumps({**config, **sharded}))
     (run / "step-000002" / "sharded").mkdir()
     (run / "step-000002" / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]

@@ -15,14 +15,32 @@ from sharpscope.cli.app import app
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
-        ((), ("`torchrun --nproc-per-node N -m sharpscope finetune ...`", "--fsdp")),
         (
-            ("--optimizer", "eigen-sam"),
-            ("--optimizer eigen-sam under --fsdp", "pass --backend finite-difference"),
+            ("--backend", "finite-difference"),
+            ("`torchrun --nproc-per-node N -m sharpscope finetune ...`", "--fsdp"),
         ),
-        (("--optimizer", "sam", "--per-rank-sam"), ("--per-rank-sam does not run under --fsdp",)),
-        (("--track-measure", "critical"), ("--track-measure critical does not run under",)),
-        (("--backend", "auto"), ("--backend auto does not run under --fsdp yet",)),
+        (("--backend", "auto"), ("`torchrun --nproc-per-node N -m sharpscope finetune ...`",)),
+        (
+            ("--track-measure", "critical"),
+            ("`torchrun --nproc-per-node N -m sharpscope finetune ...`",),
+        ),
+        ((), ("--fsdp takes the Hessian's products", "not --backend double-backward", "pass")),
+        (
+            ("--optimizer", "eigen-sam", "--track-measure", "critical"),
+            ("not --backend double-backward", "pass --backend finite-difference"),
+        ),
+        (
+            ("--track-measure", "both", "--backend", "forward-over-reverse"),
+            ("not --backend forward-over-reverse",),
+        ),
+        (
+            ("--curvature", "ggn", "--backend", "finite-difference"),
+            ("--fsdp tracks the Hessian's λ_max only, not --curvature ggn",),
+        ),
+        (
+            ("--optimizer", "sam", "--per-rank-sam", "--backend", "finite-difference"),
+            ("--per-rank-sam does not run under --fsdp",),
+        ),
     ],
 )
 def test_fsdp_outside_torchrun_or_with_what_it_cannot_run_is_one_line(
