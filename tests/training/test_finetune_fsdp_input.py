@@ -50,3 +50,19 @@ def test_fsdp_outside_torchrun_or_with_what_it_cannot_run_is_one_line(
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run"), "--fsdp", *extra])
     one_error_line(result, *words)
     assert not (tmp_path / "run").exists()
+
+
+def test_backend_auto_under_fsdp_chooses_finite_differences_and_says_why():
+    """Without measuring a graph (a sharded model's double backward is not taken at all)."""
+    from test_run_settings import run_config
+
+    from sharpscope.cli.flags import as_flags
+    from sharpscope.report.plan_line import backend_clause
+    from sharpscope.training.run import auto_choice
+
+    choice = auto_choice(run_config(fsdp=True, backend="auto"), None, 8)  # type: ignore[arg-type]
+    assert choice.backend == "finite-difference"
+    assert as_flags(f"plan: {backend_clause(choice)}") == (
+        "plan: --backend finite-difference: --fsdp shards the gradients, whose products are "
+        "finite differences only"
+    )
