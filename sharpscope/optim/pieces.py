@@ -5,7 +5,7 @@ for sharded parameters: scalars travel, never a vector)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -43,6 +43,11 @@ def reduction(params: Sequence[torch.Tensor]) -> Over | None:
 def split(vec: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The flat vector ``vec`` as views shaped like ``params``' :func:`local` pieces, in order."""
     return shaped(vec, (local(p).shape for p in params))
+
+
+def flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``tensors``' :func:`local` pieces as one flat vector, in order (:func:`split`'s inverse)."""
+    return torch.cat([local(t).reshape(-1) for t in tensors])
 
 
 def nonzero(vec: torch.Tensor, over: Over | None) -> bool:

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from sharpscope import distributed
 from sharpscope.curvature.batchnorm import freeze_batchnorm_stats
 from sharpscope.optim.perturbations import Hyper, asam_perturbation, sam_perturbation
-from sharpscope.optim.pieces import local, nonzero, reduction, split
+from sharpscope.optim.pieces import flat, local, nonzero, reduction, split
 
 Closure = Callable[[], torch.Tensor]
 
@@ -40,7 +40,7 @@ class Active:
 
     def flat(self, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
         """Concatenate one tensor (or its local shard) per active parameter into a flat vector."""
-        return torch.cat([local(t).reshape(-1) for t in tensors])
+        return flat(tensors)
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient g over the active parameters."""

@@ -41,7 +41,7 @@ from sharpscope.curvature.sharded import ShardedHessianOperator
 from sharpscope.curvature.shards import over_of
 from sharpscope.curvature.vectors import Over, abs_cosine, norm
 from sharpscope.errors import InputError, check_choice
-from sharpscope.optim.pieces import local, placed, reduction, split
+from sharpscope.optim.pieces import flat, local, placed, reduction, split
 from sharpscope.structures import call_model
 from sharpscope.training.run_config import TRACK_MEASURES
 from sharpscope.training.sinks import Sink, as_sinks, close_all
@@ -390,7 +390,7 @@ class SharpnessTracker:
         if before is not None and step in (None, before[0]):
             params = op.space.params
             change = [local(p).detach() - q for p, q in zip(params, before[1], strict=True)]
-            direction, name, eta = _flat(change) / before[2], "update", before[2]
+            direction, name, eta = flat(change) / before[2], "update", before[2]
         if self._eta is not None:
             eta = self._eta
         elif eta is None:
@@ -461,7 +461,7 @@ class SharpnessTracker:
             vector.get(names.get(p, ""), torch.zeros_like(t))
             for p, t in zip(space.params, pieces, strict=True)
         ]
-        return abs_cosine(_flat(parts), v1, over)
+        return abs_cosine(flat(parts), v1, over)
 
     def state_dict(self) -> dict[str, Any]:
         """The warm-start vectors, so that a resumed run measures as an uninterrupted one: flat
@@ -501,7 +501,7 @@ class SharpnessTracker:
         """A vector of :meth:`state_dict` as the flat vector (this rank's pieces) it was."""
         if not isinstance(stored, dict):
             return stored
-        return _flat([local(stored[n]) for n in self._space().names])
+        return flat(stored[n] for n in self._space().names)
 
     def close(self) -> None:
         """Close the file logs and TensorBoard writers this tracker opened."""
@@ -532,11 +532,6 @@ def _critical_fields(found: CriticalSharpness | None) -> dict[str, Any]:
         "lambda_c_direction": found.direction,
         "lambda_c_passes": found.passes,
     }
-
-
-def _flat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``parts`` (whole tensors or this rank's pieces) as one flat vector, in order."""
-    return torch.cat([t.reshape(-1) for t in parts])
 
 
 def _power_step(
