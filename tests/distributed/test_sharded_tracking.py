@@ -1,7 +1,7 @@
 """The sharpness tracker on a model whose parameters FSDP2 shards (``fully_shard``) over 2 Gloo
 ranks, against one process holding the whole model and the whole probe batch, in float64: 8 SGD
-steps measured every 2 (λ_max, λ_min, the trace, the alignment and the critical sharpness along
-the last update, all by finite differences on both sides), one λ_max against the dense Hessian's,
+steps measured every 2 (λ_max, λ_min, the trace, the alignment, an Eigen-SAM estimate's alignment
+and the critical sharpness along the last update, all by finite differences on both sides), one λ_max against the dense Hessian's,
 and the warm-start vectors saved through torch.distributed.checkpoint and loaded whole in one
 process.
 
@@ -23,6 +23,8 @@ import sys
 
 sys.path.insert(0, {tests!r})
 
+import types
+
 import tiny_hf
 import torch
 import torch.distributed.checkpoint as dcp
@@ -34,13 +36,14 @@ from sharpscope import distributed
 from sharpscope.analysis.critical_sharpness import critical_sharpness
 from sharpscope.analysis.fsdp import shard_model
 from sharpscope.curvature.sharded import ShardedHessianOperator
+from sharpscope.optim.pieces import cut
 from sharpscope.curvature import Objective
 from sharpscope.training.tracking import SharpnessTracker
 
 NAME, FOLDER = {name!r}, {folder!r}
 STEPS, EVERY, LR = 8, 2, 0.2
-FIGURES = ("lambda_max", "lambda_min", "trace", "alignment", "lambda_c", "lambda_c_low",
-           "lambda_c_high")
+FIGURES = ("lambda_max", "lambda_min", "trace", "alignment", "esam_v1_alignment", "lambda_c",
+           "lambda_c_low", "lambda_c_high")
 
 
 class Blocks(nn.Module):
@@ -83,12 +86,21 @@ def half(rank):
     return {{"input_ids": ids[4 * rank : 4 * rank + 4]}}, targets[4 * rank : 4 * rank + 4]
 
 
+def estimate(model):
+    # an Eigen-SAM stand-in: a seeded whole vector, held as this rank's pieces where sharded
+    g = torch.Generator().manual_seed(3)
+    whole = {{n: torch.randn(p.shape, generator=g, dtype=torch.float64)
+             for n, p in build().named_parameters()}}
+    pieces = {{n: cut(whole[n], p) for n, p in model.named_parameters()}}
+    return types.SimpleNamespace(eigenvector=pieces, model=model)
+
+
 def tracked(model, batch, rows):
     # the same tracker on both sides: every figure, solved to a tight tolerance
     return SharpnessTracker(
         Objective(model, loss_fn, [batch]), EVERY, lambda_min=True, trace=True,
         trace_samples=12, products=None, max_iter=60, tol=1e-6, backend="finite-difference",
-        measure="both", log=rows,
+        measure="both", eigen_sam=estimate(model), log=rows,
     )
 
 
@@ -137,7 +149,7 @@ def main():
         worst = 0.0
         for ours, theirs in zip(rows, expected, strict=True):
             assert ours["lambda_c_direction"] == theirs["lambda_c_direction"]
-            assert all(ours[k] is not None for k in FIGURES[:4]), ours
+            assert all(ours[k] is not None for k in FIGURES[:5]), ours
             for key in FIGURES:
                 assert (ours[key] is None) == (theirs[key] is None), (key, ours, theirs)
                 if ours[key] is None:  # λ_c's bracket is open where the loss rose at once
