@@ -1,9 +1,9 @@
 """The sharpness tracker on a model whose parameters FSDP2 shards (``fully_shard``) over 2 Gloo
 ranks, against one process holding the whole model and the whole probe batch, in float64: 8 SGD
 steps measured every 2 (λ_max, λ_min, the trace, the alignment, an Eigen-SAM estimate's alignment
-and the critical sharpness along the last update, all by finite differences on both sides), one λ_max against the dense Hessian's,
-and the warm-start vectors saved through torch.distributed.checkpoint and loaded whole in one
-process.
+and the critical sharpness along the last update, all by finite differences on both sides), one
+λ_max against the dense Hessian's, and the warm-start vectors saved through
+torch.distributed.checkpoint and loaded whole in one process.
 
 The runs are real ``python -m torch.distributed.run --standalone`` subprocesses with a timeout
 (helpers from test_distributed.py), so a hang fails the test instead of stalling it.
