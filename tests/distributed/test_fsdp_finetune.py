@@ -141,6 +141,7 @@ def test_two_sharded_ranks_equal_one_process(runs: dict[str, Any]):
         assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     state = torch.load(straight / "step-000008" / "trainer.pt", weights_only=True)
     assert "optimizer" not in state  # sharded, in sharded/
+    assert state["tracker"]["top"] == state["tracker"]["next"] == "sharded"  # so the vectors
     # 1,210 float64 parameters: 4,840 bytes per rank, as much of momentum, and the tracker's
     # 3 Lanczos vectors and its copy of the weights
     assert (
