@@ -45,23 +45,23 @@ HERE = Path(__file__).resolve().parent
 SOLVE_BASIS = 4
 
 
-def _status_mib(field: str) -> float:
+def status_mib(field: str) -> float:
     """A memory ``field`` of /proc/self/status (VmRSS: resident now, VmHWM: its high-water mark
-    since the last :func:`_reset`), in MiB."""
+    since the last :func:`reset_peak`), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no {field} in /proc/self/status: the CPU figures need Linux")
 
 
-def _resident_mib(device: torch.device) -> float:
+def resident_mib(device: torch.device) -> float:
     """The memory held now (MiB): allocated GPU memory, or the CPU's resident set."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
-    return _status_mib("VmRSS")
+    return status_mib("VmRSS")
 
 
-def _reset(device: torch.device) -> None:
+def reset_peak(device: torch.device) -> None:
     """Start a phase's peak afresh."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -70,12 +70,12 @@ def _reset(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def _peak(device: torch.device) -> float:
+def phase_peak(device: torch.device) -> float:
     """The phase's peak (MiB): allocated GPU memory, or the CPU's resident set."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return _status_mib("VmHWM")
+    return status_mib("VmHWM")
 
 
 def _seconds(fn: Callable[[], object], device: torch.device) -> float:
@@ -114,13 +114,13 @@ def worker(args: argparse.Namespace) -> None:
     row: dict[str, float | int | str | bool] = {"rank": rank}
 
     def sharded_model() -> tuple[torch.nn.Module, list]:
-        _reset(device)
+        reset_peak(device)
         model, ((inputs, ids),) = bench_scale.build(args.workload, str(device))
         share = slice(rank * args.batch // ranks, (rank + 1) * args.batch // ranks)
         batch = ({k: v[share] for k, v in inputs.items()}, ids[share])
         shard_model(model)
-        row["load_peak_mib"] = _peak(device)
-        row["sharded_mib"] = _resident_mib(device)
+        row["load_peak_mib"] = phase_peak(device)
+        row["sharded_mib"] = resident_mib(device)
         return model, [batch]
 
     model, batches = sharded_model()
@@ -140,19 +140,19 @@ def worker(args: argparse.Namespace) -> None:
 
     step()  # FSDP2's lazy set-up and the first gathers out of the measured step
     opt.zero_grad(set_to_none=True)
-    _reset(device)
+    reset_peak(device)
     row["step_s"] = _seconds(step, device)
-    row["step_peak_mib"] = _peak(device)
+    row["step_peak_mib"] = phase_peak(device)
     opt.zero_grad(set_to_none=True)
 
-    _reset(device)
+    reset_peak(device)
     op = ShardedHessianOperator(Objective(model, loss_fn, batches))
     op.gradient()
     row["gradient_s"] = _seconds(op.gradient, device)
     row["product_s"] = _product_seconds(op, device)
     settings = SolveSettings(max_iter=args.products, max_basis=SOLVE_BASIS)
     result = refined(op, lambda: lanczos(op, 1, settings=settings), settings.tol)
-    row["solve_peak_mib"] = _peak(device)
+    row["solve_peak_mib"] = phase_peak(device)
     row["lambda_max"] = float(result.eigenvalues[0])
     row["converged"] = bool(result.converged[0])
     row["products"] = op.n_products
