@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from sharpscope import distributed
 from sharpscope.errors import InputError
@@ -30,10 +30,18 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(held)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded already (:func:`shard_model`, as it loaded)."""
+    return isinstance(model, FSDPModule)
+
+
 def shard_model(model: nn.Module) -> nn.Module:
     """Shard ``model`` in place over every rank with ``fully_shard``: each of its
     :func:`blocks`, then the root (which takes the rest), on the device and in the dtype it has;
-    returns it."""
+    returns it (unchanged when sharded already, as :func:`~sharpscope.io.checkpoints.load_model`
+    shards it under a placement)."""
+    if is_sharded(model):
+        return model
     for block in blocks(model):
         fully_shard(block)
     fully_shard(model)

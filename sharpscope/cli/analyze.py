@@ -100,7 +100,7 @@ def analyze_command(checkpoint: Checkpoint, settings: Values) -> None:
 
             require_ranks()  # before loading
         set_threads(settings["threads"])
-        loaded = load_inputs(spec, shard=True)
+        loaded = load_inputs(spec, shard=True, fsdp=config.fsdp)
         with Interrupts() as interrupts:
             try:
                 analysis, report = run_analysis(loaded, config, quiet)

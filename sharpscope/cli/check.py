@@ -180,6 +180,6 @@ def _report(
 
         require_ranks("check")  # before loading
     set_threads(settings["threads"])
-    loaded = load_inputs(spec, shard=config.fsdp)  # sharded: each rank keeps its batches
+    loaded = load_inputs(spec, shard=config.fsdp, fsdp=config.fsdp)  # each rank: its batches
     _, report = run_analysis(loaded, config, settings["quiet"])
     return report

@@ -108,7 +108,7 @@ def finetune_command(
         )
         # a folder run's step folders carry the tokenizer; else the folder it started from
         tokenizer = None if run.layout == "pretrained" else Path(run.checkpoint)
-        loaded = load_inputs(load, tokenizer=tokenizer, shard=True)
+        loaded = load_inputs(load, tokenizer=tokenizer, shard=True, fsdp=run.fsdp)
         pretrained = loaded.checkpoint.format in ("pretrained", "adapter")  # written as folders
         config, spec = plan.loaded(loaded.checkpoint.sha256, loaded.spec, pretrained)
         tokenizer_from = plan.weights if spec is None else None

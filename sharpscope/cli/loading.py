@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from sharpscope import distributed
+from sharpscope.analysis.fsdp import is_sharded, shard_model
 from sharpscope.batches import LossFn, move_to
 from sharpscope.choices import DTYPE_NAMES
 from sharpscope.errors import InputError, check_choice
-from sharpscope.io.checkpoints import Checkpoint, load_model
+from sharpscope.io.checkpoints import Checkpoint, Placement, load_model
 from sharpscope.io.data import DataBundle, batches, check_targets, load_data
 from sharpscope.io.load_spec import LoadSpec
 from sharpscope.io.losses import BuiltinLoss, loss_name, resolve_loss
@@ -99,7 +100,9 @@ def _check_positions(model: nn.Module, inputs: Any, source: str) -> None:
         )
 
 
-def load_inputs(spec: LoadSpec, *, tokenizer: Path | None = None, shard: bool = False) -> Loaded:
+def load_inputs(
+    spec: LoadSpec, *, tokenizer: Path | None = None, shard: bool = False, fsdp: bool = False
+) -> Loaded:
     """Load and check everything a command needs (:class:`LoadSpec`); every problem is an
     :class:`InputError`.
 
@@ -111,7 +114,10 @@ def load_inputs(spec: LoadSpec, *, tokenizer: Path | None = None, shard: bool = 
 
     With ``shard``, under torch.distributed, every rank loads and checks the same model and data,
     then keeps its contiguous block of the batches (:func:`sharpscope.distributed.shard`); a
-    failure or a disagreement on any rank raises on all of them.
+    failure or a disagreement on any rank raises on all of them. With ``fsdp`` the model's
+    parameters are sharded as they load, each rank reading its rows of them only (a checkpoint of
+    tensors in files: :class:`~sharpscope.io.checkpoints.Placement`; others load whole, to be
+    sharded by the command).
     """
     checkpoint, data, seed, batch_size, dtype = (
         spec.checkpoint,
@@ -137,9 +143,11 @@ def load_inputs(spec: LoadSpec, *, tokenizer: Path | None = None, shard: bool = 
             state_prefix=spec.state_prefix,
             trust_code=spec.trust_code,
             base=spec.base,
+            placement=Placement(shard_model, torch_device, torch_dtype) if fsdp else None,
         )
         stored = stored_dtype(net.state_dict() if ckpt.state_dict is None else ckpt.state_dict)
-        net = net.to(device=torch_device, dtype=torch_dtype)
+        if not is_sharded(net):  # else placed as it loaded
+            net = net.to(device=torch_device, dtype=torch_dtype)
         folder = tokenizer or _tokenizer_folder(checkpoint, ckpt)
         text = TextSpec(
             folder if folder.is_dir() else None, spec.text_field, spec.label_field, spec.max_length
@@ -204,10 +212,15 @@ def data_fingerprint(bundle: DataBundle) -> str:
 
 def check_world(loaded: Loaded) -> None:
     """Raise on every rank unless all ranks loaded the same weights and the same data (for a
-    command that shares the work out itself rather than by ``load_inputs``'s ``shard``)."""
-    distributed.check_same(
-        "model (checkpoint and --model)", distributed.model_fingerprint(loaded.model)
+    command that shares the work out itself rather than by ``load_inputs``'s ``shard``); of a
+    model sharded as it loaded, the same checkpoint bytes and spec (each rank holds its shards)."""
+    model = loaded.model
+    held = (
+        f"{loaded.checkpoint.sha256} {loaded.spec}"
+        if is_sharded(model)
+        else distributed.model_fingerprint(model)
     )
+    distributed.check_same("model (checkpoint and --model)", held)
     distributed.check_same(
         "data (--data, --split, --samples, --seed)", loaded.description.data.fingerprint
     )

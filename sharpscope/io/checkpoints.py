@@ -16,6 +16,7 @@ weights are fitted to a model by :mod:`sharpscope.io.state_dicts`, or given to t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -45,10 +46,18 @@ from sharpscope.io.peft_adapters import (
     is_adapter,
 )
 from sharpscope.io.pretrained import weight_files
+from sharpscope.io.row_reads import (
+    Rows,
+    fill,
+    materialise,
+    meta_parameters,
+    safetensors_placeholders,
+)
 from sharpscope.io.state_dicts import (
     WRAPPER_KEYS,
     as_state_dict,
     fit_prefix,
+    fitting,
     in_dtype_of,
     load_weights,
     restore_prefix,
@@ -84,6 +93,17 @@ class Trust:
     code: bool = False
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where :func:`load_model` puts a model's parameters as it loads them (under ``fsdp``):
+    the model, cast to ``dtype``, is sharded in place by ``shard`` (FSDP2's ``fully_shard``),
+    then each rank's shards are made on ``device`` and read from the file alone."""
+
+    shard: Callable[[nn.Module], nn.Module]
+    device: torch.device
+    dtype: torch.dtype
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint as read: its weights (``state_dict``) or whole model (``module``), the model
@@ -104,6 +124,9 @@ class Checkpoint:
     adapter: dict[str, Any] | None = None
     """Of a LoRA adapter put on its base by :func:`load_model`: its folder, rank, target modules
     and base (:func:`~sharpscope.io.peft_adapters.describe`)."""
+    rows: Rows | None = None
+    """Of a checkpoint read for a :class:`Placement`: where its weights are read from, a block of
+    rows at a time (they are meta placeholders or memory-mapped)."""
 
 
 def read_checkpoint(
@@ -113,12 +136,17 @@ def read_checkpoint(
     Python objects such as a whole pickled model, ``trust_code`` running the code a compiled
     model holds (TorchScript; a .pt2 graph calling more than computations). Both can run any
     code: only for trusted files."""
-    source = _existing(path)
+    return _read(_existing(path), Trust(trust_pickle, trust_code), None)
+
+
+def _read(source: Path, trust: Trust, rows: Rows | None) -> Checkpoint:
+    """:func:`read_checkpoint`; with ``rows``, the weights of files of tensors are placeholders
+    read through it (safetensors) or memory-mapped (a ``torch.save`` zip)."""
     if is_adapter(source):
-        return _read_adapter(source, trust_pickle)
+        return _read_adapter(source, trust.pickle)
     if source.is_dir():
-        return _read_folder(source, trust_pickle)
-    checkpoint = _READERS[detect_format(source)](source, Trust(trust_pickle, trust_code))
+        return _read_folder(source, trust.pickle, rows)
+    checkpoint = _READERS[detect_format(source)](source, trust, rows)
     return replace(checkpoint, sha256=file_sha256(source))
 
 
@@ -129,6 +157,7 @@ def load_model(
     state_prefix: str | None = None,
     trust_code: bool = False,
     base: Path | None = None,
+    placement: Placement | None = None,
 ) -> tuple[nn.Module, Checkpoint]:
     """The model a checkpoint holds: its own module (``spec`` is then ignored), or the model built
     from ``spec`` (else the file's stored spec, else a ``pretrained`` folder's config) with the
@@ -139,8 +168,16 @@ def load_model(
     spec that names code rather than a built-in architecture is refused unless ``trust_code``
     (see :func:`read_checkpoint` for the formats it also allows). A PEFT LoRA adapter folder is
     put on its base model (``base``, else the local folder its config names), which loads as
-    ``path`` would with the other arguments (:mod:`sharpscope.io.peft_adapters`)."""
-    checkpoint = read_checkpoint(path, trust_pickle, trust_code)
+    ``path`` would with the other arguments (:mod:`sharpscope.io.peft_adapters`).
+
+    With a ``placement``, a checkpoint of tensors in files (safetensors files and folders,
+    ``torch.save`` zip files) builds the model with its parameters on the meta device, shards it
+    and reads each rank's rows of them only (:mod:`sharpscope.io.row_reads`): the model returned
+    is sharded, on the placement's device and dtype. Weights that do not fit the model, and the
+    formats holding a module or an adapter, load whole as without it (the module is returned
+    whole, for the caller to shard)."""
+    rows = None if placement is None else Rows()
+    checkpoint = _read(_existing(path), Trust(trust_pickle, trust_code), rows)
     if checkpoint.format == "adapter":
         return _load_adapter(checkpoint, base, spec, trust_pickle, state_prefix, trust_code)
     if checkpoint.module is not None:
@@ -150,7 +187,12 @@ def load_model(
 
         assert checkpoint.state_dict is not None
         stored = {checkpoint.stripped_prefix + k: v for k, v in checkpoint.state_dict.items()}
-        return build_pretrained(checkpoint.path, stored), checkpoint
+        if rows is None:
+            return build_pretrained(checkpoint.path, stored), checkpoint
+        model = build_pretrained(checkpoint.path, stored, empty=True)
+        state, problems = fitting(model, stored)
+        placed = _placed(model, state, problems, replace(checkpoint, rows=rows), placement)
+        return placed or load_model(path, spec, trust_pickle, state_prefix, trust_code, base)
     chosen = spec or checkpoint.model_spec
     if chosen is None:
         raise InputError(
@@ -165,10 +207,34 @@ def load_model(
     if state_prefix is not None:
         weights = select_prefix({stripped + k: v for k, v in weights.items()}, state_prefix, source)
         stripped = state_prefix
-    model = in_dtype_of(build_model(chosen), weights)
+    with meta_parameters() if rows is not None else contextlib.nullcontext():
+        model = in_dtype_of(build_model(chosen), weights)
     state, fitted = fit_prefix(model, restore_prefix(model, weights, stripped), source, str(chosen))
     checkpoint = replace(checkpoint, state_dict=weights, stripped_prefix=stripped + fitted)
-    load_weights(model, state, source, str(chosen))
+    if rows is None:
+        load_weights(model, state, source, str(chosen))
+        return model, checkpoint
+    state, problems = fitting(model, state)
+    placed = _placed(model, state, problems, replace(checkpoint, rows=rows), placement)
+    return placed or load_model(path, spec, trust_pickle, state_prefix, trust_code, base)
+
+
+def _placed(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    problems: list[str],
+    checkpoint: Checkpoint,
+    placement: Placement | None,
+) -> tuple[nn.Module, Checkpoint] | None:
+    """The model built with its parameters on the meta device, cast, sharded and filled with
+    this rank's rows of ``state`` (:class:`Placement`); None when the weights do not fit it
+    (``problems``: the whole load then says so, as without a placement)."""
+    if problems:
+        return None
+    assert placement is not None and checkpoint.rows is not None
+    model = placement.shard(model.to(dtype=placement.dtype))
+    materialise(model, placement.device)
+    fill(model, state, checkpoint.rows)
     return model, checkpoint
 
 
@@ -334,12 +400,13 @@ def _read_adapter(folder: Path, trust_pickle: bool) -> Checkpoint:
     return Checkpoint(folder, "adapter", tensors, sha256=files_sha256(files))
 
 
-def _read_folder(folder: Path, trust_pickle: bool) -> Checkpoint:
-    """All the weights of a save_pretrained folder, as one state dict."""
+def _read_folder(folder: Path, trust_pickle: bool, rows: Rows | None = None) -> Checkpoint:
+    """All the weights of a save_pretrained folder, as one state dict (read lazily with
+    ``rows``: :func:`_read`)."""
     files = _folder_files(folder)
     tensors: dict[str, Any] = {}
     for file in files:
-        tensors.update(_weights_in(file, trust_pickle))
+        tensors.update(_weights_in(file, trust_pickle, rows))
     state, prefix = as_state_dict(folder, tensors)
     return Checkpoint(
         folder, "pretrained", state, sha256=files_sha256(files), stripped_prefix=prefix
@@ -353,12 +420,12 @@ def _folder_files(folder: Path) -> list[Path]:
     return weight_files(folder, f" (it holds {few(inside)}: pass that file)" if inside else "")
 
 
-def _weights_in(file: Path, trust_pickle: bool) -> Mapping[Any, Any]:
+def _weights_in(file: Path, trust_pickle: bool, rows: Rows | None = None) -> Mapping[Any, Any]:
     """The ``{name: tensor}`` of one weight file of a folder, safetensors or ``torch.save``."""
     kind = detect_format(file)
     if kind == "safetensors":
-        return _safetensors_content(file)[1]
-    obj = _torch_load(file, trust_pickle) if kind == "torch.save" else None
+        return _safetensors_content(file, rows)[1]
+    obj = _torch_load(file, trust_pickle, rows is not None) if kind == "torch.save" else None
     if not isinstance(obj, Mapping):
         raise InputError(
             f"{file} holds a {type(obj).__name__}, not the state dict save_pretrained writes; "
@@ -370,9 +437,9 @@ def _weights_in(file: Path, trust_pickle: bool) -> Mapping[Any, Any]:
 # --- safetensors --------------------------------------------------------------------------------
 
 
-def _read_safetensors(path: Path, trust: Trust) -> Checkpoint:
+def _read_safetensors(path: Path, trust: Trust, rows: Rows | None) -> Checkpoint:
     del trust  # safetensors holds tensors only; its stored spec is load_model's to judge
-    metadata, tensors = _safetensors_content(path)
+    metadata, tensors = _safetensors_content(path, rows)
     state, prefix = as_state_dict(path, tensors)
     return Checkpoint(
         path,
@@ -384,9 +451,13 @@ def _read_safetensors(path: Path, trust: Trust) -> Checkpoint:
     )
 
 
-def _safetensors_content(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """A safetensors file's metadata and tensors."""
+def _safetensors_content(
+    path: Path, rows: Rows | None = None
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's metadata and tensors (placeholders of ``rows`` when given)."""
     try:
+        if rows is not None:
+            return safetensors_placeholders(path, rows)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
@@ -408,8 +479,8 @@ def _stored_spec(path: Path, metadata: Mapping[str, str]) -> ModelSpec | None:
 # --- torch.save ---------------------------------------------------------------------------------
 
 
-def _read_torch_save(path: Path, trust: Trust) -> Checkpoint:
-    obj = _torch_load(path, trust.pickle)
+def _read_torch_save(path: Path, trust: Trust, rows: Rows | None) -> Checkpoint:
+    obj = _torch_load(path, trust.pickle, rows is not None)
     if isinstance(obj, nn.Module):
         return Checkpoint(path, "module", module=obj)
     if not isinstance(obj, Mapping):
@@ -434,18 +505,20 @@ def _read_torch_save(path: Path, trust: Trust) -> Checkpoint:
     )
 
 
-def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    """``torch.load`` with ``weights_only=True``; only with ``trust_pickle`` a full unpickling."""
+def _torch_load(path: Path, trust_pickle: bool, mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True``; only with ``trust_pickle`` a full unpickling.
+    With ``mmap``, the tensors of a zip file are memory-mapped, read as they are used."""
     refuse_unsafe_unpickler(path, trust_pickle)
+    mmap = mmap and zipfile.is_zipfile(path)  # a legacy torch.save file cannot be mapped
     try:
-        return _torch_load_file(path, weights_only=True)
+        return _torch_load_file(path, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if not trust_pickle:
             raise pickle_refusal(path, refused_global(exc)) from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
         raise corrupt(path, exc) from exc
     try:
-        return _torch_load_file(path, weights_only=False)
+        return _torch_load_file(path, weights_only=False, mmap=mmap)
     except (AttributeError, ImportError) as exc:
         raise InputError(
             f"{path} pickles a class that cannot be imported here ({first_line(exc)}); make "
@@ -455,8 +528,11 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         raise corrupt(path, exc) from exc
 
 
-def _torch_load_file(path: Path, weights_only: bool) -> Any:
-    """``torch.load`` of an open file: given a path, torch picks the format by its suffix."""
+def _torch_load_file(path: Path, weights_only: bool, mmap: bool = False) -> Any:
+    """``torch.load`` of an open file: given a path, torch picks the format by its suffix (a
+    mapped file is opened by name, which torch then needs)."""
+    if mmap:
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only, mmap=True)
     with path.open("rb") as f:
         return torch.load(f, map_location="cpu", weights_only=weights_only)
 
@@ -464,15 +540,17 @@ def _torch_load_file(path: Path, weights_only: bool) -> Any:
 # --- TorchScript and torch.export (sharpscope.io.compiled) --------------------------------------
 
 
-def _read_torchscript(path: Path, trust: Trust) -> Checkpoint:
+def _read_torchscript(path: Path, trust: Trust, rows: Rows | None) -> Checkpoint:
+    del rows  # a module: read whole
     return Checkpoint(path, "torchscript", module=load_torchscript(path, trust.code))
 
 
-def _read_export(path: Path, trust: Trust) -> Checkpoint:
+def _read_export(path: Path, trust: Trust, rows: Rows | None) -> Checkpoint:
+    del rows  # a module: read whole
     return Checkpoint(path, "export", module=load_export(path, trust.pickle, trust.code))
 
 
-_READERS: dict[str, Callable[[Path, Trust], Checkpoint]] = {
+_READERS: dict[str, Callable[[Path, Trust, Rows | None], Checkpoint]] = {
     "safetensors": _read_safetensors,
     "torch.save": _read_torch_save,
     "torchscript": _read_torchscript,

@@ -53,8 +53,7 @@ def load_weights(
 ) -> None:
     """``model.load_state_dict(state_dict, strict=True)``, after a check that names missing and
     unexpected keys and mismatched shapes; tied weights may be stored once."""
-    state = _fill_tied(model, state_dict)
-    problems = _mismatches(model, state)
+    state, problems = fitting(model, state_dict)
     if problems:
         raise InputError(
             f"{source} does not fit the model {model_name or type(model).__name__}: "
@@ -62,6 +61,15 @@ def load_weights(
             "`model` and `model_args` describe the architecture that wrote the checkpoint"
         )
     model.load_state_dict(state, strict=True)
+
+
+def fitting(
+    model: nn.Module, state: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The weights with a tied tensor stored once given all its names, and what does not fit the
+    model (missing and unexpected names, mismatched shapes; none when they fit)."""
+    filled = _fill_tied(model, state)
+    return filled, _mismatches(model, filled)
 
 
 def in_dtype_of(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -26,21 +26,29 @@ from sharpscope.errors import InputError
 from sharpscope.io.load_errors import few, first_line
 from sharpscope.io.optional import require_offline
 from sharpscope.io.pretrained import CONFIG, tokenizer_files
+from sharpscope.io.row_reads import meta_parameters
 
 TORCH_ATTENTION = ("sdpa", "eager")
 """The attention implementations a model is built with: torch's own, twice differentiable (the
 curvature engine runs sdpa on its math kernel, :mod:`sharpscope.curvature.attention`)."""
 
 
-def build_pretrained(folder: Path, state: Mapping[str, torch.Tensor]) -> nn.Module:
+def build_pretrained(
+    folder: Path, state: Mapping[str, torch.Tensor], empty: bool = False
+) -> nn.Module:
     """The model ``folder/config.json`` describes, holding ``state`` (all of its weights), in
-    float32, or float64 when the weights are float64."""
+    float32, or float64 when the weights are float64. With ``empty``, built from the config
+    alone in eval mode, as loaded, with its parameters on the meta device and its buffers real
+    (:func:`~sharpscope.io.row_reads.meta_parameters`): the caller fills them from ``state``."""
     transformers = _import_transformers(folder)
     with _quiet(transformers):
         config = _config(transformers, folder)
         _torch_attention(config, folder)
         model_class = _model_class(transformers, folder, config)
         try:
+            if empty:
+                with meta_parameters():
+                    return model_class._from_config(config, dtype=_dtype(state)).eval()
             model, info = model_class.from_pretrained(
                 None,
                 config=config,
