@@ -4,13 +4,17 @@ Lanczos vectors, finite-difference products) on GPT-2 small, over 1 and 2 ranks.
 Run by hand from the repository root (it launches ``torchrun`` itself, once per rank count)::
 
     python benchmarks/bench_fsdp.py [--workload gpt2|qwen2-0.5b] [--ranks 1,2] [--batch 8]
-        [--length 128] [--products 6] [--device cpu|cuda] [--out FILE]
+        [--length 128] [--products 6] [--device cpu|cuda] [--loading sharded,whole]
+        [--load-only] [--out FILE]
 
-Every rank builds the workload of ``bench_scale.py`` (random init from a config, seed 0, the same
-weights on every rank), takes its contiguous share of the ``--batch`` sequences and shards the
-model with ``analyze``'s ``shard_model`` (``fully_shard`` per block, then the root). Then, each
-phase's peak measured on its own (the resident set's high-water mark, reset before the phase
-through ``/proc/self/clear_refs``, on the CPU; allocated memory on a GPU):
+The workload of ``bench_scale.py`` (random init from a config, seed 0) and its batch are written
+once as a save_pretrained folder (safetensors) and a ``.pt``. Every rank loads the folder as
+``analyze --fsdp`` does (``--loading sharded``: its parameters on the meta device, sharded, then
+each rank's rows read from the file) or as it did before (``whole``: the whole model built and
+loaded, then sharded), both with ``analyze``'s ``shard_model`` (``fully_shard`` per block, then
+the root), and takes its contiguous share of the ``--batch`` sequences. Then (not with
+``--load-only``), each phase's peak measured on its own (the resident set's high-water mark,
+reset before the phase through ``/proc/self/clear_refs``, on the CPU; allocated memory on a GPU):
 
 - ``step``: one SGD training step of the sharded model (forward, backward, ``optimizer.step``),
   the reference;
@@ -18,9 +22,9 @@ through ``/proc/self/clear_refs``, on the CPU; allocated memory on a GPU):
   solve (``max_basis`` 4, the least ``analyze --top-k 1`` takes) stopped after ``--products``
   products, redone once its finite-difference step is chosen again on v₁, as ``analyze`` solves.
 
-The figures are per rank (the largest over the ranks). ``load`` is the peak while every rank
-holds the whole model before sharding it (``analyze --fsdp`` loads the whole checkpoint on every
-rank today). λ_max over the rank counts must agree: one process's sums in another order.
+The figures are per rank (the largest over the ranks). ``load`` is the peak of loading the
+folder and sharding the model (from the same reset: the imports are held before it). λ_max over
+the rank counts must agree: one process's sums in another order.
 """
 
 from __future__ import annotations
@@ -98,37 +102,40 @@ def _product_seconds(op: ShardedHessianOperator, device: torch.device) -> float:
 
 def worker(args: argparse.Namespace) -> None:
     """One rank's measurements, written as JSON to ``--result``.RANK."""
-    import bench_scale
 
     from sharpscope import distributed, lanczos
     from sharpscope.analysis.fsdp import shard_model
     from sharpscope.curvature import Objective, SolveSettings
     from sharpscope.curvature.hvp import refined
     from sharpscope.curvature.sharded import ShardedHessianOperator
+    from sharpscope.io.checkpoints import Placement, load_model
     from sharpscope.io.losses import loss_name, resolve_loss
 
     distributed.init_from_env()
     rank, ranks = distributed.rank(), distributed.world_size()
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu")
-    bench_scale.SHAPE.update(batch=args.batch, length=args.length)
     row: dict[str, float | int | str | bool] = {"rank": rank}
-
-    def sharded_model() -> tuple[torch.nn.Module, list]:
-        reset_peak(device)
-        model, ((inputs, ids),) = bench_scale.build(args.workload, str(device))
-        share = slice(rank * args.batch // ranks, (rank + 1) * args.batch // ranks)
-        batch = ({k: v[share] for k, v in inputs.items()}, ids[share])
-        shard_model(model)
-        row["load_peak_mib"] = phase_peak(device)
-        row["sharded_mib"] = resident_mib(device)
-        return model, [batch]
-
-    model, batches = sharded_model()
-    loss_fn = resolve_loss(loss_name("auto", model))
+    share = slice(rank * args.batch // ranks, (rank + 1) * args.batch // ranks)
+    inputs, ids = torch.load(Path(args.checkpoint) / "batch.pt")
+    batches = [({k: v[share].to(device) for k, v in inputs.items()}, ids[share].to(device))]
+    reset_peak(device)
+    if args.loading == "sharded":
+        placement = Placement(shard_model, device, torch.float32)
+        model, _ = load_model(args.checkpoint, placement=placement)
+    else:
+        model = shard_model(load_model(args.checkpoint)[0].to(device))
+    row["load_peak_mib"] = phase_peak(device)
+    row["sharded_mib"] = resident_mib(device)
     local = [p.to_local() for p in model.parameters()]
     row["params"] = sum(p.numel() for p in model.parameters())
     row["local_params"] = sum(t.numel() for t in local)
     row["local_param_mib"] = sum(t.numel() * t.element_size() for t in local) / 2**20
+    if args.load_only:
+        Path(f"{args.result}.{rank}").write_text(json.dumps(row))
+        distributed.barrier()
+        distributed.teardown()
+        return
+    loss_fn = resolve_loss(loss_name("auto", model))
 
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay for the solve
     ((inputs, ids),) = batches
@@ -162,15 +169,29 @@ def worker(args: argparse.Namespace) -> None:
     distributed.teardown()
 
 
-def launch(args: argparse.Namespace, ranks: int) -> list[dict] | str:
-    """Run the workers over ``ranks`` processes; their rows, or why they failed."""
+def write_workload(args: argparse.Namespace, folder: Path) -> None:
+    """The workload's model as a save_pretrained folder, with its batch as ``batch.pt``."""
+    import bench_scale
+
+    bench_scale.SHAPE.update(batch=args.batch, length=args.length)
+    model, ((inputs, ids),) = bench_scale.build(args.workload, "cpu")
+    model.save_pretrained(folder, safe_serialization=True)
+    torch.save((inputs, ids), folder / "batch.pt")
+
+
+def launch(
+    args: argparse.Namespace, ranks: int, loading: str, checkpoint: Path
+) -> list[dict] | str:
+    """Run the workers over ``ranks`` processes, loading ``checkpoint`` as ``loading`` says; their
+    rows, or why they failed."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "rank"
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={ranks}", str(Path(__file__).resolve()), "--worker",
-            f"--result={result}", f"--workload={args.workload}", f"--batch={args.batch}",
-            f"--length={args.length}", f"--products={args.products}", f"--device={args.device}",
+            f"--result={result}", f"--batch={args.batch}", f"--products={args.products}",
+            f"--device={args.device}", f"--loading={loading}", f"--checkpoint={checkpoint}",
+            *(["--load-only"] if args.load_only else []),
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
@@ -185,8 +206,9 @@ def launch(args: argparse.Namespace, ranks: int) -> list[dict] | str:
         return [json.loads(Path(f"{result}.{r}").read_text()) for r in range(ranks)]
 
 
-def table(args: argparse.Namespace, runs: dict[int, list[dict] | str]) -> list[str]:
-    """The markdown rows: per rank count, the largest per-rank figures."""
+def table(args: argparse.Namespace, runs: dict[tuple[int, str], list[dict] | str]) -> list[str]:
+    """The markdown rows: per rank count and loading, the largest per-rank figures (the work's
+    left empty with ``--load-only``)."""
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     lines = [
         f"torch {torch.__version__}, {where}, {args.workload}, batch {args.batch} × "
@@ -194,23 +216,28 @@ def table(args: argparse.Namespace, runs: dict[int, list[dict] | str]) -> list[s
         f"after {args.products} products, finite differences, float32; per-rank peaks (the "
         "largest over the ranks)",
         "",
-        "| ranks | params / rank (MiB) | load peak MiB | held after sharding MiB | "
+        "| ranks | loading | params / rank (MiB) | load peak MiB | held after sharding MiB | "
         "step peak MiB | solve peak MiB | solve / step | step s | gradient s | product s | "
         "products | λ_max | FD error |",
-        "|" + " ---: |" * 13,
+        "|" + " ---: |" * 14,
     ]
-    for ranks, rows in runs.items():
+    for (ranks, loading), rows in runs.items():
         if isinstance(rows, str):
-            lines.append(f"| {ranks} | {rows} |" + " |" * 11)
+            lines.append(f"| {ranks} | {loading} | {rows} |" + " |" * 11)
             continue
 
         def most(key: str, rows: list[dict] = rows) -> float:
             return max(float(r[key]) for r in rows)
 
+        loaded = (
+            f"| {ranks} | {loading} | {most('local_param_mib'):.0f} | "
+            f"{most('load_peak_mib'):.0f} | {most('sharded_mib'):.0f} |"
+        )
+        if args.load_only:
+            lines.append(loaded + " |" * 9)
+            continue
         lines.append(
-            f"| {ranks} | {most('local_param_mib'):.0f} | {most('load_peak_mib'):.0f} | "
-            f"{most('sharded_mib'):.0f} | "
-            f"{most('step_peak_mib'):.0f} | {most('solve_peak_mib'):.0f} | "
+            f"{loaded} {most('step_peak_mib'):.0f} | {most('solve_peak_mib'):.0f} | "
             f"{most('solve_peak_mib') / most('step_peak_mib'):.2f} | {most('step_s'):.2f} | "
             f"{most('gradient_s'):.2f} | {most('product_s'):.2f} | {rows[0]['products']} | "
             f"{rows[0]['lambda_max']:.6g} | {rows[0]['fd_error']:.1e} |"
@@ -226,9 +253,14 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--products", type=int, default=6)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--loading", default="sharded", help="sharded, whole or both (comma-separated)"
+    )
+    parser.add_argument("--load-only", action="store_true", help="measure the loading alone")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -236,10 +268,16 @@ def main() -> None:
     counts = [int(n) for n in args.ranks.split(",")]
     if any(args.batch % n for n in counts):
         parser.error(f"--batch {args.batch} must divide over every rank count {counts}")
-    runs: dict[int, list[dict] | str] = {}
-    for ranks in counts:
-        print(f"bench_fsdp: {ranks} rank(s) ...", file=sys.stderr, flush=True)
-        runs[ranks] = launch(args, ranks)
+    loadings = args.loading.split(",")
+    if not set(loadings) <= {"sharded", "whole"}:
+        parser.error(f"--loading {args.loading}: sharded, whole or both")
+    runs: dict[tuple[int, str], list[dict] | str] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        write_workload(args, Path(folder))
+        for ranks in counts:
+            for loading in loadings:
+                print(f"bench_fsdp: {ranks} rank(s), {loading} ...", file=sys.stderr, flush=True)
+                runs[ranks, loading] = launch(args, ranks, loading, Path(folder))
     lines = table(args, runs)
     print("\n".join(lines))
     if args.out is not None:

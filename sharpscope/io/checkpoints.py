@@ -124,9 +124,6 @@ class Checkpoint:
     adapter: dict[str, Any] | None = None
     """Of a LoRA adapter put on its base by :func:`load_model`: its folder, rank, target modules
     and base (:func:`~sharpscope.io.peft_adapters.describe`)."""
-    rows: Rows | None = None
-    """Of a checkpoint read for a :class:`Placement`: where its weights are read from, a block of
-    rows at a time (they are meta placeholders or memory-mapped)."""
 
 
 def read_checkpoint(
@@ -191,7 +188,7 @@ def load_model(
             return build_pretrained(checkpoint.path, stored), checkpoint
         model = build_pretrained(checkpoint.path, stored, empty=True)
         state, problems = fitting(model, stored)
-        placed = _placed(model, state, problems, replace(checkpoint, rows=rows), placement)
+        placed = _placed(model, state, problems, checkpoint, placement, rows)
         return placed or load_model(path, spec, trust_pickle, state_prefix, trust_code, base)
     chosen = spec or checkpoint.model_spec
     if chosen is None:
@@ -215,7 +212,7 @@ def load_model(
         load_weights(model, state, source, str(chosen))
         return model, checkpoint
     state, problems = fitting(model, state)
-    placed = _placed(model, state, problems, replace(checkpoint, rows=rows), placement)
+    placed = _placed(model, state, problems, checkpoint, placement, rows)
     return placed or load_model(path, spec, trust_pickle, state_prefix, trust_code, base)
 
 
@@ -225,17 +222,21 @@ def _placed(
     problems: list[str],
     checkpoint: Checkpoint,
     placement: Placement | None,
+    rows: Rows,
 ) -> tuple[nn.Module, Checkpoint] | None:
     """The model built with its parameters on the meta device, cast, sharded and filled with
-    this rank's rows of ``state`` (:class:`Placement`); None when the weights do not fit it
-    (``problems``: the whole load then says so, as without a placement)."""
+    this rank's rows of ``state`` read through ``rows`` (:class:`Placement`), and the checkpoint
+    with its weights as meta tensors (shapes and dtypes: nothing of the file is held after);
+    None when the weights do not fit it (``problems``: the whole load then says so, as without a
+    placement)."""
     if problems:
         return None
-    assert placement is not None and checkpoint.rows is not None
+    assert placement is not None and checkpoint.state_dict is not None
     model = placement.shard(model.to(dtype=placement.dtype))
     materialise(model, placement.device)
-    fill(model, state, checkpoint.rows)
-    return model, checkpoint
+    fill(model, state, rows)
+    held = {key: tensor.to("meta") for key, tensor in checkpoint.state_dict.items()}
+    return model, replace(checkpoint, state_dict=held)
 
 
 def _load_adapter(

@@ -10,14 +10,17 @@ rank r holds rows ``[r·c, (r+1)·c)`` of its n, with c = ⌈n / ranks⌉ (``tor
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
+
+from sharpscope.io.load_errors import corrupt
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -60,23 +63,53 @@ class Rows:
 def safetensors_placeholders(
     path: Path, rows: Rows
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """A safetensors file's metadata and its tensors as placeholders of ``rows``, read through
-    ``get_slice`` (a dtype not in :data:`SAFETENSORS_DTYPES` is read whole now). The file stays
-    open while a placeholder is held."""
-    handle = safe_open(str(path), framework="pt", device="cpu")
+    """A safetensors file's metadata and its tensors as placeholders of ``rows``, whose rows are
+    read from the file with plain reads at the offsets its header gives (not mapped: the pages
+    read are not held by the process); a dtype not in :data:`SAFETENSORS_DTYPES` is read whole
+    now. ``safe_open`` checks the header first."""
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        metadata = dict(handle.metadata() or {})
+        pieces = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118
+        odd = {
+            k: handle.get_tensor(k)
+            for k, p in pieces.items()
+            if p.get_dtype() not in SAFETENSORS_DTYPES
+        }
+    data, offsets = _offsets(path)
     tensors = {}
-    for key in handle.keys():  # noqa: SIM118 (not a dict)
-        piece = handle.get_slice(key)
-        dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
-        shape = tuple(piece.get_shape())
-        read = _reader(handle, key)
-        tensors[key] = read(None) if dtype is None else rows.placeholder(shape, dtype, read)
-    return dict(handle.metadata() or {}), tensors
+    for key, piece in pieces.items():
+        if key in odd:
+            tensors[key] = odd[key]
+            continue
+        shape, dtype = tuple(piece.get_shape()), SAFETENSORS_DTYPES[piece.get_dtype()]
+        read = _reader(path, data + offsets[key], shape, dtype)
+        tensors[key] = rows.placeholder(shape, dtype, read)
+    return metadata, tensors
 
 
-def _reader(handle: Any, key: str) -> Read:
+def _offsets(path: Path) -> tuple[int, dict[str, int]]:
+    """Where a safetensors file's data starts, and each tensor's first byte from there."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return 8 + size, {
+        key: int(entry["data_offsets"][0]) for key, entry in header.items() if key != "__metadata__"
+    }
+
+
+def _reader(path: Path, start: int, shape: tuple[int, ...], dtype: torch.dtype) -> Read:
+    """Reads the rows of the tensor stored from byte ``start`` of ``path`` (row-major)."""
+    row = dtype.itemsize * math.prod(shape[1:])
+
     def read(block: slice | None) -> torch.Tensor:
-        return handle.get_tensor(key) if block is None else handle.get_slice(key)[block]
+        first, stop = (0, shape[0] if shape else 1) if block is None else (block.start, block.stop)
+        out = torch.empty((stop - first) * row, dtype=torch.uint8)
+        with path.open("rb") as f:
+            f.seek(start + first * row)
+            got = f.readinto(memoryview(out.numpy()))
+        if got != out.numel():
+            raise corrupt(path, EOFError(f"{got} of {out.numel()} bytes of a tensor"))
+        return out.view(dtype).reshape(shape if block is None else (stop - first, *shape[1:]))
 
     return read
 
