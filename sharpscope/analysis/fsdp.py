@@ -35,6 +35,15 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every sharded module of ``model`` back on its shards: a forward outside training (the
+    loading's check of one batch) leaves the root's parameters gathered, and the module's
+    parameters would then be those whole tensors, not the shards."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def shard_model(model: nn.Module) -> nn.Module:
     """Shard ``model`` in place over every rank with ``fully_shard``: each of its
     :func:`blocks`, then the root (which takes the rest), on the device and in the dtype it has;

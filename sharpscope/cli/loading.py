@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sharpscope import distributed
-from sharpscope.analysis.fsdp import is_sharded, shard_model
+from sharpscope.analysis.fsdp import is_sharded, reshard, shard_model
 from sharpscope.batches import LossFn, move_to
 from sharpscope.choices import DTYPE_NAMES
 from sharpscope.errors import InputError, check_choice
@@ -158,6 +158,8 @@ def load_inputs(
         loss = loss_name(spec.loss, net)
         loss_fn = resolve_loss(loss, bundle.num_classes, spec.reduction)
         _probe(net, bundle, pieces[0], loss_fn, torch_device, torch_dtype)
+        if is_sharded(net):
+            reshard(net)
         used_spec = given or ckpt.model_spec
         fingerprint = data_fingerprint(bundle)
         description = Inputs(

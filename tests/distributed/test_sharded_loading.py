@@ -148,3 +148,26 @@ def test_fsdp_analyze_after_sharded_loading_equals_one_process(tmp_path, name, k
     found, wanted = ours["eigenvalues"], theirs["eigenvalues"]
     pairs = zip(found["values"], found["residuals"], wanted["values"], strict=True)
     assert all(abs(a - b) <= max(REL_FD * abs(b), r) for a, r, b in pairs), (found, wanted)
+
+
+def test_finetune_fsdp_with_frozen_parameters_equals_one_process(tmp_path, finetune_files):
+    """The start checkpoint loads sharded and its first batch runs through the model at loading,
+    which leaves the root's parameters gathered: resharded after it, ``--freeze`` freezes the
+    shards and the trained rest moves as in one process (without it nothing trained)."""
+    from safetensors.torch import load_file
+
+    args = ["finetune", str(finetune_files["checkpoint"]), "--data", str(finetune_files["data"])]
+    args += ["--steps", "3", "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05"]
+    args += ["--dtype", "float64", "--batch-size", "48", "--probe-size", "48", "--device", "cpu"]
+    args += ["--freeze", "1.*", "--quiet"]
+    one = sharpscope([*args, "--out", str(tmp_path / "one")], 1)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = sharpscope([*args, "--fsdp", "--out", str(tmp_path / "two")], 2)
+    assert two.returncode == 0, two.stderr[-4000:]
+    start = load_file(finetune_files["checkpoint"])
+    ours, theirs = (
+        load_file(tmp_path / n / "step-000003" / "model.safetensors") for n in ("two", "one")
+    )
+    for key, value in theirs.items():
+        assert torch.allclose(ours[key], value, rtol=1e-10, atol=1e-14), key
+        assert torch.equal(value, start[key].double()) == key.startswith("1."), key
