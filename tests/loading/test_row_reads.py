@@ -124,3 +124,32 @@ def test_weights_that_do_not_fit_give_the_whole_loads_error(tmp_path, kind):
         load_model(path, wanted, placement=placed(never))
     assert str(ours.value) == str(whole.value)
     assert "shape mismatch" in str(ours.value)
+
+
+def test_rows_of_every_dtype_and_shape_read_as_stored(tmp_path):
+    """Plain reads at the header's offsets: a scalar, bf16, bool and int rows as safetensors
+    itself reads them; a dtype outside the table (float8) is read whole, as a real tensor."""
+    g = torch.Generator().manual_seed(0)
+    stored = {
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "bf16": torch.randn(5, 3, generator=g).bfloat16(),
+        "mask": torch.rand(7, generator=g) > 0.5,
+        "ids": torch.randint(0, 9, (4, 2, 2), generator=g),
+        "f8": torch.randn(3, 2, generator=g).to(torch.float8_e4m3fn),
+    }
+    save_file(stored, str(tmp_path / "t.safetensors"))
+    rows = Rows()
+    _, tensors = safetensors_placeholders(tmp_path / "t.safetensors", rows)
+    assert not tensors["f8"].is_meta and all(t.is_meta for k, t in tensors.items() if k != "f8")
+    for key, want in stored.items():
+        assert tensors[key].dtype == want.dtype and tensors[key].shape == want.shape, key
+        got = rows.read(tensors[key], None)
+        assert got.shape == want.shape and raw(got).equal(raw(want)), key
+        if want.dim():
+            assert raw(rows.read(tensors[key], slice(1, 3))).equal(raw(want[1:3])), key
+            assert rows.read(tensors[key], slice(want.shape[0], want.shape[0])).numel() == 0
+
+
+def raw(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``tensor`` (bit-for-bit comparison, whatever its dtype)."""
+    return tensor.reshape(-1).view(torch.uint8)
