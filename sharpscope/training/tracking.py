@@ -37,11 +37,11 @@ from sharpscope.curvature.lanczos import lanczos_extremes, start_vector
 from sharpscope.curvature.params import ParamSpace, select_params
 from sharpscope.curvature.power import rayleigh
 from sharpscope.curvature.results import EigenResult
-from sharpscope.curvature.sharded import ShardedHessianOperator
+from sharpscope.curvature.sharded import ShardedHessianOperator, placed
 from sharpscope.curvature.shards import over_of
 from sharpscope.curvature.vectors import Over, abs_cosine, norm
 from sharpscope.errors import InputError, check_choice
-from sharpscope.optim.pieces import flat, local, placed, reduction, split
+from sharpscope.optim.pieces import flat, local, reduction, split
 from sharpscope.structures import call_model
 from sharpscope.training.run_config import TRACK_MEASURES
 from sharpscope.training.sinks import Sink, as_sinks, close_all
