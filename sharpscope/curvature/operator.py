@@ -172,6 +172,9 @@ class CurvatureOperator:
     its name: what :meth:`replace` carries over and :func:`curvature_operator` passes."""
     second_order: bool = True
     """Whether products differentiate twice (attention then runs on the math kernel)."""
+    cut_outputs: ClassVar[bool] = True
+    """Whether :meth:`chunk_losses` first tries one forward per batch, its outputs cut into the
+    chunks' (else one forward per chunk)."""
 
     def __init__(
         self, objective: Objective, *, cache_graph: bool = True, validate: bool = True
@@ -531,7 +534,7 @@ class CurvatureOperator:
         one forward per batch, its outputs cut as its inputs (:func:`split_outputs`), or, once
         they cannot be (a loss the model computed), one forward per chunk."""
         found: list[list[float]] = []
-        whole = True  # one forward per batch until the outputs refuse to be cut
+        whole = self.cut_outputs  # one forward per batch until the outputs refuse to be cut
         with torch.no_grad(), self.shifted(delta), self.mode():
             for size, (_, inputs, targets) in zip(sizes, self._placed(), strict=True):
                 samples = 0 if size is None else sample_count(inputs, "batch")
@@ -570,6 +573,12 @@ class CurvatureOperator:
     def _weights(self) -> list[torch.Tensor]:
         """The tensors a shift of the weights moves in place: the selected parameters."""
         return list(self.space.params)
+
+    def flat_weights(self) -> torch.Tensor:
+        """A flat copy of the selected parameters' values in the order of :meth:`shifted`'s
+        ``delta`` (this rank's pieces where the operator's vectors are sharded)."""
+        with torch.no_grad():
+            return torch.cat([w.detach().reshape(-1) for w in self._weights()])
 
     def _moved(
         self, parts: Sequence[torch.Tensor], scale: float

@@ -21,6 +21,7 @@ from sharpscope.curvature.objective import Objective
 from sharpscope.curvature.shards import Shards
 from sharpscope.curvature.vectors import distance, norm, shaped
 from sharpscope.errors import InputError
+from sharpscope.structures import call_model, sample_count
 
 
 @contextlib.contextmanager
@@ -116,6 +117,10 @@ class ShardedHessianOperator(HessianOperator):
             rank), loss, this rank's batches and the parameters (:class:`Objective`).
         step_scale: The step as a fixed multiple of the base step (:meth:`HessianOperator._step`)
             instead of the first product's search (None).
+        filler: The inputs and targets this rank runs at weight 0 to keep in step with the
+            others (:meth:`_pieces`); None: its first piece's. A rank may hold none of a data
+            shard's samples (:func:`~sharpscope.analysis.sampling.shard_operators`):
+            :meth:`replace` passes the filler on.
         validate: Run the model and the loss on the first batch now (on every rank alike).
 
     Raises:
@@ -124,12 +129,18 @@ class ShardedHessianOperator(HessianOperator):
             as :class:`CurvatureOperator` otherwise.
     """
 
-    settings = ("step_scale",)
+    settings = ("step_scale", "filler")
+    cut_outputs = False
     _rounds = 0
     """How many pieces every rank runs per pass (:meth:`_pieces`): the most any rank holds."""
 
     def __init__(
-        self, objective: Objective, *, step_scale: float | None = None, validate: bool = True
+        self,
+        objective: Objective,
+        *,
+        step_scale: float | None = None,
+        filler: tuple[Any, Any] | None = None,
+        validate: bool = True,
     ) -> None:
         if step_scale is not None and not (step_scale > 0 and math.isfinite(step_scale)):
             raise InputError(f"`step_scale` must be positive and finite, got {step_scale}")
@@ -150,6 +161,8 @@ class ShardedHessianOperator(HessianOperator):
         """How this operator's flat vectors lie over the ranks (:mod:`~sharpscope.curvature.
         shards`): the whole vectors' length and this rank's cut of one."""
         self._rounds = max(distributed.all_gather(sum(1 for _ in super()._pieces())))
+        self.filler = filler if filler is not None else next(super()._pieces())[1:]
+        """What this rank runs at weight 0 to keep in step (:meth:`_pieces`)."""
 
     def _check_sharded(self) -> None:
         """Refuse what this operator cannot take: parameters not sharded over every rank, data
@@ -233,15 +246,33 @@ class ShardedHessianOperator(HessianOperator):
 
     def _pieces(self) -> Iterator[tuple[float, Any, Any]]:
         """This rank's weighted batches or chunks (:meth:`CurvatureOperator._pieces`), then its
-        first again at weight 0 until it has run as many as the rank with the most: every
+        :attr:`filler` at weight 0 until it has run as many as the rank with the most: every
         forward and backward gathers or scatters over all ranks."""
         count = 0
         for piece in super()._pieces():
             count += 1
             yield piece
-        _, inputs, targets = next(super()._pieces())  # every rank holds a batch
         for _ in range(self._rounds - count):
-            yield (0.0, inputs, targets)
+            yield (0.0, *self.filler)
+
+    def chunk_losses(
+        self, sizes: Sequence[int | None], delta: torch.Tensor | None = None
+    ) -> list[list[float]]:
+        """:meth:`CurvatureOperator.chunk_losses` of this rank's batches, one forward per chunk
+        (:attr:`cut_outputs` off: whether a cut succeeds is known only after a forward), then its
+        :attr:`filler` until it has run as many forwards as the rank with the most, counted
+        before the first: every forward gathers over all ranks, all inside the same shift."""
+        own = 0
+        for size, (inputs, _) in zip(sizes, self.batches, strict=True):
+            samples = sample_count(inputs, "batch")
+            own += 1 if size is None or size >= samples else -(-samples // size)
+        rounds = max(distributed.all_gather(own))
+        with self.shifted(delta):
+            found = super().chunk_losses(sizes)
+            with torch.no_grad(), self.mode():
+                for _ in range(rounds - own):
+                    call_model(self.model, self.filler[0])
+        return found
 
     def _grad_slots(
         self, total: torch.Tensor
