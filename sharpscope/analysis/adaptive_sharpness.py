@@ -30,10 +30,13 @@ from typing import Literal
 
 import torch
 
+from sharpscope import distributed
 from sharpscope.analysis.intervals import deleted_means, interval, jackknife_se, t_quantile
 from sharpscope.analysis.sampling import shard_losses
 from sharpscope.choices import ADAPTIVE_KINDS, ADAPTIVE_NORMS
 from sharpscope.curvature import HessianOperator, Objective, Progress
+from sharpscope.curvature.shards import dimension, over_of, shards_of
+from sharpscope.curvature.vectors import Over, norm
 from sharpscope.errors import InputError, check_choice, check_finite_fields
 
 Kind = Literal["worst", "average"]
@@ -199,10 +202,10 @@ def sharpness_of(
     progress: Progress | None = None,
 ) -> AdaptiveSharpnessResult:
     """:func:`adaptive_sharpness` of the loss ``op`` describes (an operator without a cached
-    graph: its weights move)."""
+    graph: its weights move; of a sharded one, every vector is this rank's pieces and every norm
+    is reduced over the ranks as a scalar, so the figures are one process's)."""
     began = time.perf_counter()
-    with torch.no_grad():
-        w = torch.cat([p.detach().reshape(-1) for p in op.space.params])
+    w = op.flat_weights()
     scale = w.abs() + settings.eta if settings.adaptive else torch.ones_like(w)
     at_w = shard_losses(op, shards or 1)  # L(w) once, for the ascent and the jackknife
     base = _weighted(*at_w)
@@ -259,9 +262,9 @@ def _ascent(
 ) -> _Found:
     """Projected normalised gradient ascent in u = δ ⊘ scale from the loss ``base`` at u = 0,
     keeping the best iterate."""
-    rho = settings.rho
+    rho, over = settings.rho, over_of(op)
     step = rho if settings.step_size is None else settings.step_size
-    u = torch.zeros_like(scale) if start is None else _project(start.to(scale), settings)
+    u = torch.zeros_like(scale) if start is None else _project(start.to(scale), settings, over)
     history: list[float] = []
     best_u, best = u, -1
     gradients = 0
@@ -276,40 +279,56 @@ def _ascent(
             best_u, best = u, len(history) - 1
         direction = scale * g
         if settings.norm == "l2":
-            size = torch.linalg.vector_norm(direction)
+            size = norm(direction, over)
             if not size > 0:
                 break  # a stationary point: the ascent cannot move
             direction = direction / size
         else:
             direction = direction.sign()
-        u = _project(u + step * direction, settings)
+        u = _project(u + step * direction, settings, over)
     else:
         history.append(op.loss(scale * u) - base)
         if history[-1] > history[best]:
             best_u, best = u, len(history) - 1
-    size = _norm(best_u, settings.norm)
+    size = _norm(best_u, settings.norm, over)
     return _Found(best_u, best, tuple(history), size, gradients, len(history) - gradients)
 
 
-def _project(u: torch.Tensor, settings: AdaptiveSharpnessSettings) -> torch.Tensor:
-    """The Euclidean projection of ``u`` onto the ball ‖u‖_p ≤ ρ."""
+def _project(
+    u: torch.Tensor, settings: AdaptiveSharpnessSettings, over: Over | None = None
+) -> torch.Tensor:
+    """The Euclidean projection of ``u`` onto the ball ‖u‖_p ≤ ρ (a sharded ``u``'s norm summed
+    ``over`` the ranks)."""
     if settings.norm == "linf":
         return u.clamp(-settings.rho, settings.rho)
-    size = float(torch.linalg.vector_norm(u))
+    size = norm(u, over)
     return u * (settings.rho / size) if size > settings.rho else u
 
 
-def _norm(u: torch.Tensor, norm: Norm) -> float:
-    return float(torch.linalg.vector_norm(u, ord=2 if norm == "l2" else math.inf))
+def _norm(u: torch.Tensor, kind: Norm, over: Over | None = None) -> float:
+    """‖u‖₂ or ‖u‖_∞ (of a sharded ``u``: the squares summed ``over`` the ranks, or the largest
+    rank's)."""
+    if kind == "l2":
+        return norm(u, over)
+    largest = float(torch.linalg.vector_norm(u, ord=math.inf))
+    return largest if over is None else max(distributed.all_gather(largest))
 
 
 def _draws(op: HessianOperator, settings: AdaptiveSharpnessSettings) -> list[torch.Tensor]:
-    """``steps`` seeded draws of ρz: z standard Gaussian (ℓ2) or uniform on [−1, 1] (ℓ∞)."""
+    """``steps`` seeded draws of ρz: z standard Gaussian (ℓ2) or uniform on [−1, 1] (ℓ∞), of
+    whole vectors (the same on every rank), cut to this rank's pieces of a sharded ``op``'s."""
     generator = torch.Generator(device=op.device).manual_seed(settings.seed)
-    shape, kwargs = (op.size,), dict(generator=generator, device=op.device, dtype=op.dtype)
-    if settings.norm == "l2":
-        return [settings.rho * torch.randn(shape, **kwargs) for _ in range(settings.steps)]
-    return [settings.rho * (2 * torch.rand(shape, **kwargs) - 1) for _ in range(settings.steps)]
+    shape = (dimension(op),)
+    kwargs = dict(generator=generator, device=op.device, dtype=op.dtype)
+    shards = shards_of(op)
+    draws = []
+    for _ in range(settings.steps):
+        if settings.norm == "l2":
+            z = torch.randn(shape, **kwargs)
+        else:
+            z = 2 * torch.rand(shape, **kwargs) - 1
+        draws.append(settings.rho * (z if shards is None else shards.cut(z)))
+    return draws
 
 
 def _loss_differences(

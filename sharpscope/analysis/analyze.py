@@ -15,13 +15,14 @@ from torch import nn
 from sharpscope import distributed
 from sharpscope.analysis.adaptive_sharpness import (
     AdaptiveSharpnessResult,
+    AdaptiveSharpnessSettings,
     adaptive_sharpness,
+    sharpness_of,
 )
 from sharpscope.analysis.alignment import Alignment, sam_alignment
 from sharpscope.analysis.config import AnalyzeConfig
 from sharpscope.analysis.critical_sharpness import CriticalSharpness, critical_sharpness
 from sharpscope.analysis.fsdp import require_ranks, shard_model
-from sharpscope.analysis.fsdp_settings import turned_off
 from sharpscope.analysis.intervals import Figures, SamplingErrors, rounded_outward
 from sharpscope.analysis.metrics import accuracy
 from sharpscope.analysis.plan import (
@@ -59,7 +60,7 @@ from sharpscope.curvature.solvers import (
     solver,
     trace_budget,
 )
-from sharpscope.curvature.vectors import norm
+from sharpscope.curvature.vectors import dot, norm
 from sharpscope.errors import InputError
 from sharpscope.optim.perturbations import sam_perturbation
 from sharpscope.stopwatch import Stopwatch
@@ -305,7 +306,25 @@ def _critical(
     found = critical_sharpness(op, -gradient, eta=eta, base_loss=loss)
     if h_g_hat is None:
         return found
-    return replace(found, quadratic=float(h_g_hat @ gradient) / norm(gradient))
+    over = over_of(op)
+    return replace(found, quadratic=dot(h_g_hat, gradient, over) / norm(gradient, over))
+
+
+def _adaptive(
+    op: CurvatureOperator,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: list[tuple[Any, Any]],
+    config: AnalyzeConfig,
+    wanted: AdaptiveSharpnessSettings,
+    progress: Progress | None,
+) -> AdaptiveSharpnessResult:
+    """The adaptive sharpness ``wanted``: of the Hessian operator's loss on its own (sharded)
+    vectors under ``fsdp``, else of the model's whole parameters (whatever the curvature)."""
+    if config.fsdp:
+        return sharpness_of(op, wanted, config.shards, progress=progress)
+    objective = configured_objective(model, loss_fn, batches, config)
+    return adaptive_sharpness(objective, wanted, shards=config.shards, progress=progress)
 
 
 def _slices(
@@ -445,7 +464,7 @@ def _sampling(
     """The figures' data uncertainty over ``config.shards`` shards, with the trace's when it is
     estimated and the figures' sample-size bias when ``config.bias`` (the shards' re-solves
     warm-started from the full-data extreme vectors, whatever the solver)."""
-    epsilon = sam_perturbation(gradient, config.rho) if alignment is not None else None
+    epsilon = sam_perturbation(gradient, config.rho, over_of(op)) if alignment is not None else None
     full = Figures(
         eigenvalues=top.eigenvalues.tolist(),
         lambda_min=float(bottom.eigenvalues[0]),
@@ -524,7 +543,7 @@ def analyze(
         >>> result.top.all_converged, result.num_params, result.trace is not None
         (True, 67, True)
     """
-    config, notes = turned_off(config or AnalyzeConfig())
+    config, notes = config or AnalyzeConfig(), []
     if config.fsdp:
         require_ranks()
     method = solver(config.method)
@@ -684,12 +703,7 @@ def analyze(
         wanted = config.sharpness_settings()
         if wanted is not None:
             with watch.stage("adaptive_sharpness"):
-                sharpness = adaptive_sharpness(
-                    configured_objective(model, loss_fn, batches, config),
-                    wanted,
-                    shards=config.shards,
-                    progress=progress,
-                )
+                sharpness = _adaptive(op, model, loss_fn, batches, config, wanted, progress)
         if config.per_layer:
             with watch.stage("per_layer"):
                 per_layer = _per_layer(op, config, method, settings, progress)

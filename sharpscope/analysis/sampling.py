@@ -35,8 +35,9 @@ from sharpscope.analysis.intervals import (
 from sharpscope.batches import loss_weight
 from sharpscope.curvature import CurvatureOperator, EigenResult, Progress
 from sharpscope.curvature.lanczos import lanczos_extremes
+from sharpscope.curvature.shards import draw, over_of
 from sharpscope.curvature.solve_settings import SolveSettings
-from sharpscope.curvature.vectors import abs_cosine, dot, norm, orthogonalize, random_vectors
+from sharpscope.curvature.vectors import Over, abs_cosine, dot, norm, orthogonalize
 from sharpscope.optim.perturbations import sam_perturbation
 from sharpscope.structures import concat, leaves, sample_count, split
 
@@ -243,7 +244,7 @@ def sampling_errors(
     )
     if epsilon is None:
         return errors
-    cos, share = _gradient_replicates(found, weights, gradient, eigenvectors)
+    cos, share = _gradient_replicates(found, weights, gradient, eigenvectors, over_of(op))
     sharpness = deleted_means([s.sam_rise for s in found], weights)
     return replace(
         errors,
@@ -264,19 +265,22 @@ def _shard(
     seed: int,
 ) -> _Shard:
     """One shard's contribution; its graph is freed when it is done."""
-    rayleigh = [dot(v, part.matvec(v)) for v in vectors]
+    over = over_of(part)  # sharded vectors: every dot product summed over the ranks
+    rayleigh = [dot(v, part.matvec(v), over) for v in vectors]
     generator = torch.Generator().manual_seed(seed)  # the same probes on every shard
     forms = []
     for _ in range(probes):
-        z = orthogonalize(
-            random_vectors(1, part.size, gradient, generator, "rademacher")[0], vectors
-        )
-        forms.append(sum(rayleigh) + dot(z, part.matvec(z)))
+        z = orthogonalize(draw(part, 1, generator, "rademacher")[0], vectors, over=over)
+        forms.append(sum(rayleigh) + dot(z, part.matvec(z), over))
     found = _Shard(rayleigh, forms)
     solved = None if resolve is None else resolve.extremes(part)  # before a loss drops the graph
     if epsilon is not None:
         g = part.gradient()
-        found.gradient = (dot(gradient, g), dot(g, g), [dot(v, g) for v in vectors[:-1]])
+        found.gradient = (
+            dot(gradient, g, over),
+            dot(g, g, over),
+            [dot(v, g, over) for v in vectors[:-1]],
+        )
         base = part.loss()  # once, for both SAM rises
         found.sam_rise = part.loss(epsilon) - base
         if solved is not None:
@@ -298,10 +302,11 @@ def _figures(
     its SAM rise from its loss ``base`` at the weights."""
     top, bottom = solved
     eigen = Figures(top.eigenvalues.tolist(), float(bottom.eigenvalues[0]))
-    if g is None or base is None or norm(g) == 0:
+    over = over_of(part)
+    if g is None or base is None or norm(g, over) == 0:
         return eigen
-    rise = part.loss(sam_perturbation(g, rho)) - base
-    cos = abs_cosine(g, top.eigenvectors[0])
+    rise = part.loss(sam_perturbation(g, rho, over)) - base
+    cos = abs_cosine(g, top.eigenvectors[0], over)
     return replace(
         eigen,
         cos_full=cos,
@@ -341,13 +346,18 @@ def _bias(found: list[_Shard], weights: list[float], full: Figures) -> Figures:
 
 
 def _gradient_replicates(
-    found: list[_Shard], weights: list[float], gradient: torch.Tensor, basis: torch.Tensor
+    found: list[_Shard],
+    weights: list[float],
+    gradient: torch.Tensor,
+    basis: torch.Tensor,
+    over: Over | None = None,
 ) -> tuple[list[float], list[float]]:
     """Delete-one-shard |cos(ĝ, v₁)| and ‖P_k ĝ‖ with v₁ and the top-k eigenspace (rows of
     ``basis``) fixed. The gradient without shard j is ``(g − wⱼgⱼ)/(1 − wⱼ)``, so each shard's
-    gradient is needed only as scalars (its norm, and its dot products with g and the basis)."""
-    full = [dot(v, gradient) for v in basis]
-    g_squared = dot(gradient, gradient)
+    gradient is needed only as scalars (its norm, and its dot products with g and the basis;
+    sharded vectors' summed ``over`` their ranks)."""
+    full = [dot(v, gradient, over) for v in basis]
+    g_squared = dot(gradient, gradient, over)
     cos, share = [], []
     for w, s in zip(weights, found, strict=True):
         g_dot, own, projections = s.gradient
