@@ -120,3 +120,18 @@ def test_fsdp_verdict_with_spread_equals_one_process(request, model):
     assert two["verdict"] == one["verdict"], (two["verdict"], one["verdict"])
     spread = [[n for n in r["notes"] if "verdict" in n or "minibatch" in n] for r in (one, two)]
     assert spread[0] == spread[1], spread
+
+
+def test_fsdp_check_widens_a_gate_by_the_spread_as_one_process(tmp_path):
+    """``check --fsdp --sigmas 2``: λ_max above the limit but within its spread is not flagged
+    (status ``noise``, exit 0), with one process's uncertainty."""
+    args = ["check", str(make_checkpoint(tmp_path)), "--data", "digits", "--samples", "18"]
+    args += ["--batch-size", "16", "--dtype", "float64", "--tol", "1e-8", "--top-k", "1"]
+    args += ["--backend", "finite-difference", "--no-trace", "--shards", "4", "--sigmas", "2"]
+    args += ["--max-eigenvalue", "1.0", "--json"]
+    one, two = sharpscope(args, 1), sharpscope([*args, *SHARDED], 2)
+    assert one.returncode == two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    (ours,), (theirs,) = (json.loads(run.stdout)["checks"] for run in (two, one))
+    assert ours["status"] == theirs["status"] == "noise", ours
+    assert ours["value"] > ours["limit"]
+    assert differences(ours, theirs) == [], (ours, theirs)
