@@ -270,7 +270,7 @@ def save_checkpoint(
     sharded model) as safetensors, atomically, with ``spec`` in the metadata so that
     :func:`load_model` rebuilds the model without being told the spec."""
     tensors = savable_state(model, state)
-    stored = {**(metadata or {}), SPEC_KEY: spec.to_json(), VERSION_KEY: __version__}
+    stored = checkpoint_metadata(spec, metadata)
     try:
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=stored))
     except (KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
@@ -278,6 +278,11 @@ def save_checkpoint(
             f"cannot save the model to {path} as safetensors ({type(exc).__name__}: "
             f"{first_line(exc)}); its state holds tensors safetensors cannot store"
         ) from exc
+
+
+def checkpoint_metadata(spec: ModelSpec, metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint: ``metadata`` with the spec and the version."""
+    return {**(metadata or {}), SPEC_KEY: spec.to_json(), VERSION_KEY: __version__}
 
 
 def checkpoint_sha256(path: str | os.PathLike[str]) -> str:

@@ -23,7 +23,7 @@ from sharpscope.analysis.plan import BackendChoice, auto_backend, available_memo
 from sharpscope.batches import LossFn, move_to
 from sharpscope.curvature import HessianOperator, Objective
 from sharpscope.errors import InputError
-from sharpscope.io.checkpoints import save_checkpoint
+from sharpscope.io.checkpoints import checkpoint_metadata, save_checkpoint
 from sharpscope.io.data import DataBundle, batches, subset_indices
 from sharpscope.io.models import ModelSpec
 from sharpscope.structures import take
@@ -40,6 +40,7 @@ from sharpscope.training.sharded_state import (
     full_state,
     load_sharded,
     save_sharded,
+    stream_full_state,
 )
 from sharpscope.training.state import load_trainer_state, seed_everything
 from sharpscope.training.tracking import SharpnessTracker, Tracker
@@ -262,7 +263,7 @@ class Saver:
                 staged = distributed.main_value(self.folder.staging(step) if main else None)
                 more = {TRACKER_KEY: vectors} if vectors else None
                 save_sharded(staged / SHARDED, self.session.model, self.session.optimizer, more)
-                weights = full_state(self.session.model)
+                weights = self._stream_model(staged if main else None)
                 if main:
                     self.folder.save(
                         step, lambda f: self._write_sharded(f, staged, weights), state, self.keep
@@ -272,10 +273,29 @@ class Saver:
         self.path = self.folder.path / step_dir_name(step)
         self.step = step
 
-    def _write_sharded(self, folder: Path, staged: Path, weights: dict[str, torch.Tensor]) -> None:
+    def _stream_model(self, staged: Path | None) -> dict[str, torch.Tensor] | None:
+        """Every rank's part in writing a sharded model's whole weights: with a spec, streamed
+        into ``staged`` (rank 0's; None on the others) one gathered tensor at a time (None
+        returned); a save_pretrained folder's, gathered whole to rank 0 (returned), as
+        transformers' ``save_pretrained`` chooses the names (tied weights, conversions) it
+        writes."""
+        model = self.session.model
+        if self.inputs.spec is None:
+            return full_state(model)
+        metadata = checkpoint_metadata(self.inputs.spec, {STEP_KEY: str(self.session.step)})
+        stream_full_state(None if staged is None else staged / MODEL, model, metadata)
+        return None
+
+    def _write_sharded(
+        self, folder: Path, staged: Path, weights: dict[str, torch.Tensor] | None
+    ) -> None:
         """A sharded checkpoint's files: the whole ``weights`` as :meth:`_write_model` writes
-        them, and the shards the ranks wrote in ``staged`` (moved in; ``staged`` removed)."""
-        self._write_model(folder, weights)
+        them (None: the model file streamed into ``staged``), and the shards the ranks wrote in
+        ``staged`` (all moved in; ``staged`` removed)."""
+        if weights is None:
+            os.rename(staged / MODEL, folder / MODEL)
+        else:
+            self._write_model(folder, weights)
         os.rename(staged / SHARDED, folder / SHARDED)
         shutil.rmtree(staged)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from sharpscope import distributed
 from sharpscope.errors import InputError
+from sharpscope.io.streamed_safetensors import Entry, save_streamed
 from sharpscope.optim.checkpoint import get_optimizer_state_dict, set_optimizer_state_dict
 from sharpscope.optim.pieces import local
 from sharpscope.training.options import OptimizerSettings
@@ -99,6 +102,20 @@ def load_sharded(
     set_model_state_dict(model, state["model"])
     if "optimizer" in state:  # else it stays without state, as before its first step
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def stream_full_state(path: Path | None, model: nn.Module, metadata: Mapping[str, str]) -> None:
+    """Write the whole state of the sharded ``model`` as safetensors to ``path`` (on rank 0; None
+    on the others), gathering one tensor at a time: every rank calls it. The bytes are those
+    :func:`full_state` and :func:`~sharpscope.io.checkpoints.save_checkpoint` write."""
+    state = model.state_dict()
+    entries = [Entry.of(name, value) for name, value in state.items()]
+    save_streamed(path, entries, lambda entry: _whole(state[entry.name]), metadata)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a DTensor (gathered on every rank); any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
