@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from finetune_processes import assert_same, latest_step
+from safetensors.torch import load_file
 from test_distributed import finished, launch
 from test_distributed_finetune import assert_close, weights
 from typer.testing import CliRunner
@@ -195,6 +196,62 @@ def test_a_rank_killed_mid_save_leaves_the_last_checkpoint_resumable(
     result = CliRunner().invoke(app, reference)
     assert result.exit_code == 0, result.output
     assert_close(weights(run), weights(one), REL)
+
+
+STREAM_KILLER = KILLER.replace(
+    "run.save_sharded = killed_mid_save",
+    """import sharpscope.training.sharded_state as sharded_state
+
+whole = sharded_state._whole
+gathers = []
+
+
+def killed_mid_stream(tensor):
+    \"\"\"Rank 1 dies at its gather number $SHARPSCOPE_TEST_KILL_GATHER (from 1): mid-stream of
+    model.safetensors, rank 0 having written its header and first tensors.\"\"\"
+    gathers.append(tensor)
+    at = int(os.environ["SHARPSCOPE_TEST_KILL_GATHER"])
+    if os.environ.get("RANK") == "1" and len(gathers) == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return whole(tensor)
+
+
+sharded_state._whole = killed_mid_stream""",
+)
+
+
+def test_a_rank_killed_mid_stream_leaves_no_model_file_and_the_last_checkpoint_intact(
+    tmp_path: Path,
+):
+    """Rank 1 is SIGKILLed while rank 0 streams step 2's model.safetensors (the MLP's 4 tensors
+    of step 0, then the 2nd of step 2): no step 2, and no model.safetensors but step 0's,
+    whole; the run resumes from step 0 and removes the half-written checkpoint."""
+    script = tmp_path / "killer.py"
+    script.write_text(STREAM_KILLER, encoding="utf-8")
+    data = f"{script}:data"
+    start = tmp_path / "start.safetensors"
+    _save_start(start)
+    run = tmp_path / "run"
+    args = [*command(data, 6, run, "--fsdp", "--quiet", "--save-every", 2), str(start)]
+    killed = finished(
+        sharpscope([*args, "--dist-timeout", "20"], 2, SHARPSCOPE_TEST_KILL_GATHER="6")
+    )
+    assert killed.returncode != 0
+    assert latest_step(run) == 0
+    assert [p.relative_to(run) for p in run.rglob("model.safetensors")] == [
+        Path("step-000000/model.safetensors")
+    ]
+    assert len(load_file(str(run / "step-000000" / "model.safetensors"))) == 4
+    assert [p.name[:13] for p in run.glob(".step-*.tmp")] == [".step-000002."]
+    resumed = finished(
+        sharpscope(
+            ["finetune", "--resume", str(run), "--data", data, "--quiet"],
+            2,
+            SHARPSCOPE_TEST_KILL_GATHER="0",
+        )
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(run.glob(".step-*.tmp")) and latest_step(run) == 6
 
 
 def _save_start(path: Path) -> None:
