@@ -5,7 +5,7 @@ Run by hand from the repository root (it launches ``torchrun`` itself, once per 
 
     python benchmarks/bench_fsdp.py [--workload gpt2|qwen2-0.5b] [--ranks 1,2] [--batch 8]
         [--length 128] [--products 6] [--device cpu|cuda] [--loading sharded,whole]
-        [--load-only] [--out FILE]
+        [--load-only | --save] [--out FILE]
 
 The workload of ``bench_scale.py`` (random init from a config, seed 0) and its batch are written
 once as a save_pretrained folder (safetensors) and a ``.pt``. Every rank loads the folder as
@@ -21,6 +21,12 @@ reset before the phase through ``/proc/self/clear_refs``, on the CPU; allocated 
 - ``solve``: a gradient, a product (their seconds: the second of each), then a top-1 Lanczos
   solve (``max_basis`` 4, the least ``analyze --top-k 1`` takes) stopped after ``--products``
   products, redone once its finite-difference step is chosen again on v₁, as ``analyze`` solves.
+
+With ``--save``, after loading, ``finetune --fsdp``'s write of the whole weights as
+``model.safetensors`` in place of the work, each way's peak on its own: ``streamed`` (one
+gathered tensor at a time, rank 0 writing it) and ``gathered`` (the whole state gathered to rank
+0's CPU, then written: the write before), each also as its rise over the memory held before it;
+their data bytes are compared.
 
 The figures are per rank (the largest over the ranks). ``load`` is the peak of loading the
 folder and sharding the model (from the same reset: the imports are held before it). λ_max over
@@ -130,7 +136,9 @@ def worker(args: argparse.Namespace) -> None:
     row["params"] = sum(p.numel() for p in model.parameters())
     row["local_params"] = sum(t.numel() for t in local)
     row["local_param_mib"] = sum(t.numel() * t.element_size() for t in local) / 2**20
-    if args.load_only:
+    if args.save:
+        row.update(save_peaks(model, device, Path(args.result).parent))
+    if args.load_only or args.save:
         Path(f"{args.result}.{rank}").write_text(json.dumps(row))
         distributed.barrier()
         distributed.teardown()
@@ -169,6 +177,47 @@ def worker(args: argparse.Namespace) -> None:
     distributed.teardown()
 
 
+def save_peaks(model: torch.nn.Module, device: torch.device, folder: Path) -> dict:
+    """The peaks and rises (MiB) of writing the sharded ``model``'s whole weights into ``folder``
+    streamed and gathered (see the module's doc), and on rank 0 whether their data is the same."""
+    from sharpscope import distributed
+    from sharpscope.io.checkpoints import checkpoint_metadata, save_checkpoint
+    from sharpscope.io.models import ModelSpec
+    from sharpscope.training.sharded_state import full_state, stream_full_state
+
+    spec, main, row = ModelSpec("bench_scale:gpt2", {}), distributed.is_main(), {}
+    paths = {way: folder / f"{way}.safetensors" for way in ("streamed", "gathered")}
+    for way, path in paths.items():
+        distributed.barrier()
+        before = resident_mib(device)
+        reset_peak(device)
+        if way == "streamed":
+            stream_full_state(path if main else None, model, checkpoint_metadata(spec))
+        else:
+            weights = full_state(model)
+            if main:
+                save_checkpoint(path, model, spec, None, weights)
+            del weights
+        row[f"save_{way}_peak_mib"] = phase_peak(device)
+        row[f"save_{way}_rise_mib"] = row[f"save_{way}_peak_mib"] - before
+    if main:
+        row["same_data"] = _data_sha(paths["streamed"]) == _data_sha(paths["gathered"])
+    return row
+
+
+def _data_sha(path: Path) -> str:
+    """The sha256 of a safetensors file's bytes after its header (whose metadata keys
+    safetensors orders at random)."""
+    import hashlib
+
+    with path.open("rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_workload(args: argparse.Namespace, folder: Path) -> None:
     """The workload's model as a save_pretrained folder, with its batch as ``batch.pt``."""
     import bench_scale
@@ -191,7 +240,7 @@ def launch(
             f"--nproc-per-node={ranks}", str(Path(__file__).resolve()), "--worker",
             f"--result={result}", f"--batch={args.batch}", f"--products={args.products}",
             f"--device={args.device}", f"--loading={loading}", f"--checkpoint={checkpoint}",
-            *(["--load-only"] if args.load_only else []),
+            *(["--load-only"] if args.load_only else []), *(["--save"] if args.save else []),
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
@@ -206,27 +255,30 @@ def launch(
         return [json.loads(Path(f"{result}.{r}").read_text()) for r in range(ranks)]
 
 
-def table(args: argparse.Namespace, runs: dict[tuple[int, str], list[dict] | str]) -> list[str]:
+Runs = dict[tuple[int, str], list[dict] | str]
+"""The workers' rows per rank count and loading, or why they failed."""
+
+
+def table(args: argparse.Namespace, runs: Runs) -> list[str]:
     """The markdown rows: per rank count and loading, the largest per-rank figures (the work's
-    left empty with ``--load-only``)."""
+    left empty with ``--load-only``; with ``--save``, the save's)."""
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    lines = [
+    if args.save:
+        return save_table(args, where, runs)
+    caption = (
         f"torch {torch.__version__}, {where}, {args.workload}, batch {args.batch} × "
         f"{args.length} tokens over the ranks, top-1 Lanczos (max_basis {SOLVE_BASIS}) stopped "
         f"after {args.products} products, finite differences, float32; per-rank peaks (the "
-        "largest over the ranks)",
-        "",
+        "largest over the ranks)"
+    )
+    columns = (
         "| ranks | loading | params / rank (MiB) | load peak MiB | held after sharding MiB | "
         "step peak MiB | solve peak MiB | solve / step | step s | gradient s | product s | "
-        "products | λ_max | FD error |",
-        "|" + " ---: |" * 14,
-    ]
-    for (ranks, loading), rows in runs.items():
-        if isinstance(rows, str):
-            lines.append(f"| {ranks} | {loading} | {rows} |" + " |" * 11)
-            continue
+        "products | λ_max | FD error |"
+    )
 
-        def most(key: str, rows: list[dict] = rows) -> float:
+    def cells(ranks: int, loading: str, rows: list[dict]) -> str:
+        def most(key: str) -> float:
             return max(float(r[key]) for r in rows)
 
         loaded = (
@@ -234,14 +286,52 @@ def table(args: argparse.Namespace, runs: dict[tuple[int, str], list[dict] | str
             f"{most('load_peak_mib'):.0f} | {most('sharded_mib'):.0f} |"
         )
         if args.load_only:
-            lines.append(loaded + " |" * 9)
-            continue
-        lines.append(
+            return loaded + " |" * 9
+        return (
             f"{loaded} {most('step_peak_mib'):.0f} | {most('solve_peak_mib'):.0f} | "
             f"{most('solve_peak_mib') / most('step_peak_mib'):.2f} | {most('step_s'):.2f} | "
             f"{most('gradient_s'):.2f} | {most('product_s'):.2f} | {rows[0]['products']} | "
             f"{rows[0]['lambda_max']:.6g} | {rows[0]['fd_error']:.1e} |"
         )
+
+    return markdown(caption, columns, runs, cells)
+
+
+def save_table(args: argparse.Namespace, where: str, runs: Runs) -> list[str]:
+    """The markdown rows of ``--save``: per rank count, the largest per-rank peaks and rises of
+    writing model.safetensors streamed and gathered."""
+    caption = (
+        f"torch {torch.__version__}, {where}, {args.workload}, model.safetensors of the sharded "
+        "model written by rank 0; per-rank peaks (the largest over the ranks)"
+    )
+    columns = (
+        "| ranks | loading | params / rank (MiB) | held before MiB | streamed peak MiB | "
+        "streamed rise MiB | gathered peak MiB | gathered rise MiB | same data |"
+    )
+
+    def cells(ranks: int, loading: str, rows: list[dict]) -> str:
+        most = {k: max(float(r[k]) for r in rows) for k in rows[0] if k.endswith("_mib")}
+        return (
+            f"| {ranks} | {loading} | {most['local_param_mib']:.0f} | "
+            f"{most['sharded_mib']:.0f} | {most['save_streamed_peak_mib']:.0f} | "
+            f"{most['save_streamed_rise_mib']:.0f} | {most['save_gathered_peak_mib']:.0f} | "
+            f"{most['save_gathered_rise_mib']:.0f} | {rows[0]['same_data']} |"
+        )
+
+    return markdown(caption, columns, runs, cells)
+
+
+def markdown(
+    caption: str, columns: str, runs: Runs, cells: Callable[[int, str, list[dict]], str]
+) -> list[str]:
+    """A markdown table under ``caption``: a row of ``cells`` per run, or why it failed."""
+    count = columns.count("|") - 1
+    lines = [caption, "", columns, "|" + " ---: |" * count]
+    for (ranks, loading), rows in runs.items():
+        if isinstance(rows, str):
+            lines.append(f"| {ranks} | {loading} | {rows} |" + " |" * (count - 3))
+        else:
+            lines.append(cells(ranks, loading, rows))
     return lines
 
 
@@ -257,6 +347,7 @@ def main() -> None:
         "--loading", default="sharded", help="sharded, whole or both (comma-separated)"
     )
     parser.add_argument("--load-only", action="store_true", help="measure the loading alone")
+    parser.add_argument("--save", action="store_true", help="measure writing model.safetensors")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -271,7 +362,7 @@ def main() -> None:
     loadings = args.loading.split(",")
     if not set(loadings) <= {"sharded", "whole"}:
         parser.error(f"--loading {args.loading}: sharded, whole or both")
-    runs: dict[tuple[int, str], list[dict] | str] = {}
+    runs: Runs = {}
     with tempfile.TemporaryDirectory() as folder:
         write_workload(args, Path(folder))
         for ranks in counts:
