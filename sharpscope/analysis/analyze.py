@@ -402,6 +402,7 @@ def _planned(
         threads=torch.get_num_threads(),
         host_bytes=host if home == "host" else None,
         shard_bytes=_shard_bytes(op.model) if shards_of(op) is not None else None,
+        lean_search=getattr(op, "fd_lean", None) is True,
     )
     return plan, settings, image if grad_norm > 0 else None
 

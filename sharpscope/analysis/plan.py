@@ -21,6 +21,10 @@ GRAPH_SAFETY = 4.5
 (:meth:`~sharpscope.curvature.HessianOperator.graph_bytes`) fits the free memory: the peak while
 the graph is built and differentiated was 1.9 to 3.4 times the estimate on CPU (VmHWM; two MLPs
 and two GPT-2s, docs/engine.md, "backend auto"), 3.65 times on a loaded machine."""
+LEAN_MARGIN = 4.0
+"""The finite-difference step search holds a second product (:meth:`~sharpscope.curvature.
+HessianOperator._chosen_step`) only when this many vectors fit the free memory at its first
+product: beside that one it must still hold the product's buffer and a backward's activations."""
 TYPICAL_LANCZOS = 50
 """The products one Lanczos solve of the top-k and λ_min typically takes at the default tolerance:
 43–57 on the digits MLP for k = 1 to 10, about 30 on the benchmark CNN (docs/benchmarks.md, "Cost
@@ -117,6 +121,9 @@ class Plan:
     shard_bytes: int | None = None
     """Under ``fsdp``: bytes of rank 0's shards of the model's parameters (None: not sharded;
     ``vector_bytes`` is then a gradient's shard, and the vectors are rank 0's pieces)."""
+    lean_search: bool = False
+    """Whether the finite-difference step search runs with one product's buffer
+    (:attr:`~sharpscope.curvature.HessianOperator.fd_lean`, :func:`lean_search`)."""
 
     @property
     def most_products(self) -> int:
@@ -156,6 +163,12 @@ def available_memory(device: torch.device) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def lean_search(vector_bytes: int, available: int | None) -> bool:
+    """Whether the finite-difference step search should run with one product's buffer: when
+    :data:`LEAN_MARGIN` vectors of ``vector_bytes`` would not fit ``available`` (unknown: not)."""
+    return available is not None and LEAN_MARGIN * vector_bytes > available
 
 
 def basis_home(

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.func import grad, jvp
 
+from sharpscope import distributed
+from sharpscope.analysis.plan import available_memory, lean_search
 from sharpscope.choices import BACKENDS
 from sharpscope.curvature.attention import derivatives_explained
 from sharpscope.curvature.objective import Objective
@@ -65,6 +67,10 @@ class HessianOperator(CurvatureOperator):
         cache_graph: Keep the gradient graph for all products (double backward without
             ``micro_batch`` only).
         validate: Run the model and the loss on the first batch now.
+        lean: ``finite-difference`` only: how its step search estimates errors. True: with one
+            product's buffer (:meth:`_lean_error`, about twice the products); False: with two
+            products held; None (default): lean when one more vector would not fit the free
+            memory at the first product (:func:`~sharpscope.analysis.plan.lean_search`).
 
     Raises:
         ValueError: An unknown ``backend``; as :class:`CurvatureOperator` otherwise.
@@ -81,7 +87,7 @@ class HessianOperator(CurvatureOperator):
     """
 
     curvature = "hessian"
-    settings = (*CurvatureOperator.settings, "backend")
+    settings = (*CurvatureOperator.settings, "backend", "lean")
     _graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
     _functional_checked = False
     fd_error: float | None = None
@@ -91,6 +97,9 @@ class HessianOperator(CurvatureOperator):
     """``finite-difference`` only: the chosen step as a multiple of :meth:`_step`'s, set by the
     first product, which tries 3 to 3 + :data:`FD_RUNGS` steps (2 gradients each) and keeps the
     one of least estimated error (:meth:`_chosen_step`)."""
+    fd_lean: bool | None = None
+    """``finite-difference`` only: whether its step search runs lean (``lean``, or what the free
+    memory decided at the first product; None before it)."""
 
     def __init__(
         self,
@@ -99,6 +108,7 @@ class HessianOperator(CurvatureOperator):
         backend: Backend = "double-backward",
         cache_graph: bool = True,
         validate: bool = True,
+        lean: bool | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -109,6 +119,7 @@ class HessianOperator(CurvatureOperator):
                 "`backend` double-backward or leave `gradient_checkpointing` off"
             )
         self.backend = backend
+        self.lean = lean
         super().__init__(
             objective,
             cache_graph=cache_graph
@@ -264,15 +275,42 @@ class HessianOperator(CurvatureOperator):
             / max(_norm_of(vs, over), torch.finfo(self.dtype).tiny)
         )
 
-    def _difference(self, vs: list[torch.Tensor], h: float) -> torch.Tensor:
+    def _difference(
+        self, vs: list[torch.Tensor], h: float, held: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(g(w + h v) − g(w − h v)) / 2h on this rank's batches for the parameter-shaped ``vs``,
         in one vector: the second gradient is taken away from the first as it comes
-        (:meth:`_accumulate`), and neither the weights nor h v are copied (:meth:`_moved`)."""
-        total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        (:meth:`_accumulate`), and neither the weights nor h v are copied (:meth:`_moved`).
+        With ``held`` (a product of this rank), into it, as ``held`` less that difference: the
+        buffer is scaled by 2h and the gradients go in with the opposite signs."""
+        if held is None:
+            total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        else:
+            total = held.mul_(2 * h)
         for sign in (1.0, -1.0):
             with self._moved(vs, sign * h):
-                self._accumulate(total, subtract=sign < 0)
+                self._accumulate(total, subtract=(sign < 0) == (held is None))
         return total.div_(2 * h)
+
+    def _lean_error(self, vs: list[torch.Tensor], h: float) -> float:
+        """The Richardson estimate ‖D(r h) − D(h)‖ / (r² − 1) / ‖D(h)‖ (r = :data:`FD_SHRINK`)
+        with one product's buffer: D(h) is made, its norm taken, and D(r h) is taken away from
+        it in place (two products, none kept)."""
+        buffer = self._difference(vs, h)
+        length = max(self._length(buffer), torch.finfo(self.dtype).tiny)
+        spread = self._length(self._difference(vs, FD_SHRINK * h, held=buffer))
+        return spread / (FD_SHRINK**2 - 1) / length
+
+    def _searches_lean(self) -> bool:
+        """Whether the step search runs lean (:attr:`fd_lean`), decided once: ``lean``, or for
+        None rank 0's free memory against one more vector (:func:`~sharpscope.analysis.plan.
+        lean_search`), so every rank searches alike."""
+        if self.fd_lean is None:
+            self.fd_lean = self.lean
+            if self.fd_lean is None:
+                free = distributed.main_value(available_memory(self.device))
+                self.fd_lean = lean_search(self.size * self.dtype.itemsize, free)
+        return self.fd_lean
 
     def _distance(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """‖a − b‖ of two of this rank's products summed over ranks (in one process without a
@@ -321,7 +359,8 @@ class HessianOperator(CurvatureOperator):
         if self.fd_scale is None:
             raise ValueError("refine_step needs a first product (it chooses the step)")
         parts = self._held_parts(v)
-        scale, error, _, tried = self._chosen_step(parts, self.fd_scale * self._step(parts), target)
+        h = self.fd_scale * self._step(parts)
+        scale, error, _, tried = self._chosen_step(parts, h, target, keep=False)
         self.n_products += tried
         if scale == 1 and error <= target:
             return False
@@ -340,16 +379,19 @@ class HessianOperator(CurvatureOperator):
             )
 
     def _chosen_step(
-        self, vs: list[torch.Tensor], h: float, enough: float = 0.0
-    ) -> tuple[float, float, torch.Tensor, int]:
+        self, vs: list[torch.Tensor], h: float, enough: float = 0.0, keep: bool = True
+    ) -> tuple[float, float, torch.Tensor | None, int]:
         """The multiple r^k of ``h`` (r = :data:`FD_SHRINK`, |k| ≤ :data:`FD_RUNGS`) whose product
         has the least estimated error (``h`` itself when its error is at most ``enough``), that
-        error, that product and how many products it took.
+        error, that product (None unless ``keep``) and how many products it took.
         Truncation grows as h² and rounding as 1/h (more where a model computes in a lower
         precision inside, as Llama's RMSNorm in float32), so k moves from 0 the way the error
         falls while it falls; the Richardson estimate of D(r^k h)'s error is its spread to
-        D(r^(k+1) h) over (r² − 1)."""
+        D(r^(k+1) h) over (r² − 1): with two products held, or lean (:meth:`_searches_lean`)
+        with one buffer, two products per estimate (:meth:`_lean_error`) and the chosen product
+        made again."""
         tiny = torch.finfo(self.dtype).tiny
+        lean = self._searches_lean()
         products: dict[int, torch.Tensor] = {}
         errors: dict[int, float] = {}
         tried = 0
@@ -362,6 +404,10 @@ class HessianOperator(CurvatureOperator):
             return products[k]
 
         def error(k: int) -> float:
+            nonlocal tried
+            if k not in errors and lean:
+                errors[k] = self._lean_error(vs, FD_SHRINK**k * h)
+                tried += 2
             if k not in errors:  # only this pair's products held: a dropped best one is redone
                 for old in [i for i in products if i not in (k, k + 1)]:
                     del products[old]
@@ -371,7 +417,7 @@ class HessianOperator(CurvatureOperator):
 
         k, best = 0, error(0)
         if best <= enough:
-            return 1.0, best, at(0), tried
+            return 1.0, best, at(0) if keep else None, tried
         # no acceptable step yet: shrink, as a far too large step's estimates wander on a plateau
         step = -1 if best > FD_MAX_ERROR or error(-1) <= best else 1
         j = k  # goes on past a worse rung while no step is yet acceptable (a far too large one)
@@ -381,7 +427,7 @@ class HessianOperator(CurvatureOperator):
             j += step
             if found <= best:
                 k, best = j, found
-        return FD_SHRINK**k, best, at(k), tried
+        return FD_SHRINK**k, best, at(k) if keep else None, tried
 
     def _matvec_functional(self, vs: list[torch.Tensor]) -> torch.Tensor:
         names = self.space.names

@@ -71,6 +71,11 @@ def plan_line(plan: Plan) -> str:
     time = f"at most {most}" if typical == most else f"typically ≈ {typical}, at most {most}"
     if plan.backend is not None:
         memory += f"; {backend_clause(plan.backend)}"
+    if plan.lean_search:
+        memory += (
+            "; the finite-difference step search is lean: one product's buffer instead of two, "
+            "at about twice its products"
+        )
     return (
         f"plan: {plan.num_params:,} parameters, {plan.num_samples:,} samples in "
         f"{plan.num_batches:,} batch(es); at most {plan.most_products:,} products ({stages}), "

@@ -14,7 +14,8 @@ from torch import nn
 
 from sharpscope.analysis import analyze as analyze_module
 from sharpscope.analysis.analyze import AnalyzeConfig, analyze
-from sharpscope.analysis.plan import GRAPH_SAFETY, Plan
+from sharpscope.analysis.plan import GRAPH_SAFETY, LEAN_MARGIN, Plan
+from sharpscope.curvature import hvp
 from sharpscope.report.document import Inputs, Report
 from sharpscope.report.plan_line import plan_line
 from sharpscope.report.schema import schema_problem
@@ -45,11 +46,21 @@ def test_auto_takes_finite_differences_when_the_graph_would_not_fit(monkeypatch)
     assert result.product_error is not None and result.product_error.finite_difference is not None
     line = plan_line(plan)
     assert "`backend` finite-difference: the double-backward graph ≈" in line
-    assert "would not fit in 1 kB free" in line
+    assert "would not fit in 1 kB free" in line and "lean" not in line
     document = json.loads(Report.from_analysis(result, Inputs(dtype="float32")).dumps())
     assert schema_problem(document) is None
     assert document["results"]["backend"]["backend"] == "finite-difference"
     assert "would not fit" in document["results"]["backend"]["reason"]
+
+
+def test_the_plan_says_when_the_step_search_is_lean(monkeypatch):
+    """Where one more vector would not fit either, the step search holds one product's buffer
+    (:func:`~sharpscope.analysis.plan.lean_search`), and the plan line says so."""
+    monkeypatch.setattr(hvp, "available_memory", lambda device: LEAN_MARGIN * 4 * 16)
+    result, [plan] = _run(monkeypatch, 1000)
+    assert result.backend is not None and result.backend.backend == "finite-difference"
+    assert plan.lean_search
+    assert "the finite-difference step search is lean: one product's buffer" in plan_line(plan)
 
 
 @pytest.mark.parametrize("free", [10**12, None])

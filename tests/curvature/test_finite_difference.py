@@ -178,3 +178,25 @@ def test_a_step_too_large_for_v1_is_chosen_again_on_it(name):
     got = refined(fd, lambda: lanczos(fd, 1, settings=settings), settings.tol)
     assert abs(float(got.eigenvalues[0]) - want) <= 1e-4 * abs(want), (got.eigenvalues, want)
     assert fd.fd_scale < 2.0**-4 * 2.0**8 and fd.n_products > before + got.n_products
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("mlp", torch.float64), ("gpt2", torch.float32)])
+def test_the_lean_step_search_chooses_as_the_held_one(name, dtype):
+    """The step search with one product's buffer (``lean``) chooses the step the search with
+    two products held chooses, first and again on another vector, and the same product: its
+    Richardson estimates differ by rounding only."""
+    objective = _objective(name, dtype)
+    held = HessianOperator(objective, backend="finite-difference", lean=False)
+    lean = HessianOperator(objective, backend="finite-difference", lean=True)
+    v = _vector(held.size, dtype, 0)
+    want, got = held @ v, lean @ v
+    assert (held.fd_lean, lean.fd_lean) == (False, True)
+    assert lean.fd_scale == held.fd_scale
+    assert _relative(got, want) <= 10 * torch.finfo(dtype).eps
+    assert lean.fd_error == pytest.approx(held.fd_error, rel=1e-3)
+    u = _vector(held.size, dtype, 5)
+    u /= norm(u)
+    for op in (held, lean):  # a target no step meets: the whole search runs on u
+        op.refine_step(u, 1e-12)
+    assert lean.fd_scale == held.fd_scale
+    assert lean.fd_error == pytest.approx(held.fd_error, rel=1e-3)
