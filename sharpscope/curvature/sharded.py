@@ -122,6 +122,8 @@ class ShardedHessianOperator(HessianOperator):
             shard's samples (:func:`~sharpscope.analysis.sampling.shard_operators`):
             :meth:`replace` passes the filler on.
         validate: Run the model and the loss on the first batch now (on every rank alike).
+        lean: The step search with one product's buffer (:class:`HessianOperator`'s ``lean``;
+            None: as rank 0's free memory decides).
 
     Raises:
         InputError: A selected parameter is not sharded over all ranks by ``fully_shard``, the
@@ -129,7 +131,7 @@ class ShardedHessianOperator(HessianOperator):
             as :class:`CurvatureOperator` otherwise.
     """
 
-    settings = ("step_scale", "filler")
+    settings = ("step_scale", "filler", "lean")
     cut_outputs = False
     _rounds = 0
     """How many pieces every rank runs per pass (:meth:`_pieces`): the most any rank holds."""
@@ -141,6 +143,7 @@ class ShardedHessianOperator(HessianOperator):
         step_scale: float | None = None,
         filler: tuple[Any, Any] | None = None,
         validate: bool = True,
+        lean: bool | None = None,
     ) -> None:
         if step_scale is not None and not (step_scale > 0 and math.isfinite(step_scale)):
             raise InputError(f"`step_scale` must be positive and finite, got {step_scale}")
@@ -148,7 +151,7 @@ class ShardedHessianOperator(HessianOperator):
         settle(objective.model)
         reshard(objective.model)  # its parameters the shards, not a forward's gathered copies
         super().__init__(
-            objective, backend="finite-difference", cache_graph=False, validate=validate
+            objective, backend="finite-difference", cache_graph=False, validate=validate, lean=lean
         )
         self.fd_scale = step_scale
         reshard(self.model)  # the first batch's check left the root's gathered

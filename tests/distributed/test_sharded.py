@@ -86,7 +86,8 @@ SHARDED_CHECK = (
 # after the solve, also on a model whose first forward runs inside a shift; what it cannot take
 # is refused. The GPT-2's and the BERT's (whose word embeddings hold a padding row) products and
 # eigenvalues equal double backward too; the Llama's RMSNorm and rotary positions compute in
-# float32 inside, which puts any finite difference 1e-5 off it.
+# float32 inside, which puts any finite difference 1e-5 off it. The lean step search chooses the
+# same step.
 
 
 def main():
@@ -114,6 +115,10 @@ def main():
         assert (op.fd_scale, op.n_products) == (one.fd_scale, one.n_products)
         assert abs(op.fd_error - one.fd_error) <= 0.25 * one.fd_error, (op.fd_error, one.fd_error)
         assert relative(product, expected, over) <= REL, relative(product, expected, over)
+        # the lean step search (one product's buffer) chooses the same step, the same product
+        lean = ShardedHessianOperator(Objective(model, loss_fn, mine), lean=True)
+        assert relative(lean.matvec(op.cut(v)), product, over) <= 1e-13
+        assert (lean.fd_lean, lean.fd_scale, op.fd_lean) == (True, op.fd_scale, False)
         off = relative(product, op.cut(exact.matvec(v)), over)
         assert off <= REL, f"the product is {{off:.1e}} off one process's reference"
         gathered = torch.tensor(sum(distributed.all_gather(product.tolist()), []))
