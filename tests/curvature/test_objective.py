@@ -84,7 +84,12 @@ def test_curvature_operator_passes_each_kind_only_its_own_settings(mlp: Problem,
     objective = Objective(mlp.model, resolve_loss("cross-entropy"), mlp.batches)
     op = curvature_operator(name, objective, backend="forward-over-reverse", seed=5)
     assert type(op) is CURVATURES[name] and op.curvature == name
-    own = {"backend": "forward-over-reverse", "seed": 5, "cache_graph": op.cache_graph}
+    own = {
+        "backend": "forward-over-reverse",
+        "seed": 5,
+        "cache_graph": op.cache_graph,
+        "lean": getattr(op, "lean", None),
+    }
     direct = CURVATURES[name](objective, **{k: own[k] for k in CURVATURES[name].settings})
     v = _random(op.size, 3)
     torch.testing.assert_close(op.matvec(v), direct.matvec(v), rtol=0, atol=0)
