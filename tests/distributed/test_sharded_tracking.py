@@ -25,12 +25,10 @@ sys.path.insert(0, {tests!r})
 
 import types
 
-import tiny_hf
+import sharded_problem
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from ground_truth import dense_hessian
-from torch import nn
 
 from sharpscope import distributed
 from sharpscope.analysis.critical_sharpness import critical_sharpness
@@ -46,44 +44,15 @@ FIGURES = ("lambda_max", "lambda_min", "trace", "alignment", "esam_v1_alignment"
            "lambda_c_low", "lambda_c_high")
 
 
-class Blocks(nn.Module):
-    # an MLP in a ModuleList of blocks: each is sharded on its own, 7 and 3 rows over 2 ranks
-    # split unevenly
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(a, 7), nn.Tanh()) for a in (5, 7)
-        )
-        self.head = nn.Linear(7, 3)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-
-def lm_loss(out, y):
-    return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
-
-
-g = torch.Generator().manual_seed(0)
-if NAME == "mlp":
-    inputs = torch.randn(8, 5, generator=g, dtype=torch.float64)
-    targets, loss_fn = torch.arange(8) % 3, F.cross_entropy
-else:
-    ids = torch.randint(0, tiny_hf.VOCAB, (8, 6), generator=g)
-    inputs, targets, loss_fn = {{"input_ids": ids}}, ids, lm_loss
+inputs, targets, loss_fn = sharded_problem.data(NAME)
 
 
 def build():
-    return (Blocks() if NAME == "mlp" else tiny_hf.gpt2()).double()
+    return sharded_problem.build(NAME)
 
 
 def half(rank):
-    if NAME == "mlp":
-        return inputs[4 * rank : 4 * rank + 4], targets[4 * rank : 4 * rank + 4]
-    return {{"input_ids": ids[4 * rank : 4 * rank + 4]}}, targets[4 * rank : 4 * rank + 4]
+    return sharded_problem.half(inputs, targets, rank)
 
 
 def estimate(model):
